@@ -1,0 +1,366 @@
+//! The links between stages: messages, partitioning, batching, and send/receive with
+//! backpressure timing and cancellation.
+//!
+//! Each stage instance owns one bounded input channel; every instance of every upstream stage
+//! holds a sender to it. Upstream instances batch records per destination and block when the
+//! channel is full — that blocking *is* the backpressure. End of stream is an explicit message,
+//! one per upstream instance; a channel that disconnects before all of them arrived means the
+//! upstream stopped abnormally (the run is failing or cancelled). When a consumer finishes early
+//! it drops its receiver, senders see the disconnect, and producers with no consumer left stop.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError, TrySendError};
+
+use crate::metrics::InstanceMetrics;
+use crate::operator::{Emit, Halt};
+use crate::runtime::{Cx, Head, Pull, RunShared, Tail};
+
+/// What travels on a channel between stages.
+#[derive(Debug)]
+pub(crate) enum Message<T> {
+    /// A batch of records.
+    Data(Vec<T>),
+    /// One upstream instance has no more records.
+    End,
+}
+
+/// How an upstream instance picks the downstream instance for a record.
+pub(crate) enum Partition<T> {
+    /// Upstream instance `i` sends to downstream instance `i % n` (1:1 when the counts match,
+    /// a gather when downstream has one instance).
+    Forward,
+    /// Whole batches round-robin, preferring an instance whose channel has room.
+    Rebalance,
+    /// By a hash of the record's key: all records of a key reach the same instance.
+    Hash(Arc<dyn Fn(&T) -> u64 + Send + Sync>),
+}
+
+impl<T> Clone for Partition<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Partition::Forward => Partition::Forward,
+            Partition::Rebalance => Partition::Rebalance,
+            Partition::Hash(h) => Partition::Hash(Arc::clone(h)),
+        }
+    }
+}
+
+/// Sends one message, blocking while the channel is full (timed as backpressure) unless the run
+/// is cancelled. `Err(msg)` when the receiver is gone.
+fn send_blocking<T>(
+    run: &RunShared,
+    metrics: &InstanceMetrics,
+    tx: &Sender<Message<T>>,
+    msg: Message<T>,
+) -> Result<(), Halt> {
+    let msg = match tx.try_send(msg) {
+        Ok(()) => return Ok(()),
+        Err(TrySendError::Disconnected(_)) => return Err(Halt::Done),
+        Err(TrySendError::Full(m)) => m,
+    };
+    let t0 = Instant::now();
+    let result = select! {
+        send(tx, msg) -> r => r.map_err(|_| Halt::Done),
+        recv(run.cancel_rx) -> _ => Err(Halt::Done),
+    };
+    InstanceMetrics::add(&metrics.send_wait_ns, t0.elapsed().as_nanos() as u64);
+    result
+}
+
+/// A stage's output towards one downstream stage.
+pub(crate) struct ChannelTail<T> {
+    metrics: Arc<InstanceMetrics>,
+    run: Arc<RunShared>,
+    senders: Vec<Option<Sender<Message<T>>>>,
+    live: usize,
+    partition: Partition<T>,
+    /// One buffer per destination for `Hash`; only `bufs[0]` otherwise.
+    bufs: Vec<Vec<T>>,
+    /// Destination of `Forward`, or the next round-robin candidate.
+    next: usize,
+    batch_size: usize,
+    pending_since: Option<u64>,
+    /// Every consumer is gone: emitting more is pointless.
+    stopped: bool,
+}
+
+impl<T: Send> ChannelTail<T> {
+    pub fn new(
+        cx: &Cx,
+        instance: usize,
+        senders: Vec<Sender<Message<T>>>,
+        partition: Partition<T>,
+    ) -> Self {
+        let n = senders.len();
+        let bufs = match partition {
+            Partition::Hash(_) if n > 1 => (0..n).map(|_| Vec::new()).collect(),
+            _ => vec![Vec::new()],
+        };
+        ChannelTail {
+            metrics: Arc::clone(&cx.metrics),
+            run: Arc::clone(&cx.run),
+            live: n,
+            senders: senders.into_iter().map(Some).collect(),
+            partition,
+            bufs,
+            next: instance % n.max(1),
+            batch_size: cx.batch_size(),
+            pending_since: None,
+            stopped: n == 0,
+        }
+    }
+
+    /// Sends buffer `b` (a full or flushed batch) to its destination.
+    fn send_buf(&mut self, b: usize) -> Result<(), Halt> {
+        let batch = std::mem::replace(&mut self.bufs[b], Vec::with_capacity(self.batch_size));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let len = batch.len() as u64;
+        let dest = match self.partition {
+            Partition::Hash(_) if self.bufs.len() > 1 => b,
+            Partition::Forward => self.next,
+            _ => self.pick_rebalance(),
+        };
+        let Some(tx) = &self.senders[dest] else {
+            // That consumer finished early and wants nothing more; its share is dropped.
+            return Ok(());
+        };
+        match send_blocking(&self.run, &self.metrics, tx, Message::Data(batch)) {
+            Ok(()) => {
+                InstanceMetrics::add(&self.metrics.batches_out, 1);
+                InstanceMetrics::add(&self.metrics.records_out, len);
+                Ok(())
+            }
+            Err(_) if self.run.is_cancelled() => Err(Halt::Done),
+            Err(_) => {
+                self.senders[dest] = None;
+                self.live -= 1;
+                if self.live == 0 {
+                    self.stopped = true;
+                    Err(Halt::Done)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Round-robin over live consumers, preferring one whose channel has room.
+    fn pick_rebalance(&mut self) -> usize {
+        let n = self.senders.len();
+        let start = self.next;
+        self.next = (self.next + 1) % n;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Some(tx) = &self.senders[i] {
+                if !tx.is_full() {
+                    return i;
+                }
+            }
+        }
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.senders[i].is_some())
+            .unwrap_or(start)
+    }
+}
+
+impl<T: Send> Emit<T> for ChannelTail<T> {
+    #[inline]
+    fn emit(&mut self, item: T) -> Result<(), Halt> {
+        if self.stopped {
+            return Err(Halt::Done);
+        }
+        let b = match &self.partition {
+            Partition::Hash(h) if self.bufs.len() > 1 => {
+                (h(&item) % self.bufs.len() as u64) as usize
+            }
+            _ => 0,
+        };
+        if self.pending_since.is_none() {
+            self.pending_since = Some(self.run.clock_ms.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        let buf = &mut self.bufs[b];
+        buf.push(item);
+        if buf.len() >= self.batch_size {
+            self.send_buf(b)?;
+            if self.bufs.iter().all(Vec::is_empty) {
+                self.pending_since = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Send> Tail<T> for ChannelTail<T> {
+    fn pending_since(&self) -> Option<u64> {
+        self.pending_since
+    }
+
+    fn flush(&mut self, _cx: &Cx) -> Result<(), Halt> {
+        for b in 0..self.bufs.len() {
+            self.send_buf(b)?;
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        if !self.stopped {
+            match self.flush(cx) {
+                Ok(()) | Err(Halt::Done) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if cx.run.is_cancelled() {
+            return Err(Halt::Done);
+        }
+        for tx in self.senders.iter().flatten() {
+            // A consumer that is gone needs no end marker.
+            let _ = send_blocking(&self.run, &self.metrics, tx, Message::End);
+        }
+        self.senders.clear();
+        Ok(())
+    }
+}
+
+/// Fan-out: every record goes to each of several downstream stages.
+pub(crate) struct TeeTail<T> {
+    pub outs: Vec<ChannelTail<T>>,
+    live: Vec<bool>,
+}
+
+impl<T> TeeTail<T> {
+    pub fn new(outs: Vec<ChannelTail<T>>) -> Self {
+        let live = vec![true; outs.len()];
+        TeeTail { outs, live }
+    }
+}
+
+impl<T: Clone + Send> Emit<T> for TeeTail<T> {
+    fn emit(&mut self, item: T) -> Result<(), Halt> {
+        let mut any = false;
+        for (i, out) in self.outs.iter_mut().enumerate() {
+            if !self.live[i] {
+                continue;
+            }
+            match out.emit(item.clone()) {
+                Ok(()) => any = true,
+                Err(Halt::Done) => self.live[i] = false,
+                Err(e) => return Err(e),
+            }
+        }
+        if any {
+            Ok(())
+        } else {
+            Err(Halt::Done)
+        }
+    }
+}
+
+impl<T: Clone + Send> Tail<T> for TeeTail<T> {
+    fn pending_since(&self) -> Option<u64> {
+        self.outs.iter().filter_map(|o| o.pending_since()).min()
+    }
+    fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
+        for (i, out) in self.outs.iter_mut().enumerate() {
+            if self.live[i] {
+                match out.flush(cx) {
+                    Ok(()) => {}
+                    Err(Halt::Done) => self.live[i] = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        for out in &mut self.outs {
+            out.finish(cx)?;
+        }
+        Ok(())
+    }
+}
+
+/// A stage instance's input: one channel fed by every upstream instance.
+pub(crate) struct InputHead<T> {
+    rx: Receiver<Message<T>>,
+    ends_expected: usize,
+    ends_seen: usize,
+}
+
+impl<T> InputHead<T> {
+    pub fn new(rx: Receiver<Message<T>>, ends_expected: usize) -> Self {
+        InputHead {
+            rx,
+            ends_expected,
+            ends_seen: 0,
+        }
+    }
+
+    /// Receives the next message, blocking (timed as idle) at most until `flush_at`.
+    /// `Ok(None)` means "idle: flush now".
+    pub fn recv(&mut self, cx: &Cx, flush_at: Option<u64>) -> Result<Option<Message<T>>, Halt> {
+        match self.rx.try_recv() {
+            Ok(m) => return Ok(Some(m)),
+            Err(TryRecvError::Disconnected) => return Err(self.disconnected(cx)),
+            Err(TryRecvError::Empty) => {}
+        }
+        let t0 = Instant::now();
+        let result = match flush_at {
+            Some(at) => {
+                let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
+                select! {
+                    recv(self.rx) -> m => m.map(Some).map_err(|_| ()),
+                    recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
+                    default(wait) => Ok(None),
+                }
+            }
+            None => select! {
+                recv(self.rx) -> m => m.map(Some).map_err(|_| ()),
+                recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
+            },
+        };
+        InstanceMetrics::add(&cx.metrics.recv_wait_ns, t0.elapsed().as_nanos() as u64);
+        result.map_err(|()| self.disconnected(cx))
+    }
+
+    fn disconnected(&self, cx: &Cx) -> Halt {
+        if cx.run.is_cancelled() || cx.run.has_failed() {
+            Halt::Done
+        } else {
+            Halt::Failed(crate::Error::Build(format!(
+                "stage `{}`: input closed after {} of {} end-of-stream markers",
+                cx.stage, self.ends_seen, self.ends_expected
+            )))
+        }
+    }
+
+    /// Counts an end marker; true when every upstream instance has ended.
+    pub fn end(&mut self) -> bool {
+        self.ends_seen += 1;
+        self.ends_seen >= self.ends_expected
+    }
+}
+
+impl<T: Send> Head<T> for InputHead<T> {
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        loop {
+            match self.recv(cx, flush_at)? {
+                None => return Ok(Pull::Idle),
+                Some(Message::Data(mut batch)) => {
+                    std::mem::swap(buf, &mut batch);
+                    return Ok(Pull::Data);
+                }
+                Some(Message::End) => {
+                    if self.end() {
+                        return Ok(Pull::End);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! Stateless operators and how they fuse.
+//!
+//! A [`Chain`] is a statically composed sequence of stateless operators (map, filter, flat_map,
+//! inspect, limit, ...) that runs on one thread with no channel hop between operators. Records
+//! are *pushed* through it one at a time into an [`Emit`] (the stage's tail: a channel
+//! partitioner or a sink), so the compiler sees the whole chain as one loop body: a fused chain
+//! costs what the closures cost.
+//!
+//! The types here appear in [`Stream`](crate::Stream)'s type parameters; user code rarely needs
+//! to name them.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{BoxError, Error};
+
+/// Why a chain stopped pushing records.
+#[derive(Debug)]
+pub enum Halt {
+    /// No more input is wanted: a limit was reached, every consumer downstream is gone, or the
+    /// run was cancelled. Not an error.
+    Done,
+    /// The run must fail with this error.
+    Failed(Error),
+}
+
+impl From<Error> for Halt {
+    fn from(e: Error) -> Self {
+        Halt::Failed(e)
+    }
+}
+
+/// Something records can be pushed into: the next operator, or a stage's tail.
+pub trait Emit<T> {
+    /// Accepts one record, or says why no more are wanted.
+    fn emit(&mut self, item: T) -> Result<(), Halt>;
+}
+
+impl<T, E: Emit<T> + ?Sized> Emit<T> for &mut E {
+    #[inline]
+    fn emit(&mut self, item: T) -> Result<(), Halt> {
+        (**self).emit(item)
+    }
+}
+
+/// A fused sequence of stateless operators taking `In` and producing [`Chain::Out`].
+///
+/// Chains are cloned once per stage instance; shared closures live behind `Arc`s.
+pub trait Chain<In>: Clone + Send + 'static {
+    /// The record type the chain emits.
+    type Out: Send + 'static;
+    /// Pushes one record through the chain into `out`.
+    fn push<E: Emit<Self::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt>;
+    /// Names of the operators in the chain, in order (used to name stages).
+    fn names(&self, names: &mut Vec<Arc<str>>);
+    /// Renames the last operator; false if the chain is empty.
+    fn rename_last(&mut self, name: Arc<str>) -> bool;
+}
+
+/// The empty chain: emits its input unchanged.
+#[derive(Debug)]
+pub struct Identity<T>(PhantomData<fn(T) -> T>);
+
+impl<T> Identity<T> {
+    pub(crate) fn new() -> Self {
+        Identity(PhantomData)
+    }
+}
+
+impl<T> Clone for Identity<T> {
+    fn clone(&self) -> Self {
+        Identity(PhantomData)
+    }
+}
+
+impl<T: Send + 'static> Chain<T> for Identity<T> {
+    type Out = T;
+    #[inline]
+    fn push<E: Emit<T>>(&mut self, item: T, out: &mut E) -> Result<(), Halt> {
+        out.emit(item)
+    }
+    fn names(&self, _: &mut Vec<Arc<str>>) {}
+    fn rename_last(&mut self, _: Arc<str>) -> bool {
+        false
+    }
+}
+
+macro_rules! op_struct {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name<C, F> {
+            prev: C,
+            f: Arc<F>,
+            name: Arc<str>,
+        }
+        impl<C: Clone, F> Clone for $name<C, F> {
+            fn clone(&self) -> Self {
+                $name { prev: self.prev.clone(), f: Arc::clone(&self.f), name: Arc::clone(&self.name) }
+            }
+        }
+        impl<C, F> $name<C, F> {
+            pub(crate) fn new(prev: C, f: F, name: Arc<str>) -> Self {
+                $name { prev, f: Arc::new(f), name }
+            }
+        }
+    };
+}
+
+op_struct!(
+    /// `map`: applies a function to each record.
+    Map
+);
+op_struct!(
+    /// `try_map`: applies a fallible function; an error fails the run naming this operator.
+    TryMap
+);
+op_struct!(
+    /// `filter`: keeps the records for which a predicate holds.
+    Filter
+);
+op_struct!(
+    /// `flat_map`: turns each record into zero or more records.
+    FlatMap
+);
+op_struct!(
+    /// `try_flat_map`: a fallible `flat_map`.
+    TryFlatMap
+);
+op_struct!(
+    /// `inspect`: calls a function on each record and passes it on unchanged.
+    Inspect
+);
+
+/// Adapter: the emitter a step hands to the step before it.
+struct Step<'a, F, E> {
+    f: &'a F,
+    name: &'a Arc<str>,
+    out: &'a mut E,
+}
+
+fn op_error(name: &Arc<str>, e: impl Into<BoxError>) -> Halt {
+    Halt::Failed(Error::Operator {
+        stage: name.to_string(),
+        source: e.into(),
+    })
+}
+
+// Written out per operator: the trait bounds differ in shape, which a macro would obscure.
+
+struct MapEmit<'a, F, E>(Step<'a, F, E>);
+impl<A, U, F: Fn(A) -> U, E: Emit<U>> Emit<A> for MapEmit<'_, F, E> {
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        self.0.out.emit((self.0.f)(x))
+    }
+}
+impl<In, C, U, F> Chain<In> for Map<C, F>
+where
+    C: Chain<In>,
+    U: Send + 'static,
+    F: Fn(C::Out) -> U + Send + Sync + 'static,
+{
+    type Out = U;
+    #[inline]
+    fn push<E: Emit<U>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut MapEmit(Step {
+                f: &*self.f,
+                name: &self.name,
+                out,
+            }),
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+struct TryMapEmit<'a, F, E>(Step<'a, F, E>);
+impl<A, U, X: Into<BoxError>, F: Fn(A) -> Result<U, X>, E: Emit<U>> Emit<A>
+    for TryMapEmit<'_, F, E>
+{
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        match (self.0.f)(x) {
+            Ok(u) => self.0.out.emit(u),
+            Err(e) => Err(op_error(self.0.name, e)),
+        }
+    }
+}
+impl<In, C, U, X, F> Chain<In> for TryMap<C, F>
+where
+    C: Chain<In>,
+    U: Send + 'static,
+    X: Into<BoxError>,
+    F: Fn(C::Out) -> Result<U, X> + Send + Sync + 'static,
+{
+    type Out = U;
+    #[inline]
+    fn push<E: Emit<U>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut TryMapEmit(Step {
+                f: &*self.f,
+                name: &self.name,
+                out,
+            }),
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+struct FilterEmit<'a, F, E>(Step<'a, F, E>);
+impl<A, F: Fn(&A) -> bool, E: Emit<A>> Emit<A> for FilterEmit<'_, F, E> {
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        if (self.0.f)(&x) {
+            self.0.out.emit(x)
+        } else {
+            Ok(())
+        }
+    }
+}
+impl<In, C, F> Chain<In> for Filter<C, F>
+where
+    C: Chain<In>,
+    F: Fn(&C::Out) -> bool + Send + Sync + 'static,
+{
+    type Out = C::Out;
+    #[inline]
+    fn push<E: Emit<C::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut FilterEmit(Step {
+                f: &*self.f,
+                name: &self.name,
+                out,
+            }),
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+struct FlatMapEmit<'a, F, E>(Step<'a, F, E>);
+impl<A, I: IntoIterator, F: Fn(A) -> I, E: Emit<I::Item>> Emit<A> for FlatMapEmit<'_, F, E> {
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        for u in (self.0.f)(x) {
+            self.0.out.emit(u)?;
+        }
+        Ok(())
+    }
+}
+impl<In, C, I, F> Chain<In> for FlatMap<C, F>
+where
+    C: Chain<In>,
+    I: IntoIterator,
+    I::Item: Send + 'static,
+    F: Fn(C::Out) -> I + Send + Sync + 'static,
+{
+    type Out = I::Item;
+    #[inline]
+    fn push<E: Emit<I::Item>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut FlatMapEmit(Step {
+                f: &*self.f,
+                name: &self.name,
+                out,
+            }),
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+struct TryFlatMapEmit<'a, F, E>(Step<'a, F, E>);
+impl<A, I: IntoIterator, X: Into<BoxError>, F: Fn(A) -> Result<I, X>, E: Emit<I::Item>> Emit<A>
+    for TryFlatMapEmit<'_, F, E>
+{
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        match (self.0.f)(x) {
+            Ok(items) => {
+                for u in items {
+                    self.0.out.emit(u)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(op_error(self.0.name, e)),
+        }
+    }
+}
+impl<In, C, I, X, F> Chain<In> for TryFlatMap<C, F>
+where
+    C: Chain<In>,
+    I: IntoIterator,
+    I::Item: Send + 'static,
+    X: Into<BoxError>,
+    F: Fn(C::Out) -> Result<I, X> + Send + Sync + 'static,
+{
+    type Out = I::Item;
+    #[inline]
+    fn push<E: Emit<I::Item>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut TryFlatMapEmit(Step {
+                f: &*self.f,
+                name: &self.name,
+                out,
+            }),
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+struct InspectEmit<'a, F, E>(Step<'a, F, E>);
+impl<A, F: Fn(&A), E: Emit<A>> Emit<A> for InspectEmit<'_, F, E> {
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        (self.0.f)(&x);
+        self.0.out.emit(x)
+    }
+}
+impl<In, C, F> Chain<In> for Inspect<C, F>
+where
+    C: Chain<In>,
+    F: Fn(&C::Out) + Send + Sync + 'static,
+{
+    type Out = C::Out;
+    #[inline]
+    fn push<E: Emit<C::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut InspectEmit(Step {
+                f: &*self.f,
+                name: &self.name,
+                out,
+            }),
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+/// `limit(n)`: passes the first `n` records (counted across all instances of the stage), then
+/// stops the stage, which stops everything upstream of it.
+pub struct Limit<C> {
+    prev: C,
+    remaining: Arc<AtomicU64>,
+    name: Arc<str>,
+}
+
+impl<C: Clone> Clone for Limit<C> {
+    fn clone(&self) -> Self {
+        Limit {
+            prev: self.prev.clone(),
+            remaining: Arc::clone(&self.remaining),
+            name: Arc::clone(&self.name),
+        }
+    }
+}
+
+impl<C> Limit<C> {
+    pub(crate) fn new(prev: C, n: u64, name: Arc<str>) -> Self {
+        Limit {
+            prev,
+            remaining: Arc::new(AtomicU64::new(n)),
+            name,
+        }
+    }
+}
+
+struct LimitEmit<'a, E> {
+    remaining: &'a AtomicU64,
+    out: &'a mut E,
+}
+
+impl<A, E: Emit<A>> Emit<A> for LimitEmit<'_, E> {
+    #[inline]
+    fn emit(&mut self, x: A) -> Result<(), Halt> {
+        let before = self
+            .remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+        match before {
+            Err(_) => Err(Halt::Done),
+            Ok(1) => {
+                self.out.emit(x)?;
+                Err(Halt::Done)
+            }
+            Ok(_) => self.out.emit(x),
+        }
+    }
+}
+
+impl<In, C: Chain<In>> Chain<In> for Limit<C> {
+    type Out = C::Out;
+    #[inline]
+    fn push<E: Emit<C::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        if self.remaining.load(Ordering::Acquire) == 0 {
+            return Err(Halt::Done);
+        }
+        self.prev.push(
+            item,
+            &mut LimitEmit {
+                remaining: &self.remaining,
+                out,
+            },
+        )
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+/// The object-safe face of a chain, for pipelines assembled at run time (the TOML layer).
+trait DynChain<In, Out>: Send {
+    fn push_dyn(&mut self, item: In, out: &mut dyn Emit<Out>) -> Result<(), Halt>;
+    fn clone_box(&self) -> Box<dyn DynChain<In, Out>>;
+    fn names_dyn(&self, names: &mut Vec<Arc<str>>);
+    fn rename_dyn(&mut self, name: Arc<str>) -> bool;
+}
+
+impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
+    fn push_dyn(&mut self, item: In, mut out: &mut dyn Emit<C::Out>) -> Result<(), Halt> {
+        self.push(item, &mut out)
+    }
+    fn clone_box(&self) -> Box<dyn DynChain<In, C::Out>> {
+        Box::new(self.clone())
+    }
+    fn names_dyn(&self, names: &mut Vec<Arc<str>>) {
+        self.names(names)
+    }
+    fn rename_dyn(&mut self, name: Arc<str>) -> bool {
+        self.rename_last(name)
+    }
+}
+
+/// A type-erased chain: one dynamic call per record, so that chains of different shapes have
+/// one type. Made by [`Stream::boxed`](crate::Stream::boxed).
+pub struct Boxed<In, Out>(Box<dyn DynChain<In, Out>>);
+
+impl<In: 'static, Out: 'static> Boxed<In, Out> {
+    pub(crate) fn new<C: Chain<In, Out = Out>>(chain: C) -> Self {
+        Boxed(Box::new(chain))
+    }
+}
+
+impl<In, Out> Clone for Boxed<In, Out> {
+    fn clone(&self) -> Self {
+        Boxed(self.0.clone_box())
+    }
+}
+
+impl<In: 'static, Out: Send + 'static> Chain<In> for Boxed<In, Out> {
+    type Out = Out;
+    #[inline]
+    fn push<E: Emit<Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.0.push_dyn(item, out)
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.0.names_dyn(names)
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.0.rename_dyn(name)
+    }
+}

@@ -1,0 +1,364 @@
+//! Running a built pipeline: one scoped thread per stage instance, cancellation, error and panic
+//! capture, the coarse clock that drives idle flushes, and the join that ends every run.
+//!
+//! Every worker runs [`drive`]: pull a batch from the stage's head (a source, an input channel or
+//! a keyed aggregate), push each record through the fused chain into the tail (a channel
+//! partitioner or a sink), repeat. Threads are spawned in a [`std::thread::scope`], so none can
+//! outlive [`run`] whatever happens.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use crate::error::Error;
+use crate::metrics::{InstanceMetrics, MetricsEntry, RunReport};
+use crate::operator::{Chain, Emit, Halt};
+
+/// Tuning knobs of a run.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// Records per batch (default 1,024).
+    pub batch_size: usize,
+    /// Batches each stage instance's input channel holds (default 4).
+    pub channel_capacity: usize,
+    /// How long a partly filled batch may wait before it is sent anyway (default 10 ms).
+    pub linger: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            batch_size: 1024,
+            channel_capacity: 4,
+            linger: Duration::from_millis(10),
+        }
+    }
+}
+
+const TICK: Duration = Duration::from_millis(2);
+
+/// State shared by every worker of one run.
+pub(crate) struct RunShared {
+    pub opts: Options,
+    cancelled: AtomicBool,
+    /// Dropped on cancel: every blocking channel operation selects on `cancel_rx` as well.
+    cancel_tx: Mutex<Option<Sender<()>>>,
+    pub cancel_rx: Receiver<()>,
+    first_error: Mutex<Option<Error>>,
+    started: Mutex<Option<Instant>>,
+    /// Milliseconds since the run started, advanced by the run's main thread every [`TICK`]:
+    /// sources read it per record (one relaxed load) to notice a batch that waited too long.
+    pub clock_ms: AtomicU64,
+    pub metrics: Mutex<Vec<MetricsEntry>>,
+}
+
+impl RunShared {
+    pub fn new(opts: Options) -> Arc<Self> {
+        let (tx, rx) = bounded(0);
+        Arc::new(RunShared {
+            opts,
+            cancelled: AtomicBool::new(false),
+            cancel_tx: Mutex::new(Some(tx)),
+            cancel_rx: rx,
+            first_error: Mutex::new(None),
+            started: Mutex::new(None),
+            clock_ms: AtomicU64::new(0),
+            metrics: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.cancel_tx.lock().take();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Records the run's first error and stops the run; later errors are consequences.
+    pub fn fail(&self, e: Error) {
+        {
+            let mut slot = self.first_error.lock();
+            if slot.is_none() {
+                *slot = Some(e);
+            } else {
+                log::debug!("suppressed later error: {e}");
+            }
+        }
+        self.cancel();
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.first_error.lock().is_some()
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.lock().map(|s| s.elapsed()).unwrap_or_default()
+    }
+
+    /// Precise milliseconds since the start (the clock the coarse `clock_ms` approximates).
+    pub fn now_ms(&self) -> u64 {
+        self.elapsed().as_millis() as u64
+    }
+}
+
+/// A handle that cancels a run from another thread and samples its live metrics.
+///
+/// # Examples
+/// ```
+/// use millrace::Pipeline;
+/// let p = Pipeline::new();
+/// let handle = p.cancel_handle();
+/// p.source("forever", 0u64..).for_each(|_| {});
+/// std::thread::spawn(move || {
+///     std::thread::sleep(std::time::Duration::from_millis(20));
+///     handle.cancel();
+/// });
+/// assert!(matches!(p.run(), Err(millrace::Error::Cancelled)));
+/// ```
+#[derive(Clone)]
+pub struct CancelHandle {
+    pub(crate) shared: Arc<RunShared>,
+}
+
+impl CancelHandle {
+    /// Asks the run to stop: workers notice between batches and while blocked on a channel,
+    /// and `run()` returns [`Error::Cancelled`] once every thread has been joined.
+    pub fn cancel(&self) {
+        self.shared.cancel();
+    }
+
+    /// Whether the run was cancelled (or failed, which cancels it).
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.is_cancelled()
+    }
+
+    /// A snapshot of the live metrics (empty before the run starts).
+    pub fn snapshot(&self) -> RunReport {
+        let elapsed = self.shared.elapsed();
+        let stages = self
+            .shared
+            .metrics
+            .lock()
+            .iter()
+            .map(|m| m.snapshot(elapsed))
+            .collect();
+        RunReport { elapsed, stages }
+    }
+}
+
+impl std::fmt::Debug for CancelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelHandle")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+/// What a worker thread knows about itself.
+pub(crate) struct Cx {
+    pub run: Arc<RunShared>,
+    pub stage: Arc<str>,
+    pub metrics: Arc<InstanceMetrics>,
+}
+
+impl Cx {
+    #[inline]
+    pub fn batch_size(&self) -> usize {
+        self.run.opts.batch_size
+    }
+    #[inline]
+    pub fn clock_ms(&self) -> u64 {
+        self.run.clock_ms.load(Ordering::Relaxed)
+    }
+    pub fn linger_ms(&self) -> u64 {
+        self.run.opts.linger.as_millis().max(1) as u64
+    }
+}
+
+/// What a head produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pull {
+    /// Records are in the buffer; more may follow.
+    Data,
+    /// The input is idle (the buffer may hold a few records): flush the tail after them.
+    Idle,
+    /// The input is exhausted (the buffer may hold its last records).
+    End,
+}
+
+/// The start of a stage instance: where its records come from.
+pub(crate) trait Head<I>: Send {
+    /// Fills `buf` (which is empty) with up to a batch of records. `flush_at` is the clock time
+    /// (ms) by which the tail wants to flush what it holds: a head that would block past it
+    /// returns [`Pull::Idle`] instead.
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<I>, flush_at: Option<u64>) -> Result<Pull, Halt>;
+    /// True for heads that count their own input records (aggregations, whose output is not
+    /// their input).
+    fn counts_input(&self) -> bool {
+        false
+    }
+}
+
+/// The end of a stage instance: a channel partitioner or a sink.
+pub(crate) trait Tail<T>: Emit<T> + Send {
+    /// Clock time (ms) at which the oldest record the tail still holds was emitted.
+    fn pending_since(&self) -> Option<u64> {
+        None
+    }
+    /// Sends whatever is buffered.
+    fn flush(&mut self, cx: &Cx) -> Result<(), Halt>;
+    /// Flushes and signals end of stream downstream (or closes the file).
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt>;
+}
+
+/// The loop every stage instance runs.
+pub(crate) fn drive<I, C, T>(
+    cx: &Cx,
+    mut head: Box<dyn Head<I>>,
+    mut chain: C,
+    mut tail: T,
+) -> Result<(), Halt>
+where
+    C: Chain<I>,
+    T: Tail<C::Out>,
+{
+    let mut buf: Vec<I> = Vec::with_capacity(cx.batch_size());
+    let linger = cx.linger_ms();
+    let count_in = !head.counts_input();
+    loop {
+        if cx.run.is_cancelled() {
+            return Err(Halt::Done);
+        }
+        let flush_at = tail.pending_since().map(|t| t + linger);
+        let pull = head.pull(cx, &mut buf, flush_at)?;
+        if count_in && !buf.is_empty() {
+            InstanceMetrics::add(&cx.metrics.records_in, buf.len() as u64);
+            InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        for item in buf.drain(..) {
+            match chain.push(item, &mut tail) {
+                Ok(()) => {}
+                Err(Halt::Done) => {
+                    // A limit was reached or every consumer is gone: end cleanly.
+                    return tail.finish(cx);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match pull {
+            Pull::Data => {}
+            Pull::Idle => tail.flush(cx)?,
+            Pull::End => return tail.finish(cx),
+        }
+    }
+}
+
+/// One stage instance, ready to run on its own thread.
+pub(crate) struct Worker {
+    pub stage: Arc<str>,
+    pub instance: usize,
+    pub source: bool,
+    pub body: Box<dyn FnOnce(&Cx) -> Result<(), Halt> + Send>,
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Runs the workers to completion and joins every thread.
+pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunReport, Error> {
+    let start = Instant::now();
+    *shared.started.lock() = Some(start);
+    let mut entries = Vec::with_capacity(workers.len());
+    let mut jobs = Vec::with_capacity(workers.len());
+    for w in workers {
+        let metrics = Arc::new(InstanceMetrics::default());
+        entries.push(MetricsEntry {
+            stage: Arc::clone(&w.stage),
+            source: w.source,
+            instance: w.instance,
+            metrics: Arc::clone(&metrics),
+        });
+        jobs.push((w, metrics));
+    }
+    *shared.metrics.lock() = entries;
+
+    // Every worker holds a clone of `alive_tx`; when the last one ends the main thread's
+    // `recv_timeout` sees the channel disconnect and stops ticking the clock.
+    let (alive_tx, alive_rx) = bounded::<()>(0);
+    std::thread::scope(|scope| {
+        for (w, metrics) in jobs {
+            let cx = Cx {
+                run: Arc::clone(&shared),
+                stage: Arc::clone(&w.stage),
+                metrics,
+            };
+            let alive = alive_tx.clone();
+            let name = format!("millrace:{}#{}", w.stage, w.instance);
+            let stage = Arc::clone(&w.stage);
+            let spawned = std::thread::Builder::new()
+                .name(name)
+                .spawn_scoped(scope, move || {
+                    let _alive = alive;
+                    let t0 = Instant::now();
+                    let result = catch_unwind(AssertUnwindSafe(|| (w.body)(&cx)));
+                    cx.metrics
+                        .wall_ns
+                        .store(t0.elapsed().as_nanos().max(1) as u64, Ordering::Relaxed);
+                    match result {
+                        Ok(Ok(())) | Ok(Err(Halt::Done)) => {}
+                        Ok(Err(Halt::Failed(e))) => cx.run.fail(e),
+                        Err(payload) => cx.run.fail(Error::Panic {
+                            stage: w.stage.to_string(),
+                            message: panic_message(&*payload),
+                        }),
+                    }
+                });
+            if let Err(e) = spawned {
+                shared.fail(Error::Build(format!(
+                    "cannot spawn a thread for stage `{stage}`: {e}"
+                )));
+                break;
+            }
+        }
+        drop(alive_tx);
+        loop {
+            match alive_rx.recv_timeout(TICK) {
+                Err(RecvTimeoutError::Timeout) => {
+                    shared
+                        .clock_ms
+                        .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    });
+
+    let elapsed = start.elapsed();
+    if let Some(e) = shared.first_error.lock().take() {
+        return Err(e);
+    }
+    if shared.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let stages = shared
+        .metrics
+        .lock()
+        .iter()
+        .map(|m| m.snapshot(elapsed))
+        .collect();
+    Ok(RunReport { elapsed, stages })
+}

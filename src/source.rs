@@ -1,0 +1,272 @@
+//! Stage heads that produce records: iterators, and lines or NDJSON read from a file or stdin.
+//!
+//! A source fills one batch at a time. It returns a partly filled batch early when the batch has
+//! waited longer than the run's linger time, and a source reading a pipe or terminal also does so
+//! before a read that would block (checked with `poll`), so a slow trickle still flows.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use crate::error::{Error, Location};
+use crate::operator::Halt;
+use crate::runtime::{Cx, Head, Pull};
+
+/// A head that pulls from an iterator.
+pub(crate) struct IterHead<It> {
+    iter: It,
+}
+
+impl<It> IterHead<It> {
+    pub fn new(iter: It) -> Self {
+        IterHead { iter }
+    }
+}
+
+impl<It> Head<It::Item> for IterHead<It>
+where
+    It: Iterator + Send,
+{
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<It::Item>,
+        flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        let cap = cx.batch_size();
+        let mut deadline = flush_at.unwrap_or(u64::MAX);
+        while buf.len() < cap {
+            match self.iter.next() {
+                Some(x) => buf.push(x),
+                None => return Ok(Pull::End),
+            }
+            // One relaxed load per record: the coarse clock is advanced by the run's main thread.
+            let now = cx.clock_ms();
+            if deadline == u64::MAX {
+                deadline = now + cx.linger_ms();
+            } else if now >= deadline {
+                return Ok(Pull::Idle);
+            }
+        }
+        Ok(Pull::Data)
+    }
+}
+
+/// Where a reader's bytes come from.
+pub(crate) struct Input {
+    pub reader: Box<dyn Read + Send>,
+    /// Set for pipes and terminals, which can be idle: polled before blocking reads.
+    #[cfg(unix)]
+    pub poll_fd: Option<std::os::fd::OwnedFd>,
+    pub path: String,
+}
+
+impl Input {
+    /// Opens `path`, or stdin for `-`.
+    pub fn open(stage: &str, path: &Path) -> Result<Input, Error> {
+        let shown = path.display().to_string();
+        let io_err = |source| Error::Io {
+            stage: stage.to_string(),
+            path: shown.clone(),
+            source,
+        };
+        let file = if shown == "-" {
+            #[cfg(unix)]
+            {
+                use std::os::fd::AsFd;
+                File::from(
+                    std::io::stdin()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(io_err)?,
+                )
+            }
+            #[cfg(not(unix))]
+            {
+                return Ok(Input {
+                    reader: Box::new(std::io::stdin()),
+                    path: shown,
+                });
+            }
+        } else {
+            File::open(path).map_err(io_err)?
+        };
+        let regular = file
+            .metadata()
+            .map(|m| m.file_type().is_file())
+            .unwrap_or(false);
+        #[cfg(unix)]
+        let poll_fd = if regular {
+            None
+        } else {
+            use std::os::fd::AsFd;
+            Some(file.as_fd().try_clone_to_owned().map_err(io_err)?)
+        };
+        #[cfg(not(unix))]
+        let _ = regular;
+        Ok(Input {
+            reader: Box::new(file),
+            #[cfg(unix)]
+            poll_fd,
+            path: shown,
+        })
+    }
+}
+
+/// Waits until `fd` is readable or `timeout_ms` passes; true when readable (or on error, so the
+/// caller's read reports it).
+#[cfg(unix)]
+fn poll_readable(fd: &std::os::fd::OwnedFd, timeout_ms: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let timeout = timeout_ms.min(i32::MAX as u64) as libc::c_int;
+    // SAFETY: `pfd` is a valid, initialised pollfd that lives across the call, and we pass a
+    // count of exactly one; `fd` is owned by the caller and open for the call's duration.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+    n != 0
+}
+
+/// A head reading newline-delimited records, parsing each line with `parse`.
+pub(crate) struct LineHead<T, P> {
+    reader: BufReader<Box<dyn Read + Send>>,
+    #[cfg(unix)]
+    poll_fd: Option<std::os::fd::OwnedFd>,
+    path: String,
+    line: u64,
+    raw: Vec<u8>,
+    parse: P,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+/// Parses one line (without its newline); `None` skips it.
+pub(crate) type ParseResult<T> = Result<Option<T>, String>;
+
+impl<T, P> LineHead<T, P>
+where
+    P: FnMut(&[u8]) -> ParseResult<T> + Send,
+{
+    pub fn new(input: Input, parse: P) -> Self {
+        LineHead {
+            reader: BufReader::with_capacity(256 * 1024, input.reader),
+            #[cfg(unix)]
+            poll_fd: input.poll_fd,
+            path: input.path,
+            line: 0,
+            raw: Vec::with_capacity(256),
+            parse,
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    /// Before a read that could block: waits for data until `deadline` (clock ms). Returns false
+    /// if the deadline passed with no data. Polls in short slices so cancellation is seen.
+    #[cfg(unix)]
+    fn wait_for_data(&self, cx: &Cx, deadline: Option<u64>) -> Result<bool, Halt> {
+        let Some(fd) = &self.poll_fd else {
+            return Ok(true);
+        };
+        if !self.reader.buffer().is_empty() {
+            return Ok(true);
+        }
+        loop {
+            if cx.run.is_cancelled() {
+                return Err(Halt::Done);
+            }
+            let now = cx.run.now_ms();
+            let slice = match deadline {
+                Some(d) if now >= d => return Ok(false),
+                Some(d) => (d - now).min(100),
+                None => 100,
+            };
+            let t0 = std::time::Instant::now();
+            let ready = poll_readable(fd, slice);
+            crate::metrics::InstanceMetrics::add(
+                &cx.metrics.recv_wait_ns,
+                t0.elapsed().as_nanos() as u64,
+            );
+            if ready {
+                return Ok(true);
+            }
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn wait_for_data(&self, _cx: &Cx, _deadline: Option<u64>) -> Result<bool, Halt> {
+        Ok(true)
+    }
+}
+
+impl<T, P> Head<T> for LineHead<T, P>
+where
+    T: Send,
+    P: FnMut(&[u8]) -> ParseResult<T> + Send,
+{
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let cap = cx.batch_size();
+        let mut deadline = flush_at;
+        while buf.len() < cap {
+            if !buf.is_empty() && deadline.is_none() {
+                deadline = Some(cx.clock_ms() + cx.linger_ms());
+            }
+            if !self.wait_for_data(cx, deadline)? {
+                return Ok(Pull::Idle);
+            }
+            self.raw.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.raw)
+                .map_err(|source| {
+                    Halt::Failed(Error::Io {
+                        stage: cx.stage.to_string(),
+                        path: self.path.clone(),
+                        source,
+                    })
+                })?;
+            if n == 0 {
+                return Ok(Pull::End);
+            }
+            self.line += 1;
+            let mut line = &self.raw[..];
+            if let Some(rest) = line.strip_suffix(b"\n") {
+                line = rest.strip_suffix(b"\r").unwrap_or(rest);
+            }
+            match (self.parse)(line) {
+                Ok(Some(x)) => buf.push(x),
+                Ok(None) => {}
+                Err(message) => {
+                    return Err(Halt::Failed(Error::Record {
+                        stage: cx.stage.to_string(),
+                        location: Location {
+                            path: self.path.clone(),
+                            line: self.line,
+                        },
+                        message,
+                    }))
+                }
+            }
+        }
+        Ok(Pull::Data)
+    }
+}
+
+/// Parses a line as UTF-8 text.
+pub(crate) fn parse_text(line: &[u8]) -> ParseResult<String> {
+    match std::str::from_utf8(line) {
+        Ok(s) => Ok(Some(s.to_string())),
+        Err(e) => Err(format!("invalid UTF-8: {e}")),
+    }
+}
+
+/// Parses a line as one JSON value; blank lines are skipped.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(line: &[u8]) -> ParseResult<T> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(line)
+        .map(Some)
+        .map_err(|e| format!("invalid JSON: {e}"))
+}

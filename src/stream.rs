@@ -1,0 +1,1015 @@
+//! The typed pipeline builder: [`Pipeline`], [`Stream`] and [`KeyedStream`].
+//!
+//! A `Stream<I, C>` is an *open* stage: a head producing `I` (a source, or the stage's input
+//! channel) followed by a fused chain `C` of stateless operators. Adding a stateless operator
+//! extends the chain; a partitioning step (`rebalance`, `key_by`, `new_stage`, ...) or a sink
+//! *closes* the stage and registers it with the pipeline. Nothing runs until
+//! [`Pipeline::run`].
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, Sender};
+use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHasher};
+
+use crate::channel::{ChannelTail, InputHead, Message, Partition, TeeTail};
+use crate::error::{BoxError, Error};
+use crate::metrics::RunReport;
+use crate::operator::{
+    Boxed, Chain, Filter, FlatMap, Halt, Identity, Inspect, Limit, Map, TryFlatMap, TryMap,
+};
+use crate::runtime::{self, CancelHandle, Cx, Head, Options, Pull, RunShared, Tail, Worker};
+use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
+use crate::source::{parse_json, parse_text, Input, IterHead, LineHead};
+
+type Phase2 = Box<dyn FnOnce() -> Result<Vec<Worker>, Error>>;
+type Phase1 = Box<dyn FnOnce(&Options) -> Result<Phase2, Error>>;
+
+struct StageSlot {
+    name: String,
+    parallelism: usize,
+    inputs: Vec<usize>,
+    build: Option<Phase1>,
+}
+
+#[derive(Default)]
+struct Builder {
+    opts: Options,
+    stages: Vec<StageSlot>,
+    names: HashSet<String>,
+    errors: Vec<String>,
+}
+
+impl Builder {
+    fn unique(&mut self, base: &str) -> Arc<str> {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.names.contains(&name) {
+            k += 1;
+            name = format!("{base}-{k}");
+        }
+        self.names.insert(name.clone());
+        Arc::from(name)
+    }
+}
+
+/// Where one stage's output goes: filled in by the consumer when it is built.
+struct EdgeCell<T> {
+    partition: Partition<T>,
+    senders: Option<Vec<Sender<Message<T>>>>,
+    from_stage: usize,
+    from_parallelism: usize,
+}
+
+type Edge<T> = Rc<RefCell<EdgeCell<T>>>;
+
+/// How a stage's instances are made when the run starts.
+struct HeadSpec<I> {
+    name: Option<Arc<str>>,
+    source: bool,
+    inputs: Vec<usize>,
+    make: Box<dyn FnOnce(usize, &Options) -> Result<Vec<Box<dyn Head<I>>>, Error>>,
+}
+
+/// A dataflow pipeline under construction. Add sources, chain operators on the returned
+/// [`Stream`]s, end each with a sink, then [`run`](Pipeline::run) it.
+///
+/// # Examples
+/// ```
+/// use millrace::Pipeline;
+/// let p = Pipeline::new();
+/// let evens = p.source("numbers", 1..=10u64).filter(|x| x % 2 == 0).map(|x| x * 10).collect();
+/// let report = p.run().unwrap();
+/// assert_eq!(evens.take(), vec![20, 40, 60, 80, 100]);
+/// assert_eq!(report.records_read(), 10);
+/// ```
+pub struct Pipeline {
+    b: Rc<RefCell<Builder>>,
+    shared: Arc<RunShared>,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.b.borrow();
+        f.debug_struct("Pipeline")
+            .field(
+                "stages",
+                &b.stages.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// A pipeline with default [`Options`].
+    pub fn new() -> Self {
+        Self::with_options(Options::default())
+    }
+
+    /// A pipeline with the given batch size, channel capacity and linger time.
+    pub fn with_options(opts: Options) -> Self {
+        let opts = Options {
+            batch_size: opts.batch_size.max(1),
+            channel_capacity: opts.channel_capacity.max(1),
+            ..opts
+        };
+        let shared = RunShared::new(opts.clone());
+        Pipeline {
+            b: Rc::new(RefCell::new(Builder {
+                opts,
+                ..Builder::default()
+            })),
+            shared,
+        }
+    }
+
+    /// The options the pipeline runs with.
+    pub fn options(&self) -> Options {
+        self.b.borrow().opts.clone()
+    }
+
+    /// A handle that can cancel the run from another thread and sample its metrics.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    fn open<I: Send + 'static>(
+        &self,
+        head: HeadSpec<I>,
+        parallelism: usize,
+    ) -> Stream<I, Identity<I>> {
+        Stream {
+            b: Rc::clone(&self.b),
+            head,
+            chain: Identity::new(),
+            parallelism,
+        }
+    }
+
+    /// A source stage pulling records from any iterator, on one thread.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("words", vec!["a", "b"]).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec!["a", "b"]);
+    /// ```
+    pub fn source<It>(&self, name: &str, iter: It) -> Stream<It::Item, Identity<It::Item>>
+    where
+        It: IntoIterator + Send + 'static,
+        It::IntoIter: Send + 'static,
+        It::Item: Send + 'static,
+    {
+        let name = self.b.borrow_mut().unique(name);
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            inputs: Vec::new(),
+            make: Box::new(move |_, _| {
+                Ok(vec![
+                    Box::new(IterHead::new(iter.into_iter())) as Box<dyn Head<It::Item>>
+                ])
+            }),
+        };
+        self.open(head, 1)
+    }
+
+    fn line_source<T, P>(&self, kind: &str, path: &Path, parse: P) -> Stream<T, Identity<T>>
+    where
+        T: Send + 'static,
+        P: FnMut(&[u8]) -> crate::source::ParseResult<T> + Send + 'static,
+    {
+        let name = self.b.borrow_mut().unique(kind);
+        let stage = Arc::clone(&name);
+        let path = path.to_path_buf();
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            inputs: Vec::new(),
+            make: Box::new(move |_, _| {
+                let input = Input::open(&stage, &path)?;
+                Ok(vec![
+                    Box::new(LineHead::new(input, parse)) as Box<dyn Head<T>>
+                ])
+            }),
+        };
+        self.open(head, 1)
+    }
+
+    /// A source stage yielding the lines of a file (`-` for stdin), without line endings.
+    /// Invalid UTF-8 fails the run naming the file and line.
+    pub fn read_lines(&self, path: impl AsRef<Path>) -> Stream<String, Identity<String>> {
+        self.line_source("lines.read", path.as_ref(), parse_text)
+    }
+
+    /// A source stage parsing each line of a file (`-` for stdin) as one JSON value of type `T`.
+    /// Blank lines are skipped; a malformed line fails the run naming the file and line.
+    pub fn read_ndjson<T>(&self, path: impl AsRef<Path>) -> Stream<T, Identity<T>>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.line_source("ndjson.read", path.as_ref(), parse_json::<T>)
+    }
+
+    /// The stage graph as Graphviz DOT.
+    pub fn to_dot(&self) -> String {
+        let b = self.b.borrow();
+        let mut s = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box];\n");
+        for (i, st) in b.stages.iter().enumerate() {
+            let label = if st.parallelism > 1 {
+                format!("{} ×{}", st.name, st.parallelism)
+            } else {
+                st.name.clone()
+            };
+            let _ = writeln!(s, "  s{i} [label={:?}];", label);
+        }
+        for (i, st) in b.stages.iter().enumerate() {
+            for up in &st.inputs {
+                let _ = writeln!(s, "  s{up} -> s{i};");
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    /// Names of the stages registered so far, in the order they run.
+    pub fn stage_names(&self) -> Vec<String> {
+        self.b
+            .borrow()
+            .stages
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Runs the pipeline to completion on one thread per stage instance and returns its report,
+    /// or the first error. Every thread has been joined when this returns.
+    pub fn run(self) -> Result<RunReport, Error> {
+        let mut b = std::mem::take(&mut *self.b.borrow_mut());
+        if !b.errors.is_empty() {
+            return Err(Error::Build(b.errors.join("; ")));
+        }
+        if b.stages.is_empty() {
+            return Err(Error::Build("the pipeline has no sink".into()));
+        }
+        let opts = b.opts.clone();
+        let mut phase2 = Vec::with_capacity(b.stages.len());
+        for slot in &mut b.stages {
+            let build = slot.build.take().expect("each stage is built once");
+            phase2.push(build(&opts)?);
+        }
+        let mut workers = Vec::new();
+        for p in phase2 {
+            workers.extend(p()?);
+        }
+        runtime::run(Arc::clone(&self.shared), workers)
+    }
+}
+
+/// An open stage producing records of type `C::Out`: a head of type `I` followed by the fused
+/// chain `C`. See the [crate docs](crate) for an example.
+#[must_use = "a stream does nothing until it ends in a sink and the pipeline runs"]
+pub struct Stream<I, C> {
+    b: Rc<RefCell<Builder>>,
+    head: HeadSpec<I>,
+    chain: C,
+    parallelism: usize,
+}
+
+/// The output record type of a stream.
+type Out<I, C> = <C as Chain<I>>::Out;
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    fn with<C2>(self, chain: C2) -> Stream<I, C2> {
+        Stream {
+            b: self.b,
+            head: self.head,
+            chain,
+            parallelism: self.parallelism,
+        }
+    }
+
+    fn op_name(&self, kind: &str) -> Arc<str> {
+        self.b.borrow_mut().unique(kind)
+    }
+
+    /// Applies `f` to every record.
+    pub fn map<U, F>(self, f: F) -> Stream<I, Map<C, F>>
+    where
+        U: Send + 'static,
+        F: Fn(Out<I, C>) -> U + Send + Sync + 'static,
+    {
+        let name = self.op_name("map");
+        let chain = Map::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Applies a fallible `f`; an `Err` fails the run with an error naming this operator.
+    pub fn try_map<U, X, F>(self, f: F) -> Stream<I, TryMap<C, F>>
+    where
+        U: Send + 'static,
+        X: Into<BoxError>,
+        F: Fn(Out<I, C>) -> Result<U, X> + Send + Sync + 'static,
+    {
+        let name = self.op_name("try_map");
+        let chain = TryMap::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Keeps the records for which `f` returns true.
+    pub fn filter<F>(self, f: F) -> Stream<I, Filter<C, F>>
+    where
+        F: Fn(&Out<I, C>) -> bool + Send + Sync + 'static,
+    {
+        let name = self.op_name("filter");
+        let chain = Filter::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Replaces every record by the records `f` returns.
+    pub fn flat_map<It, F>(self, f: F) -> Stream<I, FlatMap<C, F>>
+    where
+        It: IntoIterator,
+        It::Item: Send + 'static,
+        F: Fn(Out<I, C>) -> It + Send + Sync + 'static,
+    {
+        let name = self.op_name("flat_map");
+        let chain = FlatMap::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// A fallible [`flat_map`](Stream::flat_map).
+    pub fn try_flat_map<It, X, F>(self, f: F) -> Stream<I, TryFlatMap<C, F>>
+    where
+        It: IntoIterator,
+        It::Item: Send + 'static,
+        X: Into<BoxError>,
+        F: Fn(Out<I, C>) -> Result<It, X> + Send + Sync + 'static,
+    {
+        let name = self.op_name("try_flat_map");
+        let chain = TryFlatMap::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Calls `f` on every record and passes it on.
+    pub fn inspect<F>(self, f: F) -> Stream<I, Inspect<C, F>>
+    where
+        F: Fn(&Out<I, C>) + Send + Sync + 'static,
+    {
+        let name = self.op_name("inspect");
+        let chain = Inspect::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Passes the first `n` records (across all instances of the stage), then stops the stage
+    /// and, through it, everything upstream.
+    pub fn limit(self, n: u64) -> Stream<I, Limit<C>> {
+        let name = self.op_name("limit");
+        let chain = Limit::new(self.chain.clone(), n, name);
+        self.with(chain)
+    }
+
+    /// Erases the chain's type (one dynamic call per record), for pipelines assembled at run
+    /// time.
+    pub fn boxed(self) -> Stream<I, Boxed<I, Out<I, C>>> {
+        let chain = Boxed::new(self.chain.clone());
+        self.with(chain)
+    }
+
+    /// Renames the last operator added (or the source, if there is none). Names must be unique
+    /// within a pipeline; errors and metrics use them.
+    pub fn name(mut self, name: &str) -> Self {
+        let mut b = self.b.borrow_mut();
+        if !b.names.insert(name.to_string()) {
+            b.errors.push(format!("duplicate stage name `{name}`"));
+        }
+        drop(b);
+        let new: Arc<str> = Arc::from(name);
+        if !self.chain.rename_last(Arc::clone(&new)) {
+            self.head.name = Some(new);
+        }
+        self
+    }
+
+    /// Sets how many instances (threads) run this stage. Only a stage that reads from a channel
+    /// can have more than one; a source stage needs [`rebalance`](Stream::rebalance) first.
+    pub fn parallelism(mut self, n: usize) -> Self {
+        if self.head.source && n != 1 {
+            let name = self.stage_name();
+            self.b.borrow_mut().errors.push(format!(
+                "stage `{name}` reads a source and runs on one thread; call .rebalance({n}) before the operators to parallelise"
+            ));
+        } else {
+            self.parallelism = n.max(1);
+        }
+        self
+    }
+
+    fn stage_name(&self) -> String {
+        let mut names: Vec<Arc<str>> = self.head.name.iter().cloned().collect();
+        self.chain.names(&mut names);
+        names.iter().map(|n| &**n).collect::<Vec<_>>().join("+")
+    }
+
+    /// Closes the stage with a tail made per instance on the worker thread.
+    fn close<T, MK>(self, sink_name: Option<Arc<str>>, mut make_tail: MK) -> usize
+    where
+        T: Tail<Out<I, C>> + 'static,
+        MK: FnMut(usize) -> Result<Box<dyn FnOnce(&Cx) -> Result<T, Halt> + Send>, Error> + 'static,
+    {
+        let mut name = self.stage_name();
+        if let Some(s) = &sink_name {
+            if name.is_empty() {
+                name = s.to_string();
+            } else {
+                name = format!("{name}+{s}");
+            }
+        }
+        let stage: Arc<str> = Arc::from(name.as_str());
+        let Stream {
+            b,
+            head,
+            chain,
+            parallelism,
+            ..
+        } = self;
+        let source = head.source;
+        let make_head = head.make;
+        let build: Phase1 = Box::new(move |opts| {
+            let heads = make_head(parallelism, opts)?;
+            Ok(Box::new(move || {
+                let mut workers = Vec::with_capacity(heads.len());
+                for (i, head) in heads.into_iter().enumerate() {
+                    let mk = make_tail(i)?;
+                    let chain = chain.clone();
+                    workers.push(Worker {
+                        stage: Arc::clone(&stage),
+                        instance: i,
+                        source,
+                        body: Box::new(move |cx: &Cx| {
+                            let tail = mk(cx)?;
+                            runtime::drive(cx, head, chain, tail)
+                        }),
+                    });
+                }
+                Ok(workers)
+            }) as Phase2)
+        });
+        let mut bm = b.borrow_mut();
+        let id = bm.stages.len();
+        bm.stages.push(StageSlot {
+            name,
+            parallelism,
+            inputs: head.inputs,
+            build: Some(build),
+        });
+        id
+    }
+
+    /// Closes the stage into an edge with the given partitioning; returns the edge.
+    fn connect(self, partition: Partition<Out<I, C>>) -> Edge<Out<I, C>> {
+        let edge: Edge<Out<I, C>> = Rc::new(RefCell::new(EdgeCell {
+            partition,
+            senders: None,
+            from_stage: usize::MAX,
+            from_parallelism: self.parallelism,
+        }));
+        let out = Rc::clone(&edge);
+        let id = self.close(None, move |i| channel_tail(&out, i));
+        edge.borrow_mut().from_stage = id;
+        edge
+    }
+
+    /// Starts a new stage fed through a channel with the given partitioning.
+    fn hop(
+        self,
+        partition: Partition<Out<I, C>>,
+        parallelism: usize,
+    ) -> Stream<Out<I, C>, Identity<Out<I, C>>> {
+        let b = Rc::clone(&self.b);
+        let edge = self.connect(partition);
+        let head = input_head(vec![edge], |h| Box::new(h) as Box<dyn Head<_>>);
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism,
+        }
+    }
+
+    /// Ends the fused chain here: what follows runs in a new single-instance stage on its own
+    /// thread, fed through a channel.
+    pub fn new_stage(self) -> Stream<Out<I, C>, Identity<Out<I, C>>> {
+        self.hop(Partition::Forward, 1)
+    }
+
+    /// What follows runs in a new stage of `n` instances; whole batches are dealt round-robin,
+    /// preferring an instance with room in its channel.
+    pub fn rebalance(self, n: usize) -> Stream<Out<I, C>, Identity<Out<I, C>>> {
+        self.hop(Partition::Rebalance, n.max(1))
+    }
+
+    /// What follows runs in a new stage whose instance `i` receives the output of this stage's
+    /// instance `i` (modulo the instance count): no reshuffling.
+    pub fn forward(self) -> Stream<Out<I, C>, Identity<Out<I, C>>> {
+        let p = self.parallelism;
+        self.hop(Partition::Forward, p)
+    }
+
+    /// Merges another stream of the same record type into a new stage.
+    pub fn union<J, D>(self, other: Stream<J, D>) -> Stream<Out<I, C>, Identity<Out<I, C>>>
+    where
+        J: Send + 'static,
+        D: Chain<J, Out = Out<I, C>>,
+    {
+        let b = Rc::clone(&self.b);
+        let e1 = self.connect(Partition::Forward);
+        let e2 = other.connect(Partition::Forward);
+        let head = input_head(vec![e1, e2], |h| Box::new(h) as Box<dyn Head<_>>);
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism: 1,
+        }
+    }
+
+    /// Sends every record to each of `n` new streams (fan-out).
+    pub fn split(self, n: usize) -> Vec<Stream<Out<I, C>, Identity<Out<I, C>>>>
+    where
+        Out<I, C>: Clone,
+    {
+        let b = Rc::clone(&self.b);
+        let p = self.parallelism;
+        let edges: Vec<Edge<Out<I, C>>> = (0..n)
+            .map(|_| {
+                Rc::new(RefCell::new(EdgeCell {
+                    partition: Partition::Forward,
+                    senders: None,
+                    from_stage: usize::MAX,
+                    from_parallelism: p,
+                }))
+            })
+            .collect();
+        let outs = edges.clone();
+        let id = self.close(None, move |i| {
+            let makers = outs
+                .iter()
+                .map(|e| channel_tail(e, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Box::new(move |cx: &Cx| {
+                let tails = makers
+                    .into_iter()
+                    .map(|m| m(cx))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(TeeTail::new(tails))
+            })
+                as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>)
+        });
+        edges
+            .into_iter()
+            .map(|e| {
+                e.borrow_mut().from_stage = id;
+                let head = input_head(vec![e], |h| Box::new(h) as Box<dyn Head<_>>);
+                Stream {
+                    b: Rc::clone(&b),
+                    head,
+                    chain: Identity::new(),
+                    parallelism: 1,
+                }
+            })
+            .collect()
+    }
+
+    /// Partitions records by key for a keyed aggregation. The key is computed once per record,
+    /// on the producing side.
+    pub fn key_by<K, KF>(self, key: KF) -> KeyedStream<K, Out<I, C>>
+    where
+        K: Hash + Eq + Send + 'static,
+        KF: Fn(&Out<I, C>) -> K + Send + Sync + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let keyed = self.map(move |x| (key(&x), x));
+        let edge = keyed.connect(Partition::Hash(Arc::new(|(k, _): &(K, _)| {
+            partition_hash(k)
+        })));
+        KeyedStream {
+            b,
+            edge,
+            parallelism: 1,
+        }
+    }
+
+    /// Gathers every record into one instance and, at end of input, emits them sorted by `cmp`.
+    /// Holds all records in memory: use it on aggregated output, not raw input.
+    pub fn sort_by<F>(self, cmp: F) -> Stream<Out<I, C>, Identity<Out<I, C>>>
+    where
+        F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let name = self.op_name("sort");
+        let edge = self.connect(Partition::Forward);
+        let cmp = Arc::new(cmp);
+        let mut head = input_head(vec![edge], move |input| {
+            Box::new(SortHead {
+                input,
+                cmp: Arc::clone(&cmp),
+                items: Vec::new(),
+                sorted: None,
+            }) as Box<dyn Head<_>>
+        });
+        head.name = Some(name);
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism: 1,
+        }
+    }
+
+    /// Gathers into a single instance unless the stage already has one.
+    fn single(self) -> Stream<I, C>
+    where
+        I: Send,
+    {
+        self
+    }
+
+    /// Calls `f` for each record, on one thread, in arrival order. Fused into this stage when it
+    /// has one instance.
+    pub fn for_each<F>(self, f: F)
+    where
+        F: FnMut(Out<I, C>) + Send + 'static,
+    {
+        let mut f = f;
+        self.try_for_each_named("for_each", move |x| {
+            f(x);
+            Ok::<(), BoxError>(())
+        })
+    }
+
+    /// A fallible [`for_each`](Stream::for_each): an `Err` fails the run naming the sink.
+    pub fn try_for_each<X, F>(self, f: F)
+    where
+        X: Into<BoxError> + 'static,
+        F: FnMut(Out<I, C>) -> Result<(), X> + Send + 'static,
+    {
+        self.try_for_each_named("for_each", f)
+    }
+
+    fn try_for_each_named<X, F>(self, kind: &str, f: F)
+    where
+        X: Into<BoxError> + 'static,
+        F: FnMut(Out<I, C>) -> Result<(), X> + Send + 'static,
+    {
+        if self.parallelism > 1 {
+            return self.new_stage().try_for_each_named(kind, f);
+        }
+        let name = self.op_name(kind);
+        let mut f = Some(f);
+        let sink = Arc::clone(&name);
+        self.close(Some(name), move |_| {
+            let f = f.take().expect("a for_each sink has one instance");
+            let sink = Arc::clone(&sink);
+            Ok(Box::new(move |cx: &Cx| Ok(ForEachTail::new(cx, f, sink)))
+                as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>)
+        });
+    }
+
+    /// Collects every record into memory; the returned handle yields them after the run.
+    pub fn collect(self) -> Collected<Out<I, C>> {
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let handle = Collected {
+            items: Arc::clone(&items),
+        };
+        let name = self.op_name("collect");
+        self.single().close(Some(name), move |_| {
+            let items = Arc::clone(&items);
+            Ok(Box::new(move |cx: &Cx| Ok(CollectTail::new(cx, items)))
+                as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>)
+        });
+        handle
+    }
+
+    fn write_with<F>(self, kind: &str, path: &Path, format: F)
+    where
+        F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<()> + Send + 'static,
+    {
+        if self.parallelism > 1 {
+            return self.new_stage().write_with(kind, path, format);
+        }
+        let name = self.op_name(kind);
+        let sink = Arc::clone(&name);
+        let path = path.to_path_buf();
+        let mut format = Some(format);
+        self.close(Some(name), move |_| {
+            let out = open_output(&sink, &path)?;
+            let shown = path.display().to_string();
+            let format = format.take().expect("a writer sink has one instance");
+            let sink = Arc::clone(&sink);
+            Ok(
+                Box::new(move |cx: &Cx| Ok(WriteTail::new(cx, out, shown, sink, format)))
+                    as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>,
+            )
+        });
+    }
+
+    /// Writes each record as a line of text to a file (`-` for stdout). A closed stdout ends
+    /// the run quietly.
+    pub fn write_lines(self, path: impl AsRef<Path>)
+    where
+        Out<I, C>: std::fmt::Display,
+    {
+        self.write_with("lines.write", path.as_ref(), |w, x| write!(w, "{x}"))
+    }
+
+    /// Writes each record as one line of JSON to a file (`-` for stdout).
+    pub fn write_ndjson(self, path: impl AsRef<Path>)
+    where
+        Out<I, C>: serde::Serialize,
+    {
+        self.write_with("ndjson.write", path.as_ref(), |w, x| {
+            serde_json::to_writer(&mut *w, x).map_err(std::io::Error::from)
+        })
+    }
+}
+
+/// Builds the per-instance tail maker for an edge, at run time (phase 2).
+fn channel_tail<T: Send + 'static>(
+    edge: &Edge<T>,
+    instance: usize,
+) -> Result<Box<dyn FnOnce(&Cx) -> Result<ChannelTail<T>, Halt> + Send>, Error> {
+    let e = edge.borrow();
+    let senders = e.senders.clone().ok_or_else(|| {
+        Error::Build(format!(
+            "the output of stage #{} is never consumed: end it in a sink",
+            e.from_stage
+        ))
+    })?;
+    let partition = e.partition.clone();
+    Ok(Box::new(move |cx: &Cx| {
+        Ok(ChannelTail::new(cx, instance, senders, partition))
+    }))
+}
+
+/// A head spec reading the given edges; the channels are made when the run starts.
+fn input_head<X, I, W>(edges: Vec<Edge<X>>, mut wrap: W) -> HeadSpec<I>
+where
+    X: Send + 'static,
+    W: FnMut(InputHead<X>) -> Box<dyn Head<I>> + 'static,
+{
+    let inputs = edges.iter().map(|e| e.borrow().from_stage).collect();
+    HeadSpec {
+        name: None,
+        source: false,
+        inputs,
+        make: Box::new(move |parallelism, opts| {
+            let ends: usize = edges.iter().map(|e| e.borrow().from_parallelism).sum();
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..parallelism)
+                .map(|_| bounded(opts.channel_capacity))
+                .unzip();
+            for e in &edges {
+                e.borrow_mut().senders = Some(txs.clone());
+            }
+            Ok(rxs
+                .into_iter()
+                .map(|rx| wrap(InputHead::new(rx, ends)))
+                .collect())
+        }),
+    }
+}
+
+/// The hash that picks a keyed instance. Re-mixed so that it is independent of the low bits
+/// the instance's own hash table uses.
+fn partition_hash<K: Hash>(k: &K) -> u64 {
+    let mut h = FxHasher::default();
+    k.hash(&mut h);
+    h.finish()
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(32)
+}
+
+/// Records partitioned by key, ready for a per-key aggregation emitted at end of input.
+#[must_use = "a keyed stream does nothing until it is aggregated"]
+pub struct KeyedStream<K, T> {
+    b: Rc<RefCell<Builder>>,
+    edge: Edge<(K, T)>,
+    parallelism: usize,
+}
+
+impl<K, T> KeyedStream<K, T>
+where
+    K: Hash + Eq + Send + 'static,
+    T: Send + 'static,
+{
+    /// Sets how many instances run the aggregation; each key is owned by exactly one.
+    pub fn parallelism(mut self, n: usize) -> Self {
+        self.parallelism = n.max(1);
+        self
+    }
+
+    /// Folds each key's records into an accumulator starting at `init`; emits `(key, acc)` per
+    /// key at end of input.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=6u32).key_by(|x| x % 2).fold(0u32, |acc, x| *acc += x).collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![(0, 12), (1, 9)]);
+    /// ```
+    pub fn fold<A, F>(self, init: A, f: F) -> Stream<(K, A), Identity<(K, A)>>
+    where
+        A: Clone + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+    {
+        let name = self.b.borrow_mut().unique("fold");
+        self.aggregate(name, move || init.clone(), f)
+    }
+
+    fn aggregate<A, N, F>(self, name: Arc<str>, init: N, f: F) -> Stream<(K, A), Identity<(K, A)>>
+    where
+        A: Send + 'static,
+        N: Fn() -> A + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let init = Arc::new(init);
+        let mut head = input_head(vec![self.edge], move |input| {
+            Box::new(KeyedHead {
+                input,
+                init: Arc::clone(&init),
+                fold: Arc::clone(&f),
+                state: FxHashMap::default(),
+                drain: None,
+            }) as Box<dyn Head<(K, A)>>
+        });
+        head.name = Some(name);
+        Stream {
+            b: self.b,
+            head,
+            chain: Identity::new(),
+            parallelism: self.parallelism,
+        }
+    }
+
+    /// Counts the records of each key; emits `(key, count)` at end of input.
+    pub fn count(self) -> Stream<(K, u64), Identity<(K, u64)>> {
+        let name = self.b.borrow_mut().unique("count");
+        self.aggregate(name, || 0u64, |n, _| *n += 1)
+    }
+
+    /// Combines each key's records pairwise with `f`; emits `(key, result)` at end of input.
+    #[allow(clippy::type_complexity)]
+    pub fn reduce<F>(
+        self,
+        f: F,
+    ) -> Stream<(K, Option<T>), Map<Identity<(K, Option<T>)>, fn((K, Option<T>)) -> (K, T)>>
+    where
+        F: Fn(T, T) -> T + Send + Sync + 'static,
+    {
+        let name = self.b.borrow_mut().unique("reduce");
+        let s = self.aggregate(
+            name,
+            || None,
+            move |acc: &mut Option<T>, x| {
+                *acc = Some(match acc.take() {
+                    None => x,
+                    Some(prev) => f(prev, x),
+                })
+            },
+        );
+        let unwrap: fn((K, Option<T>)) -> (K, T) = |(k, v)| {
+            (
+                k,
+                v.expect("a key exists only once a record has set its value"),
+            )
+        };
+        let name = s.op_name("reduce.result");
+        let chain = Map::new(Identity::new(), unwrap, name);
+        s.with(chain)
+    }
+}
+
+/// Head of a keyed aggregation: folds all input, then emits the state in batches.
+struct KeyedHead<K, T, A, N, F> {
+    input: InputHead<(K, T)>,
+    init: Arc<N>,
+    fold: Arc<F>,
+    state: FxHashMap<K, A>,
+    drain: Option<std::collections::hash_map::IntoIter<K, A>>,
+}
+
+impl<K, T, A, N, F> Head<(K, A)> for KeyedHead<K, T, A, N, F>
+where
+    K: Hash + Eq + Send,
+    T: Send,
+    A: Send,
+    N: Fn() -> A + Send + Sync,
+    F: Fn(&mut A, T) + Send + Sync,
+{
+    fn counts_input(&self) -> bool {
+        true
+    }
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<(K, A)>,
+        flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        if self.drain.is_none() {
+            let mut batch = Vec::new();
+            loop {
+                if cx.run.is_cancelled() {
+                    return Err(Halt::Done);
+                }
+                match self.input.pull(cx, &mut batch, flush_at)? {
+                    Pull::Idle if batch.is_empty() => return Ok(Pull::Idle),
+                    pull => {
+                        if !batch.is_empty() {
+                            crate::metrics::InstanceMetrics::add(
+                                &cx.metrics.records_in,
+                                batch.len() as u64,
+                            );
+                            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+                        }
+                        for (k, x) in batch.drain(..) {
+                            let acc = self.state.entry(k).or_insert_with(|| (self.init)());
+                            (self.fold)(acc, x);
+                        }
+                        if pull == Pull::End {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.drain = Some(std::mem::take(&mut self.state).into_iter());
+        }
+        let drain = self.drain.as_mut().expect("set above");
+        buf.extend(drain.take(cx.batch_size()));
+        Ok(if drain.len() == 0 {
+            Pull::End
+        } else {
+            Pull::Data
+        })
+    }
+}
+
+/// Head of `sort_by`: gathers all input, then emits it sorted.
+struct SortHead<T, F> {
+    input: InputHead<T>,
+    cmp: Arc<F>,
+    items: Vec<T>,
+    sorted: Option<std::vec::IntoIter<T>>,
+}
+
+impl<T: Send, F: Fn(&T, &T) -> std::cmp::Ordering + Send + Sync> Head<T> for SortHead<T, F> {
+    fn counts_input(&self) -> bool {
+        true
+    }
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        if self.sorted.is_none() {
+            let mut batch = Vec::new();
+            loop {
+                match self.input.pull(cx, &mut batch, flush_at)? {
+                    Pull::Idle if batch.is_empty() => return Ok(Pull::Idle),
+                    pull => {
+                        if !batch.is_empty() {
+                            crate::metrics::InstanceMetrics::add(
+                                &cx.metrics.records_in,
+                                batch.len() as u64,
+                            );
+                            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+                        }
+                        self.items.append(&mut batch);
+                        if pull == Pull::End {
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut items = std::mem::take(&mut self.items);
+            let cmp = Arc::clone(&self.cmp);
+            items.sort_by(|a, b| cmp(a, b));
+            self.sorted = Some(items.into_iter());
+        }
+        let it = self.sorted.as_mut().expect("set above");
+        buf.extend(it.take(cx.batch_size()));
+        Ok(if it.len() == 0 { Pull::End } else { Pull::Data })
+    }
+}

@@ -1,0 +1,412 @@
+//! The typed engine: operators, partitioning, backpressure, early termination, failure, cancel.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use millrace::{Error, Options, Pipeline};
+
+/// Threads of this process (Linux), to check that no worker outlives `run()`.
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Other tests in this binary run concurrently; retry until the count settles at the baseline.
+fn assert_no_leaked_threads(before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while thread_count() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        thread_count() <= before,
+        "threads leaked: {} > {}",
+        thread_count(),
+        before
+    );
+}
+
+fn small_batches() -> Options {
+    let mut o = Options::default();
+    o.batch_size = 16;
+    o.channel_capacity = 2;
+    o
+}
+
+#[test]
+fn map_filter_flat_map_inspect_collect() {
+    let p = Pipeline::new();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = Arc::clone(&seen);
+    let out = p
+        .source("nums", 0..1000u64)
+        .map(|x| x * 3)
+        .filter(|x| x % 2 == 0)
+        .flat_map(|x| vec![x, x + 1])
+        .inspect(move |_| {
+            s2.fetch_add(1, Ordering::Relaxed);
+        })
+        .collect();
+    let report = p.run().unwrap();
+    let v = out.take();
+    let expect: Vec<u64> = (0..1000u64)
+        .map(|x| x * 3)
+        .filter(|x| x % 2 == 0)
+        .flat_map(|x| [x, x + 1])
+        .collect();
+    assert_eq!(v, expect);
+    assert_eq!(seen.load(Ordering::Relaxed), expect.len() as u64);
+    assert_eq!(report.records_read(), 1000);
+    // Everything fused into one stage: one worker.
+    assert_eq!(report.stages.len(), 1, "{report}");
+}
+
+#[test]
+fn stages_forced_onto_threads_keep_order_with_parallelism_one() {
+    let p = Pipeline::with_options(small_batches());
+    let out = p
+        .source("nums", 0..10_000u64)
+        .map(|x| x + 1)
+        .new_stage()
+        .map(|x| x * 2)
+        .new_stage()
+        .map(|x| x - 1)
+        .collect();
+    let report = p.run().unwrap();
+    assert_eq!(
+        out.take(),
+        (0..10_000u64).map(|x| (x + 1) * 2 - 1).collect::<Vec<_>>()
+    );
+    assert_eq!(report.stages.len(), 3, "{report}");
+}
+
+#[test]
+fn rebalance_processes_every_record_once() {
+    let p = Pipeline::with_options(small_batches());
+    let out = p
+        .source("nums", 0..50_000u64)
+        .rebalance(3)
+        .map(|x| x * 2)
+        .collect();
+    let report = p.run().unwrap();
+    let mut v = out.take();
+    v.sort_unstable();
+    assert_eq!(v, (0..50_000u64).map(|x| x * 2).collect::<Vec<_>>());
+    assert_eq!(
+        report
+            .stages
+            .iter()
+            .filter(|s| s.stage.starts_with("map"))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn keyed_count_matches_a_hand_count_with_parallelism_1_and_3() {
+    let words: Vec<String> = (0..20_000u64)
+        .map(|i| format!("w{}", (i * 7919) % 97 % (1 + i % 13)))
+        .collect();
+    let mut expect: HashMap<String, u64> = HashMap::new();
+    for w in &words {
+        *expect.entry(w.clone()).or_default() += 1;
+    }
+    for par in [1, 3] {
+        let p = Pipeline::with_options(small_batches());
+        let out = p
+            .source("words", words.clone())
+            .key_by(|w| w.clone())
+            .parallelism(par)
+            .count()
+            .collect();
+        p.run().unwrap();
+        let got: HashMap<String, u64> = out.take().into_iter().collect();
+        assert_eq!(got, expect, "parallelism {par}");
+    }
+}
+
+#[test]
+fn keyed_fold_and_reduce() {
+    let p = Pipeline::new();
+    let sums = p
+        .source("n", 1..=100u64)
+        .key_by(|x| x % 3)
+        .parallelism(2)
+        .reduce(|a, b| a + b)
+        .collect();
+    p.run().unwrap();
+    let mut v = sums.take();
+    v.sort();
+    let e = |r: u64| (1..=100u64).filter(|x| x % 3 == r).sum::<u64>();
+    assert_eq!(v, vec![(0, e(0)), (1, e(1)), (2, e(2))]);
+}
+
+#[test]
+fn hash_partitioning_sends_each_key_to_one_instance() {
+    let p = Pipeline::with_options(small_batches());
+    let out = p
+        .source("n", 0..10_000u64)
+        .key_by(|x| x % 50)
+        .parallelism(4)
+        .fold(Vec::new(), |v: &mut Vec<u64>, x| v.push(x))
+        .collect();
+    p.run().unwrap();
+    let v = out.take();
+    assert_eq!(v.len(), 50, "each key emitted exactly once");
+    for (k, xs) in v {
+        assert_eq!(xs.len(), 200);
+        assert!(xs.iter().all(|x| x % 50 == k));
+        assert!(xs.windows(2).all(|w| w[0] < w[1]), "per-key order kept");
+    }
+}
+
+#[test]
+fn union_and_split() {
+    let p = Pipeline::new();
+    let a = p.source("a", 0..100u64);
+    let b = p.source("b", 1000..1100u64).map(|x| x + 1);
+    let mut parts = a.union(b).split(2).into_iter();
+    let evens = parts.next().unwrap().filter(|x| x % 2 == 0).collect();
+    let all = parts.next().unwrap().collect();
+    p.run().unwrap();
+    assert_eq!(all.len(), 200);
+    assert_eq!(evens.len(), 100);
+}
+
+#[test]
+fn sort_by_orders_all_input() {
+    let p = Pipeline::with_options(small_batches());
+    let out = p
+        .source("n", (0..1000u64).rev())
+        .rebalance(2)
+        .map(|x| x)
+        .sort_by(|a, b| a.cmp(b))
+        .collect();
+    p.run().unwrap();
+    assert_eq!(out.take(), (0..1000u64).collect::<Vec<_>>());
+}
+
+/// Seed bug 3 (inverted backpressure, unbounded buffer): a slow sink must throttle a fast
+/// source. In flight = produced - consumed never exceeds the channel and batch buffers.
+#[test]
+fn slow_sink_throttles_fast_source() {
+    let opts = small_batches();
+    let (batch, cap) = (opts.batch_size as u64, opts.channel_capacity as u64);
+    let p = Pipeline::with_options(opts);
+    let produced = Arc::new(AtomicU64::new(0));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let max_in_flight = Arc::new(AtomicU64::new(0));
+    let (pr, co, mx) = (
+        Arc::clone(&produced),
+        Arc::clone(&consumed),
+        Arc::clone(&max_in_flight),
+    );
+    let c2 = Arc::clone(&consumed);
+    p.source("fast", 0..3000u64)
+        .inspect(move |_| {
+            let n = pr.fetch_add(1, Ordering::SeqCst) + 1;
+            let in_flight = n - c2.load(Ordering::SeqCst);
+            mx.fetch_max(in_flight, Ordering::SeqCst);
+        })
+        .new_stage()
+        .map(|x| x)
+        .new_stage()
+        .for_each(move |_| {
+            co.fetch_add(1, Ordering::SeqCst);
+            if co.load(Ordering::SeqCst) % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    p.run().unwrap();
+    assert_eq!(consumed.load(Ordering::SeqCst), 3000);
+    // Per edge: `cap` queued batches, one being filled, one being sent, one being processed.
+    let bound = 2 * (cap + 3) * batch;
+    let seen = max_in_flight.load(Ordering::SeqCst);
+    assert!(seen <= bound, "in flight {seen} > bound {bound}");
+    assert!(
+        seen >= batch,
+        "the test must actually buffer something: {seen}"
+    );
+}
+
+#[test]
+fn endless_source_with_limit_returns_with_bounded_overproduction() {
+    let opts = small_batches();
+    let bound = (opts.channel_capacity as u64 + 3) * opts.batch_size as u64 * 3;
+    let p = Pipeline::with_options(opts);
+    let produced = Arc::new(AtomicU64::new(0));
+    let pr = Arc::clone(&produced);
+    let out = p
+        .source("endless", 0u64..)
+        .inspect(move |_| {
+            pr.fetch_add(1, Ordering::Relaxed);
+        })
+        .new_stage()
+        .map(|x| x + 1)
+        .new_stage()
+        .limit(10)
+        .collect();
+    p.run().unwrap();
+    assert_eq!(out.take(), (1..=10u64).collect::<Vec<_>>());
+    let made = produced.load(Ordering::Relaxed);
+    assert!(
+        made <= 10 + bound,
+        "source overproduced: {made} > {}",
+        10 + bound
+    );
+}
+
+#[test]
+fn limit_in_the_source_stage_stops_at_once() {
+    let p = Pipeline::new();
+    let out = p.source("endless", 0u64..).limit(5).collect();
+    p.run().unwrap();
+    assert_eq!(out.take(), vec![0, 1, 2, 3, 4]);
+}
+
+#[test]
+fn operator_error_names_the_stage_and_joins_threads() {
+    let before = thread_count();
+    let p = Pipeline::with_options(small_batches());
+    p.source("nums", 0u64..)
+        .new_stage()
+        .try_map(|x| {
+            if x == 500 {
+                Err(format!("bad record {x}"))
+            } else {
+                Ok(x)
+            }
+        })
+        .name("parse")
+        .rebalance(2)
+        .map(|x| x)
+        .for_each(|_| {});
+    let err = p.run().unwrap_err();
+    assert_eq!(err.stage(), Some("parse"));
+    assert_eq!(err.to_string(), "stage `parse` failed: bad record 500");
+    assert_no_leaked_threads(before);
+}
+
+#[test]
+fn operator_panic_names_the_stage_and_joins_threads() {
+    let before = thread_count();
+    let p = Pipeline::with_options(small_batches());
+    p.source("nums", 0u64..)
+        .rebalance(2)
+        .map(|x| {
+            if x == 777 {
+                panic!("boom at {x}");
+            }
+            x
+        })
+        .name("explode")
+        .new_stage()
+        .for_each(|_| {});
+    let err = p.run().unwrap_err();
+    match &err {
+        Error::Panic { stage, message } => {
+            assert!(stage.starts_with("explode"), "{stage}");
+            assert_eq!(message, "boom at 777");
+        }
+        other => panic!("expected a panic error, got {other}"),
+    }
+    assert_no_leaked_threads(before);
+}
+
+#[test]
+fn sink_error_fails_the_run() {
+    let p = Pipeline::new();
+    p.source("n", 0..100u32)
+        .try_for_each(|x| if x == 50 { Err("disk full") } else { Ok(()) });
+    let err = p.run().unwrap_err();
+    assert_eq!(err.to_string(), "stage `for_each` failed: disk full");
+}
+
+#[test]
+fn cancel_from_another_thread_stops_an_endless_run() {
+    let before = thread_count();
+    let p = Pipeline::with_options(small_batches());
+    let h = p.cancel_handle();
+    p.source("endless", 0u64..)
+        .rebalance(2)
+        .map(|x| x ^ 1)
+        .for_each(|_| {});
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        h.cancel();
+    });
+    let t0 = Instant::now();
+    assert!(matches!(p.run(), Err(Error::Cancelled)));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    t.join().unwrap();
+    assert_no_leaked_threads(before);
+}
+
+/// A slow trickle must still flow: records reach the sink long before the source ends.
+#[test]
+fn idle_source_flushes_partial_batches() {
+    let p = Pipeline::new(); // batch 1024, linger 10 ms
+    let arrived = Arc::new(AtomicU64::new(0));
+    let a2 = Arc::clone(&arrived);
+    let seen_while_running = Arc::new(AtomicU64::new(0));
+    let s2 = Arc::clone(&seen_while_running);
+    let trickle = (0..6u64).map(move |i| {
+        if i == 5 {
+            // Before the last record, wait and look: the first five must have arrived.
+            std::thread::sleep(Duration::from_millis(300));
+            s2.store(a2.load(Ordering::SeqCst), Ordering::SeqCst);
+        } else {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        i
+    });
+    let a3 = Arc::clone(&arrived);
+    p.source("trickle", trickle)
+        .new_stage()
+        .map(|x| x)
+        .new_stage()
+        .for_each(move |_| {
+            a3.fetch_add(1, Ordering::SeqCst);
+        });
+    p.run().unwrap();
+    assert_eq!(arrived.load(Ordering::SeqCst), 6);
+    assert!(
+        seen_while_running.load(Ordering::SeqCst) >= 4,
+        "partial batches were not flushed"
+    );
+}
+
+#[test]
+fn duplicate_stage_name_is_an_error() {
+    let p = Pipeline::new();
+    p.source("a", 0..1u8)
+        .map(|x| x)
+        .name("x")
+        .map(|x| x)
+        .name("x")
+        .for_each(|_| {});
+    let err = p.run().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid pipeline: duplicate stage name `x`"
+    );
+}
+
+#[test]
+fn report_counts_records_and_prints_a_table() {
+    let p = Pipeline::with_options(small_batches());
+    p.source("nums", 0..1000u64)
+        .new_stage()
+        .filter(|x| x % 10 == 0)
+        .new_stage()
+        .for_each(|_| {});
+    let r = p.run().unwrap();
+    let f = r.stage("filter").unwrap();
+    assert_eq!((f.records_in, f.records_out), (1000, 100));
+    let table = r.to_string();
+    assert!(table.starts_with("stage"), "{table}");
+    assert!(table.contains("filter#0"), "{table}");
+    assert!(table.contains("1000 records read"), "{table}");
+}
