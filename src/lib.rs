@@ -17,3 +17,5 @@ pub use metrics::{RunReport, StageMetrics};
 pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use stream::{KeyedStream, Pipeline, Stream};
+pub mod pool;
+pub use pool::{Lease, Pool, PoolBuilder, PoolError, PoolMetrics, Registry, TaskId, TaskScope, WaitEdge};
