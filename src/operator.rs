@@ -44,6 +44,14 @@ impl<T, E: Emit<T> + ?Sized> Emit<T> for &mut E {
     }
 }
 
+impl<T> Emit<T> for Vec<T> {
+    #[inline]
+    fn emit(&mut self, item: T) -> Result<(), Halt> {
+        self.push(item);
+        Ok(())
+    }
+}
+
 /// A fused sequence of stateless operators taking `In` and producing [`Chain::Out`].
 ///
 /// Chains are cloned once per stage instance; shared closures live behind `Arc`s.

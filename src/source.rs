@@ -147,7 +147,7 @@ pub(crate) type ParseResult<T> = Result<Option<T>, String>;
 
 impl<T, P> LineHead<T, P>
 where
-    P: FnMut(&[u8]) -> ParseResult<T> + Send,
+    P: FnMut(&[u8], u64) -> ParseResult<T> + Send,
 {
     pub fn new(input: Input, parse: P) -> Self {
         LineHead {
@@ -203,7 +203,7 @@ where
 impl<T, P> Head<T> for LineHead<T, P>
 where
     T: Send,
-    P: FnMut(&[u8]) -> ParseResult<T> + Send,
+    P: FnMut(&[u8], u64) -> ParseResult<T> + Send,
 {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let cap = cx.batch_size();
@@ -234,7 +234,7 @@ where
             if let Some(rest) = line.strip_suffix(b"\n") {
                 line = rest.strip_suffix(b"\r").unwrap_or(rest);
             }
-            match (self.parse)(line) {
+            match (self.parse)(line, self.line) {
                 Ok(Some(x)) => buf.push(x),
                 Ok(None) => {}
                 Err(message) => {

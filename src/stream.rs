@@ -57,6 +57,14 @@ impl Builder {
         self.names.insert(name.clone());
         Arc::from(name)
     }
+
+    /// Claims an explicit name; a duplicate is recorded as a build error.
+    fn reserve(&mut self, name: &str) -> Arc<str> {
+        if !self.names.insert(name.to_string()) {
+            self.errors.push(format!("duplicate stage name `{name}`"));
+        }
+        Arc::from(name)
+    }
 }
 
 /// Where one stage's output goes: filled in by the consumer when it is built.
@@ -188,12 +196,11 @@ impl Pipeline {
         self.open(head, 1)
     }
 
-    fn line_source<T, P>(&self, kind: &str, path: &Path, parse: P) -> Stream<T, Identity<T>>
+    fn line_source<T, P>(&self, name: Arc<str>, path: &Path, parse: P) -> Stream<T, Identity<T>>
     where
         T: Send + 'static,
-        P: FnMut(&[u8]) -> crate::source::ParseResult<T> + Send + 'static,
+        P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
     {
-        let name = self.b.borrow_mut().unique(kind);
         let stage = Arc::clone(&name);
         let path = path.to_path_buf();
         let head = HeadSpec {
@@ -213,7 +220,41 @@ impl Pipeline {
     /// A source stage yielding the lines of a file (`-` for stdin), without line endings.
     /// Invalid UTF-8 fails the run naming the file and line.
     pub fn read_lines(&self, path: impl AsRef<Path>) -> Stream<String, Identity<String>> {
-        self.line_source("lines.read", path.as_ref(), parse_text)
+        let name = self.b.borrow_mut().unique("lines.read");
+        self.line_source(name, path.as_ref(), |l, _| parse_text(l))
+    }
+
+    /// `lines.read` of the TOML layer: lines mapped by `f`, under an explicit stage name.
+    pub(crate) fn lines_as<T: Send + 'static>(
+        &self,
+        name: &str,
+        path: &Path,
+        f: impl Fn(String) -> T + Send + 'static,
+    ) -> Stream<T, Identity<T>> {
+        let name = self.b.borrow_mut().reserve(name);
+        self.line_source(name, path, move |l, _| parse_text(l).map(|o| o.map(&f)))
+    }
+
+    /// Raw lines with their line numbers, for parsing on other threads.
+    pub(crate) fn numbered_lines_as(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> Stream<(u64, String), Identity<(u64, String)>> {
+        let name = self.b.borrow_mut().reserve(name);
+        self.line_source(name, path, |l, n| parse_text(l).map(|o| o.map(|s| (n, s))))
+    }
+
+    /// `ndjson.read` of the TOML layer: one JSON object per non-blank line.
+    pub(crate) fn ndjson_objects_as(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> Stream<serde_json::Value, Identity<serde_json::Value>> {
+        let name = self.b.borrow_mut().reserve(name);
+        self.line_source(name, path, |l, _| {
+            crate::config::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) })
+        })
     }
 
     /// A source stage parsing each line of a file (`-` for stdin) as one JSON value of type `T`.
@@ -222,7 +263,8 @@ impl Pipeline {
     where
         T: serde::de::DeserializeOwned + Send + 'static,
     {
-        self.line_source("ndjson.read", path.as_ref(), parse_json::<T>)
+        let name = self.b.borrow_mut().unique("ndjson.read");
+        self.line_source(name, path.as_ref(), |l, _| parse_json::<T>(l))
     }
 
     /// The stage graph as Graphviz DOT.
@@ -393,14 +435,18 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Renames the last operator added (or the source, if there is none). Names must be unique
     /// within a pipeline; errors and metrics use them.
     pub fn name(mut self, name: &str) -> Self {
-        let mut b = self.b.borrow_mut();
-        if !b.names.insert(name.to_string()) {
-            b.errors.push(format!("duplicate stage name `{name}`"));
-        }
-        drop(b);
-        let new: Arc<str> = Arc::from(name);
-        if !self.chain.rename_last(Arc::clone(&new)) {
-            self.head.name = Some(new);
+        let new = self.b.borrow_mut().reserve(name);
+        let mut names = Vec::new();
+        self.chain.names(&mut names);
+        let old = match names.pop() {
+            Some(old) => {
+                self.chain.rename_last(new);
+                Some(old)
+            }
+            None => self.head.name.replace(new),
+        };
+        if let Some(old) = old {
+            self.b.borrow_mut().names.remove(&*old);
         }
         self
     }
@@ -417,6 +463,61 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             self.parallelism = n.max(1);
         }
         self
+    }
+
+    /// Moves the chain into the head, so that the stream's head type is its output type (used
+    /// where streams of different heads must share one type). Still one stage, no hop.
+    pub(crate) fn into_head(self) -> Stream<Out<I, C>, Identity<Out<I, C>>> {
+        let name = self.stage_name();
+        let Stream {
+            b,
+            head,
+            chain,
+            parallelism,
+        } = self;
+        let HeadSpec {
+            source,
+            inputs,
+            make,
+            ..
+        } = head;
+        let head = HeadSpec {
+            name: Some(Arc::from(name)),
+            source,
+            inputs,
+            make: Box::new(move |p, opts| {
+                let heads = make(p, opts)?;
+                Ok(heads
+                    .into_iter()
+                    .map(|inner| {
+                        Box::new(ChainedHead {
+                            inner,
+                            chain: chain.clone(),
+                            tmp: Vec::new(),
+                            done: false,
+                        }) as Box<dyn Head<Out<I, C>>>
+                    })
+                    .collect())
+            }),
+        };
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism,
+        }
+    }
+
+    /// The number of instances this open stage will run.
+    pub(crate) fn current_parallelism(&self) -> usize {
+        self.parallelism
+    }
+
+    /// Whether this is a channel-fed stage with no operator yet (its parallelism is free).
+    pub(crate) fn is_fresh_channel_stage(&self) -> bool {
+        let mut names = Vec::new();
+        self.chain.names(&mut names);
+        !self.head.source && self.head.name.is_none() && names.is_empty()
     }
 
     fn stage_name(&self) -> String {
@@ -602,8 +703,27 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         K: Hash + Eq + Send + 'static,
         KF: Fn(&Out<I, C>) -> K + Send + Sync + 'static,
     {
+        let name = self.op_name("key_by");
+        self.key_by_named(name, key)
+    }
+
+    pub(crate) fn key_by_as<K, KF>(self, name: &str, key: KF) -> KeyedStream<K, Out<I, C>>
+    where
+        K: Hash + Eq + Send + 'static,
+        KF: Fn(&Out<I, C>) -> K + Send + Sync + 'static,
+    {
+        let name = self.b.borrow_mut().reserve(name);
+        self.key_by_named(name, key)
+    }
+
+    fn key_by_named<K, KF>(self, name: Arc<str>, key: KF) -> KeyedStream<K, Out<I, C>>
+    where
+        K: Hash + Eq + Send + 'static,
+        KF: Fn(&Out<I, C>) -> K + Send + Sync + 'static,
+    {
         let b = Rc::clone(&self.b);
-        let keyed = self.map(move |x| (key(&x), x));
+        let chain = Map::new(self.chain.clone(), move |x| (key(&x), x), name);
+        let keyed = self.with(chain);
         let edge = keyed.connect(Partition::Hash(Arc::new(|(k, _): &(K, _)| {
             partition_hash(k)
         })));
@@ -620,8 +740,23 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     where
         F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
     {
-        let b = Rc::clone(&self.b);
         let name = self.op_name("sort");
+        self.sort_by_named(name, cmp)
+    }
+
+    pub(crate) fn sort_by_as<F>(self, name: &str, cmp: F) -> Stream<Out<I, C>, Identity<Out<I, C>>>
+    where
+        F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
+    {
+        let name = self.b.borrow_mut().reserve(name);
+        self.sort_by_named(name, cmp)
+    }
+
+    fn sort_by_named<F>(self, name: Arc<str>, cmp: F) -> Stream<Out<I, C>, Identity<Out<I, C>>>
+    where
+        F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
+    {
+        let b = Rc::clone(&self.b);
         let edge = self.connect(Partition::Forward);
         let cmp = Arc::new(cmp);
         let mut head = input_head(vec![edge], move |input| {
@@ -705,14 +840,13 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         handle
     }
 
-    fn write_with<F>(self, kind: &str, path: &Path, format: F)
+    fn write_with<F>(self, name: Arc<str>, path: &Path, format: F)
     where
         F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<()> + Send + 'static,
     {
         if self.parallelism > 1 {
-            return self.new_stage().write_with(kind, path, format);
+            return self.new_stage().write_with(name, path, format);
         }
-        let name = self.op_name(kind);
         let sink = Arc::clone(&name);
         let path = path.to_path_buf();
         let mut format = Some(format);
@@ -734,7 +868,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     where
         Out<I, C>: std::fmt::Display,
     {
-        self.write_with("lines.write", path.as_ref(), |w, x| write!(w, "{x}"))
+        let name = self.op_name("lines.write");
+        self.write_with(name, path.as_ref(), |w, x| write!(w, "{x}"))
     }
 
     /// Writes each record as one line of JSON to a file (`-` for stdout).
@@ -742,7 +877,23 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     where
         Out<I, C>: serde::Serialize,
     {
-        self.write_with("ndjson.write", path.as_ref(), |w, x| {
+        let name = self.op_name("ndjson.write");
+        self.write_ndjson_named(name, path.as_ref())
+    }
+
+    pub(crate) fn write_ndjson_as(self, name: &str, path: &Path)
+    where
+        Out<I, C>: serde::Serialize,
+    {
+        let name = self.b.borrow_mut().reserve(name);
+        self.write_ndjson_named(name, path)
+    }
+
+    fn write_ndjson_named(self, name: Arc<str>, path: &Path)
+    where
+        Out<I, C>: serde::Serialize,
+    {
+        self.write_with(name, path, |w, x| {
             serde_json::to_writer(&mut *w, x).map_err(std::io::Error::from)
         })
     }
@@ -840,6 +991,21 @@ where
     {
         let name = self.b.borrow_mut().unique("fold");
         self.aggregate(name, move || init.clone(), f)
+    }
+
+    pub(crate) fn aggregate_as<A, N, F>(
+        self,
+        name: &str,
+        init: N,
+        f: F,
+    ) -> Stream<(K, A), Identity<(K, A)>>
+    where
+        A: Send + 'static,
+        N: Fn() -> A + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+    {
+        let name = self.b.borrow_mut().reserve(name);
+        self.aggregate(name, init, f)
     }
 
     fn aggregate<A, N, F>(self, name: Arc<str>, init: N, f: F) -> Stream<(K, A), Identity<(K, A)>>
@@ -967,6 +1133,46 @@ where
         } else {
             Pull::Data
         })
+    }
+}
+
+/// A head followed by a chain, acting as one head.
+struct ChainedHead<I, C> {
+    inner: Box<dyn Head<I>>,
+    chain: C,
+    tmp: Vec<I>,
+    done: bool,
+}
+
+impl<I: Send, C: Chain<I>> Head<C::Out> for ChainedHead<I, C> {
+    fn counts_input(&self) -> bool {
+        true
+    }
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<C::Out>,
+        flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        if self.done {
+            return Ok(Pull::End);
+        }
+        let pull = self.inner.pull(cx, &mut self.tmp, flush_at)?;
+        if !self.inner.counts_input() && !self.tmp.is_empty() {
+            crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, self.tmp.len() as u64);
+            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        for x in self.tmp.drain(..) {
+            match self.chain.push(x, buf) {
+                Ok(()) => {}
+                Err(Halt::Done) => {
+                    self.done = true;
+                    return Ok(Pull::End);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(pull)
     }
 }
 

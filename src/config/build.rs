@@ -1,0 +1,241 @@
+//! Turning a validated [`PipelineSpec`] into a runnable [`Pipeline`] over JSON records.
+//!
+//! Consecutive stateless stages with one consumer and the same parallelism fuse into one chain;
+//! a change of parallelism rebalances; a stage read by several others fans out; a stage with
+//! several inputs merges them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::kinds::{self, Kind};
+use super::parse::{PipelineSpec, StageSpec};
+use super::ConfigError;
+use crate::operator::Boxed;
+use crate::{Pipeline, Stream};
+
+type JsonStream = Stream<Value, Boxed<Value, Value>>;
+
+impl PipelineSpec {
+    /// Builds the typed pipeline. Files are opened when it runs.
+    pub fn build(&self) -> Result<Pipeline, ConfigError> {
+        let p = Pipeline::with_options(self.options.clone());
+        let mut consumers: HashMap<&str, usize> = HashMap::new();
+        for s in &self.stages {
+            for i in &s.inputs {
+                *consumers.entry(i.as_str()).or_default() += 1;
+            }
+        }
+        let mut outputs: HashMap<&str, Vec<JsonStream>> = HashMap::new();
+        for st in &self.stages {
+            let mut inputs = st.inputs.iter().map(|i| {
+                outputs
+                    .get_mut(i.as_str())
+                    .and_then(Vec::pop)
+                    .expect("inputs are built first, one stream per consumer")
+            });
+            let input = inputs
+                .next()
+                .map(|first| inputs.fold(first, |a, b| a.union(b).boxed()));
+            let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
+            let out = build_stage(&p, st, input)?;
+            let n = consumers.get(st.name.as_str()).copied().unwrap_or(0);
+            match (out, n) {
+                (None, 0) => {}
+                (None, _) => return Err(err(format!("a `{}` stage is a sink; nothing can read from it", st.kind))),
+                (Some(_), 0) => {
+                    return Err(err(format!(
+                        "the output of this `{}` stage is not used: add a stage with input = {:?} (e.g. an ndjson.write)",
+                        st.kind, st.name
+                    )))
+                }
+                (Some(s), 1) => {
+                    outputs.insert(&st.name, vec![s]);
+                }
+                (Some(s), n) => {
+                    outputs.insert(&st.name, s.split(n).into_iter().map(Stream::boxed).collect());
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Adapts the input's parallelism to the stage's: fuse when equal, else rebalance.
+fn with_parallelism(s: JsonStream, n: usize) -> JsonStream {
+    if s.current_parallelism() == n {
+        s
+    } else if s.is_fresh_channel_stage() {
+        s.parallelism(n)
+    } else {
+        s.rebalance(n).boxed()
+    }
+}
+
+fn build_stage(
+    p: &Pipeline,
+    st: &StageSpec,
+    input: Option<JsonStream>,
+) -> Result<Option<JsonStream>, ConfigError> {
+    let name = st.name.as_str();
+    Ok(match (&st.params, input) {
+        (Kind::LinesRead { path }, None) => {
+            let s = p.lines_as(name, path, |line| {
+                let mut m = Map::with_capacity(1);
+                m.insert("line".into(), Value::String(line));
+                Value::Object(m)
+            });
+            Some(if st.parallelism > 1 {
+                s.rebalance(st.parallelism).boxed()
+            } else {
+                s.boxed()
+            })
+        }
+        (Kind::NdjsonRead { path }, None) => {
+            if st.parallelism > 1 {
+                // Parsing is the expensive part: read raw lines on one thread, parse on N.
+                let raw = p.numbered_lines_as(&format!("{name}.lines"), path);
+                let shown = path.display().to_string();
+                let stage: Arc<str> = Arc::from(name);
+                Some(
+                    raw.rebalance(st.parallelism)
+                        .try_map(move |(line, text): (u64, String)| {
+                            parse_object(text.as_bytes()).map_err(|m| crate::Error::Record {
+                                stage: stage.to_string(),
+                                location: crate::Location {
+                                    path: shown.clone(),
+                                    line,
+                                },
+                                message: m,
+                            })
+                        })
+                        .name(name)
+                        .filter(|v| !v.is_null())
+                        .into_head()
+                        .boxed(),
+                )
+            } else {
+                Some(p.ndjson_objects_as(name, path).boxed())
+            }
+        }
+        (_, None) => unreachable!("validation gives every non-source stage an input"),
+        (Kind::LinesRead { .. } | Kind::NdjsonRead { .. }, Some(_)) => {
+            unreachable!("sources have no input")
+        }
+        (Kind::Words { field, lowercase }, Some(s)) => {
+            let (field, lowercase) = (field.clone(), *lowercase);
+            Some(
+                with_parallelism(s, st.parallelism)
+                    .try_flat_map(move |rec| kinds::words(&rec, &field, lowercase))
+                    .name(name)
+                    .boxed(),
+            )
+        }
+        (Kind::Filter { field, op, value }, Some(s)) => {
+            let (field, op, value) = (field.clone(), *op, value.clone());
+            Some(
+                with_parallelism(s, st.parallelism)
+                    .filter(move |rec| kinds::filter(rec, &field, op, &value))
+                    .name(name)
+                    .boxed(),
+            )
+        }
+        (Kind::Select { fields }, Some(s)) => {
+            let fields = fields.clone();
+            Some(
+                with_parallelism(s, st.parallelism)
+                    .map(move |rec| kinds::select(rec, &fields))
+                    .name(name)
+                    .boxed(),
+            )
+        }
+        (Kind::Limit { n }, Some(s)) => Some(
+            with_parallelism(s, st.parallelism)
+                .limit(*n)
+                .name(name)
+                .boxed(),
+        ),
+        (Kind::Count { key }, Some(s)) => {
+            let k = key.clone();
+            let k2 = key.clone();
+            let counted = s
+                .key_by_as(&format!("{name}.key"), move |rec: &Value| {
+                    let v = rec.get(&k).cloned().unwrap_or(Value::Null);
+                    KeyValue(v)
+                })
+                .parallelism(st.parallelism)
+                .aggregate_as(name, || 0u64, |n: &mut u64, _| *n += 1)
+                .map(move |(KeyValue(v), n)| {
+                    let mut m = Map::with_capacity(2);
+                    m.insert(k2.clone(), v);
+                    m.insert("count".into(), Value::from(n));
+                    Value::Object(m)
+                })
+                .name(&format!("{name}.emit"));
+            let key = key.clone();
+            Some(
+                counted
+                    .sort_by_as(&format!("{name}.sort"), move |a: &Value, b: &Value| {
+                        let count = |v: &Value| v.get("count").and_then(Value::as_u64).unwrap_or(0);
+                        count(b).cmp(&count(a)).then_with(|| {
+                            kinds::cmp_values(
+                                a.get(&key).unwrap_or(&Value::Null),
+                                b.get(&key).unwrap_or(&Value::Null),
+                            )
+                        })
+                    })
+                    .boxed(),
+            )
+        }
+        (Kind::NdjsonWrite { path }, Some(s)) => {
+            s.write_ndjson_as(name, path);
+            None
+        }
+    })
+}
+
+/// Parses one NDJSON line into an object; `Value::Null` marks a blank line to skip.
+pub(crate) fn parse_object(line: &[u8]) -> Result<Value, String> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    match serde_json::from_slice::<Value>(line) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(other) => Err(format!("expected a JSON object, found {}", kind_of(&other))),
+        Err(e) => Err(format!("invalid JSON: {e}")),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON value used as a grouping key: hashed and compared by its canonical text.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyValue(pub Value);
+
+impl PartialEq for KeyValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for KeyValue {}
+impl std::hash::Hash for KeyValue {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match &self.0 {
+            Value::String(s) => {
+                3u8.hash(h);
+                s.hash(h)
+            }
+            other => other.to_string().hash(h),
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The built-in stage kinds of the TOML layer: their parameters (checked with line numbers) and
+//! the record operations they perform on JSON objects.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+use toml::Spanned;
+
+use super::parse::{describe, Ctx};
+use super::ConfigError;
+
+/// Every built-in kind, with a one-line description.
+pub const KINDS: &[(&str, &str)] = &[
+    ("lines.read", "source: {\"line\": text} per line of `path` (`-` is stdin)"),
+    ("ndjson.read", "source: one JSON object per line of `path` (`-` is stdin)"),
+    ("words", "splits string `field` (default \"line\") on whitespace into {\"word\": w} records"),
+    ("count", "counts records per value of `key`; emits {key: value, \"count\": n} sorted at end of input"),
+    ("filter", "keeps records where `field` `op` `value` holds (op: eq ne lt le gt ge exists contains)"),
+    ("select", "keeps only the listed `fields`"),
+    ("limit", "passes the first `n` records, then stops everything upstream"),
+    ("ndjson.write", "sink: one JSON object per line to `path` (`-` is stdout)"),
+];
+
+/// A comparison of the `filter` kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FilterOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Exists,
+    Contains,
+}
+
+/// A stage kind with its validated parameters.
+#[derive(Debug, Clone)]
+pub(crate) enum Kind {
+    LinesRead {
+        path: PathBuf,
+    },
+    NdjsonRead {
+        path: PathBuf,
+    },
+    Words {
+        field: String,
+        lowercase: bool,
+    },
+    Count {
+        key: String,
+    },
+    Filter {
+        field: String,
+        op: FilterOp,
+        value: Value,
+    },
+    Select {
+        fields: Vec<String>,
+    },
+    Limit {
+        n: u64,
+    },
+    NdjsonWrite {
+        path: PathBuf,
+    },
+}
+
+/// Structural facts about a kind.
+pub(crate) struct KindInfo {
+    /// Takes no input.
+    pub source: bool,
+    /// Runs on exactly one thread.
+    pub single: bool,
+}
+
+impl Kind {
+    pub fn parse(kind: &str, p: &mut Params<'_>) -> Result<Kind, ConfigError> {
+        Ok(match kind {
+            "lines.read" => Kind::LinesRead {
+                path: p.input_path("path")?,
+            },
+            "ndjson.read" => Kind::NdjsonRead {
+                path: p.input_path("path")?,
+            },
+            "words" => Kind::Words {
+                field: p.opt_str("field")?.unwrap_or_else(|| "line".into()),
+                lowercase: p.opt_bool("lowercase")?.unwrap_or(false),
+            },
+            "count" => Kind::Count {
+                key: p.required_str("key")?,
+            },
+            "filter" => {
+                let field = p.required_str("field")?;
+                let op_name = p.required_str("op")?;
+                let op = match op_name.as_str() {
+                    "eq" => FilterOp::Eq,
+                    "ne" => FilterOp::Ne,
+                    "lt" => FilterOp::Lt,
+                    "le" => FilterOp::Le,
+                    "gt" => FilterOp::Gt,
+                    "ge" => FilterOp::Ge,
+                    "exists" => FilterOp::Exists,
+                    "contains" => FilterOp::Contains,
+                    other => {
+                        return Err(p.error_at(
+                            "op",
+                            format!("parameter `op`: expected one of eq, ne, lt, le, gt, ge, exists, contains, found {other:?}"),
+                        ))
+                    }
+                };
+                let value = p.opt_value("value")?;
+                let value = match (op, value) {
+                    (FilterOp::Exists, None) => Value::Null,
+                    (FilterOp::Exists, Some(_)) => {
+                        return Err(p.error_at(
+                            "value",
+                            "parameter `value`: `exists` takes no value".to_string(),
+                        ))
+                    }
+                    (_, Some(v)) => v,
+                    (_, None) => return Err(p.missing("value", "a value to compare with")),
+                };
+                Kind::Filter { field, op, value }
+            }
+            "select" => Kind::Select {
+                fields: p.required_str_list("fields")?,
+            },
+            "limit" => Kind::Limit {
+                n: p.required_u64("n")?,
+            },
+            "ndjson.write" => Kind::NdjsonWrite {
+                path: p.output_path("path")?,
+            },
+            other => {
+                let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+                return Err(p.error_at(
+                    "kind",
+                    format!(
+                        "unknown kind `{other}` (built-in kinds: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        })
+    }
+
+    pub fn info(&self) -> KindInfo {
+        match self {
+            Kind::LinesRead { .. } | Kind::NdjsonRead { .. } => KindInfo {
+                source: true,
+                single: false,
+            },
+            Kind::NdjsonWrite { .. } => KindInfo {
+                source: false,
+                single: true,
+            },
+            _ => KindInfo {
+                source: false,
+                single: false,
+            },
+        }
+    }
+}
+
+/// A stage's parameter table, read with line numbers and checked for unknown keys.
+pub(crate) struct Params<'a> {
+    ctx: &'a Ctx<'a>,
+    stage: &'a str,
+    line: usize,
+    table: &'a BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    used: HashSet<&'static str>,
+}
+
+impl<'a> Params<'a> {
+    pub fn new(
+        ctx: &'a Ctx<'a>,
+        stage: &'a str,
+        line: usize,
+        table: &'a BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    ) -> Self {
+        Params {
+            ctx,
+            stage,
+            line,
+            table,
+            used: HashSet::new(),
+        }
+    }
+
+    fn get(&mut self, key: &'static str) -> Option<&'a Spanned<toml::Value>> {
+        self.used.insert(key);
+        self.table
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .map(|(_, v)| v)
+    }
+
+    fn line_of(&self, key: &str) -> usize {
+        self.table
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .map(|(_, v)| self.ctx.lines.line(v.span().start))
+            .unwrap_or(self.line)
+    }
+
+    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::new(
+            self.ctx.file,
+            Some(self.line_of(key)),
+            Some(self.stage),
+            message,
+        )
+    }
+
+    pub fn missing(&self, key: &str, what: &str) -> ConfigError {
+        ConfigError::new(
+            self.ctx.file,
+            Some(self.line),
+            Some(self.stage),
+            format!("missing parameter `{key}`: expected {what}"),
+        )
+    }
+
+    fn wrong(&self, key: &str, expected: &str, found: &toml::Value) -> ConfigError {
+        self.error_at(
+            key,
+            format!(
+                "parameter `{key}`: expected {expected}, found {}",
+                describe(found)
+            ),
+        )
+    }
+
+    pub fn opt_str(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.get(key).map(Spanned::get_ref) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.wrong(key, "a string", other)),
+        }
+    }
+
+    pub fn required_str(&mut self, key: &'static str) -> Result<String, ConfigError> {
+        self.opt_str(key)?
+            .ok_or_else(|| self.missing(key, "a string"))
+    }
+
+    pub fn opt_bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key).map(Spanned::get_ref) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.wrong(key, "a boolean", other)),
+        }
+    }
+
+    pub fn opt_u64(
+        &mut self,
+        key: &'static str,
+        min: u64,
+        max: u64,
+    ) -> Result<Option<u64>, ConfigError> {
+        match self.get(key).map(Spanned::get_ref) {
+            None => Ok(None),
+            Some(toml::Value::Integer(i)) if *i >= min as i64 && (*i as u64) <= max => {
+                Ok(Some(*i as u64))
+            }
+            Some(other) => Err(self.wrong(key, &format!("an integer of at least {min}"), other)),
+        }
+    }
+
+    pub fn required_u64(&mut self, key: &'static str) -> Result<u64, ConfigError> {
+        self.opt_u64(key, 0, u64::MAX)?
+            .ok_or_else(|| self.missing(key, "an integer"))
+    }
+
+    pub fn opt_value(&mut self, key: &'static str) -> Result<Option<Value>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => serde_json::to_value(v.get_ref())
+                .map(Some)
+                .map_err(|e| self.error_at(key, format!("parameter `{key}`: {e}"))),
+        }
+    }
+
+    pub fn required_str_list(&mut self, key: &'static str) -> Result<Vec<String>, ConfigError> {
+        match self.get(key).map(Spanned::get_ref) {
+            None => Err(self.missing(key, "an array of strings")),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    other => Err(self.wrong(key, "an array of strings", other)),
+                })
+                .collect(),
+            Some(other) => Err(self.wrong(key, "an array of strings", other)),
+        }
+    }
+
+    /// `input`: a stage name or a list of them.
+    pub fn inputs(&mut self) -> Result<Vec<String>, ConfigError> {
+        match self.get("input").map(Spanned::get_ref) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::String(s)) => Ok(vec![s.clone()]),
+            Some(toml::Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    other => Err(self.wrong("input", "a stage name or a list of them", other)),
+                })
+                .collect(),
+            Some(other) => Err(self.wrong("input", "a stage name or a list of them", other)),
+        }
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let p = PathBuf::from(path);
+        if path == "-" || p.is_absolute() {
+            p
+        } else {
+            self.ctx.base.join(p)
+        }
+    }
+
+    /// A file to read, which must exist (`-` is stdin).
+    pub fn input_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
+        let raw = self.required_str(key)?;
+        let path = self.resolve(&raw);
+        if raw != "-" {
+            if let Err(e) = std::fs::metadata(&path) {
+                return Err(self.error_at(
+                    key,
+                    format!("cannot open input file {}: {e}", path.display()),
+                ));
+            }
+        }
+        Ok(path)
+    }
+
+    /// A file to write (`-` is stdout).
+    pub fn output_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
+        let raw = self.required_str(key)?;
+        Ok(self.resolve(&raw))
+    }
+
+    /// Rejects parameters the kind does not know (most often a typo).
+    pub fn finish(&self, kind: &str) -> Result<(), ConfigError> {
+        for (k, v) in self.table {
+            if !self.used.contains(k.get_ref().as_str()) {
+                let mut known: Vec<&str> = self.used.iter().copied().collect();
+                known.sort_unstable();
+                return Err(ConfigError::new(
+                    self.ctx.file,
+                    Some(self.ctx.lines.line(v.span().start)),
+                    Some(self.stage),
+                    format!(
+                        "unknown parameter `{}` for kind `{kind}` (known: {})",
+                        k.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- record operations -------------------------------------------------------------------
+
+/// `words`: one `{"word": w}` per whitespace-separated word of `field`.
+pub(crate) fn words(rec: &Value, field: &str, lowercase: bool) -> Result<Vec<Value>, String> {
+    let text = match rec.get(field) {
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(format!("field `{field}` is not a string: {other}")),
+        None => return Err(format!("record has no field `{field}`: {rec}")),
+    };
+    Ok(text
+        .split_whitespace()
+        .map(|w| {
+            let w = if lowercase {
+                w.to_lowercase()
+            } else {
+                w.to_string()
+            };
+            let mut m = Map::with_capacity(1);
+            m.insert("word".into(), Value::String(w));
+            Value::Object(m)
+        })
+        .collect())
+}
+
+/// Orders JSON values: by type (null, bool, number, string, array, object), then by value.
+pub(crate) fn cmp_values(a: &Value, b: &Value) -> Ordering {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Number(_) => 2,
+            Value::String(_) => 3,
+            Value::Array(_) => 4,
+            Value::Object(_) => 5,
+        }
+    }
+    match (a, b) {
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(i), Some(j)) => i.cmp(&j),
+            _ => {
+                let (f, g) = (
+                    x.as_f64().unwrap_or(f64::NAN),
+                    y.as_f64().unwrap_or(f64::NAN),
+                );
+                f.partial_cmp(&g).unwrap_or(Ordering::Equal)
+            }
+        },
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        _ if rank(a) == rank(b) => a.to_string().cmp(&b.to_string()),
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(_), Value::Number(_)) => cmp_values(a, b) == Ordering::Equal,
+        _ => a == b,
+    }
+}
+
+/// `filter`: whether `rec` passes. A missing field is treated as `null`.
+pub(crate) fn filter(rec: &Value, field: &str, op: FilterOp, value: &Value) -> bool {
+    let got = rec.get(field);
+    let v = got.unwrap_or(&Value::Null);
+    let same_type = std::mem::discriminant(v) == std::mem::discriminant(value);
+    match op {
+        FilterOp::Exists => got.is_some(),
+        FilterOp::Eq => json_eq(v, value),
+        FilterOp::Ne => !json_eq(v, value),
+        FilterOp::Lt => same_type && cmp_values(v, value) == Ordering::Less,
+        FilterOp::Le => same_type && cmp_values(v, value) != Ordering::Greater,
+        FilterOp::Gt => same_type && cmp_values(v, value) == Ordering::Greater,
+        FilterOp::Ge => same_type && cmp_values(v, value) != Ordering::Less,
+        FilterOp::Contains => match (v, value) {
+            (Value::String(s), Value::String(needle)) => s.contains(needle.as_str()),
+            (Value::Array(items), x) => items.iter().any(|i| json_eq(i, x)),
+            _ => false,
+        },
+    }
+}
+
+/// `select`: keeps only `fields`, in the listed order.
+pub(crate) fn select(rec: Value, fields: &[String]) -> Value {
+    let Value::Object(mut m) = rec else {
+        return rec;
+    };
+    let mut out = Map::with_capacity(fields.len());
+    for f in fields {
+        if let Some(v) = m.swap_remove(f) {
+            out.insert(f.clone(), v);
+        }
+    }
+    Value::Object(out)
+}

@@ -1,0 +1,354 @@
+//! Reading a pipeline file into a validated [`PipelineSpec`], keeping line numbers for errors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::kinds::{self, Kind, Params};
+use super::ConfigError;
+use crate::Options;
+
+type RawTable = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Option<String>,
+    options: Option<Spanned<RawTable>>,
+    #[serde(default)]
+    stages: BTreeMap<Spanned<String>, Spanned<RawTable>>,
+}
+
+/// Byte offset → 1-based line.
+pub(crate) struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        Lines(
+            std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
+        )
+    }
+    pub fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset)
+    }
+}
+
+/// One stage of a pipeline file, validated.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StageSpec {
+    /// The stage's name (its table key).
+    pub name: String,
+    /// Its `kind`.
+    pub kind: String,
+    /// The stages it reads from, in order.
+    pub inputs: Vec<String>,
+    /// Instances to run (default 1).
+    pub parallelism: usize,
+    /// Line of the stage's table header.
+    pub line: usize,
+    pub(crate) params: kinds::Kind,
+}
+
+/// A parsed and validated pipeline file, ready to [`build`](PipelineSpec::build).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PipelineSpec {
+    /// The pipeline's `name` (default: the file stem).
+    pub name: String,
+    /// The file it was read from; relative paths inside resolve against its directory.
+    pub file: PathBuf,
+    /// Run options from the `[options]` table.
+    pub options: Options,
+    /// The stages in a topological order: every stage after its inputs.
+    pub stages: Vec<StageSpec>,
+}
+
+impl PipelineSpec {
+    /// Reads, parses and validates a pipeline file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                path,
+                None,
+                None,
+                format!("cannot read the pipeline file: {e}"),
+            )
+        })?;
+        Self::from_str(&text, path)
+    }
+
+    /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let file = path.as_ref();
+        let lines = Lines::new(text);
+        let raw: RawPipeline = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| lines.line(s.start));
+            ConfigError::new(
+                file,
+                line,
+                None,
+                format!("invalid TOML: {}", e.message().trim_end()),
+            )
+        })?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let ctx = Ctx {
+            file,
+            lines: &lines,
+            base: &base,
+        };
+
+        let options = match &raw.options {
+            None => Options::default(),
+            Some(t) => parse_options(&ctx, t)?,
+        };
+
+        if raw.stages.is_empty() {
+            return Err(ConfigError::new(
+                file,
+                None,
+                None,
+                "no stages: add a [stages.<name>] table",
+            ));
+        }
+        let mut stages = Vec::new();
+        for (name, table) in &raw.stages {
+            stages.push(parse_stage(
+                &ctx,
+                name.get_ref(),
+                lines.line(name.span().start),
+                table.get_ref(),
+            )?);
+        }
+        let stages = check_graph(file, stages)?;
+        let name = raw.name.unwrap_or_else(|| {
+            file.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        Ok(PipelineSpec {
+            name,
+            file: file.to_path_buf(),
+            options,
+            stages,
+        })
+    }
+
+    /// The stage graph as Graphviz DOT.
+    pub fn to_dot(&self) -> String {
+        let mut s = format!(
+            "digraph {:?} {{\n  rankdir=LR;\n  node [shape=box];\n",
+            self.name
+        );
+        for st in &self.stages {
+            let par = if st.parallelism > 1 {
+                format!(" ×{}", st.parallelism)
+            } else {
+                String::new()
+            };
+            s.push_str(&format!(
+                "  {:?} [label={:?}];\n",
+                st.name,
+                format!("{}\\n{}{}", st.name, st.kind, par)
+            ));
+        }
+        for st in &self.stages {
+            for i in &st.inputs {
+                s.push_str(&format!("  {:?} -> {:?};\n", i, st.name));
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+pub(crate) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub lines: &'a Lines,
+    pub base: &'a Path,
+}
+
+pub(crate) fn describe(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(i) => format!("the integer {i}"),
+        toml::Value::Float(f) => format!("the float {f}"),
+        toml::Value::Boolean(b) => format!("the boolean {b}"),
+        toml::Value::Datetime(d) => format!("the datetime {d}"),
+        toml::Value::Array(_) => "an array".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
+fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<Options, ConfigError> {
+    let mut o = Options::default();
+    for (k, v) in t.get_ref() {
+        let line = Some(ctx.lines.line(v.span().start));
+        let err = |m: String| {
+            ConfigError::new(
+                ctx.file,
+                line,
+                None,
+                format!("[options] {}: {m}", k.get_ref()),
+            )
+        };
+        let int = || match v.get_ref() {
+            toml::Value::Integer(i) if *i > 0 => Ok(*i as u64),
+            other => Err(err(format!(
+                "expected a positive integer, found {}",
+                describe(other)
+            ))),
+        };
+        match k.get_ref().as_str() {
+            "batch_size" => o.batch_size = int()? as usize,
+            "channel_capacity" => o.channel_capacity = int()? as usize,
+            "linger_ms" => o.linger = Duration::from_millis(int()?),
+            other => {
+                return Err(err(format!(
+                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms)"
+                )))
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn parse_stage(
+    ctx: &Ctx<'_>,
+    name: &str,
+    line: usize,
+    table: &RawTable,
+) -> Result<StageSpec, ConfigError> {
+    let mut params = Params::new(ctx, name, line, table);
+    let kind = params.required_str("kind")?;
+    let inputs = params.inputs()?;
+    let parallelism = params.opt_u64("parallelism", 1, u64::MAX)?.unwrap_or(1) as usize;
+    let spec = Kind::parse(&kind, &mut params)?;
+    params.finish(&kind)?;
+    let info = spec.info();
+    if info.source && !inputs.is_empty() {
+        return Err(params.error_at(
+            "input",
+            format!("a `{kind}` stage is a source and takes no `input`"),
+        ));
+    }
+    if !info.source && inputs.is_empty() {
+        return Err(ConfigError::new(
+            ctx.file,
+            Some(line),
+            Some(name),
+            format!("a `{kind}` stage needs an `input`"),
+        ));
+    }
+    if info.single && parallelism > 1 {
+        return Err(params.error_at(
+            "parallelism",
+            format!("a `{kind}` stage runs on one thread; remove `parallelism`"),
+        ));
+    }
+    Ok(StageSpec {
+        name: name.to_string(),
+        kind,
+        inputs,
+        parallelism,
+        line,
+        params: spec,
+    })
+}
+
+/// Checks inputs exist and the graph is acyclic; returns the stages in topological order.
+fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, ConfigError> {
+    let index: HashMap<&str, usize> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    for s in &stages {
+        for i in &s.inputs {
+            if !index.contains_key(i.as_str()) {
+                let mut known: Vec<&str> = index.keys().copied().collect();
+                known.sort_unstable();
+                return Err(ConfigError::new(
+                    file,
+                    Some(s.line),
+                    Some(&s.name),
+                    format!("unknown input `{i}` (stages: {})", known.join(", ")),
+                ));
+            }
+            if i == &s.name {
+                return Err(ConfigError::new(
+                    file,
+                    Some(s.line),
+                    Some(&s.name),
+                    "a stage cannot read its own output",
+                ));
+            }
+        }
+    }
+    // Depth-first topological sort with cycle reporting.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(
+        i: usize,
+        stages: &[StageSpec],
+        index: &HashMap<&str, usize>,
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+        order: &mut Vec<usize>,
+    ) -> Result<(), Vec<usize>> {
+        match marks[i] {
+            Mark::Done => return Ok(()),
+            Mark::Active => {
+                let from = path.iter().position(|&p| p == i).unwrap_or(0);
+                let mut cycle = path[from..].to_vec();
+                cycle.push(i);
+                return Err(cycle);
+            }
+            Mark::New => {}
+        }
+        marks[i] = Mark::Active;
+        path.push(i);
+        for input in &stages[i].inputs {
+            visit(index[input.as_str()], stages, index, marks, path, order)?;
+        }
+        path.pop();
+        marks[i] = Mark::Done;
+        order.push(i);
+        Ok(())
+    }
+    let mut marks = vec![Mark::New; stages.len()];
+    let mut order = Vec::with_capacity(stages.len());
+    for i in 0..stages.len() {
+        let mut path = Vec::new();
+        if let Err(cycle) = visit(i, &stages, &index, &mut marks, &mut path, &mut order) {
+            let names: Vec<&str> = cycle
+                .iter()
+                .rev()
+                .map(|&c| stages[c].name.as_str())
+                .collect();
+            let first = &stages[cycle[0]];
+            return Err(ConfigError::new(
+                file,
+                Some(first.line),
+                Some(&first.name),
+                format!("cycle in the stage graph: {}", names.join(" -> ")),
+            ));
+        }
+    }
+    let mut slots: Vec<Option<StageSpec>> = stages.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each stage once"))
+        .collect())
+}
