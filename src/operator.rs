@@ -147,11 +147,16 @@ struct Step<'a, F, E> {
     out: &'a mut E,
 }
 
-fn op_error(name: &Arc<str>, e: impl Into<BoxError>) -> Halt {
-    Halt::Failed(Error::Operator {
-        stage: name.to_string(),
-        source: e.into(),
-    })
+/// Wraps an operator's error with the operator's name; an [`Error`] returned by the closure
+/// (which already names its stage) passes through unchanged.
+pub(crate) fn op_error(name: &str, e: impl Into<BoxError>) -> Halt {
+    match e.into().downcast::<Error>() {
+        Ok(err) => Halt::Failed(*err),
+        Err(source) => Halt::Failed(Error::Operator {
+            stage: name.to_string(),
+            source,
+        }),
+    }
 }
 
 // Written out per operator: the trait bounds differ in shape, which a macro would obscure.

@@ -58,12 +58,7 @@ impl<T, X: Into<BoxError>, F: FnMut(T) -> Result<(), X> + Send> Emit<T> for ForE
     #[inline]
     fn emit(&mut self, item: T) -> Result<(), Halt> {
         self.count.unpublished += 1;
-        (self.f)(item).map_err(|e| {
-            Halt::Failed(Error::Operator {
-                stage: self.name.to_string(),
-                source: e.into(),
-            })
-        })
+        (self.f)(item).map_err(|e| crate::operator::op_error(&self.name, e))
     }
 }
 

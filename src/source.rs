@@ -132,6 +132,8 @@ fn poll_readable(fd: &std::os::fd::OwnedFd, timeout_ms: u64) -> bool {
 
 /// A head reading newline-delimited records, parsing each line with `parse`.
 pub(crate) struct LineHead<T, P> {
+    /// The source's own name (its stage may fuse more operators after it).
+    name: std::sync::Arc<str>,
     reader: BufReader<Box<dyn Read + Send>>,
     #[cfg(unix)]
     poll_fd: Option<std::os::fd::OwnedFd>,
@@ -149,8 +151,9 @@ impl<T, P> LineHead<T, P>
 where
     P: FnMut(&[u8], u64) -> ParseResult<T> + Send,
 {
-    pub fn new(input: Input, parse: P) -> Self {
+    pub fn new(name: std::sync::Arc<str>, input: Input, parse: P) -> Self {
         LineHead {
+            name,
             reader: BufReader::with_capacity(256 * 1024, input.reader),
             #[cfg(unix)]
             poll_fd: input.poll_fd,
@@ -221,7 +224,7 @@ where
                 .read_until(b'\n', &mut self.raw)
                 .map_err(|source| {
                     Halt::Failed(Error::Io {
-                        stage: cx.stage.to_string(),
+                        stage: self.name.to_string(),
                         path: self.path.clone(),
                         source,
                     })
@@ -239,7 +242,7 @@ where
                 Ok(None) => {}
                 Err(message) => {
                     return Err(Halt::Failed(Error::Record {
-                        stage: cx.stage.to_string(),
+                        stage: self.name.to_string(),
                         location: Location {
                             path: self.path.clone(),
                             line: self.line,

@@ -210,7 +210,7 @@ impl Pipeline {
             make: Box::new(move |_, _| {
                 let input = Input::open(&stage, &path)?;
                 Ok(vec![
-                    Box::new(LineHead::new(input, parse)) as Box<dyn Head<T>>
+                    Box::new(LineHead::new(Arc::clone(&stage), input, parse)) as Box<dyn Head<T>>,
                 ])
             }),
         };

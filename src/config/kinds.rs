@@ -198,7 +198,7 @@ impl<'a> Params<'a> {
             .map(|(_, v)| v)
     }
 
-    fn line_of(&self, key: &str) -> usize {
+    pub fn line_of(&self, key: &str) -> usize {
         self.table
             .iter()
             .find(|(k, _)| k.get_ref() == key)

@@ -52,6 +52,8 @@ pub struct StageSpec {
     pub parallelism: usize,
     /// Line of the stage's table header.
     pub line: usize,
+    /// Line of its `input` parameter (the header's when absent).
+    pub(crate) input_line: usize,
     pub(crate) params: kinds::Kind,
 }
 
@@ -91,10 +93,11 @@ impl PipelineSpec {
         let lines = Lines::new(text);
         let raw: RawPipeline = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| lines.line(s.start));
+            let stage = line.and_then(|l| stage_at_line(text, l));
             ConfigError::new(
                 file,
                 line,
-                None,
+                stage.as_deref(),
                 format!("invalid TOML: {}", e.message().trim_end()),
             )
         })?;
@@ -169,6 +172,20 @@ impl PipelineSpec {
     }
 }
 
+/// The stage whose table encloses `line`, found from the nearest `[stages.NAME]` header above it
+/// (used when the TOML is too broken to parse).
+fn stage_at_line(text: &str, line: usize) -> Option<String> {
+    text.lines()
+        .take(line)
+        .filter_map(|l| {
+            let l = l.trim();
+            let inner = l.strip_prefix('[')?.strip_suffix(']')?.trim();
+            let name = inner.strip_prefix("stages.")?.trim();
+            Some(name.trim_matches('"').to_string())
+        })
+        .last()
+}
+
 pub(crate) struct Ctx<'a> {
     pub file: &'a Path,
     pub lines: &'a Lines,
@@ -229,6 +246,7 @@ fn parse_stage(
     let mut params = Params::new(ctx, name, line, table);
     let kind = params.required_str("kind")?;
     let inputs = params.inputs()?;
+    let input_line = params.line_of("input");
     let parallelism = params.opt_u64("parallelism", 1, u64::MAX)?.unwrap_or(1) as usize;
     let spec = Kind::parse(&kind, &mut params)?;
     params.finish(&kind)?;
@@ -259,6 +277,7 @@ fn parse_stage(
         inputs,
         parallelism,
         line,
+        input_line,
         params: spec,
     })
 }
@@ -277,7 +296,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
                 known.sort_unstable();
                 return Err(ConfigError::new(
                     file,
-                    Some(s.line),
+                    Some(s.input_line),
                     Some(&s.name),
                     format!("unknown input `{i}` (stages: {})", known.join(", ")),
                 ));
@@ -285,7 +304,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
             if i == &s.name {
                 return Err(ConfigError::new(
                     file,
-                    Some(s.line),
+                    Some(s.input_line),
                     Some(&s.name),
                     "a stage cannot read its own output",
                 ));
@@ -340,7 +359,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
             let first = &stages[cycle[0]];
             return Err(ConfigError::new(
                 file,
-                Some(first.line),
+                Some(first.input_line),
                 Some(&first.name),
                 format!("cycle in the stage graph: {}", names.join(" -> ")),
             ));

@@ -1,0 +1,266 @@
+//! The `millrace` binary: the bundled example, `| head`, validate, graph, exit codes, and flat
+//! memory over a gigabyte of NDJSON.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_millrace");
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(p)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn wordcount_example_matches_an_independent_count() {
+    let out = Command::new(BIN)
+        .args(["run", "--quiet", &repo("examples/wordcount.toml")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "--quiet prints nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<(String, u64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["word"].as_str().unwrap().to_string(),
+                v["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+
+    let text = std::fs::read_to_string(repo("examples/data/millrace.txt")).unwrap();
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for w in text.split_whitespace() {
+        *counts.entry(w.to_lowercase()).or_default() += 1;
+    }
+    let mut expect: Vec<(String, u64)> = counts.into_iter().collect();
+    expect.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    expect.truncate(10);
+    assert_eq!(got, expect);
+}
+
+#[test]
+fn run_prints_a_summary_table_unless_quiet() {
+    let out = Command::new(BIN)
+        .args(["run", &repo("examples/wordcount.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("stage "), "{err}");
+    assert!(err.contains("count.sort+top+out#0"), "{err}");
+    assert!(err.contains("records read in"), "{err}");
+}
+
+/// `millrace run p.toml | head -1`: the closed stdout ends the run quietly with exit 0, and
+/// the source stops reading.
+#[test]
+fn closed_stdout_ends_the_run_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        "[stages.read]\nkind=\"lines.read\"\npath=\"-\"\n[stages.out]\nkind=\"ndjson.write\"\ninput=\"read\"\npath=\"-\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--quiet", &p.display().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // An endless writer: it stops only when millrace stops reading.
+    let writer = std::thread::spawn(move || {
+        let chunk = "a line of text that goes on\n".repeat(1000);
+        let mut written = 0u64;
+        while stdin.write_all(chunk.as_bytes()).is_ok() {
+            written += chunk.len() as u64;
+        }
+        written
+    });
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "{\"line\":\"a line of text that goes on\"}\n");
+    // Dropping the reader closes the pipe, like `head -1` exiting.
+    let t0 = Instant::now();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert_eq!(err, "");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    let written = writer.join().unwrap();
+    assert!(written > 0);
+}
+
+#[test]
+fn validate_and_graph() {
+    let out = Command::new(BIN)
+        .args(["validate", &repo("examples/wordcount.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok (5 stages)\n"));
+    let out = Command::new(BIN)
+        .args(["graph", &repo("examples/wordcount.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dot = String::from_utf8(out.stdout).unwrap();
+    assert!(dot.starts_with("digraph \"wordcount\" {"), "{dot}");
+    assert!(dot.contains("\"count\" -> \"top\";"), "{dot}");
+}
+
+#[test]
+fn config_errors_exit_2_naming_file_line_and_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "[stages.read]\nkind=\"lines.read\"\npath=\"missing.txt\"\n[stages.out]\nkind=\"ndjson.write\"\ninput=\"read\"\npath=\"-\"\n").unwrap();
+    for cmd in ["run", "validate", "graph"] {
+        let out = Command::new(BIN)
+            .args([cmd, &p.display().to_string()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        let want = format!(
+            "error: {}:3: stage `read`: cannot open input file {}:",
+            p.display(),
+            dir.path().join("missing.txt").display()
+        );
+        assert!(err.starts_with(&want), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn runtime_errors_exit_1_naming_stage_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("in.ndjson");
+    std::fs::write(&data, "{\"a\":1}\nnot json\n").unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(&p, "[stages.read]\nkind=\"ndjson.read\"\npath=\"in.ndjson\"\n[stages.out]\nkind=\"ndjson.write\"\ninput=\"read\"\npath=\"-\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", &p.display().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with(&format!(
+            "error: stage `read`: {}:2: invalid JSON",
+            data.display()
+        )),
+        "{err}"
+    );
+}
+
+/// Seed bug 3's OOM, end to end: a gigabyte of NDJSON through read → filter → select → write
+/// keeps the peak resident set small. (Debug builds stream less, to stay quick.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_gigabyte_of_ndjson_streams_in_flat_memory() {
+    let total: u64 = if cfg!(debug_assertions) {
+        128 << 20
+    } else {
+        1 << 30
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n\
+         [stages.keep]\nkind=\"filter\"\ninput=\"read\"\nfield=\"kind\"\nop=\"eq\"\nvalue=\"click\"\n\
+         [stages.slim]\nkind=\"select\"\ninput=\"keep\"\nfields=[\"id\",\"user\"]\n\
+         [stages.out]\nkind=\"ndjson.write\"\ninput=\"slim\"\npath=\"-\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--quiet", &p.display().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut id = 0u64;
+        let mut clicks = 0u64;
+        let mut written = 0u64;
+        let mut chunk = String::with_capacity(1 << 20);
+        while written < total {
+            chunk.clear();
+            while chunk.len() < (1 << 20) - 200 {
+                let kind = if id % 3 == 0 { "click" } else { "view" };
+                clicks += (id % 3 == 0) as u64;
+                chunk.push_str(&format!(
+                    "{{\"id\":{id},\"user\":\"u{}\",\"kind\":\"{kind}\",\"payload\":\"{}\"}}\n",
+                    id % 9973,
+                    "x".repeat((id % 64) as usize)
+                ));
+                id += 1;
+            }
+            stdin.write_all(chunk.as_bytes()).unwrap();
+            written += chunk.len() as u64;
+        }
+        clicks
+    });
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut n = 0u64;
+        let mut last = String::new();
+        let mut r = BufReader::with_capacity(1 << 20, stdout);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap() > 0 {
+            n += 1;
+            std::mem::swap(&mut last, &mut line);
+            line.clear();
+        }
+        (n, last)
+    });
+    let clicks = writer.join().unwrap();
+    let (lines, last) = reader.join().unwrap();
+    // Reap this child with wait4 to read its own peak RSS.
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `child` has not been waited for; `status` and `usage` are valid for writes.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status}"
+    );
+    assert_eq!(lines, clicks, "every click record came out once");
+    assert!(
+        last.starts_with("{\"id\":") && last.contains("\"user\":"),
+        "{last}"
+    );
+    let peak_mb = usage.ru_maxrss as f64 / 1024.0;
+    eprintln!("peak RSS {peak_mb:.1} MB over {} MB", total >> 20);
+    assert!(peak_mb < 150.0, "peak RSS {peak_mb:.1} MB");
+}
