@@ -18,4 +18,6 @@ pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use stream::{KeyedStream, Pipeline, Stream};
 pub mod pool;
-pub use pool::{Lease, Pool, PoolBuilder, PoolError, PoolMetrics, Registry, TaskId, TaskScope, WaitEdge};
+pub use pool::{
+    Lease, Pool, PoolBuilder, PoolError, PoolMetrics, Registry, TaskId, TaskScope, WaitEdge,
+};

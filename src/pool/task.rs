@@ -18,7 +18,9 @@ static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
 crate::sync::thread_local! {
     /// The task this thread acts for: an entered explicit id, or the thread's own id, allocated
     /// on first use.
-    static CURRENT: Cell<Option<TaskId>> = const { Cell::new(None) };
+    // loom's `thread_local!` does not accept a `const { .. }` initialiser.
+    #[allow(clippy::missing_const_for_thread_local)]
+    static CURRENT: Cell<Option<TaskId>> = Cell::new(None);
 }
 
 /// The identity of a task in the lease graph: the unit that holds leases and waits for them.
