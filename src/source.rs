@@ -130,6 +130,169 @@ fn poll_readable(fd: &std::os::fd::OwnedFd, timeout_ms: u64) -> bool {
     n != 0
 }
 
+/// Before a read that could block: waits until `fd` has data or the clock passes `deadline`
+/// (false then). Polls in short slices so that cancellation is seen; `None` (a regular file,
+/// which never blocks) is always ready.
+#[cfg(unix)]
+fn wait_for_data(
+    fd: Option<&std::os::fd::OwnedFd>,
+    cx: &Cx,
+    deadline: Option<u64>,
+) -> Result<bool, Halt> {
+    let Some(fd) = fd else { return Ok(true) };
+    loop {
+        if cx.run.is_cancelled() {
+            return Err(Halt::Done);
+        }
+        let now = cx.run.now_ms();
+        let slice = match deadline {
+            Some(d) if now >= d => return Ok(false),
+            Some(d) => (d - now).min(100),
+            None => 100,
+        };
+        let t0 = std::time::Instant::now();
+        let ready = poll_readable(fd, slice);
+        crate::metrics::InstanceMetrics::add(
+            &cx.metrics.recv_wait_ns,
+            t0.elapsed().as_nanos() as u64,
+        );
+        if ready {
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn wait_for_data(_fd: Option<&()>, _cx: &Cx, _deadline: Option<u64>) -> Result<bool, Halt> {
+    Ok(true)
+}
+
+#[cfg(unix)]
+type PollFd = std::os::fd::OwnedFd;
+#[cfg(not(unix))]
+type PollFd = ();
+
+/// A block of whole lines read in one go, for parsing on other threads.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    /// Line number of the first line in `data` (1-based).
+    pub first_line: u64,
+    /// Whole lines, each ending in `\n` (the file's last line may lack it).
+    pub data: Vec<u8>,
+}
+
+impl Chunk {
+    /// The chunk's lines without their endings, with their line numbers.
+    pub fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let data = self.data.strip_suffix(b"\n").unwrap_or(&self.data);
+        data.split(|&b| b == b'\n').enumerate().map(move |(i, l)| {
+            (
+                self.first_line + i as u64,
+                l.strip_suffix(b"\r").unwrap_or(l),
+            )
+        })
+    }
+}
+
+/// A head reading blocks of whole lines: one [`Chunk`] per pull, flushed at once, so that a
+/// message on the channel carries one block of about `chunk_size` bytes.
+pub(crate) struct ChunkHead {
+    name: std::sync::Arc<str>,
+    reader: Box<dyn Read + Send>,
+    poll_fd: Option<PollFd>,
+    path: String,
+    next_line: u64,
+    chunk_size: usize,
+    /// Bytes after the last newline of the previous block.
+    carry: Vec<u8>,
+    eof: bool,
+}
+
+impl ChunkHead {
+    pub fn new(name: std::sync::Arc<str>, input: Input, chunk_size: usize) -> Self {
+        ChunkHead {
+            name,
+            reader: input.reader,
+            #[cfg(unix)]
+            poll_fd: input.poll_fd,
+            #[cfg(not(unix))]
+            poll_fd: None,
+            path: input.path,
+            next_line: 1,
+            chunk_size,
+            carry: Vec::new(),
+            eof: false,
+        }
+    }
+}
+
+impl Head<Chunk> for ChunkHead {
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<Chunk>,
+        _flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        if self.eof {
+            return Ok(Pull::End);
+        }
+        let mut data = std::mem::take(&mut self.carry);
+        data.reserve(self.chunk_size.saturating_sub(data.len()));
+        // Read until the block holds at least one whole line and is full, or the input idles.
+        loop {
+            let start = data.len();
+            // Grow by a whole chunk when one line is longer than a chunk.
+            let want = if start < self.chunk_size {
+                self.chunk_size
+            } else {
+                start + self.chunk_size
+            };
+            data.resize(want, 0);
+            if !wait_for_data(self.poll_fd.as_ref(), cx, None)? {
+                data.truncate(start);
+                break;
+            }
+            let n = loop {
+                match self.reader.read(&mut data[start..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(source) => {
+                        return Err(Halt::Failed(Error::Io {
+                            stage: self.name.to_string(),
+                            path: self.path.clone(),
+                            source,
+                        }))
+                    }
+                }
+            };
+            data.truncate(start + n);
+            if n == 0 {
+                self.eof = true;
+                break;
+            }
+            let has_line = data[start..].contains(&b'\n') || data[..start].contains(&b'\n');
+            if has_line && (data.len() >= self.chunk_size || self.poll_fd.is_some()) {
+                break;
+            }
+        }
+        if !self.eof {
+            // Keep the partial last line for the next block.
+            let cut = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            self.carry = data.split_off(cut);
+        }
+        if !data.is_empty() {
+            let lines = data.iter().filter(|&&b| b == b'\n').count() as u64
+                + u64::from(self.eof && !data.ends_with(b"\n"));
+            buf.push(Chunk {
+                first_line: self.next_line,
+                data,
+            });
+            self.next_line += lines;
+        }
+        Ok(if self.eof { Pull::End } else { Pull::Idle })
+    }
+}
+
 /// A head reading newline-delimited records, parsing each line with `parse`.
 pub(crate) struct LineHead<T, P> {
     /// The source's own name (its stage may fuse more operators after it).
@@ -164,42 +327,14 @@ where
             _t: std::marker::PhantomData,
         }
     }
+}
 
-    /// Before a read that could block: waits for data until `deadline` (clock ms). Returns false
-    /// if the deadline passed with no data. Polls in short slices so cancellation is seen.
-    #[cfg(unix)]
-    fn wait_for_data(&self, cx: &Cx, deadline: Option<u64>) -> Result<bool, Halt> {
-        let Some(fd) = &self.poll_fd else {
-            return Ok(true);
-        };
-        if !self.reader.buffer().is_empty() {
-            return Ok(true);
-        }
-        loop {
-            if cx.run.is_cancelled() {
-                return Err(Halt::Done);
-            }
-            let now = cx.run.now_ms();
-            let slice = match deadline {
-                Some(d) if now >= d => return Ok(false),
-                Some(d) => (d - now).min(100),
-                None => 100,
-            };
-            let t0 = std::time::Instant::now();
-            let ready = poll_readable(fd, slice);
-            crate::metrics::InstanceMetrics::add(
-                &cx.metrics.recv_wait_ns,
-                t0.elapsed().as_nanos() as u64,
-            );
-            if ready {
-                return Ok(true);
-            }
-        }
-    }
-
-    #[cfg(not(unix))]
-    fn wait_for_data(&self, _cx: &Cx, _deadline: Option<u64>) -> Result<bool, Halt> {
-        Ok(true)
+impl<T, P> LineHead<T, P> {
+    fn poll_fd(&self) -> Option<&PollFd> {
+        #[cfg(unix)]
+        return self.poll_fd.as_ref();
+        #[cfg(not(unix))]
+        None
     }
 }
 
@@ -215,7 +350,7 @@ where
             if !buf.is_empty() && deadline.is_none() {
                 deadline = Some(cx.clock_ms() + cx.linger_ms());
             }
-            if !self.wait_for_data(cx, deadline)? {
+            if self.reader.buffer().is_empty() && !wait_for_data(self.poll_fd(), cx, deadline)? {
                 return Ok(Pull::Idle);
             }
             self.raw.clear();

@@ -26,7 +26,7 @@ use crate::operator::{
 };
 use crate::runtime::{self, CancelHandle, Cx, Head, Options, Pull, RunShared, Tail, Worker};
 use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
-use crate::source::{parse_json, parse_text, Input, IterHead, LineHead};
+use crate::source::{parse_json, parse_text, Chunk, ChunkHead, Input, IterHead, LineHead};
 
 type Phase2 = Box<dyn FnOnce() -> Result<Vec<Worker>, Error>>;
 type Phase1 = Box<dyn FnOnce(&Options) -> Result<Phase2, Error>>;
@@ -235,14 +235,30 @@ impl Pipeline {
         self.line_source(name, path, move |l, _| parse_text(l).map(|o| o.map(&f)))
     }
 
-    /// Raw lines with their line numbers, for parsing on other threads.
-    pub(crate) fn numbered_lines_as(
+    /// Blocks of whole lines (about `chunk_size` bytes each, one per message), for parsing on
+    /// other threads.
+    pub(crate) fn chunks_as(
         &self,
         name: &str,
         path: &Path,
-    ) -> Stream<(u64, String), Identity<(u64, String)>> {
+        chunk_size: usize,
+    ) -> Stream<Chunk, Identity<Chunk>> {
         let name = self.b.borrow_mut().reserve(name);
-        self.line_source(name, path, |l, n| parse_text(l).map(|o| o.map(|s| (n, s))))
+        let stage = Arc::clone(&name);
+        let path = path.to_path_buf();
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            inputs: Vec::new(),
+            make: Box::new(move |_, _| {
+                let input = Input::open(&stage, &path)?;
+                Ok(vec![
+                    Box::new(ChunkHead::new(Arc::clone(&stage), input, chunk_size))
+                        as Box<dyn Head<Chunk>>,
+                ])
+            }),
+        };
+        self.open(head, 1)
     }
 
     /// `ndjson.read` of the TOML layer: one JSON object per non-blank line.

@@ -13,6 +13,7 @@ use super::kinds::{self, Kind};
 use super::parse::{PipelineSpec, StageSpec};
 use super::ConfigError;
 use crate::operator::Boxed;
+use crate::source::Chunk;
 use crate::{Pipeline, Stream};
 
 type JsonStream = Stream<Value, Boxed<Value, Value>>;
@@ -62,9 +63,11 @@ impl PipelineSpec {
     }
 }
 
-/// Adapts the input's parallelism to the stage's: fuse when equal, else rebalance.
-fn with_parallelism(s: JsonStream, n: usize) -> JsonStream {
-    if s.current_parallelism() == n {
+/// Adapts the input's parallelism to a stateless stage's: fuse when equal (or unspecified),
+/// else rebalance.
+fn with_parallelism(s: JsonStream, st: &StageSpec) -> JsonStream {
+    let n = st.parallelism;
+    if !st.explicit_parallelism || s.current_parallelism() == n {
         s
     } else if s.is_fresh_channel_stage() {
         s.parallelism(n)
@@ -94,24 +97,16 @@ fn build_stage(
         }
         (Kind::NdjsonRead { path }, None) => {
             if st.parallelism > 1 {
-                // Parsing is the expensive part: read raw lines on one thread, parse on N.
-                let raw = p.numbered_lines_as(&format!("{name}.lines"), path);
+                // Parsing is the expensive part: read blocks of lines on one thread (a memcpy),
+                // parse them on N.
+                let chunks = p.chunks_as(&format!("{name}.lines"), path, CHUNK_BYTES);
                 let shown = path.display().to_string();
                 let stage: Arc<str> = Arc::from(name);
                 Some(
-                    raw.rebalance(st.parallelism)
-                        .try_map(move |(line, text): (u64, String)| {
-                            parse_object(text.as_bytes()).map_err(|m| crate::Error::Record {
-                                stage: stage.to_string(),
-                                location: crate::Location {
-                                    path: shown.clone(),
-                                    line,
-                                },
-                                message: m,
-                            })
-                        })
+                    chunks
+                        .rebalance(st.parallelism)
+                        .try_flat_map(move |chunk: Chunk| parse_chunk(&chunk, &stage, &shown))
                         .name(name)
-                        .filter(|v| !v.is_null())
                         .into_head()
                         .boxed(),
                 )
@@ -126,7 +121,7 @@ fn build_stage(
         (Kind::Words { field, lowercase }, Some(s)) => {
             let (field, lowercase) = (field.clone(), *lowercase);
             Some(
-                with_parallelism(s, st.parallelism)
+                with_parallelism(s, st)
                     .try_flat_map(move |rec| kinds::words(&rec, &field, lowercase))
                     .name(name)
                     .boxed(),
@@ -135,7 +130,7 @@ fn build_stage(
         (Kind::Filter { field, op, value }, Some(s)) => {
             let (field, op, value) = (field.clone(), *op, value.clone());
             Some(
-                with_parallelism(s, st.parallelism)
+                with_parallelism(s, st)
                     .filter(move |rec| kinds::filter(rec, &field, op, &value))
                     .name(name)
                     .boxed(),
@@ -144,18 +139,13 @@ fn build_stage(
         (Kind::Select { fields }, Some(s)) => {
             let fields = fields.clone();
             Some(
-                with_parallelism(s, st.parallelism)
+                with_parallelism(s, st)
                     .map(move |rec| kinds::select(rec, &fields))
                     .name(name)
                     .boxed(),
             )
         }
-        (Kind::Limit { n }, Some(s)) => Some(
-            with_parallelism(s, st.parallelism)
-                .limit(*n)
-                .name(name)
-                .boxed(),
-        ),
+        (Kind::Limit { n }, Some(s)) => Some(with_parallelism(s, st).limit(*n).name(name).boxed()),
         (Kind::Count { key }, Some(s)) => {
             let k = key.clone();
             let k2 = key.clone();
@@ -193,6 +183,31 @@ fn build_stage(
             None
         }
     })
+}
+
+/// Bytes per block when `ndjson.read` parses on several threads: small enough that a channel of
+/// them stays well under a megabyte, large enough to make the hop free.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+fn parse_chunk(chunk: &Chunk, stage: &str, path: &str) -> Result<Vec<Value>, crate::Error> {
+    let mut out = Vec::with_capacity(chunk.data.len() / 64);
+    for (line, text) in chunk.lines() {
+        match parse_object(text) {
+            Ok(Value::Null) => {}
+            Ok(v) => out.push(v),
+            Err(message) => {
+                return Err(crate::Error::Record {
+                    stage: stage.to_string(),
+                    location: crate::Location {
+                        path: path.to_string(),
+                        line,
+                    },
+                    message,
+                })
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Parses one NDJSON line into an object; `Value::Null` marks a blank line to skip.

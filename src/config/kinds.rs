@@ -448,14 +448,14 @@ pub(crate) fn filter(rec: &Value, field: &str, op: FilterOp, value: &Value) -> b
     }
 }
 
-/// `select`: keeps only `fields`, in the listed order.
+/// `select`: keeps only `fields` (objects keep their keys sorted).
 pub(crate) fn select(rec: Value, fields: &[String]) -> Value {
     let Value::Object(mut m) = rec else {
         return rec;
     };
     let mut out = Map::with_capacity(fields.len());
     for f in fields {
-        if let Some(v) = m.swap_remove(f) {
+        if let Some(v) = m.remove(f) {
             out.insert(f.clone(), v);
         }
     }

@@ -48,8 +48,11 @@ pub struct StageSpec {
     pub kind: String,
     /// The stages it reads from, in order.
     pub inputs: Vec<String>,
-    /// Instances to run (default 1).
+    /// Instances to run: as declared; otherwise 1 for sources and aggregations, and the
+    /// input's for stateless stages (so they fuse with it).
     pub parallelism: usize,
+    /// Whether `parallelism` was written in the file.
+    pub(crate) explicit_parallelism: bool,
     /// Line of the stage's table header.
     pub line: usize,
     /// Line of its `input` parameter (the header's when absent).
@@ -247,7 +250,8 @@ fn parse_stage(
     let kind = params.required_str("kind")?;
     let inputs = params.inputs()?;
     let input_line = params.line_of("input");
-    let parallelism = params.opt_u64("parallelism", 1, u64::MAX)?.unwrap_or(1) as usize;
+    let declared = params.opt_u64("parallelism", 1, 1024)?;
+    let parallelism = declared.unwrap_or(1) as usize;
     let spec = Kind::parse(&kind, &mut params)?;
     params.finish(&kind)?;
     let info = spec.info();
@@ -276,6 +280,7 @@ fn parse_stage(
         kind,
         inputs,
         parallelism,
+        explicit_parallelism: declared.is_some(),
         line,
         input_line,
         params: spec,
