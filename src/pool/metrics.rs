@@ -49,7 +49,7 @@ pub struct PoolMetrics {
 impl PoolMetrics {
     /// The header row matching `Display`.
     pub const HEADER: &'static str =
-        "pool               cap  used  idle  wait  acquires   wait_time  timeouts  deadlocks";
+        "pool               cap  used  idle queued  acquires   wait_time  timeouts  deadlocks";
 }
 
 impl fmt::Display for PoolMetrics {
@@ -57,7 +57,7 @@ impl fmt::Display for PoolMetrics {
         let wait = format!("{:.1?}", self.total_wait);
         write!(
             f,
-            "{:<16} {:>5} {:>5} {:>5} {:>5} {:>9} {:>11} {:>9} {:>10}",
+            "{:<16} {:>5} {:>5} {:>5} {:>6} {:>9} {:>11} {:>9} {:>10}",
             self.name,
             self.capacity,
             self.in_use,

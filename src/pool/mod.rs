@@ -42,9 +42,9 @@
 //!         })
 //!     })
 //!     .collect();
-//! let refused = workers.into_iter().filter(|w| w.join().unwrap()).count() as u64;
+//! let refused = workers.into_iter().filter_map(|w| w.join().unwrap().then_some(())).count();
 //! assert!(refused >= 1);
-//! assert_eq!(pool.metrics().deadlocks, refused);
+//! assert_eq!(pool.metrics().deadlocks, refused as u64);
 //! assert_eq!(pool.metrics().in_use, 0);
 //! ```
 

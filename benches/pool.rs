@@ -1,0 +1,133 @@
+//! `millrace::Pool` next to r2d2 in one criterion group: uncontended acquire + release, and two
+//! threads contending for one unit. Run with
+//!
+//! ```text
+//! cargo bench --bench pool -- --warm-up-time 1 --measurement-time 3
+//! ```
+//!
+//! Results and the ratio to r2d2 are recorded in `docs/pool-performance.md`.
+
+// `criterion_group!` generates an undocumented function.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use millrace::{Pool, Registry};
+
+/// An r2d2 manager of trivial connections, so both pools measure only their own bookkeeping.
+struct Manager;
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = u64;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> Result<u64, std::io::Error> {
+        Ok(0)
+    }
+
+    fn is_valid(&self, _conn: &mut u64) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _conn: &mut u64) -> bool {
+        false
+    }
+}
+
+fn r2d2_pool(size: u32, test_on_check_out: bool) -> r2d2::Pool<Manager> {
+    r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(size))
+        .test_on_check_out(test_on_check_out)
+        .connection_timeout(Duration::from_secs(30))
+        .build(Manager)
+        .expect("r2d2 pool")
+}
+
+fn millrace_pool(size: usize, registry: &Registry) -> Pool<u64> {
+    let pool = Pool::builder("bench")
+        .capacity(size)
+        .factory(|| Ok::<_, std::io::Error>(0))
+        .registry(registry)
+        .build();
+    // Create every resource up front, as r2d2's `min_idle` does.
+    let leases: Vec<_> = (0..size).map(|_| pool.acquire().unwrap()).collect();
+    drop(leases);
+    pool
+}
+
+/// Two threads each doing `iters` acquire + release pairs on `op`; returns the wall time.
+fn contended(iters: u64, op: impl Fn() + Sync) -> Duration {
+    let barrier = Barrier::new(3);
+    thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                barrier.wait();
+                for _ in 0..iters {
+                    op();
+                }
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        // Leaving the scope joins both threads.
+        start
+    })
+    .elapsed()
+}
+
+fn bench_pools(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pool");
+
+    let registry = Registry::new();
+    let ours = millrace_pool(4, &registry);
+    group.bench_function("uncontended/millrace", |b| {
+        b.iter(|| {
+            let lease = ours.acquire().unwrap();
+            black_box(*lease);
+        })
+    });
+    let theirs = r2d2_pool(4, true);
+    group.bench_function("uncontended/r2d2", |b| {
+        b.iter(|| {
+            let conn = theirs.get().unwrap();
+            black_box(*conn);
+        })
+    });
+    let theirs_unchecked = r2d2_pool(4, false);
+    group.bench_function("uncontended/r2d2-no-test-on-check-out", |b| {
+        b.iter(|| {
+            let conn = theirs_unchecked.get().unwrap();
+            black_box(*conn);
+        })
+    });
+
+    // Two threads, one unit: every acquire may have to wait for the other thread's release.
+    group.throughput(Throughput::Elements(2));
+    let ours = millrace_pool(1, &registry);
+    group.bench_function("contended-2-threads-1-unit/millrace", |b| {
+        b.iter_custom(|iters| {
+            contended(iters, || {
+                let lease = ours.acquire().unwrap();
+                black_box(*lease);
+            })
+        })
+    });
+    let theirs = r2d2_pool(1, true);
+    group.bench_function("contended-2-threads-1-unit/r2d2", |b| {
+        b.iter_custom(|iters| {
+            contended(iters, || {
+                let conn = theirs.get().unwrap();
+                black_box(*conn);
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_pools);
+criterion_main!(benches);
