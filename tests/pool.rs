@@ -531,6 +531,15 @@ fn global_registry_is_the_default() {
 }
 
 #[test]
+fn handles_leases_and_errors_cross_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Pool<String>>();
+    send_sync::<millrace::Lease<String>>();
+    send_sync::<PoolError>();
+    send_sync::<Registry>();
+}
+
+#[test]
 fn metrics_render_as_a_table_row() {
     let registry = Registry::new();
     let (pool, _) = counting_pool("db", 4, &registry);

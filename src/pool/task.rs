@@ -86,6 +86,13 @@ impl fmt::Display for TaskId {
 }
 
 /// Guard returned by [`TaskId::enter`]; restores the previous task of this thread on drop.
+///
+/// A scope belongs to the thread that entered it and cannot be sent to another:
+///
+/// ```compile_fail
+/// fn send<T: Send>(_: T) {}
+/// send(millrace::TaskId::new().enter());
+/// ```
 #[derive(Debug)]
 #[must_use = "the task is left again as soon as the scope drops"]
 pub struct TaskScope {
