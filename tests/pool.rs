@@ -422,6 +422,32 @@ fn discard_without_factory_shrinks_the_pool() {
     );
 }
 
+/// A waiter woken without being served re-checks: when the last unit retires under it, it is
+/// refused instead of sleeping for ever.
+#[test]
+fn queued_waiter_is_refused_when_the_last_unit_retires() {
+    let registry = Registry::new();
+    let pool = Pool::builder("fixed")
+        .resources(vec![0u8])
+        .registry(&registry)
+        .build();
+    let lease = pool.acquire().unwrap();
+    let waiter = {
+        let pool = pool.clone();
+        thread::spawn(move || pool.acquire().map(|_| ()).unwrap_err().to_string())
+    };
+    spin_until("the waiter to queue", || pool.metrics().waiters == 1);
+    lease.discard();
+    let msg = waiter.join().unwrap();
+    assert!(
+        msg.starts_with("acquiring 'fixed' would deadlock: task "),
+        "{msg}"
+    );
+    assert!(msg.ends_with(" waits for 'fixed' held by no one"), "{msg}");
+    let m = pool.metrics();
+    assert_eq!((m.capacity, m.waiters, m.deadlocks), (0, 0, 1));
+}
+
 #[test]
 fn release_serves_the_oldest_waiter_first() {
     let registry = Registry::new();
