@@ -129,6 +129,22 @@ fn two_tasks_nesting_in_a_two_unit_pool() {
     });
 }
 
+/// The same with three tasks and three units: exactly the request that closes the cycle fails,
+/// so at most one refusal, and the others complete.
+#[test]
+fn three_tasks_nesting_in_a_three_unit_pool() {
+    loom::model(|| {
+        let registry = Registry::new();
+        let pool = pool("db", 3, &registry);
+        let spawn = |p: Pool<usize>| thread::spawn(move || nested(&p, &p));
+        let (t1, t2) = (spawn(pool.clone()), spawn(pool.clone()));
+        let refused = [nested(&pool, &pool), t1.join().unwrap(), t2.join().unwrap()];
+        assert!(refused.iter().filter(|&&r| r).count() <= 1, "{refused:?}");
+        let m = pool.metrics();
+        assert_eq!((m.in_use, m.waiters), (0, 0));
+    });
+}
+
 /// Opposite acquisition order over two one-unit pools: never hangs, at most one refusal.
 #[test]
 fn opposite_order_over_two_pools_never_hangs() {
