@@ -1,1 +1,326 @@
-fn main() {}
+//! Engine benchmarks, each next to a hand-written loop over the same data in the same group.
+//!
+//! - `fused_chain`: four maps over u64, fused on one thread and forced onto four threads.
+//! - `wordcount`: Zipf-like text of 10 million words, parallelism 1 and 2.
+//! - `channel_hop`: one record per message against batches of 1,024.
+//! - `ndjson_cli`: `millrace run` over 1 GiB of NDJSON (read → filter → select → write).
+//!
+//! Run: `cargo bench --bench engine` (or name one group: `cargo bench --bench engine -- wordcount`).
+//! Results and their ratios are recorded in docs/performance.md.
+
+use std::hint::black_box;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use millrace::{Options, Pipeline};
+use rustc_hash::FxHashMap;
+
+#[inline]
+fn f1(x: u64) -> u64 {
+    x.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+#[inline]
+fn f2(x: u64) -> u64 {
+    x ^ (x >> 29)
+}
+#[inline]
+fn f3(x: u64) -> u64 {
+    x.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+#[inline]
+fn f4(x: u64) -> u64 {
+    x ^ (x >> 32)
+}
+
+fn fused_chain(c: &mut Criterion) {
+    const N: u64 = 10_000_000;
+    let mut g = c.benchmark_group("fused_chain");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(10);
+    g.bench_function("hand_loop", |b| {
+        b.iter(|| {
+            for x in 0..black_box(N) {
+                black_box(f4(f3(f2(f1(x)))));
+            }
+        })
+    });
+    g.bench_function("engine_fused", |b| {
+        b.iter(|| {
+            let p = Pipeline::new();
+            p.source("n", 0..black_box(N))
+                .map(f1)
+                .map(f2)
+                .map(f3)
+                .map(f4)
+                .for_each(|x| {
+                    black_box(x);
+                });
+            p.run().unwrap()
+        })
+    });
+    g.bench_function("engine_4_threads", |b| {
+        b.iter(|| {
+            let p = Pipeline::new();
+            p.source("n", 0..black_box(N))
+                .map(f1)
+                .new_stage()
+                .map(f2)
+                .new_stage()
+                .map(f3)
+                .new_stage()
+                .map(f4)
+                .for_each(|x| {
+                    black_box(x);
+                });
+            p.run().unwrap()
+        })
+    });
+    g.finish();
+}
+
+/// Deterministic xorshift.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Lines of Zipf-distributed words (s = 1 over a 50,000-word vocabulary), about 12 per line.
+fn zipf_text(words: usize) -> Vec<&'static str> {
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let vocab: Vec<String> = (0..50_000)
+        .map(|_| {
+            let len = 2 + rng.next() % 9;
+            (0..len)
+                .map(|_| (b'a' + (rng.next() % 26) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let mut cdf = Vec::with_capacity(vocab.len());
+    let mut acc = 0.0;
+    for r in 1..=vocab.len() {
+        acc += 1.0 / r as f64;
+        cdf.push(acc);
+    }
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for i in 0..words {
+        let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * acc;
+        let w = &vocab[cdf.partition_point(|&c| c < u).min(vocab.len() - 1)];
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(w);
+        if i % 12 == 11 {
+            lines.push(&*Box::leak(std::mem::take(&mut line).into_boxed_str()));
+        }
+    }
+    if !line.is_empty() {
+        lines.push(Box::leak(line.into_boxed_str()));
+    }
+    lines
+}
+
+const WORDS: usize = 10_000_000;
+
+/// The text and its number of distinct words, generated on first use (criterion calls every
+/// group function even when a filter skips its benchmarks).
+fn text() -> &'static (Vec<&'static str>, usize) {
+    static TEXT: std::sync::OnceLock<(Vec<&'static str>, usize)> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let lines = zipf_text(WORDS);
+        let mut m: FxHashMap<&str, u64> = FxHashMap::default();
+        for l in &lines {
+            for w in l.split_whitespace() {
+                *m.entry(w).or_insert(0) += 1;
+            }
+        }
+        let distinct = m.len();
+        (lines, distinct)
+    })
+}
+
+fn wordcount(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wordcount");
+    g.throughput(Throughput::Elements(WORDS as u64));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(15));
+    g.bench_function("hand_loop", |b| {
+        let (lines, expect) = text();
+        let expect = *expect;
+        b.iter(|| {
+            let mut m: FxHashMap<&str, u64> = FxHashMap::default();
+            for l in black_box(lines) {
+                for w in l.split_whitespace() {
+                    *m.entry(w).or_insert(0) += 1;
+                }
+            }
+            assert_eq!(m.len(), expect);
+            m
+        })
+    });
+    for par in [1usize, 2] {
+        g.bench_with_input(BenchmarkId::new("engine", par), &par, |b, &par| {
+            let (lines, expect) = text();
+            let expect = *expect;
+            b.iter(|| {
+                let p = Pipeline::new();
+                let src = p.source("lines", lines.clone());
+                let words = if par == 1 {
+                    src.flat_map(|l: &'static str| l.split_whitespace())
+                        .key_by(|w| *w)
+                        .count()
+                } else {
+                    src.rebalance(par)
+                        .flat_map(|l: &'static str| l.split_whitespace())
+                        .key_by(|w| *w)
+                        .parallelism(par)
+                        .count()
+                };
+                let out = words.collect();
+                p.run().unwrap();
+                assert_eq!(out.len(), expect);
+            })
+        });
+    }
+    g.finish();
+}
+
+fn channel_hop(c: &mut Criterion) {
+    const N: u64 = 2_000_000;
+    let mut g = c.benchmark_group("channel_hop");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(10);
+    g.bench_function("hand_loop", |b| {
+        b.iter(|| {
+            for x in 0..black_box(N) {
+                black_box(x);
+            }
+        })
+    });
+    for batch in [1usize, 1024] {
+        g.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, &batch| {
+            b.iter(|| {
+                let mut o = Options::default();
+                o.batch_size = batch;
+                o.channel_capacity = if batch == 1 { 1024 } else { 4 };
+                let p = Pipeline::with_options(o);
+                p.source("n", 0..black_box(N)).new_stage().for_each(|x| {
+                    black_box(x);
+                });
+                p.run().unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// 1 GiB of event records, written once under target/ and reused.
+fn ndjson_data() -> (PathBuf, u64) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("events-1g.ndjson");
+    const SIZE: u64 = 1 << 30;
+    if std::fs::metadata(&path)
+        .map(|m| m.len() >= SIZE)
+        .unwrap_or(false)
+    {
+        return (path.clone(), std::fs::metadata(&path).unwrap().len());
+    }
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).unwrap());
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let kinds = ["click", "view", "view", "scroll", "purchase"];
+    let mut written = 0u64;
+    let mut id = 0u64;
+    while written < SIZE {
+        let r = rng.next();
+        let line = format!(
+            "{{\"id\":{id},\"ts\":{},\"user\":\"user-{}\",\"kind\":\"{}\",\"url\":\"https://example.com/shop/item/{}?ref=feed\",\"amount\":{}.{:02},\"country\":\"{}\",\"tags\":[\"t{}\",\"t{}\"]}}\n",
+            1_700_000_000_000u64 + id * 17,
+            r % 100_000,
+            kinds[(r >> 20) as usize % kinds.len()],
+            (r >> 8) % 1_000_000,
+            (r >> 30) % 500,
+            (r >> 40) % 100,
+            ["DE", "FR", "US", "JP", "BR"][(r >> 50) as usize % 5],
+            (r >> 3) % 50,
+            (r >> 13) % 50,
+        );
+        w.write_all(line.as_bytes()).unwrap();
+        written += line.len() as u64;
+        id += 1;
+    }
+    w.flush().unwrap();
+    (path, written)
+}
+
+fn ndjson_cli(c: &mut Criterion) {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    if !"ndjson_cli".contains(filter.as_str()) && !filter.starts_with("ndjson_cli") {
+        return; // Do not write a gigabyte for nothing.
+    }
+    let (data, bytes) = ndjson_data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = c.benchmark_group("ndjson_cli");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(60));
+    g.bench_function("hand_loop", |b| {
+        b.iter(|| {
+            let r = BufReader::with_capacity(1 << 18, std::fs::File::open(&data).unwrap());
+            let mut out =
+                BufWriter::with_capacity(1 << 18, std::fs::File::create("/dev/null").unwrap());
+            for line in r.lines() {
+                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                if v.get("kind").and_then(|k| k.as_str()) == Some("purchase") {
+                    let mut m = serde_json::Map::new();
+                    for f in ["id", "user", "amount"] {
+                        if let Some(x) = v.get(f) {
+                            m.insert(f.to_string(), x.clone());
+                        }
+                    }
+                    serde_json::to_writer(&mut out, &m).unwrap();
+                    out.write_all(b"\n").unwrap();
+                }
+            }
+        })
+    });
+    for par in [1usize, 2] {
+        let toml = dir.path().join(format!("p{par}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "[stages.read]\nkind=\"ndjson.read\"\npath={:?}\nparallelism={par}\n\
+                 [stages.keep]\nkind=\"filter\"\ninput=\"read\"\nfield=\"kind\"\nop=\"eq\"\nvalue=\"purchase\"\n\
+                 [stages.slim]\nkind=\"select\"\ninput=\"keep\"\nfields=[\"id\",\"user\",\"amount\"]\n\
+                 [stages.out]\nkind=\"ndjson.write\"\ninput=\"slim\"\npath=\"/dev/null\"\n",
+                data.display().to_string()
+            ),
+        )
+        .unwrap();
+        g.bench_with_input(BenchmarkId::new("cli", par), &par, |b, _| {
+            b.iter(|| {
+                let st = Command::new(env!("CARGO_BIN_EXE_millrace"))
+                    .args(["run", "--quiet"])
+                    .arg(&toml)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fused_chain, channel_hop, wordcount, ndjson_cli);
+criterion_main!(benches);

@@ -1,4 +1,40 @@
-//! millrace: placeholder while the crate is being built.
+//! millrace is a blocking, batched, backpressured dataflow engine.
+//!
+//! Stages run on their own threads, linked by bounded channels that carry batches of records.
+//! Consecutive stateless operators fuse into one loop on one thread; a slow stage throttles
+//! everything upstream; a consumer that stops early (a `limit`, a closed stdout) stops its
+//! producers; an error or panic anywhere stops the run with an error naming the stage; and every
+//! thread is joined before [`Pipeline::run`] returns.
+//!
+//! ```
+//! use millrace::Pipeline;
+//!
+//! let p = Pipeline::new();
+//! let counts = p
+//!     .source("lines", vec!["the cat", "the dog", "a cat"])
+//!     .flat_map(|line: &str| line.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+//!     .key_by(|word| word.clone())
+//!     .parallelism(2)
+//!     .count()
+//!     .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)))
+//!     .collect();
+//! let report = p.run()?;
+//! assert_eq!(counts.take(), vec![("cat".into(), 2), ("the".into(), 2), ("a".into(), 1), ("dog".into(), 1)]);
+//! println!("{report}"); // a table of per-stage metrics
+//! # Ok::<(), millrace::Error>(())
+//! ```
+//!
+//! Pipelines can also be written in TOML and run by the `millrace` binary; see [`config`] and
+//! `docs/config.md`. The [`pool`] module shares scarce resources between stages and reports a
+//! would-be deadlock instead of hanging.
+//!
+//! Stage closures must be `Send + Sync + 'static`, since they run on other threads:
+//!
+//! ```compile_fail
+//! let p = millrace::Pipeline::new();
+//! let local = std::rc::Rc::new(1u32);
+//! p.source("n", 0..3u32).map(move |x| x + *local).for_each(|_| {});
+//! ```
 #![warn(missing_docs)]
 
 mod channel;
@@ -6,6 +42,7 @@ pub mod config;
 mod error;
 mod metrics;
 pub mod operator;
+pub mod pool;
 mod runtime;
 mod sink;
 mod source;
@@ -14,10 +51,9 @@ pub mod sync;
 
 pub use error::{BoxError, Error, Location, Result};
 pub use metrics::{RunReport, StageMetrics};
-pub use runtime::{CancelHandle, Options};
-pub use sink::Collected;
-pub use stream::{KeyedStream, Pipeline, Stream};
-pub mod pool;
 pub use pool::{
     Lease, Pool, PoolBuilder, PoolError, PoolMetrics, Registry, TaskId, TaskScope, WaitEdge,
 };
+pub use runtime::{CancelHandle, Options};
+pub use sink::Collected;
+pub use stream::{KeyedStream, Pipeline, Stream};

@@ -103,9 +103,13 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Sums the metrics of every instance of the named stage.
+    /// Sums the metrics of every instance of the stage that runs the named operator: either the
+    /// stage's full name or one of its fused parts (`filter` finds `read+filter+out`, whose
+    /// counts are those of the whole fused stage).
     pub fn stage(&self, name: &str) -> Option<StageMetrics> {
-        let mut rows = self.stages.iter().filter(|s| s.stage == name);
+        let matches = |s: &&StageMetrics| s.stage == name || s.stage.split('+').any(|p| p == name);
+        let first = self.stages.iter().find(matches)?.stage.clone();
+        let mut rows = self.stages.iter().filter(|s| s.stage == first);
         let mut total = rows.next()?.clone();
         for r in rows {
             total.records_in += r.records_in;

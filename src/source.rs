@@ -15,11 +15,13 @@ use crate::runtime::{Cx, Head, Pull};
 /// A head that pulls from an iterator.
 pub(crate) struct IterHead<It> {
     iter: It,
+    /// Records to pull before the next look at the clock (see `pull`).
+    step: usize,
 }
 
 impl<It> IterHead<It> {
     pub fn new(iter: It) -> Self {
-        IterHead { iter }
+        IterHead { iter, step: 1 }
     }
 }
 
@@ -34,16 +36,27 @@ where
         flush_at: Option<u64>,
     ) -> Result<Pull, Halt> {
         let cap = cx.batch_size();
+        let linger = cx.linger_ms();
         let mut deadline = flush_at.unwrap_or(u64::MAX);
         while buf.len() < cap {
-            match self.iter.next() {
-                Some(x) => buf.push(x),
-                None => return Ok(Pull::End),
+            // Pull `step` records at a time (one `extend`, which specialises well for ranges,
+            // slices and maps over them). `step` doubles while the iterator keeps up and drops
+            // to 1 when it is slow, so a trickle is checked against the linger time per record.
+            let want = self.step.min(cap - buf.len());
+            let before = buf.len();
+            let t0 = cx.clock_ms();
+            buf.extend(self.iter.by_ref().take(want));
+            if buf.len() - before < want {
+                return Ok(Pull::End);
             }
-            // One relaxed load per record: the coarse clock is advanced by the run's main thread.
             let now = cx.clock_ms();
+            self.step = if now > t0 {
+                1
+            } else {
+                (self.step * 2).min(MAX_STEP)
+            };
             if deadline == u64::MAX {
-                deadline = now + cx.linger_ms();
+                deadline = now + linger;
             } else if now >= deadline {
                 return Ok(Pull::Idle);
             }
@@ -51,6 +64,9 @@ where
         Ok(Pull::Data)
     }
 }
+
+/// The most records an iterator source pulls between two looks at the clock.
+const MAX_STEP: usize = 256;
 
 /// Where a reader's bytes come from.
 pub(crate) struct Input {
