@@ -83,20 +83,6 @@ fn send_blocking<T>(
     result
 }
 
-/// A new, empty batch whose memory is already in this core's cache.
-///
-/// The allocator hands back memory that a consumer on another core freed (it read the batch
-/// last), so filling it record by record would stall on a cache-line transfer every few
-/// records. Zeroing the spare capacity first (one `memset`, whose misses overlap) brings the
-/// lines over in bulk; measured in `benches/engine.rs` (`channel_hop`).
-fn fresh_batch<T>(capacity: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(capacity);
-    for slot in v.spare_capacity_mut() {
-        *slot = std::mem::MaybeUninit::zeroed();
-    }
-    v
-}
-
 /// How many times a blocked send or receive yields the CPU before it parks the thread.
 const YIELDS: usize = 16;
 
@@ -145,7 +131,7 @@ impl<T: Send> ChannelTail<T> {
 
     /// Sends buffer `b` (a full or flushed batch) to its destination.
     fn send_buf(&mut self, b: usize) -> Result<(), Halt> {
-        let batch = std::mem::replace(&mut self.bufs[b], fresh_batch(self.batch_size));
+        let batch = std::mem::replace(&mut self.bufs[b], Vec::with_capacity(self.batch_size));
         if batch.is_empty() {
             return Ok(());
         }
