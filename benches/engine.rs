@@ -8,6 +8,9 @@
 //! Run: `cargo bench --bench engine` (or name one group: `cargo bench --bench engine -- wordcount`).
 //! Results and their ratios are recorded in docs/performance.md.
 
+// `criterion_group!` generates an undocumented function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;

@@ -260,12 +260,15 @@ where
     }
 }
 
+/// What a worker thread runs.
+pub(crate) type WorkerBody = Box<dyn FnOnce(&Cx) -> Result<(), Halt> + Send>;
+
 /// One stage instance, ready to run on its own thread.
 pub(crate) struct Worker {
     pub stage: Arc<str>,
     pub instance: usize,
     pub source: bool,
-    pub body: Box<dyn FnOnce(&Cx) -> Result<(), Halt> + Send>,
+    pub body: WorkerBody,
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -335,15 +338,11 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             }
         }
         drop(alive_tx);
-        loop {
-            match alive_rx.recv_timeout(TICK) {
-                Err(RecvTimeoutError::Timeout) => {
-                    shared
-                        .clock_ms
-                        .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                }
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-            }
+        // Nobody sends on `alive`: this waits for the last worker, ticking the clock meanwhile.
+        while let Err(RecvTimeoutError::Timeout) = alive_rx.recv_timeout(TICK) {
+            shared
+                .clock_ms
+                .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
     });
 

@@ -77,12 +77,21 @@ struct EdgeCell<T> {
 
 type Edge<T> = Rc<RefCell<EdgeCell<T>>>;
 
+/// Makes a stage's heads (one per instance) when the run starts.
+type MakeHeads<I> = Box<dyn FnOnce(usize, &Options) -> Result<Vec<Box<dyn Head<I>>>, Error>>;
+
+/// Makes a tail on its worker thread.
+type MakeTail<T> = Box<dyn FnOnce(&Cx) -> Result<T, Halt> + Send>;
+
+/// A stream just opened on a head, with no operator yet.
+pub type Fresh<T> = Stream<T, Identity<T>>;
+
 /// How a stage's instances are made when the run starts.
 struct HeadSpec<I> {
     name: Option<Arc<str>>,
     source: bool,
     inputs: Vec<usize>,
-    make: Box<dyn FnOnce(usize, &Options) -> Result<Vec<Box<dyn Head<I>>>, Error>>,
+    make: MakeHeads<I>,
 }
 
 /// A dataflow pipeline under construction. Add sources, chain operators on the returned
@@ -546,7 +555,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     fn close<T, MK>(self, sink_name: Option<Arc<str>>, mut make_tail: MK) -> usize
     where
         T: Tail<Out<I, C>> + 'static,
-        MK: FnMut(usize) -> Result<Box<dyn FnOnce(&Cx) -> Result<T, Halt> + Send>, Error> + 'static,
+        MK: FnMut(usize) -> Result<MakeTail<T>, Error> + 'static,
     {
         let mut name = self.stage_name();
         if let Some(s) = &sink_name {
@@ -666,7 +675,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Sends every record to each of `n` new streams (fan-out).
-    pub fn split(self, n: usize) -> Vec<Stream<Out<I, C>, Identity<Out<I, C>>>>
+    pub fn split(self, n: usize) -> Vec<Fresh<Out<I, C>>>
     where
         Out<I, C>: Clone,
     {
@@ -694,8 +703,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                     .map(|m| m(cx))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(TeeTail::new(tails))
-            })
-                as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>)
+            }) as MakeTail<_>)
         });
         edges
             .into_iter()
@@ -836,8 +844,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         self.close(Some(name), move |_| {
             let f = f.take().expect("a for_each sink has one instance");
             let sink = Arc::clone(&sink);
-            Ok(Box::new(move |cx: &Cx| Ok(ForEachTail::new(cx, f, sink)))
-                as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>)
+            Ok(Box::new(move |cx: &Cx| Ok(ForEachTail::new(cx, f, sink))) as MakeTail<_>)
         });
     }
 
@@ -850,8 +857,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         let name = self.op_name("collect");
         self.single().close(Some(name), move |_| {
             let items = Arc::clone(&items);
-            Ok(Box::new(move |cx: &Cx| Ok(CollectTail::new(cx, items)))
-                as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>)
+            Ok(Box::new(move |cx: &Cx| Ok(CollectTail::new(cx, items))) as MakeTail<_>)
         });
         handle
     }
@@ -873,7 +879,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             let sink = Arc::clone(&sink);
             Ok(
                 Box::new(move |cx: &Cx| Ok(WriteTail::new(cx, out, shown, sink, format)))
-                    as Box<dyn FnOnce(&Cx) -> Result<_, Halt> + Send>,
+                    as MakeTail<_>,
             )
         });
     }
@@ -919,7 +925,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 fn channel_tail<T: Send + 'static>(
     edge: &Edge<T>,
     instance: usize,
-) -> Result<Box<dyn FnOnce(&Cx) -> Result<ChannelTail<T>, Halt> + Send>, Error> {
+) -> Result<MakeTail<ChannelTail<T>>, Error> {
     let e = edge.borrow();
     let senders = e.senders.clone().ok_or_else(|| {
         Error::Build(format!(

@@ -183,6 +183,7 @@ fn runtime_errors_exit_1_naming_stage_file_and_line() {
 /// keeps the peak resident set small. (Debug builds stream less, to stay quick.)
 #[cfg(target_os = "linux")]
 #[test]
+#[allow(clippy::zombie_processes)] // reaped by `wait4` below, which also reports its peak RSS
 fn a_gigabyte_of_ndjson_streams_in_flat_memory() {
     let total: u64 = if cfg!(debug_assertions) {
         128 << 20

@@ -352,7 +352,7 @@ fn idle_source_flushes_partial_batches() {
     let a2 = Arc::clone(&arrived);
     let seen_while_running = Arc::new(AtomicU64::new(0));
     let s2 = Arc::clone(&seen_while_running);
-    let trickle = (0..6u64).map(move |i| {
+    let trickle = (0..6u64).inspect(move |&i| {
         if i == 5 {
             // Before the last record, wait and look: the first five must have arrived.
             std::thread::sleep(Duration::from_millis(300));
@@ -360,7 +360,6 @@ fn idle_source_flushes_partial_batches() {
         } else {
             std::thread::sleep(Duration::from_millis(30));
         }
-        i
     });
     let a3 = Arc::clone(&arrived);
     p.source("trickle", trickle)
