@@ -93,7 +93,10 @@ pub(crate) struct ChannelTail<T> {
     senders: Vec<Option<Sender<Message<T>>>>,
     live: usize,
     partition: Partition<T>,
-    /// One buffer per destination for `Hash`; only `bufs[0]` otherwise.
+    /// The batch being filled, when all records go to one destination at a time. Kept inline
+    /// (on the worker's stack) rather than behind a pointer: it is written once per record.
+    cur: Vec<T>,
+    /// One buffer per destination when hashing over several; empty otherwise.
     bufs: Vec<Vec<T>>,
     /// Destination of `Forward`, or the next round-robin candidate.
     next: usize,
@@ -113,7 +116,7 @@ impl<T: Send> ChannelTail<T> {
         let n = senders.len();
         let bufs = match partition {
             Partition::Hash(_) if n > 1 => (0..n).map(|_| Vec::new()).collect(),
-            _ => vec![Vec::new()],
+            _ => Vec::new(),
         };
         ChannelTail {
             metrics: Arc::clone(&cx.metrics),
@@ -121,6 +124,7 @@ impl<T: Send> ChannelTail<T> {
             live: n,
             senders: senders.into_iter().map(Some).collect(),
             partition,
+            cur: Vec::new(),
             bufs,
             next: instance % n.max(1),
             batch_size: cx.batch_size(),
@@ -131,13 +135,14 @@ impl<T: Send> ChannelTail<T> {
 
     /// Sends buffer `b` (a full or flushed batch) to its destination.
     fn send_buf(&mut self, b: usize) -> Result<(), Halt> {
-        let batch = std::mem::replace(&mut self.bufs[b], Vec::with_capacity(self.batch_size));
+        let fresh = Vec::with_capacity(self.batch_size);
+        let batch = std::mem::replace(self.buf_mut(b), fresh);
         if batch.is_empty() {
             return Ok(());
         }
         let len = batch.len() as u64;
         let dest = match self.partition {
-            Partition::Hash(_) if self.bufs.len() > 1 => b,
+            Partition::Hash(_) if !self.bufs.is_empty() => b,
             Partition::Forward => self.next,
             _ => self.pick_rebalance(),
         };
@@ -186,12 +191,21 @@ impl<T: Send> ChannelTail<T> {
 }
 
 impl<T: Send> ChannelTail<T> {
+    #[inline]
+    fn buf_mut(&mut self, b: usize) -> &mut Vec<T> {
+        if self.bufs.is_empty() {
+            &mut self.cur
+        } else {
+            &mut self.bufs[b]
+        }
+    }
+
     /// The slow path of `emit`: a buffer filled up.
     #[cold]
     #[inline(never)]
     fn full(&mut self, b: usize) -> Result<(), Halt> {
         self.send_buf(b)?;
-        if self.bufs.iter().all(Vec::is_empty) {
+        if self.cur.is_empty() && self.bufs.iter().all(Vec::is_empty) {
             self.pending_since = None;
         }
         Ok(())
@@ -200,7 +214,7 @@ impl<T: Send> ChannelTail<T> {
     #[inline]
     fn dest(&self, item: &T) -> usize {
         match &self.partition {
-            Partition::Hash(h) if self.bufs.len() > 1 => {
+            Partition::Hash(h) if !self.bufs.is_empty() => {
                 (h(item) % self.bufs.len() as u64) as usize
             }
             _ => 0,
@@ -215,7 +229,7 @@ impl<T: Send> Emit<T> for ChannelTail<T> {
         if self.pending_since.is_none() {
             self.pending_since = Some(self.run.clock_ms.load(std::sync::atomic::Ordering::Relaxed));
         }
-        let buf = &mut self.bufs[b];
+        let buf = self.buf_mut(b);
         buf.push(item);
         if buf.len() >= self.batch_size {
             return self.full(b);
@@ -230,7 +244,7 @@ impl<T: Send> Tail<T> for ChannelTail<T> {
     }
 
     fn flush(&mut self, _cx: &Cx) -> Result<(), Halt> {
-        for b in 0..self.bufs.len() {
+        for b in 0..self.bufs.len().max(1) {
             self.send_buf(b)?;
         }
         self.pending_since = None;
