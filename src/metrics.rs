@@ -100,6 +100,9 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// One row per stage instance, in stage order.
     pub stages: Vec<StageMetrics>,
+    /// The pools registered with [`Pipeline::track_pool`](crate::Pipeline::track_pool), as
+    /// they stood at the end of the run.
+    pub pools: Vec<crate::PoolMetrics>,
 }
 
 impl RunReport {
@@ -165,6 +168,12 @@ impl fmt::Display for RunReport {
                 ms(s.send_blocked),
                 ms(s.recv_blocked)
             )?;
+        }
+        if !self.pools.is_empty() {
+            writeln!(f, "{}", crate::PoolMetrics::HEADER)?;
+            for p in &self.pools {
+                writeln!(f, "{p}")?;
+            }
         }
         let secs = self.elapsed.as_secs_f64();
         let read = self.records_read();

@@ -55,7 +55,12 @@ pub(crate) struct RunShared {
     /// sources read it per record (one relaxed load) to notice a batch that waited too long.
     pub clock_ms: AtomicU64,
     pub metrics: Mutex<Vec<MetricsEntry>>,
+    /// Samplers of the pools whose metrics belong in the report.
+    pub pools: Mutex<Vec<PoolSampler>>,
 }
+
+/// Reads one pool's metrics.
+pub(crate) type PoolSampler = Box<dyn Fn() -> crate::PoolMetrics + Send + Sync>;
 
 impl RunShared {
     pub fn new(opts: Options) -> Arc<Self> {
@@ -69,6 +74,7 @@ impl RunShared {
             started: Mutex::new(None),
             clock_ms: AtomicU64::new(0),
             metrics: Mutex::new(Vec::new()),
+            pools: Mutex::new(Vec::new()),
         })
     }
 
@@ -96,6 +102,10 @@ impl RunShared {
 
     pub fn has_failed(&self) -> bool {
         self.first_error.lock().is_some()
+    }
+
+    fn pool_metrics(&self) -> Vec<crate::PoolMetrics> {
+        self.pools.lock().iter().map(|sample| sample()).collect()
     }
 
     fn elapsed(&self) -> Duration {
@@ -149,7 +159,11 @@ impl CancelHandle {
             .iter()
             .map(|m| m.snapshot(elapsed))
             .collect();
-        RunReport { elapsed, stages }
+        RunReport {
+            elapsed,
+            stages,
+            pools: self.shared.pool_metrics(),
+        }
     }
 }
 
@@ -359,5 +373,9 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         .iter()
         .map(|m| m.snapshot(elapsed))
         .collect();
-    Ok(RunReport { elapsed, stages })
+    Ok(RunReport {
+        elapsed,
+        stages,
+        pools: shared.pool_metrics(),
+    })
 }

@@ -201,11 +201,18 @@ impl Chunk {
     /// The chunk's lines without their endings, with their line numbers.
     pub fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
         let data = self.data.strip_suffix(b"\n").unwrap_or(&self.data);
-        data.split(|&b| b == b'\n').enumerate().map(move |(i, l)| {
-            (
-                self.first_line + i as u64,
-                l.strip_suffix(b"\r").unwrap_or(l),
-            )
+        let mut start = 0;
+        let mut ends = memchr::memchr_iter(b'\n', data).chain(std::iter::once(data.len()));
+        let mut line = self.first_line;
+        std::iter::from_fn(move || {
+            if start > data.len() {
+                return None;
+            }
+            let end = ends.next()?;
+            let l = &data[start..end];
+            start = end + 1;
+            line += 1;
+            Some((line - 1, l.strip_suffix(b"\r").unwrap_or(l)))
         })
     }
 }
@@ -286,18 +293,18 @@ impl Head<Chunk> for ChunkHead {
                 self.eof = true;
                 break;
             }
-            let has_line = data[start..].contains(&b'\n') || data[..start].contains(&b'\n');
-            if has_line && (data.len() >= self.chunk_size || self.poll_fd.is_some()) {
+            let full = data.len() >= self.chunk_size || self.poll_fd.is_some();
+            if full && memchr::memrchr(b'\n', &data).is_some() {
                 break;
             }
         }
         if !self.eof {
             // Keep the partial last line for the next block.
-            let cut = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let cut = memchr::memrchr(b'\n', &data).map_or(0, |i| i + 1);
             self.carry = data.split_off(cut);
         }
         if !data.is_empty() {
-            let lines = data.iter().filter(|&&b| b == b'\n').count() as u64
+            let lines = memchr::memchr_iter(b'\n', &data).count() as u64
                 + u64::from(self.eof && !data.ends_with(b"\n"));
             buf.push(Chunk {
                 first_line: self.next_line,

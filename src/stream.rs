@@ -313,6 +313,26 @@ impl Pipeline {
         s
     }
 
+    /// Includes a [`Pool`](crate::Pool)'s metrics (capacity, in use, waiters, wait time,
+    /// timeouts, deadlocks detected) in this run's report and live snapshots.
+    ///
+    /// ```
+    /// let pool = millrace::Pool::from_resources("conns", vec![1u8, 2]);
+    /// let p = millrace::Pipeline::new();
+    /// p.track_pool(&pool);
+    /// let q = pool.clone();
+    /// p.source("n", 0..10u32).map(move |x| { let _c = q.acquire().unwrap(); x }).for_each(|_| {});
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.pools[0].acquires, 10);
+    /// ```
+    pub fn track_pool<R: Send + 'static>(&self, pool: &crate::Pool<R>) {
+        let pool = pool.clone();
+        self.shared
+            .pools
+            .lock()
+            .push(Box::new(move || pool.metrics()));
+    }
+
     /// Names of the stages registered so far, in the order they run.
     pub fn stage_names(&self) -> Vec<String> {
         self.b
