@@ -84,7 +84,7 @@ fn send_blocking<T>(
 }
 
 /// How many times a blocked send or receive yields the CPU before it parks the thread.
-const YIELDS: usize = 16;
+const YIELDS: usize = 32;
 
 /// A stage's output towards one downstream stage.
 pub(crate) struct ChannelTail<T> {
@@ -98,6 +98,9 @@ pub(crate) struct ChannelTail<T> {
     cur: Vec<T>,
     /// One buffer per destination when hashing over several; empty otherwise.
     bufs: Vec<Vec<T>>,
+    /// Emptied batches sent back by the consumers: reusing them saves an allocation and a
+    /// cross-thread free per batch.
+    recycle: Option<Receiver<Vec<T>>>,
     /// Destination of `Forward`, or the next round-robin candidate.
     next: usize,
     batch_size: usize,
@@ -112,6 +115,7 @@ impl<T: Send> ChannelTail<T> {
         instance: usize,
         senders: Vec<Sender<Message<T>>>,
         partition: Partition<T>,
+        recycle: Option<Receiver<Vec<T>>>,
     ) -> Self {
         let n = senders.len();
         let bufs = match partition {
@@ -126,6 +130,7 @@ impl<T: Send> ChannelTail<T> {
             partition,
             cur: Vec::new(),
             bufs,
+            recycle,
             next: instance % n.max(1),
             batch_size: cx.batch_size(),
             pending_since: None,
@@ -135,7 +140,13 @@ impl<T: Send> ChannelTail<T> {
 
     /// Sends buffer `b` (a full or flushed batch) to its destination.
     fn send_buf(&mut self, b: usize) -> Result<(), Halt> {
-        let fresh = Vec::with_capacity(self.batch_size);
+        let fresh = match self.recycle.as_ref().and_then(|r| r.try_recv().ok()) {
+            Some(mut v) => {
+                v.clear();
+                v
+            }
+            None => Vec::with_capacity(self.batch_size),
+        };
         let batch = std::mem::replace(self.buf_mut(b), fresh);
         if batch.is_empty() {
             return Ok(());
@@ -331,14 +342,17 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
 /// A stage instance's input: one channel fed by every upstream instance.
 pub(crate) struct InputHead<T> {
     rx: Receiver<Message<T>>,
+    /// Where drained batches go back to the producers (dropped when that channel is full).
+    recycle: Sender<Vec<T>>,
     ends_expected: usize,
     ends_seen: usize,
 }
 
 impl<T> InputHead<T> {
-    pub fn new(rx: Receiver<Message<T>>, ends_expected: usize) -> Self {
+    pub fn new(rx: Receiver<Message<T>>, ends_expected: usize, recycle: Sender<Vec<T>>) -> Self {
         InputHead {
             rx,
+            recycle,
             ends_expected,
             ends_seen: 0,
         }
@@ -411,6 +425,11 @@ impl<T: Send> Head<T> for InputHead<T> {
                 None => return Ok(Pull::Idle),
                 Some(Message::Data(mut batch)) => {
                     std::mem::swap(buf, &mut batch);
+                    if batch.capacity() > 0 {
+                        // `batch` is the caller's previous, drained buffer.
+                        batch.clear();
+                        let _ = self.recycle.try_send(batch);
+                    }
                     return Ok(Pull::Data);
                 }
                 Some(Message::End) => {

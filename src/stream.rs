@@ -14,7 +14,7 @@ use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHasher};
 
@@ -71,6 +71,8 @@ impl Builder {
 struct EdgeCell<T> {
     partition: Partition<T>,
     senders: Option<Vec<Sender<Message<T>>>>,
+    /// Emptied batches coming back from the consumers, for the producers to refill.
+    recycle: Option<Receiver<Vec<T>>>,
     from_stage: usize,
     from_parallelism: usize,
 }
@@ -631,6 +633,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         let edge: Edge<Out<I, C>> = Rc::new(RefCell::new(EdgeCell {
             partition,
             senders: None,
+            recycle: None,
             from_stage: usize::MAX,
             from_parallelism: self.parallelism,
         }));
@@ -706,6 +709,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                 Rc::new(RefCell::new(EdgeCell {
                     partition: Partition::Forward,
                     senders: None,
+                    recycle: None,
                     from_stage: usize::MAX,
                     from_parallelism: p,
                 }))
@@ -954,8 +958,9 @@ fn channel_tail<T: Send + 'static>(
         ))
     })?;
     let partition = e.partition.clone();
+    let recycle = e.recycle.clone();
     Ok(Box::new(move |cx: &Cx| {
-        Ok(ChannelTail::new(cx, instance, senders, partition))
+        Ok(ChannelTail::new(cx, instance, senders, partition, recycle))
     }))
 }
 
@@ -975,12 +980,17 @@ where
             let (txs, rxs): (Vec<_>, Vec<_>) = (0..parallelism)
                 .map(|_| bounded(opts.channel_capacity))
                 .unzip();
+            // Bounded: at most as many empty batches as the channels and the batches being
+            // filled or drained can hold.
+            let (back_tx, back_rx) = bounded(parallelism * (opts.channel_capacity + 2));
             for e in &edges {
-                e.borrow_mut().senders = Some(txs.clone());
+                let mut e = e.borrow_mut();
+                e.senders = Some(txs.clone());
+                e.recycle = Some(back_rx.clone());
             }
             Ok(rxs
                 .into_iter()
-                .map(|rx| wrap(InputHead::new(rx, ends)))
+                .map(|rx| wrap(InputHead::new(rx, ends, back_tx.clone())))
                 .collect())
         }),
     }
