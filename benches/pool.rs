@@ -5,7 +5,7 @@
 //! cargo bench --bench pool -- --warm-up-time 1 --measurement-time 3
 //! ```
 //!
-//! Results and the ratio to r2d2 are recorded in `docs/pool-performance.md`.
+//! Results and the ratio to r2d2 are recorded in `docs/performance.md`.
 
 // `criterion_group!` generates an undocumented function.
 #![allow(missing_docs)]
