@@ -250,6 +250,11 @@ impl ChunkHead {
 }
 
 impl Head<Chunk> for ChunkHead {
+    /// Counts lines read, not blocks: a block is a transport detail.
+    fn counts_input(&self) -> bool {
+        true
+    }
+
     fn pull(
         &mut self,
         cx: &Cx,
@@ -311,6 +316,8 @@ impl Head<Chunk> for ChunkHead {
                 data,
             });
             self.next_line += lines;
+            crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, lines);
+            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
         Ok(if self.eof { Pull::End } else { Pull::Idle })
     }

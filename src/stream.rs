@@ -74,6 +74,7 @@ struct EdgeCell<T> {
     /// Emptied batches coming back from the consumers, for the producers to refill.
     recycle: Option<Receiver<Vec<T>>>,
     from_stage: usize,
+    from_name: String,
     from_parallelism: usize,
 }
 
@@ -635,6 +636,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             senders: None,
             recycle: None,
             from_stage: usize::MAX,
+            from_name: self.stage_name(),
             from_parallelism: self.parallelism,
         }));
         let out = Rc::clone(&edge);
@@ -704,6 +706,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     {
         let b = Rc::clone(&self.b);
         let p = self.parallelism;
+        let name = self.stage_name();
         let edges: Vec<Edge<Out<I, C>>> = (0..n)
             .map(|_| {
                 Rc::new(RefCell::new(EdgeCell {
@@ -711,6 +714,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                     senders: None,
                     recycle: None,
                     from_stage: usize::MAX,
+                    from_name: name.clone(),
                     from_parallelism: p,
                 }))
             })
@@ -824,14 +828,6 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         }
     }
 
-    /// Gathers into a single instance unless the stage already has one.
-    fn single(self) -> Stream<I, C>
-    where
-        I: Send,
-    {
-        self
-    }
-
     /// Calls `f` for each record, on one thread, in arrival order. Fused into this stage when it
     /// has one instance.
     pub fn for_each<F>(self, f: F)
@@ -879,7 +875,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             items: Arc::clone(&items),
         };
         let name = self.op_name("collect");
-        self.single().close(Some(name), move |_| {
+        self.close(Some(name), move |_| {
             let items = Arc::clone(&items);
             Ok(Box::new(move |cx: &Cx| Ok(CollectTail::new(cx, items))) as MakeTail<_>)
         });
@@ -953,8 +949,8 @@ fn channel_tail<T: Send + 'static>(
     let e = edge.borrow();
     let senders = e.senders.clone().ok_or_else(|| {
         Error::Build(format!(
-            "the output of stage #{} is never consumed: end it in a sink",
-            e.from_stage
+            "the output of stage `{}` is never consumed: end the stream in a sink",
+            e.from_name
         ))
     })?;
     let partition = e.partition.clone();

@@ -409,3 +409,15 @@ fn report_counts_records_and_prints_a_table() {
     assert!(table.contains("filter#0"), "{table}");
     assert!(table.contains("1000 records read"), "{table}");
 }
+
+#[test]
+fn a_stream_left_without_a_sink_is_an_error_naming_its_stage() {
+    let p = Pipeline::new();
+    let dangling = p.source("nums", 0..10u32).map(|x| x + 1).rebalance(2);
+    drop(dangling);
+    let err = p.run().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid pipeline: the output of stage `nums+map` is never consumed: end the stream in a sink"
+    );
+}
