@@ -104,7 +104,9 @@ pub(crate) struct ChannelTail<T> {
     /// Destination of `Forward`, or the next round-robin candidate.
     next: usize,
     batch_size: usize,
-    pending_since: Option<u64>,
+    /// Clock time (ms) at which the records now buffered started to arrive: set before each
+    /// input batch while the buffers are empty, so `emit` need not look at the clock.
+    started: u64,
     /// Every consumer is gone: emitting more is pointless.
     stopped: bool,
 }
@@ -133,7 +135,7 @@ impl<T: Send> ChannelTail<T> {
             recycle,
             next: instance % n.max(1),
             batch_size: cx.batch_size(),
-            pending_since: None,
+            started: 0,
             stopped: n == 0,
         }
     }
@@ -215,50 +217,60 @@ impl<T: Send> ChannelTail<T> {
     #[cold]
     #[inline(never)]
     fn full(&mut self, b: usize) -> Result<(), Halt> {
-        self.send_buf(b)?;
-        if self.cur.is_empty() && self.bufs.iter().all(Vec::is_empty) {
-            self.pending_since = None;
-        }
-        Ok(())
+        self.send_buf(b)
     }
 
-    #[inline]
-    fn dest(&self, item: &T) -> usize {
-        match &self.partition {
-            Partition::Hash(h) if !self.bufs.is_empty() => {
-                (h(item) % self.bufs.len() as u64) as usize
-            }
+    /// `emit` when hashing over several destinations (kept out of line so that the common
+    /// path inlines into the chain's loop).
+    #[inline(never)]
+    fn emit_hashed(&mut self, item: T) -> Result<(), Halt> {
+        let b = match &self.partition {
+            Partition::Hash(h) => (h(&item) % self.bufs.len() as u64) as usize,
             _ => 0,
-        }
-    }
-}
-
-impl<T: Send> Emit<T> for ChannelTail<T> {
-    #[inline]
-    fn emit(&mut self, item: T) -> Result<(), Halt> {
-        let b = self.dest(&item);
-        if self.pending_since.is_none() {
-            self.pending_since = Some(self.run.clock_ms.load(std::sync::atomic::Ordering::Relaxed));
-        }
-        let buf = self.buf_mut(b);
+        };
+        let buf = &mut self.bufs[b];
         buf.push(item);
         if buf.len() >= self.batch_size {
             return self.full(b);
         }
         Ok(())
     }
+
+    fn is_empty(&self) -> bool {
+        self.cur.is_empty() && self.bufs.iter().all(Vec::is_empty)
+    }
+}
+
+impl<T: Send> Emit<T> for ChannelTail<T> {
+    /// The per-record path: one branch, a push and a length check.
+    #[inline(always)]
+    fn emit(&mut self, item: T) -> Result<(), Halt> {
+        if !self.bufs.is_empty() {
+            return self.emit_hashed(item);
+        }
+        self.cur.push(item);
+        if self.cur.len() >= self.batch_size {
+            return self.full(0);
+        }
+        Ok(())
+    }
 }
 
 impl<T: Send> Tail<T> for ChannelTail<T> {
+    fn before_batch(&mut self, now: u64) {
+        if self.is_empty() {
+            self.started = now;
+        }
+    }
+
     fn pending_since(&self) -> Option<u64> {
-        self.pending_since
+        (!self.is_empty()).then_some(self.started)
     }
 
     fn flush(&mut self, _cx: &Cx) -> Result<(), Halt> {
         for b in 0..self.bufs.len().max(1) {
             self.send_buf(b)?;
         }
-        self.pending_since = None;
         Ok(())
     }
 
@@ -316,6 +328,11 @@ impl<T: Clone + Send> Emit<T> for TeeTail<T> {
 }
 
 impl<T: Clone + Send> Tail<T> for TeeTail<T> {
+    fn before_batch(&mut self, now: u64) {
+        for out in &mut self.outs {
+            out.before_batch(now);
+        }
+    }
     fn pending_since(&self) -> Option<u64> {
         self.outs.iter().filter_map(|o| o.pending_since()).min()
     }

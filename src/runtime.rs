@@ -222,7 +222,9 @@ pub(crate) trait Head<I>: Send {
 
 /// The end of a stage instance: a channel partitioner or a sink.
 pub(crate) trait Tail<T>: Emit<T> + Send {
-    /// Clock time (ms) at which the oldest record the tail still holds was emitted.
+    /// Called before the records of each input batch are pushed, with the coarse clock.
+    fn before_batch(&mut self, _now: u64) {}
+    /// Clock time (ms) since which the tail has held records it has not sent.
     fn pending_since(&self) -> Option<u64> {
         None
     }
@@ -252,6 +254,7 @@ where
         }
         let flush_at = tail.pending_since().map(|t| t + linger);
         let pull = head.pull(cx, &mut buf, flush_at)?;
+        tail.before_batch(cx.clock_ms());
         if count_in && !buf.is_empty() {
             InstanceMetrics::add(&cx.metrics.records_in, buf.len() as u64);
             InstanceMetrics::add(&cx.metrics.batches_in, 1);
