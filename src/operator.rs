@@ -159,7 +159,22 @@ pub(crate) fn op_error(name: &str, e: impl Into<BoxError>) -> Halt {
     }
 }
 
-// Written out per operator: the trait bounds differ in shape, which a macro would obscure.
+/// The naming methods of a `Chain` impl for an operator with `prev` and `name` fields.
+macro_rules! named_step {
+    () => {
+        fn names(&self, names: &mut Vec<Arc<str>>) {
+            self.prev.names(names);
+            names.push(Arc::clone(&self.name));
+        }
+        fn rename_last(&mut self, name: Arc<str>) -> bool {
+            self.name = name;
+            true
+        }
+    };
+}
+
+// The `Chain` impls are written out per operator: their trait bounds differ in shape, which a
+// macro would obscure.
 
 struct MapEmit<'a, F, E>(Step<'a, F, E>);
 impl<A, U, F: Fn(A) -> U, E: Emit<U>> Emit<A> for MapEmit<'_, F, E> {
@@ -186,14 +201,7 @@ where
             }),
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 struct TryMapEmit<'a, F, E>(Step<'a, F, E>);
@@ -227,14 +235,7 @@ where
             }),
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 struct FilterEmit<'a, F, E>(Step<'a, F, E>);
@@ -265,14 +266,7 @@ where
             }),
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 struct FlatMapEmit<'a, F, E>(Step<'a, F, E>);
@@ -304,14 +298,7 @@ where
             }),
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 struct TryFlatMapEmit<'a, F, E>(Step<'a, F, E>);
@@ -351,14 +338,7 @@ where
             }),
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 struct InspectEmit<'a, F, E>(Step<'a, F, E>);
@@ -386,14 +366,7 @@ where
             }),
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 /// `limit(n)`: passes the first `n` records (counted across all instances of the stage), then
@@ -461,14 +434,7 @@ impl<In, C: Chain<In>> Chain<In> for Limit<C> {
             },
         )
     }
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
+    named_step!();
 }
 
 /// The object-safe face of a chain, for pipelines assembled at run time (the TOML layer).

@@ -321,6 +321,20 @@ impl Graph {
         }
     }
 
+    /// Runs the deadlock check for the queued request `ticket` and, when its wait can never end,
+    /// takes it out of the queue, counts the refusal and returns the cycle to report.
+    pub(crate) fn refuse_if_stuck(
+        &mut self,
+        id: PoolId,
+        ticket: u64,
+        me: TaskId,
+    ) -> Option<Vec<WaitEdge>> {
+        let cycle = self.find_deadlock(id, me)?;
+        self.dequeue(id, ticket, me);
+        self.pool_mut(id).stats.deadlocks += 1;
+        Some(cycle)
+    }
+
     /// The deadlock check. `me` must already be queued on pool `id`. Returns the wait-for cycle
     /// through `me` if its wait can never end, `None` if it may.
     ///

@@ -210,15 +210,15 @@ impl<R> Pool<R> {
         }
         let detect = sh.registry.detection();
         let ticket = g.enqueue(sh.id, task);
-        if detect {
-            if let Some(cycle) = g.find_deadlock(sh.id, task) {
-                g.dequeue(sh.id, ticket, task);
-                g.pool_mut(sh.id).stats.deadlocks += 1;
-                return Err(PoolError::WouldDeadlock {
-                    pool: sh.name.to_string(),
-                    cycle,
-                });
-            }
+        let refusal = |cycle| PoolError::WouldDeadlock {
+            pool: sh.name.to_string(),
+            cycle,
+        };
+        if let Some(cycle) = detect
+            .then(|| g.refuse_if_stuck(sh.id, ticket, task))
+            .flatten()
+        {
+            return Err(refusal(cycle));
         }
         let start = Instant::now();
         loop {
@@ -246,15 +246,11 @@ impl<R> Pool<R> {
                 });
             }
             // Woken without being served: the graph changed (a unit retired), so re-check.
-            if detect {
-                if let Some(cycle) = g.find_deadlock(sh.id, task) {
-                    g.dequeue(sh.id, ticket, task);
-                    g.pool_mut(sh.id).stats.deadlocks += 1;
-                    return Err(PoolError::WouldDeadlock {
-                        pool: sh.name.to_string(),
-                        cycle,
-                    });
-                }
+            if let Some(cycle) = detect
+                .then(|| g.refuse_if_stuck(sh.id, ticket, task))
+                .flatten()
+            {
+                return Err(refusal(cycle));
             }
         }
     }
