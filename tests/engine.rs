@@ -421,3 +421,82 @@ fn a_stream_left_without_a_sink_is_an_error_naming_its_stage() {
         "invalid pipeline: the output of stage `nums+map` is never consumed: end the stream in a sink"
     );
 }
+
+#[test]
+fn read_lines_and_write_lines_round_trip_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    let text: String = (0..5000).map(|i| format!("line {i}\r\n")).collect();
+    std::fs::write(&input, &text).unwrap();
+    let output = dir.path().join("sub/out.txt");
+    let p = Pipeline::with_options(small_batches());
+    p.read_lines(&input)
+        .map(|l| l.to_uppercase())
+        .write_lines(&output);
+    let report = p.run().unwrap();
+    let expect: String = (0..5000).map(|i| format!("LINE {i}\n")).collect();
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), expect);
+    assert_eq!(report.stage("lines.write").unwrap().records_out, 5000);
+}
+
+#[test]
+fn read_ndjson_typed_and_write_ndjson() {
+    #[derive(serde::Deserialize, serde::Serialize, Debug, PartialEq)]
+    struct Ev {
+        id: u32,
+        user: String,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    std::fs::write(
+        &input,
+        "{\"id\":1,\"user\":\"a\"}\n\n{\"id\":2,\"user\":\"b\"}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("out.ndjson");
+    let p = Pipeline::new();
+    p.read_ndjson::<Ev>(&input)
+        .filter(|e| e.id > 1)
+        .write_ndjson(&output);
+    p.run().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "{\"id\":2,\"user\":\"b\"}\n"
+    );
+
+    std::fs::write(&input, "{\"id\":1,\"user\":\"a\"}\n{\"id\":\"x\"}\n").unwrap();
+    let p = Pipeline::new();
+    p.read_ndjson::<Ev>(&input).for_each(|_| {});
+    let err = p.run().unwrap_err().to_string();
+    let want = format!(
+        "stage `ndjson.read`: {}:2: invalid JSON: invalid type",
+        input.display()
+    );
+    assert!(err.starts_with(&want), "{err}");
+}
+
+#[test]
+fn forward_keeps_instances_paired() {
+    let p = Pipeline::with_options(small_batches());
+    let out = p
+        .source("n", 0..4000u64)
+        .rebalance(2)
+        .map(|x| (x, std::thread::current().name().unwrap_or("").to_string()))
+        .forward()
+        .map(|(x, upstream)| {
+            (
+                x,
+                upstream,
+                std::thread::current().name().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let report = p.run().unwrap();
+    let v = out.take();
+    assert_eq!(v.len(), 4000);
+    // Instance i of the first stage feeds instance i of the second, and only it.
+    for (_, up, down) in &v {
+        assert_eq!(up.chars().last(), down.chars().last(), "{up} -> {down}");
+    }
+    assert_eq!(report.stages.len(), 5, "{report}");
+}
