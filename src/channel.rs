@@ -47,8 +47,8 @@ impl<T> Clone for Partition<T> {
     }
 }
 
-/// Sends one message, blocking while the channel is full (timed as backpressure) unless the run
-/// is cancelled. `Err(msg)` when the receiver is gone.
+/// Sends one message, blocking while the channel is full (timed as backpressure).
+/// `Err(Halt::Done)` when the receiver is gone or the run is cancelled.
 fn send_blocking<T>(
     run: &RunShared,
     metrics: &InstanceMetrics,
@@ -93,8 +93,8 @@ pub(crate) struct ChannelTail<T> {
     senders: Vec<Option<Sender<Message<T>>>>,
     live: usize,
     partition: Partition<T>,
-    /// The batch being filled, when all records go to one destination at a time. Kept inline
-    /// (on the worker's stack) rather than behind a pointer: it is written once per record.
+    /// The batch being filled, when all records go to one destination at a time (the
+    /// per-record path of `emit` touches only this).
     cur: Vec<T>,
     /// One buffer per destination when hashing over several; empty otherwise.
     bufs: Vec<Vec<T>>,
@@ -142,6 +142,9 @@ impl<T: Send> ChannelTail<T> {
 
     /// Sends buffer `b` (a full or flushed batch) to its destination.
     fn send_buf(&mut self, b: usize) -> Result<(), Halt> {
+        if self.buf_mut(b).is_empty() {
+            return Ok(());
+        }
         let fresh = match self.recycle.as_ref().and_then(|r| r.try_recv().ok()) {
             Some(mut v) => {
                 v.clear();
@@ -150,9 +153,6 @@ impl<T: Send> ChannelTail<T> {
             None => Vec::with_capacity(self.batch_size),
         };
         let batch = std::mem::replace(self.buf_mut(b), fresh);
-        if batch.is_empty() {
-            return Ok(());
-        }
         let len = batch.len() as u64;
         let dest = match self.partition {
             Partition::Hash(_) if !self.bufs.is_empty() => b,
