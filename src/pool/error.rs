@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::task::TaskId;
 
-/// A boxed error from a resource factory.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// A boxed error from a resource factory: the crate's [`BoxError`](crate::BoxError).
+pub use crate::error::BoxError;
 
 /// One edge of a deadlock cycle: `task` waits for a lease of `pool`, and every unit of `pool` is
 /// held by `holders`, all of which are waiting too.
