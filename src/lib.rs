@@ -48,6 +48,8 @@ mod sink;
 mod source;
 mod stream;
 pub mod sync;
+mod time;
+pub mod window;
 
 pub use error::{BoxError, Error, Location, Result};
 pub use metrics::{RunReport, StageMetrics};
@@ -57,3 +59,4 @@ pub use pool::{
 pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use stream::{KeyedStream, Pipeline, Stream};
+pub use time::{Timestamp, Window};

@@ -1,0 +1,154 @@
+//! The three assigners and their validation.
+
+use crate::time::{Timestamp, Window};
+
+/// An assigner's parameters are invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AssignerError {
+    /// A size, slide or gap that is not positive.
+    #[error("{what} must be positive, found {value} ms")]
+    NotPositive {
+        /// Which parameter.
+        what: &'static str,
+        /// Its value.
+        value: i64,
+    },
+}
+
+fn positive(what: &'static str, value: i64) -> Result<i64, AssignerError> {
+    if value > 0 {
+        Ok(value)
+    } else {
+        Err(AssignerError::NotPositive { what, value })
+    }
+}
+
+/// The largest `s ≤ t` with `s ≡ offset (mod step)`, in i128 so that it stays exact at the
+/// ends of the i64 range (it may lie below `i64::MIN`).
+fn floor_to(t: i64, step: i64, offset: i64) -> i128 {
+    let rem = (t as i128 - offset as i128).rem_euclid(step as i128);
+    t as i128 - rem
+}
+
+/// `[start, start + size)` clamped to the representable range (only the first and last
+/// windows of the i64 range are ever clamped).
+fn clamped(start: i128, size: i64) -> Window {
+    let clamp = |v: i128| v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    Window {
+        start: Timestamp(clamp(start)),
+        end: Timestamp(clamp(start + size as i128)),
+    }
+}
+
+/// Fixed-size, non-overlapping windows: every instant is in exactly one.
+///
+/// ```
+/// use millrace::{window::Tumbling, Timestamp, Window};
+/// let w = Tumbling::new(10_000, 0).unwrap();
+/// assert_eq!(w.assign(Timestamp(10_000)), Window::new(Timestamp(10_000), Timestamp(20_000)));
+/// assert_eq!(w.assign(Timestamp(-1)), Window::new(Timestamp(-10_000), Timestamp(0)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tumbling {
+    size: i64,
+    offset: i64,
+}
+
+impl Tumbling {
+    /// Windows of `size` ms, starting at multiples of `size` shifted by `offset` ms.
+    pub fn new(size: i64, offset: i64) -> Result<Self, AssignerError> {
+        Ok(Tumbling {
+            size: positive("size", size)?,
+            offset: offset.rem_euclid(size.max(1)),
+        })
+    }
+
+    /// The window containing `t`.
+    pub fn assign(&self, t: Timestamp) -> Window {
+        clamped(floor_to(t.0, self.size, self.offset), self.size)
+    }
+}
+
+/// Fixed-size windows starting every `slide` ms; an instant is in `ceil(size / slide)` or
+/// `floor(size / slide)` of them (exactly `size / slide` when `slide` divides `size`). A `size`
+/// that is not a multiple of `slide` is allowed: each window is still `[s, s + size)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sliding {
+    size: i64,
+    slide: i64,
+    offset: i64,
+}
+
+impl Sliding {
+    /// Windows of `size` ms starting every `slide` ms (shifted by `offset`).
+    pub fn new(size: i64, slide: i64, offset: i64) -> Result<Self, AssignerError> {
+        let size = positive("size", size)?;
+        let slide = positive("slide", slide)?;
+        Ok(Sliding {
+            size,
+            slide,
+            offset: offset.rem_euclid(slide),
+        })
+    }
+
+    /// Every window containing `t`, latest start first.
+    ///
+    /// ```
+    /// use millrace::{window::Sliding, Timestamp};
+    /// let w = Sliding::new(10_000, 5_000, 0).unwrap();
+    /// let starts: Vec<i64> = w.assign(Timestamp(10_000)).iter().map(|w| w.start.0).collect();
+    /// assert_eq!(starts, vec![10_000, 5_000]);
+    /// ```
+    pub fn assign(&self, t: Timestamp) -> Vec<Window> {
+        let mut out = Vec::with_capacity((self.size / self.slide + 1) as usize);
+        let mut start = floor_to(t.0, self.slide, self.offset);
+        while start + self.size as i128 > t.0 as i128 {
+            let w = clamped(start, self.size);
+            debug_assert!(w.contains(t));
+            out.push(w);
+            if start <= i64::MIN as i128 {
+                break; // Earlier windows would all clamp to this one.
+            }
+            start -= self.slide as i128;
+        }
+        out
+    }
+}
+
+/// Activity-bounded windows: each event opens `[t, t + gap)`; windows that overlap merge.
+/// Half-open: `[a, a + gap)` and `[a + gap, …)` touch but do not overlap, so they stay apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    gap: i64,
+}
+
+impl Session {
+    /// Sessions that close after `gap` ms without events.
+    pub fn new(gap: i64) -> Result<Self, AssignerError> {
+        Ok(Session {
+            gap: positive("gap", gap)?,
+        })
+    }
+
+    /// The window an event at `t` opens on its own.
+    pub fn assign(&self, t: Timestamp) -> Window {
+        Window {
+            start: t,
+            end: t.saturating_add(self.gap),
+        }
+    }
+
+    /// Merges `windows` into disjoint sessions, sorted by start.
+    pub fn merge(&self, mut windows: Vec<Window>) -> Vec<Window> {
+        windows.sort();
+        let mut out: Vec<Window> = Vec::with_capacity(windows.len());
+        for w in windows {
+            match out.last_mut() {
+                Some(last) if last.overlaps(&w) => *last = last.cover(&w),
+                _ => out.push(w),
+            }
+        }
+        out
+    }
+}
