@@ -6,9 +6,16 @@
 //! | [`Sliding`] `{ size, slide, offset }` | every `[s, s + size)` with `s ≡ offset (mod slide)` that contains `t` |
 //! | [`Session`] `{ gap }` | `[t, t + gap)`, merged with the windows it overlaps |
 //!
+//! [`WindowState`] is the keyed window state machine (fire on watermark, allowed lateness,
+//! late records returned and counted) with the [`Aggregate`] trait and built-in aggregates.
+//!
 //! All arithmetic floors (`rem_euclid`), so negative timestamps behave like positive ones, and
 //! membership is always decided by [`Window::contains`](crate::Window::contains).
 
+mod aggregate;
 mod assign;
+mod operator;
 
+pub use aggregate::{Aggregate, Count, Max, Mean, Min, Sum};
 pub use assign::{AssignerError, Session, Sliding, Tumbling};
+pub use operator::{Assigner, WindowOutput, WindowResult, WindowState};

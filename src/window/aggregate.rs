@@ -1,0 +1,129 @@
+//! Aggregations over a window's records: the [`Aggregate`] trait and the built-ins.
+
+/// An aggregation: an accumulator created per window, fed each record, merged with another
+/// (session windows merge when they overlap) and turned into a result.
+pub trait Aggregate<T>: Send + Sync + 'static {
+    /// The running state of one window.
+    type Acc: Clone + Send;
+    /// What a window emits.
+    type Out: Clone + Send;
+    /// A fresh accumulator.
+    fn create(&self) -> Self::Acc;
+    /// Adds one record.
+    fn add(&self, acc: &mut Self::Acc, value: &T);
+    /// Adds everything `other` accumulated.
+    fn merge(&self, acc: &mut Self::Acc, other: Self::Acc);
+    /// The current result.
+    fn result(&self, acc: &Self::Acc) -> Self::Out;
+}
+
+/// Counts records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Count;
+
+impl<T> Aggregate<T> for Count {
+    type Acc = u64;
+    type Out = u64;
+    fn create(&self) -> u64 {
+        0
+    }
+    fn add(&self, acc: &mut u64, _: &T) {
+        *acc += 1;
+    }
+    fn merge(&self, acc: &mut u64, other: u64) {
+        *acc += other;
+    }
+    fn result(&self, acc: &u64) -> u64 {
+        *acc
+    }
+}
+
+/// Sums `f64` values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sum;
+
+impl Aggregate<f64> for Sum {
+    type Acc = f64;
+    type Out = f64;
+    fn create(&self) -> f64 {
+        0.0
+    }
+    fn add(&self, acc: &mut f64, v: &f64) {
+        *acc += v;
+    }
+    fn merge(&self, acc: &mut f64, other: f64) {
+        *acc += other;
+    }
+    fn result(&self, acc: &f64) -> f64 {
+        *acc
+    }
+}
+
+/// The smallest `f64` value (`None` for an empty window).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Min;
+
+impl Aggregate<f64> for Min {
+    type Acc = Option<f64>;
+    type Out = Option<f64>;
+    fn create(&self) -> Option<f64> {
+        None
+    }
+    fn add(&self, acc: &mut Option<f64>, v: &f64) {
+        *acc = Some(acc.map_or(*v, |a| a.min(*v)));
+    }
+    fn merge(&self, acc: &mut Option<f64>, other: Option<f64>) {
+        if let Some(o) = other {
+            self.add(acc, &o);
+        }
+    }
+    fn result(&self, acc: &Option<f64>) -> Option<f64> {
+        *acc
+    }
+}
+
+/// The largest `f64` value (`None` for an empty window).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Max;
+
+impl Aggregate<f64> for Max {
+    type Acc = Option<f64>;
+    type Out = Option<f64>;
+    fn create(&self) -> Option<f64> {
+        None
+    }
+    fn add(&self, acc: &mut Option<f64>, v: &f64) {
+        *acc = Some(acc.map_or(*v, |a| a.max(*v)));
+    }
+    fn merge(&self, acc: &mut Option<f64>, other: Option<f64>) {
+        if let Some(o) = other {
+            self.add(acc, &o);
+        }
+    }
+    fn result(&self, acc: &Option<f64>) -> Option<f64> {
+        *acc
+    }
+}
+
+/// The mean of `f64` values (`None` for an empty window).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mean;
+
+impl Aggregate<f64> for Mean {
+    type Acc = (f64, u64);
+    type Out = Option<f64>;
+    fn create(&self) -> (f64, u64) {
+        (0.0, 0)
+    }
+    fn add(&self, acc: &mut (f64, u64), v: &f64) {
+        acc.0 += v;
+        acc.1 += 1;
+    }
+    fn merge(&self, acc: &mut (f64, u64), other: (f64, u64)) {
+        acc.0 += other.0;
+        acc.1 += other.1;
+    }
+    fn result(&self, acc: &(f64, u64)) -> Option<f64> {
+        (acc.1 > 0).then(|| acc.0 / acc.1 as f64)
+    }
+}
