@@ -182,19 +182,18 @@ fn built_in_aggregates() {
     assert!(matches!(&out[0], WindowOutput::Result(r) if r.value == Some(3.0)));
 }
 
-/// Replays `events` in order with a bounded-out-of-orderness watermark (max seen − `ooo`) after
-/// each, then +∞; returns the last result per (key, window), whether each window's first
-/// result was an update, and the state.
-fn replay(
-    assigner: Assigner,
-    lateness: i64,
-    ooo: i64,
-    events: &[(u32, i64)],
-) -> (
+/// The last result per (key, window), whether some window's first result was marked as an
+/// update, and the final state.
+type Replay = (
     BTreeMap<(u32, Window), u64>,
     bool,
     WindowState<u32, f64, Count>,
-) {
+);
+
+/// Replays `events` in order with a bounded-out-of-orderness watermark (max seen − `ooo`) after
+/// each, then +∞; returns the last result per (key, window), whether each window's first
+/// result was an update, and the state.
+fn replay(assigner: Assigner, lateness: i64, ooo: i64, events: &[(u32, i64)]) -> Replay {
     let mut s = WindowState::new(assigner, Count, lateness);
     let mut out = Out::new();
     let mut max = i64::MIN;
