@@ -6,6 +6,8 @@
 //! | [`Sliding`] `{ size, slide, offset }` | every `[s, s + size)` with `s ≡ offset (mod slide)` that contains `t` |
 //! | [`Session`] `{ gap }` | `[t, t + gap)`, merged with the windows it overlaps |
 //!
+//! [`BoundedOutOfOrderness`] generates watermarks at a source and [`WatermarkTracker`] combines
+//! them over a stage's inputs (minimum, idle inputs released, ended inputs at +∞).
 //! [`WindowState`] is the keyed window state machine (fire on watermark, allowed lateness,
 //! late records returned and counted) with the [`Aggregate`] trait and built-in aggregates.
 //!
@@ -15,7 +17,9 @@
 mod aggregate;
 mod assign;
 mod operator;
+mod watermark;
 
 pub use aggregate::{Aggregate, Count, Max, Mean, Min, Sum};
 pub use assign::{AssignerError, Session, Sliding, Tumbling};
 pub use operator::{Assigner, WindowOutput, WindowResult, WindowState};
+pub use watermark::{BoundedOutOfOrderness, WatermarkTracker};
