@@ -59,4 +59,4 @@ pub use pool::{
 pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use stream::{KeyedStream, Pipeline, Stream};
-pub use time::{Timestamp, Window};
+pub use time::{parse_duration_ms, parse_rfc3339_ms, Timestamp, Window};

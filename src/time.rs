@@ -105,3 +105,145 @@ impl fmt::Display for Window {
         write!(f, "[{}, {})", self.start.0, self.end.0)
     }
 }
+
+/// Parses a duration such as `"10s"`, `"500ms"`, `"2m"`, `"1h"`, `"1d"` or `"1m30s"` into
+/// milliseconds. Units: `ms`, `s`, `m`, `h`, `d`; at least one `<integer><unit>` part.
+///
+/// ```
+/// use millrace::parse_duration_ms;
+/// assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
+/// assert!(parse_duration_ms("10").is_err());
+/// ```
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let err = || {
+        format!("invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"2m\", \"1h\", \"1d\" or \"1m30s\"")
+    };
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(err());
+    }
+    let bytes = s.as_bytes();
+    let (mut i, mut total) = (0, 0i64);
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        let n: i64 = s[start..i].parse().map_err(|_| err())?;
+        let unit_start = i;
+        while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+            i += 1;
+        }
+        let per = match &s[unit_start..i] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(err()),
+        };
+        total = n
+            .checked_mul(per)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(err)?;
+    }
+    Ok(total)
+}
+
+/// Parses an RFC 3339 timestamp (`2024-05-01T12:00:00Z`, `2024-05-01T12:00:00.250+02:00`) into
+/// milliseconds since the Unix epoch. Fractions beyond milliseconds are truncated.
+///
+/// ```
+/// use millrace::parse_rfc3339_ms;
+/// assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:10Z"), Ok(10_000));
+/// assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59.5-00:00"), Ok(-500));
+/// ```
+pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
+    let err = |why: &str| format!("invalid RFC 3339 time {text:?}: {why}");
+    let b = text.as_bytes();
+    let num = |from: usize, len: usize| -> Result<i64, String> {
+        let part = text.get(from..from + len).ok_or_else(|| err("too short"))?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(err("expected digits"));
+        }
+        part.parse::<i64>().map_err(|_| err("expected digits"))
+    };
+    let sep = |at: usize, want: &[u8]| -> Result<(), String> {
+        match b.get(at) {
+            Some(c) if want.contains(c) => Ok(()),
+            _ => Err(err("malformed")),
+        }
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    sep(4, b"-")?;
+    sep(7, b"-")?;
+    sep(10, b"Tt ")?;
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    sep(13, b":")?;
+    sep(16, b":")?;
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return Err(err("no such date"));
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return Err(err("no such time of day"));
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return Err(err("empty fraction"));
+        }
+        let frac = &text[start..i.min(start + 3)];
+        millis = frac.parse::<i64>().map_err(|_| err("bad fraction"))?
+            * 10i64.pow(3 - frac.len() as u32);
+    }
+    let offset_min = match b.get(i) {
+        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+        Some(&c @ (b'+' | b'-')) if i + 6 == b.len() => {
+            sep(i + 3, b":")?;
+            let (oh, om) = (num(i + 1, 2)?, num(i + 4, 2)?);
+            if oh > 23 || om > 59 {
+                return Err(err("bad offset"));
+            }
+            let m = oh * 60 + om;
+            if c == b'-' {
+                -m
+            } else {
+                m
+            }
+        }
+        _ => return Err(err("expected Z or an offset like +02:00 at the end")),
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_min * 60;
+    Ok(secs * 1_000 + millis)
+}
+
+fn is_leap(y: i64) -> bool {
+    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if is_leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}

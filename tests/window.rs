@@ -159,3 +159,53 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn durations_parse_with_units() {
+    use millrace::parse_duration_ms as d;
+    assert_eq!(d("500ms"), Ok(500));
+    assert_eq!(d("10s"), Ok(10_000));
+    assert_eq!(d("2m"), Ok(120_000));
+    assert_eq!(d("1h"), Ok(3_600_000));
+    assert_eq!(d("1d"), Ok(86_400_000));
+    assert_eq!(d("1m30s"), Ok(90_000));
+    assert_eq!(d(" 0s "), Ok(0));
+    for bad in ["", "10", "s", "10x", "-1s", "1.5s", "99999999999999999999s"] {
+        let e = d(bad).unwrap_err();
+        assert!(e.starts_with(&format!("invalid duration {bad:?}")), "{e}");
+    }
+}
+
+#[test]
+fn rfc3339_times_match_an_independent_conversion() {
+    use millrace::parse_rfc3339_ms as p;
+    // Expected values from Python's datetime.fromisoformat.
+    for (text, ms) in [
+        ("1970-01-01T00:00:00Z", 0),
+        ("2024-02-29T23:59:59.999Z", 1_709_251_199_999),
+        ("2000-01-01T00:00:00+05:30", 946_665_000_000),
+        ("1900-03-01T12:34:56.7-08:00", -2_203_817_103_300),
+        ("0001-01-01T00:00:00Z", -62_135_596_800_000),
+        ("9999-12-31T23:59:59Z", 253_402_300_799_000),
+        ("2026-11-23T19:05:58.123456Z", 1_795_460_758_123),
+        ("2026-11-23t19:05:58z", 1_795_460_758_000),
+    ] {
+        assert_eq!(p(text), Ok(ms), "{text}");
+    }
+    for bad in [
+        "2023-02-29T00:00:00Z",
+        "2024-13-01T00:00:00Z",
+        "2024-01-01T24:00:00Z",
+        "2024-01-01T00:00:00",
+        "2024-01-01T00:00:00+0200",
+        "2024-01-01 00:00:00.Z",
+        "20240101T000000Z",
+        "",
+    ] {
+        let e = p(bad).unwrap_err();
+        assert!(
+            e.starts_with(&format!("invalid RFC 3339 time {bad:?}")),
+            "{e}"
+        );
+    }
+}
