@@ -45,6 +45,7 @@ pub mod operator;
 pub mod pool;
 mod runtime;
 mod sink;
+pub mod snapshot;
 mod source;
 mod stream;
 pub mod sync;
@@ -58,5 +59,6 @@ pub use pool::{
 };
 pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
+pub use snapshot::Snapshot;
 pub use stream::{KeyedStream, Pipeline, Stream};
 pub use time::{parse_duration_ms, parse_rfc3339_ms, Timestamp, Window};
