@@ -349,3 +349,20 @@ proptest! {
         prop_assert_eq!(state.live_windows(), 0);
     }
 }
+
+#[test]
+fn min_and_max_aggregates() {
+    use millrace::window::{Max, Min};
+    let a = Assigner::Tumbling(Tumbling::new(10, 0).unwrap());
+    let mut lo = WindowState::new(a, Min, 0);
+    let mut hi = WindowState::new(a, Max, 0);
+    let (mut o1, mut o2) = (Vec::new(), Vec::new());
+    for v in [3.0, -1.5, 7.25] {
+        lo.on_record(0, ts(1), v, &mut o1);
+        hi.on_record(0, ts(1), v, &mut o2);
+    }
+    lo.on_watermark(Timestamp::MAX, &mut o1);
+    hi.on_watermark(Timestamp::MAX, &mut o2);
+    assert!(matches!(&o1[0], WindowOutput::Result(r) if r.value == Some(-1.5)));
+    assert!(matches!(&o2[0], WindowOutput::Result(r) if r.value == Some(7.25)));
+}

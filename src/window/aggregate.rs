@@ -59,51 +59,44 @@ impl Aggregate<f64> for Sum {
     }
 }
 
-/// The smallest `f64` value (`None` for an empty window).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Min;
+/// `Min` and `Max`: the extreme `f64` value by `pick` (`None` for an empty window).
+macro_rules! extremum {
+    ($(#[$doc:meta])* $name:ident, $pick:path) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $name;
 
-impl Aggregate<f64> for Min {
-    type Acc = Option<f64>;
-    type Out = Option<f64>;
-    fn create(&self) -> Option<f64> {
-        None
-    }
-    fn add(&self, acc: &mut Option<f64>, v: &f64) {
-        *acc = Some(acc.map_or(*v, |a| a.min(*v)));
-    }
-    fn merge(&self, acc: &mut Option<f64>, other: Option<f64>) {
-        if let Some(o) = other {
-            self.add(acc, &o);
+        impl Aggregate<f64> for $name {
+            type Acc = Option<f64>;
+            type Out = Option<f64>;
+            fn create(&self) -> Option<f64> {
+                None
+            }
+            fn add(&self, acc: &mut Option<f64>, v: &f64) {
+                *acc = Some(acc.map_or(*v, |a| $pick(a, *v)));
+            }
+            fn merge(&self, acc: &mut Option<f64>, other: Option<f64>) {
+                if let Some(o) = other {
+                    self.add(acc, &o);
+                }
+            }
+            fn result(&self, acc: &Option<f64>) -> Option<f64> {
+                *acc
+            }
         }
-    }
-    fn result(&self, acc: &Option<f64>) -> Option<f64> {
-        *acc
-    }
+    };
 }
 
-/// The largest `f64` value (`None` for an empty window).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Max;
-
-impl Aggregate<f64> for Max {
-    type Acc = Option<f64>;
-    type Out = Option<f64>;
-    fn create(&self) -> Option<f64> {
-        None
-    }
-    fn add(&self, acc: &mut Option<f64>, v: &f64) {
-        *acc = Some(acc.map_or(*v, |a| a.max(*v)));
-    }
-    fn merge(&self, acc: &mut Option<f64>, other: Option<f64>) {
-        if let Some(o) = other {
-            self.add(acc, &o);
-        }
-    }
-    fn result(&self, acc: &Option<f64>) -> Option<f64> {
-        *acc
-    }
-}
+extremum!(
+    /// The smallest `f64` value (`None` for an empty window).
+    Min,
+    f64::min
+);
+extremum!(
+    /// The largest `f64` value (`None` for an empty window).
+    Max,
+    f64::max
+);
 
 /// The mean of `f64` values (`None` for an empty window).
 #[derive(Debug, Clone, Copy, Default)]

@@ -134,6 +134,18 @@ where
         w.end.saturating_add(self.lateness) <= self.watermark
     }
 
+    /// Returns a record too late for every window it belongs to, and counts it.
+    fn late(
+        &mut self,
+        key: K,
+        time: Timestamp,
+        record: T,
+        out: &mut Vec<WindowOutput<K, T, A::Out>>,
+    ) {
+        self.late += 1;
+        out.push(WindowOutput::Late { key, time, record });
+    }
+
     fn result(&self, key: &K, slot: &Slot<A::Acc>, update: bool) -> WindowOutput<K, T, A::Out> {
         WindowOutput::Result(WindowResult {
             key: key.clone(),
@@ -174,13 +186,7 @@ where
         }
         let live: Vec<Window> = windows.iter().copied().filter(|w| !self.freed(w)).collect();
         if live.is_empty() {
-            self.late += 1;
-            out.push(WindowOutput::Late {
-                key,
-                time: t,
-                record,
-            });
-            return;
+            return self.late(key, t, record, out);
         }
         self.missed += (windows.len() - live.len()) as u64;
         let wm = self.watermark;
@@ -231,13 +237,7 @@ where
         out: &mut Vec<WindowOutput<K, T, A::Out>>,
     ) {
         if self.freed(&w) {
-            self.late += 1;
-            out.push(WindowOutput::Late {
-                key,
-                time: t,
-                record,
-            });
-            return;
+            return self.late(key, t, record, out);
         }
         let slots = self.keys.entry(key.clone()).or_default();
         let mut merged = Slot {
