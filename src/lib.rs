@@ -52,6 +52,8 @@ pub mod sync;
 mod time;
 pub mod window;
 
+/// The channel crate the engine is built on, for [`Pipeline::source_channel`]'s receiver.
+pub use crossbeam_channel;
 pub use error::{BoxError, Error, Location, Result};
 pub use metrics::{RunReport, StageMetrics};
 pub use pool::{

@@ -438,3 +438,64 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(line: &[u8]) -> ParseRe
         .map(Some)
         .map_err(|e| format!("invalid JSON: {e}"))
 }
+
+/// A head receiving records pushed into a crossbeam channel by code outside the pipeline. Unlike
+/// an iterator it can wait with a deadline, so a partial batch is flushed on time even while the
+/// sender is silent. The source ends when every sender is dropped.
+pub(crate) struct ChannelSourceHead<T> {
+    rx: crossbeam_channel::Receiver<T>,
+}
+
+impl<T> ChannelSourceHead<T> {
+    pub fn new(rx: crossbeam_channel::Receiver<T>) -> Self {
+        ChannelSourceHead { rx }
+    }
+}
+
+impl<T: Send> Head<T> for ChannelSourceHead<T> {
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        use crossbeam_channel::{select, TryRecvError};
+        let cap = cx.batch_size();
+        let mut deadline = flush_at;
+        while buf.len() < cap {
+            match self.rx.try_recv() {
+                Ok(x) => {
+                    buf.push(x);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return Ok(Pull::End),
+                Err(TryRecvError::Empty) => {}
+            }
+            if !buf.is_empty() && deadline.is_none() {
+                deadline = Some(cx.clock_ms() + cx.linger_ms());
+            }
+            let t0 = std::time::Instant::now();
+            let got = match deadline {
+                Some(at) => {
+                    let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
+                    select! {
+                        recv(self.rx) -> m => m.ok(),
+                        recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
+                        default(wait) => {
+                            crate::metrics::InstanceMetrics::add(&cx.metrics.recv_wait_ns, t0.elapsed().as_nanos() as u64);
+                            return Ok(Pull::Idle);
+                        }
+                    }
+                }
+                None => select! {
+                    recv(self.rx) -> m => m.ok(),
+                    recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
+                },
+            };
+            crate::metrics::InstanceMetrics::add(
+                &cx.metrics.recv_wait_ns,
+                t0.elapsed().as_nanos() as u64,
+            );
+            match got {
+                Some(x) => buf.push(x),
+                None => return Ok(Pull::End),
+            }
+        }
+        Ok(Pull::Data)
+    }
+}

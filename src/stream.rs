@@ -26,7 +26,9 @@ use crate::operator::{
 };
 use crate::runtime::{self, CancelHandle, Cx, Head, Options, Pull, RunShared, Tail, Worker};
 use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
-use crate::source::{parse_json, parse_text, Chunk, ChunkHead, Input, IterHead, LineHead};
+use crate::source::{
+    parse_json, parse_text, ChannelSourceHead, Chunk, ChunkHead, Input, IterHead, LineHead,
+};
 
 type Phase2 = Box<dyn FnOnce() -> Result<Vec<Worker>, Error>>;
 type Phase1 = Box<dyn FnOnce(&Options) -> Result<Phase2, Error>>;
@@ -202,6 +204,39 @@ impl Pipeline {
             make: Box::new(move |_, _| {
                 Ok(vec![
                     Box::new(IterHead::new(iter.into_iter())) as Box<dyn Head<It::Item>>
+                ])
+            }),
+        };
+        self.open(head, 1)
+    }
+
+    /// A source stage fed through a channel by code outside the pipeline (another thread, a
+    /// callback). It flushes partial batches after the linger time even while the senders are
+    /// silent, which an iterator that blocks in `next()` cannot do, and it ends when every
+    /// sender has been dropped.
+    ///
+    /// ```
+    /// let (tx, rx) = millrace::crossbeam_channel::bounded(16);
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source_channel("events", rx).map(|x: u32| x * 2).collect();
+    /// let feeder = std::thread::spawn(move || (1..=3).for_each(|x| tx.send(x).unwrap()));
+    /// p.run().unwrap();
+    /// feeder.join().unwrap();
+    /// assert_eq!(out.take(), vec![2, 4, 6]);
+    /// ```
+    pub fn source_channel<T: Send + 'static>(
+        &self,
+        name: &str,
+        rx: crossbeam_channel::Receiver<T>,
+    ) -> Stream<T, Identity<T>> {
+        let name = self.b.borrow_mut().unique(name);
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            inputs: Vec::new(),
+            make: Box::new(move |_, _| {
+                Ok(vec![
+                    Box::new(ChannelSourceHead::new(rx)) as Box<dyn Head<T>>
                 ])
             }),
         };

@@ -500,3 +500,36 @@ fn forward_keeps_instances_paired() {
     }
     assert_eq!(report.stages.len(), 5, "{report}");
 }
+
+/// A channel source flushes on time while its sender is silent: the records sent before a long
+/// pause reach the sink during the pause, not at the end.
+#[test]
+fn channel_source_flushes_while_the_sender_is_silent() {
+    let (tx, rx) = millrace::crossbeam_channel::bounded(64);
+    let p = Pipeline::new(); // batch 1024, linger 10 ms
+    let arrived = Arc::new(AtomicU64::new(0));
+    let a2 = Arc::clone(&arrived);
+    p.source_channel("events", rx)
+        .new_stage()
+        .map(|x: u64| x)
+        .for_each(move |_| {
+            a2.fetch_add(1, Ordering::SeqCst);
+        });
+    let a3 = Arc::clone(&arrived);
+    let feeder = std::thread::spawn(move || {
+        for i in 0..5u64 {
+            tx.send(i).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        let seen = a3.load(Ordering::SeqCst);
+        tx.send(5).unwrap();
+        seen // dropping `tx` ends the source
+    });
+    p.run().unwrap();
+    assert_eq!(
+        feeder.join().unwrap(),
+        5,
+        "all five arrived during the pause"
+    );
+    assert_eq!(arrived.load(Ordering::SeqCst), 6);
+}
