@@ -46,6 +46,9 @@ const TICK: Duration = Duration::from_millis(2);
 pub(crate) struct RunShared {
     pub opts: Options,
     cancelled: AtomicBool,
+    /// A worker is unwinding from a panic and its error is not recorded yet: consumers that see
+    /// its channels close in the meantime must not report that as an error of their own.
+    aborting: AtomicBool,
     /// Dropped on cancel: every blocking channel operation selects on `cancel_rx` as well.
     cancel_tx: Mutex<Option<Sender<()>>>,
     pub cancel_rx: Receiver<()>,
@@ -68,6 +71,7 @@ impl RunShared {
         Arc::new(RunShared {
             opts,
             cancelled: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
             cancel_tx: Mutex::new(Some(tx)),
             cancel_rx: rx,
             first_error: Mutex::new(None),
@@ -100,8 +104,9 @@ impl RunShared {
         self.cancel();
     }
 
+    /// Whether the run is failing: an error is recorded or a worker is unwinding from a panic.
     pub fn has_failed(&self) -> bool {
-        self.first_error.lock().is_some()
+        self.aborting.load(Ordering::Acquire) || self.first_error.lock().is_some()
     }
 
     fn pool_metrics(&self) -> Vec<crate::PoolMetrics> {
@@ -235,11 +240,48 @@ pub(crate) trait Tail<T>: Emit<T> + Send {
 }
 
 /// The loop every stage instance runs.
+///
+/// Failures are recorded *before* the tail (and so the senders to downstream stages) is dropped:
+/// a consumer that sees its input close without an end marker must find the run already failing,
+/// or it would report the disconnect as an error of its own.
 pub(crate) fn drive<I, C, T>(
     cx: &Cx,
     mut head: Box<dyn Head<I>>,
     mut chain: C,
     mut tail: T,
+) -> Result<(), Halt>
+where
+    C: Chain<I>,
+    T: Tail<C::Out>,
+{
+    // Declared after `tail`, so dropped before it, also while unwinding from a panic.
+    let _guard = AbortGuard(&cx.run);
+    match drive_loop(cx, &mut *head, &mut chain, &mut tail) {
+        Err(Halt::Failed(e)) => {
+            cx.run.fail(e);
+            Err(Halt::Done)
+        }
+        other => other,
+    }
+}
+
+/// Marks the run as failing if the worker is unwinding from a panic.
+struct AbortGuard<'a>(&'a RunShared);
+
+impl Drop for AbortGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.aborting.store(true, Ordering::Release);
+            self.0.cancel();
+        }
+    }
+}
+
+fn drive_loop<I, C, T>(
+    cx: &Cx,
+    head: &mut dyn Head<I>,
+    chain: &mut C,
+    tail: &mut T,
 ) -> Result<(), Halt>
 where
     C: Chain<I>,
@@ -260,7 +302,7 @@ where
             InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
         for item in buf.drain(..) {
-            match chain.push(item, &mut tail) {
+            match chain.push(item, &mut *tail) {
                 Ok(()) => {}
                 Err(Halt::Done) => {
                     // A limit was reached or every consumer is gone: end cleanly.

@@ -533,3 +533,35 @@ fn channel_source_flushes_while_the_sender_is_silent() {
     );
     assert_eq!(arrived.load(Ordering::SeqCst), 6);
 }
+
+/// Regression: an instance that fails drops its channels; the consumer that sees them close
+/// must find the run already failing, and the error reported must be the instance's own, not
+/// "input closed after 1 of 2 end-of-stream markers" (seen about 2 % of the time before the
+/// failure was recorded ahead of the drop).
+#[test]
+fn a_failing_instance_is_reported_not_the_disconnect_it_causes() {
+    for round in 0..200u64 {
+        let p = Pipeline::with_options(small_batches());
+        p.source("n", 0..64u64)
+            .rebalance(2)
+            .try_map(move |x| if x == round % 64 { Err("boom") } else { Ok(x) })
+            .name("bad")
+            .new_stage()
+            .for_each(|_| {});
+        assert_eq!(p.run().unwrap_err().to_string(), "stage `bad` failed: boom");
+
+        let p = Pipeline::with_options(small_batches());
+        p.source("n", 0..64u64)
+            .rebalance(2)
+            .map(move |x| if x == round % 64 { panic!("kaboom") } else { x })
+            .name("bad")
+            .new_stage()
+            .for_each(|_| {});
+        match p.run().unwrap_err() {
+            Error::Panic { stage, message } => {
+                assert_eq!((stage.as_str(), message.as_str()), ("bad", "kaboom"))
+            }
+            other => panic!("round {round}: expected the panic, got {other}"),
+        }
+    }
+}
