@@ -182,6 +182,23 @@ impl Pipeline {
         }
     }
 
+    /// Opens a one-instance source stage named `name` whose head `make` builds when the run
+    /// starts (opening files then, so that an error names the stage).
+    fn open_source<T: Send + 'static>(
+        &self,
+        name: Arc<str>,
+        make: impl FnOnce(&Arc<str>) -> Result<Box<dyn Head<T>>, Error> + 'static,
+    ) -> Stream<T, Identity<T>> {
+        let stage = Arc::clone(&name);
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            inputs: Vec::new(),
+            make: Box::new(move |_, _| Ok(vec![make(&stage)?])),
+        };
+        self.open(head, 1)
+    }
+
     /// A source stage pulling records from any iterator, on one thread.
     ///
     /// ```
@@ -197,17 +214,7 @@ impl Pipeline {
         It::Item: Send + 'static,
     {
         let name = self.b.borrow_mut().unique(name);
-        let head = HeadSpec {
-            name: Some(name),
-            source: true,
-            inputs: Vec::new(),
-            make: Box::new(move |_, _| {
-                Ok(vec![
-                    Box::new(IterHead::new(iter.into_iter())) as Box<dyn Head<It::Item>>
-                ])
-            }),
-        };
-        self.open(head, 1)
+        self.open_source(name, move |_| Ok(Box::new(IterHead::new(iter.into_iter()))))
     }
 
     /// A source stage fed through a channel by code outside the pipeline (another thread, a
@@ -230,17 +237,7 @@ impl Pipeline {
         rx: crossbeam_channel::Receiver<T>,
     ) -> Stream<T, Identity<T>> {
         let name = self.b.borrow_mut().unique(name);
-        let head = HeadSpec {
-            name: Some(name),
-            source: true,
-            inputs: Vec::new(),
-            make: Box::new(move |_, _| {
-                Ok(vec![
-                    Box::new(ChannelSourceHead::new(rx)) as Box<dyn Head<T>>
-                ])
-            }),
-        };
-        self.open(head, 1)
+        self.open_source(name, move |_| Ok(Box::new(ChannelSourceHead::new(rx))))
     }
 
     fn line_source<T, P>(&self, name: Arc<str>, path: &Path, parse: P) -> Stream<T, Identity<T>>
@@ -248,20 +245,11 @@ impl Pipeline {
         T: Send + 'static,
         P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
     {
-        let stage = Arc::clone(&name);
         let path = path.to_path_buf();
-        let head = HeadSpec {
-            name: Some(name),
-            source: true,
-            inputs: Vec::new(),
-            make: Box::new(move |_, _| {
-                let input = Input::open(&stage, &path)?;
-                Ok(vec![
-                    Box::new(LineHead::new(Arc::clone(&stage), input, parse)) as Box<dyn Head<T>>,
-                ])
-            }),
-        };
-        self.open(head, 1)
+        self.open_source(name, move |stage| {
+            let input = Input::open(stage, &path)?;
+            Ok(Box::new(LineHead::new(Arc::clone(stage), input, parse)))
+        })
     }
 
     /// A source stage yielding the lines of a file (`-` for stdin), without line endings.
@@ -291,21 +279,15 @@ impl Pipeline {
         chunk_size: usize,
     ) -> Stream<Chunk, Identity<Chunk>> {
         let name = self.b.borrow_mut().reserve(name);
-        let stage = Arc::clone(&name);
         let path = path.to_path_buf();
-        let head = HeadSpec {
-            name: Some(name),
-            source: true,
-            inputs: Vec::new(),
-            make: Box::new(move |_, _| {
-                let input = Input::open(&stage, &path)?;
-                Ok(vec![
-                    Box::new(ChunkHead::new(Arc::clone(&stage), input, chunk_size))
-                        as Box<dyn Head<Chunk>>,
-                ])
-            }),
-        };
-        self.open(head, 1)
+        self.open_source(name, move |stage| {
+            let input = Input::open(stage, &path)?;
+            Ok(Box::new(ChunkHead::new(
+                Arc::clone(stage),
+                input,
+                chunk_size,
+            )))
+        })
     }
 
     /// `ndjson.read` of the TOML layer: one JSON object per non-blank line.
