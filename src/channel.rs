@@ -16,14 +16,19 @@ use crossbeam_channel::{select, Receiver, Sender, TryRecvError, TrySendError};
 use crate::metrics::InstanceMetrics;
 use crate::operator::{Emit, Halt};
 use crate::runtime::{Cx, Head, Pull, RunShared, Tail};
+use crate::time::Timestamp;
+use crate::window::WatermarkTracker;
 
-/// What travels on a channel between stages.
+/// What travels on a channel between stages. `from` is the sender's input slot at the
+/// receiver: upstream instances are numbered `0..n` over all the edges into one stage.
 #[derive(Debug)]
 pub(crate) enum Message<T> {
     /// A batch of records.
-    Data(Vec<T>),
-    /// One upstream instance has no more records.
-    End,
+    Data { from: usize, batch: Vec<T> },
+    /// The sender promises no record with an event time before `at` will follow.
+    Watermark { from: usize, at: Timestamp },
+    /// The sender has no more records (a watermark of +∞).
+    End { from: usize },
 }
 
 /// How an upstream instance picks the downstream instance for a record.
@@ -91,6 +96,8 @@ pub(crate) struct ChannelTail<T> {
     metrics: Arc<InstanceMetrics>,
     run: Arc<RunShared>,
     senders: Vec<Option<Sender<Message<T>>>>,
+    /// This instance's input slot at every receiver.
+    slot: usize,
     live: usize,
     partition: Partition<T>,
     /// The batch being filled, when all records go to one destination at a time (the
@@ -115,6 +122,7 @@ impl<T: Send> ChannelTail<T> {
     pub fn new(
         cx: &Cx,
         instance: usize,
+        slot: usize,
         senders: Vec<Sender<Message<T>>>,
         partition: Partition<T>,
         recycle: Option<Receiver<Vec<T>>>,
@@ -128,6 +136,7 @@ impl<T: Send> ChannelTail<T> {
             metrics: Arc::clone(&cx.metrics),
             run: Arc::clone(&cx.run),
             live: n,
+            slot,
             senders: senders.into_iter().map(Some).collect(),
             partition,
             cur: Vec::new(),
@@ -163,7 +172,11 @@ impl<T: Send> ChannelTail<T> {
             // That consumer finished early and wants nothing more; its share is dropped.
             return Ok(());
         };
-        match send_blocking(&self.run, &self.metrics, tx, Message::Data(batch)) {
+        let msg = Message::Data {
+            from: self.slot,
+            batch,
+        };
+        match send_blocking(&self.run, &self.metrics, tx, msg) {
             Ok(()) => {
                 InstanceMetrics::add(&self.metrics.batches_out, 1);
                 InstanceMetrics::add(&self.metrics.records_out, len);
@@ -286,9 +299,47 @@ impl<T: Send> Tail<T> for ChannelTail<T> {
         }
         for tx in self.senders.iter().flatten() {
             // A consumer that is gone needs no end marker.
-            let _ = send_blocking(&self.run, &self.metrics, tx, Message::End);
+            let end = Message::End { from: self.slot };
+            let _ = send_blocking(&self.run, &self.metrics, tx, end);
         }
         self.senders.clear();
+        Ok(())
+    }
+
+    fn watermark(&mut self, _cx: &Cx, at: Timestamp) -> Result<(), Halt> {
+        self.send_watermark(at)
+    }
+}
+
+impl<T: Send> ChannelTail<T> {
+    /// Sends what is buffered (records older than the watermark must not overtake it), then the
+    /// watermark to every consumer: each combines the watermarks of all its inputs.
+    pub fn send_watermark(&mut self, at: Timestamp) -> Result<(), Halt> {
+        for b in 0..self.bufs.len().max(1) {
+            self.send_buf(b)?;
+        }
+        let from = self.slot;
+        for tx in self.senders.iter_mut() {
+            let Some(sender) = tx else { continue };
+            if send_blocking(
+                &self.run,
+                &self.metrics,
+                sender,
+                Message::Watermark { from, at },
+            )
+            .is_err()
+            {
+                if self.run.is_cancelled() {
+                    return Err(Halt::Done);
+                }
+                *tx = None;
+                self.live -= 1;
+            }
+        }
+        if self.live == 0 && !self.senders.is_empty() {
+            self.stopped = true;
+            return Err(Halt::Done);
+        }
         Ok(())
     }
 }
@@ -348,6 +399,22 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
         }
         Ok(())
     }
+    fn watermark(&mut self, cx: &Cx, at: Timestamp) -> Result<(), Halt> {
+        for (i, out) in self.outs.iter_mut().enumerate() {
+            if self.live[i] {
+                match out.watermark(cx, at) {
+                    Ok(()) => {}
+                    Err(Halt::Done) if !cx.run.is_cancelled() => self.live[i] = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if self.live.iter().any(|l| *l) {
+            Ok(())
+        } else {
+            Err(Halt::Done)
+        }
+    }
     fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
         for out in &mut self.outs {
             out.finish(cx)?;
@@ -357,21 +424,34 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
 }
 
 /// A stage instance's input: one channel fed by every upstream instance.
+///
+/// It also combines the upstream watermarks (one input slot per upstream instance) in a
+/// [`WatermarkTracker`], and reports a rise of their minimum as [`Pull::Watermark`].
 pub(crate) struct InputHead<T> {
     rx: Receiver<Message<T>>,
     /// Where drained batches go back to the producers (dropped when that channel is full).
     recycle: Sender<Vec<T>>,
     ends_expected: usize,
     ends_seen: usize,
+    tracker: WatermarkTracker,
+    /// How long a silent input may hold the watermark back (`None`: for ever).
+    idle_after: Option<std::time::Duration>,
 }
 
 impl<T> InputHead<T> {
-    pub fn new(rx: Receiver<Message<T>>, ends_expected: usize, recycle: Sender<Vec<T>>) -> Self {
+    pub fn new(
+        rx: Receiver<Message<T>>,
+        ends_expected: usize,
+        recycle: Sender<Vec<T>>,
+        idle_after: Option<std::time::Duration>,
+    ) -> Self {
         InputHead {
             rx,
             recycle,
             ends_expected,
             ends_seen: 0,
+            tracker: WatermarkTracker::new(ends_expected, idle_after, Instant::now()),
+            idle_after,
         }
     }
 
@@ -399,7 +479,16 @@ impl<T> InputHead<T> {
                 return Err(Halt::Done);
             }
         }
-        let result = match flush_at {
+        // While some input may still be released as idle, wake up to check it.
+        let idle_check = self
+            .idle_after
+            .filter(|_| self.tracker.current() < Timestamp::MAX)
+            .map(|d| cx.run.now_ms() + (d.as_millis() as u64 / 2).max(1));
+        let wake = match (flush_at, idle_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match wake {
             Some(at) => {
                 let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
                 select! {
@@ -428,10 +517,12 @@ impl<T> InputHead<T> {
         }
     }
 
-    /// Counts an end marker; true when every upstream instance has ended.
-    pub fn end(&mut self) -> bool {
+    /// Counts input `from`'s end marker: whether every upstream instance has ended, and the
+    /// watermark if the ended input was holding it back.
+    fn end(&mut self, from: usize) -> (bool, Option<Timestamp>) {
         self.ends_seen += 1;
-        self.ends_seen >= self.ends_expected
+        let wm = self.tracker.ended(from, Instant::now());
+        (self.ends_seen >= self.ends_expected, wm)
     }
 }
 
@@ -439,8 +530,17 @@ impl<T: Send> Head<T> for InputHead<T> {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         loop {
             match self.recv(cx, flush_at)? {
-                None => return Ok(Pull::Idle),
-                Some(Message::Data(mut batch)) => {
+                None => {
+                    // Woken without input: releasing idle inputs may advance the watermark.
+                    return Ok(match self.tracker.advance(Instant::now()) {
+                        Some(wm) => Pull::Watermark(wm),
+                        None => Pull::Idle,
+                    });
+                }
+                Some(Message::Data { from, mut batch }) => {
+                    if self.idle_after.is_some() {
+                        self.tracker.heard(from, Instant::now());
+                    }
                     std::mem::swap(buf, &mut batch);
                     if batch.capacity() > 0 {
                         // `batch` is the caller's previous, drained buffer.
@@ -449,11 +549,16 @@ impl<T: Send> Head<T> for InputHead<T> {
                     }
                     return Ok(Pull::Data);
                 }
-                Some(Message::End) => {
-                    if self.end() {
-                        return Ok(Pull::End);
+                Some(Message::Watermark { from, at }) => {
+                    if let Some(wm) = self.tracker.update(from, at, Instant::now()) {
+                        return Ok(Pull::Watermark(wm));
                     }
                 }
+                Some(Message::End { from }) => match self.end(from) {
+                    (true, _) => return Ok(Pull::End),
+                    (false, Some(wm)) => return Ok(Pull::Watermark(wm)),
+                    (false, None) => {}
+                },
             }
         }
     }

@@ -21,6 +21,12 @@ pub(crate) struct InstanceMetrics {
     pub recv_wait_ns: AtomicU64,
     /// Nanoseconds from the thread's start to its end (0 while running).
     pub wall_ns: AtomicU64,
+    /// Window stages: records too late for every window they belong to.
+    pub late: AtomicU64,
+    /// Records dropped by a `skip` error policy.
+    pub skipped: AtomicU64,
+    /// Window stages: windows currently held (a gauge).
+    pub open_windows: AtomicU64,
 }
 
 impl InstanceMetrics {
@@ -61,6 +67,9 @@ impl MetricsEntry {
                 .saturating_sub(recv_blocked),
             send_blocked,
             recv_blocked,
+            late: m.late.load(Relaxed),
+            skipped: m.skipped.load(Relaxed),
+            open_windows: m.open_windows.load(Relaxed),
         }
     }
 }
@@ -89,6 +98,13 @@ pub struct StageMetrics {
     pub send_blocked: Duration,
     /// Time blocked waiting for input: the stage was idle.
     pub recv_blocked: Duration,
+    /// Window stages: records too late for every window they belong to (routed to the late
+    /// output, or dropped when it has none; counted either way).
+    pub late: u64,
+    /// Records dropped by the stage's `skip` error policy.
+    pub skipped: u64,
+    /// Window stages: windows held at the time of the snapshot (0 at the end of a run).
+    pub open_windows: u64,
 }
 
 /// The result of a successful run: elapsed time and per-instance metrics. `Display` prints it as
@@ -122,6 +138,9 @@ impl RunReport {
             total.busy += r.busy;
             total.send_blocked += r.send_blocked;
             total.recv_blocked += r.recv_blocked;
+            total.late += r.late;
+            total.skipped += r.skipped;
+            total.open_windows += r.open_windows;
         }
         Some(total)
     }
@@ -167,6 +186,17 @@ impl fmt::Display for RunReport {
                 ms(s.busy),
                 ms(s.send_blocked),
                 ms(s.recv_blocked)
+            )?;
+        }
+        for s in self
+            .stages
+            .iter()
+            .filter(|s| s.late + s.skipped + s.open_windows > 0)
+        {
+            writeln!(
+                f,
+                "{}#{}: {} late, {} skipped, {} windows open",
+                s.stage, s.instance, s.late, s.skipped, s.open_windows
             )?;
         }
         if !self.pools.is_empty() {

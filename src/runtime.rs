@@ -28,6 +28,15 @@ pub struct Options {
     pub channel_capacity: usize,
     /// How long a partly filled batch may wait before it is sent anyway (default 10 ms).
     pub linger: Duration,
+    /// A watermark generator sends its watermark downstream (when it has risen) after every
+    /// this many records it emits (default 1,024), and whenever its input goes idle. Counting
+    /// records rather than time makes replaying a file deterministic: with one producing
+    /// instance, which records are late depends on the data alone. Each send flushes the
+    /// batches being filled, so much smaller values cost throughput.
+    pub watermark_every: usize,
+    /// How long an input of a stage may stay silent before it stops holding the stage's
+    /// watermark back (default `None`: an input holds it back until it ends).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -36,6 +45,8 @@ impl Default for Options {
             batch_size: 1024,
             channel_capacity: 4,
             linger: Duration::from_millis(10),
+            watermark_every: 1024,
+            idle_timeout: None,
         }
     }
 }
@@ -184,6 +195,8 @@ impl std::fmt::Debug for CancelHandle {
 pub(crate) struct Cx {
     pub run: Arc<RunShared>,
     pub stage: Arc<str>,
+    /// Which instance of the stage this worker runs (0-based).
+    pub instance: usize,
     pub metrics: Arc<InstanceMetrics>,
 }
 
@@ -210,6 +223,8 @@ pub(crate) enum Pull {
     Idle,
     /// The input is exhausted (the buffer may hold its last records).
     End,
+    /// The input's watermark rose to this: forward it after the records in the buffer.
+    Watermark(crate::time::Timestamp),
 }
 
 /// The start of a stage instance: where its records come from.
@@ -232,6 +247,16 @@ pub(crate) trait Tail<T>: Emit<T> + Send {
     /// Clock time (ms) since which the tail has held records it has not sent.
     fn pending_since(&self) -> Option<u64> {
         None
+    }
+    /// Called after the records of each input batch were pushed.
+    #[inline]
+    fn after_batch(&mut self, _cx: &Cx) -> Result<(), Halt> {
+        Ok(())
+    }
+    /// The stage's watermark rose: pass it on after the records already emitted. Sinks
+    /// ignore it.
+    fn watermark(&mut self, _cx: &Cx, _at: crate::time::Timestamp) -> Result<(), Halt> {
+        Ok(())
     }
     /// Sends whatever is buffered.
     fn flush(&mut self, cx: &Cx) -> Result<(), Halt>;
@@ -311,9 +336,11 @@ where
                 Err(e) => return Err(e),
             }
         }
+        tail.after_batch(cx)?;
         match pull {
             Pull::Data => {}
             Pull::Idle => tail.flush(cx)?,
+            Pull::Watermark(at) => tail.watermark(cx, at)?,
             Pull::End => return tail.finish(cx),
         }
     }
@@ -366,6 +393,7 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             let cx = Cx {
                 run: Arc::clone(&shared),
                 stage: Arc::clone(&w.stage),
+                instance: w.instance,
                 metrics,
             };
             let alive = alive_tx.clone();

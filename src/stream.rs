@@ -21,6 +21,7 @@ use rustc_hash::{FxHashMap, FxHasher};
 use crate::channel::{ChannelTail, InputHead, Message, Partition, TeeTail};
 use crate::error::{BoxError, Error};
 use crate::metrics::RunReport;
+use crate::operator::Emit;
 use crate::operator::{
     Boxed, Chain, Filter, FlatMap, Halt, Identity, Inspect, Limit, Map, TryFlatMap, TryMap,
 };
@@ -28,6 +29,11 @@ use crate::runtime::{self, CancelHandle, Cx, Head, Options, Pull, RunShared, Tai
 use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
 use crate::source::{
     parse_json, parse_text, ChannelSourceHead, Chunk, ChunkHead, Input, IterHead, LineHead,
+};
+use crate::time::Timestamp;
+use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowHead};
+use crate::window::{
+    Aggregate, EventTime, LateRecord, WindowOutput, WindowResult, WindowSpec, Windowed,
 };
 
 type Phase2 = Box<dyn FnOnce() -> Result<Vec<Worker>, Error>>;
@@ -78,6 +84,9 @@ struct EdgeCell<T> {
     from_stage: usize,
     from_name: String,
     from_parallelism: usize,
+    /// The input slot of the producer's instance 0 at the consumer (edges into one stage
+    /// number their producers' instances one after another).
+    slot_base: usize,
 }
 
 type Edge<T> = Rc<RefCell<EdgeCell<T>>>;
@@ -655,6 +664,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             from_stage: usize::MAX,
             from_name: self.stage_name(),
             from_parallelism: self.parallelism,
+            slot_base: 0,
         }));
         let out = Rc::clone(&edge);
         let id = self.close(None, move |i| channel_tail(&out, i));
@@ -733,6 +743,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                     from_stage: usize::MAX,
                     from_name: name.clone(),
                     from_parallelism: p,
+                    slot_base: 0,
                 }))
             })
             .collect();
@@ -793,14 +804,70 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         let b = Rc::clone(&self.b);
         let chain = Map::new(self.chain.clone(), move |x| (key(&x), x), name);
         let keyed = self.with(chain);
-        let edge = keyed.connect(Partition::Hash(Arc::new(|(k, _): &(K, _)| {
-            partition_hash(k)
-        })));
+        let hash = Partition::Hash(Arc::new(|(k, _): &(K, _)| partition_hash(k)));
         KeyedStream {
             b,
-            edge,
+            connect: Box::new(move |gen| match gen {
+                None => keyed.connect(hash),
+                Some((time, bound)) => connect_with_watermarks(keyed, hash, time, bound),
+            }),
             parallelism: 1,
         }
+    }
+
+    /// Routes each record to one of two new streams: `Ok` to the first, `Err` to the second.
+    /// Both must be consumed.
+    pub(crate) fn route<L, R>(self, f: fn(Out<I, C>) -> Result<L, R>) -> (Fresh<L>, Fresh<R>)
+    where
+        L: Send + 'static,
+        R: Send + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let p = self.parallelism;
+        let name = self.stage_name();
+        fn edge<X>(name: &str, p: usize) -> Edge<X> {
+            Rc::new(RefCell::new(EdgeCell {
+                partition: Partition::Forward,
+                senders: None,
+                recycle: None,
+                from_stage: usize::MAX,
+                from_name: name.to_string(),
+                from_parallelism: p,
+                slot_base: 0,
+            }))
+        }
+        let (left, right) = (edge::<L>(&name, p), edge::<R>(&name, p));
+        let (l, r) = (Rc::clone(&left), Rc::clone(&right));
+        let id = self.close(None, move |i| {
+            let (ml, mr) = (channel_tail(&l, i)?, channel_tail(&r, i)?);
+            Ok(Box::new(move |cx: &Cx| {
+                Ok(RouteTail {
+                    left: ml(cx)?,
+                    right: mr(cx)?,
+                    f,
+                    live: [true, true],
+                })
+            }) as MakeTail<_>)
+        });
+        left.borrow_mut().from_stage = id;
+        right.borrow_mut().from_stage = id;
+        let open = |e| input_head(vec![e], |h| Box::new(h) as Box<dyn Head<_>>);
+        let lh = open(left);
+        let rh = input_head(vec![right], |h| Box::new(h) as Box<dyn Head<_>>);
+        (
+            Stream {
+                b: Rc::clone(&b),
+                head: lh,
+                chain: Identity::new(),
+                parallelism: 1,
+            },
+            Stream {
+                b,
+                head: rh,
+                chain: Identity::new(),
+                parallelism: 1,
+            },
+        )
     }
 
     /// Gathers every record into one instance and, at end of input, emits them sorted by `cmp`.
@@ -972,8 +1039,11 @@ fn channel_tail<T: Send + 'static>(
     })?;
     let partition = e.partition.clone();
     let recycle = e.recycle.clone();
+    let slot = e.slot_base + instance;
     Ok(Box::new(move |cx: &Cx| {
-        Ok(ChannelTail::new(cx, instance, senders, partition, recycle))
+        Ok(ChannelTail::new(
+            cx, instance, slot, senders, partition, recycle,
+        ))
     }))
 }
 
@@ -996,14 +1066,18 @@ where
             // Bounded: at most as many empty batches as the channels and the batches being
             // filled or drained can hold.
             let (back_tx, back_rx) = bounded(parallelism * (opts.channel_capacity + 2));
+            let mut slot_base = 0;
             for e in &edges {
                 let mut e = e.borrow_mut();
                 e.senders = Some(txs.clone());
                 e.recycle = Some(back_rx.clone());
+                e.slot_base = slot_base;
+                slot_base += e.from_parallelism;
             }
+            let idle = opts.idle_timeout;
             Ok(rxs
                 .into_iter()
-                .map(|rx| wrap(InputHead::new(rx, ends, back_tx.clone())))
+                .map(|rx| wrap(InputHead::new(rx, ends, back_tx.clone(), idle)))
                 .collect())
         }),
     }
@@ -1019,11 +1093,17 @@ fn partition_hash<K: Hash>(k: &K) -> u64 {
         .rotate_left(32)
 }
 
+/// Closes the stage feeding a keyed stream, with an optional watermark generator (event time and
+/// bound in ms).
+type ConnectKeyed<K, T> = Box<dyn FnOnce(Option<(DynTime<T>, i64)>) -> Edge<(K, T)>>;
+
 /// Records partitioned by key, ready for a per-key aggregation emitted at end of input.
 #[must_use = "a keyed stream does nothing until it is aggregated"]
 pub struct KeyedStream<K, T> {
     b: Rc<RefCell<Builder>>,
-    edge: Edge<(K, T)>,
+    /// Closes the producing stage into the keyed edge, with a watermark generator at its end
+    /// when a window consumes it.
+    connect: ConnectKeyed<K, T>,
     parallelism: usize,
 }
 
@@ -1081,7 +1161,8 @@ where
     {
         let f = Arc::new(f);
         let init = Arc::new(init);
-        let mut head = input_head(vec![self.edge], move |input| {
+        let edge = (self.connect)(None);
+        let mut head = input_head(vec![edge], move |input| {
             Box::new(KeyedHead {
                 input,
                 init: Arc::clone(&init),
@@ -1096,6 +1177,101 @@ where
             head,
             chain: Identity::new(),
             parallelism: self.parallelism,
+        }
+    }
+
+    /// Windows each key's records by event time and aggregates every window with `agg`.
+    ///
+    /// The stage feeding the window generates watermarks from `spec`'s event time (one
+    /// generator per instance, trailing the newest time it emitted by the spec's
+    /// `max_out_of_orderness`); a window fires once the watermark reaches its end. See
+    /// docs/semantics.md.
+    ///
+    /// ```
+    /// use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
+    /// use millrace::{Pipeline, Timestamp, Window};
+    /// let p = Pipeline::new();
+    /// // (key, event time ms, value)
+    /// let events = vec![("a", 0, 1.0), ("a", 9_999, 2.0), ("a", 10_000, 4.0), ("b", 5_000, 8.0)];
+    /// let spec = WindowSpec::new(Tumbling::new(10_000, 0).unwrap(), |e: &(&str, i64, f64)| {
+    ///     Timestamp(e.1)
+    /// });
+    /// let out = p
+    ///     .source("events", events)
+    ///     .key_by(|e| e.0)
+    ///     .window(spec, Sum.on(|e: &(&str, i64, f64)| e.2))
+    ///     .results()
+    ///     .map(|r| (r.key, r.window, r.value))
+    ///     .collect();
+    /// p.run().unwrap();
+    /// let mut got = out.take();
+    /// got.sort_by_key(|(k, w, _)| (*k, *w));
+    /// assert_eq!(got, vec![
+    ///     ("a", Window::new(Timestamp(0), Timestamp(10_000)), 3.0),
+    ///     ("a", Window::new(Timestamp(10_000), Timestamp(20_000)), 4.0),
+    ///     ("b", Window::new(Timestamp(0), Timestamp(10_000)), 8.0),
+    /// ]);
+    /// ```
+    pub fn window<A, E>(self, spec: WindowSpec<E>, agg: A) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        let name = self.b.borrow_mut().unique("window");
+        self.window_named(name, spec, agg)
+    }
+
+    pub(crate) fn window_as<A, E>(
+        self,
+        name: &str,
+        spec: WindowSpec<E>,
+        agg: A,
+    ) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        let name = self.b.borrow_mut().reserve(name);
+        self.window_named(name, spec, agg)
+    }
+
+    fn window_named<A, E>(
+        self,
+        name: Arc<str>,
+        spec: WindowSpec<E>,
+        agg: A,
+    ) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        let time = spec.time.clone();
+        let generator = DynTime(Arc::new(move |x: &T| time.time(x)));
+        let edge = (self.connect)(Some((generator, spec.max_out_of_orderness)));
+        let agg = Arc::new(agg);
+        let op = Arc::clone(&name);
+        let mut head = input_head(vec![edge], move |input| {
+            Box::new(WindowHead::new(
+                Arc::clone(&op),
+                input,
+                &spec,
+                Arc::clone(&agg),
+            )) as Box<dyn Head<WindowOutput<K, T, A::Out>>>
+        });
+        head.name = Some(name);
+        Windowed {
+            stream: Stream {
+                b: self.b,
+                head,
+                chain: Identity::new(),
+                parallelism: self.parallelism,
+            },
         }
     }
 
@@ -1134,6 +1310,183 @@ where
         let name = s.op_name("reduce.result");
         let chain = Map::new(Identity::new(), unwrap, name);
         s.with(chain)
+    }
+}
+
+impl<K, T, O> Windowed<K, T, O>
+where
+    K: Send + 'static,
+    T: Send + 'static,
+    O: Send + 'static,
+{
+    /// The window results; late records are dropped (and counted in the window stage's
+    /// `late` metric). What follows is fused into the window stage.
+    pub fn results(self) -> Fresh<WindowResult<K, O>> {
+        let name = self.stream.op_name("results");
+        let f: ResultOnly<K, T, O> = result_only;
+        let chain = FlatMap::new(Identity::new(), f, name);
+        self.stream.with(chain).into_head()
+    }
+
+    /// The window results and, as a second stream, the records too late for every window they
+    /// belong to. Both streams must end in a sink.
+    #[allow(clippy::type_complexity)]
+    pub fn with_late(self) -> (Fresh<WindowResult<K, O>>, Fresh<LateRecord<K, T>>) {
+        self.stream.route(result_or_late)
+    }
+
+    /// Everything the window stage emits, results and late records in one stream.
+    pub fn outputs(self) -> Fresh<WindowOutput<K, T, O>> {
+        self.stream
+    }
+}
+
+/// An event-time extractor behind a pointer, for the watermark generator of a keyed edge.
+pub(crate) struct DynTime<T>(Arc<TimeFn<T>>);
+
+type TimeFn<T> = dyn Fn(&T) -> Result<Timestamp, String> + Send + Sync;
+
+type ResultOnly<K, T, O> = fn(WindowOutput<K, T, O>) -> Option<WindowResult<K, O>>;
+
+impl<T> Clone for DynTime<T> {
+    fn clone(&self) -> Self {
+        DynTime(Arc::clone(&self.0))
+    }
+}
+
+impl<T: 'static> EventTime<T> for DynTime<T> {
+    #[inline]
+    fn time(&self, record: &T) -> Result<Timestamp, String> {
+        (self.0)(record)
+    }
+}
+
+/// Closes a keyed stage into its edge with a watermark generator at the end of each instance.
+fn connect_with_watermarks<I, C, K, T>(
+    s: Stream<I, C>,
+    partition: Partition<(K, T)>,
+    time: DynTime<T>,
+    bound_ms: i64,
+) -> Edge<(K, T)>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = (K, T)>,
+    K: Send + 'static,
+    T: Send + 'static,
+{
+    let edge: Edge<(K, T)> = Rc::new(RefCell::new(EdgeCell {
+        partition,
+        senders: None,
+        recycle: None,
+        from_stage: usize::MAX,
+        from_name: s.stage_name(),
+        from_parallelism: s.parallelism,
+        slot_base: 0,
+    }));
+    let out = Rc::clone(&edge);
+    let id = s.close(None, move |i| {
+        let make = channel_tail(&out, i)?;
+        let time = time.clone();
+        Ok(Box::new(move |cx: &Cx| {
+            let inner = make(cx)?;
+            Ok(WatermarkTail::new(
+                inner,
+                time,
+                bound_ms,
+                cx.run.opts.watermark_every,
+            ))
+        }) as MakeTail<_>)
+    });
+    edge.borrow_mut().from_stage = id;
+    edge
+}
+
+/// Sends each record to one of two channel tails.
+struct RouteTail<X, L, R> {
+    left: ChannelTail<L>,
+    right: ChannelTail<R>,
+    f: fn(X) -> Result<L, R>,
+    /// Whether each side still has a consumer.
+    live: [bool; 2],
+}
+
+impl<X, L: Send, R: Send> Emit<X> for RouteTail<X, L, R> {
+    #[inline]
+    fn emit(&mut self, item: X) -> Result<(), Halt> {
+        let r = match (self.f)(item) {
+            Ok(l) if self.live[0] => self.left.emit(l).map_err(|e| (0, e)),
+            Err(r) if self.live[1] => self.right.emit(r).map_err(|e| (1, e)),
+            _ => Ok(()),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err((side, Halt::Done)) => {
+                self.live[side] = false;
+                if self.live == [false, false] {
+                    Err(Halt::Done)
+                } else {
+                    Ok(())
+                }
+            }
+            Err((_, e)) => Err(e),
+        }
+    }
+}
+
+impl<X: Send, L: Send, R: Send> Tail<X> for RouteTail<X, L, R> {
+    fn before_batch(&mut self, now: u64) {
+        self.left.before_batch(now);
+        self.right.before_batch(now);
+    }
+    fn pending_since(&self) -> Option<u64> {
+        match (self.left.pending_since(), self.right.pending_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+    fn watermark(&mut self, cx: &Cx, at: Timestamp) -> Result<(), Halt> {
+        self.each(cx, |t, cx| t.watermark(cx, at), |t, cx| t.watermark(cx, at))
+    }
+    fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
+        self.each(cx, |t, cx| t.flush(cx), |t, cx| t.flush(cx))
+    }
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        self.left.finish(cx)?;
+        self.right.finish(cx)
+    }
+}
+
+impl<X, L: Send, R: Send> RouteTail<X, L, R> {
+    fn each(
+        &mut self,
+        cx: &Cx,
+        l: impl FnOnce(&mut ChannelTail<L>, &Cx) -> Result<(), Halt>,
+        r: impl FnOnce(&mut ChannelTail<R>, &Cx) -> Result<(), Halt>,
+    ) -> Result<(), Halt> {
+        let results = [
+            if self.live[0] {
+                l(&mut self.left, cx)
+            } else {
+                Ok(())
+            },
+            if self.live[1] {
+                r(&mut self.right, cx)
+            } else {
+                Ok(())
+            },
+        ];
+        for (side, res) in results.into_iter().enumerate() {
+            match res {
+                Ok(()) => {}
+                Err(Halt::Done) if !cx.run.is_cancelled() => self.live[side] = false,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.live == [false, false] {
+            Err(Halt::Done)
+        } else {
+            Ok(())
+        }
     }
 }
 

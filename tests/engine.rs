@@ -17,15 +17,13 @@ fn thread_count() -> usize {
 /// Other tests in this binary run concurrently; retry until the count settles at the baseline.
 fn assert_no_leaked_threads(before: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while thread_count() > before && Instant::now() < deadline {
+    // One reading per check: reading again for the message could see another test's threads.
+    let mut now = thread_count();
+    while now > before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+        now = thread_count();
     }
-    assert!(
-        thread_count() <= before,
-        "threads leaked: {} > {}",
-        thread_count(),
-        before
-    );
+    assert!(now <= before, "threads leaked: {now} > {before}");
 }
 
 fn small_batches() -> Options {

@@ -68,11 +68,25 @@ fn an_idle_input_stops_holding_the_watermark_back() {
 }
 
 #[test]
-fn all_inputs_idle_hold_the_last_watermark() {
+fn all_inputs_idle_release_the_highest_watermark_sent() {
     let t0 = Instant::now();
     let mut w = WatermarkTracker::new(2, Some(Duration::from_millis(1)), t0);
-    assert_eq!(w.advance(t0 + Duration::from_secs(1)), None);
+    assert_eq!(
+        w.advance(t0 + Duration::from_secs(1)),
+        None,
+        "nothing was promised"
+    );
     assert_eq!(w.current(), Timestamp::MIN);
+    assert_eq!(
+        w.update(0, Timestamp(100), t0),
+        None,
+        "input 1 is not idle yet"
+    );
+    assert_eq!(
+        w.advance(t0 + Duration::from_secs(1)),
+        Some(Timestamp(100)),
+        "both silent: the watermark moves to what input 0 promised"
+    );
 }
 
 proptest! {

@@ -6,14 +6,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use super::kinds::{self, Kind};
 use super::parse::{PipelineSpec, StageSpec};
+use super::window::{LatePolicy, WindowParams};
 use super::ConfigError;
 use crate::operator::Boxed;
 use crate::source::Chunk;
+use crate::window::{WindowOutput, WindowSpec};
 use crate::{Pipeline, Stream};
 
 type JsonStream = Stream<Value, Boxed<Value, Value>>;
@@ -24,23 +27,38 @@ impl PipelineSpec {
         let p = Pipeline::with_options(self.options.clone());
         let mut consumers: HashMap<&str, usize> = HashMap::new();
         for s in &self.stages {
-            for i in &s.inputs {
+            // A window's late stage reads its late output, not its results.
+            for i in s.inputs.iter().filter(|i| s.late_of.as_ref() != Some(*i)) {
                 *consumers.entry(i.as_str()).or_default() += 1;
             }
         }
         let mut outputs: HashMap<&str, Vec<JsonStream>> = HashMap::new();
+        let mut lates: HashMap<&str, JsonStream> = HashMap::new();
         for st in &self.stages {
-            let mut inputs = st.inputs.iter().map(|i| {
-                outputs
-                    .get_mut(i.as_str())
-                    .and_then(Vec::pop)
-                    .expect("inputs are built first, one stream per consumer")
-            });
-            let input = inputs
-                .next()
-                .map(|first| inputs.fold(first, |a, b| a.union(b).boxed()));
+            let input = match &st.late_of {
+                Some(w) => Some(
+                    lates
+                        .remove(w.as_str())
+                        .expect("a window is built before its late stage"),
+                ),
+                None => {
+                    let mut inputs = st.inputs.iter().map(|i| {
+                        outputs
+                            .get_mut(i.as_str())
+                            .and_then(Vec::pop)
+                            .expect("inputs are built first, one stream per consumer")
+                    });
+                    inputs
+                        .next()
+                        .map(|first| inputs.fold(first, |a, b| a.union(b).boxed()))
+                }
+            };
             let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
-            let out = build_stage(&p, st, input)?;
+            let mut late = None;
+            let out = build_stage(&p, st, input, &mut late)?;
+            if let Some(l) = late {
+                lates.insert(&st.name, l);
+            }
             let n = consumers.get(st.name.as_str()).copied().unwrap_or(0);
             match (out, n) {
                 (None, 0) => {}
@@ -80,6 +98,7 @@ fn build_stage(
     p: &Pipeline,
     st: &StageSpec,
     input: Option<JsonStream>,
+    late: &mut Option<JsonStream>,
 ) -> Result<Option<JsonStream>, ConfigError> {
     let name = st.name.as_str();
     Ok(match (&st.params, input) {
@@ -178,11 +197,80 @@ fn build_stage(
                     .boxed(),
             )
         }
+        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late)),
         (Kind::NdjsonWrite { path }, Some(s)) => {
             s.write_ndjson_as(name, path);
             None
         }
     })
+}
+
+/// A `window` stage: keyed by `key_field` (null when absent), windowed on the input's watermarks,
+/// results as JSON objects; late records dropped, failing the run, or routed to `late`.
+fn build_window(
+    s: JsonStream,
+    st: &StageSpec,
+    w: &WindowParams,
+    late: &mut Option<JsonStream>,
+) -> JsonStream {
+    let name = st.name.as_str();
+    let key_field = w.key_field.clone();
+    let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
+    let spec = WindowSpec::new(w.assigner, w.event_time())
+        .max_out_of_orderness(ms(w.max_out_of_orderness))
+        .allowed_lateness(ms(w.allowed_lateness))
+        .on_error(w.on_error);
+    let windowed = s
+        .key_by_as(&format!("{name}.key"), move |rec: &Value| {
+            KeyValue(
+                key_field
+                    .as_ref()
+                    .and_then(|k| rec.get(k).cloned())
+                    .unwrap_or(Value::Null),
+            )
+        })
+        .parallelism(st.parallelism)
+        .window_as(name, spec, w.aggregate());
+    let params = Arc::new(w.clone());
+    let json = format!("{name}.json");
+    match &w.late {
+        LatePolicy::Drop => windowed
+            .results()
+            .map(move |r| params.result_json(r))
+            .name(&json)
+            .into_head()
+            .boxed(),
+        LatePolicy::Error => {
+            let stage = name.to_string();
+            windowed
+                .outputs()
+                .try_map(move |o| match o {
+                    WindowOutput::Result(r) => Ok(params.result_json(r)),
+                    WindowOutput::Late { key, time, record } => Err(format!(
+                        "window `{stage}`: a record at {} ms (key {}) arrived after every window it belongs to was closed (late = \"error\"): {record}",
+                        time.0, key.0
+                    )),
+                })
+                .name(&json)
+                .into_head()
+                .boxed()
+        }
+        LatePolicy::Stage(_) => {
+            let (results, late_records) = windowed.with_late();
+            *late = Some(
+                late_records
+                    .map(|l| l.record)
+                    .name(&format!("{name}.late"))
+                    .into_head()
+                    .boxed(),
+            );
+            results
+                .map(move |r| params.result_json(r))
+                .name(&json)
+                .into_head()
+                .boxed()
+        }
+    }
 }
 
 /// Bytes per block when `ndjson.read` parses on several threads: small enough that a channel of

@@ -20,6 +20,7 @@ pub const KINDS: &[(&str, &str)] = &[
     ("filter", "keeps records where `field` `op` `value` holds (op: eq ne lt le gt ge exists contains)"),
     ("select", "keeps only the listed `fields`"),
     ("limit", "passes the first `n` records, then stops everything upstream"),
+    ("window", "event-time windows per `key_field` over `time_field`: tumbling, sliding or session, with `aggregate` outputs"),
     ("ndjson.write", "sink: one JSON object per line to `path` (`-` is stdout)"),
 ];
 
@@ -63,6 +64,7 @@ pub(crate) enum Kind {
     Limit {
         n: u64,
     },
+    Window(Box<super::window::WindowParams>),
     NdjsonWrite {
         path: PathBuf,
     },
@@ -131,6 +133,7 @@ impl Kind {
             "limit" => Kind::Limit {
                 n: p.required_u64("n")?,
             },
+            "window" => Kind::Window(Box::new(super::window::WindowParams::parse(p)?)),
             "ndjson.write" => Kind::NdjsonWrite {
                 path: p.output_path("path")?,
             },
@@ -190,7 +193,7 @@ impl<'a> Params<'a> {
         }
     }
 
-    fn get(&mut self, key: &'static str) -> Option<&'a Spanned<toml::Value>> {
+    pub(crate) fn get(&mut self, key: &'static str) -> Option<&'a Spanned<toml::Value>> {
         self.used.insert(key);
         self.table
             .iter()
@@ -224,7 +227,7 @@ impl<'a> Params<'a> {
         )
     }
 
-    fn wrong(&self, key: &str, expected: &str, found: &toml::Value) -> ConfigError {
+    pub(crate) fn wrong(&self, key: &str, expected: &str, found: &toml::Value) -> ConfigError {
         self.error_at(
             key,
             format!(

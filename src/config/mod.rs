@@ -27,6 +27,7 @@
 //! ```
 
 mod build;
+mod window;
 pub(crate) use build::parse_object;
 mod kinds;
 mod parse;

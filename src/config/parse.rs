@@ -57,6 +57,8 @@ pub struct StageSpec {
     pub line: usize,
     /// Line of its `input` parameter (the header's when absent).
     pub(crate) input_line: usize,
+    /// The window stage whose late records this stage receives (its only input then).
+    pub(crate) late_of: Option<String>,
     pub(crate) params: kinds::Kind,
 }
 
@@ -124,6 +126,7 @@ impl PipelineSpec {
                 "no stages: add a [stages.<name>] table",
             ));
         }
+        let late_targets = late_targets(&ctx, &raw.stages)?;
         let mut stages = Vec::new();
         for (name, table) in &raw.stages {
             stages.push(parse_stage(
@@ -131,6 +134,9 @@ impl PipelineSpec {
                 name.get_ref(),
                 lines.line(name.span().start),
                 table.get_ref(),
+                late_targets
+                    .get(name.get_ref().as_str())
+                    .map(String::as_str),
             )?);
         }
         let stages = check_graph(file, stages)?;
@@ -226,13 +232,24 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<Options, Config
                 describe(other)
             ))),
         };
+        let duration = || match v.get_ref() {
+            toml::Value::String(s) => crate::parse_duration_ms(s)
+                .map(|ms| Duration::from_millis(ms as u64))
+                .map_err(err),
+            other => Err(err(format!(
+                "expected a duration such as \"5s\", found {}",
+                describe(other)
+            ))),
+        };
         match k.get_ref().as_str() {
             "batch_size" => o.batch_size = int()? as usize,
             "channel_capacity" => o.channel_capacity = int()? as usize,
             "linger_ms" => o.linger = Duration::from_millis(int()?),
+            "watermark_every" => o.watermark_every = int()? as usize,
+            "idle_timeout" => o.idle_timeout = Some(duration()?),
             other => {
                 return Err(err(format!(
-                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms)"
+                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms, watermark_every, idle_timeout)"
                 )))
             }
         }
@@ -240,15 +257,77 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<Options, Config
     Ok(o)
 }
 
+/// Stages named by a window's `late` parameter: target stage → window stage.
+fn late_targets(
+    ctx: &Ctx<'_>,
+    stages: &BTreeMap<Spanned<String>, Spanned<RawTable>>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let mut targets: HashMap<String, String> = HashMap::new();
+    for (name, table) in stages {
+        let table = table.get_ref();
+        let get = |key: &str| {
+            table
+                .iter()
+                .find(|(k, _)| k.get_ref() == key)
+                .map(|(_, v)| v)
+        };
+        let is_window = matches!(get("kind").map(|v| v.get_ref()), Some(toml::Value::String(k)) if k == "window");
+        let Some(late) = get("late").filter(|_| is_window) else {
+            continue;
+        };
+        let toml::Value::String(target) = late.get_ref() else {
+            continue; // reported with the window's own parameters
+        };
+        if target == "drop" || target == "error" {
+            continue;
+        }
+        let err = |m: String| {
+            ConfigError::new(
+                ctx.file,
+                Some(ctx.lines.line(late.span().start)),
+                Some(name.get_ref()),
+                m,
+            )
+        };
+        if target == name.get_ref() {
+            return Err(err("a window cannot receive its own late records".into()));
+        }
+        if !stages.keys().any(|k| k.get_ref() == target) {
+            let mut known: Vec<&str> = stages.keys().map(|k| k.get_ref().as_str()).collect();
+            known.sort_unstable();
+            return Err(err(format!(
+                "parameter `late`: expected \"drop\", \"error\" or a stage name, found {target:?} (stages: {})",
+                known.join(", ")
+            )));
+        }
+        if let Some(other) = targets.insert(target.clone(), name.get_ref().clone()) {
+            return Err(err(format!(
+                "stage `{target}` already receives the late records of `{other}`"
+            )));
+        }
+    }
+    Ok(targets)
+}
+
 fn parse_stage(
     ctx: &Ctx<'_>,
     name: &str,
     line: usize,
     table: &RawTable,
+    late_of: Option<&str>,
 ) -> Result<StageSpec, ConfigError> {
     let mut params = Params::new(ctx, name, line, table);
     let kind = params.required_str("kind")?;
-    let inputs = params.inputs()?;
+    let mut inputs = params.inputs()?;
+    if let Some(window) = late_of {
+        if !inputs.is_empty() {
+            return Err(params.error_at(
+                "input",
+                format!("this stage receives the late records of window `{window}` (its `late`), so it takes no `input`"),
+            ));
+        }
+        inputs.push(window.to_string());
+    }
     let input_line = params.line_of("input");
     let declared = params.opt_u64("parallelism", 1, 1024)?;
     let parallelism = declared.unwrap_or(1) as usize;
@@ -256,6 +335,12 @@ fn parse_stage(
     params.finish(&kind)?;
     let info = spec.info();
     if info.source && !inputs.is_empty() {
+        if let Some(window) = late_of {
+            return Err(params.error_at(
+                "kind",
+                format!("a `{kind}` stage is a source and cannot receive the late records of `{window}`"),
+            ));
+        }
         return Err(params.error_at(
             "input",
             format!("a `{kind}` stage is a source and takes no `input`"),
@@ -283,6 +368,7 @@ fn parse_stage(
         explicit_parallelism: declared.is_some(),
         line,
         input_line,
+        late_of: late_of.map(str::to_string),
         params: spec,
     })
 }

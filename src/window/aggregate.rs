@@ -15,6 +15,47 @@ pub trait Aggregate<T>: Send + Sync + 'static {
     fn merge(&self, acc: &mut Self::Acc, other: Self::Acc);
     /// The current result.
     fn result(&self, acc: &Self::Acc) -> Self::Out;
+
+    /// This aggregate over a value read from each record: `Sum.on(|e: &Event| e.amount)`.
+    fn on<U, F>(self, f: F) -> On<Self, F>
+    where
+        Self: Sized,
+        F: Fn(&U) -> T + Send + Sync + 'static,
+    {
+        On { agg: self, f }
+    }
+}
+
+/// An aggregate over a value read from each record (see [`Aggregate::on`]).
+#[derive(Debug, Clone, Copy)]
+pub struct On<A, F> {
+    agg: A,
+    f: F,
+}
+
+impl<T, U, A, F> Aggregate<U> for On<A, F>
+where
+    A: Aggregate<T>,
+    F: Fn(&U) -> T + Send + Sync + 'static,
+{
+    type Acc = A::Acc;
+    type Out = A::Out;
+    #[inline]
+    fn create(&self) -> Self::Acc {
+        self.agg.create()
+    }
+    #[inline]
+    fn add(&self, acc: &mut Self::Acc, value: &U) {
+        self.agg.add(acc, &(self.f)(value))
+    }
+    #[inline]
+    fn merge(&self, acc: &mut Self::Acc, other: Self::Acc) {
+        self.agg.merge(acc, other)
+    }
+    #[inline]
+    fn result(&self, acc: &Self::Acc) -> Self::Out {
+        self.agg.result(acc)
+    }
 }
 
 /// Counts records.
@@ -118,5 +159,27 @@ impl Aggregate<f64> for Mean {
     }
     fn result(&self, acc: &(f64, u64)) -> Option<f64> {
         (acc.1 > 0).then(|| acc.0 / acc.1 as f64)
+    }
+}
+
+/// A shared aggregate is one: each window stage instance holds a clone of the `Arc`.
+impl<T, A: Aggregate<T>> Aggregate<T> for std::sync::Arc<A> {
+    type Acc = A::Acc;
+    type Out = A::Out;
+    #[inline]
+    fn create(&self) -> Self::Acc {
+        (**self).create()
+    }
+    #[inline]
+    fn add(&self, acc: &mut Self::Acc, value: &T) {
+        (**self).add(acc, value)
+    }
+    #[inline]
+    fn merge(&self, acc: &mut Self::Acc, other: Self::Acc) {
+        (**self).merge(acc, other)
+    }
+    #[inline]
+    fn result(&self, acc: &Self::Acc) -> Self::Out {
+        (**self).result(acc)
     }
 }

@@ -17,9 +17,11 @@
 mod aggregate;
 mod assign;
 mod operator;
+pub(crate) mod stage;
 mod watermark;
 
-pub use aggregate::{Aggregate, Count, Max, Mean, Min, Sum};
+pub use aggregate::{Aggregate, Count, Max, Mean, Min, On, Sum};
 pub use assign::{AssignerError, Session, Sliding, Tumbling};
 pub use operator::{Assigner, WindowOutput, WindowResult, WindowState};
+pub use stage::{EventTime, LateRecord, OnError, WindowSpec, Windowed};
 pub use watermark::{BoundedOutOfOrderness, WatermarkTracker};

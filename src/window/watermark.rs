@@ -54,7 +54,8 @@ impl BoundedOutOfOrderness {
 
 /// Combines the watermarks of a stage's inputs (one per upstream instance): the stage's
 /// watermark is their minimum, except that an input silent for longer than `idle_after` stops
-/// holding it back until it speaks again. An ended input counts as `Timestamp::MAX`.
+/// holding it back until it speaks again (when every input is silent, the watermark is the
+/// highest any of them sent). An ended input counts as `Timestamp::MAX`.
 #[derive(Debug, Clone)]
 pub struct WatermarkTracker {
     inputs: Vec<Input>,
@@ -113,9 +114,18 @@ impl WatermarkTracker {
                     .idle_after
                     .is_some_and(|d| now.duration_since(input.last_heard) >= d)
         };
-        let active = self.inputs.iter().filter(|i| !idle(i));
-        // All idle: hold at what was emitted (nothing new is known).
-        let min = active.map(|i| i.watermark).min()?;
+        let active = self
+            .inputs
+            .iter()
+            .filter(|i| !idle(i))
+            .map(|i| i.watermark)
+            .min();
+        // All idle: nobody holds the watermark back, so it moves to the furthest any input
+        // promised (as a Flink valve does when every channel goes idle).
+        let min = match active {
+            Some(min) => min,
+            None => self.inputs.iter().map(|i| i.watermark).max()?,
+        };
         (min > self.emitted).then(|| {
             self.emitted = min;
             min

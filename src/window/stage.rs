@@ -1,0 +1,352 @@
+//! Event time in the runtime: the watermark generator that sits at the end of the stage feeding
+//! a window (one per instance), the window stage's head that drives a [`WindowState`], and the
+//! typed API around them ([`WindowSpec`], [`Windowed`]).
+//!
+//! Watermarks travel as channel messages after the records they follow. A stage combines the
+//! watermarks of all its input slots (one per upstream instance) and forwards their minimum;
+//! end of input counts as +∞, so the last window always fires.
+
+use std::time::Duration;
+
+use super::{Aggregate, Assigner, BoundedOutOfOrderness, WindowOutput, WindowResult, WindowState};
+use crate::channel::{ChannelTail, InputHead};
+use crate::error::Error;
+use crate::metrics::InstanceMetrics;
+use crate::operator::{Emit, Halt};
+use crate::runtime::{Cx, Head, Pull, Tail};
+use crate::time::Timestamp;
+
+/// How a window stage reads a record's event time.
+///
+/// Any `Fn(&T) -> Timestamp` is one; a fallible implementation (the TOML layer's, which reads
+/// a JSON field) returns `Err(reason)` for a record without a usable time, the reason showing
+/// the record, and the stage's [`OnError`] policy decides what happens to it.
+pub trait EventTime<T>: Clone + Send + Sync + 'static {
+    /// The record's event time.
+    fn time(&self, record: &T) -> Result<Timestamp, String>;
+}
+
+impl<T, F> EventTime<T> for F
+where
+    F: Fn(&T) -> Timestamp + Clone + Send + Sync + 'static,
+{
+    #[inline]
+    fn time(&self, record: &T) -> Result<Timestamp, String> {
+        Ok(self(record))
+    }
+}
+
+/// What a window stage does with a record whose event time cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Fail the run, naming the stage and the record (the default).
+    #[default]
+    Fail,
+    /// Drop the record and count it in the stage's `skipped` metric.
+    Skip,
+}
+
+/// How a keyed stream is windowed: the assigner, where the event time comes from, how much
+/// disorder the watermark allows, and how long fired windows accept late records.
+///
+/// ```
+/// use std::time::Duration;
+/// use millrace::window::{Tumbling, WindowSpec};
+/// use millrace::Timestamp;
+/// let spec = WindowSpec::new(Tumbling::new(10_000, 0).unwrap(), |e: &(u32, i64)| Timestamp(e.1))
+///     .max_out_of_orderness(Duration::from_secs(2))
+///     .allowed_lateness(Duration::from_secs(5));
+/// # let _ = spec;
+/// ```
+#[derive(Clone)]
+pub struct WindowSpec<E> {
+    pub(crate) assigner: Assigner,
+    pub(crate) time: E,
+    pub(crate) max_out_of_orderness: i64,
+    pub(crate) allowed_lateness: i64,
+    pub(crate) on_error: OnError,
+}
+
+impl<E> WindowSpec<E> {
+    /// Windows from `assigner` over event times read by `time`; no disorder allowed, no
+    /// lateness, failing on unreadable times until configured otherwise.
+    pub fn new(assigner: impl Into<Assigner>, time: E) -> Self {
+        WindowSpec {
+            assigner: assigner.into(),
+            time,
+            max_out_of_orderness: 0,
+            allowed_lateness: 0,
+            on_error: OnError::Fail,
+        }
+    }
+
+    /// The watermark trails the newest event time seen by each producing instance by this much:
+    /// records at most this much older than the newest are on time.
+    pub fn max_out_of_orderness(mut self, d: Duration) -> Self {
+        self.max_out_of_orderness = duration_ms(d);
+        self
+    }
+
+    /// A fired window keeps its state this long (in event time) and re-emits an updated result
+    /// for each late record; later records go to the late output.
+    pub fn allowed_lateness(mut self, d: Duration) -> Self {
+        self.allowed_lateness = duration_ms(d);
+        self
+    }
+
+    /// What to do with a record whose time cannot be read.
+    pub fn on_error(mut self, policy: OnError) -> Self {
+        self.on_error = policy;
+        self
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl From<super::Tumbling> for Assigner {
+    fn from(a: super::Tumbling) -> Self {
+        Assigner::Tumbling(a)
+    }
+}
+impl From<super::Sliding> for Assigner {
+    fn from(a: super::Sliding) -> Self {
+        Assigner::Sliding(a)
+    }
+}
+impl From<super::Session> for Assigner {
+    fn from(a: super::Session) -> Self {
+        Assigner::Session(a)
+    }
+}
+
+/// A record too late for every window it belongs to, as the late output carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateRecord<K, T> {
+    /// Its key.
+    pub key: K,
+    /// Its event time.
+    pub time: Timestamp,
+    /// The record.
+    pub record: T,
+}
+
+/// The watermark generator of one producing instance, wrapped around its output channel: it
+/// notes the event time of every record emitted and, every `every` records, sends the
+/// watermark on if it has risen (and at once when the input goes idle). Upstream watermarks
+/// reaching this stage are dropped: this generator replaces them.
+pub(crate) struct WatermarkTail<K, T, E> {
+    inner: ChannelTail<(K, T)>,
+    time: E,
+    gen: BoundedOutOfOrderness,
+    /// The last watermark sent.
+    sent: Timestamp,
+    /// Records emitted since the last check.
+    since: usize,
+    every: usize,
+}
+
+impl<K: Send, T: Send, E: EventTime<T>> WatermarkTail<K, T, E> {
+    pub fn new(inner: ChannelTail<(K, T)>, time: E, bound_ms: i64, every: usize) -> Self {
+        WatermarkTail {
+            inner,
+            time,
+            gen: BoundedOutOfOrderness::new(bound_ms),
+            sent: Timestamp::MIN,
+            since: 0,
+            every: every.max(1),
+        }
+    }
+
+    fn send(&mut self) -> Result<(), Halt> {
+        self.since = 0;
+        let wm = self.gen.current();
+        if wm > self.sent {
+            self.sent = wm;
+            self.inner.send_watermark(wm)?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: Send, T: Send, E: EventTime<T>> Emit<(K, T)> for WatermarkTail<K, T, E> {
+    #[inline]
+    fn emit(&mut self, item: (K, T)) -> Result<(), Halt> {
+        // A record without a readable time does not move the watermark; the window stage
+        // applies its error policy to it.
+        if let Ok(t) = self.time.time(&item.1) {
+            self.gen.observe(t);
+        }
+        self.inner.emit(item)?;
+        self.since += 1;
+        if self.since >= self.every {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: Send, T: Send, E: EventTime<T>> Tail<(K, T)> for WatermarkTail<K, T, E> {
+    fn before_batch(&mut self, now: u64) {
+        self.inner.before_batch(now)
+    }
+    fn watermark(&mut self, _cx: &Cx, _at: Timestamp) -> Result<(), Halt> {
+        Ok(())
+    }
+    fn pending_since(&self) -> Option<u64> {
+        self.inner.pending_since()
+    }
+    fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
+        self.inner.flush(cx)?;
+        self.send()
+    }
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        // End of stream is a watermark of +∞ at the consumer.
+        self.inner.finish(cx)
+    }
+}
+
+/// The head of a window stage: reads `(key, record)` batches and watermarks from its input,
+/// drives the [`WindowState`], and yields results and late records.
+pub(crate) struct WindowHead<K, T, A: Aggregate<T>, E> {
+    /// The window operator's own name (errors name it, not the fused stage).
+    pub name: std::sync::Arc<str>,
+    pub input: InputHead<(K, T)>,
+    pub state: WindowState<K, T, A>,
+    pub time: E,
+    pub on_error: OnError,
+    pub tmp: Vec<(K, T)>,
+    /// Records received by this instance (the position reported for a bad record).
+    pub seen: u64,
+    pub skipped: u64,
+    pub done: bool,
+}
+
+impl<K, T, A, E> WindowHead<K, T, A, E>
+where
+    K: std::hash::Hash + Eq + Clone,
+    A: Aggregate<T>,
+{
+    pub fn new(
+        name: std::sync::Arc<str>,
+        input: InputHead<(K, T)>,
+        spec: &WindowSpec<E>,
+        agg: A,
+    ) -> Self
+    where
+        E: Clone,
+    {
+        WindowHead {
+            name,
+            input,
+            state: WindowState::new(spec.assigner, agg, spec.allowed_lateness),
+            time: spec.time.clone(),
+            on_error: spec.on_error,
+            tmp: Vec::new(),
+            seen: 0,
+            skipped: 0,
+            done: false,
+        }
+    }
+}
+
+impl<K, T, A, E> Head<WindowOutput<K, T, A::Out>> for WindowHead<K, T, A, E>
+where
+    K: std::hash::Hash + Eq + Clone + Send,
+    T: Send,
+    A: Aggregate<T> + Send,
+    A::Acc: Send,
+    A::Out: Send,
+    E: EventTime<T>,
+{
+    fn counts_input(&self) -> bool {
+        true
+    }
+
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<WindowOutput<K, T, A::Out>>,
+        flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        if self.done {
+            return Ok(Pull::End);
+        }
+        let pull = self.input.pull(cx, &mut self.tmp, flush_at)?;
+        if !self.tmp.is_empty() {
+            InstanceMetrics::add(&cx.metrics.records_in, self.tmp.len() as u64);
+            InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        for (k, x) in self.tmp.drain(..) {
+            self.seen += 1;
+            match self.time.time(&x) {
+                Ok(t) => self.state.on_record(k, t, x, buf),
+                Err(reason) => match self.on_error {
+                    OnError::Skip => self.skipped += 1,
+                    OnError::Fail => {
+                        return Err(Halt::Failed(Error::Operator {
+                            stage: self.name.to_string(),
+                            source: format!(
+                                "input record {} of instance {}: {reason}",
+                                self.seen, cx.instance
+                            )
+                            .into(),
+                        }))
+                    }
+                },
+            }
+        }
+        let pull = match pull {
+            Pull::Watermark(wm) => {
+                self.state.on_watermark(wm, buf);
+                Pull::Watermark(wm)
+            }
+            Pull::End => {
+                self.state.on_watermark(Timestamp::MAX, buf);
+                self.done = true;
+                Pull::End
+            }
+            other => other,
+        };
+        let m = &cx.metrics;
+        m.late.store(
+            self.state.late_records(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        m.skipped
+            .store(self.skipped, std::sync::atomic::Ordering::Relaxed);
+        m.open_windows.store(
+            self.state.live_windows() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(pull)
+    }
+}
+
+/// Results of a window stage, with the late records still in the stream: call
+/// [`results`](Windowed::results) to keep the results only (late records are then dropped and
+/// counted in the stage's `late` metric) or [`with_late`](Windowed::with_late) to route the late
+/// records to a stream of their own.
+#[must_use = "a window does nothing until its results are consumed"]
+pub struct Windowed<K, T, O> {
+    pub(crate) stream: crate::stream::Fresh<WindowOutput<K, T, O>>,
+}
+
+/// Keeps the result of a window output, dropping late records.
+pub(crate) fn result_only<K, T, O>(o: WindowOutput<K, T, O>) -> Option<WindowResult<K, O>> {
+    match o {
+        WindowOutput::Result(r) => Some(r),
+        WindowOutput::Late { .. } => None,
+    }
+}
+
+/// Splits a window output into a result or a late record.
+pub(crate) fn result_or_late<K, T, O>(
+    o: WindowOutput<K, T, O>,
+) -> Result<WindowResult<K, O>, LateRecord<K, T>> {
+    match o {
+        WindowOutput::Result(r) => Ok(r),
+        WindowOutput::Late { key, time, record } => Err(LateRecord { key, time, record }),
+    }
+}
