@@ -29,7 +29,7 @@ pub struct Options {
     /// How long a partly filled batch may wait before it is sent anyway (default 10 ms).
     pub linger: Duration,
     /// A watermark generator sends its watermark downstream (when it has risen) after every
-    /// this many records it emits (default 1,024), and whenever its input goes idle. Counting
+    /// this many records it emits (default 8,192), and whenever its input goes idle. Counting
     /// records rather than time makes replaying a file deterministic: with one producing
     /// instance, which records are late depends on the data alone. Each send flushes the
     /// batches being filled, so much smaller values cost throughput.
@@ -45,7 +45,7 @@ impl Default for Options {
             batch_size: 1024,
             channel_capacity: 4,
             linger: Duration::from_millis(10),
-            watermark_every: 1024,
+            watermark_every: 8192,
             idle_timeout: None,
         }
     }

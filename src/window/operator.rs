@@ -12,8 +12,10 @@
 //!   is too late for some of its windows but not all is added to the live ones; each window it
 //!   missed is counted in [`WindowState::missed_windows`].)
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hash::Hash;
+
+use rustc_hash::FxHashMap;
 
 use super::{Aggregate, Session, Sliding, Tumbling};
 use crate::time::{Timestamp, Window};
@@ -70,18 +72,38 @@ struct Slot<Acc> {
     replaces: Vec<Window>,
 }
 
+/// One key's state in a tumbling or sliding window.
+struct FixedSlot<Acc> {
+    acc: Acc,
+    fired: bool,
+}
+
 /// Keyed window state for one stage instance.
+///
+/// Tumbling and sliding windows all have one size, so ordering them by start orders them by
+/// end: they live in a map by window, each holding its keys. A watermark walks the front of
+/// that map, firing the windows it reaches and freeing those past their lateness.
+///
+/// Session windows differ per key: per key, its live windows sorted; and a timer queue of
+/// `(time, key)`: every session has a timer at its end (to fire it) and, once fired with a
+/// non-zero lateness, one at `end + lateness` (to free it). Either way a watermark costs in
+/// proportion to the windows it fires, not to the number of keys held.
 pub struct WindowState<K, T, A: Aggregate<T>> {
     assigner: Assigner,
     agg: A,
     lateness: i64,
     watermark: Timestamp,
-    /// Per key, its live windows sorted by window.
-    keys: HashMap<K, Vec<Slot<A::Acc>>>,
+    fixed: BTreeMap<Window, FxHashMap<K, FixedSlot<A::Acc>>>,
+    keys: FxHashMap<K, Vec<Slot<A::Acc>>>,
+    /// Timers by time. A session window that grows leaves a stale timer at its old end, which
+    /// finds nothing to do when it comes due; they are bounded by the records of the last
+    /// `gap + max_out_of_orderness` of event time.
+    timers: BTreeMap<Timestamp, Vec<K>>,
     live: usize,
     late: u64,
     missed: u64,
     outside: u64,
+    _record: std::marker::PhantomData<fn(&T)>,
 }
 
 impl<K, T, A> WindowState<K, T, A>
@@ -96,11 +118,14 @@ where
             agg,
             lateness: allowed_lateness.max(0),
             watermark: Timestamp::MIN,
-            keys: HashMap::new(),
+            fixed: BTreeMap::new(),
+            keys: FxHashMap::default(),
+            timers: BTreeMap::new(),
             live: 0,
             late: 0,
             missed: 0,
             outside: 0,
+            _record: std::marker::PhantomData,
         }
     }
 
@@ -134,6 +159,16 @@ where
         w.end.saturating_add(self.lateness) <= self.watermark
     }
 
+    /// When a window's next timer is due: its end while it has not fired, else when its
+    /// lateness runs out.
+    fn due(w: &Window, watermark: Timestamp, lateness: i64) -> Timestamp {
+        if w.end > watermark {
+            w.end
+        } else {
+            w.end.saturating_add(lateness)
+        }
+    }
+
     /// Returns a record too late for every window it belongs to, and counts it.
     fn late(
         &mut self,
@@ -144,16 +179,6 @@ where
     ) {
         self.late += 1;
         out.push(WindowOutput::Late { key, time, record });
-    }
-
-    fn result(&self, key: &K, slot: &Slot<A::Acc>, update: bool) -> WindowOutput<K, T, A::Out> {
-        WindowOutput::Result(WindowResult {
-            key: key.clone(),
-            window: slot.window,
-            value: self.agg.result(&slot.acc),
-            update: update || !slot.replaces.is_empty(),
-            replaces: slot.replaces.clone(),
-        })
     }
 
     /// Adds one record at event time `t`; appends any result it changes (and the record itself
@@ -184,47 +209,42 @@ where
             self.outside += 1;
             return;
         }
-        let live: Vec<Window> = windows.iter().copied().filter(|w| !self.freed(w)).collect();
-        if live.is_empty() {
+        let gone = windows.iter().filter(|w| self.freed(w)).count();
+        if gone == windows.len() {
             return self.late(key, t, record, out);
         }
-        self.missed += (windows.len() - live.len()) as u64;
-        let wm = self.watermark;
-        let slots = self.keys.entry(key.clone()).or_default();
-        let mut emit = Vec::new();
-        for w in live {
-            let i = match slots.binary_search_by(|s| s.window.cmp(&w)) {
-                Ok(i) => i,
-                Err(i) => {
-                    let acc = self.agg.create();
-                    slots.insert(
-                        i,
-                        Slot {
-                            window: w,
-                            acc,
-                            fired: false,
-                            replaces: Vec::new(),
-                        },
-                    );
-                    self.live += 1;
-                    i
-                }
-            };
-            let slot = &mut slots[i];
-            self.agg.add(&mut slot.acc, &record);
+        self.missed += gone as u64;
+        let (wm, lateness) = (self.watermark, self.lateness);
+        for w in windows {
+            if w.end.saturating_add(lateness) <= wm {
+                continue;
+            }
+            let (agg, live) = (&self.agg, &mut self.live);
+            let slot = self
+                .fixed
+                .entry(*w)
+                .or_default()
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    *live += 1;
+                    FixedSlot {
+                        acc: agg.create(),
+                        fired: false,
+                    }
+                });
+            agg.add(&mut slot.acc, &record);
             if w.end <= wm {
                 // The window already passed: emit now, as an update if it was emitted before.
-                emit.push((w, slot.fired));
+                let update = slot.fired;
                 slot.fired = true;
+                out.push(WindowOutput::Result(WindowResult {
+                    key: key.clone(),
+                    window: *w,
+                    value: agg.result(&slot.acc),
+                    update,
+                    replaces: Vec::new(),
+                }));
             }
-        }
-        // By window, not index: inserting a later window may have shifted the slots.
-        let slots = &self.keys[&key];
-        for (w, update) in emit {
-            let i = slots
-                .binary_search_by(|s| s.window.cmp(&w))
-                .expect("just inserted");
-            out.push(self.result(&key, &slots[i], update));
         }
     }
 
@@ -239,6 +259,7 @@ where
         if self.freed(&w) {
             return self.late(key, t, record, out);
         }
+        let (wm, lateness) = (self.watermark, self.lateness);
         let slots = self.keys.entry(key.clone()).or_default();
         let mut merged = Slot {
             window: w,
@@ -247,7 +268,7 @@ where
             replaces: Vec::new(),
         };
         self.agg.add(&mut merged.acc, &record);
-        let mut absorbed = 0;
+        let mut absorbed = Vec::new();
         let mut kept = Vec::with_capacity(slots.len() + 1);
         for s in slots.drain(..) {
             if s.window.overlaps(&merged.window) {
@@ -257,31 +278,38 @@ where
                 if s.fired {
                     merged.replaces.push(s.window);
                 }
-                absorbed += 1;
+                absorbed.push(s.window);
             } else {
                 kept.push(s);
             }
         }
-        self.live -= absorbed;
+        self.live -= absorbed.len();
         // A window that grew in place is an update of itself, not a replacement.
         let window = merged.window;
         if merged.replaces.contains(&window) {
             merged.replaces.retain(|r| *r != window);
             merged.fired = true;
         }
-        let i = kept.partition_point(|s| s.window < merged.window);
+        // A record inside an existing session leaves its window, and so its timer, as it was.
+        if absorbed != [window] {
+            let at = Self::due(&window, wm, lateness);
+            self.timers.entry(at).or_default().push(key.clone());
+        }
+        let i = kept.partition_point(|s| s.window < window);
         kept.insert(i, merged);
         self.live += 1;
         *slots = kept;
         let slot = &mut slots[i];
-        if slot.window.end <= self.watermark {
-            let update = slot.fired;
+        if slot.window.end <= wm {
+            let update = slot.fired || !slot.replaces.is_empty();
             slot.fired = true;
-            let slot = &self.keys[&key][i];
-            out.push(self.result(&key, slot, update));
-            self.keys.get_mut(&key).expect("present")[i]
-                .replaces
-                .clear();
+            out.push(WindowOutput::Result(WindowResult {
+                key,
+                window,
+                value: self.agg.result(&slot.acc),
+                update,
+                replaces: std::mem::take(&mut slot.replaces),
+            }));
         }
     }
 
@@ -291,29 +319,67 @@ where
         if wm <= self.watermark {
             return;
         }
-        self.watermark = wm;
+        let prev = std::mem::replace(&mut self.watermark, wm);
         let lateness = self.lateness;
-        let agg = &self.agg;
-        let mut freed = 0;
-        self.keys.retain(|key, slots| {
-            for s in slots.iter_mut() {
-                if !s.fired && s.window.end <= wm {
-                    s.fired = true;
-                    let replaces = std::mem::take(&mut s.replaces);
-                    out.push(WindowOutput::Result(WindowResult {
-                        key: key.clone(),
-                        window: s.window,
-                        value: agg.result(&s.acc),
-                        update: !replaces.is_empty(),
-                        replaces,
-                    }));
+        // Fixed windows: fire those ending in (prev, wm]; those ending earlier fired before (or
+        // were emitted as they were created, past their end).
+        for (w, keys) in self.fixed.iter_mut() {
+            if w.end > wm {
+                break;
+            }
+            if w.end <= prev {
+                continue;
+            }
+            for (key, s) in keys.iter_mut().filter(|(_, s)| !s.fired) {
+                s.fired = true;
+                out.push(WindowOutput::Result(WindowResult {
+                    key: key.clone(),
+                    window: *w,
+                    value: self.agg.result(&s.acc),
+                    update: false,
+                    replaces: Vec::new(),
+                }));
+            }
+        }
+        while let Some(first) = self.fixed.first_entry() {
+            if first.key().end.saturating_add(lateness) > wm {
+                break;
+            }
+            self.live -= first.remove().len();
+        }
+        // Sessions: the keys whose timers are due.
+        while let Some(due) = self.timers.first_entry() {
+            if *due.key() > wm {
+                break;
+            }
+            for key in due.remove() {
+                let Some(slots) = self.keys.get_mut(&key) else {
+                    continue; // a stale timer: the key's windows are gone
+                };
+                for s in slots.iter_mut() {
+                    if !s.fired && s.window.end <= wm {
+                        s.fired = true;
+                        let replaces = std::mem::take(&mut s.replaces);
+                        out.push(WindowOutput::Result(WindowResult {
+                            key: key.clone(),
+                            window: s.window,
+                            value: self.agg.result(&s.acc),
+                            update: !replaces.is_empty(),
+                            replaces,
+                        }));
+                        let free_at = s.window.end.saturating_add(lateness);
+                        if free_at > wm {
+                            self.timers.entry(free_at).or_default().push(key.clone());
+                        }
+                    }
+                }
+                let before = slots.len();
+                slots.retain(|s| s.window.end.saturating_add(lateness) > wm);
+                self.live -= before - slots.len();
+                if slots.is_empty() {
+                    self.keys.remove(&key);
                 }
             }
-            let before = slots.len();
-            slots.retain(|s| s.window.end.saturating_add(lateness) > wm);
-            freed += before - slots.len();
-            !slots.is_empty()
-        });
-        self.live -= freed;
+        }
     }
 }

@@ -1,0 +1,152 @@
+//! Keyed 10 s tumbling sum over 10 million events (10,000 keys, up to 2 s of disorder), through
+//! the window stage at parallelism 1 and 2, next to a hand-written single-threaded loop over the
+//! same events that does the same work: per-(window, key) sums, a watermark trailing the newest
+//! time by 2 s, and windows emitted (and freed) as the watermark passes their end.
+//!
+//! Run with `cargo bench --bench window`; the ratios are recorded in docs/performance.md.
+
+// `criterion_group!` generates an undocumented function.
+#![allow(missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
+use millrace::{Options, Pipeline, Timestamp};
+
+const EVENTS: usize = 10_000_000;
+const KEYS: u64 = 10_000;
+const SIZE_MS: i64 = 10_000;
+const DISORDER_MS: i64 = 2_000;
+
+/// (key, event time ms, value)
+type Ev = (u32, i64, f64);
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// Ten events per millisecond of event time, each up to 2 s older than the newest.
+fn events() -> Arc<Vec<Ev>> {
+    static DATA: OnceLock<Arc<Vec<Ev>>> = OnceLock::new();
+    Arc::clone(DATA.get_or_init(|| {
+        Arc::new(
+            (0..EVENTS as u64)
+                .map(|i| {
+                    let h = mix(i);
+                    let t = (i / 10) as i64 - (h >> 40) as i64 % DISORDER_MS;
+                    ((h % KEYS) as u32, t, (h & 0xff) as f64)
+                })
+                .collect(),
+        )
+    }))
+}
+
+/// The hand-written loop: what a careful programmer would write for this one job.
+fn hand_loop(data: &[Ev]) -> (u64, f64) {
+    let mut open: BTreeMap<i64, HashMap<u32, f64>> = BTreeMap::new();
+    let mut newest = i64::MIN;
+    let (mut fired, mut checksum) = (0u64, 0.0f64);
+    let mut fire = |open: &mut BTreeMap<i64, HashMap<u32, f64>>, wm: i64| {
+        while let Some(entry) = open.first_entry() {
+            if *entry.key() + SIZE_MS > wm {
+                break;
+            }
+            for (_, sum) in entry.remove() {
+                fired += 1;
+                checksum += sum;
+            }
+        }
+    };
+    for (i, &(k, t, v)) in data.iter().enumerate() {
+        let start = t - t.rem_euclid(SIZE_MS);
+        *open.entry(start).or_default().entry(k).or_insert(0.0) += v;
+        newest = newest.max(t);
+        if i % 1024 == 1023 {
+            fire(&mut open, newest - DISORDER_MS);
+        }
+    }
+    fire(&mut open, i64::MAX);
+    (fired, checksum)
+}
+
+/// The pipeline at `parallelism`; `spread` also runs the keying (and the watermark generator)
+/// on `parallelism` threads behind a rebalance, leaving the source thread only the iteration.
+fn pipeline(data: Arc<Vec<Ev>>, parallelism: usize, spread: bool) -> (u64, f64) {
+    let p = Pipeline::with_options(Options::default());
+    let fired = Arc::new(AtomicU64::new(0));
+    let sum = Arc::new(parking_lot::Mutex::new(0.0f64));
+    let (f2, s2) = (Arc::clone(&fired), Arc::clone(&sum));
+    let n = data.len();
+    let spec = WindowSpec::new(Tumbling::new(SIZE_MS, 0).unwrap(), |e: &Ev| Timestamp(e.1))
+        .max_out_of_orderness(Duration::from_millis(DISORDER_MS as u64));
+    let source = p.source("events", (0..n).map(move |i| data[i]));
+    let sink = move |v: f64| {
+        f2.fetch_add(1, Ordering::Relaxed);
+        *s2.lock() += v;
+    };
+    let agg = Sum.on(|e: &Ev| e.2);
+    if spread {
+        source
+            .rebalance(parallelism)
+            .key_by(|e: &Ev| e.0)
+            .parallelism(parallelism)
+            .window(spec, agg)
+            .results()
+            .map(|r| r.value)
+            .for_each(sink);
+    } else {
+        source
+            .key_by(|e: &Ev| e.0)
+            .parallelism(parallelism)
+            .window(spec, agg)
+            .results()
+            .map(|r| r.value)
+            .for_each(sink);
+    }
+    p.run().expect("the window pipeline runs");
+    let total = *sum.lock();
+    (fired.load(Ordering::Relaxed), total)
+}
+
+fn window(c: &mut Criterion) {
+    let data = events();
+    let expect = hand_loop(&data);
+    for (p, spread) in [(1, false), (2, false), (2, true)] {
+        let got = pipeline(Arc::clone(&data), p, spread);
+        assert_eq!(got.0, expect.0, "same windows at parallelism {p}");
+        assert!(
+            (got.1 - expect.1).abs() < 1e-6 * expect.1.abs(),
+            "same sums"
+        );
+    }
+    let mut g = c.benchmark_group("window_tumbling_sum");
+    g.throughput(Throughput::Elements(EVENTS as u64));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    g.bench_function("hand_loop", |b| {
+        b.iter(|| black_box(hand_loop(black_box(&data))))
+    });
+    for (p, spread) in [(1, false), (2, false), (2, true)] {
+        let name = if spread {
+            format!("pipeline_p{p}_rebalanced")
+        } else {
+            format!("pipeline_p{p}")
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(pipeline(Arc::clone(&data), p, spread)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, window);
+criterion_main!(benches);
