@@ -8,15 +8,15 @@
 // `criterion_group!` generates an undocumented function.
 #![allow(missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
 use millrace::{Options, Pipeline, Timestamp};
+use rustc_hash::FxHashMap;
 
 const EVENTS: usize = 10_000_000;
 const KEYS: u64 = 10_000;
@@ -52,10 +52,10 @@ fn events() -> Arc<Vec<Ev>> {
 
 /// The hand-written loop: what a careful programmer would write for this one job.
 fn hand_loop(data: &[Ev]) -> (u64, f64) {
-    let mut open: BTreeMap<i64, HashMap<u32, f64>> = BTreeMap::new();
+    let mut open: BTreeMap<i64, FxHashMap<u32, f64>> = BTreeMap::new();
     let mut newest = i64::MIN;
     let (mut fired, mut checksum) = (0u64, 0.0f64);
-    let mut fire = |open: &mut BTreeMap<i64, HashMap<u32, f64>>, wm: i64| {
+    let mut fire = |open: &mut BTreeMap<i64, FxHashMap<u32, f64>>, wm: i64| {
         while let Some(entry) = open.first_entry() {
             if *entry.key() + SIZE_MS > wm {
                 break;
@@ -82,16 +82,22 @@ fn hand_loop(data: &[Ev]) -> (u64, f64) {
 /// on `parallelism` threads behind a rebalance, leaving the source thread only the iteration.
 fn pipeline(data: Arc<Vec<Ev>>, parallelism: usize, spread: bool) -> (u64, f64) {
     let p = Pipeline::with_options(Options::default());
-    let fired = Arc::new(AtomicU64::new(0));
-    let sum = Arc::new(parking_lot::Mutex::new(0.0f64));
-    let (f2, s2) = (Arc::clone(&fired), Arc::clone(&sum));
+    let total = Arc::new(parking_lot::Mutex::new((0u64, 0.0f64)));
+    // The sink sums locally, as the hand loop does, and publishes when it is dropped at the
+    // end of the run.
+    let mut local = Published {
+        fired: 0,
+        sum: 0.0,
+        to: Arc::clone(&total),
+    };
     let n = data.len();
     let spec = WindowSpec::new(Tumbling::new(SIZE_MS, 0).unwrap(), |e: &Ev| Timestamp(e.1))
         .max_out_of_orderness(Duration::from_millis(DISORDER_MS as u64));
     let source = p.source("events", (0..n).map(move |i| data[i]));
     let sink = move |v: f64| {
-        f2.fetch_add(1, Ordering::Relaxed);
-        *s2.lock() += v;
+        let l = &mut local; // the whole struct moves into the sink, not just its fields
+        l.fired += 1;
+        l.sum += v;
     };
     let agg = Sum.on(|e: &Ev| e.2);
     if spread {
@@ -113,8 +119,23 @@ fn pipeline(data: Arc<Vec<Ev>>, parallelism: usize, spread: bool) -> (u64, f64) 
             .for_each(sink);
     }
     p.run().expect("the window pipeline runs");
-    let total = *sum.lock();
-    (fired.load(Ordering::Relaxed), total)
+    let total = *total.lock();
+    total
+}
+
+/// A sink's running totals, added to `to` when the sink is dropped.
+struct Published {
+    fired: u64,
+    sum: f64,
+    to: Arc<parking_lot::Mutex<(u64, f64)>>,
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        let mut t = self.to.lock();
+        t.0 += self.fired;
+        t.1 += self.sum;
+    }
 }
 
 fn window(c: &mut Criterion) {

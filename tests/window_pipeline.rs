@@ -428,3 +428,25 @@ fn an_idle_input_stops_holding_the_watermark_back() {
         "without one, the silent instance holds the watermark back until end of input"
     );
 }
+
+/// The worked example of docs/semantics.md ("Watermarks in a running pipeline"), row by row.
+#[test]
+fn the_documented_boundary_example() {
+    let p = Pipeline::with_options(lockstep());
+    let spec = WindowSpec::new(Tumbling::new(10_000, 0).unwrap(), time)
+        .max_out_of_orderness(Duration::from_millis(2_000));
+    let events: Vec<Ev> = [9_999, 10_000, 11_500, 12_000, 8_000]
+        .iter()
+        .map(|&t| (1, t, 1.0))
+        .collect();
+    let (results, late) = p
+        .source("events", events)
+        .key_by(|e: &Ev| e.0)
+        .window(spec, Count)
+        .with_late();
+    let results = results.map(|r| (r.window.start.0, r.value)).collect();
+    let late = late.map(|l| l.time.0).collect();
+    p.run().unwrap();
+    assert_eq!(results.take(), vec![(0, 1), (10_000, 3)]);
+    assert_eq!(late.take(), vec![8_000]);
+}

@@ -12,7 +12,7 @@
 //!   is too late for some of its windows but not all is added to the live ones; each window it
 //!   missed is counted in [`WindowState::missed_windows`].)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::Hash;
 
 use rustc_hash::FxHashMap;
@@ -72,11 +72,8 @@ struct Slot<Acc> {
     replaces: Vec<Window>,
 }
 
-/// One key's state in a tumbling or sliding window.
-struct FixedSlot<Acc> {
-    acc: Acc,
-    fired: bool,
-}
+/// How many emptied key maps a window state keeps for reuse.
+const SPARE_MAPS: usize = 2;
 
 /// Keyed window state for one stage instance.
 ///
@@ -93,7 +90,18 @@ pub struct WindowState<K, T, A: Aggregate<T>> {
     agg: A,
     lateness: i64,
     watermark: Timestamp,
-    fixed: BTreeMap<Window, FxHashMap<K, FixedSlot<A::Acc>>>,
+    /// Tumbling and sliding windows, sorted (by start, and so by end), each with its keys.
+    /// Few are live at once and most records go to the newest, so a sorted deque searched from
+    /// the back beats a tree.
+    ///
+    /// A fixed window has fired exactly when the watermark has reached its end (the watermark
+    /// only rises and firing happens as it passes), so its keys need no flag of their own.
+    fixed: VecDeque<(Window, FxHashMap<K, A::Acc>)>,
+    /// Emptied key maps of freed windows, kept (at most [`SPARE_MAPS`]) so that the next
+    /// window starts at the size the last one reached instead of growing and rehashing again.
+    spare: Vec<FxHashMap<K, A::Acc>>,
+    /// The tumbling window of the last record (empty at first).
+    last_tumbling: Window,
     keys: FxHashMap<K, Vec<Slot<A::Acc>>>,
     /// Timers by time. A session window that grows leaves a stale timer at its old end, which
     /// finds nothing to do when it comes due; they are bounded by the records of the last
@@ -118,7 +126,9 @@ where
             agg,
             lateness: allowed_lateness.max(0),
             watermark: Timestamp::MIN,
-            fixed: BTreeMap::new(),
+            fixed: VecDeque::new(),
+            spare: Vec::new(),
+            last_tumbling: Window::new(Timestamp(0), Timestamp(0)),
             keys: FxHashMap::default(),
             timers: BTreeMap::new(),
             live: 0,
@@ -191,7 +201,14 @@ where
         out: &mut Vec<WindowOutput<K, T, A::Out>>,
     ) {
         match self.assigner {
-            Assigner::Tumbling(a) => self.add_fixed(key, t, record, &[a.assign(t)], out),
+            Assigner::Tumbling(a) => {
+                // Most records fall in the window of the one before: skip the division.
+                if !self.last_tumbling.contains(t) {
+                    self.last_tumbling = a.assign(t);
+                }
+                let w = self.last_tumbling;
+                self.add_fixed(key, t, record, &[w], out)
+            }
             Assigner::Sliding(a) => self.add_fixed(key, t, record, &a.assign(t), out),
             Assigner::Session(a) => self.add_session(key, t, record, a.assign(t), out),
         }
@@ -219,31 +236,43 @@ where
             if w.end.saturating_add(lateness) <= wm {
                 continue;
             }
-            let (agg, live) = (&self.agg, &mut self.live);
-            let slot = self
-                .fixed
-                .entry(*w)
-                .or_default()
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    *live += 1;
-                    FixedSlot {
-                        acc: agg.create(),
-                        fired: false,
-                    }
-                });
-            agg.add(&mut slot.acc, &record);
+            let i = self.fixed_index(*w);
+            let keys = &mut self.fixed[i].1;
+            let (acc, new) = match keys.get_mut(&key) {
+                Some(acc) => (acc, false),
+                None => {
+                    self.live += 1;
+                    let acc = keys.entry(key.clone()).or_insert(self.agg.create());
+                    (acc, true)
+                }
+            };
+            self.agg.add(acc, &record);
             if w.end <= wm {
-                // The window already passed: emit now, as an update if it was emitted before.
-                let update = slot.fired;
-                slot.fired = true;
+                // The window already fired: emit now, as an update if this key was emitted.
                 out.push(WindowOutput::Result(WindowResult {
                     key: key.clone(),
                     window: *w,
-                    value: agg.result(&slot.acc),
-                    update,
+                    value: self.agg.result(acc),
+                    update: !new,
                     replaces: Vec::new(),
                 }));
+            }
+        }
+    }
+
+    /// The position of fixed window `w`, inserted (with a spare key map) if absent.
+    #[inline]
+    fn fixed_index(&mut self, w: Window) -> usize {
+        let n = self.fixed.len();
+        if n > 0 && self.fixed[n - 1].0 == w {
+            return n - 1;
+        }
+        match self.fixed.binary_search_by(|(x, _)| x.cmp(&w)) {
+            Ok(i) => i,
+            Err(i) => {
+                let keys = self.spare.pop().unwrap_or_default();
+                self.fixed.insert(i, (w, keys));
+                i
             }
         }
     }
@@ -324,28 +353,36 @@ where
         // Fixed windows: fire those ending in (prev, wm]; those ending earlier fired before (or
         // were emitted as they were created, past their end).
         for (w, keys) in self.fixed.iter_mut() {
+            let w = &*w;
             if w.end > wm {
                 break;
             }
             if w.end <= prev {
                 continue;
             }
-            for (key, s) in keys.iter_mut().filter(|(_, s)| !s.fired) {
-                s.fired = true;
+            for (key, acc) in keys.iter() {
                 out.push(WindowOutput::Result(WindowResult {
                     key: key.clone(),
                     window: *w,
-                    value: self.agg.result(&s.acc),
+                    value: self.agg.result(acc),
                     update: false,
                     replaces: Vec::new(),
                 }));
             }
         }
-        while let Some(first) = self.fixed.first_entry() {
-            if first.key().end.saturating_add(lateness) > wm {
+        while let Some((w, _)) = self.fixed.front() {
+            if w.end.saturating_add(lateness) > wm {
                 break;
             }
-            self.live -= first.remove().len();
+            let (_, mut keys) = self.fixed.pop_front().expect("front exists");
+            self.live -= keys.len();
+            if self.spare.len() < SPARE_MAPS && wm < Timestamp::MAX {
+                keys.clear();
+                self.spare.push(keys);
+            }
+        }
+        if wm == Timestamp::MAX {
+            self.spare = Vec::new(); // end of input: give the memory back
         }
         // Sessions: the keys whose timers are due.
         while let Some(due) = self.timers.first_entry() {
