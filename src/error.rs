@@ -58,6 +58,9 @@ pub enum Error {
     /// The run was cancelled through a [`CancelHandle`](crate::CancelHandle).
     #[error("run cancelled")]
     Cancelled,
+    /// The [`Engine`](crate::job::Engine) is shutting down and takes no new jobs.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
 }
 
 impl Error {
@@ -69,7 +72,7 @@ impl Error {
             | Error::Io { stage, .. }
             | Error::Record { stage, .. } => Some(stage),
             Error::Config(e) => e.stage(),
-            Error::Build(_) | Error::Cancelled => None,
+            Error::Build(_) | Error::Cancelled | Error::ShuttingDown => None,
         }
     }
 }

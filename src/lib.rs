@@ -40,6 +40,7 @@
 mod channel;
 pub mod config;
 mod error;
+pub mod job;
 mod metrics;
 pub mod operator;
 pub mod pool;

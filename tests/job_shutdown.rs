@@ -1,0 +1,70 @@
+//! Engine shutdown leaves no thread behind. Alone in its test binary, so that the thread count
+//! of the process is this test's own.
+
+use std::time::{Duration, Instant};
+
+use millrace::job::{Engine, EngineOptions, JobStatus};
+use millrace::{Error, Pipeline};
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn fast_progress() -> EngineOptions {
+    let mut o = EngineOptions::default();
+    o.progress_interval = Duration::from_millis(5);
+    o
+}
+
+fn small_job(n: u64) -> impl FnOnce() -> Result<Pipeline, Error> + Send + 'static {
+    move || {
+        let p = Pipeline::new();
+        p.source("n", 0..n).for_each(|_| {});
+        Ok(p)
+    }
+}
+
+/// Seed scenario 3: a job whose output drains slowly when shutdown comes; shutdown cancels it
+/// and joins every thread; none is left, and no job can be submitted afterwards.
+#[test]
+fn shutdown_joins_every_thread_even_with_a_slow_sink() {
+    let before = thread_count();
+    let engine = Engine::with_options(fast_progress());
+    for i in 0..3 {
+        engine
+            .submit(&format!("slow{i}"), || {
+                let p = Pipeline::new();
+                p.source("n", 0u64..)
+                    .rebalance(2)
+                    .map(|x| x + 1)
+                    .for_each(|_| std::thread::sleep(Duration::from_millis(1)));
+                Ok(p)
+            })
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        thread_count() > before + 3 * 5,
+        "three jobs of five threads and the ticker are running"
+    );
+    let t0 = Instant::now();
+    engine.shutdown(Duration::from_secs(10)).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "shutdown was prompt");
+    assert_eq!(engine.threads(), 0);
+    for info in engine.list() {
+        assert_eq!(info.status, JobStatus::Cancelled);
+    }
+    assert!(matches!(
+        engine.submit("late", small_job(1)),
+        Err(Error::ShuttingDown)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = thread_count();
+    while now > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        now = thread_count();
+    }
+    assert_eq!(now, before, "threads left after shutdown");
+}
