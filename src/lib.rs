@@ -40,6 +40,7 @@
 mod channel;
 pub mod config;
 mod error;
+pub mod http;
 pub mod job;
 mod metrics;
 pub mod operator;

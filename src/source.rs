@@ -298,6 +298,13 @@ impl Head<Chunk> for ChunkHead {
                 self.eof = true;
                 break;
             }
+            if data.len() > MAX_LINE_BYTES && memchr::memrchr(b'\n', &data).is_none() {
+                return Err(Halt::Failed(too_long(
+                    &self.name,
+                    &self.path,
+                    self.next_line,
+                )));
+            }
             let full = data.len() >= self.chunk_size || self.poll_fd.is_some();
             if full && memchr::memrchr(b'\n', &data).is_some() {
                 break;
@@ -320,6 +327,21 @@ impl Head<Chunk> for ChunkHead {
             crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
         Ok(if self.eof { Pull::End } else { Pull::Idle })
+    }
+}
+
+/// The longest line a line source accepts (16 MiB): input without newlines (a binary file,
+/// `/dev/zero`) must fail with its position, not buffer without bound.
+pub(crate) const MAX_LINE_BYTES: usize = 16 << 20;
+
+fn too_long(stage: &str, path: &str, line: u64) -> Error {
+    Error::Record {
+        stage: stage.to_string(),
+        location: Location {
+            path: path.to_string(),
+            line,
+        },
+        message: format!("line longer than {} MiB (no newline)", MAX_LINE_BYTES >> 20),
     }
 }
 
@@ -384,8 +406,8 @@ where
                 return Ok(Pull::Idle);
             }
             self.raw.clear();
-            let n = self
-                .reader
+            let n = (&mut self.reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut self.raw)
                 .map_err(|source| {
                     Halt::Failed(Error::Io {
@@ -398,6 +420,9 @@ where
                 return Ok(Pull::End);
             }
             self.line += 1;
+            if n > MAX_LINE_BYTES {
+                return Err(Halt::Failed(too_long(&self.name, &self.path, self.line)));
+            }
             let mut line = &self.raw[..];
             if let Some(rest) = line.strip_suffix(b"\n") {
                 line = rest.strip_suffix(b"\r").unwrap_or(rest);

@@ -265,3 +265,100 @@ fn a_gigabyte_of_ndjson_streams_in_flat_memory() {
     eprintln!("peak RSS {peak_mb:.1} MB over {} MB", total >> 20);
     assert!(peak_mb < 150.0, "peak RSS {peak_mb:.1} MB");
 }
+
+/// `--progress json`: one JSON event per line on stderr, from `started` to `finished`.
+#[test]
+fn progress_json_writes_one_event_per_line() {
+    let out = Command::new(BIN)
+        .args(["run", "--progress", "json"])
+        .arg(repo("examples/wordcount.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stderr)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(events.first().unwrap()["event"], "started");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "finished");
+    assert!(last["report"]["records_read"].as_u64().unwrap() > 0);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 10);
+}
+
+/// `millrace serve`: submit a pipeline over HTTP and watch it finish; a non-loopback address
+/// needs the explicit flag.
+#[test]
+fn serve_runs_submitted_pipelines() {
+    let refused = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--allow-remote"));
+
+    /// Kills and reaps the server however the test ends.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(child.0.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("serving on http://")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    let call = |method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = raw.split_once("\r\n\r\n").unwrap().1;
+        (status, serde_json::from_str(body).unwrap())
+    };
+    let pipeline = std::fs::read_to_string(repo("examples/wordcount.toml"))
+        .unwrap()
+        .replace("data/millrace.txt", &repo("examples/data/millrace.txt"))
+        .replace("path = \"-\"", "path = \"/dev/null\"");
+    let (status, body) = call("POST", "/jobs?name=words", &pipeline);
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, job) = call("GET", &format!("/jobs/{id}"), "");
+        assert_eq!(status, 200);
+        if job["status"] == "succeeded" {
+            assert_eq!(
+                job["name"], "wordcount",
+                "the file's own name wins over ?name="
+            );
+            assert!(job["report"]["records_read"].as_u64().unwrap() > 0);
+            break;
+        }
+        assert_eq!(job["status"], "running", "{job}");
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(child);
+}

@@ -329,3 +329,21 @@ fn graph_is_dot() {
     assert!(dot.starts_with("digraph \"test-pipeline\" {"), "{dot}");
     assert!(dot.contains("\"read\" -> \"out\";"), "{dot}");
 }
+
+/// Input without newlines fails with its position instead of buffering without bound.
+#[test]
+fn a_line_without_end_fails_instead_of_filling_memory() {
+    for parallelism in [1, 2] {
+        let text = format!(
+            "[stages.read]\nkind = \"ndjson.read\"\npath = \"/dev/zero\"\nparallelism = {parallelism}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = \"/dev/null\"\n"
+        );
+        let e = spec(&text)
+            .unwrap()
+            .build()
+            .unwrap()
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/dev/zero:1: line longer than 16 MiB"), "{e}");
+    }
+}

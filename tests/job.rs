@@ -48,12 +48,16 @@ fn kinds(events: &[Received<Event>]) -> Vec<&'static str> {
 #[test]
 fn jobs_run_report_and_end_with_a_final_event() {
     let engine = Engine::with_options(fast_progress());
-    let a = engine.submit("a", small_job(1_000)).unwrap();
-    let sub = engine.subscribe(a).unwrap();
+    let (a, sub) = engine.submit_watched("a", small_job(1_000)).unwrap();
     let info = engine.wait(a).unwrap();
     assert_eq!(info.status, JobStatus::Succeeded);
     assert_eq!(info.report.unwrap().records_read(), 1_000);
     let events = drain(&sub);
+    assert_eq!(
+        kinds(&events[..1]),
+        vec!["started"],
+        "watched from the start"
+    );
     let last = events.last().unwrap();
     match last {
         Received::Event(Event::Finished { report, .. }) => assert_eq!(report.records_read(), 1_000),

@@ -391,6 +391,32 @@ impl Engine {
     where
         F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
     {
+        self.start(name, build, false).map(|(id, _)| id)
+    }
+
+    /// Like [`submit`](Engine::submit), with a progress stream subscribed before the job
+    /// starts, so that it sees every event from `Started` on.
+    pub fn submit_watched<F>(
+        &self,
+        name: &str,
+        build: F,
+    ) -> Result<(JobId, Subscription<Event>), Error>
+    where
+        F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
+    {
+        self.start(name, build, true)
+            .map(|(id, sub)| (id, sub.expect("subscribed before the start")))
+    }
+
+    fn start<F>(
+        &self,
+        name: &str,
+        build: F,
+        watch: bool,
+    ) -> Result<(JobId, Option<Subscription<Event>>), Error>
+    where
+        F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
+    {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
@@ -412,6 +438,7 @@ impl Engine {
             }),
             ended: Condvar::new(),
         });
+        let sub = watch.then(|| job.hub.subscribe());
         self.inner.jobs.insert(id, Arc::clone(&job));
         let inner = Arc::clone(&self.inner);
         let thread = std::thread::Builder::new()
@@ -424,7 +451,7 @@ impl Engine {
                 if !self.inner.accepting.load(Ordering::Acquire) {
                     self.cancel(id);
                 }
-                Ok(id)
+                Ok((id, sub))
             }
             Err(e) => {
                 self.inner.jobs.remove(&id);
@@ -439,6 +466,15 @@ impl Engine {
     pub fn submit_toml(&self, spec: crate::config::PipelineSpec) -> Result<JobId, Error> {
         let name = spec.name.clone();
         self.submit(&name, move || spec.build().map_err(Error::from))
+    }
+
+    /// [`submit_toml`](Engine::submit_toml) with a progress stream from the start.
+    pub fn submit_toml_watched(
+        &self,
+        spec: crate::config::PipelineSpec,
+    ) -> Result<(JobId, Subscription<Event>), Error> {
+        let name = spec.name.clone();
+        self.submit_watched(&name, move || spec.build().map_err(Error::from))
     }
 
     /// The job's current state; `None` for an unknown (or forgotten) job.

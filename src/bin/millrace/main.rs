@@ -6,8 +6,13 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
 use millrace::config::{PipelineSpec, KINDS};
+use millrace::http::{self, ServeOptions};
+use millrace::job::{Engine, JobStatus, Received};
 use millrace::{CancelHandle, Error};
 
 /// Records in the TOML layer are small JSON maps: allocation dominates parsing, and mimalloc
@@ -23,15 +28,44 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Progress {
+    Bar,
+    Json,
+    None,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Runs a pipeline file.
     Run {
         /// The pipeline file (TOML).
         pipeline: PathBuf,
-        /// No progress line and no summary table on stderr.
+        /// No progress and no summary table on stderr.
         #[arg(short, long)]
         quiet: bool,
+        /// Progress on stderr: a live line (default on a terminal), one JSON event per line
+        /// (for other tools), or none.
+        #[arg(long, value_enum)]
+        progress: Option<Progress>,
+        /// Also serve live status over HTTP at this address while the pipeline runs.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<SocketAddr>,
+        /// Allow --serve on a non-loopback address.
+        #[arg(long)]
+        allow_remote: bool,
+    },
+    /// Serves the job API over HTTP: submit, watch (Server-Sent Events), cancel, metrics.
+    Serve {
+        /// The address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7870")]
+        listen: SocketAddr,
+        /// Allow a non-loopback address.
+        #[arg(long)]
+        allow_remote: bool,
+        /// The largest pipeline file accepted, in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body: usize,
     },
     /// Checks a pipeline file without running it.
     Validate {
@@ -51,7 +85,30 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { pipeline, quiet } => run(pipeline, quiet),
+        Command::Run {
+            pipeline,
+            quiet,
+            progress,
+            serve,
+            allow_remote,
+        } => {
+            let progress = match (quiet, progress) {
+                (true, _) => Progress::None,
+                (false, Some(p)) => p,
+                (false, None) if std::io::stderr().is_terminal() => Progress::Bar,
+                (false, None) => Progress::None,
+            };
+            if progress == Progress::Json || serve.is_some() {
+                run_on_engine(pipeline, quiet, progress, serve, allow_remote)
+            } else {
+                run(pipeline, quiet, progress == Progress::Bar)
+            }
+        }
+        Command::Serve {
+            listen,
+            allow_remote,
+            max_body,
+        } => serve(listen, allow_remote, max_body),
         Command::Validate { pipeline } => {
             match PipelineSpec::from_file(&pipeline).and_then(|s| s.build().map(|_| s)) {
                 Ok(spec) => {
@@ -85,7 +142,7 @@ fn fail(e: &Error) -> ExitCode {
     })
 }
 
-fn run(path: PathBuf, quiet: bool) -> ExitCode {
+fn run(path: PathBuf, quiet: bool, show_progress: bool) -> ExitCode {
     let spec = match PipelineSpec::from_file(&path) {
         Ok(s) => s,
         Err(e) => return fail(&Error::from(e)),
@@ -96,7 +153,6 @@ fn run(path: PathBuf, quiet: bool) -> ExitCode {
     };
     let handle = pipeline.cancel_handle();
     let done = AtomicBool::new(false);
-    let show_progress = !quiet && std::io::stderr().is_terminal();
     let result = std::thread::scope(|s| {
         if show_progress {
             s.spawn(|| progress(&handle, &done));
@@ -111,6 +167,90 @@ fn run(path: PathBuf, quiet: bool) -> ExitCode {
                 eprintln!("{report}");
             }
             ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn serve_options(listen: SocketAddr, allow_remote: bool) -> ServeOptions {
+    let mut o = ServeOptions::new(listen);
+    o.allow_remote = allow_remote;
+    o.base_dir = std::env::current_dir().unwrap_or_default();
+    o
+}
+
+/// Runs the pipeline as a job of an engine: progress events as JSON lines, and/or live status
+/// over HTTP while it runs.
+fn run_on_engine(
+    path: PathBuf,
+    quiet: bool,
+    progress: Progress,
+    serve: Option<SocketAddr>,
+    allow_remote: bool,
+) -> ExitCode {
+    let spec = match PipelineSpec::from_file(&path).and_then(|s| s.build().map(|_| s)) {
+        Ok(s) => s,
+        Err(e) => return fail(&Error::from(e)),
+    };
+    let engine = Arc::new(Engine::new());
+    let server = match serve {
+        None => None,
+        Some(addr) => match http::serve(Arc::clone(&engine), serve_options(addr, allow_remote)) {
+            Ok(s) => {
+                eprintln!("serving on http://{}", s.addr());
+                Some(s)
+            }
+            Err(e) => return fail(&e),
+        },
+    };
+    let (id, events) = match engine.submit_toml_watched(spec) {
+        Ok(watched) => watched,
+        Err(e) => return fail(&e),
+    };
+    while let Some(r) = events.recv() {
+        if progress == Progress::Json {
+            let line = match r {
+                Received::Event(e) => e.to_json(),
+                Received::Lagged(n) => serde_json::json!({"event": "lagged", "missed": n}),
+            };
+            eprintln!("{line}");
+        }
+    }
+    let info = engine.wait(id).expect("the job exists");
+    if let Some(s) = server {
+        s.shutdown();
+    }
+    let _ = engine.shutdown(Duration::from_secs(10));
+    match info.status {
+        JobStatus::Succeeded => {
+            if !quiet && progress != Progress::Json {
+                if let Some(report) = info.report {
+                    eprintln!("{report}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!(
+                "error: {}",
+                info.error.unwrap_or_else(|| "run cancelled".into())
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Serves the job API until the process is stopped.
+fn serve(listen: SocketAddr, allow_remote: bool, max_body: usize) -> ExitCode {
+    let engine = Arc::new(Engine::new());
+    let mut opts = serve_options(listen, allow_remote);
+    opts.max_body = max_body;
+    match http::serve(engine, opts) {
+        Ok(s) => {
+            eprintln!("serving on http://{}", s.addr());
+            loop {
+                std::thread::park();
+            }
         }
         Err(e) => fail(&e),
     }
