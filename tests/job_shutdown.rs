@@ -6,6 +6,21 @@ use std::time::{Duration, Instant};
 use millrace::job::{Engine, EngineOptions, JobStatus};
 use millrace::{Error, Pipeline};
 
+/// Processes whose parent is this one.
+fn child_processes() -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // pid (comm) state ppid ...: the command may contain spaces, so split after ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                == Some(me.as_str())
+        })
+        .count()
+}
+
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
@@ -67,4 +82,5 @@ fn shutdown_joins_every_thread_even_with_a_slow_sink() {
         now = thread_count();
     }
     assert_eq!(now, before, "threads left after shutdown");
+    assert_eq!(child_processes(), 0, "child processes left after shutdown");
 }

@@ -417,10 +417,13 @@ impl Engine {
     where
         F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
     {
+        self.reap();
+        // Checked and acted on under the threads lock, which shutdown takes to stop intake: a
+        // job is either refused or has its thread registered before shutdown looks for threads.
+        let mut threads = self.inner.threads.lock();
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        self.reap();
         let id = JobId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let job = Arc::new(Job {
             id,
@@ -446,11 +449,7 @@ impl Engine {
             .spawn(move || run_job(&inner, &job, build));
         match thread {
             Ok(t) => {
-                self.inner.threads.lock().push((id, t));
-                // A shutdown that began meanwhile has already cancelled what it saw.
-                if !self.inner.accepting.load(Ordering::Acquire) {
-                    self.cancel(id);
-                }
+                threads.push((id, t));
                 Ok((id, sub))
             }
             Err(e) => {
@@ -509,7 +508,8 @@ impl Engine {
         true
     }
 
-    /// Waits for the job to end; `None` for an unknown job.
+    /// Waits for the job to end (its progress stream has its final event by then); `None` for
+    /// an unknown job.
     pub fn wait(&self, id: JobId) -> Option<JobInfo> {
         let job = self.inner.jobs.get(&id)?;
         let mut s = job.slot.lock();
@@ -557,7 +557,11 @@ impl Engine {
     /// started. Returns an error naming the jobs still running at `deadline` (a user closure
     /// that never returns cannot be interrupted); their threads are then left to finish.
     pub fn shutdown(&self, deadline: Duration) -> Result<(), Error> {
-        self.inner.accepting.store(false, Ordering::Release);
+        {
+            // Under the lock `submit` holds while it registers a job (see there).
+            let _threads = self.inner.threads.lock();
+            self.inner.accepting.store(false, Ordering::Release);
+        }
         for (id, _) in self.inner.jobs.list() {
             self.cancel(id);
         }
@@ -630,7 +634,9 @@ where
             job.name
         )))
     });
-    let event = {
+    {
+        // Status and final event change together (lock order: slot, then hub; nothing takes
+        // them the other way round), so a `wait` that returns finds the stream closed.
         let mut s = job.slot.lock();
         s.cancel = None;
         s.run_time = Some(t0.elapsed());
@@ -658,10 +664,9 @@ where
                 }
             }
         };
+        job.hub.close(event);
         job.ended.notify_all();
-        event
-    };
-    job.hub.close(event);
+    }
     forget_oldest(inner);
 }
 
