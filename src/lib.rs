@@ -40,6 +40,7 @@
 mod channel;
 pub mod config;
 mod error;
+mod exec;
 pub mod http;
 pub mod job;
 mod metrics;

@@ -1025,6 +1025,41 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 }
 
+impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
+    /// An `exec` stage of `parallelism` instances (one child process each), fed by this one.
+    pub(crate) fn exec_as(
+        self,
+        name: &str,
+        spec: crate::exec::ExecSpec,
+        parallelism: usize,
+    ) -> Fresh<serde_json::Value> {
+        let b = Rc::clone(&self.b);
+        let name = b.borrow_mut().reserve(name);
+        let partition = if parallelism == 1 {
+            Partition::Forward
+        } else {
+            Partition::Rebalance
+        };
+        let edge = self.connect(partition);
+        let spec = Arc::new(spec);
+        let op = Arc::clone(&name);
+        let mut head = input_head(vec![edge], move |input| {
+            Box::new(crate::exec::ExecHead::new(
+                Arc::clone(&op),
+                input,
+                Arc::clone(&spec),
+            )) as Box<dyn Head<serde_json::Value>>
+        });
+        head.name = Some(name);
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism,
+        }
+    }
+}
+
 /// Builds the per-instance tail maker for an edge, at run time (phase 2).
 fn channel_tail<T: Send + 'static>(
     edge: &Edge<T>,

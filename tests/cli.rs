@@ -183,8 +183,23 @@ fn runtime_errors_exit_1_naming_stage_file_and_line() {
 /// keeps the peak resident set small. (Debug builds stream less, to stay quick.)
 #[cfg(target_os = "linux")]
 #[test]
-#[allow(clippy::zombie_processes)] // reaped by `wait4` below, which also reports its peak RSS
 fn a_gigabyte_of_ndjson_streams_in_flat_memory() {
+    stream_a_gigabyte("read");
+}
+
+/// The same gigabyte through an `exec` stage running `cat`: stdin writer, stdout reader and
+/// the child's pipes are all bounded.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_gigabyte_through_an_exec_cat_streams_in_flat_memory() {
+    stream_a_gigabyte("cat");
+}
+
+/// Streams 1 GiB of NDJSON through `read [-> cat] -> keep -> slim -> out` and checks the output
+/// and the peak RSS of the `millrace` process. `keep_input` is the stage the filter reads.
+#[cfg(target_os = "linux")]
+#[allow(clippy::zombie_processes)] // reaped by `wait4` below, which also reports its peak RSS
+fn stream_a_gigabyte(keep_input: &str) {
     let total: u64 = if cfg!(debug_assertions) {
         128 << 20
     } else {
@@ -194,10 +209,17 @@ fn a_gigabyte_of_ndjson_streams_in_flat_memory() {
     let p = dir.path().join("p.toml");
     std::fs::write(
         &p,
-        "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n\
-         [stages.keep]\nkind=\"filter\"\ninput=\"read\"\nfield=\"kind\"\nop=\"eq\"\nvalue=\"click\"\n\
-         [stages.slim]\nkind=\"select\"\ninput=\"keep\"\nfields=[\"id\",\"user\"]\n\
-         [stages.out]\nkind=\"ndjson.write\"\ninput=\"slim\"\npath=\"-\"\n",
+        format!(
+            "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n{}\
+             [stages.keep]\nkind=\"filter\"\ninput=\"{keep_input}\"\nfield=\"kind\"\nop=\"eq\"\nvalue=\"click\"\n\
+             [stages.slim]\nkind=\"select\"\ninput=\"keep\"\nfields=[\"id\",\"user\"]\n\
+             [stages.out]\nkind=\"ndjson.write\"\ninput=\"slim\"\npath=\"-\"\n",
+            if keep_input == "cat" {
+                "[stages.cat]\nkind=\"exec\"\ninput=\"read\"\ncommand=[\"cat\"]\n"
+            } else {
+                ""
+            }
+        ),
     )
     .unwrap();
     let mut child = Command::new(BIN)

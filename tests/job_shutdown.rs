@@ -59,10 +59,19 @@ fn shutdown_joins_every_thread_even_with_a_slow_sink() {
             })
             .unwrap();
     }
+    // A job whose exec stage's child reads its input and then sleeps: shutdown must kill and
+    // reap it.
+    let text = format!(
+        "[stages.read]\nkind = \"lines.read\"\npath = {:?}\n\n[stages.child]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"sh\", \"-c\", \"cat > /dev/null; exec sleep 60\"]\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"child\"\npath = \"/dev/null\"\n",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/millrace.txt")
+    );
+    let spec = millrace::config::PipelineSpec::from_str(&text, "/tmp/sleepy.toml").unwrap();
+    engine.submit_toml(spec).unwrap();
     std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(child_processes(), 1, "the exec stage's child is running");
     assert!(
-        thread_count() > before + 3 * 5,
-        "three jobs of five threads and the ticker are running"
+        thread_count() > before + 3 * 5 + 2,
+        "three jobs of five threads, one with an exec stage (its job, stage and stderr threads at least) and the ticker are running"
     );
     let t0 = Instant::now();
     engine.shutdown(Duration::from_secs(10)).unwrap();

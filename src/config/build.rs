@@ -198,6 +198,9 @@ fn build_stage(
             )
         }
         (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late)),
+        (Kind::Exec(spec), Some(s)) => {
+            Some(s.exec_as(name, (**spec).clone(), st.parallelism).boxed())
+        }
         (Kind::NdjsonWrite { path }, Some(s)) => {
             s.write_ndjson_as(name, path);
             None

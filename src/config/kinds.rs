@@ -20,6 +20,7 @@ pub const KINDS: &[(&str, &str)] = &[
     ("filter", "keeps records where `field` `op` `value` holds (op: eq ne lt le gt ge exists contains)"),
     ("select", "keeps only the listed `fields`"),
     ("limit", "passes the first `n` records, then stops everything upstream"),
+    ("exec", "runs `command`: records as NDJSON on its stdin, its stdout's NDJSON lines as records"),
     ("window", "event-time windows per `key_field` over `time_field`: tumbling, sliding or session, with `aggregate` outputs"),
     ("ndjson.write", "sink: one JSON object per line to `path` (`-` is stdout)"),
 ];
@@ -65,6 +66,7 @@ pub(crate) enum Kind {
         n: u64,
     },
     Window(Box<super::window::WindowParams>),
+    Exec(Box<crate::exec::ExecSpec>),
     NdjsonWrite {
         path: PathBuf,
     },
@@ -134,6 +136,7 @@ impl Kind {
                 n: p.required_u64("n")?,
             },
             "window" => Kind::Window(Box::new(super::window::WindowParams::parse(p)?)),
+            "exec" => Kind::Exec(Box::new(parse_exec(p)?)),
             "ndjson.write" => Kind::NdjsonWrite {
                 path: p.output_path("path")?,
             },
@@ -317,6 +320,11 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A directory relative to the pipeline file.
+    pub fn resolve_dir(&self, path: &str) -> PathBuf {
+        self.resolve(path)
+    }
+
     fn resolve(&self, path: &str) -> PathBuf {
         let p = PathBuf::from(path);
         if path == "-" || p.is_absolute() {
@@ -367,6 +375,47 @@ impl<'a> Params<'a> {
         }
         Ok(())
     }
+}
+
+/// The `exec` kind's parameters.
+fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> {
+    let command = p.required_str_list("command")?;
+    if command.is_empty() || command[0].is_empty() {
+        return Err(p.error_at(
+            "command",
+            "parameter `command`: expected a program and its arguments, found an empty list".into(),
+        ));
+    }
+    let env = match p.opt_table("env")? {
+        None => Vec::new(),
+        Some(t) => t
+            .into_iter()
+            .map(|(k, v)| match v {
+                toml::Value::String(s) => Ok((k, s)),
+                other => Err(p.error_at(
+                    "env",
+                    format!(
+                        "parameter `env.{k}`: expected a string, found {}",
+                        describe(&other)
+                    ),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    // The working directory is always set: the pipeline file's directory unless `cwd` says.
+    let dir = p.opt_str("cwd")?.unwrap_or_else(|| ".".into());
+    let cwd = Some(p.resolve_dir(&dir));
+    let timeout = p
+        .opt_duration("timeout")?
+        .map(|ms| std::time::Duration::from_millis(ms.max(1) as u64));
+    let max_line_bytes = p.opt_u64("max_line_bytes", 1, 1 << 30)?.unwrap_or(1 << 20) as usize;
+    Ok(crate::exec::ExecSpec {
+        command,
+        env,
+        cwd,
+        timeout,
+        max_line_bytes,
+    })
 }
 
 // ---- record operations -------------------------------------------------------------------

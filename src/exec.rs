@@ -1,0 +1,414 @@
+//! The `exec` stage: records go to an external process as NDJSON on its stdin and come back as
+//! NDJSON on its stdout, following the Unix rules the seeds learned the hard way:
+//!
+//! - one thread writes stdin, the stage's own thread reads stdout line by line (never the whole
+//!   output), one thread drains stderr into the log (a full stderr pipe would block the child)
+//!   and keeps its last lines for error messages;
+//! - the parent's copies of the pipe ends are closed (std does it; stdin is closed at end of
+//!   input, which is how the child learns the input ended);
+//! - every child is waited for and its exit status checked: non-zero is a stage error carrying
+//!   the last stderr lines;
+//! - when the child stops reading (EPIPE), or downstream stops early, that is a normal stop;
+//!   a child silent on stdout for longer than `timeout` is killed with its process group and
+//!   reported; an over-long or invalid line is an error naming the line;
+//! - the environment is scrubbed to an allowlist plus what the stage sets, and the child runs
+//!   in a process group of its own so that it and its children can be killed together.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::channel::InputHead;
+use crate::error::{Error, Location};
+use crate::operator::Halt;
+use crate::runtime::{Cx, Head, Pull};
+
+/// Environment variables a child inherits (all others are removed).
+const ENV_ALLOWLIST: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
+/// Stderr lines kept for an error message.
+const STDERR_TAIL: usize = 20;
+
+/// What an `exec` stage runs.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecSpec {
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Variables set for the child, on top of the allowlist.
+    pub env: Vec<(String, String)>,
+    /// Its working directory.
+    pub cwd: Option<PathBuf>,
+    /// Longest the child may stay silent on stdout while it has input or work.
+    pub timeout: Option<Duration>,
+    /// Longest stdout line accepted.
+    pub max_line_bytes: usize,
+}
+
+impl ExecSpec {
+    fn shown(&self) -> String {
+        self.command.join(" ")
+    }
+}
+
+/// The head of an `exec` stage instance: starts the child on first pull, reads its stdout.
+pub(crate) struct ExecHead {
+    name: Arc<str>,
+    spec: Arc<ExecSpec>,
+    input: Option<InputHead<Value>>,
+    running: Option<Running>,
+}
+
+struct Running {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    writer: Option<JoinHandle<Result<(), Error>>>,
+    stderr: Option<JoinHandle<()>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Tells the writer to stop.
+    stop: Arc<AtomicBool>,
+    line: u64,
+    raw: Vec<u8>,
+    heard: Instant,
+    exited: bool,
+}
+
+impl ExecHead {
+    pub fn new(name: Arc<str>, input: InputHead<Value>, spec: Arc<ExecSpec>) -> Self {
+        ExecHead {
+            name,
+            spec,
+            input: Some(input),
+            running: None,
+        }
+    }
+
+    fn error(&self, message: String) -> Halt {
+        Halt::Failed(Error::Operator {
+            stage: self.name.to_string(),
+            source: message.into(),
+        })
+    }
+
+    fn start(&mut self, cx: &Cx) -> Result<(), Halt> {
+        let spec = &self.spec;
+        let mut cmd = Command::new(&spec.command[0]);
+        cmd.args(&spec.command[1..])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for k in ENV_ALLOWLIST {
+            if let Some(v) = std::env::var_os(k) {
+                cmd.env(k, v);
+            }
+        }
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        if let Some(dir) = &spec.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| self.error(format!("cannot start `{}`: {e}", spec.shown())))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        let target = format!("plugin::{}", self.name);
+        let t = Arc::clone(&tail);
+        let stderr = std::thread::Builder::new()
+            .name(format!("millrace:{}:stderr", self.name))
+            .spawn(move || drain_stderr(stderr, &target, &t))
+            .map_err(|e| self.error(format!("cannot start a stderr thread: {e}")))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let input = self.input.take().expect("started once");
+        let wcx = Cx {
+            run: Arc::clone(&cx.run),
+            stage: Arc::clone(&cx.stage),
+            instance: cx.instance,
+            metrics: Arc::clone(&cx.metrics),
+        };
+        let s = Arc::clone(&stop);
+        let name = Arc::clone(&self.name);
+        let writer = std::thread::Builder::new()
+            .name(format!("millrace:{}:stdin", self.name))
+            .spawn(move || write_stdin(&wcx, input, stdin, &s, &name));
+        let writer = match writer {
+            Ok(w) => w,
+            Err(e) => {
+                kill_group(&mut child);
+                let _ = child.wait();
+                let _ = stderr.join();
+                return Err(self.error(format!("cannot start a stdin thread: {e}")));
+            }
+        };
+        self.running = Some(Running {
+            child,
+            stdout: BufReader::with_capacity(64 * 1024, stdout),
+            writer: Some(writer),
+            stderr: Some(stderr),
+            stderr_tail: tail,
+            stop,
+            line: 0,
+            raw: Vec::new(),
+            heard: Instant::now(),
+            exited: false,
+        });
+        Ok(())
+    }
+
+    /// Stdout ended: join the threads, wait for the child, check its status.
+    fn finish(&mut self) -> Result<(), Halt> {
+        let shown = self.spec.shown();
+        let r = self.running.as_mut().expect("running");
+        let written = r.writer.take().map(|w| w.join());
+        let status = r.child.wait();
+        r.exited = true;
+        if let Some(s) = r.stderr.take() {
+            let _ = s.join();
+        }
+        let tail: Vec<String> = r.stderr_tail.lock().iter().cloned().collect();
+        let status = status.map_err(|e| self.error(format!("cannot wait for `{shown}`: {e}")))?;
+        if !status.success() {
+            let how = match status.code() {
+                Some(c) => format!("exited with status {c}"),
+                None => format!("was killed ({status})"),
+            };
+            let stderr = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; last stderr lines:\n  {}", tail.join("\n  "))
+            };
+            return Err(self.error(format!("`{shown}` {how}{stderr}")));
+        }
+        match written {
+            Some(Ok(Err(e))) => Err(Halt::Failed(e)),
+            Some(Err(_)) => Err(self.error("the stdin thread panicked".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Kills the child (and its process group) after a failure.
+    fn abort(&mut self) {
+        if let Some(r) = self.running.as_mut() {
+            kill_group(&mut r.child);
+        }
+    }
+}
+
+impl Head<Value> for ExecHead {
+    fn counts_input(&self) -> bool {
+        true // records in are counted by the writer; out are the child's records
+    }
+
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Value>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        if self.running.is_none() {
+            self.start(cx)?;
+        }
+        let cap = cx.batch_size();
+        let max = self.spec.max_line_bytes;
+        let timeout = self.spec.timeout;
+        while buf.len() < cap {
+            let r = self.running.as_mut().expect("started");
+            if r.exited {
+                return Ok(Pull::End);
+            }
+            if r.stdout.buffer().is_empty() {
+                // Wait for output in slices, watching cancellation, the flush deadline and the
+                // silence timeout.
+                if cx.run.is_cancelled() {
+                    return Err(Halt::Done);
+                }
+                if !poll_readable(r.stdout.get_ref(), 100) {
+                    if let Some(t) = timeout {
+                        if r.heard.elapsed() > t {
+                            let shown = self.spec.shown();
+                            self.abort();
+                            return Err(self.error(format!(
+                                "`{shown}` was silent for longer than its timeout ({t:?}): killed"
+                            )));
+                        }
+                    }
+                    let flush_due = flush_at.is_some_and(|at| cx.clock_ms() >= at);
+                    if !buf.is_empty() || flush_due {
+                        return Ok(Pull::Idle);
+                    }
+                    continue;
+                }
+            }
+            r.raw.clear();
+            let n = (&mut r.stdout)
+                .take(max as u64 + 1)
+                .read_until(b'\n', &mut r.raw)
+                .map_err(|e| {
+                    Halt::Failed(Error::Io {
+                        stage: self.name.to_string(),
+                        path: format!("{} (stdout)", self.spec.shown()),
+                        source: e,
+                    })
+                })?;
+            r.heard = Instant::now();
+            if n == 0 {
+                self.finish()?;
+                return Ok(Pull::End);
+            }
+            r.line += 1;
+            let line = r.line;
+            let location = || Location {
+                path: format!("`{}` stdout", self.spec.shown()),
+                line,
+            };
+            if n > max {
+                let location = location();
+                self.abort();
+                return Err(Halt::Failed(Error::Record {
+                    stage: self.name.to_string(),
+                    location,
+                    message: format!("line longer than max_line_bytes ({max})"),
+                }));
+            }
+            match crate::config::parse_object(&r.raw) {
+                Ok(Value::Null) => {}
+                Ok(v) => buf.push(v),
+                Err(message) => {
+                    let location = location();
+                    self.abort();
+                    return Err(Halt::Failed(Error::Record {
+                        stage: self.name.to_string(),
+                        location,
+                        message,
+                    }));
+                }
+            }
+        }
+        Ok(Pull::Data)
+    }
+}
+
+impl Drop for ExecHead {
+    /// However the stage ends (early stop, failure, cancel, panic): stop the writer, kill and
+    /// reap the child, join every thread. Nothing outlives the stage.
+    fn drop(&mut self) {
+        let Some(r) = self.running.as_mut() else {
+            return;
+        };
+        r.stop.store(true, Ordering::Release);
+        if !r.exited {
+            kill_group(&mut r.child);
+            let _ = r.child.wait();
+        }
+        if let Some(w) = r.writer.take() {
+            let _ = w.join();
+        }
+        if let Some(s) = r.stderr.take() {
+            let _ = s.join();
+        }
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) with a negative pid signals the process group the child leads (it was
+    // started with process_group(0)); no memory is involved. A group already gone is ESRCH.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let _ = child.kill();
+}
+
+fn poll_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd living across the call, the count is exactly one, and
+    // the descriptor is open (borrowed from its owner) for the call's duration.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    n != 0
+}
+
+/// The stdin thread: input batches as NDJSON lines, flushed after each batch; end of input
+/// closes stdin. A child that stops reading (EPIPE) is a normal stop: the input is dropped,
+/// which stops the stages upstream.
+fn write_stdin(
+    cx: &Cx,
+    mut input: InputHead<Value>,
+    stdin: std::process::ChildStdin,
+    stop: &AtomicBool,
+    name: &str,
+) -> Result<(), Error> {
+    let mut w = BufWriter::with_capacity(64 * 1024, stdin);
+    let mut batch = Vec::new();
+    let io = |e: std::io::Error| Error::Io {
+        stage: name.to_string(),
+        path: "stdin of the child".into(),
+        source: e,
+    };
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Wake up at least every 100 ms to see `stop`.
+        let pull = match input.pull(cx, &mut batch, Some(cx.run.now_ms() + 100)) {
+            Ok(p) => p,
+            Err(_) => return Ok(()), // cancelled or failing: the run reports it
+        };
+        if !batch.is_empty() {
+            crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, batch.len() as u64);
+            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        for v in batch.drain(..) {
+            let written = serde_json::to_writer(&mut w, &v)
+                .map_err(std::io::Error::from)
+                .and_then(|()| w.write_all(b"\n"));
+            match written {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(io(e)),
+            }
+        }
+        match w.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(io(e)),
+        }
+        if pull == Pull::End {
+            return Ok(()); // dropping `w` closes the child's stdin
+        }
+    }
+}
+
+/// The stderr thread: every line to the log under `plugin::<stage>`, the last few kept.
+fn drain_stderr(stderr: std::process::ChildStderr, target: &str, tail: &Mutex<VecDeque<String>>) {
+    let mut r = BufReader::new(stderr);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        // Bounded: an endless line is cut into 64 KiB pieces.
+        match (&mut r).take(64 * 1024).read_until(b'\n', &mut raw) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+                log::warn!(target: target, "{line}");
+                let mut t = tail.lock();
+                if t.len() == STDERR_TAIL {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The `exec` stage: NDJSON through a child process, and every way a subprocess pipeline goes
+//! wrong (`../shared/seeds/backpressure-streaming-qa.md`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use millrace::config::PipelineSpec;
+use serde_json::{json, Value};
+
+/// Runs `read(in.ndjson) -> exec -> [extra] -> out` in `dir`; the exec stage is `exec`.
+fn run(
+    dir: &Path,
+    input: &[Value],
+    exec: &str,
+    extra: &str,
+    last: &str,
+) -> Result<Vec<Value>, String> {
+    let mut text = String::new();
+    for v in input {
+        text.push_str(&format!("{v}\n"));
+    }
+    std::fs::write(dir.join("in.ndjson"), text).unwrap();
+    let pipeline = format!(
+        "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n\n[stages.child]\nkind = \"exec\"\ninput = \"read\"\n{exec}\n{extra}\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"out.ndjson\"\n"
+    );
+    let spec = PipelineSpec::from_str(&pipeline, dir.join("p.toml")).map_err(|e| e.to_string())?;
+    spec.build().unwrap().run().map_err(|e| e.to_string())?;
+    Ok(std::fs::read_to_string(dir.join("out.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect())
+}
+
+fn records(n: u64) -> Vec<Value> {
+    (0..n)
+        .map(|i| json!({"i": i, "s": format!("r{i}")}))
+        .collect()
+}
+
+/// The pid a `sh -c 'echo $$ > pid; exec ...'` child wrote, and whether it is gone (reaped:
+/// a zombie still has a /proc entry).
+fn reaped(dir: &Path) -> (u32, bool) {
+    let pid: u32 = std::fs::read_to_string(dir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (pid, !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+#[test]
+fn records_round_trip_through_cat_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = records(20_000);
+    let out = run(dir.path(), &input, "command = [\"cat\"]", "", "child").unwrap();
+    assert_eq!(out, input);
+}
+
+#[test]
+fn a_child_that_fails_loudly_does_not_deadlock_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB on stderr (far more than a pipe holds), then exit 1.
+    let exec = r#"command = ["sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' e >&2; echo >&2; echo 'the real problem' >&2; exit 1"]"#;
+    let t0 = Instant::now();
+    let e = run(dir.path(), &records(10), exec, "", "child").unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert!(
+        e.contains("stage `child`") && e.contains("exited with status 1"),
+        "{e}"
+    );
+    assert!(
+        e.contains("the real problem"),
+        "the last stderr lines are in the error: {e}"
+    );
+}
+
+#[test]
+fn a_silent_child_is_killed_after_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; exec sleep 30\"]\ntimeout = \"300ms\"";
+    let t0 = Instant::now();
+    let e = run(dir.path(), &records(3), exec, "", "child").unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(e.contains("silent for longer than its timeout"), "{e}");
+    let (pid, gone) = reaped(dir.path());
+    assert!(gone, "child {pid} is still there (a zombie?)");
+}
+
+#[test]
+fn invalid_ndjson_from_the_child_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"sh\", \"-c\", \"cat; echo '{oops'\"]";
+    let e = run(dir.path(), &records(3), exec, "", "child").unwrap_err();
+    assert!(e.contains("stdout:4: invalid JSON"), "{e}");
+}
+
+#[test]
+fn an_over_long_line_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"cat\"]\nmax_line_bytes = 16";
+    let e = run(
+        dir.path(),
+        &[
+            json!({"short": 1}),
+            json!({"much longer": "than sixteen bytes"}),
+        ],
+        exec,
+        "",
+        "child",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("stdout:2: line longer than max_line_bytes (16)"),
+        "{e}"
+    );
+}
+
+/// Downstream stops early (a limit): the run ends promptly and the endless child is killed and
+/// reaped.
+#[test]
+fn an_early_stop_downstream_kills_and_reaps_the_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; exec yes '{\\\"y\\\": 1}'\"]";
+    let limit = "[stages.first]\nkind = \"limit\"\ninput = \"child\"\nn = 5\n";
+    let t0 = Instant::now();
+    let out = run(dir.path(), &records(3), exec, limit, "first").unwrap();
+    assert_eq!(out, vec![json!({"y": 1}); 5]);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let (pid, gone) = reaped(dir.path());
+    assert!(gone, "child {pid} is still there (a zombie?)");
+}
+
+/// The child stops reading its input early (EPIPE): a normal stop, not an error.
+#[test]
+fn a_child_that_stops_reading_ends_the_stage_normally() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &records(200_000),
+        "command = [\"head\", \"-n\", \"2\"]",
+        "",
+        "child",
+    )
+    .unwrap();
+    assert_eq!(out, records(2));
+}
+
+#[test]
+fn the_environment_is_scrubbed_to_an_allowlist() {
+    let dir = tempfile::tempdir().unwrap();
+    // Cargo sets CARGO_MANIFEST_DIR for this test process; the child must not inherit it.
+    assert!(std::env::var("CARGO_MANIFEST_DIR").is_ok());
+    let exec = "command = [\"sh\", \"-c\", \"cat > /dev/null; printf '{\\\"mine\\\": \\\"%s\\\", \\\"leaked\\\": \\\"%s\\\", \\\"path\\\": %s}\\\\n' \\\"$MINE\\\" \\\"$CARGO_MANIFEST_DIR\\\" \\\"${PATH:+true}\\\"\"]\nenv = { MINE = \"set by the stage\" }";
+    let out = run(dir.path(), &records(1), exec, "", "child").unwrap();
+    assert_eq!(
+        out,
+        vec![json!({"mine": "set by the stage", "leaked": "", "path": true})]
+    );
+}
+
+#[test]
+fn exec_parameter_errors_name_the_line() {
+    let e = PipelineSpec::from_str(
+        "[stages.read]\nkind = \"ndjson.read\"\npath = \"-\"\n\n[stages.x]\nkind = \"exec\"\ninput = \"read\"\ncommand = []\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"x\"\npath = \"-\"\n",
+        "/tmp/e.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("/tmp/e.toml:8: stage `x`: parameter `command`"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let e = run(
+        dir.path(),
+        &records(1),
+        "command = [\"/no/such/program\"]",
+        "",
+        "child",
+    )
+    .unwrap_err();
+    assert!(e.contains("cannot start `/no/such/program`"), "{e}");
+}
