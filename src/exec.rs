@@ -9,8 +9,9 @@
 //! - every child is waited for and its exit status checked: non-zero is a stage error carrying
 //!   the last stderr lines;
 //! - when the child stops reading (EPIPE), or downstream stops early, that is a normal stop;
-//!   a child silent on stdout for longer than `timeout` is killed with its process group and
-//!   reported; an over-long or invalid line is an error naming the line;
+//!   a child silent on stdout for longer than `timeout` since it last wrote a line or was last
+//!   given input is killed with its process group and reported; an over-long or invalid line
+//!   is an error naming the line;
 //! - the environment is scrubbed to an allowlist plus what the stage sets, and the child runs
 //!   in a process group of its own so that it and its children can be killed together.
 
@@ -19,10 +20,10 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -74,9 +75,13 @@ struct Running {
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     /// Tells the writer to stop.
     stop: Arc<AtomicBool>,
+    /// When the writer last wrote input (run clock, ms): a child waiting for input is not
+    /// silent, only one that has input and says nothing.
+    fed_at: Arc<AtomicU64>,
     line: u64,
     raw: Vec<u8>,
-    heard: Instant,
+    /// When stdout last produced a line (run clock, ms).
+    heard: u64,
     exited: bool,
 }
 
@@ -133,6 +138,7 @@ impl ExecHead {
             .map_err(|e| self.error(format!("cannot start a stderr thread: {e}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
+        let fed_at = Arc::new(AtomicU64::new(cx.run.now_ms()));
         let input = self.input.take().expect("started once");
         let wcx = Cx {
             run: Arc::clone(&cx.run),
@@ -141,10 +147,11 @@ impl ExecHead {
             metrics: Arc::clone(&cx.metrics),
         };
         let s = Arc::clone(&stop);
+        let fed = Arc::clone(&fed_at);
         let name = Arc::clone(&self.name);
         let writer = std::thread::Builder::new()
             .name(format!("millrace:{}:stdin", self.name))
-            .spawn(move || write_stdin(&wcx, input, stdin, &s, &name));
+            .spawn(move || write_stdin(&wcx, input, stdin, &s, &fed, &name));
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {
@@ -161,9 +168,10 @@ impl ExecHead {
             stderr: Some(stderr),
             stderr_tail: tail,
             stop,
+            fed_at,
             line: 0,
             raw: Vec::new(),
-            heard: Instant::now(),
+            heard: cx.run.now_ms(),
             exited: false,
         });
         Ok(())
@@ -173,6 +181,8 @@ impl ExecHead {
     fn finish(&mut self) -> Result<(), Halt> {
         let shown = self.spec.shown();
         let r = self.running.as_mut().expect("running");
+        // Stdout ended: whatever input is left, the child will not answer it.
+        r.stop.store(true, Ordering::Release);
         let written = r.writer.take().map(|w| w.join());
         let status = r.child.wait();
         r.exited = true;
@@ -233,7 +243,8 @@ impl Head<Value> for ExecHead {
                 }
                 if !poll_readable(r.stdout.get_ref(), 100) {
                     if let Some(t) = timeout {
-                        if r.heard.elapsed() > t {
+                        let active = r.heard.max(r.fed_at.load(Ordering::Acquire));
+                        if cx.run.now_ms().saturating_sub(active) > t.as_millis() as u64 {
                             let shown = self.spec.shown();
                             self.abort();
                             return Err(self.error(format!(
@@ -259,7 +270,7 @@ impl Head<Value> for ExecHead {
                         source: e,
                     })
                 })?;
-            r.heard = Instant::now();
+            r.heard = cx.run.now_ms();
             if n == 0 {
                 self.finish()?;
                 return Ok(Pull::End);
@@ -348,6 +359,7 @@ fn write_stdin(
     mut input: InputHead<Value>,
     stdin: std::process::ChildStdin,
     stop: &AtomicBool,
+    fed_at: &AtomicU64,
     name: &str,
 ) -> Result<(), Error> {
     let mut w = BufWriter::with_capacity(64 * 1024, stdin);
@@ -380,7 +392,9 @@ fn write_stdin(
                 Err(e) => return Err(io(e)),
             }
         }
-        match w.flush() {
+        let flushed = w.flush();
+        fed_at.fetch_max(cx.run.now_ms(), Ordering::AcqRel);
+        match flushed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             Err(e) => return Err(io(e)),
