@@ -9,7 +9,7 @@
 //! | `POST /jobs` | submit a TOML pipeline (the body; `?name=` optional): `201 {"id": n}` |
 //! | `DELETE /jobs/{id}` | cancel it: `202` |
 //! | `GET /metrics` | Prometheus text format |
-//! | `GET /plugins/nodes` | the plugin node palette (`501` until plugins exist) |
+//! | `GET /plugins/nodes` | the plugin node palette: every node type with its parameter specs |
 //!
 //! Errors are 4xx/5xx with `{"error": "..."}`. The server listens on loopback unless told
 //! otherwise explicitly; request heads and bodies are limited in size and a client that sends
@@ -48,6 +48,8 @@ pub struct ServeOptions {
     /// Directory that relative paths in submitted pipelines resolve against (default: the
     /// current directory).
     pub base_dir: std::path::PathBuf,
+    /// Directories searched for plugins before the standard search path (`GET /plugins/nodes`).
+    pub plugin_dirs: Vec<std::path::PathBuf>,
 }
 
 impl ServeOptions {
@@ -58,6 +60,7 @@ impl ServeOptions {
             allow_remote: false,
             max_body: 1 << 20,
             base_dir: std::path::PathBuf::from("."),
+            plugin_dirs: Vec::new(),
         }
     }
 }
@@ -390,10 +393,13 @@ impl Ctx {
                 content_type: "text/plain; version=0.0.4",
                 body: self.metrics(),
             },
-            ("GET", ["plugins", "nodes"]) => error(
-                501,
-                "no plugin support in this build yet: the node palette is empty",
-            ),
+            ("GET", ["plugins", "nodes"]) => {
+                let dirs = crate::plugin::search_path(&self.opts.plugin_dirs);
+                json_reply(
+                    200,
+                    &crate::plugin::PluginRegistry::discover(&dirs).palette_json(),
+                )
+            }
             (
                 _,
                 ["jobs"] | ["jobs", _] | ["jobs", _, "events"] | ["metrics"] | ["plugins", "nodes"],

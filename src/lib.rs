@@ -45,6 +45,7 @@ pub mod http;
 pub mod job;
 mod metrics;
 pub mod operator;
+pub mod plugin;
 pub mod pool;
 mod runtime;
 mod sink;

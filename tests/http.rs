@@ -92,6 +92,7 @@ fn http_api_end_to_end() {
     let mut so = ServeOptions::new("127.0.0.1:0".parse().unwrap());
     so.max_body = 4096;
     so.base_dir = std::env::current_dir().unwrap();
+    so.plugin_dirs = vec![std::env::current_dir().unwrap().join("plugins")];
     let server = serve(Arc::clone(&engine), so).unwrap();
     let addr = server.addr();
 
@@ -120,7 +121,19 @@ fn http_api_end_to_end() {
         "{body}"
     );
     assert_eq!(call(addr, "POST", "/jobs", &"#".repeat(5000)).0, 413);
-    assert_eq!(call(addr, "GET", "/plugins/nodes", "").0, 501);
+    let (status, body) = call(addr, "GET", "/plugins/nodes", "");
+    assert_eq!(status, 200);
+    let palette = json(&body);
+    let case = palette
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "textops.case")
+        .unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(
+        case["params"]["mode"]["enum"],
+        serde_json::json!(["upper", "lower", "title"])
+    );
 
     // Submit a pipeline that runs until cancelled: it reads a FIFO that a thread keeps
     // feeding until the reader goes away.

@@ -141,11 +141,37 @@ impl Kind {
                 path: p.output_path("path")?,
             },
             other => {
+                let plugins = p.ctx.plugins;
+                if let Some((plugin, node)) = other.split_once('.') {
+                    if let Some(pl) = plugins.get(plugin) {
+                        return parse_plugin_node(p, pl, node);
+                    }
+                }
                 let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+                let mut names: Vec<&str> = plugins
+                    .plugins()
+                    .map(|pl| pl.manifest.name.as_str())
+                    .collect();
+                names.sort_unstable();
+                let plugins_note = if names.is_empty() {
+                    "no plugins found".to_string()
+                } else {
+                    format!("plugins: {}", names.join(", "))
+                };
+                let broken: Vec<String> = plugins
+                    .broken
+                    .iter()
+                    .map(|(m, why)| format!("{}: {why}", m.display()))
+                    .collect();
+                let broken = if broken.is_empty() {
+                    String::new()
+                } else {
+                    format!("; manifests that could not be used: {}", broken.join("; "))
+                };
                 return Err(p.error_at(
                     "kind",
                     format!(
-                        "unknown kind `{other}` (built-in kinds: {})",
+                        "unknown kind `{other}` (built-in kinds: {}; {plugins_note}{broken})",
                         known.join(", ")
                     ),
                 ));
@@ -178,6 +204,8 @@ pub(crate) struct Params<'a> {
     line: usize,
     table: &'a BTreeMap<Spanned<String>, Spanned<toml::Value>>,
     used: HashSet<&'static str>,
+    /// Keys read whose names are not static (plugin node parameters).
+    used_dyn: HashSet<String>,
 }
 
 impl<'a> Params<'a> {
@@ -193,6 +221,7 @@ impl<'a> Params<'a> {
             line,
             table,
             used: HashSet::new(),
+            used_dyn: HashSet::new(),
         }
     }
 
@@ -202,6 +231,20 @@ impl<'a> Params<'a> {
             .iter()
             .find(|(k, _)| k.get_ref() == key)
             .map(|(_, v)| v)
+    }
+
+    /// Like `get`, for a key known only at run time (a plugin node's parameter).
+    pub(crate) fn get_dyn(&mut self, key: &str) -> Option<&'a Spanned<toml::Value>> {
+        self.used_dyn.insert(key.to_string());
+        self.table
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Marks keys as known without reading them.
+    pub(crate) fn allow(&mut self, keys: &[&'static str]) {
+        self.used.extend(keys.iter().copied());
     }
 
     pub fn line_of(&self, key: &str) -> usize {
@@ -358,8 +401,9 @@ impl<'a> Params<'a> {
     /// Rejects parameters the kind does not know (most often a typo).
     pub fn finish(&self, kind: &str) -> Result<(), ConfigError> {
         for (k, v) in self.table {
-            if !self.used.contains(k.get_ref().as_str()) {
+            if !self.used.contains(k.get_ref().as_str()) && !self.used_dyn.contains(k.get_ref()) {
                 let mut known: Vec<&str> = self.used.iter().copied().collect();
+                known.extend(self.used_dyn.iter().map(String::as_str));
                 known.sort_unstable();
                 return Err(ConfigError::new(
                     self.ctx.file,
@@ -375,6 +419,126 @@ impl<'a> Params<'a> {
         }
         Ok(())
     }
+}
+
+/// Keys a plugin node stage has besides its node's parameters.
+const PLUGIN_STAGE_KEYS: &[&str] = &["kind", "input", "parallelism", "grant", "timeout"];
+
+/// A `<plugin>.<node>` stage: its parameters checked against the node's spec, its permissions
+/// against the stage's `grant`, run as an exec stage in the plugin's directory.
+fn parse_plugin_node(
+    p: &mut Params<'_>,
+    plugin: &crate::plugin::Plugin,
+    node: &str,
+) -> Result<Kind, ConfigError> {
+    use crate::plugin::{check_value, toml_to_json, Entry, PluginKind};
+    let m = &plugin.manifest;
+    let Some(spec) = m.nodes.iter().find(|n| n.name == node) else {
+        let nodes: Vec<&str> = m.nodes.iter().map(|n| n.name.as_str()).collect();
+        return Err(p.error_at(
+            "kind",
+            format!(
+                "plugin `{}` has no node `{node}` (nodes: {})",
+                m.name,
+                nodes.join(", ")
+            ),
+        ));
+    };
+    if m.kind == PluginKind::Native {
+        return Err(p.error_at(
+            "kind",
+            format!(
+                "plugin `{}` is a native plugin; this build cannot load native plugins yet",
+                m.name
+            ),
+        ));
+    }
+    let grant = match p.get("grant").map(toml::Spanned::get_ref) {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                other => Err(p.wrong("grant", "an array of permission names", other)),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => return Err(p.wrong("grant", "an array of permission names", other)),
+    };
+    for g in &grant {
+        if !m.permissions.contains(g) {
+            return Err(p.error_at(
+                "grant",
+                format!(
+                    "parameter `grant`: plugin `{}` does not request {g:?} (it requests: {})",
+                    m.name,
+                    if m.permissions.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        m.permissions.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    if let Some(missing) = m.permissions.iter().find(|perm| !grant.contains(perm)) {
+        return Err(p.error_at(
+            "kind",
+            format!(
+                "plugin `{}` requests permission {missing:?}, which this stage does not grant: add grant = [{}] to allow it",
+                m.name,
+                m.permissions.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let timeout = p
+        .opt_duration("timeout")?
+        .map(|ms| std::time::Duration::from_millis(ms.max(1) as u64));
+    let mut params = serde_json::Map::new();
+    for (name, ps) in &spec.params {
+        let value = match p.get_dyn(name) {
+            Some(v) => {
+                let v = v.get_ref();
+                check_value(ps, v).map_err(|e| {
+                    p.error_at(
+                        name,
+                        format!("parameter `{name}` of node `{}.{node}`: {e}", m.name),
+                    )
+                })?;
+                Some(v.clone())
+            }
+            None if ps.required => {
+                return Err(p.missing(
+                    name,
+                    &format!("{} (node `{}.{node}`)", ps.ty_name(), m.name),
+                ))
+            }
+            None => ps.default.clone(),
+        };
+        if let Some(v) = value {
+            params.insert(name.clone(), toml_to_json(&v));
+        }
+    }
+    p.allow(PLUGIN_STAGE_KEYS);
+    let Entry::Command(entry) = &m.entry else {
+        unreachable!("a process plugin's entry is a command (checked at load)");
+    };
+    let mut command = entry.clone();
+    if command[0].contains('/') && std::path::Path::new(&command[0]).is_relative() {
+        command[0] = plugin.dir.join(&command[0]).display().to_string();
+    }
+    Ok(Kind::Exec(Box::new(crate::exec::ExecSpec {
+        command,
+        env: vec![
+            ("MILLRACE_NODE".into(), node.to_string()),
+            (
+                "MILLRACE_PARAMS".into(),
+                serde_json::Value::Object(params).to_string(),
+            ),
+        ],
+        cwd: Some(plugin.dir.clone()),
+        timeout,
+        max_line_bytes: 1 << 20,
+    })))
 }
 
 /// The `exec` kind's parameters.

@@ -29,6 +29,7 @@
 mod build;
 mod window;
 pub(crate) use build::parse_object;
+pub(crate) use parse::describe as describe_value;
 mod kinds;
 mod parse;
 

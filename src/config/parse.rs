@@ -17,6 +17,9 @@ type RawTable = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     name: Option<String>,
+    /// Directories searched for plugins first (relative to the file).
+    #[serde(default)]
+    plugin_dirs: Vec<String>,
     options: Option<Spanned<RawTable>>,
     #[serde(default)]
     stages: BTreeMap<Spanned<String>, Spanned<RawTable>>,
@@ -107,10 +110,13 @@ impl PipelineSpec {
             )
         })?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let extra: Vec<PathBuf> = raw.plugin_dirs.iter().map(|d| base.join(d)).collect();
+        let plugins = crate::plugin::PluginRegistry::discover(&crate::plugin::search_path(&extra));
         let ctx = Ctx {
             file,
             lines: &lines,
             base: &base,
+            plugins: &plugins,
         };
 
         let options = match &raw.options {
@@ -199,6 +205,7 @@ pub(crate) struct Ctx<'a> {
     pub file: &'a Path,
     pub lines: &'a Lines,
     pub base: &'a Path,
+    pub plugins: &'a crate::plugin::PluginRegistry,
 }
 
 pub(crate) fn describe(v: &toml::Value) -> String {

@@ -79,6 +79,32 @@ enum Command {
     },
     /// Lists the built-in stage kinds.
     Kinds,
+    /// Plugins found on the search path (--dir, then MILLRACE_PLUGIN_PATH, then the user's).
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// A table of the plugins found, or (--json) the node palette with every parameter spec.
+    List {
+        /// The node palette as JSON, for a visual editor.
+        #[arg(long)]
+        json: bool,
+        /// Directories searched first.
+        #[arg(long = "dir", value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
+    /// Everything one plugin's manifest declares.
+    Inspect {
+        /// The plugin's name.
+        name: String,
+        /// Directories searched first.
+        #[arg(long = "dir", value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -125,9 +151,131 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&Error::from(e)),
         },
+        Command::Plugins { command } => plugins(command),
         Command::Kinds => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
             for (kind, about) in KINDS {
-                println!("{kind:<14} {about}");
+                let _ = writeln!(out, "{kind:<14} {about}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn plugins(command: PluginsCommand) -> ExitCode {
+    use millrace::plugin::{search_path, PluginKind, PluginRegistry};
+    use std::io::Write as _;
+    // A closed stdout (`| head`) ends the listing quietly.
+    let mut out = std::io::stdout().lock();
+    match command {
+        PluginsCommand::List { json, dirs } => {
+            let reg = PluginRegistry::discover(&search_path(&dirs));
+            if json {
+                let _ = writeln!(out, "{}", reg.palette_json());
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:<9} {:<8} {:<28} {:<18} dir",
+                    "plugin", "version", "kind", "nodes", "permissions"
+                );
+                for p in reg.plugins() {
+                    let m = &p.manifest;
+                    let nodes: Vec<&str> = m.nodes.iter().map(|n| n.name.as_str()).collect();
+                    let _ = writeln!(
+                        out,
+                        "{:<16} {:<9} {:<8} {:<28} {:<18} {}",
+                        m.name,
+                        m.version,
+                        format!("{:?}", m.kind).to_lowercase(),
+                        nodes.join(","),
+                        if m.permissions.is_empty() {
+                            "-".to_string()
+                        } else {
+                            m.permissions.join(",")
+                        },
+                        p.dir.display()
+                    );
+                }
+            }
+            for (manifest, why) in &reg.broken {
+                eprintln!("warning: {}: {why}", manifest.display());
+            }
+            ExitCode::SUCCESS
+        }
+        PluginsCommand::Inspect { name, dirs } => {
+            let reg = PluginRegistry::discover(&search_path(&dirs));
+            let Some(p) = reg.get(&name) else {
+                eprintln!("error: no plugin `{name}` on the search path");
+                return ExitCode::from(2);
+            };
+            let m = &p.manifest;
+            let _ = writeln!(
+                out,
+                "{} {} ({:?} plugin) in {}",
+                m.name,
+                m.version,
+                m.kind,
+                p.dir.display()
+            );
+            let _ = writeln!(out, "  {}", m.description);
+            let _ = writeln!(
+                out,
+                "  authors: {}; license: {}",
+                m.authors.join(", "),
+                m.license.as_deref().unwrap_or("-")
+            );
+            let _ = writeln!(out, "  engine: {}; entry: {:?}", m.engine, m.entry);
+            let _ = writeln!(
+                out,
+                "  permissions: {}",
+                if m.permissions.is_empty() {
+                    "none".to_string()
+                } else {
+                    m.permissions.join(", ")
+                }
+            );
+            let _ = writeln!(out,
+                "  isolation: {}",
+                match m.kind {
+                    PluginKind::Native => "runs inside the engine's process: it cannot be sandboxed (and this build does not load native plugins yet)",
+                    PluginKind::Process => "a separate process in its own process group, with a scrubbed environment; rlimits, Landlock and seccomp are not applied yet",
+                }
+            );
+            for n in &m.nodes {
+                let _ = writeln!(out, "  node {}.{}: {}", m.name, n.name, n.description);
+                let _ = writeln!(out, "    takes: {}; emits: {}", n.takes, n.emits);
+                for (k, s) in &n.params {
+                    let mut extra = Vec::new();
+                    if s.required {
+                        extra.push("required".to_string());
+                    }
+                    if let Some(d) = &s.default {
+                        extra.push(format!("default {d}"));
+                    }
+                    if let Some(e) = &s.one_of {
+                        extra.push(format!(
+                            "one of {}",
+                            e.iter()
+                                .map(|v| v.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    if let Some(v) = s.min {
+                        extra.push(format!("min {v}"));
+                    }
+                    if let Some(v) = s.max {
+                        extra.push(format!("max {v}"));
+                    }
+                    let _ = writeln!(
+                        out,
+                        "    {k}: {} ({}) {}",
+                        s.ty_name(),
+                        extra.join(", "),
+                        s.description
+                    );
+                }
             }
             ExitCode::SUCCESS
         }
