@@ -44,11 +44,11 @@ fn json(body: &str) -> Value {
 fn sse(addr: SocketAddr, job: JobId, max: usize) -> Vec<(u64, String, Value)> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    // `Connection: close` lets the server close the stream after the final event (an
-    // EventSource would instead see the final event and stop on it).
+    // As an EventSource would ask (keep-alive is HTTP/1.1's default): the server still closes
+    // the stream after the final event.
     write!(
         s,
-        "GET /jobs/{job}/events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+        "GET /jobs/{job}/events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n"
     )
     .unwrap();
     let mut r = BufReader::new(s);

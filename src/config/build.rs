@@ -313,7 +313,8 @@ pub(crate) fn parse_object(line: &[u8]) -> Result<Value, String> {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// How a JSON value is named in error messages ("a string").
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -4,7 +4,7 @@
 use serde_json::{Map, Number, Value};
 use toml::Spanned;
 
-use super::build::KeyValue;
+use super::build::{kind_of, KeyValue};
 use super::kinds::Params;
 use super::ConfigError;
 use crate::time::{parse_duration_ms, parse_rfc3339_ms, Timestamp};
@@ -271,7 +271,7 @@ impl EventTime<Value> for JsonTime {
             Some(other) => {
                 return Err(bad(
                     rec,
-                    format!("time field `{field}` is {}: expected integer milliseconds or an RFC 3339 string", json_kind(other)),
+                    format!("time field `{field}` is {}: expected integer milliseconds or an RFC 3339 string", kind_of(other)),
                 ))
             }
             None => return Err(bad(rec, format!("no time field `{field}`"))),
@@ -282,24 +282,13 @@ impl EventTime<Value> for JsonTime {
                 Some(other) => {
                     return Err(bad(
                         rec,
-                        format!("field `{f}` is {}: expected a number", json_kind(other)),
+                        format!("field `{f}` is {}: expected a number", kind_of(other)),
                     ))
                 }
                 None => return Err(bad(rec, format!("no field `{f}` to aggregate"))),
             }
         }
         Ok(Timestamp(t))
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
