@@ -141,7 +141,7 @@ impl Kind {
                 path: p.output_path("path")?,
             },
             other => {
-                let plugins = p.ctx.plugins;
+                let plugins = p.ctx.plugins();
                 if let Some((plugin, node)) = other.split_once('.') {
                     if let Some(pl) = plugins.get(plugin) {
                         return parse_plugin_node(p, pl, node);

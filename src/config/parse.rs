@@ -110,13 +110,12 @@ impl PipelineSpec {
             )
         })?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let extra: Vec<PathBuf> = raw.plugin_dirs.iter().map(|d| base.join(d)).collect();
-        let plugins = crate::plugin::PluginRegistry::discover(&crate::plugin::search_path(&extra));
         let ctx = Ctx {
             file,
             lines: &lines,
             base: &base,
-            plugins: &plugins,
+            plugin_dirs: raw.plugin_dirs.iter().map(|d| base.join(d)).collect(),
+            plugins: std::cell::OnceCell::new(),
         };
 
         let options = match &raw.options {
@@ -205,7 +204,19 @@ pub(crate) struct Ctx<'a> {
     pub file: &'a Path,
     pub lines: &'a Lines,
     pub base: &'a Path,
-    pub plugins: &'a crate::plugin::PluginRegistry,
+    /// The pipeline's `plugin_dirs`, resolved.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Discovered on first use: only a pipeline naming a non-built-in kind reads the disk.
+    pub plugins: std::cell::OnceCell<crate::plugin::PluginRegistry>,
+}
+
+impl Ctx<'_> {
+    /// The plugins on the search path (`plugin_dirs` first).
+    pub fn plugins(&self) -> &crate::plugin::PluginRegistry {
+        self.plugins.get_or_init(|| {
+            crate::plugin::PluginRegistry::discover(&crate::plugin::search_path(&self.plugin_dirs))
+        })
+    }
 }
 
 pub(crate) fn describe(v: &toml::Value) -> String {
