@@ -336,5 +336,58 @@ fn ndjson_cli(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fused_chain, channel_hop, wordcount, ndjson_cli);
+/// The `exec` stage through `cat` next to a plain shell pipe through `cat`, over the same 1 GiB
+/// of NDJSON. The shell pipe copies bytes; the pipeline parses every line, writes it to the
+/// child as JSON, and parses what comes back (the price of records being values, not bytes).
+fn exec_cat(c: &mut Criterion) {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    if !"exec_cat".contains(filter.as_str()) && !filter.starts_with("exec_cat") {
+        return; // Do not write a gigabyte for nothing.
+    }
+    let (data, bytes) = ndjson_data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = c.benchmark_group("exec_cat");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(60));
+    g.bench_function("shell_pipe", |b| {
+        b.iter(|| {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("cat '{}' | cat > /dev/null", data.display()))
+                .status()
+                .unwrap();
+            assert!(st.success());
+        })
+    });
+    for par in [1usize, 2] {
+        let toml = dir.path().join(format!("exec{par}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "[stages.read]\nkind=\"ndjson.read\"\npath={:?}\nparallelism={par}\n\
+                 [stages.cat]\nkind=\"exec\"\ninput=\"read\"\ncommand=[\"cat\"]\nparallelism={par}\n\
+                 [stages.out]\nkind=\"ndjson.write\"\ninput=\"cat\"\npath=\"/dev/null\"\n",
+                data.display().to_string()
+            ),
+        )
+        .unwrap();
+        g.bench_with_input(BenchmarkId::new("millrace_exec", par), &par, |b, _| {
+            b.iter(|| {
+                let st = Command::new(env!("CARGO_BIN_EXE_millrace"))
+                    .args(["run", "--quiet"])
+                    .arg(&toml)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fused_chain, channel_hop, wordcount, ndjson_cli, exec_cat);
 criterion_main!(benches);
