@@ -389,5 +389,12 @@ fn exec_cat(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fused_chain, channel_hop, wordcount, ndjson_cli, exec_cat);
+criterion_group!(
+    benches,
+    fused_chain,
+    channel_hop,
+    wordcount,
+    ndjson_cli,
+    exec_cat
+);
 criterion_main!(benches);
