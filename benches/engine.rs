@@ -13,7 +13,7 @@
 
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -275,12 +275,28 @@ fn ndjson_data() -> (PathBuf, u64) {
     (path, written)
 }
 
-fn ndjson_cli(c: &mut Criterion) {
+/// Whether the command line's benchmark filter selects `group` (the gigabyte groups skip
+/// writing their data otherwise).
+fn selected(group: &str) -> bool {
     let filter = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .unwrap_or_default();
-    if !"ndjson_cli".contains(filter.as_str()) && !filter.starts_with("ndjson_cli") {
+    group.contains(filter.as_str()) || filter.starts_with(group)
+}
+
+/// Runs `millrace run --quiet <toml>` once.
+fn run_cli(toml: &Path) {
+    let st = Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args(["run", "--quiet"])
+        .arg(toml)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn ndjson_cli(c: &mut Criterion) {
+    if !selected("ndjson_cli") {
         return; // Do not write a gigabyte for nothing.
     }
     let (data, bytes) = ndjson_data();
@@ -323,14 +339,7 @@ fn ndjson_cli(c: &mut Criterion) {
         )
         .unwrap();
         g.bench_with_input(BenchmarkId::new("cli", par), &par, |b, _| {
-            b.iter(|| {
-                let st = Command::new(env!("CARGO_BIN_EXE_millrace"))
-                    .args(["run", "--quiet"])
-                    .arg(&toml)
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-            })
+            b.iter(|| run_cli(&toml))
         });
     }
     g.finish();
@@ -340,11 +349,7 @@ fn ndjson_cli(c: &mut Criterion) {
 /// of NDJSON. The shell pipe copies bytes; the pipeline parses every line, writes it to the
 /// child as JSON, and parses what comes back (the price of records being values, not bytes).
 fn exec_cat(c: &mut Criterion) {
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_default();
-    if !"exec_cat".contains(filter.as_str()) && !filter.starts_with("exec_cat") {
+    if !selected("exec_cat") {
         return; // Do not write a gigabyte for nothing.
     }
     let (data, bytes) = ndjson_data();
@@ -376,14 +381,7 @@ fn exec_cat(c: &mut Criterion) {
         )
         .unwrap();
         g.bench_with_input(BenchmarkId::new("millrace_exec", par), &par, |b, _| {
-            b.iter(|| {
-                let st = Command::new(env!("CARGO_BIN_EXE_millrace"))
-                    .args(["run", "--quiet"])
-                    .arg(&toml)
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-            })
+            b.iter(|| run_cli(&toml))
         });
     }
     g.finish();

@@ -241,7 +241,7 @@ impl Head<Value> for ExecHead {
                 if cx.run.is_cancelled() {
                     return Err(Halt::Done);
                 }
-                if !poll_readable(r.stdout.get_ref(), 100) {
+                if !crate::source::poll_readable(r.stdout.get_ref(), 100) {
                     if let Some(t) = timeout {
                         let active = r.heard.max(r.fed_at.load(Ordering::Acquire));
                         if cx.run.now_ms().saturating_sub(active) > t.as_millis() as u64 {
@@ -337,18 +337,6 @@ fn kill_group(child: &mut Child) {
         libc::kill(-pid, libc::SIGKILL);
     }
     let _ = child.kill();
-}
-
-fn poll_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd living across the call, the count is exactly one, and
-    // the descriptor is open (borrowed from its owner) for the call's duration.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n != 0
 }
 
 /// The stdin thread: input batches as NDJSON lines, flushed after each batch; end of input

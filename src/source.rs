@@ -132,8 +132,7 @@ impl Input {
 /// Waits until `fd` is readable or `timeout_ms` passes; true when readable (or on error, so the
 /// caller's read reports it).
 #[cfg(unix)]
-fn poll_readable(fd: &std::os::fd::OwnedFd, timeout_ms: u64) -> bool {
-    use std::os::fd::AsRawFd;
+pub(crate) fn poll_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: u64) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -141,7 +140,7 @@ fn poll_readable(fd: &std::os::fd::OwnedFd, timeout_ms: u64) -> bool {
     };
     let timeout = timeout_ms.min(i32::MAX as u64) as libc::c_int;
     // SAFETY: `pfd` is a valid, initialised pollfd that lives across the call, and we pass a
-    // count of exactly one; `fd` is owned by the caller and open for the call's duration.
+    // count of exactly one; `fd` is borrowed from its owner and open for the call's duration.
     let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
     n != 0
 }
