@@ -16,7 +16,7 @@
 //!   in a process group of its own so that it and its children can be killed together.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -259,17 +259,15 @@ impl Head<Value> for ExecHead {
                     continue;
                 }
             }
-            r.raw.clear();
-            let n = (&mut r.stdout)
-                .take(max as u64 + 1)
-                .read_until(b'\n', &mut r.raw)
-                .map_err(|e| {
+            let n = crate::source::read_line_bounded(&mut r.stdout, max + 1, &mut r.raw).map_err(
+                |e| {
                     Halt::Failed(Error::Io {
                         stage: self.name.to_string(),
                         path: format!("{} (stdout)", self.spec.shown()),
                         source: e,
                     })
-                })?;
+                },
+            )?;
             r.heard = cx.run.now_ms();
             if n == 0 {
                 self.finish()?;
@@ -398,9 +396,8 @@ fn drain_stderr(stderr: std::process::ChildStderr, target: &str, tail: &Mutex<Ve
     let mut r = BufReader::new(stderr);
     let mut raw = Vec::new();
     loop {
-        raw.clear();
         // Bounded: an endless line is cut into 64 KiB pieces.
-        match (&mut r).take(64 * 1024).read_until(b'\n', &mut raw) {
+        match crate::source::read_line_bounded(&mut r, 64 * 1024, &mut raw) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let line = String::from_utf8_lossy(&raw).trim_end().to_string();

@@ -329,6 +329,18 @@ impl Head<Chunk> for ChunkHead {
     }
 }
 
+/// Reads one line (with its newline) into `raw`, cleared first, reading at most `limit` bytes:
+/// a line longer than that comes back cut, so callers either reject `n > max` (with
+/// `limit = max + 1`) or take the pieces. Returns the bytes read; 0 at end of input.
+pub(crate) fn read_line_bounded(
+    r: &mut impl BufRead,
+    limit: usize,
+    raw: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    raw.clear();
+    r.take(limit as u64).read_until(b'\n', raw)
+}
+
 /// The longest line a line source accepts (16 MiB): input without newlines (a binary file,
 /// `/dev/zero`) must fail with its position, not buffer without bound.
 pub(crate) const MAX_LINE_BYTES: usize = 16 << 20;
@@ -404,10 +416,7 @@ where
             if self.reader.buffer().is_empty() && !wait_for_data(self.poll_fd(), cx, deadline)? {
                 return Ok(Pull::Idle);
             }
-            self.raw.clear();
-            let n = (&mut self.reader)
-                .take(MAX_LINE_BYTES as u64 + 1)
-                .read_until(b'\n', &mut self.raw)
+            let n = read_line_bounded(&mut self.reader, MAX_LINE_BYTES + 1, &mut self.raw)
                 .map_err(|source| {
                     Halt::Failed(Error::Io {
                         stage: self.name.to_string(),

@@ -624,11 +624,7 @@ where
         p.run()
     }))
     .unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".into());
+        let message = crate::runtime::panic_message(&*payload);
         Err(Error::Build(format!(
             "job `{}` panicked while building: {message}",
             job.name
