@@ -1033,6 +1033,35 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
         spec: crate::exec::ExecSpec,
         parallelism: usize,
     ) -> Fresh<serde_json::Value> {
+        let spec = Arc::new(spec);
+        self.json_head_as(name, parallelism, move |op, input| {
+            Box::new(crate::exec::ExecHead::new(op, input, Arc::clone(&spec)))
+        })
+    }
+
+    /// A stage running a native plugin's node (one node instance per stage instance).
+    pub(crate) fn native_as(
+        self,
+        name: &str,
+        spec: crate::plugin::native::NativeSpec,
+        parallelism: usize,
+    ) -> Fresh<serde_json::Value> {
+        let spec = Arc::new(spec);
+        self.json_head_as(name, parallelism, move |op, input| {
+            Box::new(crate::plugin::native::NativeHead::new(
+                op,
+                input,
+                Arc::clone(&spec),
+            ))
+        })
+    }
+
+    /// A stage whose head transforms the input batches itself (exec, native nodes): order kept
+    /// at parallelism 1, rebalanced above.
+    fn json_head_as<M>(self, name: &str, parallelism: usize, make: M) -> Fresh<serde_json::Value>
+    where
+        M: Fn(Arc<str>, InputHead<serde_json::Value>) -> Box<dyn Head<serde_json::Value>> + 'static,
+    {
         let b = Rc::clone(&self.b);
         let name = b.borrow_mut().reserve(name);
         let partition = if parallelism == 1 {
@@ -1041,15 +1070,8 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
             Partition::Rebalance
         };
         let edge = self.connect(partition);
-        let spec = Arc::new(spec);
         let op = Arc::clone(&name);
-        let mut head = input_head(vec![edge], move |input| {
-            Box::new(crate::exec::ExecHead::new(
-                Arc::clone(&op),
-                input,
-                Arc::clone(&spec),
-            )) as Box<dyn Head<serde_json::Value>>
-        });
+        let mut head = input_head(vec![edge], move |input| make(Arc::clone(&op), input));
         head.name = Some(name);
         Stream {
             b,

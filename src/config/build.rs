@@ -201,6 +201,9 @@ fn build_stage(
         (Kind::Exec(spec), Some(s)) => {
             Some(s.exec_as(name, (**spec).clone(), st.parallelism).boxed())
         }
+        (Kind::Native(spec), Some(s)) => {
+            Some(s.native_as(name, (**spec).clone(), st.parallelism).boxed())
+        }
         (Kind::NdjsonWrite { path }, Some(s)) => {
             s.write_ndjson_as(name, path);
             None

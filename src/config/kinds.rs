@@ -67,6 +67,7 @@ pub(crate) enum Kind {
     },
     Window(Box<super::window::WindowParams>),
     Exec(Box<crate::exec::ExecSpec>),
+    Native(Box<crate::plugin::native::NativeSpec>),
     NdjsonWrite {
         path: PathBuf,
     },
@@ -422,7 +423,14 @@ impl<'a> Params<'a> {
 }
 
 /// Keys a plugin node stage has besides its node's parameters.
-const PLUGIN_STAGE_KEYS: &[&str] = &["kind", "input", "parallelism", "grant", "timeout"];
+const PLUGIN_STAGE_KEYS: &[&str] = &[
+    "kind",
+    "input",
+    "parallelism",
+    "grant",
+    "timeout",
+    "log_level",
+];
 
 /// A `<plugin>.<node>` stage: its parameters checked against the node's spec, its permissions
 /// against the stage's `grant`, run as an exec stage in the plugin's directory.
@@ -431,7 +439,7 @@ fn parse_plugin_node(
     plugin: &crate::plugin::Plugin,
     node: &str,
 ) -> Result<Kind, ConfigError> {
-    use crate::plugin::{check_value, toml_to_json, Entry, PluginKind};
+    use crate::plugin::{check_value, toml_to_json, Entry};
     let m = &plugin.manifest;
     let Some(spec) = m.nodes.iter().find(|n| n.name == node) else {
         let nodes: Vec<&str> = m.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -444,15 +452,6 @@ fn parse_plugin_node(
             ),
         ));
     };
-    if m.kind == PluginKind::Native {
-        return Err(p.error_at(
-            "kind",
-            format!(
-                "plugin `{}` is a native plugin; this build cannot load native plugins yet",
-                m.name
-            ),
-        ));
-    }
     let grant = match p.get("grant").map(toml::Spanned::get_ref) {
         None => Vec::new(),
         Some(toml::Value::Array(items)) => items
@@ -518,9 +517,29 @@ fn parse_plugin_node(
             params.insert(name.clone(), toml_to_json(&v));
         }
     }
+    let log_level = match p.opt_str("log_level")? {
+        None => log::LevelFilter::Info,
+        Some(l) => l.parse::<log::LevelFilter>().map_err(|_| {
+            p.error_at(
+                "log_level",
+                format!(
+                    "parameter `log_level`: expected one of off, error, warn, info, debug, trace, found {l:?}"
+                ),
+            )
+        })?,
+    };
     p.allow(PLUGIN_STAGE_KEYS);
-    let Entry::Command(entry) = &m.entry else {
-        unreachable!("a process plugin's entry is a command (checked at load)");
+    let entry = match &m.entry {
+        Entry::Library(lib) => {
+            let lib = load_native(p, plugin, lib)?;
+            return Ok(Kind::Native(Box::new(crate::plugin::native::NativeSpec {
+                lib,
+                node: node.to_string(),
+                params: serde_json::Value::Object(params),
+                log_level,
+            })));
+        }
+        Entry::Command(entry) => entry,
     };
     let mut command = entry.clone();
     if command[0].contains('/') && std::path::Path::new(&command[0]).is_relative() {
@@ -534,11 +553,35 @@ fn parse_plugin_node(
                 "MILLRACE_PARAMS".into(),
                 serde_json::Value::Object(params).to_string(),
             ),
+            (
+                "MILLRACE_LOG_LEVEL".into(),
+                log_level.to_string().to_lowercase(),
+            ),
         ],
         cwd: Some(plugin.dir.clone()),
         timeout,
         max_line_bytes: 1 << 20,
     })))
+}
+
+/// Loads (once per pipeline) and checks a native plugin's library; errors name the stage.
+fn load_native(
+    p: &mut Params<'_>,
+    plugin: &crate::plugin::Plugin,
+    lib: &str,
+) -> Result<std::sync::Arc<crate::plugin::native::NativeLibrary>, ConfigError> {
+    let name = &plugin.manifest.name;
+    if let Some(l) = p.ctx.natives.borrow().get(name) {
+        return Ok(std::sync::Arc::clone(l));
+    }
+    let path = plugin.dir.join(lib);
+    let loaded = crate::plugin::native::NativeLibrary::load(name, &path)
+        .map_err(|e| p.error_at("kind", e))?;
+    p.ctx
+        .natives
+        .borrow_mut()
+        .insert(name.clone(), std::sync::Arc::clone(&loaded));
+    Ok(loaded)
 }
 
 /// The `exec` kind's parameters.

@@ -116,6 +116,7 @@ impl PipelineSpec {
             base: &base,
             plugin_dirs: raw.plugin_dirs.iter().map(|d| base.join(d)).collect(),
             plugins: std::cell::OnceCell::new(),
+            natives: Default::default(),
         };
 
         let options = match &raw.options {
@@ -208,6 +209,10 @@ pub(crate) struct Ctx<'a> {
     pub plugin_dirs: Vec<PathBuf>,
     /// Discovered on first use: only a pipeline naming a non-built-in kind reads the disk.
     pub plugins: std::cell::OnceCell<crate::plugin::PluginRegistry>,
+    /// Native libraries loaded so far, by plugin name: stages of one plugin share one load.
+    pub natives: std::cell::RefCell<
+        std::collections::BTreeMap<String, std::sync::Arc<crate::plugin::native::NativeLibrary>>,
+    >,
 }
 
 impl Ctx<'_> {

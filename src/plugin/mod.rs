@@ -4,8 +4,9 @@
 //! A plugin is a directory holding a `plugin.toml`. Process plugins run as `exec` stages (NDJSON
 //! on stdin and stdout, see [`crate::config`]); their node's parameters are checked against the
 //! manifest before anything runs and reach the process as JSON in `MILLRACE_PARAMS`, the node's
-//! name in `MILLRACE_NODE`. Native (`cdylib`) plugins are recognised but not loaded by this
-//! build yet.
+//! name in `MILLRACE_NODE`. Native (`cdylib`) plugins are loaded in-process by [`native`].
+
+pub mod native;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ pub const PERMISSIONS: &[&str] = &["filesystem.read", "filesystem.write", "netwo
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PluginKind {
-    /// A `cdylib` loaded into the engine (not loaded by this build yet).
+    /// A `cdylib` built with the `millrace-plugin` SDK, loaded into the engine.
     Native,
     /// An external process speaking NDJSON on stdin and stdout.
     Process,

@@ -108,7 +108,10 @@ enum PluginsCommand {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,plugin=trace"),
+    )
+    .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

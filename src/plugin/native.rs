@@ -1,0 +1,550 @@
+//! Native plugins: loading a `cdylib` built with the `millrace-plugin` SDK, checking it, and
+//! calling its nodes batch by batch.
+//!
+//! Before calling anything in a library, [`NativeLibrary::load`] checks, in this order: that
+//! it exports `MILLRACE_PLUGIN`; its ABI version (read alone, before any other field, since the
+//! rest of the declaration's layout depends on it); the compiler that built it (the same
+//! `rustc --version` as this millrace); its name (the manifest's); and its `engine` requirement
+//! (this millrace's version). Any mismatch refuses the plugin with a message saying what was
+//! expected and found.
+//!
+//! Records cross the boundary as NDJSON bytes, a whole batch per call, and results come back
+//! through a callback that appends to a host buffer: no Rust type, allocation or panic crosses
+//! it. A panic inside a plugin is caught on its side and becomes a stage error naming the
+//! plugin; the node instance is then poisoned.
+//!
+//! **Lifetime and unload policy.** Every [`NativeNode`] holds an `Arc` of its
+//! [`NativeLibrary`], so the code stays loaded while any node made from it exists. When the
+//! last one goes, the plugin is *unloaded*: its `unload` hook detaches its log sink, and the
+//! host never calls it again. The image itself is **never `dlclose`d**: unmapping code that a
+//! thread-local destructor, an `atexit` handler or a thread of the plugin's own may still run is
+//! undefined behaviour on several platforms, and Rust gives no way to prove none is left. The
+//! cost is the mapped image (a few MB) until the process exits; hot reload loads each version
+//! from a copy at a new path, so it costs one image per reload.
+//!
+//! **Logging.** Each plugin has its own `log` crate (a `cdylib` links it statically); the SDK
+//! installs there a logger that forwards to a sink the host hands over: one per stage instance
+//! (the stage's `log_level`, target `plugin::<name>`), and a plugin-wide one for threads of the
+//! plugin's own. One plugin's level or sink never touches another's, and unloading one leaves
+//! the others' sinks as they are.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::LevelFilter;
+use millrace_plugin::abi::{HostLog, PluginDecl, Sink, Str, ERROR, OK, PANIC};
+use serde_json::Value;
+
+/// A loaded, checked native plugin library. Shared by the nodes made from it.
+pub struct NativeLibrary {
+    name: String,
+    version: String,
+    path: PathBuf,
+    /// Points into the mapped image, which is never unmapped (see the module docs).
+    decl: *const PluginDecl,
+    /// Kept so the handle is never closed; never dropped (the unload policy).
+    _lib: std::mem::ManuallyDrop<libloading::Library>,
+    /// The plugin-wide log sink (boxed: the plugin holds its address until `unload`).
+    log: Box<LogSink>,
+}
+
+// SAFETY: `decl` points to immutable static data (strings and functions) in an image that is
+// never unmapped; the functions may be called from any thread (the ABI requires it; calls on one
+// instance are serialised by `NativeNode`, which is `Send` but not `Sync`).
+unsafe impl Send for NativeLibrary {}
+// SAFETY: as above: nothing in a `NativeLibrary` is mutated after loading.
+unsafe impl Sync for NativeLibrary {}
+
+impl fmt::Debug for NativeLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NativeLibrary")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// A log sink handed to a plugin: the ABI struct and the state its callback reads.
+struct LogSink {
+    abi: HostLog,
+    /// Never read here, but kept alive: `abi.ctx` points into it.
+    _state: Box<LogState>,
+}
+
+struct LogState {
+    target: String,
+    level: LevelFilter,
+    /// Prefix naming the stage (empty for the plugin-wide sink).
+    prefix: String,
+}
+
+impl LogSink {
+    fn new(plugin: &str, stage: Option<&str>, level: LevelFilter) -> Box<LogSink> {
+        let state = Box::new(LogState {
+            target: format!("plugin::{plugin}"),
+            level,
+            prefix: stage.map(|s| format!("[{s}] ")).unwrap_or_default(),
+        });
+        let wanted = level.min(log::max_level());
+        Box::new(LogSink {
+            abi: HostLog {
+                ctx: (&*state as *const LogState).cast(),
+                max_level: wanted as u32,
+                write: host_log,
+            },
+            _state: state,
+        })
+    }
+}
+
+/// The host side of a plugin's log sink.
+///
+/// # Safety
+/// `ctx` is the `LogState` of a live `LogSink`; `ptr` points to `len` bytes.
+unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, ptr: *const u8, len: usize) {
+    // Nothing may unwind into the plugin.
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: the sink's owner keeps `ctx` alive for as long as the plugin may call it.
+        let state = unsafe { &*ctx.cast::<LogState>() };
+        let level = match level {
+            1 => log::Level::Error,
+            2 => log::Level::Warn,
+            3 => log::Level::Info,
+            4 => log::Level::Debug,
+            5 => log::Level::Trace,
+            _ => return,
+        };
+        if level > state.level {
+            return;
+        }
+        // SAFETY: the plugin passes `len` live bytes for the duration of the call.
+        let msg = unsafe { Str { ptr, len }.as_bytes() };
+        let msg = String::from_utf8_lossy(msg);
+        log::logger().log(
+            &log::Record::builder()
+                .level(level)
+                .target(&state.target)
+                .args(format_args!("{}{msg}", state.prefix))
+                .build(),
+        );
+    });
+}
+
+/// The host's buffer behind a [`Sink`].
+unsafe extern "C" fn append(ctx: *mut c_void, ptr: *const u8, len: usize) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `ctx` is the `Vec<u8>` the host passed for this call; `ptr` has `len` bytes.
+        let (buf, bytes) = unsafe { (&mut *ctx.cast::<Vec<u8>>(), Str { ptr, len }.as_bytes()) };
+        buf.extend_from_slice(bytes);
+    }));
+}
+
+fn sink(buf: &mut Vec<u8>) -> Sink {
+    Sink {
+        ctx: (buf as *mut Vec<u8>).cast(),
+        write: append,
+    }
+}
+
+/// Reads a string field of a declaration whose ABI version matched.
+fn text(s: Str, what: &str) -> Result<String, String> {
+    // SAFETY: with a matching ABI version, the declaration's strings are `'static` strings in
+    // the mapped image.
+    let bytes = unsafe { s.as_bytes() };
+    String::from_utf8(bytes.to_vec()).map_err(|_| format!("its {what} is not UTF-8"))
+}
+
+impl NativeLibrary {
+    /// Loads the plugin `name` from the library at `path` and checks it (see the module docs).
+    /// Errors say which plugin and what did not match.
+    pub fn load(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, String> {
+        let fail = |m: String| format!("native plugin `{name}` ({}): {m}", path.display());
+        if !path.is_file() {
+            return Err(fail(
+                "no library at this path: build the plugin first (see its plugin.toml)".into(),
+            ));
+        }
+        // SAFETY: loading a library runs its initialisers. A millrace plugin's are those of a
+        // Rust cdylib (none of its own); a library that is not a plugin is refused right after.
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| fail(format!("cannot load it: {e}")))?;
+        // SAFETY: the symbol is a static, so the "function" we get is its address; it is only
+        // dereferenced below after the null check.
+        let decl: *const PluginDecl = unsafe {
+            lib.get::<*const PluginDecl>(millrace_plugin::DECL_SYMBOL)
+                .map(|s| *s)
+                .map_err(|_| {
+                    fail(
+                        "it exports no `MILLRACE_PLUGIN`: is it built with \
+                         millrace_plugin::export_plugin!?"
+                            .into(),
+                    )
+                })?
+        };
+        if decl.is_null() {
+            return Err(fail("its `MILLRACE_PLUGIN` is null".into()));
+        }
+        // SAFETY: `abi_version` is the first field in every ABI version, so it can be read
+        // before knowing the layout of the rest.
+        let abi = unsafe { std::ptr::addr_of!((*decl).abi_version).read() };
+        check_abi(abi).map_err(fail)?;
+        // SAFETY: the ABI version matched: the declaration has this layout.
+        let d = unsafe { &*decl };
+        let rustc = text(d.rustc, "compiler version").map_err(fail)?;
+        check_rustc(&rustc).map_err(fail)?;
+        let declared = text(d.name, "name").map_err(fail)?;
+        if declared != name {
+            return Err(fail(format!(
+                "the library declares the name `{declared}`, its manifest `{name}`"
+            )));
+        }
+        let engine = text(d.engine, "engine requirement").map_err(fail)?;
+        check_engine(&engine).map_err(fail)?;
+        let version = text(d.version, "version").map_err(fail)?;
+
+        let log = LogSink::new(name, None, LevelFilter::Trace);
+        let mut err = Vec::new();
+        // SAFETY: the declaration was checked; `log` lives in the returned `NativeLibrary`
+        // until `unload` is called in its `Drop`; `err` lives for the call.
+        let status = unsafe { (d.init)(&log.abi, &sink(&mut err)) };
+        if status != OK {
+            return Err(fail(format!(
+                "its init failed: {}",
+                String::from_utf8_lossy(&err)
+            )));
+        }
+        log::debug!(target: "millrace::plugin", "loaded native plugin `{name}` {version} from {}", path.display());
+        Ok(Arc::new(NativeLibrary {
+            name: name.to_string(),
+            version,
+            path: path.to_path_buf(),
+            decl,
+            _lib: std::mem::ManuallyDrop::new(lib),
+            log,
+        }))
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The version the library declares.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Where it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn decl(&self) -> &PluginDecl {
+        // SAFETY: checked at load; the image is never unmapped.
+        unsafe { &*self.decl }
+    }
+
+    /// Creates an instance of `node` with `params` (a JSON object) for stage `stage`, logging
+    /// at `level`.
+    pub fn node(
+        self: &Arc<Self>,
+        node: &str,
+        params: &Value,
+        stage: &str,
+        level: LevelFilter,
+    ) -> Result<NativeNode, String> {
+        let log = LogSink::new(&self.name, Some(stage), level);
+        let params = params.to_string();
+        let mut err = Vec::new();
+        // SAFETY: checked declaration; the strings, `log` and `err` live for the call; `log`
+        // then lives in the node for as long as the instance.
+        let inst = unsafe {
+            (self.decl().create)(
+                Str::from_bytes(node.as_bytes()),
+                Str::from_bytes(params.as_bytes()),
+                &log.abi,
+                &sink(&mut err),
+            )
+        };
+        if inst.is_null() {
+            return Err(format!(
+                "plugin `{}` cannot create node `{node}`: {}",
+                self.name,
+                String::from_utf8_lossy(&err)
+            ));
+        }
+        Ok(NativeNode {
+            lib: Arc::clone(self),
+            node: node.to_string(),
+            inst,
+            log,
+            input: Vec::new(),
+            output: Vec::new(),
+        })
+    }
+}
+
+impl Drop for NativeLibrary {
+    /// The last node is gone: detach the plugin's sink. The image stays mapped (module docs).
+    fn drop(&mut self) {
+        // SAFETY: checked declaration; `self.log` is the sink given to `init`, freed only after
+        // `unload` returns (which waits for any thread of the plugin logging through it).
+        unsafe { (self.decl().unload)(&self.log.abi) };
+        log::debug!(target: "millrace::plugin", "unloaded native plugin `{}`", self.name);
+    }
+}
+
+fn check_abi(found: u32) -> Result<(), String> {
+    let ours = millrace_plugin::ABI_VERSION;
+    if found != ours {
+        return Err(format!(
+            "it was built for plugin ABI version {found}, and this millrace speaks ABI version \
+             {ours}: rebuild it against millrace-plugin {}",
+            millrace_plugin::SDK_VERSION
+        ));
+    }
+    Ok(())
+}
+
+fn check_rustc(found: &str) -> Result<(), String> {
+    let ours = millrace_plugin::RUSTC_VERSION;
+    if found != ours {
+        return Err(format!(
+            "it was built with `{found}`, and this millrace with `{ours}`: rebuild the plugin \
+             with the same compiler"
+        ));
+    }
+    Ok(())
+}
+
+fn check_engine(req: &str) -> Result<(), String> {
+    let parsed = semver::VersionReq::parse(req)
+        .map_err(|e| format!("its engine requirement {req:?} is not a semver requirement: {e}"))?;
+    let ours = semver::Version::parse(env!("CARGO_PKG_VERSION")).expect("our own version");
+    if !parsed.matches(&ours) {
+        return Err(format!(
+            "it requires millrace {req}, and this is millrace {ours}"
+        ));
+    }
+    Ok(())
+}
+
+/// One instance of a native node. Holds its library alive.
+pub struct NativeNode {
+    lib: Arc<NativeLibrary>,
+    node: String,
+    inst: *mut c_void,
+    log: Box<LogSink>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+// SAFETY: an instance is used by one thread at a time (`&mut self` methods; not `Sync`); the
+// ABI lets the host move an instance between threads (the SDK requires `Node: Send`).
+unsafe impl Send for NativeNode {}
+
+impl fmt::Debug for NativeNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NativeNode({}.{})", self.lib.name, self.node)
+    }
+}
+
+impl NativeNode {
+    /// Processes one batch, appending the node's records to `out`.
+    pub fn process(&mut self, batch: &[Value], out: &mut Vec<Value>) -> Result<(), String> {
+        self.input.clear();
+        for v in batch {
+            serde_json::to_writer(&mut self.input, v).map_err(|e| e.to_string())?;
+            self.input.push(b'\n');
+        }
+        self.output.clear();
+        let mut err = Vec::new();
+        let d = self.lib.decl();
+        // SAFETY: a live instance of this library, used by one thread; every buffer lives for
+        // the call.
+        let status = unsafe {
+            (d.process)(
+                self.inst,
+                Str::from_bytes(&self.input),
+                &self.log.abi,
+                &sink(&mut self.output),
+                &sink(&mut err),
+            )
+        };
+        self.collect(status, &err, out)
+    }
+
+    /// The input ended: appends what the node still holds to `out`.
+    pub fn finish(&mut self, out: &mut Vec<Value>) -> Result<(), String> {
+        self.output.clear();
+        let mut err = Vec::new();
+        let d = self.lib.decl();
+        // SAFETY: as in `process`.
+        let status = unsafe {
+            (d.finish)(
+                self.inst,
+                &self.log.abi,
+                &sink(&mut self.output),
+                &sink(&mut err),
+            )
+        };
+        self.collect(status, &err, out)
+    }
+
+    fn collect(&self, status: i32, err: &[u8], out: &mut Vec<Value>) -> Result<(), String> {
+        let who = format!("plugin `{}` (node `{}`)", self.lib.name, self.node);
+        let err = String::from_utf8_lossy(err);
+        match status {
+            OK => {}
+            ERROR => return Err(format!("{who}: {err}")),
+            PANIC => return Err(format!("{who} panicked: {err}")),
+            other => return Err(format!("{who} returned unknown status {other}")),
+        }
+        for (i, line) in self.output.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let v = serde_json::from_slice(line)
+                .map_err(|e| format!("{who}: output record {}: {e}", i + 1))?;
+            out.push(v);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NativeNode {
+    fn drop(&mut self) {
+        // SAFETY: a live instance, destroyed once; its sink lives until after the call.
+        unsafe { (self.lib.decl().destroy)(self.inst, &self.log.abi) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatches_are_explained() {
+        let e = check_abi(millrace_plugin::ABI_VERSION + 1).unwrap_err();
+        assert!(
+            e.contains("ABI version 2") && e.contains("speaks ABI version 1"),
+            "{e}"
+        );
+        assert!(check_abi(millrace_plugin::ABI_VERSION).is_ok());
+
+        let e = check_rustc("rustc 1.0.0 (a28077b28 2015-05-13)").unwrap_err();
+        assert!(
+            e.contains("rustc 1.0.0") && e.contains(millrace_plugin::RUSTC_VERSION),
+            "{e}"
+        );
+        assert!(check_rustc(millrace_plugin::RUSTC_VERSION).is_ok());
+
+        let e = check_engine(">=99").unwrap_err();
+        assert!(
+            e.contains(">=99") && e.contains(env!("CARGO_PKG_VERSION")),
+            "{e}"
+        );
+        let e = check_engine("not a requirement").unwrap_err();
+        assert!(e.contains("not a semver requirement"), "{e}");
+        assert!(check_engine(">=0.1, <0.2").is_ok());
+    }
+}
+
+/// A native node stage as the config layer builds it.
+#[derive(Debug, Clone)]
+pub(crate) struct NativeSpec {
+    /// The loaded library.
+    pub lib: Arc<NativeLibrary>,
+    /// The node's name.
+    pub node: String,
+    /// Its parameters (checked against the manifest).
+    pub params: Value,
+    /// The stage's `log_level`.
+    pub log_level: LevelFilter,
+}
+
+/// The head of a native node stage instance: pulls a batch, has the node process it.
+pub(crate) struct NativeHead {
+    name: Arc<str>,
+    spec: Arc<NativeSpec>,
+    input: crate::channel::InputHead<Value>,
+    node: Option<NativeNode>,
+    batch: Vec<Value>,
+    ended: bool,
+}
+
+impl NativeHead {
+    pub fn new(
+        name: Arc<str>,
+        input: crate::channel::InputHead<Value>,
+        spec: Arc<NativeSpec>,
+    ) -> Self {
+        NativeHead {
+            name,
+            spec,
+            input,
+            node: None,
+            batch: Vec::new(),
+            ended: false,
+        }
+    }
+
+    fn error(&self, message: String) -> crate::operator::Halt {
+        crate::operator::Halt::Failed(crate::error::Error::Operator {
+            stage: self.name.to_string(),
+            source: message.into(),
+        })
+    }
+}
+
+impl crate::runtime::Head<Value> for NativeHead {
+    fn counts_input(&self) -> bool {
+        true // a node's output is not its input
+    }
+
+    fn pull(
+        &mut self,
+        cx: &crate::runtime::Cx,
+        buf: &mut Vec<Value>,
+        flush_at: Option<u64>,
+    ) -> Result<crate::runtime::Pull, crate::operator::Halt> {
+        use crate::metrics::InstanceMetrics;
+        use crate::runtime::Pull;
+        if self.ended {
+            return Ok(Pull::End);
+        }
+        if self.node.is_none() {
+            let s = &self.spec;
+            let node = s
+                .lib
+                .node(&s.node, &s.params, &self.name, s.log_level)
+                .map_err(|e| self.error(e))?;
+            self.node = Some(node);
+        }
+        loop {
+            self.batch.clear();
+            let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
+            let node = self.node.as_mut().expect("created above");
+            if !self.batch.is_empty() {
+                InstanceMetrics::add(&cx.metrics.records_in, self.batch.len() as u64);
+                InstanceMetrics::add(&cx.metrics.batches_in, 1);
+                if let Err(e) = node.process(&self.batch, buf) {
+                    return Err(self.error(e));
+                }
+            }
+            if pulled == Pull::End {
+                self.ended = true;
+                if let Err(e) = node.finish(buf) {
+                    return Err(self.error(e));
+                }
+                return Ok(Pull::End);
+            }
+            if pulled != Pull::Data || !buf.is_empty() {
+                return Ok(pulled);
+            }
+        }
+    }
+}

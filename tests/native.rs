@@ -1,0 +1,416 @@
+//! Native (cdylib) plugins: built from the workspace by this test, loaded through libloading,
+//! checked (ABI version, compiler, name, engine requirement), run in pipelines, failing cleanly
+//! on a panic, and logging each at its own level under its own target.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use log::{Level, LevelFilter};
+use millrace::config::PipelineSpec;
+use millrace::plugin::native::NativeLibrary;
+use serde_json::{json, Value};
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Builds the workspace's plugin crates (once per test binary) into the same profile directory
+/// as this test, and returns that directory.
+fn built() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // <target>/<profile>/deps/native-<hash>
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let target = profile_dir.parent().unwrap().to_path_buf();
+        let profile = profile_dir
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--quiet"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        for p in [
+            "millrace-tagger",
+            "millrace-casefold",
+            "millrace-test-bad_abi",
+            "millrace-test-bad_engine",
+        ] {
+            cmd.args(["-p", p]);
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building the plugins failed: {status}");
+        profile_dir
+    })
+}
+
+fn lib(name: &str) -> PathBuf {
+    built().join(format!("lib{name}.so"))
+}
+
+/// Writes `<root>/<dir>/plugin.toml`: the bundled manifest text `manifest` with its `entry`
+/// pointing at the built library `lib_name`.
+fn install(root: &Path, dir: &str, manifest: &str, lib_name: &str) {
+    let d = root.join(dir);
+    std::fs::create_dir_all(&d).unwrap();
+    let text: String = manifest
+        .lines()
+        .map(|l| {
+            if l.starts_with("entry = ") {
+                format!("entry = {:?}", lib(lib_name).display().to_string())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(d.join("plugin.toml"), text).unwrap();
+}
+
+fn bundled(name: &str) -> String {
+    std::fs::read_to_string(repo(&format!("plugins/{name}/plugin.toml"))).unwrap()
+}
+
+/// A pipeline `ndjson.read (in) -> p -> ndjson.write (out)` with the given middle stage.
+fn pipeline(plugins: &Path, input: &Path, output: &Path, stage: &str) -> String {
+    format!(
+        "plugin_dirs = [{:?}]\n\n[stages.read]\nkind = \"ndjson.read\"\npath = {:?}\n\n[stages.p]\ninput = \"read\"\n{stage}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"p\"\npath = {:?}\n",
+        plugins.display().to_string(),
+        input.display().to_string(),
+        output.display().to_string()
+    )
+}
+
+fn numbers(path: &Path, n: u64) {
+    let text: String = (0..n).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn read_output(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        install(dir.path(), "tagger", &bundled("tagger"), "millrace_tagger");
+        install(
+            dir.path(),
+            "casefold",
+            &bundled("casefold"),
+            "millrace_casefold",
+        );
+        Setup { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn spec(&self, stage: &str, records: u64) -> Result<PipelineSpec, String> {
+        numbers(&self.path("in.ndjson"), records);
+        let text = pipeline(
+            self.dir.path(),
+            &self.path("in.ndjson"),
+            &self.path("out.ndjson"),
+            stage,
+        );
+        PipelineSpec::from_str(&text, self.path("p.toml")).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn a_native_node_processes_every_record_in_order() {
+    let s = Setup::new();
+    let spec = s
+        .spec(
+            "kind = \"tagger.tag\"\nfield = \"by\"\nvalue = \"native\"",
+            100_000,
+        )
+        .unwrap();
+    let report = spec.build().unwrap().run().unwrap();
+    let out = read_output(&s.path("out.ndjson"));
+    assert_eq!(out.len(), 100_000);
+    for (i, r) in out.iter().enumerate() {
+        assert_eq!(r, &json!({"n": i, "by": "native"}));
+    }
+    assert_eq!(report.stage("p").unwrap().records_in, 100_000);
+    assert_eq!(report.stage("p").unwrap().records_out, 100_000);
+}
+
+#[test]
+fn parallel_instances_each_get_a_node_and_lose_nothing() {
+    let s = Setup::new();
+    let spec = s
+        .spec(
+            "kind = \"casefold.upper\"\nfield = \"s\"\nparallelism = 3",
+            50_000,
+        )
+        .unwrap();
+    spec.build().unwrap().run().unwrap();
+    let seen: BTreeSet<u64> = read_output(&s.path("out.ndjson"))
+        .iter()
+        .map(|r| r["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seen, (0..50_000).collect());
+}
+
+#[test]
+fn a_panic_in_a_plugin_fails_its_stage_and_names_the_plugin() {
+    let s = Setup::new();
+    let spec = s
+        .spec("kind = \"tagger.explode\"\nafter = 5000", 20_000)
+        .unwrap();
+    let err = spec.build().unwrap().run().unwrap_err().to_string();
+    assert!(err.contains("`p`"), "{err}");
+    assert!(
+        err.contains("plugin `tagger` (node `explode`) panicked: exploded at record 5000 as asked"),
+        "{err}"
+    );
+    // The host is unharmed: the same plugin runs again in a new pipeline.
+    let spec = s.spec("kind = \"tagger.explode\"\nafter = 50", 10).unwrap();
+    spec.build().unwrap().run().unwrap();
+    assert_eq!(read_output(&s.path("out.ndjson")).len(), 10);
+}
+
+fn config_error(manifest: &str, lib_name: &str, stage: &str) -> String {
+    let s = Setup::new();
+    install(s.dir.path(), "odd", manifest, lib_name);
+    match s.spec(stage, 1) {
+        Ok(_) => panic!("expected {stage} to be refused"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_plugin_built_for_another_abi_version_is_refused() {
+    let manifest = "name = \"bad_abi\"\nversion = \"0.1.0\"\nkind = \"native\"\nentry = \"x\"\nengine = \">=0.1\"\n[[nodes]]\nname = \"n\"\n";
+    let e = config_error(manifest, "millrace_test_bad_abi", "kind = \"bad_abi.n\"");
+    assert!(e.contains("stage `p`"), "{e}");
+    assert!(e.contains("native plugin `bad_abi`"), "{e}");
+    assert!(
+        e.contains("built for plugin ABI version 1001, and this millrace speaks ABI version 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_plugin_requiring_another_millrace_is_refused() {
+    // The manifest claims compatibility; the library's own declaration does not.
+    let manifest = "name = \"bad_engine\"\nversion = \"0.1.0\"\nkind = \"native\"\nentry = \"x\"\nengine = \">=0.1\"\n[[nodes]]\nname = \"n\"\n";
+    let e = config_error(
+        manifest,
+        "millrace_test_bad_engine",
+        "kind = \"bad_engine.n\"",
+    );
+    assert!(e.contains("native plugin `bad_engine`"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "it requires millrace >=99.0, and this is millrace {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_library_that_is_not_the_named_plugin_is_refused() {
+    let manifest = bundled("casefold").replace("name = \"casefold\"", "name = \"impostor\"");
+    let e = config_error(
+        &manifest,
+        "millrace_tagger",
+        "kind = \"impostor.upper\"\nfield = \"x\"",
+    );
+    assert!(
+        e.contains("the library declares the name `tagger`, its manifest `impostor`"),
+        "{e}"
+    );
+    let e = config_error(
+        &bundled("casefold").replace("name = \"casefold\"", "name = \"nolib\""),
+        "does_not_exist",
+        "kind = \"nolib.upper\"\nfield = \"x\"",
+    );
+    assert!(
+        e.contains("native plugin `nolib`") && e.contains("no library at this path"),
+        "{e}"
+    );
+}
+
+#[test]
+fn log_level_must_be_a_level() {
+    let s = Setup::new();
+    let e = s
+        .spec(
+            "kind = \"tagger.tag\"\nvalue = \"x\"\nlog_level = \"loud\"",
+            1,
+        )
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("parameter `log_level`: expected one of off, error, warn, info, debug, trace, found \"loud\""),
+        "{e}"
+    );
+}
+
+/// Every log record this test binary sees: (target, level, message).
+fn captured() -> &'static Mutex<Vec<(String, Level, String)>> {
+    static LOGS: OnceLock<Mutex<Vec<(String, Level, String)>>> = OnceLock::new();
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            captured().lock().unwrap().push((
+                r.target().to_string(),
+                r.level(),
+                r.args().to_string(),
+            ));
+        }
+        fn flush(&self) {}
+    }
+    static INSTALL: OnceLock<()> = OnceLock::new();
+    INSTALL.get_or_init(|| {
+        log::set_logger(&Capture).unwrap();
+        log::set_max_level(LevelFilter::Trace);
+    });
+    LOGS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// The (target, level) pairs logged by `stage`'s sink.
+fn logged_by(stage: &str) -> Vec<(String, Level)> {
+    let prefix = format!("[{stage}] ");
+    captured()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, m)| m.starts_with(&prefix))
+        .map(|(t, l, _)| (t.clone(), *l))
+        .collect()
+}
+
+#[test]
+fn each_plugin_logs_at_its_own_level_and_outlives_the_others_unload() {
+    captured();
+    let tagger = NativeLibrary::load("tagger", &lib("millrace_tagger")).unwrap();
+    let casefold = NativeLibrary::load("casefold", &lib("millrace_casefold")).unwrap();
+    let mut a = tagger
+        .node(
+            "tag",
+            &json!({"field": "t", "value": "x", "chatty": true}),
+            "iso-a",
+            LevelFilter::Debug,
+        )
+        .unwrap();
+    let mut b = casefold
+        .node(
+            "upper",
+            &json!({"field": "w", "chatty": true}),
+            "iso-b",
+            LevelFilter::Warn,
+        )
+        .unwrap();
+    let mut out = Vec::new();
+    a.process(&[json!({"w": "hi"})], &mut out).unwrap();
+    b.process(&[json!({"w": "hi"})], &mut out).unwrap();
+    assert_eq!(out, vec![json!({"w": "hi", "t": "x"}), json!({"w": "HI"})]);
+
+    let t = |l| ("plugin::tagger".to_string(), l);
+    let c = |l| ("plugin::casefold".to_string(), l);
+    assert_eq!(
+        logged_by("iso-a"),
+        vec![
+            t(Level::Debug),
+            t(Level::Info),
+            t(Level::Warn),
+            t(Level::Error)
+        ]
+    );
+    assert_eq!(logged_by("iso-b"), vec![c(Level::Warn), c(Level::Error)]);
+
+    // Unload tagger: its node, then the library (the last reference).
+    drop(a);
+    assert_eq!(Arc::strong_count(&tagger), 1);
+    drop(tagger);
+    // casefold still logs, at its own level, under its own target.
+    b.process(&[json!({"w": "again"})], &mut out).unwrap();
+    assert_eq!(
+        logged_by("iso-b"),
+        vec![
+            c(Level::Warn),
+            c(Level::Error),
+            c(Level::Warn),
+            c(Level::Error)
+        ]
+    );
+    assert_eq!(
+        logged_by("iso-a").len(),
+        4,
+        "nothing more from the unloaded one"
+    );
+}
+
+#[test]
+fn a_stage_log_level_applies_in_a_pipeline() {
+    captured();
+    let s = Setup::new();
+    let spec = s
+        .spec(
+            "kind = \"tagger.tag\"\nvalue = \"x\"\nchatty = true\nlog_level = \"error\"",
+            10,
+        )
+        .unwrap();
+    spec.build().unwrap().run().unwrap();
+    let logs = logged_by("p");
+    assert!(!logs.is_empty());
+    assert!(
+        logs.iter()
+            .all(|(t, l)| t == "plugin::tagger" && *l == Level::Error),
+        "{logs:?}"
+    );
+}
+
+/// The bundled example with both kinds of plugin, its plugin directory replaced by one holding
+/// the freshly built tagger and the bundled Python plugin.
+#[test]
+fn the_example_with_a_native_and_a_process_plugin_runs() {
+    let s = Setup::new();
+    std::os::unix::fs::symlink(repo("plugins/textops"), s.path("textops")).unwrap();
+    let out = s.path("out.ndjson");
+    let text = std::fs::read_to_string(repo("examples/native.toml"))
+        .unwrap()
+        .replace(
+            "plugin_dirs = [\"../plugins\"]",
+            &format!("plugin_dirs = [{:?}]", s.dir.path().display().to_string()),
+        )
+        .replace(
+            "path = \"-\"",
+            &format!("path = {:?}", out.display().to_string()),
+        );
+    let spec = PipelineSpec::from_str(&text, repo("examples/native.toml")).unwrap();
+    let report = spec.build().unwrap().run().unwrap();
+    let lines = read_output(&out);
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert!(l["line_len"].as_u64().unwrap() >= 40, "{l}");
+        assert_eq!(l["source"], "millrace.txt");
+    }
+    assert_eq!(report.stage("out").unwrap().records_out, lines.len() as u64);
+}
