@@ -44,6 +44,7 @@ mod exec;
 pub mod http;
 pub mod job;
 mod metrics;
+mod ndjson;
 pub mod operator;
 pub mod plugin;
 pub mod pool;
