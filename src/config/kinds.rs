@@ -422,7 +422,7 @@ impl<'a> Params<'a> {
 }
 
 /// Keys a plugin node stage has besides its node's parameters.
-const PLUGIN_STAGE_KEYS: &[&str] = &["kind", "input", "parallelism", "grant", "timeout"];
+const PLUGIN_STAGE_KEYS: &[&str] = &["kind", "input", "parallelism", "grant", "timeout", "limits"];
 
 /// A `<plugin>.<node>` stage: its parameters checked against the node's spec, its permissions
 /// against the stage's `grant`, run as an exec stage in the plugin's directory.
@@ -526,6 +526,7 @@ fn parse_plugin_node(
     if command[0].contains('/') && std::path::Path::new(&command[0]).is_relative() {
         command[0] = plugin.dir.join(&command[0]).display().to_string();
     }
+    let (limits, sandbox) = super::limits::plugin_sandbox(p, plugin, &grant)?;
     Ok(Kind::Exec(Box::new(crate::exec::ExecSpec {
         command,
         env: vec![
@@ -538,6 +539,8 @@ fn parse_plugin_node(
         cwd: Some(plugin.dir.clone()),
         timeout,
         max_line_bytes: 1 << 20,
+        limits,
+        sandbox,
     })))
 }
 
@@ -579,6 +582,8 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         cwd,
         timeout,
         max_line_bytes,
+        limits: p.opt_limits()?,
+        sandbox: None,
     })
 }
 
