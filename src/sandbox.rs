@@ -218,6 +218,49 @@ pub fn support() -> &'static Support {
     })
 }
 
+/// What `millrace plugins inspect` says of a native plugin.
+pub const NATIVE_NOT_SANDBOXED: &str =
+    "native plugins run inside the engine process and cannot be sandboxed";
+
+/// The sandbox a process plugin with `permissions` and manifest `limits` gets on a kernel with
+/// `support`, one line per feature (for `millrace plugins inspect`).
+pub fn describe_process(limits: &Limits, permissions: &[String], support: &Support) -> Vec<String> {
+    let has = |p: &str| permissions.iter().any(|x| x == p);
+    let mut out = vec![
+        format!("limits: {limits} (from the manifest; a stage's `limits` overrides each key)"),
+        "process: its own process group, environment cleared to PATH, HOME, LANG, LC_ALL, TZ, \
+         TMPDIR, USER, working directory the plugin's"
+            .to_string(),
+    ];
+    let read = if has("filesystem.read") {
+        "reads everywhere (filesystem.read)"
+    } else {
+        "reads only its directory, its program's and the system directories (no filesystem.read)"
+    };
+    let write = if has("filesystem.write") {
+        "writes under the pipeline's directory and /tmp (filesystem.write)"
+    } else {
+        "writes nowhere but /dev/null (no filesystem.write)"
+    };
+    out.push(match &support.landlock {
+        Ok(abi) => format!("landlock (ABI {abi} on this kernel): {read}; {write}"),
+        Err(why) => format!(
+            "landlock: not supported on this kernel ({why}): the filesystem is not restricted"
+        ),
+    });
+    out.push(match (&support.seccomp, has("network")) {
+        (_, true) => "seccomp: none (network requested: sockets allowed)".to_string(),
+        (Ok(()), false) => {
+            "seccomp: socket() other than AF_UNIX and io_uring_setup() fail with EACCES (no network)"
+                .to_string()
+        }
+        (Err(why), false) => format!(
+            "seccomp: not supported here ({why}): sockets are not filtered although network is not requested"
+        ),
+    });
+    out
+}
+
 /// Everything a child needs between `fork` and `exec`, prepared in the parent.
 #[derive(Debug)]
 pub(crate) struct ChildSetup {
@@ -773,6 +816,34 @@ mod tests {
         // Not a plugin stage: limits only.
         let s = ChildSetup::prepare(&Limits::default(), None, "sh", None, None, &none).unwrap();
         assert!(s.is_empty() && s.missing.is_empty());
+    }
+
+    #[test]
+    fn inspect_lines_say_what_applies_and_what_this_kernel_lacks() {
+        let limits = Limits {
+            cpu_seconds: Some(5),
+            ..Limits::default()
+        };
+        let full = Support {
+            landlock: Ok(4),
+            seccomp: Ok(()),
+        };
+        let lines = describe_process(&limits, &["filesystem.read".into()], &full);
+        assert!(lines[0].starts_with("limits: cpu_seconds = 5"), "{lines:?}");
+        assert!(lines[2].starts_with("landlock (ABI 4 on this kernel): reads everywhere"));
+        assert!(lines[2].contains("writes nowhere but /dev/null"));
+        assert!(lines[3].contains("fail with EACCES"), "{lines:?}");
+        let none = Support {
+            landlock: Err("disabled at boot (EOPNOTSUPP)".into()),
+            seccomp: Err("no filter is built for this architecture (riscv64)".into()),
+        };
+        let lines = describe_process(&limits, &[], &none);
+        assert_eq!(lines[2], "landlock: not supported on this kernel (disabled at boot (EOPNOTSUPP)): the filesystem is not restricted");
+        assert!(lines[3].starts_with(
+            "seccomp: not supported here (no filter is built for this architecture (riscv64))"
+        ));
+        let lines = describe_process(&limits, &["network".into()], &none);
+        assert!(lines[3].contains("sockets allowed"), "{lines:?}");
     }
 
     /// This kernel, as probed: what it supports is prepared, and nothing is reported missing.
