@@ -13,7 +13,10 @@
 //!   given input is killed with its process group and reported; an over-long or invalid line
 //!   is an error naming the line;
 //! - the environment is scrubbed to an allowlist plus what the stage sets, and the child runs
-//!   in a process group of its own so that it and its children can be killed together.
+//!   in a process group of its own so that it and its children can be killed together;
+//! - `limits` (and a process plugin's Landlock and seccomp sandbox) are applied in the child
+//!   by [`crate::sandbox`]; a child killed at its CPU limit, or failing under an address-space
+//!   limit, is reported with that limit.
 
 use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};

@@ -8,7 +8,8 @@
 //! - Landlock (plugin stages): the plugin's directory, the system directories and the
 //!   program's own prefix readable and executable; `/` readable with `filesystem.read`; the
 //!   pipeline's directory and `/tmp` writable with `filesystem.write`, otherwise only
-//!   `/dev/null`;
+//!   `/dev/null`; from ABI 6 also no signals to processes outside the plugin's own (the engine
+//!   included) and, without `network`, no abstract UNIX sockets outside them;
 //! - seccomp (plugin stages without `network`): `socket()` for any family but `AF_UNIX`, and
 //!   `io_uring_setup()` (whose `IORING_OP_SOCKET` would go around it), fail with `EACCES`;
 //! - [`support`]: what this kernel offers, for warnings and for `millrace plugins inspect`.
@@ -243,6 +244,9 @@ pub fn describe_process(limits: &Limits, permissions: &[String], support: &Suppo
         "writes nowhere but /dev/null (no filesystem.write)"
     };
     out.push(match &support.landlock {
+        Ok(abi) if *abi >= 6 => format!(
+            "landlock (ABI {abi} on this kernel): {read}; {write}; no signals to processes outside the plugin's own"
+        ),
         Ok(abi) => format!("landlock (ABI {abi} on this kernel): {read}; {write}"),
         Err(why) => format!(
             "landlock: not supported on this kernel ({why}): the filesystem is not restricted"
@@ -478,9 +482,16 @@ mod landlock {
     /// Rights that make sense on a file that is not a directory.
     const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV;
 
+    /// ABI 6: no signals to processes outside the domain, no abstract UNIX sockets outside it.
+    const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+    const SCOPE_SIGNAL: u64 = 1 << 1;
+
+    /// `struct landlock_ruleset_attr`; the kernel takes a prefix of it (older ABIs are shorter).
     #[repr(C)]
     struct RulesetAttr {
         handled_access_fs: u64,
+        handled_access_net: u64,
+        scoped: u64,
     }
 
     #[repr(C, packed)]
@@ -535,16 +546,31 @@ mod landlock {
         program_dirs: &[PathBuf],
     ) -> io::Result<OwnedFd> {
         let handled = handled(abi);
+        let mut scoped = 0;
+        if abi >= 6 {
+            scoped = SCOPE_SIGNAL;
+            if !policy.network {
+                scoped |= SCOPE_ABSTRACT_UNIX_SOCKET;
+            }
+        }
         let attr = RulesetAttr {
             handled_access_fs: handled,
+            handled_access_net: 0,
+            scoped,
         };
-        // SAFETY: `attr` is a live, initialised landlock_ruleset_attr prefix of the size passed
-        // (the kernel accepts a shorter struct and treats the rest as zero).
+        // The prefix this ABI knows: `scoped` from 6, `handled_access_net` from 4.
+        let size = match abi {
+            ..=3 => 8usize,
+            4 | 5 => 16,
+            _ => 24,
+        };
+        // SAFETY: `attr` is a live, initialised landlock_ruleset_attr of at least `size` bytes
+        // (the kernel reads that prefix).
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_landlock_create_ruleset,
                 &attr as *const RulesetAttr,
-                std::mem::size_of::<RulesetAttr>(),
+                size,
                 0u32,
             )
         };

@@ -405,3 +405,25 @@ fn without_filesystem_write_a_plugin_cannot_create_files() {
     assert_eq!(out, vec![serde_json::json!({"ok": 1})]);
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "x");
 }
+
+/// Landlock ABI 6 scopes signals: a plugin cannot signal the engine (its parent), only its own
+/// processes. Below ABI 6 it can (and `plugins inspect` does not claim otherwise).
+#[test]
+fn a_plugin_cannot_signal_the_engine_where_landlock_scopes_signals() {
+    let sup = millrace::sandbox::support();
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // Signal 0 only checks whether the signal could be sent.
+    probe_plugin(
+        root.path(),
+        PY,
+        "",
+        &probe_script("os.kill(os.getppid(), 0) is None and os.kill(os.getpid(), 0) is None"),
+    );
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    if sup.landlock.as_ref().is_ok_and(|abi| *abi >= 6) {
+        assert_eq!(out, vec![serde_json::json!({"err": "PermissionError"})]);
+    } else {
+        assert_eq!(out, vec![serde_json::json!({"ok": true})], "{sup}");
+    }
+}
