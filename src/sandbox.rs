@@ -465,6 +465,8 @@ fn program_dirs(program: &str, path: Option<&OsString>, cwd: Option<&Path>) -> V
 mod landlock {
     //! Raw Landlock system calls (no libc wrappers exist).
 
+    use std::os::unix::fs::OpenOptionsExt;
+
     use super::*;
 
     const CREATE_RULESET_VERSION: u32 = 1 << 0;
@@ -648,8 +650,6 @@ mod landlock {
         }
         Ok(())
     }
-
-    use std::os::unix::fs::OpenOptionsExt;
 }
 
 mod seccomp {

@@ -208,7 +208,7 @@ fn a_child_over_its_cpu_limit_is_stopped_and_reported() {
 #[test]
 fn a_child_over_its_memory_limit_fails_and_the_error_names_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let exec = "command = [\"python3\", \"-c\", \"import sys; sys.stdin.read(); b = bytearray(1 << 30)\"]\nlimits = { address_space = \"256MiB\" }";
+    let exec = "command = [\"python3\", \"-c\", \"import sys; sys.stdin.read(); b = bytes(1 << 30)\"]\nlimits = { address_space = \"256MiB\" }";
     let e = run(dir.path(), &records(3), exec, "", "child").unwrap_err();
     assert!(
         e.contains("exited with status 1 (limits: address_space = 256 MiB)"),
@@ -217,7 +217,7 @@ fn a_child_over_its_memory_limit_fails_and_the_error_names_the_limit() {
     assert!(e.contains("MemoryError"), "{e}");
     // Without the limit the same child allocates its gigabyte and succeeds.
     let exec =
-        "command = [\"python3\", \"-c\", \"import sys; sys.stdin.read(); b = bytearray(1 << 30)\"]";
+        "command = [\"python3\", \"-c\", \"import sys; sys.stdin.read(); b = bytes(1 << 30)\"]";
     run(dir.path(), &records(3), exec, "", "child").unwrap();
 }
 

@@ -269,7 +269,7 @@ fn a_plugin_over_its_memory_limit_fails_with_the_limit_in_the_error() {
         root.path(),
         PY,
         "[limits]\naddress_space = \"2GiB\"",
-        &probe_script("len(bytearray(1 << 30))"),
+        &probe_script("len(bytes(1 << 30))"),
     );
     // The manifest's 2 GiB allows it; the stage's 256 MiB overrides that.
     let out = run_probe(root.path(), work.path(), "").unwrap();
