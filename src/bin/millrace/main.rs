@@ -97,7 +97,7 @@ enum PluginsCommand {
         #[arg(long = "dir", value_name = "DIR")]
         dirs: Vec<PathBuf>,
     },
-    /// Everything one plugin's manifest declares.
+    /// Everything one plugin's manifest declares, and the sandbox it gets on this kernel.
     Inspect {
         /// The plugin's name.
         name: String,
