@@ -13,7 +13,10 @@
 //!   given input is killed with its process group and reported; an over-long or invalid line
 //!   is an error naming the line;
 //! - the environment is scrubbed to an allowlist plus what the stage sets, and the child runs
-//!   in a process group of its own so that it and its children can be killed together.
+//!   in a process group of its own so that it and its children can be killed together;
+//! - `limits` (and a process plugin's Landlock and seccomp sandbox) are applied in the child
+//!   by [`crate::sandbox`]; a child killed at its CPU limit, or failing under an address-space
+//!   limit, is reported with that limit.
 
 use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};
@@ -51,6 +54,10 @@ pub(crate) struct ExecSpec {
     pub timeout: Option<Duration>,
     /// Longest stdout line accepted.
     pub max_line_bytes: usize,
+    /// Resource limits set in the child.
+    pub limits: crate::sandbox::Limits,
+    /// A process plugin's permissions (Landlock, seccomp); `None` for a plain `exec` stage.
+    pub sandbox: Option<crate::sandbox::Policy>,
 }
 
 impl ExecSpec {
@@ -122,9 +129,12 @@ impl ExecHead {
         if let Some(dir) = &spec.cwd {
             cmd.current_dir(dir);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| self.error(format!("cannot start `{}`: {e}", spec.shown())))?;
+        let sandboxed = self.sandbox(&mut cmd)?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let within = if sandboxed { " in its sandbox" } else { "" };
+            self.error(format!("cannot start `{}`{within}: {e}", spec.shown()))
+        })?;
+        drop(cmd); // closes the Landlock ruleset the hook held
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -177,6 +187,73 @@ impl ExecHead {
         Ok(())
     }
 
+    /// Prepares the child's limits and sandbox in this process and installs the hook that
+    /// applies them after `fork`; warns about features this kernel lacks. Returns whether a hook
+    /// was installed.
+    fn sandbox(&self, cmd: &mut Command) -> Result<bool, Halt> {
+        let spec = &self.spec;
+        if spec.limits.is_empty() && spec.sandbox.is_none() {
+            return Ok(false);
+        }
+        let path = spec
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.into())
+            .or_else(|| std::env::var_os("PATH"));
+        let setup = crate::sandbox::ChildSetup::prepare(
+            &spec.limits,
+            spec.sandbox.as_ref(),
+            &spec.command[0],
+            path.as_ref(),
+            spec.cwd.as_deref(),
+            crate::sandbox::support(),
+        )
+        .map_err(|e| self.error(format!("cannot prepare the sandbox: {e}")))?;
+        for m in &setup.missing {
+            log::warn!("stage `{}`: {m}", self.name);
+        }
+        if setup.is_empty() {
+            return Ok(false);
+        }
+        let hook = Arc::new(setup).hook();
+        // SAFETY: the hook runs in the forked child before exec and only makes
+        // async-signal-safe system calls on data prepared here (see ChildSetup::apply_in_child).
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+        Ok(true)
+    }
+
+    /// Why a failed child failed, with its limits where they explain it.
+    fn failure(&self, status: std::process::ExitStatus) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let limits = &self.spec.limits;
+        if let Some(n) = limits.cpu_seconds {
+            match status.signal() {
+                Some(libc::SIGXCPU) => {
+                    return format!("exceeded its CPU limit (cpu_seconds = {n}): killed by SIGXCPU")
+                }
+                Some(libc::SIGKILL) => {
+                    return format!("exceeded its CPU limit (cpu_seconds = {n}): killed by SIGKILL")
+                }
+                _ => {}
+            }
+        }
+        let how = match status.code() {
+            Some(c) => format!("exited with status {c}"),
+            None => format!("was killed ({status})"),
+        };
+        match limits.address_space {
+            Some(b) => format!(
+                "{how} (limits: address_space = {})",
+                crate::sandbox::show_size(b)
+            ),
+            None => how,
+        }
+    }
+
     /// Stdout ended: join the threads, wait for the child, check its status.
     fn finish(&mut self) -> Result<(), Halt> {
         let shown = self.spec.shown();
@@ -192,10 +269,7 @@ impl ExecHead {
         let tail: Vec<String> = r.stderr_tail.lock().iter().cloned().collect();
         let status = status.map_err(|e| self.error(format!("cannot wait for `{shown}`: {e}")))?;
         if !status.success() {
-            let how = match status.code() {
-                Some(c) => format!("exited with status {c}"),
-                None => format!("was killed ({status})"),
-            };
+            let how = self.failure(status);
             let stderr = if tail.is_empty() {
                 String::new()
             } else {

@@ -49,6 +49,7 @@ pub mod operator;
 pub mod plugin;
 pub mod pool;
 mod runtime;
+pub mod sandbox;
 mod sink;
 pub mod snapshot;
 mod source;

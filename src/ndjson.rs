@@ -489,7 +489,10 @@ mod tests {
                 _ => {}
             }
         }
-        assert!(objects > 200 && broken > 200, "{objects} objects, {broken} broken");
+        assert!(
+            objects > 200 && broken > 200,
+            "{objects} objects, {broken} broken"
+        );
     }
 
     proptest! {

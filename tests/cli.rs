@@ -384,3 +384,55 @@ fn serve_runs_submitted_pipelines() {
     }
     drop(child);
 }
+
+/// `plugins inspect` shows the sandbox a process plugin gets on this kernel, and says a native
+/// plugin cannot be sandboxed.
+#[test]
+fn plugins_inspect_shows_the_sandbox() {
+    let root = tempfile::tempdir().unwrap();
+    let write = |dir: &str, manifest: &str| {
+        std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        std::fs::write(root.path().join(dir).join("plugin.toml"), manifest).unwrap();
+    };
+    write("proc", "name = \"proc\"\nversion = \"0.1.0\"\nkind = \"process\"\nentry = [\"cat\"]\nengine = \"*\"\npermissions = [\"filesystem.read\"]\n[limits]\ncpu_seconds = 3\naddress_space = \"512MiB\"\n");
+    write("nat", "name = \"nat\"\nversion = \"0.1.0\"\nkind = \"native\"\nentry = \"libnat.so\"\nengine = \"*\"\n");
+    let inspect = |name: &str| {
+        let out = Command::new(BIN)
+            .args(["plugins", "inspect", name, "--dir"])
+            .arg(root.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = inspect("proc");
+    let sup = millrace::sandbox::support();
+    assert!(
+        text.contains("limits: address_space = 512 MiB, cpu_seconds = 3"),
+        "{text}"
+    );
+    match &sup.landlock {
+        Ok(abi) => assert!(
+            text.contains(&format!(
+                "landlock (ABI {abi} on this kernel): reads everywhere (filesystem.read)"
+            )),
+            "{text}"
+        ),
+        Err(_) => assert!(
+            text.contains("landlock: not supported on this kernel"),
+            "{text}"
+        ),
+    }
+    match &sup.seccomp {
+        Ok(()) => assert!(
+            text.contains("seccomp: socket() other than AF_UNIX"),
+            "{text}"
+        ),
+        Err(_) => assert!(text.contains("seccomp: not supported here"), "{text}"),
+    }
+    let text = inspect("nat");
+    assert!(
+        text.contains("native plugins run inside the engine process and cannot be sandboxed"),
+        "{text}"
+    );
+}

@@ -186,3 +186,78 @@ fn exec_parameter_errors_name_the_line() {
     .unwrap_err();
     assert!(e.contains("cannot start `/no/such/program`"), "{e}");
 }
+
+/// A child over its CPU limit is stopped by the kernel (SIGXCPU) and the error names the limit.
+#[test]
+fn a_child_over_its_cpu_limit_is_stopped_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; while :; do :; done\"]\nlimits = { cpu_seconds = 1 }";
+    let t0 = Instant::now();
+    let e = run(dir.path(), &records(3), exec, "", "child").unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(
+        e.contains("stage `child`") && e.contains("exceeded its CPU limit (cpu_seconds = 1)"),
+        "{e}"
+    );
+    let (pid, gone) = reaped(dir.path());
+    assert!(gone, "child {pid} is still there (a zombie?)");
+}
+
+/// A child over its address-space limit fails to allocate; the error carries its own
+/// message (Python's MemoryError) and the limit.
+#[test]
+fn a_child_over_its_memory_limit_fails_and_the_error_names_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"python3\", \"-c\", \"import sys; sys.stdin.read(); b = bytes(1 << 30)\"]\nlimits = { address_space = \"256MiB\" }";
+    let e = run(dir.path(), &records(3), exec, "", "child").unwrap_err();
+    assert!(
+        e.contains("exited with status 1 (limits: address_space = 256 MiB)"),
+        "{e}"
+    );
+    assert!(e.contains("MemoryError"), "{e}");
+    // Without the limit the same child allocates its gigabyte and succeeds.
+    let exec =
+        "command = [\"python3\", \"-c\", \"import sys; sys.stdin.read(); b = bytes(1 << 30)\"]";
+    run(dir.path(), &records(3), exec, "", "child").unwrap();
+}
+
+#[test]
+fn the_open_files_limit_is_what_the_child_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = "command = [\"sh\", \"-c\", \"cat > /dev/null; echo \\\"{\\\\\\\"n\\\\\\\": $(ulimit -n)}\\\"\"]\nlimits = { open_files = 37 }";
+    let out = run(dir.path(), &records(2), exec, "", "child").unwrap();
+    assert_eq!(out, vec![json!({"n": 37})]);
+}
+
+#[test]
+fn limits_errors_name_the_stage_the_parameter_and_what_was_found() {
+    let err = |limits: &str| {
+        PipelineSpec::from_str(
+            &format!("[stages.read]\nkind = \"ndjson.read\"\npath = \"-\"\n\n[stages.x]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n{limits}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"x\"\npath = \"-\"\n"),
+            "/tmp/e.toml",
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = err("limits = { cpu_seconds = \"1s\" }");
+    assert!(
+        e.contains("/tmp/e.toml:9: stage `x`: parameter `limits.cpu_seconds`: expected an integer of at least 1, found the string \"1s\""),
+        "{e}"
+    );
+    let e = err("limits = { address_space = \"lots\" }");
+    assert!(
+        e.contains("parameter `limits.address_space`: expected a size of at least 1 MiB")
+            && e.contains("found the string \"lots\""),
+        "{e}"
+    );
+    let e = err("limits = { memory = 1 }");
+    assert!(
+        e.contains("parameter `limits.memory`: unknown limit (known: address_space, cpu_seconds, open_files)"),
+        "{e}"
+    );
+    let e = err("limits = 5");
+    assert!(
+        e.contains("parameter `limits`: expected a table") && e.contains("found the integer 5"),
+        "{e}"
+    );
+}

@@ -107,7 +107,8 @@ fn node_parameters_are_checked_before_anything_runs() {
     );
     let e = config_err(&dir, "kind = \"nosuch.node\"");
     assert!(
-        e.contains("unknown kind `nosuch.node`") && e.contains("plugins: textops"),
+        e.contains("unknown kind `nosuch.node`")
+            && e.contains("plugins: casefold, tagger, textops"),
         "{e}"
     );
 }
@@ -163,7 +164,7 @@ fn manifests_that_cannot_be_used_are_refused_with_the_reason() {
     );
     let e = config_err(root.path(), "kind = \"native.n\"");
     assert!(
-        e.contains("native plugin; this build cannot load native plugins yet"),
+        e.contains("native plugin `native`") && e.contains("no library at this path"),
         "{e}"
     );
 }
@@ -194,4 +195,236 @@ fn the_python_plugin_runs_in_a_pipeline() {
         assert_eq!(l["line_len"].as_u64().unwrap(), s.chars().count() as u64);
     }
     assert_eq!(report.stage("out").unwrap().records_out, lines.len() as u64);
+}
+
+// ---- the sandbox ----------------------------------------------------------------------------
+
+/// A process plugin `probe` with one node `run` whose entry is `entry`, `extra` appended to the
+/// manifest (`permissions`, `[limits]`) and `script` written as `probe.py` in its directory.
+fn probe_plugin(root: &Path, entry: &str, extra: &str, script: &str) {
+    write_plugin(
+        root,
+        "probe",
+        &format!("name = \"probe\"\nversion = \"0.1.0\"\nkind = \"process\"\nentry = {entry}\nengine = \"*\"\n{extra}\n[[nodes]]\nname = \"run\"\n"),
+    );
+    std::fs::write(root.join("probe/probe.py"), script).unwrap();
+}
+
+/// Runs `read -> probe.run (+ stage) -> out` from a pipeline file in `work`; the records out.
+fn run_probe(root: &Path, work: &Path, stage: &str) -> Result<Vec<serde_json::Value>, String> {
+    std::fs::write(work.join("in.ndjson"), "{\"i\": 1}\n").unwrap();
+    let text = format!(
+        "plugin_dirs = [{:?}]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n[stages.p]\ninput = \"read\"\nkind = \"probe.run\"\n{stage}\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"p\"\npath = \"out.ndjson\"\n",
+        root.display().to_string()
+    );
+    let spec = PipelineSpec::from_str(&text, work.join("p.toml")).map_err(|e| e.to_string())?;
+    spec.build()
+        .map_err(|e| e.to_string())?
+        .run()
+        .map_err(|e| e.to_string())?;
+    Ok(std::fs::read_to_string(work.join("out.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect())
+}
+
+/// A Python probe: reads its input, tries `action` (an expression), prints {"ok": result} or
+/// {"err": the exception's class name}.
+fn probe_script(action: &str) -> String {
+    format!(
+        "import json, os, socket, sys\nsys.stdin.read()\ntry:\n    out = {{\"ok\": {action}}}\nexcept OSError as e:\n    out = {{\"err\": type(e).__name__}}\nprint(json.dumps(out), flush=True)\n"
+    )
+}
+
+const PY: &str = "[\"python3\", \"probe.py\"]";
+
+#[test]
+fn a_plugin_over_its_manifest_cpu_limit_is_stopped_and_reported() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    probe_plugin(
+        root.path(),
+        "[\"sh\", \"-c\", \"while :; do :; done\"]",
+        "[limits]\ncpu_seconds = 1",
+        "",
+    );
+    let t0 = std::time::Instant::now();
+    let e = run_probe(root.path(), work.path(), "").unwrap_err();
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        e.contains("stage `p`") && e.contains("exceeded its CPU limit (cpu_seconds = 1)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_plugin_over_its_memory_limit_fails_with_the_limit_in_the_error() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    probe_plugin(
+        root.path(),
+        PY,
+        "[limits]\naddress_space = \"2GiB\"",
+        &probe_script("len(bytes(1 << 30))"),
+    );
+    // The manifest's 2 GiB allows it; the stage's 256 MiB overrides that.
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": 1u64 << 30})]);
+    let e = run_probe(
+        root.path(),
+        work.path(),
+        "limits = { address_space = \"256MiB\" }",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("exited with status 1 (limits: address_space = 256 MiB)")
+            && e.contains("MemoryError"),
+        "{e}"
+    );
+}
+
+#[test]
+fn manifest_limits_apply_and_a_stage_overrides_them_key_by_key() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    probe_plugin(
+        root.path(),
+        PY,
+        "[limits]\nopen_files = 40\ncpu_seconds = 30",
+        &probe_script("[__import__('resource').getrlimit(r)[0] for r in (__import__('resource').RLIMIT_NOFILE, __import__('resource').RLIMIT_CPU)]"),
+    );
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": [40, 30]})]);
+    let out = run_probe(root.path(), work.path(), "limits = { open_files = 50 }").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": [50, 30]})]);
+    // A bad `[limits]` makes the manifest unusable, with the reason.
+    write_plugin(
+        root.path(),
+        "probe",
+        "name = \"probe\"\nversion = \"0.1.0\"\nkind = \"process\"\nentry = [\"cat\"]\nengine = \"*\"\n[limits]\ncpu = 1\n",
+    );
+    let reg = PluginRegistry::discover(&[root.path().to_path_buf()]);
+    let why = &reg.broken[&root.path().join("probe/plugin.toml")];
+    assert!(
+        why.contains("`limits.cpu`: unknown limit (known: address_space, cpu_seconds, open_files)"),
+        "{why}"
+    );
+}
+
+/// Without `network`, `socket(AF_INET)` fails with EACCES (seccomp) while `AF_UNIX` works;
+/// granted, it succeeds. On a kernel without seccomp the filter is reported missing instead.
+#[test]
+fn without_network_a_plugin_cannot_open_an_inet_socket() {
+    let sup = millrace::sandbox::support();
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let inet = "socket.socket(socket.AF_INET, socket.SOCK_STREAM).family == socket.AF_INET";
+    probe_plugin(root.path(), PY, "", &probe_script(inet));
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    if sup.seccomp.is_ok() {
+        assert_eq!(out, vec![serde_json::json!({"err": "PermissionError"})]);
+    } else {
+        assert_eq!(out, vec![serde_json::json!({"ok": true})], "{sup}");
+    }
+    let unix = "socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).family == socket.AF_UNIX";
+    probe_plugin(root.path(), PY, "", &probe_script(unix));
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": true})]);
+    probe_plugin(
+        root.path(),
+        PY,
+        "permissions = [\"network\"]",
+        &probe_script(inet),
+    );
+    let out = run_probe(root.path(), work.path(), "grant = [\"network\"]").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": true})]);
+}
+
+/// Without `filesystem.read` a plugin cannot read a file outside its directory and the system
+/// directories; with it, it can. On a kernel without Landlock both succeed (reported instead).
+#[test]
+fn without_filesystem_read_a_plugin_cannot_read_outside_its_directory() {
+    let sup = millrace::sandbox::support();
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let secret = other.path().join("secret.txt");
+    std::fs::write(&secret, "hush").unwrap();
+    let read = format!("open({:?}).read()", secret.display().to_string());
+    probe_plugin(root.path(), PY, "", &probe_script(&read));
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    if sup.landlock.is_ok() {
+        assert_eq!(out, vec![serde_json::json!({"err": "PermissionError"})]);
+    } else {
+        assert_eq!(out, vec![serde_json::json!({"ok": "hush"})], "{sup}");
+    }
+    // Its own directory stays readable.
+    let own = "open('plugin.toml').read().startswith('name')";
+    probe_plugin(root.path(), PY, "", &probe_script(own));
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": true})]);
+    probe_plugin(
+        root.path(),
+        PY,
+        "permissions = [\"filesystem.read\"]",
+        &probe_script(&read),
+    );
+    let out = run_probe(root.path(), work.path(), "grant = [\"filesystem.read\"]").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": "hush"})]);
+}
+
+/// Without `filesystem.write` a plugin cannot create a file, even in its working directory;
+/// with it, it can write under the pipeline's directory.
+#[test]
+fn without_filesystem_write_a_plugin_cannot_create_files() {
+    let sup = millrace::sandbox::support();
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let create = "open('made.txt', 'w').write('x')";
+    probe_plugin(root.path(), PY, "", &probe_script(create));
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    if sup.landlock.is_ok() {
+        assert_eq!(out, vec![serde_json::json!({"err": "PermissionError"})]);
+        assert!(!root.path().join("probe/made.txt").exists());
+    } else {
+        assert_eq!(out, vec![serde_json::json!({"ok": 1})], "{sup}");
+    }
+    let target = work.path().join("made.txt");
+    let create = format!("open({:?}, 'w').write('x')", target.display().to_string());
+    probe_plugin(
+        root.path(),
+        PY,
+        "permissions = [\"filesystem.write\"]",
+        &probe_script(&create),
+    );
+    let out = run_probe(root.path(), work.path(), "grant = [\"filesystem.write\"]").unwrap();
+    assert_eq!(out, vec![serde_json::json!({"ok": 1})]);
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "x");
+}
+
+/// Landlock ABI 6 scopes signals: a plugin cannot signal the engine (its parent), only its own
+/// processes. Below ABI 6 it can (and `plugins inspect` does not claim otherwise).
+#[test]
+fn a_plugin_cannot_signal_the_engine_where_landlock_scopes_signals() {
+    let sup = millrace::sandbox::support();
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // Signal 0 only checks whether the signal could be sent.
+    probe_plugin(
+        root.path(),
+        PY,
+        "",
+        &probe_script("os.kill(os.getppid(), 0) is None and os.kill(os.getpid(), 0) is None"),
+    );
+    let out = run_probe(root.path(), work.path(), "").unwrap();
+    if sup.landlock.as_ref().is_ok_and(|abi| *abi >= 6) {
+        assert_eq!(out, vec![serde_json::json!({"err": "PermissionError"})]);
+    } else {
+        assert_eq!(out, vec![serde_json::json!({"ok": true})], "{sup}");
+    }
 }

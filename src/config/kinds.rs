@@ -430,6 +430,7 @@ const PLUGIN_STAGE_KEYS: &[&str] = &[
     "grant",
     "timeout",
     "log_level",
+    "limits",
 ];
 
 /// A `<plugin>.<node>` stage: its parameters checked against the node's spec, its permissions
@@ -545,6 +546,7 @@ fn parse_plugin_node(
     if command[0].contains('/') && std::path::Path::new(&command[0]).is_relative() {
         command[0] = plugin.dir.join(&command[0]).display().to_string();
     }
+    let (limits, sandbox) = super::limits::plugin_sandbox(p, plugin, &grant)?;
     Ok(Kind::Exec(Box::new(crate::exec::ExecSpec {
         command,
         env: vec![
@@ -561,6 +563,8 @@ fn parse_plugin_node(
         cwd: Some(plugin.dir.clone()),
         timeout,
         max_line_bytes: 1 << 20,
+        limits,
+        sandbox,
     })))
 }
 
@@ -622,6 +626,8 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         cwd,
         timeout,
         max_line_bytes,
+        limits: p.opt_limits()?,
+        sandbox: None,
     })
 }
 

@@ -27,6 +27,7 @@
 //! ```
 
 mod build;
+mod limits;
 mod window;
 pub(crate) use build::parse_object;
 pub(crate) use parse::describe as describe_value;

@@ -138,6 +138,9 @@ pub struct Manifest {
     /// Permissions it needs; each must be granted by the pipeline.
     #[serde(default)]
     pub permissions: Vec<String>,
+    /// Resource limits for its processes (`[limits]`); a stage's `limits` overrides each key.
+    #[serde(default)]
+    pub limits: crate::sandbox::Limits,
     /// Its node types.
     #[serde(default)]
     pub nodes: Vec<NodeSpec>,

@@ -97,7 +97,7 @@ enum PluginsCommand {
         #[arg(long = "dir", value_name = "DIR")]
         dirs: Vec<PathBuf>,
     },
-    /// Everything one plugin's manifest declares.
+    /// Everything one plugin's manifest declares, and the sandbox it gets on this kernel.
     Inspect {
         /// The plugin's name.
         name: String,
@@ -168,6 +168,7 @@ fn main() -> ExitCode {
 
 fn plugins(command: PluginsCommand) -> ExitCode {
     use millrace::plugin::{search_path, PluginKind, PluginRegistry};
+    use millrace::sandbox;
     use std::io::Write as _;
     // A closed stdout (`| head`) ends the listing quietly.
     let mut out = std::io::stdout().lock();
@@ -238,13 +239,19 @@ fn plugins(command: PluginsCommand) -> ExitCode {
                     m.permissions.join(", ")
                 }
             );
-            let _ = writeln!(out,
-                "  isolation: {}",
-                match m.kind {
-                    PluginKind::Native => "runs inside the engine's process: it cannot be sandboxed (and this build does not load native plugins yet)",
-                    PluginKind::Process => "a separate process in its own process group, with a scrubbed environment; rlimits, Landlock and seccomp are not applied yet",
+            match m.kind {
+                PluginKind::Native => {
+                    let _ = writeln!(out, "  sandbox: {}", sandbox::NATIVE_NOT_SANDBOXED);
                 }
-            );
+                PluginKind::Process => {
+                    let _ = writeln!(out, "  sandbox:");
+                    let lines =
+                        sandbox::describe_process(&m.limits, &m.permissions, sandbox::support());
+                    for l in lines {
+                        let _ = writeln!(out, "    {l}");
+                    }
+                }
+            }
             for n in &m.nodes {
                 let _ = writeln!(out, "  node {}.{}: {}", m.name, n.name, n.description);
                 let _ = writeln!(out, "    takes: {}; emits: {}", n.takes, n.emits);
