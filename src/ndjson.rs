@@ -43,196 +43,275 @@ static STRING_PLAIN: [bool; 256] = {
     t
 };
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each byte of `x` that is below `n` (`n` ≤ 128); the lowest flag is exact
+/// (a borrow can only add flags above a true one).
+#[inline]
+fn bytes_below(x: u64, n: u8) -> u64 {
+    x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS
+}
+
+/// How many bytes at the start of `s` are plain string content (see [`STRING_PLAIN`]):
+/// sixteen at a time with SSE2 (part of every x86_64), then eight at a time.
+#[inline]
+fn plain_run(s: &[u8]) -> usize {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8,
+        };
+        while i + 16 <= s.len() {
+            // SAFETY: SSE2 is in the x86_64 baseline, so the intrinsics are available; the
+            // unaligned load reads the 16 bytes s[i..i + 16], which are in bounds.
+            let special = unsafe {
+                let v = _mm_loadu_si128(s.as_ptr().add(i).cast::<__m128i>());
+                let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+                let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+                // v <= 0x1f (unsigned) exactly when min(v, 0x1f) == v.
+                let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+            };
+            if special != 0 {
+                return i + special.trailing_zeros() as usize;
+            }
+            i += 16;
+        }
+    }
+    while let Some(word) = s.get(i..i + 8) {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let special = bytes_below(x ^ (ONES * u64::from(b'"')), 1)
+            | bytes_below(x ^ (ONES * u64::from(b'\\')), 1)
+            | bytes_below(x, 0x20);
+        if special != 0 {
+            return i + (special.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + s[i..]
+        .iter()
+        .position(|&b| !STRING_PLAIN[b as usize])
+        .unwrap_or(s.len() - i)
+}
+
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// Classifies one line (UTF-8 is the caller's to check).
-pub(crate) fn classify(line: &[u8]) -> Line {
-    if line.iter().all(u8::is_ascii_whitespace) {
+///
+/// An iterative recogniser with the nesting kept in a bit stack (1 = object, 0 = array), so the
+/// position stays in a register; every "not sure" returns [`Line::Doubt`], never "valid".
+pub(crate) fn classify(s: &[u8]) -> Line {
+    let n = s.len();
+    let mut i = skip_ws(s, 0);
+    if i == n {
         return Line::Blank;
     }
-    let mut p = Parser { s: line, i: 0 };
-    p.ws();
-    if p.peek() != Some(b'{') {
-        return Line::Doubt;
+    if s[i] != b'{' {
+        return Line::Doubt; // not an object, or blank by a wider notion of whitespace
     }
-    match p.value(0) {
-        Some(()) => {
-            p.ws();
-            if p.i == line.len() {
-                Line::Object
-            } else {
-                Line::Doubt
+    let mut stack: u128 = 0;
+    let mut depth = 0usize;
+    // States: where the next token starts.
+    enum At {
+        /// After `{`: a key or `}`.
+        ObjectStart,
+        /// After `[`: a value or `]`.
+        ArrayStart,
+        /// A value is due.
+        Value,
+        /// After a value: `,` or the closing bracket, or the end.
+        AfterValue,
+    }
+    let mut at = At::Value;
+    loop {
+        i = skip_ws(s, i);
+        match at {
+            At::ObjectStart => {
+                if s.get(i) == Some(&b'}') {
+                    i += 1;
+                    depth -= 1;
+                    stack >>= 1;
+                    at = At::AfterValue;
+                } else {
+                    let Some(k) = key(s, i) else {
+                        return Line::Doubt;
+                    };
+                    i = k;
+                    at = At::Value;
+                }
+            }
+            At::ArrayStart => {
+                if s.get(i) == Some(&b']') {
+                    i += 1;
+                    depth -= 1;
+                    stack >>= 1;
+                    at = At::AfterValue;
+                } else {
+                    at = At::Value;
+                }
+            }
+            At::Value => {
+                let Some(&b) = s.get(i) else {
+                    return Line::Doubt;
+                };
+                match b {
+                    b'{' | b'[' => {
+                        if depth == MAX_DEPTH {
+                            return Line::Doubt;
+                        }
+                        depth += 1;
+                        stack = (stack << 1) | u128::from(b == b'{');
+                        i += 1;
+                        at = if b == b'{' {
+                            At::ObjectStart
+                        } else {
+                            At::ArrayStart
+                        };
+                        continue;
+                    }
+                    b'"' => match string(s, i) {
+                        Some(e) => i = e,
+                        None => return Line::Doubt,
+                    },
+                    b't' | b'f' | b'n' => {
+                        let word: &[u8] = match b {
+                            b't' => b"true",
+                            b'f' => b"false",
+                            _ => b"null",
+                        };
+                        if !s[i..].starts_with(word) {
+                            return Line::Doubt;
+                        }
+                        i += word.len();
+                    }
+                    b'-' | b'0'..=b'9' => match number(s, i) {
+                        Some(e) => i = e,
+                        None => return Line::Doubt,
+                    },
+                    _ => return Line::Doubt,
+                }
+                at = At::AfterValue;
+            }
+            At::AfterValue => {
+                if depth == 0 {
+                    return if i == n { Line::Object } else { Line::Doubt };
+                }
+                let in_object = stack & 1 == 1;
+                match (s.get(i), in_object) {
+                    (Some(b','), true) => match key(s, skip_ws(s, i + 1)) {
+                        Some(k) => {
+                            i = k;
+                            at = At::Value;
+                        }
+                        None => return Line::Doubt,
+                    },
+                    (Some(b','), false) => {
+                        i += 1;
+                        at = At::Value;
+                    }
+                    (Some(b'}'), true) | (Some(b']'), false) => {
+                        i += 1;
+                        depth -= 1;
+                        stack >>= 1;
+                    }
+                    _ => return Line::Doubt,
+                }
             }
         }
-        None => Line::Doubt,
     }
 }
 
-/// A recursive-descent recogniser; `None` means "not sure" (never "valid" by mistake).
-struct Parser<'a> {
-    s: &'a [u8],
-    i: usize,
+#[inline]
+fn skip_ws(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && is_ws(s[i]) {
+        i += 1;
+    }
+    i
 }
 
-impl Parser<'_> {
-    #[inline]
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.i).copied()
+/// `"key"` then `:` from `i`; the position after the colon.
+#[inline]
+fn key(s: &[u8], i: usize) -> Option<usize> {
+    if s.get(i) != Some(&b'"') {
+        return None;
     }
+    let i = skip_ws(s, string(s, i)?);
+    (s.get(i) == Some(&b':')).then_some(i + 1)
+}
 
-    #[inline]
-    fn ws(&mut self) {
-        while self.i < self.s.len() && is_ws(self.s[self.i]) {
-            self.i += 1;
-        }
-    }
-
-    #[inline]
-    fn eat(&mut self, b: u8) -> Option<()> {
-        if self.peek() == Some(b) {
-            self.i += 1;
-            Some(())
-        } else {
-            None
-        }
-    }
-
-    fn value(&mut self, depth: usize) -> Option<()> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        match self.peek()? {
-            b'{' => {
-                self.i += 1;
-                self.ws();
-                if self.eat(b'}').is_some() {
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    self.string()?;
-                    self.ws();
-                    self.eat(b':')?;
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b'}' => {
-                            self.i += 1;
-                            return Some(());
+/// A string starting at the `"` at `i`; the position after its closing quote.
+#[inline]
+fn string(s: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        i += plain_run(&s[i..]);
+        match *s.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                i += 1;
+                match *s.get(i)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 1,
+                    b'u' => {
+                        let hex = s.get(i + 1..i + 5)?;
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return None;
                         }
-                        _ => return None,
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                self.ws();
-                if self.eat(b']').is_some() {
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
+                        // Surrogates must pair up: leave that to serde_json.
+                        if matches!(hex[0], b'd' | b'D') && !matches!(hex[1], b'0'..=b'7') {
+                            return None;
                         }
-                        _ => return None,
+                        i += 5;
                     }
+                    _ => return None,
                 }
             }
-            b'"' => self.string(),
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            b'n' => self.literal(b"null"),
-            b'-' | b'0'..=b'9' => self.number(),
-            _ => None,
+            _ => return None, // a control character
         }
     }
+}
 
-    fn literal(&mut self, word: &[u8]) -> Option<()> {
-        if self.s[self.i..].starts_with(word) {
-            self.i += word.len();
-            Some(())
-        } else {
-            None
-        }
+#[inline]
+fn digits(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && s[i].is_ascii_digit() {
+        i += 1;
     }
+    i
+}
 
-    fn string(&mut self) -> Option<()> {
-        self.eat(b'"')?;
-        loop {
-            let rest = &self.s[self.i..];
-            let plain = rest
-                .iter()
-                .position(|&b| !STRING_PLAIN[b as usize])
-                .unwrap_or(rest.len());
-            self.i += plain;
-            match self.peek()? {
-                b'"' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                b'\\' => {
-                    self.i += 1;
-                    match self.peek()? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
-                        b'u' => {
-                            let hex = self.s.get(self.i + 1..self.i + 5)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return None;
-                            }
-                            // Surrogates must pair up: leave that to serde_json.
-                            if matches!(hex[0], b'd' | b'D') && !matches!(hex[1], b'0'..=b'7') {
-                                return None;
-                            }
-                            self.i += 5;
-                        }
-                        _ => return None,
-                    }
-                }
-                _ => return None, // a control character
-            }
-        }
+/// A number starting at `i`; the position after it. Exponents and very long numbers are left
+/// to serde_json (they can be out of range).
+#[inline]
+fn number(s: &[u8], mut i: usize) -> Option<usize> {
+    if s[i] == b'-' {
+        i += 1;
     }
-
-    fn digits(&mut self) -> usize {
-        let start = self.i;
-        while self.i < self.s.len() && self.s[self.i].is_ascii_digit() {
-            self.i += 1;
-        }
-        self.i - start
-    }
-
-    fn number(&mut self) -> Option<()> {
-        let _ = self.eat(b'-');
-        match self.peek()? {
-            b'0' => self.i += 1,
-            b'1'..=b'9' => {
-                if self.digits() > MAX_DIGITS {
-                    return None;
-                }
-            }
-            _ => return None,
-        }
-        if self.eat(b'.').is_some() {
-            let n = self.digits();
-            if n == 0 || n > MAX_DIGITS {
+    match *s.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => {
+            let e = digits(s, i);
+            if e - i > MAX_DIGITS {
                 return None;
             }
+            i = e;
         }
-        if matches!(self.peek(), Some(b'e' | b'E')) {
-            return None; // exponents can overflow: serde_json decides
-        }
-        Some(())
+        _ => return None,
     }
+    if s.get(i) == Some(&b'.') {
+        let e = digits(s, i + 1);
+        if e == i + 1 || e - i > MAX_DIGITS {
+            return None;
+        }
+        i = e;
+    }
+    if matches!(s.get(i), Some(b'e' | b'E')) {
+        return None;
+    }
+    Some(i)
 }
 
 /// A line that failed the check: its number and what is wrong with it.
@@ -472,6 +551,39 @@ mod tests {
                 }
                 b
             })
+    }
+
+    #[test]
+    fn plain_runs_stop_at_the_first_special_byte() {
+        for special in [b'"', b'\\', 0u8, 0x1f, b'\n'] {
+            for at in 0..20 {
+                let mut s = vec![b'a'; 20];
+                s[at] = special;
+                if at + 1 < 20 {
+                    s[at + 1] = b'"';
+                }
+                assert_eq!(plain_run(&s), at, "{special:#x} at {at}");
+            }
+        }
+        assert_eq!(plain_run(b"abc\xc3\xa9 \x7f~ xyzxyzxyzxyz"), 21);
+        // Every position in a long run, for the sixteen- and eight-byte steps and the tail.
+        for len in 0..70 {
+            for at in 0..len {
+                for special in [b'"', b'\\', 0x01, 0x1f] {
+                    let mut s: Vec<u8> = (0..len).map(|k| 0x20 + (k as u8 * 7) % 0x5f).collect();
+                    for b in s.iter_mut() {
+                        if *b == b'"' || *b == b'\\' {
+                            *b = b'a';
+                        }
+                    }
+                    s[at] = special;
+                    assert_eq!(plain_run(&s), at, "len {len}, {special:#x} at {at}");
+                }
+            }
+            let s = vec![0xe9u8; len];
+            assert_eq!(plain_run(&s), len);
+        }
+        assert_eq!(plain_run(b""), 0);
     }
 
     /// The generator is not vacuous: many of its lines are objects the fast path recognises,

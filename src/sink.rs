@@ -175,7 +175,8 @@ pub(crate) fn open_output(
     Ok(BufWriter::with_capacity(256 * 1024, w))
 }
 
-/// Writes each record as one line, formatted by `format`.
+/// Writes each record as one line, formatted by `format`, which returns how many records it
+/// wrote (1, or a block's count on the byte path).
 pub(crate) struct WriteTail<F> {
     out: Option<BufWriter<Box<dyn Write + Send>>>,
     path: String,
@@ -217,15 +218,15 @@ impl<F> WriteTail<F> {
     }
 }
 
-impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<()> + Send> Emit<T> for WriteTail<F> {
+impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Emit<T> for WriteTail<F> {
     #[inline]
     fn emit(&mut self, item: T) -> Result<(), Halt> {
         let Some(out) = self.out.as_mut() else {
             return Err(Halt::Done);
         };
-        match (self.format)(out, &item).and_then(|()| out.write_all(b"\n")) {
-            Ok(()) => {
-                self.count.unpublished += 1;
+        match (self.format)(out, &item).and_then(|n| out.write_all(b"\n").map(|()| n)) {
+            Ok(n) => {
+                self.count.unpublished += n;
                 Ok(())
             }
             Err(e) => Err(self.io_halt(e)),
@@ -233,7 +234,7 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<()> + Send> Emit<T> for Write
     }
 }
 
-impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<()> + Send> Tail<T> for WriteTail<F> {
+impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for WriteTail<F> {
     fn flush(&mut self, _: &Cx) -> Result<(), Halt> {
         self.count.publish();
         match self.out.as_mut().map(|o| o.flush()) {

@@ -194,6 +194,10 @@ pub(crate) struct Chunk {
     pub first_line: u64,
     /// Whole lines, each ending in `\n` (the file's last line may lack it).
     pub data: Vec<u8>,
+    /// How many records the block holds: its lines, or once checked (the byte path), its
+    /// non-blank lines. Channels count a block as one record; the stage that makes a block adds
+    /// `records - 1` to its `records_out` so that reports count records.
+    pub records: u64,
 }
 
 impl Chunk {
@@ -320,12 +324,76 @@ impl Head<Chunk> for ChunkHead {
             buf.push(Chunk {
                 first_line: self.next_line,
                 data,
+                records: lines,
             });
             self.next_line += lines;
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, lines);
             crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
         Ok(if self.eof { Pull::End } else { Pull::Idle })
+    }
+}
+
+/// `ndjson.read` on the byte path: the blocks of a [`ChunkHead`], each line checked to be a
+/// JSON object (an error names the file and line), blank lines dropped.
+pub(crate) struct NdjsonBlockHead {
+    inner: ChunkHead,
+}
+
+impl NdjsonBlockHead {
+    pub fn new(inner: ChunkHead) -> Self {
+        NdjsonBlockHead { inner }
+    }
+}
+
+impl Head<Chunk> for NdjsonBlockHead {
+    fn counts_input(&self) -> bool {
+        true
+    }
+
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let pulled = self.inner.pull(cx, buf, flush_at)?;
+        for c in buf.iter_mut() {
+            match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
+                Ok(n) => c.records = n,
+                Err(bad) => {
+                    return Err(Halt::Failed(Error::Record {
+                        stage: self.inner.name.to_string(),
+                        location: crate::error::Location {
+                            path: self.inner.path.clone(),
+                            line: bad.line,
+                        },
+                        message: bad.message,
+                    }))
+                }
+            }
+            // The channel counts a block as one record (see `Chunk::records`).
+            crate::metrics::InstanceMetrics::add(
+                &cx.metrics.records_out,
+                c.records.saturating_sub(1),
+            );
+        }
+        buf.retain(|c| c.records > 0);
+        Ok(pulled)
+    }
+}
+
+/// The input of a stage that takes blocks: counts the records in them, not the blocks.
+pub(crate) struct BlockInput(pub crate::channel::InputHead<Chunk>);
+
+impl Head<Chunk> for BlockInput {
+    fn counts_input(&self) -> bool {
+        true
+    }
+
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let pulled = self.0.pull(cx, buf, flush_at)?;
+        if !buf.is_empty() {
+            let records = buf.iter().map(|c| c.records).sum();
+            crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, records);
+            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        Ok(pulled)
     }
 }
 

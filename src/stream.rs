@@ -299,6 +299,24 @@ impl Pipeline {
         })
     }
 
+    /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
+    /// object (blank lines dropped), never parsed into values.
+    pub(crate) fn ndjson_blocks_as(
+        &self,
+        name: &str,
+        path: &Path,
+        block_size: usize,
+    ) -> Stream<Chunk, Identity<Chunk>> {
+        let name = self.b.borrow_mut().reserve(name);
+        let path = path.to_path_buf();
+        self.open_source(name, move |stage| {
+            let input = Input::open(stage, &path)?;
+            Ok(Box::new(crate::source::NdjsonBlockHead::new(
+                ChunkHead::new(Arc::clone(stage), input, block_size),
+            )))
+        })
+    }
+
     /// `ndjson.read` of the TOML layer: one JSON object per non-blank line.
     pub(crate) fn ndjson_objects_as(
         &self,
@@ -968,7 +986,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     fn write_with<F>(self, name: Arc<str>, path: &Path, format: F)
     where
-        F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<()> + Send + 'static,
+        F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<u64> + Send + 'static,
     {
         if self.parallelism > 1 {
             return self.new_stage().write_with(name, path, format);
@@ -995,7 +1013,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         Out<I, C>: std::fmt::Display,
     {
         let name = self.op_name("lines.write");
-        self.write_with(name, path.as_ref(), |w, x| write!(w, "{x}"))
+        self.write_with(name, path.as_ref(), |w, x| write!(w, "{x}").map(|()| 1))
     }
 
     /// Writes each record as one line of JSON to a file (`-` for stdout).
@@ -1020,8 +1038,66 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         Out<I, C>: serde::Serialize,
     {
         self.write_with(name, path, |w, x| {
-            serde_json::to_writer(&mut *w, x).map_err(std::io::Error::from)
+            serde_json::to_writer(&mut *w, x)
+                .map(|()| 1)
+                .map_err(std::io::Error::from)
         })
+    }
+}
+
+// `Chunk` is crate-private and so are these methods; the public type only carries them.
+#[allow(private_bounds)]
+impl<I: Send + 'static, C: Chain<I, Out = Chunk>> Stream<I, C> {
+    /// `ndjson.write` on the byte path: checked blocks of lines written as they are.
+    ///
+    /// Always a stage of its own: every stage that makes blocks then ends in a channel, which
+    /// counts a block as one record, and corrects its count by `records - 1` (see
+    /// [`Chunk::records`]); this sink counts the block's records.
+    pub(crate) fn write_blocks_as(self, name: &str, path: &Path) {
+        let b = Rc::clone(&self.b);
+        let name = b.borrow_mut().reserve(name);
+        let edge = self.connect(Partition::Forward);
+        let head = input_head(vec![edge], |input| {
+            Box::new(crate::source::BlockInput(input)) as Box<dyn Head<Chunk>>
+        });
+        let own_stage = Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism: 1,
+        };
+        own_stage.write_with(name, path, |w, c: &Chunk| {
+            // Checked blocks end in a newline; the writer adds it back.
+            let data = c.data.strip_suffix(b"\n").unwrap_or(&c.data);
+            w.write_all(data).map(|()| c.records)
+        })
+    }
+
+    /// An `exec` stage on the byte path: blocks of NDJSON lines to the child and back.
+    pub(crate) fn exec_blocks_as(
+        self,
+        name: &str,
+        spec: crate::exec::ExecSpec,
+    ) -> Stream<Chunk, Identity<Chunk>> {
+        let b = Rc::clone(&self.b);
+        let name = b.borrow_mut().reserve(name);
+        let edge = self.connect(Partition::Forward);
+        let spec = Arc::new(spec);
+        let op = Arc::clone(&name);
+        let mut head = input_head(vec![edge], move |input| {
+            Box::new(crate::exec::ExecHead::new(
+                Arc::clone(&op),
+                input,
+                Arc::clone(&spec),
+            )) as Box<dyn Head<Chunk>>
+        });
+        head.name = Some(name);
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism: 1,
+        }
     }
 }
 

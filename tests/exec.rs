@@ -8,12 +8,32 @@ use millrace::config::PipelineSpec;
 use serde_json::{json, Value};
 
 /// Runs `read(in.ndjson) -> exec -> [extra] -> out` in `dir`; the exec stage is `exec`.
+///
+/// A pipeline that is only `ndjson.read -> exec -> ndjson.write` runs on the byte path (blocks
+/// of checked lines, never parsed); it is then run on the value path too, and both must give
+/// the same records or the same error.
 fn run(
     dir: &Path,
     input: &[Value],
     exec: &str,
     extra: &str,
     last: &str,
+) -> Result<Vec<Value>, String> {
+    let bytes = run_path(dir, input, exec, extra, last, true);
+    if extra.is_empty() && last == "child" {
+        let values = run_path(dir, input, exec, extra, last, false);
+        assert_eq!(bytes, values, "the byte path and the value path disagree");
+    }
+    bytes
+}
+
+fn run_path(
+    dir: &Path,
+    input: &[Value],
+    exec: &str,
+    extra: &str,
+    last: &str,
+    byte_path: bool,
 ) -> Result<Vec<Value>, String> {
     let mut text = String::new();
     for v in input {
@@ -23,7 +43,9 @@ fn run(
     let pipeline = format!(
         "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n\n[stages.child]\nkind = \"exec\"\ninput = \"read\"\n{exec}\n{extra}\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"out.ndjson\"\n"
     );
-    let spec = PipelineSpec::from_str(&pipeline, dir.join("p.toml")).map_err(|e| e.to_string())?;
+    let mut spec =
+        PipelineSpec::from_str(&pipeline, dir.join("p.toml")).map_err(|e| e.to_string())?;
+    spec.byte_path = byte_path;
     spec.build().unwrap().run().map_err(|e| e.to_string())?;
     Ok(std::fs::read_to_string(dir.join("out.ndjson"))
         .unwrap()
@@ -260,4 +282,104 @@ fn limits_errors_name_the_stage_the_parameter_and_what_was_found() {
         e.contains("parameter `limits`: expected a table") && e.contains("found the integer 5"),
         "{e}"
     );
+}
+
+/// Runs a pipeline file text in `dir` on one path; its report or error.
+fn run_text(dir: &Path, text: &str, byte_path: bool) -> Result<millrace::RunReport, String> {
+    let mut spec = PipelineSpec::from_str(text, dir.join("p.toml")).map_err(|e| e.to_string())?;
+    spec.byte_path = byte_path;
+    spec.build().unwrap().run().map_err(|e| e.to_string())
+}
+
+/// `ndjson.read -> exec cat -> exec cat -> exec cat -> ndjson.write`: lines pass through byte
+/// for byte (big integers, key order and spacing kept), blank lines and `\r` are dropped as the
+/// value path drops them, and every stage counts records, not blocks.
+#[test]
+fn the_byte_path_passes_lines_through_unparsed_and_counts_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut input = String::new();
+    let mut want = String::new();
+    for i in 0..30_000u64 {
+        let line = format!(
+            "{{\"z\": {}, \"a\":[1, {{\"b\":null}}], \"s\":\"r\\u00e9{i}\"}}",
+            u64::MAX - i
+        );
+        input.push_str(&line);
+        input.push_str(if i % 1000 == 0 { "\r\n\n   \n" } else { "\n" });
+        want.push_str(&line);
+        want.push('\n');
+    }
+    std::fs::write(dir.path().join("in.ndjson"), &input).unwrap();
+    let text = "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n\
+        [stages.a]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\
+        [stages.b]\nkind = \"exec\"\ninput = \"a\"\ncommand = [\"cat\"]\n\
+        [stages.c]\nkind = \"exec\"\ninput = \"b\"\ncommand = [\"cat\"]\n\
+        [stages.out]\nkind = \"ndjson.write\"\ninput = \"c\"\npath = \"out.ndjson\"\n";
+    let report = run_text(dir.path(), text, true).unwrap();
+    let out = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap();
+    assert!(
+        out == want,
+        "the output is not the input's lines, byte for byte"
+    );
+    for stage in ["a", "b", "c", "out"] {
+        let s = report.stage(stage).unwrap();
+        assert_eq!(s.records_in, 30_000, "{stage} in");
+    }
+    for stage in ["read", "a", "b", "c", "out"] {
+        assert_eq!(
+            report.stage(stage).unwrap().records_out,
+            30_000,
+            "{stage} out"
+        );
+    }
+    // The value path gives the same records (re-serialised, so compared as values).
+    run_text(dir.path(), text, false).unwrap();
+    let values: Vec<Value> = std::fs::read_to_string(dir.path().join("out.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let bytes: Vec<Value> = want
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(values, bytes);
+}
+
+/// An invalid input line fails the run naming the file and the line, on both paths alike.
+#[test]
+fn an_invalid_input_line_names_its_file_and_line_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut input = String::new();
+    for i in 0..5000 {
+        input.push_str(&format!("{{\"i\":{i}}}\n"));
+    }
+    input.push_str("{\"i\": 5000,}\n{\"i\":5001}\n");
+    std::fs::write(dir.path().join("in.ndjson"), &input).unwrap();
+    let text = "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n\
+        [stages.a]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\
+        [stages.out]\nkind = \"ndjson.write\"\ninput = \"a\"\npath = \"out.ndjson\"\n";
+    let bytes = run_text(dir.path(), text, true).unwrap_err();
+    let values = run_text(dir.path(), text, false).unwrap_err();
+    assert_eq!(bytes, values);
+    assert!(bytes.contains("in.ndjson:5001"), "{bytes}");
+    assert!(
+        bytes.contains("stage `read`") && bytes.contains("invalid JSON"),
+        "{bytes}"
+    );
+}
+
+/// A child's last line without a newline still counts, on both paths.
+#[test]
+fn a_last_line_without_a_newline_is_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &records(3),
+        "command = [\"sh\", \"-c\", \"cat > /dev/null; printf '{\\\"end\\\":1}\\\\n\\\\n{\\\"end\\\":2}'\"]",
+        "",
+        "child",
+    )
+    .unwrap();
+    assert_eq!(out, vec![json!({"end": 1}), json!({"end": 2})]);
 }

@@ -24,6 +24,9 @@ type JsonStream = Stream<Value, Boxed<Value, Value>>;
 impl PipelineSpec {
     /// Builds the typed pipeline. Files are opened when it runs.
     pub fn build(&self) -> Result<Pipeline, ConfigError> {
+        if let Some(p) = self.build_byte_path() {
+            return Ok(p);
+        }
         let p = Pipeline::with_options(self.options.clone());
         let mut consumers: HashMap<&str, usize> = HashMap::new();
         for s in &self.stages {
@@ -80,6 +83,53 @@ impl PipelineSpec {
         Ok(p)
     }
 }
+
+impl PipelineSpec {
+    /// The byte path: a pipeline that is exactly `ndjson.read → exec → … → exec → ndjson.write`,
+    /// every stage on one instance, moves blocks of checked NDJSON lines and never builds values.
+    /// Output lines are the child's bytes (blank lines and `\r` dropped), not re-serialised.
+    fn build_byte_path(&self) -> Option<Pipeline> {
+        let st = &self.stages;
+        if !self.byte_path || st.len() < 3 {
+            return None;
+        }
+        let linear = st.iter().enumerate().all(|(i, s)| {
+            s.parallelism == 1
+                && s.late_of.is_none()
+                && if i == 0 {
+                    s.inputs.is_empty()
+                } else {
+                    s.inputs.len() == 1 && s.inputs[0] == st[i - 1].name
+                }
+        });
+        // Each stage read by the next only.
+        let read_once = st
+            .iter()
+            .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
+        let (Kind::NdjsonRead { path }, Kind::NdjsonWrite { path: out }) =
+            (&st[0].params, &st[st.len() - 1].params)
+        else {
+            return None;
+        };
+        let middle = &st[1..st.len() - 1];
+        if !linear || !read_once || !middle.iter().all(|s| matches!(s.params, Kind::Exec(_))) {
+            return None;
+        }
+        let p = Pipeline::with_options(self.options.clone());
+        let mut s = p.ndjson_blocks_as(&st[0].name, path, BLOCK_BYTES);
+        for m in middle {
+            let Kind::Exec(spec) = &m.params else {
+                unreachable!("checked above")
+            };
+            s = s.exec_blocks_as(&m.name, (**spec).clone());
+        }
+        s.write_blocks_as(&st[st.len() - 1].name, out);
+        Some(p)
+    }
+}
+
+/// Blocks read by `ndjson.read` on the byte path.
+const BLOCK_BYTES: usize = 256 * 1024;
 
 /// Adapts the input's parallelism to a stateless stage's: fuse when equal (or unspecified),
 /// else rebalance.

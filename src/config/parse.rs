@@ -77,6 +77,10 @@ pub struct PipelineSpec {
     pub options: Options,
     /// The stages in a topological order: every stage after its inputs.
     pub stages: Vec<StageSpec>,
+    /// Whether a pipeline that only moves records between `ndjson.read`, `exec` and
+    /// `ndjson.write` may pass them as checked bytes instead of values (default true; see
+    /// docs/config.md, "Byte path"). Set it to false to force the value path.
+    pub byte_path: bool,
 }
 
 impl PipelineSpec {
@@ -156,6 +160,7 @@ impl PipelineSpec {
             file: file.to_path_buf(),
             options,
             stages,
+            byte_path: true,
         })
     }
 
