@@ -383,3 +383,31 @@ fn a_last_line_without_a_newline_is_a_record() {
     .unwrap();
     assert_eq!(out, vec![json!({"end": 1}), json!({"end": 2})]);
 }
+
+/// `[options] byte_path = false` forces the value path: output is re-serialised.
+#[test]
+fn the_byte_path_option_chooses_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.ndjson"), "{ \"b\" : 1,  \"a\":2 }\n").unwrap();
+    let text = |opt: &str| {
+        format!(
+            "[options]\n{opt}\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n\
+             [stages.a]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\
+             [stages.out]\nkind = \"ndjson.write\"\ninput = \"a\"\npath = \"out.ndjson\"\n"
+        )
+    };
+    let out = |opt: &str| {
+        let spec = PipelineSpec::from_str(&text(opt), dir.path().join("p.toml")).unwrap();
+        spec.build().unwrap().run().unwrap();
+        std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap()
+    };
+    assert_eq!(out("byte_path = true"), "{ \"b\" : 1,  \"a\":2 }\n");
+    assert_eq!(out("byte_path = false"), "{\"a\":2,\"b\":1}\n");
+    let e = PipelineSpec::from_str(&text("byte_path = \"yes\""), dir.path().join("p.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[options] byte_path: expected true or false, found the string \"yes\""),
+        "{e}"
+    );
+}

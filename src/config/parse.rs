@@ -79,7 +79,8 @@ pub struct PipelineSpec {
     pub stages: Vec<StageSpec>,
     /// Whether a pipeline that only moves records between `ndjson.read`, `exec` and
     /// `ndjson.write` may pass them as checked bytes instead of values (default true; see
-    /// docs/config.md, "Byte path"). Set it to false to force the value path.
+    /// docs/config.md, "The byte path"). `[options] byte_path = false` (or setting this field
+    /// to false) forces the value path.
     pub byte_path: bool,
 }
 
@@ -123,8 +124,8 @@ impl PipelineSpec {
             natives: Default::default(),
         };
 
-        let options = match &raw.options {
-            None => Options::default(),
+        let (options, byte_path) = match &raw.options {
+            None => (Options::default(), true),
             Some(t) => parse_options(&ctx, t)?,
         };
 
@@ -160,7 +161,7 @@ impl PipelineSpec {
             file: file.to_path_buf(),
             options,
             stages,
-            byte_path: true,
+            byte_path,
         })
     }
 
@@ -241,8 +242,10 @@ pub(crate) fn describe(v: &toml::Value) -> String {
     }
 }
 
-fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<Options, ConfigError> {
+/// The `[options]` table: run options, and whether the byte path may be used.
+fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool), ConfigError> {
     let mut o = Options::default();
+    let mut byte_path = true;
     for (k, v) in t.get_ref() {
         let line = Some(ctx.lines.line(v.span().start));
         let err = |m: String| {
@@ -275,14 +278,23 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<Options, Config
             "linger_ms" => o.linger = Duration::from_millis(int()?),
             "watermark_every" => o.watermark_every = int()? as usize,
             "idle_timeout" => o.idle_timeout = Some(duration()?),
+            "byte_path" => match v.get_ref() {
+                toml::Value::Boolean(b) => byte_path = *b,
+                other => {
+                    return Err(err(format!(
+                        "expected true or false, found {}",
+                        describe(other)
+                    )))
+                }
+            },
             other => {
                 return Err(err(format!(
-                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms, watermark_every, idle_timeout)"
+                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms, watermark_every, idle_timeout, byte_path)"
                 )))
             }
         }
     }
-    Ok(o)
+    Ok((o, byte_path))
 }
 
 /// Stages named by a window's `late` parameter: target stage → window stage.
