@@ -59,6 +59,11 @@ pub(crate) struct ExecSpec {
     pub limits: crate::sandbox::Limits,
     /// A process plugin's permissions (Landlock, seccomp); `None` for a plain `exec` stage.
     pub sandbox: Option<crate::sandbox::Policy>,
+    /// The plugin whose node this stage runs: stderr is logged under `plugin::<name>` (else
+    /// under `plugin::<stage>`).
+    pub plugin: Option<String>,
+    /// The stage's `log_level`: stderr lines above it are not logged (still kept for errors).
+    pub log_level: log::LevelFilter,
 }
 
 impl ExecSpec {
@@ -179,11 +184,16 @@ impl<T: Wire> ExecHead<T> {
         let stderr = child.stderr.take().expect("piped");
 
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
-        let target = format!("plugin::{}", self.name);
+        let target = format!("plugin::{}", spec.plugin.as_deref().unwrap_or(&self.name));
+        let prefix = match spec.plugin {
+            Some(_) => format!("[{}] ", self.name),
+            None => String::new(),
+        };
+        let level = spec.log_level;
         let t = Arc::clone(&tail);
         let stderr = std::thread::Builder::new()
             .name(format!("millrace:{}:stderr", self.name))
-            .spawn(move || drain_stderr(stderr, &target, &t))
+            .spawn(move || drain_stderr(stderr, &target, &prefix, level, &t))
             .map_err(|e| self.error(format!("cannot start a stderr thread: {e}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -621,8 +631,15 @@ fn write_stdin<T: Wire>(
     }
 }
 
-/// The stderr thread: every line to the log under `plugin::<stage>`, the last few kept.
-fn drain_stderr(stderr: std::process::ChildStderr, target: &str, tail: &Mutex<VecDeque<String>>) {
+/// The stderr thread: every line to the log under `target`, at the level it starts with
+/// (see [`stderr_level`]) when that is within the stage's `level`; the last few lines kept.
+fn drain_stderr(
+    stderr: std::process::ChildStderr,
+    target: &str,
+    prefix: &str,
+    level: log::LevelFilter,
+    tail: &Mutex<VecDeque<String>>,
+) {
     let mut r = BufReader::new(stderr);
     let mut raw = Vec::new();
     loop {
@@ -631,13 +648,58 @@ fn drain_stderr(stderr: std::process::ChildStderr, target: &str, tail: &Mutex<Ve
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let line = String::from_utf8_lossy(&raw).trim_end().to_string();
-                log::warn!(target: target, "{line}");
+                let at = stderr_level(&line);
+                if at <= level {
+                    log::log!(target: target, at, "{prefix}{line}");
+                }
                 let mut t = tail.lock();
                 if t.len() == STDERR_TAIL {
                     t.pop_front();
                 }
                 t.push_back(line);
             }
+        }
+    }
+}
+
+/// The level a stderr line announces: `ERROR`, `WARN`/`WARNING`, `INFO`, `DEBUG` or `TRACE`
+/// at its start (optionally in brackets, then `:`, `]` or a space), as Python's `logging` and
+/// most loggers write it; anything else is a warning.
+pub(crate) fn stderr_level(line: &str) -> log::Level {
+    let word = line.strip_prefix('[').unwrap_or(line);
+    let end = word
+        .find(|c: char| c == ':' || c == ']' || c == ' ')
+        .unwrap_or(word.len());
+    match &word[..end] {
+        "ERROR" | "CRITICAL" | "FATAL" => log::Level::Error,
+        "WARN" | "WARNING" => log::Level::Warn,
+        "INFO" => log::Level::Info,
+        "DEBUG" => log::Level::Debug,
+        "TRACE" => log::Level::Trace,
+        _ => log::Level::Warn,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stderr_level;
+    use log::Level;
+
+    #[test]
+    fn stderr_lines_announce_their_level() {
+        for (line, want) in [
+            ("ERROR: boom", Level::Error),
+            ("CRITICAL:root:boom", Level::Error),
+            ("WARNING:root:careful", Level::Warn),
+            ("[WARN] careful", Level::Warn),
+            ("INFO:plugin:hello", Level::Info),
+            ("[DEBUG] detail", Level::Debug),
+            ("TRACE x", Level::Trace),
+            ("Traceback (most recent call last):", Level::Warn),
+            ("information", Level::Warn),
+            ("", Level::Warn),
+        ] {
+            assert_eq!(stderr_level(line), want, "{line:?}");
         }
     }
 }

@@ -428,3 +428,65 @@ fn a_plugin_cannot_signal_the_engine_where_landlock_scopes_signals() {
         assert_eq!(out, vec![serde_json::json!({"ok": true})], "{sup}");
     }
 }
+
+/// A process plugin's stderr is logged under `plugin::<name>`, each line at the level it
+/// announces, filtered by the stage's `log_level`; the child is told the level.
+#[test]
+fn a_process_plugin_logs_at_its_stage_level_under_its_own_target() {
+    static LOGS: std::sync::Mutex<Vec<(String, log::Level, String)>> =
+        std::sync::Mutex::new(Vec::new());
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            LOGS.lock()
+                .unwrap()
+                .push((r.target().to_string(), r.level(), r.args().to_string()));
+        }
+        fn flush(&self) {}
+    }
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Trace);
+
+    let root = tempfile::tempdir().unwrap();
+    write_plugin(
+        root.path(),
+        "talk",
+        r#"
+name = "talk"
+version = "1.0.0"
+kind = "process"
+entry = ["sh", "-c", "cat; echo \"level=$MILLRACE_LOG_LEVEL\" >&2; echo 'DEBUG: d' >&2; echo 'INFO:talk:i' >&2; echo 'WARNING: w' >&2; echo 'plain' >&2; echo '[ERROR] e' >&2"]
+engine = ">=0.1"
+[[nodes]]
+name = "n"
+"#,
+    );
+    let text = format!(
+        "plugin_dirs = [{:?}]\n[stages.read]\nkind = \"ndjson.read\"\npath = {:?}\n[stages.t]\nkind = \"talk.n\"\ninput = \"read\"\nlog_level = \"info\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"t\"\npath = \"/dev/null\"\n",
+        root.path().display().to_string(),
+        repo("examples/data/clicks.ndjson").display().to_string()
+    );
+    let spec = PipelineSpec::from_str(&text, root.path().join("p.toml")).unwrap();
+    spec.build().unwrap().run().unwrap();
+    let logs: Vec<(log::Level, String)> = LOGS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _, _)| t == "plugin::talk")
+        .map(|(_, l, m)| (*l, m.clone()))
+        .collect();
+    use log::Level::*;
+    assert_eq!(
+        logs,
+        vec![
+            (Warn, "[t] level=info".to_string()),
+            (Info, "[t] INFO:talk:i".to_string()),
+            (Warn, "[t] WARNING: w".to_string()),
+            (Warn, "[t] plain".to_string()),
+            (Error, "[t] [ERROR] e".to_string()),
+        ]
+    );
+}

@@ -565,6 +565,8 @@ fn parse_plugin_node(
         max_line_bytes: 1 << 20,
         limits,
         sandbox,
+        plugin: Some(m.name.clone()),
+        log_level,
     })))
 }
 
@@ -628,6 +630,8 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         max_line_bytes,
         limits: p.opt_limits()?,
         sandbox: None,
+        plugin: None,
+        log_level: log::LevelFilter::Trace,
     })
 }
 
