@@ -667,9 +667,7 @@ fn drain_stderr(
 /// most loggers write it; anything else is a warning.
 pub(crate) fn stderr_level(line: &str) -> log::Level {
     let word = line.strip_prefix('[').unwrap_or(line);
-    let end = word
-        .find(|c: char| c == ':' || c == ']' || c == ' ')
-        .unwrap_or(word.len());
+    let end = word.find([':', ']', ' ']).unwrap_or(word.len());
     match &word[..end] {
         "ERROR" | "CRITICAL" | "FATAL" => log::Level::Error,
         "WARN" | "WARNING" => log::Level::Warn,
