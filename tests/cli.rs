@@ -118,6 +118,61 @@ fn closed_stdout_ends_the_run_quietly() {
     assert!(written > 0);
 }
 
+/// `millrace run p.toml | head -1` on the byte path (`read -> exec -> out`): the closed stdout
+/// ends the run quietly, the child is killed and reaped, and the source stops reading.
+#[test]
+fn closed_stdout_on_the_byte_path_stops_the_child_and_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n\
+         [stages.cat]\nkind=\"exec\"\ninput=\"read\"\ncommand=[\"sh\", \"-c\", \"echo $$ > pid; exec cat\"]\n\
+         [stages.out]\nkind=\"ndjson.write\"\ninput=\"cat\"\npath=\"-\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--quiet", &p.display().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = "{\"a\":\"a record that goes on\"}\n".repeat(1000);
+        let mut written = 0u64;
+        while stdin.write_all(chunk.as_bytes()).is_ok() {
+            written += chunk.len() as u64;
+        }
+        written
+    });
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "{\"a\":\"a record that goes on\"}\n");
+    let t0 = Instant::now();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert_eq!(err, "");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert!(writer.join().unwrap() > 0);
+    // The `cat` child is gone, not a zombie: millrace reaped it before exiting.
+    let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "child {pid} outlived the run"
+    );
+}
+
 #[test]
 fn validate_and_graph() {
     let out = Command::new(BIN)
@@ -195,8 +250,17 @@ fn a_gigabyte_through_an_exec_cat_streams_in_flat_memory() {
     stream_a_gigabyte("cat");
 }
 
+/// The gigabyte on the byte path (`read -> exec cat -> out`: blocks of checked lines, never
+/// parsed): blocks go one per message, so memory stays flat here too.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_gigabyte_on_the_byte_path_streams_in_flat_memory() {
+    stream_a_gigabyte("bytes");
+}
+
 /// Streams 1 GiB of NDJSON through `read [-> cat] -> keep -> slim -> out` and checks the output
-/// and the peak RSS of the `millrace` process. `keep_input` is the stage the filter reads.
+/// and the peak RSS of the `millrace` process. `keep_input` is the stage the filter reads;
+/// `bytes` runs `read -> cat -> out` instead.
 #[cfg(target_os = "linux")]
 #[allow(clippy::zombie_processes)] // reaped by `wait4` below, which also reports its peak RSS
 fn stream_a_gigabyte(keep_input: &str) {
@@ -207,8 +271,12 @@ fn stream_a_gigabyte(keep_input: &str) {
     };
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.toml");
-    std::fs::write(
-        &p,
+    let text = if keep_input == "bytes" {
+        "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n\
+         [stages.cat]\nkind=\"exec\"\ninput=\"read\"\ncommand=[\"cat\"]\n\
+         [stages.out]\nkind=\"ndjson.write\"\ninput=\"cat\"\npath=\"-\"\n"
+            .to_string()
+    } else {
         format!(
             "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n{}\
              [stages.keep]\nkind=\"filter\"\ninput=\"{keep_input}\"\nfield=\"kind\"\nop=\"eq\"\nvalue=\"click\"\n\
@@ -219,9 +287,9 @@ fn stream_a_gigabyte(keep_input: &str) {
             } else {
                 ""
             }
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(&p, text).unwrap();
     let mut child = Command::new(BIN)
         .args(["run", "--quiet", &p.display().to_string()])
         .stdin(Stdio::piped())
@@ -250,7 +318,7 @@ fn stream_a_gigabyte(keep_input: &str) {
             stdin.write_all(chunk.as_bytes()).unwrap();
             written += chunk.len() as u64;
         }
-        clicks
+        (clicks, id)
     });
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -265,7 +333,12 @@ fn stream_a_gigabyte(keep_input: &str) {
         }
         (n, last)
     });
-    let clicks = writer.join().unwrap();
+    let (clicks, records) = writer.join().unwrap();
+    let expected = if keep_input == "bytes" {
+        records
+    } else {
+        clicks
+    };
     let (lines, last) = reader.join().unwrap();
     // Reap this child with wait4 to read its own peak RSS.
     let mut status = 0;
@@ -278,7 +351,7 @@ fn stream_a_gigabyte(keep_input: &str) {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "status {status}"
     );
-    assert_eq!(lines, clicks, "every click record came out once");
+    assert_eq!(lines, expected, "every (click) record came out once");
     assert!(
         last.starts_with("{\"id\":") && last.contains("\"user\":"),
         "{last}"
