@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,6 +64,92 @@ pub(crate) struct ExecSpec {
     pub plugin: Option<String>,
     /// The stage's `log_level`: stderr lines above it are not logged (still kept for errors).
     pub log_level: log::LevelFilter,
+    /// For a version of a reloadable process plugin: the private copy of the plugin's
+    /// directory it runs from (removed with the last holder).
+    pub plugin_copy: Option<Arc<PluginCopy>>,
+}
+
+/// A private copy of a process plugin's directory: the code of one version, immune to edits of
+/// the original (a process reads its program from disk when it starts, which may be long after
+/// its version was built). Removed when the last version using it is gone.
+#[derive(Debug)]
+pub(crate) struct PluginCopy {
+    dir: PathBuf,
+}
+
+impl Drop for PluginCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Bounds on a plugin directory copied for a version.
+const COPY_MAX_FILES: usize = 1000;
+const COPY_MAX_BYTES: u64 = 256 << 20;
+
+fn copy_dir(from: &Path, to: &Path, files: &mut usize, bytes: &mut u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let meta = std::fs::metadata(&src)?; // follows symbolic links
+        *files += 1;
+        *bytes += meta.len();
+        if *files > COPY_MAX_FILES || *bytes > COPY_MAX_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the plugin directory is larger than {COPY_MAX_FILES} files or {} MiB",
+                COPY_MAX_BYTES >> 20
+            )));
+        }
+        if meta.is_dir() {
+            copy_dir(&src, &dst, files, bytes)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+impl ExecSpec {
+    /// For a process plugin's stage: the same spec running from a fresh private copy of the
+    /// plugin's directory (its command, working directory and sandbox rewritten to the copy).
+    /// A plain `exec` stage is returned as it is.
+    pub fn snapshot_plugin(&self) -> Result<ExecSpec, String> {
+        let Some(policy) = &self.sandbox else {
+            return Ok(self.clone());
+        };
+        static COPIES: AtomicU64 = AtomicU64::new(0);
+        let n = COPIES.fetch_add(1, Ordering::Relaxed);
+        let src = policy.plugin_dir.clone();
+        let name = self.plugin.as_deref().unwrap_or("plugin");
+        let dst = std::env::temp_dir()
+            .join("millrace-plugins")
+            .join(format!("{name}-{}-{n}", std::process::id()));
+        let copy = PluginCopy { dir: dst.clone() };
+        copy_dir(&src, &dst, &mut 0, &mut 0).map_err(|e| {
+            format!(
+                "cannot copy plugin `{name}` from {} to {}: {e}",
+                src.display(),
+                dst.display()
+            )
+        })?;
+        let mut s = self.clone();
+        let moved = |p: &Path| match p.strip_prefix(&src) {
+            Ok(rest) => dst.join(rest),
+            Err(_) => p.to_path_buf(),
+        };
+        s.cwd = s.cwd.as_deref().map(moved);
+        for arg in &mut s.command {
+            if Path::new(arg.as_str()).is_absolute() {
+                *arg = moved(Path::new(arg.as_str())).display().to_string();
+            }
+        }
+        if let Some(p) = &mut s.sandbox {
+            p.plugin_dir = dst;
+        }
+        s.plugin_copy = Some(Arc::new(copy));
+        Ok(s)
+    }
 }
 
 impl ExecSpec {
@@ -151,6 +237,15 @@ impl<T: Wire> ExecHead<T> {
         })
     }
 
+    /// Starts the child now rather than at the first pull (a reload starts the new version's
+    /// child while the old one finishes).
+    pub fn start_now(&mut self, cx: &Cx) -> Result<(), Halt> {
+        if self.running.is_none() {
+            self.start(cx)?;
+        }
+        Ok(())
+    }
+
     fn start(&mut self, cx: &Cx) -> Result<(), Halt> {
         let spec = &self.spec;
         let mut cmd = Command::new(&spec.command[0]);
@@ -199,12 +294,7 @@ impl<T: Wire> ExecHead<T> {
         let stop = Arc::new(AtomicBool::new(false));
         let fed_at = Arc::new(AtomicU64::new(cx.run.now_ms()));
         let input = self.input.take().expect("started once");
-        let wcx = Cx {
-            run: Arc::clone(&cx.run),
-            stage: Arc::clone(&cx.stage),
-            instance: cx.instance,
-            metrics: Arc::clone(&cx.metrics),
-        };
+        let wcx = cx.clone_for_thread();
         let s = Arc::clone(&stop);
         let fed = Arc::clone(&fed_at);
         let name = Arc::clone(&self.name);

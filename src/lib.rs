@@ -48,6 +48,7 @@ mod ndjson;
 pub mod operator;
 pub mod plugin;
 pub mod pool;
+mod reload;
 mod runtime;
 pub mod sandbox;
 mod sink;

@@ -201,6 +201,16 @@ pub(crate) struct Cx {
 }
 
 impl Cx {
+    /// The same context, for a helper thread of the stage instance (a writer, a dispatcher).
+    pub fn clone_for_thread(&self) -> Cx {
+        Cx {
+            run: Arc::clone(&self.run),
+            stage: Arc::clone(&self.stage),
+            instance: self.instance,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
     #[inline]
     pub fn batch_size(&self) -> usize {
         self.run.opts.batch_size

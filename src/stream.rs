@@ -1073,24 +1073,43 @@ impl<I: Send + 'static, C: Chain<I, Out = Chunk>> Stream<I, C> {
         })
     }
 
+    /// A reloadable `exec` stage on the byte path (see [`crate::reload`]).
+    pub(crate) fn exec_blocks_live_as(
+        self,
+        name: &str,
+        spec: Arc<crate::reload::Versioned<crate::exec::ExecSpec>>,
+    ) -> Stream<Chunk, Identity<Chunk>> {
+        self.block_head_as(name, move |op, input| {
+            Box::new(crate::reload::ReloadExecHead::new(
+                op,
+                input,
+                Arc::clone(&spec),
+            ))
+        })
+    }
+
     /// An `exec` stage on the byte path: blocks of NDJSON lines to the child and back.
     pub(crate) fn exec_blocks_as(
         self,
         name: &str,
         spec: crate::exec::ExecSpec,
     ) -> Stream<Chunk, Identity<Chunk>> {
+        let spec = Arc::new(spec);
+        self.block_head_as(name, move |op, input| {
+            Box::new(crate::exec::ExecHead::new(op, input, Arc::clone(&spec)))
+        })
+    }
+
+    /// A one-instance stage whose head turns input blocks into output blocks.
+    fn block_head_as<M>(self, name: &str, make: M) -> Stream<Chunk, Identity<Chunk>>
+    where
+        M: Fn(Arc<str>, InputHead<Chunk>) -> Box<dyn Head<Chunk>> + 'static,
+    {
         let b = Rc::clone(&self.b);
         let name = b.borrow_mut().reserve(name);
         let edge = self.connect(Partition::Forward);
-        let spec = Arc::new(spec);
         let op = Arc::clone(&name);
-        let mut head = input_head(vec![edge], move |input| {
-            Box::new(crate::exec::ExecHead::new(
-                Arc::clone(&op),
-                input,
-                Arc::clone(&spec),
-            )) as Box<dyn Head<Chunk>>
-        });
+        let mut head = input_head(vec![edge], move |input| make(Arc::clone(&op), input));
         head.name = Some(name);
         Stream {
             b,
@@ -1115,20 +1134,51 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
         })
     }
 
-    /// A stage running a native plugin's node (one node instance per stage instance).
+    /// A stage running a native plugin's node (one node instance per stage instance);
+    /// `live`: the spec may be replaced between batches (hot reload).
     pub(crate) fn native_as(
         self,
         name: &str,
-        spec: crate::plugin::native::NativeSpec,
+        spec: Arc<crate::reload::Versioned<crate::plugin::native::NativeSpec>>,
+        live: bool,
         parallelism: usize,
     ) -> Fresh<serde_json::Value> {
-        let spec = Arc::new(spec);
         self.json_head_as(name, parallelism, move |op, input| {
             Box::new(crate::plugin::native::NativeHead::new(
                 op,
                 input,
                 Arc::clone(&spec),
+                live,
             ))
+        })
+    }
+
+    /// A reloadable `exec` stage: one child per version (see [`crate::reload`]).
+    pub(crate) fn exec_live_as(
+        self,
+        name: &str,
+        spec: Arc<crate::reload::Versioned<crate::exec::ExecSpec>>,
+        parallelism: usize,
+    ) -> Fresh<serde_json::Value> {
+        self.json_head_as(name, parallelism, move |op, input| {
+            Box::new(crate::reload::ReloadExecHead::new(
+                op,
+                input,
+                Arc::clone(&spec),
+            ))
+        })
+    }
+
+    /// A reloadable `filter`, `select` or `words` stage (not fused: it loads its version once
+    /// per batch).
+    pub(crate) fn map_live_as(
+        self,
+        name: &str,
+        logic: Arc<crate::reload::Versioned<crate::reload::MapLogic>>,
+        parallelism: usize,
+    ) -> Fresh<serde_json::Value> {
+        self.json_head_as(name, parallelism, move |op, input| {
+            Box::new(crate::reload::MapHead::new(op, input, Arc::clone(&logic)))
         })
     }
 

@@ -15,6 +15,7 @@ use super::parse::{PipelineSpec, StageSpec};
 use super::window::{LatePolicy, WindowParams};
 use super::ConfigError;
 use crate::operator::Boxed;
+use crate::reload::{MapLogic, Versioned};
 use crate::source::Chunk;
 use crate::window::{WindowOutput, WindowSpec};
 use crate::{Pipeline, Stream};
@@ -24,7 +25,19 @@ type JsonStream = Stream<Value, Boxed<Value, Value>>;
 impl PipelineSpec {
     /// Builds the typed pipeline. Files are opened when it runs.
     pub fn build(&self) -> Result<Pipeline, ConfigError> {
-        if let Some(p) = self.build_byte_path() {
+        self.build_with(None)
+    }
+
+    /// Builds the pipeline with its reloadable stages (see [`crate::reload`]) reading their
+    /// logic from versioned cells, returned by stage name.
+    pub(crate) fn build_live(&self) -> Result<(Pipeline, LiveStages), ConfigError> {
+        let mut live = LiveStages::new();
+        let p = self.build_with(Some(&mut live))?;
+        Ok((p, live))
+    }
+
+    fn build_with(&self, mut live: Option<&mut LiveStages>) -> Result<Pipeline, ConfigError> {
+        if let Some(p) = self.build_byte_path(live.as_deref_mut()) {
             return Ok(p);
         }
         let p = Pipeline::with_options(self.options.clone());
@@ -58,7 +71,7 @@ impl PipelineSpec {
             };
             let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
             let mut late = None;
-            let out = build_stage(&p, st, input, &mut late)?;
+            let out = build_stage(&p, st, input, &mut late, live.as_deref_mut())?;
             if let Some(l) = late {
                 lates.insert(&st.name, l);
             }
@@ -88,7 +101,7 @@ impl PipelineSpec {
     /// The byte path: a pipeline that is exactly `ndjson.read → exec → … → exec → ndjson.write`,
     /// every stage on one instance, moves blocks of checked NDJSON lines and never builds values.
     /// Output lines are the child's bytes (blank lines and `\r` dropped), not re-serialised.
-    fn build_byte_path(&self) -> Option<Pipeline> {
+    fn build_byte_path(&self, live: Option<&mut LiveStages>) -> Option<Pipeline> {
         let st = &self.stages;
         if !self.byte_path || st.len() < 3 {
             return None;
@@ -117,11 +130,19 @@ impl PipelineSpec {
         }
         let p = Pipeline::with_options(self.options.clone());
         let mut s = p.ndjson_blocks_as(&st[0].name, path, BLOCK_BYTES);
+        let mut live = live;
         for m in middle {
             let Kind::Exec(spec) = &m.params else {
                 unreachable!("checked above")
             };
-            s = s.exec_blocks_as(&m.name, (**spec).clone());
+            s = match live.as_deref_mut() {
+                None => s.exec_blocks_as(&m.name, (**spec).clone()),
+                Some(l) => {
+                    let v = Versioned::new((**spec).clone());
+                    l.insert(m.name.clone(), LiveStage::Exec(Arc::clone(&v)));
+                    s.exec_blocks_live_as(&m.name, v)
+                }
+            };
         }
         s.write_blocks_as(&st[st.len() - 1].name, out);
         Some(p)
@@ -144,13 +165,64 @@ fn with_parallelism(s: JsonStream, st: &StageSpec) -> JsonStream {
     }
 }
 
+/// A reloadable stage's versioned logic.
+pub(crate) enum LiveStage {
+    /// `filter`, `select`, `words`.
+    Map(Arc<Versioned<MapLogic>>),
+    /// `exec` and process plugin nodes.
+    Exec(Arc<Versioned<crate::exec::ExecSpec>>),
+    /// Native plugin nodes.
+    Native(Arc<Versioned<crate::plugin::native::NativeSpec>>),
+}
+
+/// The reloadable stages of a pipeline, by name.
+pub(crate) type LiveStages = std::collections::BTreeMap<String, LiveStage>;
+
+/// A reloadable stage, if `live` is set and the stage's kind can reload.
+fn build_live_stage(
+    st: &StageSpec,
+    input: JsonStream,
+    live: &mut LiveStages,
+) -> Result<Option<JsonStream>, JsonStream> {
+    let name = st.name.as_str();
+    let par = st.parallelism;
+    Ok(Some(match &st.params {
+        Kind::Exec(spec) => {
+            let v = Versioned::new((**spec).clone());
+            live.insert(st.name.clone(), LiveStage::Exec(Arc::clone(&v)));
+            input.exec_live_as(name, v, par).boxed()
+        }
+        Kind::Native(spec) => {
+            let v = Versioned::new((**spec).clone());
+            live.insert(st.name.clone(), LiveStage::Native(Arc::clone(&v)));
+            input.native_as(name, v, true, par).boxed()
+        }
+        other => match MapLogic::of(other) {
+            Some(logic) => {
+                let v = Versioned::new(logic);
+                live.insert(st.name.clone(), LiveStage::Map(Arc::clone(&v)));
+                input.map_live_as(name, v, par).boxed()
+            }
+            None => return Err(input),
+        },
+    }))
+}
+
 fn build_stage(
     p: &Pipeline,
     st: &StageSpec,
     input: Option<JsonStream>,
     late: &mut Option<JsonStream>,
+    live: Option<&mut LiveStages>,
 ) -> Result<Option<JsonStream>, ConfigError> {
     let name = st.name.as_str();
+    let input = match (input, live) {
+        (Some(s), Some(live)) => match build_live_stage(st, s, live) {
+            Ok(out) => return Ok(out),
+            Err(s) => Some(s),
+        },
+        (input, _) => input,
+    };
     Ok(match (&st.params, input) {
         (Kind::LinesRead { path }, None) => {
             let s = p.lines_as(name, path, |line| {
@@ -251,9 +323,15 @@ fn build_stage(
         (Kind::Exec(spec), Some(s)) => {
             Some(s.exec_as(name, (**spec).clone(), st.parallelism).boxed())
         }
-        (Kind::Native(spec), Some(s)) => {
-            Some(s.native_as(name, (**spec).clone(), st.parallelism).boxed())
-        }
+        (Kind::Native(spec), Some(s)) => Some(
+            s.native_as(
+                name,
+                crate::reload::Versioned::new((**spec).clone()),
+                false,
+                st.parallelism,
+            )
+            .boxed(),
+        ),
         (Kind::NdjsonWrite { path }, Some(s)) => {
             s.write_ndjson_as(name, path);
             None

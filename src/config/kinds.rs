@@ -530,6 +530,10 @@ fn parse_plugin_node(
         })?,
     };
     p.allow(PLUGIN_STAGE_KEYS);
+    p.ctx
+        .plugin_files
+        .borrow_mut()
+        .insert(p.stage.to_string(), plugin.files());
     let entry = match &m.entry {
         Entry::Library(lib) => {
             let lib = load_native(p, plugin, lib)?;
@@ -567,6 +571,7 @@ fn parse_plugin_node(
         sandbox,
         plugin: Some(m.name.clone()),
         log_level,
+        plugin_copy: None,
     })))
 }
 
@@ -581,8 +586,12 @@ fn load_native(
         return Ok(std::sync::Arc::clone(l));
     }
     let path = plugin.dir.join(lib);
-    let loaded = crate::plugin::native::NativeLibrary::load(name, &path)
-        .map_err(|e| p.error_at("kind", e))?;
+    let loaded = if p.ctx.copy_natives {
+        crate::plugin::native::NativeLibrary::load_copy(name, &path)
+    } else {
+        crate::plugin::native::NativeLibrary::load(name, &path)
+    }
+    .map_err(|e| p.error_at("kind", e))?;
     p.ctx
         .natives
         .borrow_mut()
@@ -632,6 +641,7 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         sandbox: None,
         plugin: None,
         log_level: log::LevelFilter::Trace,
+        plugin_copy: None,
     })
 }
 

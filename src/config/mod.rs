@@ -31,14 +31,16 @@ mod limits;
 mod window;
 pub(crate) use build::parse_object;
 pub(crate) use parse::describe as describe_value;
-mod kinds;
+pub(crate) mod kinds;
 mod parse;
+mod reload;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use kinds::KINDS;
 pub use parse::{PipelineSpec, StageSpec};
+pub use reload::{ReloadEvent, ReloadHandle, Watcher};
 
 /// A pipeline file that cannot be loaded, validated or built.
 #[derive(Debug, Clone, PartialEq, Eq)]

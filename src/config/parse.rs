@@ -63,6 +63,11 @@ pub struct StageSpec {
     /// The window stage whose late records this stage receives (its only input then).
     pub(crate) late_of: Option<String>,
     pub(crate) params: kinds::Kind,
+    /// The stage's table as written, for a reload to see whether it changed.
+    pub(crate) raw: String,
+    /// Files the stage depends on besides the pipeline file (a plugin's manifest, program or
+    /// library), for a reload to watch.
+    pub(crate) files: Vec<PathBuf>,
 }
 
 /// A parsed and validated pipeline file, ready to [`build`](PipelineSpec::build).
@@ -102,7 +107,44 @@ impl PipelineSpec {
     /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let file = path.as_ref();
+        Self::parse(text, path.as_ref(), None)
+    }
+
+    /// Reads a pipeline file for a reload: as [`from_file`](Self::from_file), but native
+    /// libraries are loaded from fresh copies, so that `dlopen` cannot hand back the image
+    /// already loaded from the same path.
+    ///
+    /// `reuse`: libraries already loaded whose files did not change, by plugin name.
+    pub(crate) fn from_file_for_reload(
+        path: &Path,
+        reuse: std::collections::BTreeMap<
+            String,
+            std::sync::Arc<crate::plugin::native::NativeLibrary>,
+        >,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                path,
+                None,
+                None,
+                format!("cannot read the pipeline file: {e}"),
+            )
+        })?;
+        Self::parse(&text, path, Some(reuse))
+    }
+
+    /// Parses; with `reload`, native libraries come from `reload` or fresh copies.
+    fn parse(
+        text: &str,
+        file: &Path,
+        reload: Option<
+            std::collections::BTreeMap<
+                String,
+                std::sync::Arc<crate::plugin::native::NativeLibrary>,
+            >,
+        >,
+    ) -> Result<Self, ConfigError> {
+        let copy_natives = reload.is_some();
         let lines = Lines::new(text);
         let raw: RawPipeline = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| lines.line(s.start));
@@ -121,7 +163,9 @@ impl PipelineSpec {
             base: &base,
             plugin_dirs: raw.plugin_dirs.iter().map(|d| base.join(d)).collect(),
             plugins: std::cell::OnceCell::new(),
-            natives: Default::default(),
+            natives: std::cell::RefCell::new(reload.unwrap_or_default()),
+            copy_natives,
+            plugin_files: Default::default(),
         };
 
         let (options, byte_path) = match &raw.options {
@@ -219,6 +263,11 @@ pub(crate) struct Ctx<'a> {
     pub natives: std::cell::RefCell<
         std::collections::BTreeMap<String, std::sync::Arc<crate::plugin::native::NativeLibrary>>,
     >,
+    /// Load native libraries from fresh copies (a reload).
+    pub copy_natives: bool,
+    /// Per plugin stage, the files it depends on (manifest, program, library): a reload
+    /// watches them and reloads the stage when one changes.
+    pub plugin_files: std::cell::RefCell<std::collections::BTreeMap<String, Vec<PathBuf>>>,
 }
 
 impl Ctx<'_> {
@@ -373,6 +422,16 @@ fn parse_stage(
     let parallelism = declared.unwrap_or(1) as usize;
     let spec = Kind::parse(&kind, &mut params)?;
     params.finish(&kind)?;
+    // What a reload compares: the stage's table as written (keys in order).
+    let raw: String = table
+        .iter()
+        .map(|(k, v)| format!("{} = {}\n", k.get_ref(), v.get_ref()))
+        .collect();
+    let files = ctx
+        .plugin_files
+        .borrow_mut()
+        .remove(name)
+        .unwrap_or_default();
     let info = spec.info();
     if info.source && !inputs.is_empty() {
         if let Some(window) = late_of {
@@ -410,6 +469,8 @@ fn parse_stage(
         input_line,
         late_of: late_of.map(str::to_string),
         params: spec,
+        raw,
+        files,
     })
 }
 

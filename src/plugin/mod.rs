@@ -155,6 +155,37 @@ pub struct Plugin {
     pub dir: PathBuf,
 }
 
+impl Plugin {
+    /// The files the plugin is made of, for a reload to watch: its manifest, the files in its
+    /// directory (two levels deep, at most 256), and a native plugin's library wherever it is.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.dir.join("plugin.toml")];
+        let mut dirs = vec![(self.dir.clone(), 0)];
+        while let Some((dir, depth)) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                match e.file_type() {
+                    Ok(t) if t.is_dir() && depth < 1 => dirs.push((path, depth + 1)),
+                    Ok(t) if t.is_file() && !files.contains(&path) && files.len() < 256 => {
+                        files.push(path)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Entry::Library(lib) = &self.manifest.entry {
+            let lib = self.dir.join(lib);
+            if !files.contains(&lib) {
+                files.push(lib);
+            }
+        }
+        files
+    }
+}
+
 /// Every plugin found, by name, and the manifests that could not be used.
 #[derive(Debug, Clone, Default)]
 pub struct PluginRegistry {

@@ -227,6 +227,32 @@ impl NativeLibrary {
         }))
     }
 
+    /// Loads the plugin from a fresh copy of the library at `path` (the copy is removed once
+    /// loaded; the mapping stays). A reload uses it: `dlopen` of a path already loaded returns
+    /// the image already loaded, not the file now on disk.
+    pub fn load_copy(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, String> {
+        static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join("millrace-native");
+        let copy = dir.join(format!("{name}-{}-{n}.so", std::process::id()));
+        let copied = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(path, &copy));
+        if let Err(e) = copied {
+            return Err(format!(
+                "native plugin `{name}` ({}): cannot copy it to {}: {e}",
+                path.display(),
+                copy.display()
+            ));
+        }
+        let loaded = Self::load(name, &copy);
+        let _ = std::fs::remove_file(&copy);
+        let mut lib = loaded
+            .map_err(|e| e.replace(&copy.display().to_string(), &path.display().to_string()))?;
+        if let Some(l) = Arc::get_mut(&mut lib) {
+            l.path = path.to_path_buf();
+        }
+        Ok(lib)
+    }
+
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -467,11 +493,16 @@ pub(crate) struct NativeSpec {
 }
 
 /// The head of a native node stage instance: pulls a batch, has the node process it.
+///
+/// A reloadable stage (`live`) loads its spec once per batch and recreates its node when the
+/// version changed, before processing the batch; otherwise the spec is read once.
 pub(crate) struct NativeHead {
     name: Arc<str>,
-    spec: Arc<NativeSpec>,
+    spec: Arc<crate::reload::Versioned<NativeSpec>>,
+    live: bool,
     input: crate::channel::InputHead<Value>,
-    node: Option<NativeNode>,
+    /// The node and the version it was made from.
+    node: Option<(u64, NativeNode)>,
     batch: Vec<Value>,
     ended: bool,
 }
@@ -480,11 +511,13 @@ impl NativeHead {
     pub fn new(
         name: Arc<str>,
         input: crate::channel::InputHead<Value>,
-        spec: Arc<NativeSpec>,
+        spec: Arc<crate::reload::Versioned<NativeSpec>>,
+        live: bool,
     ) -> Self {
         NativeHead {
             name,
             spec,
+            live,
             input,
             node: None,
             batch: Vec::new(),
@@ -497,6 +530,24 @@ impl NativeHead {
             stage: self.name.to_string(),
             source: message.into(),
         })
+    }
+
+    /// The node for the next batch: made (again) when there is none or, for a live stage, when
+    /// the version changed. The old node, and the library it holds, go here.
+    fn node_for_batch(&mut self) -> Result<u64, crate::operator::Halt> {
+        if let (Some((version, _)), false) = (&self.node, self.live) {
+            return Ok(*version);
+        }
+        let (version, s) = self.spec.load();
+        if self.node.as_ref().map(|n| n.0) != Some(version) {
+            self.node = None; // the old version's instance is released before the new one runs
+            let node = s
+                .lib
+                .node(&s.node, &s.params, &self.name, s.log_level)
+                .map_err(|e| self.error(e))?;
+            self.node = Some((version, node));
+        }
+        Ok(version)
     }
 }
 
@@ -517,26 +568,27 @@ impl crate::runtime::Head<Value> for NativeHead {
             return Ok(Pull::End);
         }
         if self.node.is_none() {
-            let s = &self.spec;
-            let node = s
-                .lib
-                .node(&s.node, &s.params, &self.name, s.log_level)
-                .map_err(|e| self.error(e))?;
-            self.node = Some(node);
+            self.node_for_batch()?;
         }
         loop {
             self.batch.clear();
             let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
-            let node = self.node.as_mut().expect("created above");
             if !self.batch.is_empty() {
-                InstanceMetrics::add(&cx.metrics.records_in, self.batch.len() as u64);
+                let n = self.batch.len() as u64;
+                InstanceMetrics::add(&cx.metrics.records_in, n);
                 InstanceMetrics::add(&cx.metrics.batches_in, 1);
+                let version = self.node_for_batch()?;
+                if self.live {
+                    self.spec.count(version, n);
+                }
+                let node = &mut self.node.as_mut().expect("made above").1;
                 if let Err(e) = node.process(&self.batch, buf) {
                     return Err(self.error(e));
                 }
             }
             if pulled == Pull::End {
                 self.ended = true;
+                let node = &mut self.node.as_mut().expect("made above").1;
                 if let Err(e) = node.finish(buf) {
                     return Err(self.error(e));
                 }

@@ -54,6 +54,13 @@ enum Command {
         /// Allow --serve on a non-loopback address.
         #[arg(long)]
         allow_remote: bool,
+        /// Reload the pipeline while it runs whenever its file or a plugin's files change
+        /// (stage parameters, plugin libraries and programs; topology changes are refused).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: wait until the files have been quiet this long before reloading.
+        #[arg(long, value_name = "MS", default_value_t = 200)]
+        debounce_ms: u64,
     },
     /// Serves the job API over HTTP: submit, watch (Server-Sent Events), cancel, metrics.
     Serve {
@@ -109,7 +116,7 @@ enum PluginsCommand {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,plugin=trace"),
+        env_logger::Env::default().default_filter_or("warn,plugin=trace,millrace::reload=info"),
     )
     .init();
     let cli = Cli::parse();
@@ -120,7 +127,13 @@ fn main() -> ExitCode {
             progress,
             serve,
             allow_remote,
+            watch,
+            debounce_ms,
         } => {
+            if watch && (serve.is_some() || progress == Some(Progress::Json)) {
+                eprintln!("error: --watch cannot be combined with --serve or --progress json yet");
+                return ExitCode::from(2);
+            }
             let progress = match (quiet, progress) {
                 (true, _) => Progress::None,
                 (false, Some(p)) => p,
@@ -130,7 +143,8 @@ fn main() -> ExitCode {
             if progress == Progress::Json || serve.is_some() {
                 run_on_engine(pipeline, quiet, progress, serve, allow_remote)
             } else {
-                run(pipeline, quiet, progress == Progress::Bar)
+                let watch = watch.then(|| Duration::from_millis(debounce_ms));
+                run(pipeline, quiet, progress == Progress::Bar, watch)
             }
         }
         Command::Serve {
@@ -300,14 +314,28 @@ fn fail(e: &Error) -> ExitCode {
     })
 }
 
-fn run(path: PathBuf, quiet: bool, show_progress: bool) -> ExitCode {
+fn run(path: PathBuf, quiet: bool, show_progress: bool, watch: Option<Duration>) -> ExitCode {
     let spec = match PipelineSpec::from_file(&path) {
         Ok(s) => s,
         Err(e) => return fail(&Error::from(e)),
     };
-    let pipeline = match spec.build() {
-        Ok(p) => p,
+    let built = match watch {
+        None => spec.build().map(|p| (p, None)),
+        Some(_) => spec.build_reloadable().map(|(p, r)| (p, Some(r))),
+    };
+    let (pipeline, reload) = match built {
+        Ok(b) => b,
         Err(e) => return fail(&Error::from(e)),
+    };
+    let watcher = match (&reload, watch) {
+        (Some(r), Some(debounce)) => match r.watch(debounce) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
     };
     let handle = pipeline.cancel_handle();
     let done = AtomicBool::new(false);
@@ -319,14 +347,35 @@ fn run(path: PathBuf, quiet: bool, show_progress: bool) -> ExitCode {
         done.store(true, Ordering::Release);
         r
     });
+    drop(watcher);
     match result {
         Ok(report) => {
             if !quiet {
                 eprintln!("{report}");
+                if let Some(r) = &reload {
+                    print_reloads(r);
+                }
             }
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// The reload part of the run report: every reload, and the records each version processed.
+fn print_reloads(r: &millrace::config::ReloadHandle) {
+    let events = r.events();
+    eprintln!(
+        "reloads: {} ({} refused)",
+        events.len(),
+        events.iter().filter(|e| e.error.is_some()).count()
+    );
+    for e in &events {
+        eprintln!("  {e}");
+    }
+    for (stage, counts) in r.records_per_version() {
+        let per: Vec<String> = counts.iter().map(|(v, n)| format!("v{v}: {n}")).collect();
+        eprintln!("  stage `{stage}` records per version: {}", per.join(", "));
     }
 }
 

@@ -1,0 +1,489 @@
+//! Hot reload of a running pipeline (`PipelineSpec::build_reloadable`, `ReloadHandle`): under
+//! load, no record lost, duplicated or processed by two versions of a stage; failed reloads
+//! leave the old version running; topology changes are refused. Seed bug 1 of
+//! `../shared/seeds/plugin-data-pipeline-bugs.md` is `the_seed_field_rename_under_load`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bundled, install};
+use millrace::config::{PipelineSpec, ReloadHandle};
+
+fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Replaces a file the way editors do: a temporary file renamed over it.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A pipeline reading `in.fifo` in `dir`, run on a thread while `feed` writes the input and
+/// reloads; returns what `feed` returns and the handle.
+fn run_with<R: Send>(
+    dir: &Path,
+    config: &str,
+    feed: impl FnOnce(&ReloadHandle, &mut std::fs::File) -> R + Send,
+) -> (Result<millrace::RunReport, String>, R, ReloadHandle) {
+    let file = dir.join("p.toml");
+    std::fs::write(&file, config).unwrap();
+    mkfifo(&dir.join("in.fifo"));
+    let spec = PipelineSpec::from_file(&file).unwrap();
+    let (pipeline, handle) = spec.build_reloadable().unwrap();
+    let (report, fed) = std::thread::scope(|s| {
+        let h = handle.clone();
+        let feeder = s.spawn(move || {
+            // Opening a FIFO for writing waits for the pipeline to open it for reading.
+            let mut input = std::fs::File::create(dir.join("in.fifo")).unwrap();
+            feed(&h, &mut input)
+            // `input` dropped: end of input
+        });
+        // The pipeline runs here (it is built on this thread).
+        let report = pipeline.run().map_err(|e| e.to_string());
+        (report, feeder.join().unwrap())
+    });
+    (report, fed, handle)
+}
+
+/// Writes records `seq` in `from..to` to the pipeline.
+fn write_records(input: &mut std::fs::File, from: u64, to: u64) {
+    let mut chunk = String::with_capacity(((to - from) * 12) as usize);
+    for i in from..to {
+        chunk.push_str(&format!("{{\"seq\":{i}}}\n"));
+    }
+    input.write_all(chunk.as_bytes()).unwrap();
+}
+
+/// The value of `"key":"…"` in a line of our own output (no parsing: millions of lines).
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let pat = format!("\"{key}\":");
+    let start = line
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + pat.len();
+    let rest = line[start..].trim_start().strip_prefix('"').unwrap();
+    &rest[..rest.find('"').unwrap()]
+}
+
+fn seq(line: &str) -> usize {
+    let start = line.find("\"seq\":").unwrap() + 6;
+    line[start..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn stress_config(plugins: &Path, version: &str) -> String {
+    format!(
+        r#"plugin_dirs = [{plugins:?}]
+
+[stages.read]
+kind = "ndjson.read"
+path = "in.fifo"
+
+[stages.tag]
+kind = "tagger.tag"
+input = "read"
+field = "n"
+value = "{version}"
+batch_field = "nb"
+
+[stages.proc]
+kind = "exec"
+input = "tag"
+command = ["sed", "s/}}$/,\"p\":\"{version}\"}}/"]
+
+[stages.out]
+kind = "ndjson.write"
+input = "proc"
+path = "out.ndjson"
+"#
+    )
+}
+
+/// Ten million sequence-numbered records through a reloadable native-plugin stage and a
+/// process stage while 50 reloads alternate between two versions (every other one also
+/// replacing the plugin's library): every record comes out once, every batch of the native
+/// stage carries one version, and the per-version counts match the tags.
+#[test]
+fn ten_million_records_through_fifty_reloads() {
+    let total: u64 = if cfg!(debug_assertions) {
+        200_000
+    } else {
+        10_000_000
+    };
+    const RELOADS: u64 = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    install(&plugins, "tagger", &bundled("tagger"), "millrace_tagger");
+    // The manifest points at the built library; reloads re-copy it to a library of our own.
+    let library = plugins.join("tagger/libtagger.so");
+    let manifest = plugins.join("tagger/plugin.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let built: PathBuf = text
+        .lines()
+        .find_map(|l| l.strip_prefix("entry = "))
+        .map(|e| e.trim_matches('"').into())
+        .unwrap();
+    std::fs::copy(&built, &library).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("entry = ") {
+                "entry = \"libtagger.so\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&manifest, text).unwrap();
+
+    let p = dir.path().join("p.toml");
+    let (report, (), handle) = run_with(dir.path(), &stress_config(&plugins, "a"), |h, input| {
+        let chunks = RELOADS * 2 + 2;
+        let per = total / chunks;
+        for c in 0..chunks {
+            let to = if c == chunks - 1 {
+                total
+            } else {
+                (c + 1) * per
+            };
+            write_records(input, c * per, to);
+            if c % 2 == 1 && c / 2 < RELOADS {
+                let r = c / 2; // reload r+1 makes version r+1: odd "b", even "a"
+                let v = if r % 2 == 0 { "b" } else { "a" };
+                write_atomically(&p, &stress_config(&plugins, v));
+                if r % 2 == 0 {
+                    // A new build of the library: loaded beside the old one, from a copy.
+                    let tmp = library.with_extension("new");
+                    std::fs::copy(&built, &tmp).unwrap();
+                    std::fs::rename(&tmp, &library).unwrap();
+                }
+                let e = h.reload().unwrap();
+                assert!(e.error.is_none(), "{e}");
+            }
+        }
+    });
+    let report = report.unwrap();
+
+    let mut seen = vec![false; total as usize];
+    let mut batches: HashMap<String, String> = HashMap::new();
+    let mut images = std::collections::HashSet::new();
+    let (mut n_a, mut p_a) = (0u64, 0u64);
+    let out = std::fs::File::open(dir.path().join("out.ndjson")).unwrap();
+    for line in BufReader::with_capacity(1 << 20, out).lines() {
+        let line = line.unwrap();
+        let s = seq(&line);
+        assert!(!seen[s], "seq {s} came out twice");
+        seen[s] = true;
+        let (n, p, nb) = (field(&line, "n"), field(&line, "p"), field(&line, "nb"));
+        n_a += u64::from(n == "a");
+        p_a += u64::from(p == "a");
+        let first = batches
+            .entry(nb.to_string())
+            .or_insert_with(|| n.to_string());
+        assert_eq!(first, n, "batch {nb} was processed by two versions");
+        images.insert(nb.split('-').next().unwrap().to_string());
+    }
+    let missing = seen.iter().filter(|s| !**s).count();
+    assert_eq!(missing, 0, "{missing} records lost");
+    assert!(
+        images.len() >= 2,
+        "the library was never replaced: {images:?}"
+    );
+
+    // The report's records per version agree with the tags: even versions are "a".
+    let versions = handle.records_per_version();
+    for (stage, tagged_a) in [("tag", n_a), ("proc", p_a)] {
+        let counts = &versions[stage];
+        assert_eq!(counts.values().sum::<u64>(), total, "{stage}: {counts:?}");
+        let a: u64 = counts
+            .iter()
+            .filter(|(v, _)| *v % 2 == 0)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(a, tagged_a, "{stage}: {counts:?}");
+        assert!(counts.len() > 2, "{stage} saw {} versions", counts.len());
+    }
+    assert_eq!(handle.version(), RELOADS);
+    assert_eq!(handle.events().len() as u64, RELOADS);
+    assert_eq!(report.stage("out").unwrap().records_out, total);
+}
+
+/// Seed bug 1: version 2 of a process plugin renames the parameter version 1 relied on
+/// (`uid_field` becomes `user_field`, in the manifest, the program and the pipeline at once).
+/// Reloaded under load, no batch meets a half-old, half-new plugin: no error, and every record
+/// is marked by exactly one version.
+#[test]
+fn the_seed_field_rename_under_load() {
+    let total: u64 = 60_000;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugins/renamer");
+    std::fs::create_dir_all(&plugin).unwrap();
+    let version = |v: u32| {
+        let param = if v == 1 { "uid_field" } else { "user_field" };
+        let manifest = format!(
+            "name = \"renamer\"\nversion = \"{v}.0.0\"\nkind = \"process\"\nentry = [\"python3\", \"mark.py\"]\nengine = \">=0.1\"\n[[nodes]]\nname = \"mark\"\n[nodes.params.{param}]\ntype = \"string\"\nrequired = true\n"
+        );
+        // Version 1 reads `uid_field`; version 2 `user_field`: a KeyError if they were mixed.
+        let script = format!(
+            "import json, os, sys\nfield = json.loads(os.environ['MILLRACE_PARAMS'])['{param}']\nfor line in sys.stdin:\n    r = json.loads(line)\n    r['by'] = 'v{v}:' + str(r[field])\n    sys.stdout.write(json.dumps(r) + '\\n')\n"
+        );
+        let config = format!(
+            "plugin_dirs = [\"plugins\"]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.fifo\"\n[stages.mark]\nkind = \"renamer.mark\"\ninput = \"read\"\n{param} = \"seq\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"mark\"\npath = \"out.ndjson\"\n"
+        );
+        (manifest, script, config)
+    };
+    let install_version = |v: u32| {
+        let (manifest, script, config) = version(v);
+        write_atomically(&plugin.join("plugin.toml"), &manifest);
+        write_atomically(&plugin.join("mark.py"), &script);
+        write_atomically(&dir.path().join("p.toml"), &config);
+    };
+    install_version(1);
+    let (_, _, config) = version(1);
+    let (report, (), handle) = run_with(dir.path(), &config, |h, input| {
+        for c in 0..6u64 {
+            write_records(input, c * 10_000, (c + 1) * 10_000);
+            install_version(if c % 2 == 0 { 2 } else { 1 });
+            let e = h.reload().unwrap();
+            assert!(e.changed.iter().any(|c| c.contains("stage `mark`")), "{e}");
+        }
+    });
+    report.unwrap();
+    let mut seen = vec![false; total as usize];
+    let mut by_version = [0u64; 3];
+    for line in std::fs::read_to_string(dir.path().join("out.ndjson"))
+        .unwrap()
+        .lines()
+    {
+        let s = seq(line);
+        assert!(!seen[s], "seq {s} twice");
+        seen[s] = true;
+        let by = field(line, "by");
+        assert_eq!(by, format!("{}:{s}", &by[..2]), "{line}");
+        by_version[if by.starts_with("v1") { 1 } else { 2 }] += 1;
+    }
+    assert!(seen.iter().all(|s| *s), "records lost");
+    assert!(by_version[1] > 0 && by_version[2] > 0, "{by_version:?}");
+    let counts = &handle.records_per_version()["mark"];
+    let odd: u64 = counts
+        .iter()
+        .filter(|(v, _)| *v % 2 == 1)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        odd, by_version[2],
+        "version 2 is every odd stage version: {counts:?}"
+    );
+}
+
+fn simple_config(threshold: i64, extra: &str) -> String {
+    format!(
+        "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.fifo\"\n[stages.keep]\nkind = \"filter\"\ninput = \"read\"\nfield = \"seq\"\nop = \"ge\"\nvalue = {threshold}\n{extra}[stages.out]\nkind = \"ndjson.write\"\ninput = \"keep\"\npath = \"out.ndjson\"\n"
+    )
+}
+
+/// Waits until `stage` has processed `n` records (a reload applies from the next batch on).
+fn wait_processed(h: &ReloadHandle, stage: &str, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while h.records_per_version()[stage].values().sum::<u64>() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stage} never processed {n} records"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn output_seqs(dir: &Path) -> Vec<usize> {
+    std::fs::read_to_string(dir.join("out.ndjson"))
+        .unwrap()
+        .lines()
+        .map(seq)
+        .collect()
+}
+
+/// An invalid new config, a stage added, and a kind that cannot reload: each is refused with
+/// its reason, the old version keeps running, and no record is lost.
+#[test]
+fn refused_reloads_leave_the_old_version_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    let (report, errors, handle) = run_with(dir.path(), &simple_config(0, ""), |h, input| {
+        let mut errors = Vec::new();
+        write_records(input, 0, 1000);
+        for bad in [
+            "[stages.read\nkind = ".to_string(),
+            simple_config(
+                0,
+                "[stages.more]\nkind = \"limit\"\ninput = \"keep\"\nn = 5\n",
+            )
+            .replace("input = \"keep\"\npath", "input = \"more\"\npath"),
+            "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.fifo\"\n[stages.keep]\nkind = \"select\"\ninput = \"read\"\nfields = [\"seq\"]\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"keep\"\npath = \"out.ndjson\"\n".to_string(),
+            simple_config(0, "").replace("path = \"out.ndjson\"", "path = \"other.ndjson\""),
+        ] {
+            write_atomically(&p, &bad);
+            errors.push(h.reload().unwrap_err().to_string());
+            write_records(
+                input,
+                1000 * errors.len() as u64,
+                1000 * (errors.len() as u64 + 1),
+            );
+        }
+        // A valid change still applies afterwards, from the next batch on.
+        wait_processed(h, "keep", 5000);
+        write_atomically(&p, &simple_config(4500, ""));
+        let e = h.reload().unwrap();
+        assert_eq!(e.changed, vec!["stage `keep`: parameters".to_string()]);
+        write_records(input, 5000, 6000);
+        errors
+    });
+    report.unwrap();
+    assert!(errors[0].contains("invalid TOML"), "{}", errors[0]);
+    assert!(
+        errors[1].contains("stage `more`")
+            && errors[1].contains("restart required: the stage was added"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].contains("stage `keep`")
+            && errors[2].contains("restart required: its kind changed"),
+        "{}",
+        errors[2]
+    );
+    assert!(
+        errors[3].contains("stage `out`")
+            && errors[3].contains("a `ndjson.write` stage cannot change while the pipeline runs"),
+        "{}",
+        errors[3]
+    );
+    // Before the valid reload everything passed (threshold 0); after it, only seq >= 4500.
+    let seqs = output_seqs(dir.path());
+    let before: Vec<usize> = seqs.iter().copied().filter(|s| *s < 5000).collect();
+    assert_eq!(
+        before.len(),
+        5000,
+        "no record lost while reloads were refused"
+    );
+    assert_eq!(
+        seqs.iter().filter(|s| **s >= 5000).count(),
+        1000,
+        "the new threshold lets 5000.. through"
+    );
+    let events = handle.events();
+    assert_eq!(events.len(), 5);
+    assert_eq!(events.iter().filter(|e| e.error.is_some()).count(), 4);
+    assert_eq!(handle.version(), 1);
+}
+
+/// A native plugin whose new library cannot be loaded: the reload is refused, the old library
+/// keeps processing, and a good library afterwards is picked up.
+#[test]
+fn a_plugin_that_fails_to_load_leaves_the_old_one_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    install(&plugins, "tagger", &bundled("tagger"), "millrace_tagger");
+    let built = common::lib("millrace_tagger");
+    let library = plugins.join("tagger/libtagger.so");
+    std::fs::copy(&built, &library).unwrap();
+    let manifest = plugins.join("tagger/plugin.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let text = text.replace(
+        &format!("{:?}", built.display().to_string()),
+        "\"libtagger.so\"",
+    );
+    std::fs::write(&manifest, text).unwrap();
+    let config = format!(
+        "plugin_dirs = [{:?}]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.fifo\"\n[stages.tag]\nkind = \"tagger.tag\"\ninput = \"read\"\nvalue = \"x\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"tag\"\npath = \"out.ndjson\"\n",
+        plugins.display().to_string()
+    );
+    let (report, (bad, good), _) = run_with(dir.path(), &config, |h, input| {
+        write_records(input, 0, 3000);
+        write_atomically(&library, "not a library");
+        let bad = h.reload().unwrap_err().to_string();
+        write_records(input, 3000, 6000);
+        let tmp = library.with_extension("new");
+        std::fs::copy(&built, &tmp).unwrap();
+        std::fs::rename(&tmp, &library).unwrap();
+        let good = h.reload().unwrap();
+        write_records(input, 6000, 9000);
+        (bad, good)
+    });
+    report.unwrap();
+    assert!(
+        bad.contains("native plugin `tagger`") && bad.contains("cannot load it"),
+        "{bad}"
+    );
+    assert_eq!(good.changed, vec!["stage `tag`: plugin files".to_string()]);
+    let mut seqs = output_seqs(dir.path());
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..9000).collect::<Vec<_>>());
+}
+
+/// `millrace run --watch`: editing the pipeline file while it runs reloads it, and the report
+/// lists the reload with its latency and the records each version processed.
+#[test]
+fn run_watch_reloads_on_a_file_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(&p, simple_config(0, "")).unwrap();
+    mkfifo(&dir.path().join("in.fifo"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args([
+            "run",
+            "--watch",
+            "--debounce-ms",
+            "50",
+            &p.display().to_string(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = std::fs::File::create(dir.path().join("in.fifo")).unwrap();
+    write_records(&mut input, 0, 1000);
+    // Let the first thousand pass the filter before the change (it applies from the next
+    // batch on).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    write_atomically(&p, &simple_config(1500, ""));
+    // Wait for the reload to be live: its log line is on stderr.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        log.push_str(&line);
+        if line.contains("version 1 live") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(log.contains("version 1 live"), "{log}");
+    assert!(
+        log.contains("after the change: stage `keep`: parameters"),
+        "{log}"
+    );
+    write_records(&mut input, 1000, 2000);
+    drop(input);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("reloads: 1 (0 refused)"), "{rest}");
+    assert!(
+        rest.contains("stage `keep` records per version: v0: 1000, v1: 1000"),
+        "{rest}"
+    );
+    let seqs = output_seqs(dir.path());
+    assert_eq!(seqs.len(), 1000 + 500);
+}
