@@ -49,8 +49,8 @@ impl<V> Versioned<V> {
         })
     }
 
-    /// The current version, for one batch.
-    pub fn load(&self) -> (u64, Arc<V>) {
+    /// The current version, for one batch (the `Arc` of [`crate::sync`], as the cell's).
+    pub fn load(&self) -> (u64, crate::sync::Arc<V>) {
         self.cell.load_versioned()
     }
 
