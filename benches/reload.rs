@@ -6,6 +6,9 @@
 //! running `cat`, and a `filter`. Each pipeline reads 2 million records from a file and writes
 //! to /dev/null.
 
+// `criterion_group!` generates an undocumented function.
+#![allow(missing_docs)]
+
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,56 +154,55 @@ fn latency(c: &mut Criterion) {
         .success());
     let file = dir.path().join("p.toml");
     std::fs::write(&file, config(&plugins, &fifo, "native", 0)).unwrap();
-    let spec = PipelineSpec::from_file(&file).unwrap();
-    let (p, handle) = spec.build_reloadable().unwrap();
     let mut g = c.benchmark_group("reload_latency");
     g.sample_size(20);
     std::thread::scope(|s| {
-        let fifo2 = fifo.clone();
-        // Keeps the input open (no records) while the pipeline runs.
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        // The pipeline is built and run on a thread of its own (it is not `Send`); it reads a
+        // FIFO kept open, with no records, until the measurements are done.
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let file2 = file.clone();
         s.spawn(move || {
-            let _w = std::fs::File::create(&fifo2).unwrap();
-            let _ = stop_rx.recv();
+            let spec = PipelineSpec::from_file(&file2).unwrap();
+            let (p, handle) = spec.build_reloadable().unwrap();
+            handle_tx.send(handle).unwrap();
+            p.run().unwrap();
         });
-        let bench = s.spawn(|| {
-            let mut v = 0;
-            g.bench_function("api", |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        v += 1;
-                        std::fs::write(&file, config(&plugins, &fifo, "native", v)).unwrap();
-                        let t = Instant::now();
-                        handle.reload().unwrap();
-                        total += t.elapsed();
-                    }
-                    total
-                })
-            });
-            let watcher = handle.watch(Duration::from_millis(50)).unwrap();
-            g.bench_function("watch_debounce_50ms", |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        v += 1;
-                        let before = handle.version();
-                        let t = Instant::now();
-                        std::fs::write(&file, config(&plugins, &fifo, "native", v)).unwrap();
-                        while handle.version() == before {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        total += t.elapsed();
-                    }
-                    total
-                })
-            });
-            drop(watcher);
-            g.finish();
-            drop(stop_tx);
+        let input = std::fs::File::create(&fifo).unwrap();
+        let handle = handle_rx.recv().unwrap();
+        let mut v = 0;
+        g.bench_function("api", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    v += 1;
+                    std::fs::write(&file, config(&plugins, &fifo, "native", v)).unwrap();
+                    let t = Instant::now();
+                    handle.reload().unwrap();
+                    total += t.elapsed();
+                }
+                total
+            })
         });
-        p.run().unwrap();
-        bench.join().unwrap();
+        let watcher = handle.watch(Duration::from_millis(50)).unwrap();
+        g.bench_function("watch_debounce_50ms", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    v += 1;
+                    let before = handle.version();
+                    let t = Instant::now();
+                    std::fs::write(&file, config(&plugins, &fifo, "native", v)).unwrap();
+                    while handle.version() == before {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
+        drop(watcher);
+        g.finish();
+        drop(input); // end of input: the pipeline ends
     });
 }
 
