@@ -12,11 +12,16 @@
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use millrace::config::PipelineSpec;
+
+/// The allocator `millrace run` uses, so that these numbers are those of the command.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const RECORDS: u64 = 2_000_000;
 
@@ -111,25 +116,31 @@ fn reload(c: &mut Criterion) {
                 p.run().unwrap();
             })
         });
+        // One reload per second of benchmark time: the schedule runs across iterations, so
+        // runs shorter than a second see their share of reloads too.
+        let next = Mutex::new(Instant::now() + Duration::from_secs(1));
+        let mut v = 0u32;
+        let reloads = AtomicU64::new(0);
         g.bench_function(BenchmarkId::new("reloading_every_second", stage), |b| {
             b.iter(|| {
-                std::fs::write(&file, config(&plugins, &input, stage, 0)).unwrap();
+                std::fs::write(&file, config(&plugins, &input, stage, v % 2)).unwrap();
                 let spec = PipelineSpec::from_file(&file).unwrap();
                 let (p, handle) = spec.build_reloadable().unwrap();
                 let done = AtomicBool::new(false);
                 std::thread::scope(|s| {
                     s.spawn(|| {
-                        let mut v = 0;
-                        let mut next = Instant::now() + Duration::from_secs(1);
                         while !done.load(Ordering::Acquire) {
-                            if Instant::now() >= next {
+                            let mut at = next.lock().unwrap();
+                            if Instant::now() >= *at {
                                 v += 1;
                                 std::fs::write(&file, config(&plugins, &input, stage, v % 2))
                                     .unwrap();
                                 handle.reload().unwrap();
-                                next += Duration::from_secs(1);
+                                reloads.fetch_add(1, Ordering::Relaxed);
+                                *at += Duration::from_secs(1);
                             }
-                            std::thread::sleep(Duration::from_millis(10));
+                            drop(at);
+                            std::thread::sleep(Duration::from_millis(5));
                         }
                     });
                     p.run().unwrap();
@@ -137,6 +148,10 @@ fn reload(c: &mut Criterion) {
                 });
             })
         });
+        eprintln!(
+            "reload/reloading_every_second/{stage}: {} reloads during the measurement",
+            reloads.load(Ordering::Relaxed)
+        );
     }
     g.finish();
 }

@@ -60,6 +60,10 @@ pub trait Chain<In>: Clone + Send + 'static {
     type Out: Send + 'static;
     /// Pushes one record through the chain into `out`.
     fn push<E: Emit<Self::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt>;
+    /// Called before the `records` records of each input batch are pushed: a reloadable step
+    /// loads its version here, so the whole batch sees one version.
+    #[inline]
+    fn begin_batch(&mut self, _records: usize) {}
     /// Names of the operators in the chain, in order (used to name stages).
     fn names(&self, names: &mut Vec<Arc<str>>);
     /// Renames the last operator; false if the chain is empty.
@@ -162,6 +166,10 @@ pub(crate) fn op_error(name: &str, e: impl Into<BoxError>) -> Halt {
 /// The naming methods of a `Chain` impl for an operator with `prev` and `name` fields.
 macro_rules! named_step {
     () => {
+        #[inline]
+        fn begin_batch(&mut self, records: usize) {
+            self.prev.begin_batch(records);
+        }
         fn names(&self, names: &mut Vec<Arc<str>>) {
             self.prev.names(names);
             names.push(Arc::clone(&self.name));
@@ -443,6 +451,7 @@ trait DynChain<In, Out>: Send {
     fn clone_box(&self) -> Box<dyn DynChain<In, Out>>;
     fn names_dyn(&self, names: &mut Vec<Arc<str>>);
     fn rename_dyn(&mut self, name: Arc<str>) -> bool;
+    fn begin_batch_dyn(&mut self, records: usize);
 }
 
 impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
@@ -457,6 +466,9 @@ impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
     }
     fn rename_dyn(&mut self, name: Arc<str>) -> bool {
         self.rename_last(name)
+    }
+    fn begin_batch_dyn(&mut self, records: usize) {
+        self.begin_batch(records)
     }
 }
 
@@ -487,5 +499,8 @@ impl<In: 'static, Out: Send + 'static> Chain<In> for Boxed<In, Out> {
     }
     fn rename_last(&mut self, name: Arc<str>) -> bool {
         self.0.rename_dyn(name)
+    }
+    fn begin_batch(&mut self, records: usize) {
+        self.0.begin_batch_dyn(records)
     }
 }

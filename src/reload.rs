@@ -7,8 +7,8 @@
 //! that loaded it is done (it is an `Arc`). No sleep, grace period or epoch is involved. How a
 //! stage switches:
 //!
-//! - built-in record operations (`filter`, `select`, `words`): [`MapHead`] applies the version
-//!   it loaded to the whole batch;
+//! - built-in record operations (`filter`, `select`, `words`): a [`LiveMap`] step, fused like
+//!   the fixed operators, loads its version when a batch begins (`Chain::begin_batch`);
 //! - native plugin nodes: the node instance is recreated from the new version (its library,
 //!   loaded from a fresh copy, and parameters) before the first batch that sees it; the old
 //!   instance, and with it the old library, is released after its last batch;
@@ -31,7 +31,7 @@ use crate::channel::{InputHead, Message};
 use crate::config::kinds::{self, FilterOp, Kind};
 use crate::error::Error;
 use crate::exec::{ExecHead, ExecSpec, Wire};
-use crate::operator::Halt;
+use crate::operator::{Chain, Emit, Halt};
 use crate::runtime::{Cx, Head, Pull};
 use crate::Snapshot;
 
@@ -106,67 +106,107 @@ impl MapLogic {
             _ => return None,
         })
     }
+}
 
-    fn apply(&self, rec: Value, out: &mut Vec<Value>) -> Result<(), String> {
-        match self {
+/// A reloadable `filter`, `select` or `words` step of a fused chain: it loads its version in
+/// [`Chain::begin_batch`], so every record of a batch meets the same version, and counts the
+/// batch's records for that version.
+pub(crate) struct LiveMap<C> {
+    prev: C,
+    name: Arc<str>,
+    logic: Arc<Versioned<MapLogic>>,
+    current: Option<crate::sync::Arc<MapLogic>>,
+}
+
+impl<C: Clone> Clone for LiveMap<C> {
+    fn clone(&self) -> Self {
+        LiveMap {
+            prev: self.prev.clone(),
+            name: Arc::clone(&self.name),
+            logic: Arc::clone(&self.logic),
+            current: None,
+        }
+    }
+}
+
+impl<C> LiveMap<C> {
+    pub fn new(prev: C, name: Arc<str>, logic: Arc<Versioned<MapLogic>>) -> Self {
+        LiveMap {
+            prev,
+            name,
+            logic,
+            current: None,
+        }
+    }
+}
+
+struct LiveEmit<'a, E> {
+    logic: &'a MapLogic,
+    name: &'a str,
+    out: &'a mut E,
+}
+
+impl<E: Emit<Value>> Emit<Value> for LiveEmit<'_, E> {
+    #[inline]
+    fn emit(&mut self, rec: Value) -> Result<(), Halt> {
+        match self.logic {
             MapLogic::Filter { field, op, value } => {
                 if kinds::filter(&rec, field, *op, value) {
-                    out.push(rec);
+                    self.out.emit(rec)?;
                 }
             }
-            MapLogic::Select { fields } => out.push(kinds::select(rec, fields)),
+            MapLogic::Select { fields } => self.out.emit(kinds::select(rec, fields))?,
             MapLogic::Words { field, lowercase } => {
-                out.extend(kinds::words(&rec, field, *lowercase)?);
+                let words = kinds::words(&rec, field, *lowercase).map_err(|e| {
+                    Halt::Failed(Error::Operator {
+                        stage: self.name.to_string(),
+                        source: e.into(),
+                    })
+                })?;
+                for w in words {
+                    self.out.emit(w)?;
+                }
             }
         }
         Ok(())
     }
 }
 
-/// The head of a reloadable `filter`, `select` or `words` stage instance.
-pub(crate) struct MapHead {
-    name: Arc<str>,
-    input: InputHead<Value>,
-    logic: Arc<Versioned<MapLogic>>,
-    batch: Vec<Value>,
-}
+impl<In, C: Chain<In, Out = Value>> Chain<In> for LiveMap<C> {
+    type Out = Value;
 
-impl MapHead {
-    pub fn new(name: Arc<str>, input: InputHead<Value>, logic: Arc<Versioned<MapLogic>>) -> Self {
-        MapHead {
-            name,
-            input,
-            logic,
-            batch: Vec::new(),
-        }
+    fn begin_batch(&mut self, records: usize) {
+        self.prev.begin_batch(records);
+        let (version, logic) = self.logic.load();
+        self.logic.count(version, records as u64);
+        self.current = Some(logic);
     }
-}
 
-impl Head<Value> for MapHead {
-    fn counts_input(&self) -> bool {
+    #[inline]
+    fn push<E: Emit<Value>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        if self.current.is_none() {
+            // Driven without batches: one version from here on until the next batch.
+            self.current = Some(self.logic.load().1);
+        }
+        let logic = self.current.as_ref().expect("loaded above");
+        self.prev.push(
+            item,
+            &mut LiveEmit {
+                logic,
+                name: &self.name,
+                out,
+            },
+        )
+    }
+
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
         true
-    }
-
-    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Value>, flush_at: Option<u64>) -> Result<Pull, Halt> {
-        self.batch.clear();
-        let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
-        if !self.batch.is_empty() {
-            let n = self.batch.len() as u64;
-            crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, n);
-            crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
-            // One version for the whole batch.
-            let (version, logic) = self.logic.load();
-            self.logic.count(version, n);
-            for rec in self.batch.drain(..) {
-                logic.apply(rec, buf).map_err(|e| {
-                    Halt::Failed(Error::Operator {
-                        stage: self.name.to_string(),
-                        source: e.into(),
-                    })
-                })?;
-            }
-        }
-        Ok(pulled)
     }
 }
 

@@ -336,6 +336,9 @@ where
             InstanceMetrics::add(&cx.metrics.records_in, buf.len() as u64);
             InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
+        if !buf.is_empty() {
+            chain.begin_batch(buf.len());
+        }
         for item in buf.drain(..) {
             match chain.push(item, &mut *tail) {
                 Ok(()) => {}

@@ -1121,6 +1121,17 @@ impl<I: Send + 'static, C: Chain<I, Out = Chunk>> Stream<I, C> {
 }
 
 impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
+    /// A reloadable `filter`, `select` or `words` step, fused like the fixed ones; it loads its
+    /// version once per batch (see [`crate::reload`]).
+    pub(crate) fn live_map(
+        self,
+        logic: Arc<crate::reload::Versioned<crate::reload::MapLogic>>,
+    ) -> Stream<I, crate::reload::LiveMap<C>> {
+        let name = self.op_name("live");
+        let chain = crate::reload::LiveMap::new(self.chain.clone(), name, logic);
+        self.with(chain)
+    }
+
     /// An `exec` stage of `parallelism` instances (one child process each), fed by this one.
     pub(crate) fn exec_as(
         self,
@@ -1166,19 +1177,6 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
                 input,
                 Arc::clone(&spec),
             ))
-        })
-    }
-
-    /// A reloadable `filter`, `select` or `words` stage (not fused: it loads its version once
-    /// per batch).
-    pub(crate) fn map_live_as(
-        self,
-        name: &str,
-        logic: Arc<crate::reload::Versioned<crate::reload::MapLogic>>,
-        parallelism: usize,
-    ) -> Fresh<serde_json::Value> {
-        self.json_head_as(name, parallelism, move |op, input| {
-            Box::new(crate::reload::MapHead::new(op, input, Arc::clone(&logic)))
         })
     }
 
@@ -1762,6 +1760,9 @@ impl<I: Send, C: Chain<I>> Head<C::Out> for ChainedHead<I, C> {
         if !self.inner.counts_input() && !self.tmp.is_empty() {
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, self.tmp.len() as u64);
             crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        if !self.tmp.is_empty() {
+            self.chain.begin_batch(self.tmp.len());
         }
         for x in self.tmp.drain(..) {
             match self.chain.push(x, buf) {

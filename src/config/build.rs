@@ -201,7 +201,7 @@ fn build_live_stage(
             Some(logic) => {
                 let v = Versioned::new(logic);
                 live.insert(st.name.clone(), LiveStage::Map(Arc::clone(&v)));
-                input.map_live_as(name, v, par).boxed()
+                with_parallelism(input, st).live_map(v).name(name).boxed()
             }
             None => return Err(input),
         },
