@@ -287,16 +287,7 @@ impl Pipeline {
         path: &Path,
         chunk_size: usize,
     ) -> Stream<Chunk, Identity<Chunk>> {
-        let name = self.b.borrow_mut().reserve(name);
-        let path = path.to_path_buf();
-        self.open_source(name, move |stage| {
-            let input = Input::open(stage, &path)?;
-            Ok(Box::new(ChunkHead::new(
-                Arc::clone(stage),
-                input,
-                chunk_size,
-            )))
-        })
+        self.block_source_as(name, path, chunk_size, |h| Box::new(h))
     }
 
     /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
@@ -307,13 +298,24 @@ impl Pipeline {
         path: &Path,
         block_size: usize,
     ) -> Stream<Chunk, Identity<Chunk>> {
+        self.block_source_as(name, path, block_size, |h| {
+            Box::new(crate::source::NdjsonBlockHead::new(h))
+        })
+    }
+
+    /// A source of blocks read by a [`ChunkHead`], wrapped by `wrap`.
+    fn block_source_as(
+        &self,
+        name: &str,
+        path: &Path,
+        size: usize,
+        wrap: fn(ChunkHead) -> Box<dyn Head<Chunk>>,
+    ) -> Stream<Chunk, Identity<Chunk>> {
         let name = self.b.borrow_mut().reserve(name);
         let path = path.to_path_buf();
         self.open_source(name, move |stage| {
             let input = Input::open(stage, &path)?;
-            Ok(Box::new(crate::source::NdjsonBlockHead::new(
-                ChunkHead::new(Arc::clone(stage), input, block_size),
-            )))
+            Ok(wrap(ChunkHead::new(Arc::clone(stage), input, size)))
         })
     }
 

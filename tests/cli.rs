@@ -68,17 +68,13 @@ fn run_prints_a_summary_table_unless_quiet() {
     assert!(err.contains("records read in"), "{err}");
 }
 
-/// `millrace run p.toml | head -1`: the closed stdout ends the run quietly with exit 0, and
-/// the source stops reading.
-#[test]
-fn closed_stdout_ends_the_run_quietly() {
+/// Runs `pipeline` (in a fresh directory, returned) with an endless writer on its stdin, reads
+/// the first line of its stdout and closes it, like `| head -1`; checks that the run then ends
+/// quietly with exit 0, promptly, and that the writer was stopped. Returns the first line.
+fn first_line_then_close(pipeline: &str, line: &str) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.toml");
-    std::fs::write(
-        &p,
-        "[stages.read]\nkind=\"lines.read\"\npath=\"-\"\n[stages.out]\nkind=\"ndjson.write\"\ninput=\"read\"\npath=\"-\"\n",
-    )
-    .unwrap();
+    std::fs::write(&p, pipeline).unwrap();
     let mut child = Command::new(BIN)
         .args(["run", "--quiet", &p.display().to_string()])
         .stdin(Stdio::piped())
@@ -88,8 +84,8 @@ fn closed_stdout_ends_the_run_quietly() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     // An endless writer: it stops only when millrace stops reading.
+    let chunk = line.repeat(1000);
     let writer = std::thread::spawn(move || {
-        let chunk = "a line of text that goes on\n".repeat(1000);
         let mut written = 0u64;
         while stdin.write_all(chunk.as_bytes()).is_ok() {
             written += chunk.len() as u64;
@@ -100,7 +96,6 @@ fn closed_stdout_ends_the_run_quietly() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    assert_eq!(first, "{\"line\":\"a line of text that goes on\"}\n");
     // Dropping the reader closes the pipe, like `head -1` exiting.
     let t0 = Instant::now();
     let status = child.wait().unwrap();
@@ -114,58 +109,33 @@ fn closed_stdout_ends_the_run_quietly() {
     assert!(status.success(), "exit {status:?}: {err}");
     assert_eq!(err, "");
     assert!(t0.elapsed() < Duration::from_secs(20));
-    let written = writer.join().unwrap();
-    assert!(written > 0);
+    assert!(writer.join().unwrap() > 0);
+    (first, dir)
+}
+
+/// `millrace run p.toml | head -1`: the closed stdout ends the run quietly with exit 0, and
+/// the source stops reading.
+#[test]
+fn closed_stdout_ends_the_run_quietly() {
+    let (first, _dir) = first_line_then_close(
+        "[stages.read]\nkind=\"lines.read\"\npath=\"-\"\n[stages.out]\nkind=\"ndjson.write\"\ninput=\"read\"\npath=\"-\"\n",
+        "a line of text that goes on\n",
+    );
+    assert_eq!(first, "{\"line\":\"a line of text that goes on\"}\n");
 }
 
 /// `millrace run p.toml | head -1` on the byte path (`read -> exec -> out`): the closed stdout
 /// ends the run quietly, the child is killed and reaped, and the source stops reading.
 #[test]
 fn closed_stdout_on_the_byte_path_stops_the_child_and_the_source() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("p.toml");
-    std::fs::write(
-        &p,
+    let (first, dir) = first_line_then_close(
         "[stages.read]\nkind=\"ndjson.read\"\npath=\"-\"\n\
          [stages.cat]\nkind=\"exec\"\ninput=\"read\"\ncommand=[\"sh\", \"-c\", \"echo $$ > pid; exec cat\"]\n\
          [stages.out]\nkind=\"ndjson.write\"\ninput=\"cat\"\npath=\"-\"\n",
-    )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--quiet", &p.display().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let chunk = "{\"a\":\"a record that goes on\"}\n".repeat(1000);
-        let mut written = 0u64;
-        while stdin.write_all(chunk.as_bytes()).is_ok() {
-            written += chunk.len() as u64;
-        }
-        written
-    });
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+        "{\"a\":\"a record that goes on\"}\n",
+    );
     assert_eq!(first, "{\"a\":\"a record that goes on\"}\n");
-    let t0 = Instant::now();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(status.success(), "exit {status:?}: {err}");
-    assert_eq!(err, "");
-    assert!(t0.elapsed() < Duration::from_secs(20));
-    assert!(writer.join().unwrap() > 0);
-    // The `cat` child is gone, not a zombie: millrace reaped it before exiting.
+    // The `cat` child is gone: millrace killed and reaped it before exiting.
     let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
     assert!(
         !Path::new(&format!("/proc/{}", pid.trim())).exists(),

@@ -89,19 +89,22 @@ pub struct PipelineSpec {
     pub byte_path: bool,
 }
 
+fn read_pipeline(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            path,
+            None,
+            None,
+            format!("cannot read the pipeline file: {e}"),
+        )
+    })
+}
+
 impl PipelineSpec {
     /// Reads, parses and validates a pipeline file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                path,
-                None,
-                None,
-                format!("cannot read the pipeline file: {e}"),
-            )
-        })?;
-        Self::from_str(&text, path)
+        Self::from_str(&read_pipeline(path)?, path)
     }
 
     /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
@@ -122,15 +125,7 @@ impl PipelineSpec {
             std::sync::Arc<crate::plugin::native::NativeLibrary>,
         >,
     ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                path,
-                None,
-                None,
-                format!("cannot read the pipeline file: {e}"),
-            )
-        })?;
-        Self::parse(&text, path, Some(reuse))
+        Self::parse(&read_pipeline(path)?, path, Some(reuse))
     }
 
     /// Parses; with `reload`, native libraries come from `reload` or fresh copies.

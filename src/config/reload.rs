@@ -91,6 +91,16 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.modified().ok()?, m.len()))
 }
 
+fn stamps(files: Vec<PathBuf>) -> BTreeMap<PathBuf, Stamp> {
+    files
+        .into_iter()
+        .map(|f| {
+            let s = stamp(&f);
+            (f, s)
+        })
+        .collect()
+}
+
 struct State {
     spec: PipelineSpec,
     stamps: BTreeMap<PathBuf, Stamp>,
@@ -141,14 +151,7 @@ impl PipelineSpec {
             }
         }
         let (p, live) = versioned.build_live()?;
-        let stamps = self
-            .watched_files()
-            .into_iter()
-            .map(|f| {
-                let s = stamp(&f);
-                (f, s)
-            })
-            .collect();
+        let stamps = stamps(self.watched_files());
         let inner = Inner {
             file: self.file.clone(),
             live,
@@ -332,14 +335,7 @@ impl ReloadHandle {
             }
         }
         state.version += 1;
-        state.stamps = new
-            .watched_files()
-            .into_iter()
-            .map(|f| {
-                let s = stamp(&f);
-                (f, s)
-            })
-            .collect();
+        state.stamps = stamps(new.watched_files());
         state.spec = new;
         Ok(changed)
     }
