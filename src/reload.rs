@@ -12,6 +12,8 @@
 //! - native plugin nodes: the node instance is recreated from the new version (its library,
 //!   loaded from a fresh copy, and parameters) before the first batch that sees it; the old
 //!   instance, and with it the old library, is released after its last batch;
+//! - `window` stages: the window head applies a new `allowed_lateness` or `on_error` to its
+//!   running state (`WindowState::set_lateness`) before the batch;
 //! - `exec` stages and process plugins: [`ReloadExecHead`] starts a new child for the new
 //!   version and sends it the batches from then on; the old child gets end of input, finishes
 //!   its records, and is waited for; its output is read to the end before the new child's, so

@@ -487,3 +487,70 @@ fn run_watch_reloads_on_a_file_change() {
     let seqs = output_seqs(dir.path());
     assert_eq!(seqs.len(), 1000 + 500);
 }
+
+fn window_config(lateness: &str, size: &str) -> String {
+    format!(
+        "[options]\nwatermark_every = 1\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.fifo\"\n[stages.w]\nkind = \"window\"\ninput = \"read\"\ntime_field = \"t\"\ntumbling = \"{size}\"\nallowed_lateness = \"{lateness}\"\naggregate = {{ n = \"count\" }}\nlate = \"error\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"w\"\npath = \"out.ndjson\"\n"
+    )
+}
+
+/// A window's `allowed_lateness` changes in place (its open windows kept), so a record that
+/// would have been late under the old value updates its window; a change of its size is
+/// refused, because the open windows belong to it.
+#[test]
+fn a_window_takes_a_new_lateness_and_refuses_a_new_size() {
+    let feed = |reload: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        let (report, refused, _) = run_with(dir.path(), &window_config("0s", "10s"), |h, input| {
+            let mut send = |t: i64| {
+                input
+                    .write_all(format!("{{\"t\":{t}}}\n").as_bytes())
+                    .unwrap()
+            };
+            send(1000);
+            send(2000);
+            wait_processed(h, "w", 2);
+            let mut refused = None;
+            if reload {
+                write_atomically(&p, &window_config("0s", "20s"));
+                refused = Some(h.reload().unwrap_err().to_string());
+                write_atomically(&p, &window_config("1h", "10s"));
+                let e = h.reload().unwrap();
+                assert_eq!(e.changed, vec!["stage `w`: parameters".to_string()]);
+            }
+            send(15_000); // fires [0, 10 s)
+            wait_processed(h, "w", 3);
+            send(3000); // late for [0, 10 s): an update within 1 h, an error with none
+            refused
+        });
+        let out = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap_or_default();
+        (report, refused, out)
+    };
+    let (report, _, _) = feed(false);
+    let e = report.unwrap_err();
+    assert!(
+        e.contains("arrived after every window it belongs to was closed"),
+        "{e}"
+    );
+
+    let (report, refused, out) = feed(true);
+    report.unwrap();
+    let refused = refused.unwrap();
+    assert!(
+        refused.contains("stage `w`")
+            && refused
+                .contains("only `allowed_lateness` and `on_error` can change while a window runs"),
+        "{refused}"
+    );
+    let first: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("\"window_start\":0"))
+        .collect();
+    assert_eq!(first.len(), 2, "{out}");
+    assert!(
+        first[0].contains("\"n\":2") && first[1].contains("\"n\":3"),
+        "{out}"
+    );
+    assert!(first[1].contains("\"update\":true"), "{out}");
+}

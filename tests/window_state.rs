@@ -366,3 +366,41 @@ fn min_and_max_aggregates() {
     assert!(matches!(&o1[0], WindowOutput::Result(r) if r.value == Some(-1.5)));
     assert!(matches!(&o2[0], WindowOutput::Result(r) if r.value == Some(7.25)));
 }
+
+/// `set_lateness` (a hot reload): a longer lateness keeps fired windows for late updates, for
+/// fixed windows and for sessions (whose timers are rescheduled); a shorter one frees at the
+/// next watermark what it has run out for.
+#[test]
+fn lateness_can_change_while_windows_are_held() {
+    for assigner in [
+        Assigner::Tumbling(Tumbling::new(10, 0).unwrap()),
+        Assigner::Session(Session::new(10).unwrap()),
+    ] {
+        let mut s = WindowState::new(assigner, Count, 0);
+        let mut out = Out::new();
+        s.on_record(1, ts(1), 1.0, &mut out);
+        s.set_lateness(100);
+        s.on_watermark(ts(20), &mut out); // fires; held for late updates until 1 + 10 + 100
+        assert_eq!(results(&out).len(), 1, "{assigner:?}");
+        assert_eq!(s.live_windows(), 1, "{assigner:?}: kept for its lateness");
+        out.clear();
+        s.on_record(1, ts(3), 1.0, &mut out); // late, but within the new lateness: an update
+        let r = results(&out);
+        assert_eq!(r.len(), 1, "{assigner:?}: {out:?}");
+        assert_eq!((r[0].2, r[0].3), (2, true), "{assigner:?}");
+        // Shortened again: the window's lateness has run out at watermark 20.
+        s.set_lateness(0);
+        s.on_watermark(ts(21), &mut out);
+        assert_eq!(
+            s.live_windows(),
+            0,
+            "{assigner:?}: freed at the next watermark"
+        );
+        out.clear();
+        s.on_record(1, ts(4), 1.0, &mut out);
+        assert!(
+            matches!(out.as_slice(), [WindowOutput::Late { .. }]),
+            "{assigner:?}: {out:?}"
+        );
+    }
+}

@@ -173,6 +173,8 @@ pub(crate) enum LiveStage {
     Exec(Arc<Versioned<crate::exec::ExecSpec>>),
     /// Native plugin nodes.
     Native(Arc<Versioned<crate::plugin::native::NativeSpec>>),
+    /// Window stages: the parameters that leave their state as it is.
+    Window(Arc<Versioned<crate::window::WindowLive>>),
 }
 
 /// The reloadable stages of a pipeline, by name.
@@ -216,7 +218,8 @@ fn build_stage(
     live: Option<&mut LiveStages>,
 ) -> Result<Option<JsonStream>, ConfigError> {
     let name = st.name.as_str();
-    let input = match (input, live) {
+    let mut live = live;
+    let input = match (input, live.as_deref_mut()) {
         (Some(s), Some(live)) => match build_live_stage(st, s, live) {
             Ok(out) => return Ok(out),
             Err(s) => Some(s),
@@ -319,7 +322,7 @@ fn build_stage(
                     .boxed(),
             )
         }
-        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late)),
+        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live)),
         (Kind::Exec(spec), Some(s)) => {
             Some(s.exec_as(name, (**spec).clone(), st.parallelism).boxed())
         }
@@ -346,14 +349,20 @@ fn build_window(
     st: &StageSpec,
     w: &WindowParams,
     late: &mut Option<JsonStream>,
+    live: Option<&mut LiveStages>,
 ) -> JsonStream {
     let name = st.name.as_str();
     let key_field = w.key_field.clone();
     let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
-    let spec = WindowSpec::new(w.assigner, w.event_time())
+    let mut spec = WindowSpec::new(w.assigner, w.event_time())
         .max_out_of_orderness(ms(w.max_out_of_orderness))
         .allowed_lateness(ms(w.allowed_lateness))
         .on_error(w.on_error);
+    if let Some(live) = live {
+        let v = Versioned::new(w.live());
+        live.insert(st.name.clone(), LiveStage::Window(Arc::clone(&v)));
+        spec.live = Some(v);
+    }
     let windowed = s
         .key_by_as(&format!("{name}.key"), move |rec: &Value| {
             KeyValue(

@@ -8,9 +8,9 @@
 //! 1. parses and validates the file again, loading native plugins whose files changed from
 //!    fresh copies;
 //! 2. refuses, with "restart required", a change of topology (stages added, removed, renamed,
-//!    rewired, another kind or parallelism) or of `[options]`, and a change to a stage that
-//!    cannot reload in place (sources, sinks, `count`, `limit`, `window`: their state or files
-//!    would not carry over);
+//!    rewired, another kind or parallelism) or of `[options]`, a change to a stage that cannot
+//!    reload in place (sources, sinks, `count`, `limit`: their state or files would not carry
+//!    over), and a change to a `window` other than `allowed_lateness` and `on_error`;
 //! 3. builds every changed stage's new version (parameters, plugin library, process command);
 //! 4. only if all of that succeeded, publishes the new versions. Otherwise nothing changes: the
 //!    old version keeps running and the error is returned, logged and kept with the events.
@@ -305,6 +305,13 @@ impl ReloadHandle {
                     ),
                 ));
             };
+            if let (super::kinds::Kind::Window(ow), super::kinds::Kind::Window(nw)) =
+                (&o.params, &n.params)
+            {
+                if let Some(why) = ow.incompatible(nw) {
+                    return Err(restart(Some(&n.name), Some(n.line), why));
+                }
+            }
             let next = match (live, &n.params) {
                 (LiveStage::Map(_), k) => Next::Map(MapLogic::of(k).expect("same kind as built")),
                 (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => Next::Exec(
@@ -314,6 +321,7 @@ impl ReloadHandle {
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
                     Next::Native((**s).clone())
                 }
+                (LiveStage::Window(_), super::kinds::Kind::Window(w)) => Next::Window(w.live()),
                 _ => unreachable!("a stage keeps its kind"),
             };
             plan.push((n.name.clone(), next));
@@ -330,6 +338,9 @@ impl ReloadHandle {
                 }
                 (Some(LiveStage::Native(v)), Next::Native(s)) => {
                     v.store(s);
+                }
+                (Some(LiveStage::Window(v)), Next::Window(w)) => {
+                    v.store(w);
                 }
                 _ => unreachable!("planned from the same map"),
             }
@@ -361,6 +372,7 @@ impl ReloadHandle {
                     LiveStage::Map(v) => v.counts(),
                     LiveStage::Exec(v) => v.counts(),
                     LiveStage::Native(v) => v.counts(),
+                    LiveStage::Window(v) => v.counts(),
                 };
                 (name.clone(), counts)
             })
@@ -428,6 +440,7 @@ enum Next {
     Map(MapLogic),
     Exec(crate::exec::ExecSpec),
     Native(crate::plugin::native::NativeSpec),
+    Window(crate::window::WindowLive),
 }
 
 /// The file names a change to `path` may concern (a file itself, or one renamed over it).

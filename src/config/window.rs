@@ -59,6 +59,27 @@ pub(crate) struct WindowParams {
 const RESERVED: &[&str] = &["key", "window_start", "window_end", "update", "replaces"];
 
 impl WindowParams {
+    /// The parameters a reload may change in place.
+    pub fn live(&self) -> crate::window::WindowLive {
+        crate::window::WindowLive {
+            allowed_lateness: self.allowed_lateness,
+            on_error: self.on_error,
+        }
+    }
+
+    /// Why `new` cannot replace `self` in a running window, if it cannot: anything but
+    /// `allowed_lateness` and `on_error` shapes the open windows.
+    pub fn incompatible(&self, new: &WindowParams) -> Option<String> {
+        let mut same = new.clone();
+        same.allowed_lateness = self.allowed_lateness;
+        same.on_error = self.on_error;
+        (format!("{self:?}") != format!("{same:?}")).then(|| {
+            "only `allowed_lateness` and `on_error` can change while a window runs (its open \
+             windows belong to its other parameters)"
+                .to_string()
+        })
+    }
+
     pub fn parse(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let time_field = p.required_str("time_field")?;
         let key_field = p.opt_str("key_field")?;

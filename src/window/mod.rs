@@ -23,5 +23,6 @@ mod watermark;
 pub use aggregate::{Aggregate, Count, Max, Mean, Min, On, Sum};
 pub use assign::{AssignerError, Session, Sliding, Tumbling};
 pub use operator::{Assigner, WindowOutput, WindowResult, WindowState};
+pub(crate) use stage::WindowLive;
 pub use stage::{EventTime, LateRecord, OnError, WindowSpec, Windowed};
 pub use watermark::{BoundedOutOfOrderness, WatermarkTracker};

@@ -139,6 +139,28 @@ where
         }
     }
 
+    /// Changes the allowed lateness (ms) of a running state (a hot reload). Windows already
+    /// freed stay freed; held ones are kept until the new lateness runs out, and those it has
+    /// already run out for are freed at the next watermark.
+    pub fn set_lateness(&mut self, allowed_lateness: i64) {
+        let lateness = allowed_lateness.max(0);
+        if lateness == self.lateness {
+            return;
+        }
+        self.lateness = lateness;
+        // Session timers are due at times that depend on the lateness: schedule them again.
+        if !self.keys.is_empty() {
+            self.timers.clear();
+            let wm = self.watermark;
+            for (key, slots) in &self.keys {
+                for s in slots {
+                    let at = Self::due(&s.window, wm, lateness);
+                    self.timers.entry(at).or_default().push(key.clone());
+                }
+            }
+        }
+    }
+
     /// The current watermark (`Timestamp::MIN` before the first).
     pub fn watermark(&self) -> Timestamp {
         self.watermark

@@ -65,6 +65,17 @@ pub struct WindowSpec<E> {
     pub(crate) max_out_of_orderness: i64,
     pub(crate) allowed_lateness: i64,
     pub(crate) on_error: OnError,
+    /// Set by a reloadable build: the parameters that can change while the window runs.
+    pub(crate) live: Option<std::sync::Arc<crate::reload::Versioned<WindowLive>>>,
+}
+
+/// The parameters of a window stage that a reload can change without touching its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WindowLive {
+    /// Allowed lateness, ms.
+    pub allowed_lateness: i64,
+    /// What to do with records whose time cannot be read.
+    pub on_error: OnError,
 }
 
 impl<E> WindowSpec<E> {
@@ -77,6 +88,7 @@ impl<E> WindowSpec<E> {
             max_out_of_orderness: 0,
             allowed_lateness: 0,
             on_error: OnError::Fail,
+            live: None,
         }
     }
 
@@ -217,6 +229,8 @@ pub(crate) struct WindowHead<K, T, A: Aggregate<T>, E> {
     pub time: E,
     pub on_error: OnError,
     pub tmp: Vec<(K, T)>,
+    /// A reloadable window's changeable parameters, and the version applied.
+    pub live: Option<(std::sync::Arc<crate::reload::Versioned<WindowLive>>, u64)>,
     /// Records received by this instance (the position reported for a bad record).
     pub seen: u64,
     pub skipped: u64,
@@ -244,6 +258,7 @@ where
             time: spec.time.clone(),
             on_error: spec.on_error,
             tmp: Vec::new(),
+            live: spec.live.as_ref().map(|l| (std::sync::Arc::clone(l), 0)),
             seen: 0,
             skipped: 0,
             done: false,
@@ -277,6 +292,16 @@ where
         if !self.tmp.is_empty() {
             InstanceMetrics::add(&cx.metrics.records_in, self.tmp.len() as u64);
             InstanceMetrics::add(&cx.metrics.batches_in, 1);
+            // A reloadable window applies its changeable parameters once per batch.
+            if let Some((live, applied)) = &mut self.live {
+                let (version, p) = live.load();
+                if version != *applied {
+                    *applied = version;
+                    self.state.set_lateness(p.allowed_lateness);
+                    self.on_error = p.on_error;
+                }
+                live.count(version, self.tmp.len() as u64);
+            }
         }
         for (k, x) in self.tmp.drain(..) {
             self.seen += 1;
