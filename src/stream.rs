@@ -675,6 +675,32 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         id
     }
 
+    /// A stage of `parallelism` instances whose head transforms the input batches itself
+    /// (exec, native nodes, the byte path): order kept at parallelism 1, rebalanced above.
+    fn head_stage_as<O, M>(self, name: &str, parallelism: usize, make: M) -> Fresh<O>
+    where
+        O: Send + 'static,
+        M: Fn(Arc<str>, InputHead<Out<I, C>>) -> Box<dyn Head<O>> + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let name = b.borrow_mut().reserve(name);
+        let partition = if parallelism == 1 {
+            Partition::Forward
+        } else {
+            Partition::Rebalance
+        };
+        let edge = self.connect(partition);
+        let op = Arc::clone(&name);
+        let mut head = input_head(vec![edge], move |input| make(Arc::clone(&op), input));
+        head.name = Some(name);
+        Stream {
+            b,
+            head,
+            chain: Identity::new(),
+            parallelism,
+        }
+    }
+
     /// Closes the stage into an edge with the given partitioning; returns the edge.
     fn connect(self, partition: Partition<Out<I, C>>) -> Edge<Out<I, C>> {
         let edge: Edge<Out<I, C>> = Rc::new(RefCell::new(EdgeCell {
@@ -1081,7 +1107,7 @@ impl<I: Send + 'static, C: Chain<I, Out = Chunk>> Stream<I, C> {
         name: &str,
         spec: Arc<crate::reload::Versioned<crate::exec::ExecSpec>>,
     ) -> Stream<Chunk, Identity<Chunk>> {
-        self.block_head_as(name, move |op, input| {
+        self.head_stage_as(name, 1, move |op, input| {
             Box::new(crate::reload::ReloadExecHead::new(
                 op,
                 input,
@@ -1097,28 +1123,9 @@ impl<I: Send + 'static, C: Chain<I, Out = Chunk>> Stream<I, C> {
         spec: crate::exec::ExecSpec,
     ) -> Stream<Chunk, Identity<Chunk>> {
         let spec = Arc::new(spec);
-        self.block_head_as(name, move |op, input| {
+        self.head_stage_as(name, 1, move |op, input| {
             Box::new(crate::exec::ExecHead::new(op, input, Arc::clone(&spec)))
         })
-    }
-
-    /// A one-instance stage whose head turns input blocks into output blocks.
-    fn block_head_as<M>(self, name: &str, make: M) -> Stream<Chunk, Identity<Chunk>>
-    where
-        M: Fn(Arc<str>, InputHead<Chunk>) -> Box<dyn Head<Chunk>> + 'static,
-    {
-        let b = Rc::clone(&self.b);
-        let name = b.borrow_mut().reserve(name);
-        let edge = self.connect(Partition::Forward);
-        let op = Arc::clone(&name);
-        let mut head = input_head(vec![edge], move |input| make(Arc::clone(&op), input));
-        head.name = Some(name);
-        Stream {
-            b,
-            head,
-            chain: Identity::new(),
-            parallelism: 1,
-        }
     }
 }
 
@@ -1142,7 +1149,7 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
         parallelism: usize,
     ) -> Fresh<serde_json::Value> {
         let spec = Arc::new(spec);
-        self.json_head_as(name, parallelism, move |op, input| {
+        self.head_stage_as(name, parallelism, move |op, input| {
             Box::new(crate::exec::ExecHead::new(op, input, Arc::clone(&spec)))
         })
     }
@@ -1156,7 +1163,7 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
         live: bool,
         parallelism: usize,
     ) -> Fresh<serde_json::Value> {
-        self.json_head_as(name, parallelism, move |op, input| {
+        self.head_stage_as(name, parallelism, move |op, input| {
             Box::new(crate::plugin::native::NativeHead::new(
                 op,
                 input,
@@ -1173,38 +1180,13 @@ impl<I: Send + 'static, C: Chain<I, Out = serde_json::Value>> Stream<I, C> {
         spec: Arc<crate::reload::Versioned<crate::exec::ExecSpec>>,
         parallelism: usize,
     ) -> Fresh<serde_json::Value> {
-        self.json_head_as(name, parallelism, move |op, input| {
+        self.head_stage_as(name, parallelism, move |op, input| {
             Box::new(crate::reload::ReloadExecHead::new(
                 op,
                 input,
                 Arc::clone(&spec),
             ))
         })
-    }
-
-    /// A stage whose head transforms the input batches itself (exec, native nodes): order kept
-    /// at parallelism 1, rebalanced above.
-    fn json_head_as<M>(self, name: &str, parallelism: usize, make: M) -> Fresh<serde_json::Value>
-    where
-        M: Fn(Arc<str>, InputHead<serde_json::Value>) -> Box<dyn Head<serde_json::Value>> + 'static,
-    {
-        let b = Rc::clone(&self.b);
-        let name = b.borrow_mut().reserve(name);
-        let partition = if parallelism == 1 {
-            Partition::Forward
-        } else {
-            Partition::Rebalance
-        };
-        let edge = self.connect(partition);
-        let op = Arc::clone(&name);
-        let mut head = input_head(vec![edge], move |input| make(Arc::clone(&op), input));
-        head.name = Some(name);
-        Stream {
-            b,
-            head,
-            chain: Identity::new(),
-            parallelism,
-        }
     }
 }
 
