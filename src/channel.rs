@@ -119,7 +119,7 @@ pub(crate) struct ChannelTail<T> {
 }
 
 impl<T: Send> ChannelTail<T> {
-    pub fn new(
+    pub(crate) fn new(
         cx: &Cx,
         instance: usize,
         slot: usize,
@@ -316,7 +316,7 @@ impl<T: Send> Tail<T> for ChannelTail<T> {
 impl<T: Send> ChannelTail<T> {
     /// Sends what is buffered (records older than the watermark must not overtake it), then the
     /// watermark to every consumer: each combines the watermarks of all its inputs.
-    pub fn send_watermark(&mut self, at: Timestamp) -> Result<(), Halt> {
+    pub(crate) fn send_watermark(&mut self, at: Timestamp) -> Result<(), Halt> {
         for b in 0..self.bufs.len().max(1) {
             self.send_buf(b)?;
         }
@@ -353,7 +353,7 @@ pub(crate) struct TeeTail<T> {
 }
 
 impl<T> TeeTail<T> {
-    pub fn new(outs: Vec<ChannelTail<T>>) -> Self {
+    pub(crate) fn new(outs: Vec<ChannelTail<T>>) -> Self {
         let live = vec![true; outs.len()];
         TeeTail { outs, live }
     }
@@ -441,7 +441,7 @@ pub(crate) struct InputHead<T> {
 }
 
 impl<T> InputHead<T> {
-    pub fn new(
+    pub(crate) fn new(
         rx: Receiver<Message<T>>,
         ends_expected: usize,
         recycle: Sender<Vec<T>>,
@@ -459,7 +459,11 @@ impl<T> InputHead<T> {
 
     /// Receives the next message, blocking (timed as idle) at most until `flush_at`.
     /// `Ok(None)` means "idle: flush now".
-    pub fn recv(&mut self, cx: &Cx, flush_at: Option<u64>) -> Result<Option<Message<T>>, Halt> {
+    pub(crate) fn recv(
+        &mut self,
+        cx: &Cx,
+        flush_at: Option<u64>,
+    ) -> Result<Option<Message<T>>, Halt> {
         match self.rx.try_recv() {
             Ok(m) => return Ok(Some(m)),
             Err(TryRecvError::Disconnected) => return Err(self.disconnected(cx)),

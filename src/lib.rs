@@ -30,7 +30,7 @@
 //!
 //! Stage closures must be `Send + Sync + 'static`, since they run on other threads:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0277
 //! let p = millrace::Pipeline::new();
 //! let local = std::rc::Rc::new(1u32);
 //! p.source("n", 0..3u32).map(move |x| x + *local).for_each(|_| {});
@@ -39,6 +39,7 @@
 
 mod channel;
 pub mod config;
+mod describe;
 mod error;
 mod exec;
 pub mod http;
@@ -48,7 +49,6 @@ mod ndjson;
 pub mod operator;
 pub mod plugin;
 pub mod pool;
-mod reload;
 mod runtime;
 pub mod sandbox;
 mod sink;
@@ -57,7 +57,13 @@ mod source;
 mod stream;
 pub mod sync;
 mod time;
+mod versioned;
 pub mod window;
+
+/// The README's Rust example, compiled and run by `cargo test --doc` so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// The channel crate the engine is built on, for [`Pipeline::source_channel`]'s receiver.
 pub use crossbeam_channel;
@@ -69,5 +75,5 @@ pub use pool::{
 pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use snapshot::Snapshot;
-pub use stream::{KeyedStream, Pipeline, Stream};
+pub use stream::{KeyedStream, Pipeline, Sink, Stream, Windowed};
 pub use time::{parse_duration_ms, parse_rfc3339_ms, Timestamp, Window};

@@ -31,7 +31,7 @@ pub(crate) struct InstanceMetrics {
 
 impl InstanceMetrics {
     #[inline]
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 }
@@ -46,7 +46,7 @@ pub(crate) struct MetricsEntry {
 }
 
 impl MetricsEntry {
-    pub fn snapshot(&self, elapsed: Duration) -> StageMetrics {
+    pub(crate) fn snapshot(&self, elapsed: Duration) -> StageMetrics {
         let m = &self.metrics;
         let wall = match m.wall_ns.load(Relaxed) {
             0 => elapsed,

@@ -10,8 +10,9 @@
 //! syntax), which [`check_block`] hands to `serde_json` for the verdict and the error message.
 //! A property test and a fuzz target hold it to that.
 
-use crate::config::parse_object;
 use serde_json::Value;
+
+use crate::describe::kind_of;
 
 /// What [`classify`] says of one line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,6 +396,18 @@ fn compacted(data: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Parses one NDJSON line into an object; `Value::Null` marks a blank line to skip.
+pub(crate) fn parse_object(line: &[u8]) -> Result<Value, String> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    match serde_json::from_slice::<Value>(line) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(other) => Err(format!("expected a JSON object, found {}", kind_of(&other))),
+        Err(e) => Err(format!("invalid JSON: {e}")),
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //! costs what the closures cost.
 //!
 //! The types here appear in [`Stream`](crate::Stream)'s type parameters; user code rarely needs
-//! to name them.
+//! to name them, and writes `impl Chain<I, Out = T>` where it must (see the
+//! [`stream` docs](crate::Stream)). [`Chain`] is sealed: its methods are the engine's, and only
+//! the crate implements it.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,17 @@ use std::sync::Arc;
 
 use crate::error::{BoxError, Error};
 
+/// The seal of [`Chain`]: a public trait in a private module, so no other crate can implement
+/// it.
+pub(crate) mod sealed {
+    /// Implemented by every chain type of the crate.
+    pub trait Sealed {}
+}
+
 /// Why a chain stopped pushing records.
+// `pub` (not `pub(crate)`) because the hidden methods of the public, sealed `Chain` name it; it
+// is not reachable from outside the crate.
+#[allow(unreachable_pub)]
 #[derive(Debug)]
 pub enum Halt {
     /// No more input is wanted: a limit was reached, every consumer downstream is gone, or the
@@ -32,6 +44,8 @@ impl From<Error> for Halt {
 }
 
 /// Something records can be pushed into: the next operator, or a stage's tail.
+// `pub` for the same reason as `Halt`; not reachable from outside the crate.
+#[allow(unreachable_pub)]
 pub trait Emit<T> {
     /// Accepts one record, or says why no more are wanted.
     fn emit(&mut self, item: T) -> Result<(), Halt>;
@@ -55,20 +69,36 @@ impl<T> Emit<T> for Vec<T> {
 /// A fused sequence of stateless operators taking `In` and producing [`Chain::Out`].
 ///
 /// Chains are cloned once per stage instance; shared closures live behind `Arc`s.
-pub trait Chain<In>: Clone + Send + 'static {
+///
+/// Sealed: only this crate implements it. Its methods are the engine's and hidden.
+pub trait Chain<In>: sealed::Sealed + Clone + Send + 'static {
     /// The record type the chain emits.
     type Out: Send + 'static;
     /// Pushes one record through the chain into `out`.
+    #[doc(hidden)]
     fn push<E: Emit<Self::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt>;
     /// Called before the `records` records of each input batch are pushed: a reloadable step
     /// loads its version here, so the whole batch sees one version.
+    #[doc(hidden)]
     #[inline]
     fn begin_batch(&mut self, _records: usize) {}
     /// Names of the operators in the chain, in order (used to name stages).
+    #[doc(hidden)]
     fn names(&self, names: &mut Vec<Arc<str>>);
     /// Renames the last operator; false if the chain is empty.
+    #[doc(hidden)]
     fn rename_last(&mut self, name: Arc<str>) -> bool;
 }
+
+impl<T> sealed::Sealed for Identity<T> {}
+impl<C, F> sealed::Sealed for Map<C, F> {}
+impl<C, F> sealed::Sealed for TryMap<C, F> {}
+impl<C, F> sealed::Sealed for Filter<C, F> {}
+impl<C, F> sealed::Sealed for FlatMap<C, F> {}
+impl<C, F> sealed::Sealed for TryFlatMap<C, F> {}
+impl<C, F> sealed::Sealed for Inspect<C, F> {}
+impl<C> sealed::Sealed for Limit<C> {}
+impl<In, Out> sealed::Sealed for Boxed<In, Out> {}
 
 /// The empty chain: emits its input unchanged.
 #[derive(Debug)]
@@ -105,6 +135,11 @@ macro_rules! op_struct {
             prev: C,
             f: Arc<F>,
             name: Arc<str>,
+        }
+        impl<C, F> std::fmt::Debug for $name<C, F> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name)).field("name", &self.name).finish_non_exhaustive()
+            }
         }
         impl<C: Clone, F> Clone for $name<C, F> {
             fn clone(&self) -> Self {
@@ -385,6 +420,15 @@ pub struct Limit<C> {
     name: Arc<str>,
 }
 
+impl<C> std::fmt::Debug for Limit<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limit")
+            .field("name", &self.name)
+            .field("remaining", &self.remaining.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
 impl<C: Clone> Clone for Limit<C> {
     fn clone(&self) -> Self {
         Limit {
@@ -475,6 +519,14 @@ impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
 /// A type-erased chain: one dynamic call per record, so that chains of different shapes have
 /// one type. Made by [`Stream::boxed`](crate::Stream::boxed).
 pub struct Boxed<In, Out>(Box<dyn DynChain<In, Out>>);
+
+impl<In, Out> std::fmt::Debug for Boxed<In, Out> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names = Vec::new();
+        self.0.names_dyn(&mut names);
+        f.debug_tuple("Boxed").field(&names).finish()
+    }
+}
 
 impl<In: 'static, Out: 'static> Boxed<In, Out> {
     pub(crate) fn new<C: Chain<In, Out = Out>>(chain: C) -> Self {

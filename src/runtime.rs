@@ -77,7 +77,7 @@ pub(crate) struct RunShared {
 pub(crate) type PoolSampler = Box<dyn Fn() -> crate::PoolMetrics + Send + Sync>;
 
 impl RunShared {
-    pub fn new(opts: Options) -> Arc<Self> {
+    pub(crate) fn new(opts: Options) -> Arc<Self> {
         let (tx, rx) = bounded(0);
         Arc::new(RunShared {
             opts,
@@ -93,17 +93,17 @@ impl RunShared {
         })
     }
 
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
         self.cancel_tx.lock().take();
     }
 
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
     }
 
     /// Records the run's first error and stops the run; later errors are consequences.
-    pub fn fail(&self, e: Error) {
+    pub(crate) fn fail(&self, e: Error) {
         {
             let mut slot = self.first_error.lock();
             if slot.is_none() {
@@ -116,7 +116,7 @@ impl RunShared {
     }
 
     /// Whether the run is failing: an error is recorded or a worker is unwinding from a panic.
-    pub fn has_failed(&self) -> bool {
+    pub(crate) fn has_failed(&self) -> bool {
         self.aborting.load(Ordering::Acquire) || self.first_error.lock().is_some()
     }
 
@@ -129,7 +129,7 @@ impl RunShared {
     }
 
     /// Precise milliseconds since the start (the clock the coarse `clock_ms` approximates).
-    pub fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.elapsed().as_millis() as u64
     }
 }
@@ -202,7 +202,7 @@ pub(crate) struct Cx {
 
 impl Cx {
     /// The same context, for a helper thread of the stage instance (a writer, a dispatcher).
-    pub fn clone_for_thread(&self) -> Cx {
+    pub(crate) fn clone_for_thread(&self) -> Cx {
         Cx {
             run: Arc::clone(&self.run),
             stage: Arc::clone(&self.stage),
@@ -212,14 +212,14 @@ impl Cx {
     }
 
     #[inline]
-    pub fn batch_size(&self) -> usize {
+    pub(crate) fn batch_size(&self) -> usize {
         self.run.opts.batch_size
     }
     #[inline]
-    pub fn clock_ms(&self) -> u64 {
+    pub(crate) fn clock_ms(&self) -> u64 {
         self.run.clock_ms.load(Ordering::Relaxed)
     }
-    pub fn linger_ms(&self) -> u64 {
+    pub(crate) fn linger_ms(&self) -> u64 {
         self.run.opts.linger.as_millis().max(1) as u64
     }
 }

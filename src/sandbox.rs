@@ -66,7 +66,7 @@ impl Limits {
                 key: key.clone(),
                 message: format!(
                     "expected {expected}, found {}",
-                    crate::config::describe_value(v)
+                    crate::describe::describe_toml(v)
                 ),
             };
             match key.as_str() {
@@ -282,7 +282,7 @@ impl ChildSetup {
     /// Prepares the limits and, for a plugin stage (`policy`), its Landlock ruleset and seccomp
     /// program; `program` is the command's first word, found on `path` (the child's `PATH`)
     /// relative to `cwd`. Features `support` lacks are skipped and listed in `missing`.
-    pub fn prepare(
+    pub(crate) fn prepare(
         limits: &Limits,
         policy: Option<&Policy>,
         program: &str,
@@ -320,7 +320,7 @@ impl ChildSetup {
     }
 
     /// Whether there is nothing to do in the child (std can then use `posix_spawn`).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rlimits.is_empty() && self.landlock.is_none() && self.seccomp.is_none()
     }
 
@@ -332,7 +332,7 @@ impl ChildSetup {
     /// Only to be called in a freshly forked child (from `CommandExt::pre_exec`). It makes
     /// async-signal-safe system calls only, reads `self` without allocating or locking, and
     /// restricts the calling process for good.
-    pub unsafe fn apply_in_child(&self) -> io::Result<()> {
+    pub(crate) unsafe fn apply_in_child(&self) -> io::Result<()> {
         for (resource, limit) in &self.rlimits {
             // SAFETY: setrlimit reads the rlimit struct behind the pointer, which is alive.
             if unsafe { libc::setrlimit(*resource as _, limit) } != 0 {
@@ -377,7 +377,7 @@ impl ChildSetup {
     }
 
     /// A `pre_exec` hook that applies this setup.
-    pub fn hook(self: Arc<Self>) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
+    pub(crate) fn hook(self: Arc<Self>) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
         // SAFETY: the hook runs in the forked child, which is what apply_in_child requires.
         move || unsafe { self.apply_in_child() }
     }

@@ -45,7 +45,7 @@ pub(crate) struct ForEachTail<F> {
 }
 
 impl<F> ForEachTail<F> {
-    pub fn new(cx: &Cx, f: F, name: Arc<str>) -> Self {
+    pub(crate) fn new(cx: &Cx, f: F, name: Arc<str>) -> Self {
         ForEachTail {
             f,
             name,
@@ -111,7 +111,7 @@ pub(crate) struct CollectTail<T> {
 }
 
 impl<T> CollectTail<T> {
-    pub fn new(cx: &Cx, out: Arc<Mutex<Vec<T>>>) -> Self {
+    pub(crate) fn new(cx: &Cx, out: Arc<Mutex<Vec<T>>>) -> Self {
         CollectTail {
             local: Vec::new(),
             out,
@@ -186,7 +186,7 @@ pub(crate) struct WriteTail<F> {
 }
 
 impl<F> WriteTail<F> {
-    pub fn new(
+    pub(crate) fn new(
         cx: &Cx,
         out: BufWriter<Box<dyn Write + Send>>,
         path: String,

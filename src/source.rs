@@ -20,7 +20,7 @@ pub(crate) struct IterHead<It> {
 }
 
 impl<It> IterHead<It> {
-    pub fn new(iter: It) -> Self {
+    pub(crate) fn new(iter: It) -> Self {
         IterHead { iter, step: 1 }
     }
 }
@@ -79,7 +79,7 @@ pub(crate) struct Input {
 
 impl Input {
     /// Opens `path`, or stdin for `-`.
-    pub fn open(stage: &str, path: &Path) -> Result<Input, Error> {
+    pub(crate) fn open(stage: &str, path: &Path) -> Result<Input, Error> {
         let shown = path.display().to_string();
         let io_err = |source| Error::Io {
             stage: stage.to_string(),
@@ -202,7 +202,7 @@ pub(crate) struct Chunk {
 
 impl Chunk {
     /// The chunk's lines without their endings, with their line numbers.
-    pub fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+    pub(crate) fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
         let data = self.data.strip_suffix(b"\n").unwrap_or(&self.data);
         let mut start = 0;
         let mut ends = memchr::memchr_iter(b'\n', data).chain(std::iter::once(data.len()));
@@ -235,7 +235,7 @@ pub(crate) struct ChunkHead {
 }
 
 impl ChunkHead {
-    pub fn new(name: std::sync::Arc<str>, input: Input, chunk_size: usize) -> Self {
+    pub(crate) fn new(name: std::sync::Arc<str>, input: Input, chunk_size: usize) -> Self {
         ChunkHead {
             name,
             reader: input.reader,
@@ -341,7 +341,7 @@ pub(crate) struct NdjsonBlockHead {
 }
 
 impl NdjsonBlockHead {
-    pub fn new(inner: ChunkHead) -> Self {
+    pub(crate) fn new(inner: ChunkHead) -> Self {
         NdjsonBlockHead { inner }
     }
 }
@@ -445,7 +445,7 @@ impl<T, P> LineHead<T, P>
 where
     P: FnMut(&[u8], u64) -> ParseResult<T> + Send,
 {
-    pub fn new(name: std::sync::Arc<str>, input: Input, parse: P) -> Self {
+    pub(crate) fn new(name: std::sync::Arc<str>, input: Input, parse: P) -> Self {
         LineHead {
             name,
             reader: BufReader::with_capacity(256 * 1024, input.reader),
@@ -548,7 +548,7 @@ pub(crate) struct ChannelSourceHead<T> {
 }
 
 impl<T> ChannelSourceHead<T> {
-    pub fn new(rx: crossbeam_channel::Receiver<T>) -> Self {
+    pub(crate) fn new(rx: crossbeam_channel::Receiver<T>) -> Self {
         ChannelSourceHead { rx }
     }
 }

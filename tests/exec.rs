@@ -1,5 +1,7 @@
 //! The `exec` stage: NDJSON through a child process, and every way a subprocess pipeline goes
-//! wrong (`../shared/seeds/backpressure-streaming-qa.md`).
+//! wrong — a child flooding stderr while nobody reads it, a child that never answers, invalid
+//! output lines, a consumer that stops early (no zombie left), EPIPE, and the environment a
+//! child inherits.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,5 +1,6 @@
-//! The engine: many jobs, progress streams, cancellation, shutdown, and the seed's races
-//! (`../shared/seeds/pipeline-execution-thread-safety.md`) as tests.
+//! The engine: many jobs, progress streams, cancellation, shutdown, and the races a job table
+//! invites as tests — two cleanups of one job, a subscriber arriving as its job ends, and a job
+//! submitted while the engine shuts down.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,9 @@
 //! Hot reload of a running pipeline (`PipelineSpec::build_reloadable`, `ReloadHandle`): under
 //! load, no record lost, duplicated or processed by two versions of a stage; failed reloads
-//! leave the old version running; topology changes are refused. Seed bug 1 of
-//! `../shared/seeds/plugin-data-pipeline-bugs.md` is `the_seed_field_rename_under_load`.
+//! leave the old version running; topology changes are refused.
+//! `the_seed_field_rename_under_load` is the classic hot-reload bug: a stage's field is renamed
+//! while records flow, and a batch half processed by the old version and half by the new one
+//! loses or duplicates records.
 
 mod common;
 

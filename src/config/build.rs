@@ -11,12 +11,14 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::kinds::{self, Kind};
+use super::live_map::MapLogic;
 use super::parse::{PipelineSpec, StageSpec};
-use super::window::{LatePolicy, WindowParams};
+use super::stages;
+use super::window_kind::{LatePolicy, WindowParams};
 use super::ConfigError;
 use crate::operator::Boxed;
-use crate::reload::{MapLogic, Versioned};
 use crate::source::Chunk;
+use crate::versioned::Versioned;
 use crate::window::{WindowOutput, WindowSpec};
 use crate::{Pipeline, Stream};
 
@@ -129,22 +131,22 @@ impl PipelineSpec {
             return None;
         }
         let p = Pipeline::with_options(self.options.clone());
-        let mut s = p.ndjson_blocks_as(&st[0].name, path, BLOCK_BYTES);
+        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES).boxed();
         let mut live = live;
         for m in middle {
             let Kind::Exec(spec) = &m.params else {
                 unreachable!("checked above")
             };
             s = match live.as_deref_mut() {
-                None => s.exec_blocks_as(&m.name, (**spec).clone()),
+                None => stages::exec(s, &m.name, (**spec).clone(), 1).boxed(),
                 Some(l) => {
                     let v = Versioned::new((**spec).clone());
                     l.insert(m.name.clone(), LiveStage::Exec(Arc::clone(&v)));
-                    s.exec_blocks_live_as(&m.name, v)
+                    stages::exec_live(s, &m.name, v, 1).boxed()
                 }
             };
         }
-        s.write_blocks_as(&st[st.len() - 1].name, out);
+        stages::write_blocks(s, &st[st.len() - 1].name, out);
         Some(p)
     }
 }
@@ -192,18 +194,18 @@ fn build_live_stage(
         Kind::Exec(spec) => {
             let v = Versioned::new((**spec).clone());
             live.insert(st.name.clone(), LiveStage::Exec(Arc::clone(&v)));
-            input.exec_live_as(name, v, par).boxed()
+            stages::exec_live(input, name, v, par).boxed()
         }
         Kind::Native(spec) => {
             let v = Versioned::new((**spec).clone());
             live.insert(st.name.clone(), LiveStage::Native(Arc::clone(&v)));
-            input.native_as(name, v, true, par).boxed()
+            stages::native(input, name, v, true, par).boxed()
         }
         other => match MapLogic::of(other) {
             Some(logic) => {
                 let v = Versioned::new(logic);
                 live.insert(st.name.clone(), LiveStage::Map(Arc::clone(&v)));
-                with_parallelism(input, st).live_map(v).name(name).boxed()
+                stages::live_map(with_parallelism(input, st), name, v).boxed()
             }
             None => return Err(input),
         },
@@ -228,11 +230,7 @@ fn build_stage(
     };
     Ok(match (&st.params, input) {
         (Kind::LinesRead { path }, None) => {
-            let s = p.lines_as(name, path, |line| {
-                let mut m = Map::with_capacity(1);
-                m.insert("line".into(), Value::String(line));
-                Value::Object(m)
-            });
+            let s = stages::lines(p, name, path);
             Some(if st.parallelism > 1 {
                 s.rebalance(st.parallelism).boxed()
             } else {
@@ -243,7 +241,7 @@ fn build_stage(
             if st.parallelism > 1 {
                 // Parsing is the expensive part: read blocks of lines on one thread (a memcpy),
                 // parse them on N.
-                let chunks = p.chunks_as(&format!("{name}.lines"), path, CHUNK_BYTES);
+                let chunks = stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES);
                 let shown = path.display().to_string();
                 let stage: Arc<str> = Arc::from(name);
                 Some(
@@ -255,7 +253,7 @@ fn build_stage(
                         .boxed(),
                 )
             } else {
-                Some(p.ndjson_objects_as(name, path).boxed())
+                Some(stages::ndjson_objects(p, name, path).boxed())
             }
         }
         (_, None) => unreachable!("validation gives every non-source stage an input"),
@@ -294,12 +292,14 @@ fn build_stage(
             let k = key.clone();
             let k2 = key.clone();
             let counted = s
-                .key_by_as(&format!("{name}.key"), move |rec: &Value| {
+                .key_by(move |rec: &Value| {
                     let v = rec.get(&k).cloned().unwrap_or(Value::Null);
                     KeyValue(v)
                 })
+                .name(&format!("{name}.key"))
                 .parallelism(st.parallelism)
-                .aggregate_as(name, || 0u64, |n: &mut u64, _| *n += 1)
+                .count()
+                .name(name)
                 .map(move |(KeyValue(v), n)| {
                     let mut m = Map::with_capacity(2);
                     m.insert(k2.clone(), v);
@@ -310,7 +310,7 @@ fn build_stage(
             let key = key.clone();
             Some(
                 counted
-                    .sort_by_as(&format!("{name}.sort"), move |a: &Value, b: &Value| {
+                    .sort_by(move |a: &Value, b: &Value| {
                         let count = |v: &Value| v.get("count").and_then(Value::as_u64).unwrap_or(0);
                         count(b).cmp(&count(a)).then_with(|| {
                             kinds::cmp_values(
@@ -319,24 +319,26 @@ fn build_stage(
                             )
                         })
                     })
+                    .name(&format!("{name}.sort"))
                     .boxed(),
             )
         }
         (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live)),
         (Kind::Exec(spec), Some(s)) => {
-            Some(s.exec_as(name, (**spec).clone(), st.parallelism).boxed())
+            Some(stages::exec(s, name, (**spec).clone(), st.parallelism).boxed())
         }
         (Kind::Native(spec), Some(s)) => Some(
-            s.native_as(
+            stages::native(
+                s,
                 name,
-                crate::reload::Versioned::new((**spec).clone()),
+                Versioned::new((**spec).clone()),
                 false,
                 st.parallelism,
             )
             .boxed(),
         ),
         (Kind::NdjsonWrite { path }, Some(s)) => {
-            s.write_ndjson_as(name, path);
+            s.write_ndjson(path).name(name);
             None
         }
     })
@@ -364,7 +366,7 @@ fn build_window(
         spec.live = Some(v);
     }
     let windowed = s
-        .key_by_as(&format!("{name}.key"), move |rec: &Value| {
+        .key_by(move |rec: &Value| {
             KeyValue(
                 key_field
                     .as_ref()
@@ -372,8 +374,10 @@ fn build_window(
                     .unwrap_or(Value::Null),
             )
         })
+        .name(&format!("{name}.key"))
         .parallelism(st.parallelism)
-        .window_as(name, spec, w.aggregate());
+        .window(spec, w.aggregate())
+        .name(name);
     let params = Arc::new(w.clone());
     let json = format!("{name}.json");
     match &w.late {
@@ -423,7 +427,7 @@ const CHUNK_BYTES: usize = 64 * 1024;
 fn parse_chunk(chunk: &Chunk, stage: &str, path: &str) -> Result<Vec<Value>, crate::Error> {
     let mut out = Vec::with_capacity(chunk.data.len() / 64);
     for (line, text) in chunk.lines() {
-        match parse_object(text) {
+        match crate::ndjson::parse_object(text) {
             Ok(Value::Null) => {}
             Ok(v) => out.push(v),
             Err(message) => {
@@ -439,30 +443,6 @@ fn parse_chunk(chunk: &Chunk, stage: &str, path: &str) -> Result<Vec<Value>, cra
         }
     }
     Ok(out)
-}
-
-/// Parses one NDJSON line into an object; `Value::Null` marks a blank line to skip.
-pub(crate) fn parse_object(line: &[u8]) -> Result<Value, String> {
-    if line.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Value::Null);
-    }
-    match serde_json::from_slice::<Value>(line) {
-        Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(other) => Err(format!("expected a JSON object, found {}", kind_of(&other))),
-        Err(e) => Err(format!("invalid JSON: {e}")),
-    }
-}
-
-/// How a JSON value is named in error messages ("a string").
-pub(crate) fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A JSON value used as a grouping key: hashed and compared by its canonical text.

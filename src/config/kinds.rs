@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 use toml::Spanned;
 
-use super::parse::{describe, Ctx};
+use super::parse::Ctx;
 use super::ConfigError;
+use crate::describe::describe_toml as describe;
 
 /// Every built-in kind, with a one-line description.
 pub const KINDS: &[(&str, &str)] = &[
@@ -65,7 +66,7 @@ pub(crate) enum Kind {
     Limit {
         n: u64,
     },
-    Window(Box<super::window::WindowParams>),
+    Window(Box<super::window_kind::WindowParams>),
     Exec(Box<crate::exec::ExecSpec>),
     Native(Box<crate::plugin::native::NativeSpec>),
     NdjsonWrite {
@@ -82,7 +83,7 @@ pub(crate) struct KindInfo {
 }
 
 impl Kind {
-    pub fn parse(kind: &str, p: &mut Params<'_>) -> Result<Kind, ConfigError> {
+    pub(crate) fn parse(kind: &str, p: &mut Params<'_>) -> Result<Kind, ConfigError> {
         Ok(match kind {
             "lines.read" => Kind::LinesRead {
                 path: p.input_path("path")?,
@@ -136,7 +137,7 @@ impl Kind {
             "limit" => Kind::Limit {
                 n: p.required_u64("n")?,
             },
-            "window" => Kind::Window(Box::new(super::window::WindowParams::parse(p)?)),
+            "window" => Kind::Window(Box::new(super::window_kind::WindowParams::parse(p)?)),
             "exec" => Kind::Exec(Box::new(parse_exec(p)?)),
             "ndjson.write" => Kind::NdjsonWrite {
                 path: p.output_path("path")?,
@@ -180,7 +181,7 @@ impl Kind {
         })
     }
 
-    pub fn info(&self) -> KindInfo {
+    pub(crate) fn info(&self) -> KindInfo {
         match self {
             Kind::LinesRead { .. } | Kind::NdjsonRead { .. } => KindInfo {
                 source: true,
@@ -210,7 +211,7 @@ pub(crate) struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
-    pub fn new(
+    pub(crate) fn new(
         ctx: &'a Ctx<'a>,
         stage: &'a str,
         line: usize,
@@ -248,7 +249,7 @@ impl<'a> Params<'a> {
         self.used.extend(keys.iter().copied());
     }
 
-    pub fn line_of(&self, key: &str) -> usize {
+    pub(crate) fn line_of(&self, key: &str) -> usize {
         self.table
             .iter()
             .find(|(k, _)| k.get_ref() == key)
@@ -256,7 +257,7 @@ impl<'a> Params<'a> {
             .unwrap_or(self.line)
     }
 
-    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+    pub(crate) fn error_at(&self, key: &str, message: String) -> ConfigError {
         ConfigError::new(
             self.ctx.file,
             Some(self.line_of(key)),
@@ -265,7 +266,7 @@ impl<'a> Params<'a> {
         )
     }
 
-    pub fn missing(&self, key: &str, what: &str) -> ConfigError {
+    pub(crate) fn missing(&self, key: &str, what: &str) -> ConfigError {
         ConfigError::new(
             self.ctx.file,
             Some(self.line),
@@ -284,7 +285,7 @@ impl<'a> Params<'a> {
         )
     }
 
-    pub fn opt_str(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
+    pub(crate) fn opt_str(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
         match self.get(key).map(Spanned::get_ref) {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
@@ -292,12 +293,12 @@ impl<'a> Params<'a> {
         }
     }
 
-    pub fn required_str(&mut self, key: &'static str) -> Result<String, ConfigError> {
+    pub(crate) fn required_str(&mut self, key: &'static str) -> Result<String, ConfigError> {
         self.opt_str(key)?
             .ok_or_else(|| self.missing(key, "a string"))
     }
 
-    pub fn opt_bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+    pub(crate) fn opt_bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
         match self.get(key).map(Spanned::get_ref) {
             None => Ok(None),
             Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
@@ -305,7 +306,7 @@ impl<'a> Params<'a> {
         }
     }
 
-    pub fn opt_u64(
+    pub(crate) fn opt_u64(
         &mut self,
         key: &'static str,
         min: u64,
@@ -320,12 +321,12 @@ impl<'a> Params<'a> {
         }
     }
 
-    pub fn required_u64(&mut self, key: &'static str) -> Result<u64, ConfigError> {
+    pub(crate) fn required_u64(&mut self, key: &'static str) -> Result<u64, ConfigError> {
         self.opt_u64(key, 0, u64::MAX)?
             .ok_or_else(|| self.missing(key, "an integer"))
     }
 
-    pub fn opt_value(&mut self, key: &'static str) -> Result<Option<Value>, ConfigError> {
+    pub(crate) fn opt_value(&mut self, key: &'static str) -> Result<Option<Value>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => serde_json::to_value(v.get_ref())
@@ -334,7 +335,10 @@ impl<'a> Params<'a> {
         }
     }
 
-    pub fn required_str_list(&mut self, key: &'static str) -> Result<Vec<String>, ConfigError> {
+    pub(crate) fn required_str_list(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Vec<String>, ConfigError> {
         match self.get(key).map(Spanned::get_ref) {
             None => Err(self.missing(key, "an array of strings")),
             Some(toml::Value::Array(items)) => items
@@ -349,7 +353,7 @@ impl<'a> Params<'a> {
     }
 
     /// `input`: a stage name or a list of them.
-    pub fn inputs(&mut self) -> Result<Vec<String>, ConfigError> {
+    pub(crate) fn inputs(&mut self) -> Result<Vec<String>, ConfigError> {
         match self.get("input").map(Spanned::get_ref) {
             None => Ok(Vec::new()),
             Some(toml::Value::String(s)) => Ok(vec![s.clone()]),
@@ -365,7 +369,7 @@ impl<'a> Params<'a> {
     }
 
     /// A directory relative to the pipeline file.
-    pub fn resolve_dir(&self, path: &str) -> PathBuf {
+    pub(crate) fn resolve_dir(&self, path: &str) -> PathBuf {
         self.resolve(path)
     }
 
@@ -379,7 +383,7 @@ impl<'a> Params<'a> {
     }
 
     /// A file to read, which must exist (`-` is stdin).
-    pub fn input_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
+    pub(crate) fn input_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
         let raw = self.required_str(key)?;
         let path = self.resolve(&raw);
         if raw != "-" {
@@ -394,13 +398,13 @@ impl<'a> Params<'a> {
     }
 
     /// A file to write (`-` is stdout).
-    pub fn output_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
+    pub(crate) fn output_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
         let raw = self.required_str(key)?;
         Ok(self.resolve(&raw))
     }
 
     /// Rejects parameters the kind does not know (most often a typo).
-    pub fn finish(&self, kind: &str) -> Result<(), ConfigError> {
+    pub(crate) fn finish(&self, kind: &str) -> Result<(), ConfigError> {
         for (k, v) in self.table {
             if !self.used.contains(k.get_ref().as_str()) && !self.used_dyn.contains(k.get_ref()) {
                 let mut known: Vec<&str> = self.used.iter().copied().collect();

@@ -9,7 +9,7 @@ use crate::sandbox::{Limits, Policy};
 
 impl Params<'_> {
     /// `limits = { address_space = "512MiB", cpu_seconds = 10, open_files = 256 }`.
-    pub fn opt_limits(&mut self) -> Result<Limits, ConfigError> {
+    pub(crate) fn opt_limits(&mut self) -> Result<Limits, ConfigError> {
         match self.get("limits").map(Spanned::get_ref) {
             None => Ok(Limits::default()),
             Some(toml::Value::Table(t)) => {

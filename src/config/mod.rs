@@ -27,13 +27,13 @@
 //! ```
 
 mod build;
-mod limits;
-mod window;
-pub(crate) use build::parse_object;
-pub(crate) use parse::describe as describe_value;
 pub(crate) mod kinds;
+mod limits;
+mod live_map;
 mod parse;
 mod reload;
+mod stages;
+mod window_kind;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

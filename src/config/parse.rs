@@ -9,6 +9,7 @@ use toml::Spanned;
 
 use super::kinds::{self, Kind, Params};
 use super::ConfigError;
+use crate::describe::describe_toml;
 use crate::Options;
 
 type RawTable = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
@@ -36,7 +37,7 @@ impl Lines {
                 .collect(),
         )
     }
-    pub fn line(&self, offset: usize) -> usize {
+    pub(crate) fn line(&self, offset: usize) -> usize {
         self.0.partition_point(|&start| start <= offset)
     }
 }
@@ -267,22 +268,10 @@ pub(crate) struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// The plugins on the search path (`plugin_dirs` first).
-    pub fn plugins(&self) -> &crate::plugin::PluginRegistry {
+    pub(crate) fn plugins(&self) -> &crate::plugin::PluginRegistry {
         self.plugins.get_or_init(|| {
             crate::plugin::PluginRegistry::discover(&crate::plugin::search_path(&self.plugin_dirs))
         })
-    }
-}
-
-pub(crate) fn describe(v: &toml::Value) -> String {
-    match v {
-        toml::Value::String(s) => format!("the string {s:?}"),
-        toml::Value::Integer(i) => format!("the integer {i}"),
-        toml::Value::Float(f) => format!("the float {f}"),
-        toml::Value::Boolean(b) => format!("the boolean {b}"),
-        toml::Value::Datetime(d) => format!("the datetime {d}"),
-        toml::Value::Array(_) => "an array".into(),
-        toml::Value::Table(_) => "a table".into(),
     }
 }
 
@@ -304,7 +293,7 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
             toml::Value::Integer(i) if *i > 0 => Ok(*i as u64),
             other => Err(err(format!(
                 "expected a positive integer, found {}",
-                describe(other)
+                describe_toml(other)
             ))),
         };
         let duration = || match v.get_ref() {
@@ -313,7 +302,7 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
                 .map_err(err),
             other => Err(err(format!(
                 "expected a duration such as \"5s\", found {}",
-                describe(other)
+                describe_toml(other)
             ))),
         };
         match k.get_ref().as_str() {
@@ -327,7 +316,7 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
                 other => {
                     return Err(err(format!(
                         "expected true or false, found {}",
-                        describe(other)
+                        describe_toml(other)
                     )))
                 }
             },

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 
 use super::build::{LiveStage, LiveStages};
+use super::live_map::MapLogic;
 use super::{ConfigError, PipelineSpec};
-use crate::reload::MapLogic;
 use crate::Pipeline;
 
 /// One reload, applied or refused.

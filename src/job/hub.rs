@@ -44,6 +44,12 @@ pub struct ProgressHub<E> {
     state: Arc<Mutex<HubState<E>>>,
 }
 
+impl<E> std::fmt::Debug for ProgressHub<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressHub").finish_non_exhaustive()
+    }
+}
+
 impl<E> Clone for ProgressHub<E> {
     fn clone(&self) -> Self {
         ProgressHub {

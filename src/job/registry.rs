@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use crate::sync::Mutex;
 
 /// A table of `V` by `K` under one mutex.
+#[derive(Debug)]
 pub struct Registry<K, V> {
     entries: Mutex<BTreeMap<K, V>>,
 }

@@ -2,7 +2,7 @@
 //! types that pipelines use as `kind = "<plugin>.<node>"`.
 //!
 //! A plugin is a directory holding a `plugin.toml`. Process plugins run as `exec` stages (NDJSON
-//! on stdin and stdout, see [`crate::config`]); their node's parameters are checked against the
+//! on stdin and stdout, the TOML layer's `exec` kind); their node's parameters are checked against the
 //! manifest before anything runs and reach the process as JSON in `MILLRACE_PARAMS`, the node's
 //! name in `MILLRACE_NODE`. Native (`cdylib`) plugins are loaded in-process by [`native`].
 
@@ -380,7 +380,7 @@ fn load(path: &Path) -> Result<Plugin, String> {
 
 /// Checks a value against a parameter spec; the error says what was expected and found.
 pub(crate) fn check_value(spec: &ParamSpec, v: &toml::Value) -> Result<(), String> {
-    let describe = crate::config::describe_value;
+    let describe = crate::describe::describe_toml;
     let ok = matches!(
         (spec.ty, v),
         (ParamType::String, toml::Value::String(_))

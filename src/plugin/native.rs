@@ -498,7 +498,7 @@ pub(crate) struct NativeSpec {
 /// version changed, before processing the batch; otherwise the spec is read once.
 pub(crate) struct NativeHead {
     name: Arc<str>,
-    spec: Arc<crate::reload::Versioned<NativeSpec>>,
+    spec: Arc<crate::versioned::Versioned<NativeSpec>>,
     live: bool,
     input: crate::channel::InputHead<Value>,
     /// The node and the version it was made from.
@@ -508,10 +508,10 @@ pub(crate) struct NativeHead {
 }
 
 impl NativeHead {
-    pub fn new(
+    pub(crate) fn new(
         name: Arc<str>,
         input: crate::channel::InputHead<Value>,
-        spec: Arc<crate::reload::Versioned<NativeSpec>>,
+        spec: Arc<crate::versioned::Versioned<NativeSpec>>,
         live: bool,
     ) -> Self {
         NativeHead {

@@ -332,6 +332,16 @@ pub struct PoolBuilder<R> {
     registry: Option<Registry>,
 }
 
+impl<R> std::fmt::Debug for PoolBuilder<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .field("resources", &self.resources.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<R> PoolBuilder<R> {
     /// The number of units; defaults to the number of resources given up front.
     pub fn capacity(mut self, capacity: usize) -> Self {

@@ -89,7 +89,7 @@ impl fmt::Display for TaskId {
 ///
 /// A scope belongs to the thread that entered it and cannot be sent to another:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn send<T: Send>(_: T) {}
 /// send(millrace::TaskId::new().enter());
 /// ```

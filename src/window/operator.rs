@@ -114,6 +114,16 @@ pub struct WindowState<K, T, A: Aggregate<T>> {
     _record: std::marker::PhantomData<fn(&T)>,
 }
 
+impl<K, T, A: Aggregate<T>> std::fmt::Debug for WindowState<K, T, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowState")
+            .field("assigner", &self.assigner)
+            .field("lateness", &self.lateness)
+            .field("watermark", &self.watermark)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<K, T, A> WindowState<K, T, A>
 where
     K: Hash + Eq + Clone,

@@ -1,6 +1,6 @@
 //! Event time in the runtime: the watermark generator that sits at the end of the stage feeding
 //! a window (one per instance), the window stage's head that drives a [`WindowState`], and the
-//! typed API around them ([`WindowSpec`], [`Windowed`]).
+//! typed API around them ([`WindowSpec`]; the builder type [`Windowed`](crate::Windowed) lives with the other streams).
 //!
 //! Watermarks travel as channel messages after the records they follow. A stage combines the
 //! watermarks of all its input slots (one per upstream instance) and forwards their minimum;
@@ -66,7 +66,18 @@ pub struct WindowSpec<E> {
     pub(crate) allowed_lateness: i64,
     pub(crate) on_error: OnError,
     /// Set by a reloadable build: the parameters that can change while the window runs.
-    pub(crate) live: Option<std::sync::Arc<crate::reload::Versioned<WindowLive>>>,
+    pub(crate) live: Option<std::sync::Arc<crate::versioned::Versioned<WindowLive>>>,
+}
+
+impl<E> std::fmt::Debug for WindowSpec<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowSpec")
+            .field("assigner", &self.assigner)
+            .field("max_out_of_orderness", &self.max_out_of_orderness)
+            .field("allowed_lateness", &self.allowed_lateness)
+            .field("on_error", &self.on_error)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The parameters of a window stage that a reload can change without touching its state.
@@ -160,7 +171,7 @@ pub(crate) struct WatermarkTail<K, T, E> {
 }
 
 impl<K: Send, T: Send, E: EventTime<T>> WatermarkTail<K, T, E> {
-    pub fn new(inner: ChannelTail<(K, T)>, time: E, bound_ms: i64, every: usize) -> Self {
+    pub(crate) fn new(inner: ChannelTail<(K, T)>, time: E, bound_ms: i64, every: usize) -> Self {
         WatermarkTail {
             inner,
             time,
@@ -230,7 +241,7 @@ pub(crate) struct WindowHead<K, T, A: Aggregate<T>, E> {
     pub on_error: OnError,
     pub tmp: Vec<(K, T)>,
     /// A reloadable window's changeable parameters, and the version applied.
-    pub live: Option<(std::sync::Arc<crate::reload::Versioned<WindowLive>>, u64)>,
+    pub live: Option<(std::sync::Arc<crate::versioned::Versioned<WindowLive>>, u64)>,
     /// Records received by this instance (the position reported for a bad record).
     pub seen: u64,
     pub skipped: u64,
@@ -242,7 +253,7 @@ where
     K: std::hash::Hash + Eq + Clone,
     A: Aggregate<T>,
 {
-    pub fn new(
+    pub(crate) fn new(
         name: std::sync::Arc<str>,
         input: InputHead<(K, T)>,
         spec: &WindowSpec<E>,
@@ -347,15 +358,6 @@ where
         );
         Ok(pull)
     }
-}
-
-/// Results of a window stage, with the late records still in the stream: call
-/// [`results`](Windowed::results) to keep the results only (late records are then dropped and
-/// counted in the stage's `late` metric) or [`with_late`](Windowed::with_late) to route the late
-/// records to a stream of their own.
-#[must_use = "a window does nothing until its results are consumed"]
-pub struct Windowed<K, T, O> {
-    pub(crate) stream: crate::stream::Fresh<WindowOutput<K, T, O>>,
 }
 
 /// Keeps the result of a window output, dropping late records.

@@ -1,4 +1,4 @@
-//! Watermark generation and combination, as pure state machines that the runtime will drive:
+//! Watermark generation and combination, as pure state machines that the runtime drives:
 //! a generator per source instance, and a tracker per stage instance that forwards the minimum
 //! over its inputs, letting idle inputs stop holding it back.
 

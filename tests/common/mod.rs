@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-pub fn repo(p: &str) -> PathBuf {
+pub(crate) fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
 /// Builds the workspace's plugin crates (once per test binary) into the same profile directory
 /// as this test, and returns that directory.
-pub fn built() -> &'static Path {
+pub(crate) fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         // <target>/<profile>/deps/native-<hash>
@@ -46,13 +46,13 @@ pub fn built() -> &'static Path {
     })
 }
 
-pub fn lib(name: &str) -> PathBuf {
+pub(crate) fn lib(name: &str) -> PathBuf {
     built().join(format!("lib{name}.so"))
 }
 
 /// Writes `<root>/<dir>/plugin.toml`: the bundled manifest text `manifest` with its `entry`
 /// pointing at the built library `lib_name`.
-pub fn install(root: &Path, dir: &str, manifest: &str, lib_name: &str) {
+pub(crate) fn install(root: &Path, dir: &str, manifest: &str, lib_name: &str) {
     let d = root.join(dir);
     std::fs::create_dir_all(&d).unwrap();
     let text: String = manifest
@@ -69,6 +69,6 @@ pub fn install(root: &Path, dir: &str, manifest: &str, lib_name: &str) {
     std::fs::write(d.join("plugin.toml"), text).unwrap();
 }
 
-pub fn bundled(name: &str) -> String {
+pub(crate) fn bundled(name: &str) -> String {
     std::fs::read_to_string(repo(&format!("plugins/{name}/plugin.toml"))).unwrap()
 }

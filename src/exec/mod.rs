@@ -18,6 +18,8 @@
 //!   by [`crate::sandbox`]; a child killed at its CPU limit, or failing under an address-space
 //!   limit, is reported with that limit.
 
+pub(crate) mod live;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::process::CommandExt;
@@ -114,7 +116,7 @@ impl ExecSpec {
     /// For a process plugin's stage: the same spec running from a fresh private copy of the
     /// plugin's directory (its command, working directory and sandbox rewritten to the copy).
     /// A plain `exec` stage is returned as it is.
-    pub fn snapshot_plugin(&self) -> Result<ExecSpec, String> {
+    pub(crate) fn snapshot_plugin(&self) -> Result<ExecSpec, String> {
         let Some(policy) = &self.sandbox else {
             return Ok(self.clone());
         };
@@ -221,7 +223,7 @@ struct Running {
 }
 
 impl<T: Wire> ExecHead<T> {
-    pub fn new(name: Arc<str>, input: InputHead<T>, spec: Arc<ExecSpec>) -> Self {
+    pub(crate) fn new(name: Arc<str>, input: InputHead<T>, spec: Arc<ExecSpec>) -> Self {
         ExecHead {
             name,
             spec,
@@ -239,7 +241,7 @@ impl<T: Wire> ExecHead<T> {
 
     /// Starts the child now rather than at the first pull (a reload starts the new version's
     /// child while the old one finishes).
-    pub fn start_now(&mut self, cx: &Cx) -> Result<(), Halt> {
+    pub(crate) fn start_now(&mut self, cx: &Cx) -> Result<(), Halt> {
         if self.running.is_none() {
             self.start(cx)?;
         }
@@ -523,7 +525,7 @@ impl Head<Value> for ExecHead<Value> {
             if n > max {
                 return Err(self.bad_line(line, format!("line longer than max_line_bytes ({max})")));
             }
-            match crate::config::parse_object(&r.raw) {
+            match crate::ndjson::parse_object(&r.raw) {
                 Ok(Value::Null) => {}
                 Ok(v) => buf.push(v),
                 Err(message) => return Err(self.bad_line(line, message)),

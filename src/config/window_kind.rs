@@ -4,9 +4,10 @@
 use serde_json::{Map, Number, Value};
 use toml::Spanned;
 
-use super::build::{kind_of, KeyValue};
+use super::build::KeyValue;
 use super::kinds::Params;
 use super::ConfigError;
+use crate::describe::kind_of;
 use crate::time::{parse_duration_ms, parse_rfc3339_ms, Timestamp};
 use crate::window::{
     Aggregate, Assigner, EventTime, OnError, Session, Sliding, Tumbling, WindowResult,
@@ -60,7 +61,7 @@ const RESERVED: &[&str] = &["key", "window_start", "window_end", "update", "repl
 
 impl WindowParams {
     /// The parameters a reload may change in place.
-    pub fn live(&self) -> crate::window::WindowLive {
+    pub(crate) fn live(&self) -> crate::window::WindowLive {
         crate::window::WindowLive {
             allowed_lateness: self.allowed_lateness,
             on_error: self.on_error,
@@ -69,7 +70,7 @@ impl WindowParams {
 
     /// Why `new` cannot replace `self` in a running window, if it cannot: anything but
     /// `allowed_lateness` and `on_error` shapes the open windows.
-    pub fn incompatible(&self, new: &WindowParams) -> Option<String> {
+    pub(crate) fn incompatible(&self, new: &WindowParams) -> Option<String> {
         let mut same = new.clone();
         same.allowed_lateness = self.allowed_lateness;
         same.on_error = self.on_error;
@@ -80,7 +81,7 @@ impl WindowParams {
         })
     }
 
-    pub fn parse(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let time_field = p.required_str("time_field")?;
         let key_field = p.opt_str("key_field")?;
         let assigner = parse_assigner(p)?;
@@ -121,7 +122,7 @@ impl WindowParams {
     }
 
     /// How the stage reads a record's time (and checks the fields its aggregates read).
-    pub fn event_time(&self) -> JsonTime {
+    pub(crate) fn event_time(&self) -> JsonTime {
         let mut numeric: Vec<String> = self
             .outputs
             .iter()
@@ -136,7 +137,7 @@ impl WindowParams {
     }
 
     /// The aggregate computing every output.
-    pub fn aggregate(&self) -> JsonAggs {
+    pub(crate) fn aggregate(&self) -> JsonAggs {
         JsonAggs {
             outputs: self.outputs.iter().map(|(_, a)| a.clone()).collect(),
         }
@@ -144,7 +145,7 @@ impl WindowParams {
 
     /// A result as `{"key", "window_start", "window_end", <outputs>...}`, plus `"update": true`
     /// when it supersedes an earlier result and `"replaces"` for merged session windows.
-    pub fn result_json(&self, r: WindowResult<KeyValue, Vec<Value>>) -> Value {
+    pub(crate) fn result_json(&self, r: WindowResult<KeyValue, Vec<Value>>) -> Value {
         let mut m = Map::with_capacity(self.outputs.len() + 4);
         m.insert("key".into(), r.key.0);
         m.insert("window_start".into(), Value::from(r.window.start.0));
@@ -236,7 +237,7 @@ fn parse_outputs(p: &mut Params<'_>) -> Result<Vec<(String, JsonAgg)>, ConfigErr
                 "aggregate",
                 format!(
                     "aggregate output `{name}`: expected \"count\", \"sum(<field>)\", \"min(<field>)\", \"max(<field>)\" or \"mean(<field>)\", found {}",
-                    super::parse::describe(spec)
+                    crate::describe::describe_toml(spec)
                 ),
             ));
         };
@@ -449,7 +450,7 @@ fn pick_opt(a: Option<f64>, b: Option<f64>, pick: fn(f64, f64) -> f64) -> Option
 /// The params helpers the window kind needs (durations and sub-tables).
 impl Params<'_> {
     /// A duration string (`"10s"`), in milliseconds.
-    pub fn opt_duration(&mut self, key: &'static str) -> Result<Option<i64>, ConfigError> {
+    pub(crate) fn opt_duration(&mut self, key: &'static str) -> Result<Option<i64>, ConfigError> {
         match self.get(key).map(Spanned::get_ref) {
             None => Ok(None),
             Some(toml::Value::String(s)) => parse_duration_ms(s)
@@ -460,7 +461,10 @@ impl Params<'_> {
     }
 
     /// A sub-table.
-    pub fn opt_table(&mut self, key: &'static str) -> Result<Option<toml::Table>, ConfigError> {
+    pub(crate) fn opt_table(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Option<toml::Table>, ConfigError> {
         match self.get(key).map(Spanned::get_ref) {
             None => Ok(None),
             Some(toml::Value::Table(t)) => Ok(Some(t.clone())),
@@ -477,7 +481,7 @@ impl Params<'_> {
                 key,
                 format!(
                     "parameter `{key}.{field}`: expected a duration such as \"10s\", found {}",
-                    super::parse::describe(other)
+                    crate::describe::describe_toml(other)
                 ),
             )),
             None => Err(self.error_at(

@@ -1,216 +1,21 @@
-//! The run-time side of hot reload: a stage's logic as a versioned value, and the stage heads
-//! that switch between versions only between batches.
-//!
-//! A reloadable stage reads its logic from a [`Versioned`] cell (an RCU
-//! [`Snapshot`](crate::Snapshot) plus counts per version) **once per input batch**, so each
-//! batch is processed by exactly one version, and an old version lives until the last batch
-//! that loaded it is done (it is an `Arc`). No sleep, grace period or epoch is involved. How a
-//! stage switches:
-//!
-//! - built-in record operations (`filter`, `select`, `words`): a [`LiveMap`] step, fused like
-//!   the fixed operators, loads its version when a batch begins (`Chain::begin_batch`);
-//! - native plugin nodes: the node instance is recreated from the new version (its library,
-//!   loaded from a fresh copy, and parameters) before the first batch that sees it; the old
-//!   instance, and with it the old library, is released after its last batch;
-//! - `window` stages: the window head applies a new `allowed_lateness` or `on_error` to its
-//!   running state (`WindowState::set_lateness`) before the batch;
-//! - `exec` stages and process plugins: [`ReloadExecHead`] starts a new child for the new
-//!   version and sends it the batches from then on; the old child gets end of input, finishes
-//!   its records, and is waited for; its output is read to the end before the new child's, so
-//!   order is kept and no output batch mixes versions.
+//! A reloadable `exec` stage (or process plugin node): [`ReloadExecHead`] starts a new child
+//! for each new version of its [`ExecSpec`] and sends it the batches from then on; the old child
+//! gets end of input, finishes its records, and is waited for; its output is read to the end
+//! before the new child's, so order is kept and no output batch mixes versions.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use parking_lot::Mutex;
-use serde_json::Value;
 
+use super::{ExecHead, ExecSpec, Wire};
 use crate::channel::{InputHead, Message};
-use crate::config::kinds::{self, FilterOp, Kind};
 use crate::error::Error;
-use crate::exec::{ExecHead, ExecSpec, Wire};
-use crate::operator::{Chain, Emit, Halt};
+use crate::operator::Halt;
 use crate::runtime::{Cx, Head, Pull};
-use crate::Snapshot;
-
-/// A stage's logic, replaceable between batches, with the records each version processed.
-pub(crate) struct Versioned<V> {
-    cell: Snapshot<V>,
-    counts: Mutex<BTreeMap<u64, u64>>,
-}
-
-impl<V> Versioned<V> {
-    pub fn new(v: V) -> Arc<Self> {
-        Arc::new(Versioned {
-            cell: Snapshot::new(v),
-            counts: Mutex::new(BTreeMap::new()),
-        })
-    }
-
-    /// The current version, for one batch (the `Arc` of [`crate::sync`], as the cell's).
-    pub fn load(&self) -> (u64, crate::sync::Arc<V>) {
-        self.cell.load_versioned()
-    }
-
-    /// Publishes a new version; returns its number.
-    pub fn store(&self, v: V) -> u64 {
-        self.cell.store(v)
-    }
-
-    /// Records that version `version` processed `n` records.
-    pub fn count(&self, version: u64, n: u64) {
-        *self.counts.lock().entry(version).or_default() += n;
-    }
-
-    /// Records processed per version.
-    pub fn counts(&self) -> BTreeMap<u64, u64> {
-        self.counts.lock().clone()
-    }
-}
-
-/// A built-in record operation whose parameters can be reloaded.
-#[derive(Debug, Clone)]
-pub(crate) enum MapLogic {
-    Filter {
-        field: String,
-        op: FilterOp,
-        value: Value,
-    },
-    Select {
-        fields: Vec<String>,
-    },
-    Words {
-        field: String,
-        lowercase: bool,
-    },
-}
-
-impl MapLogic {
-    /// The logic of a reloadable built-in kind.
-    pub fn of(kind: &Kind) -> Option<MapLogic> {
-        Some(match kind {
-            Kind::Filter { field, op, value } => MapLogic::Filter {
-                field: field.clone(),
-                op: *op,
-                value: value.clone(),
-            },
-            Kind::Select { fields } => MapLogic::Select {
-                fields: fields.clone(),
-            },
-            Kind::Words { field, lowercase } => MapLogic::Words {
-                field: field.clone(),
-                lowercase: *lowercase,
-            },
-            _ => return None,
-        })
-    }
-}
-
-/// A reloadable `filter`, `select` or `words` step of a fused chain: it loads its version in
-/// [`Chain::begin_batch`], so every record of a batch meets the same version, and counts the
-/// batch's records for that version.
-pub(crate) struct LiveMap<C> {
-    prev: C,
-    name: Arc<str>,
-    logic: Arc<Versioned<MapLogic>>,
-    current: Option<crate::sync::Arc<MapLogic>>,
-}
-
-impl<C: Clone> Clone for LiveMap<C> {
-    fn clone(&self) -> Self {
-        LiveMap {
-            prev: self.prev.clone(),
-            name: Arc::clone(&self.name),
-            logic: Arc::clone(&self.logic),
-            current: None,
-        }
-    }
-}
-
-impl<C> LiveMap<C> {
-    pub fn new(prev: C, name: Arc<str>, logic: Arc<Versioned<MapLogic>>) -> Self {
-        LiveMap {
-            prev,
-            name,
-            logic,
-            current: None,
-        }
-    }
-}
-
-struct LiveEmit<'a, E> {
-    logic: &'a MapLogic,
-    name: &'a str,
-    out: &'a mut E,
-}
-
-impl<E: Emit<Value>> Emit<Value> for LiveEmit<'_, E> {
-    #[inline]
-    fn emit(&mut self, rec: Value) -> Result<(), Halt> {
-        match self.logic {
-            MapLogic::Filter { field, op, value } => {
-                if kinds::filter(&rec, field, *op, value) {
-                    self.out.emit(rec)?;
-                }
-            }
-            MapLogic::Select { fields } => self.out.emit(kinds::select(rec, fields))?,
-            MapLogic::Words { field, lowercase } => {
-                let words = kinds::words(&rec, field, *lowercase).map_err(|e| {
-                    Halt::Failed(Error::Operator {
-                        stage: self.name.to_string(),
-                        source: e.into(),
-                    })
-                })?;
-                for w in words {
-                    self.out.emit(w)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<In, C: Chain<In, Out = Value>> Chain<In> for LiveMap<C> {
-    type Out = Value;
-
-    fn begin_batch(&mut self, records: usize) {
-        self.prev.begin_batch(records);
-        let (version, logic) = self.logic.load();
-        self.logic.count(version, records as u64);
-        self.current = Some(logic);
-    }
-
-    #[inline]
-    fn push<E: Emit<Value>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
-        if self.current.is_none() {
-            // Driven without batches: one version from here on until the next batch.
-            self.current = Some(self.logic.load().1);
-        }
-        let logic = self.current.as_ref().expect("loaded above");
-        self.prev.push(
-            item,
-            &mut LiveEmit {
-                logic,
-                name: &self.name,
-                out,
-            },
-        )
-    }
-
-    fn names(&self, names: &mut Vec<Arc<str>>) {
-        self.prev.names(names);
-        names.push(Arc::clone(&self.name));
-    }
-
-    fn rename_last(&mut self, name: Arc<str>) -> bool {
-        self.name = name;
-        true
-    }
-}
+use crate::versioned::Versioned;
 
 /// Batches queued for one child generation.
 const GENERATION_QUEUE: usize = 4;
@@ -229,7 +34,7 @@ pub(crate) struct ReloadExecHead<T: Wire> {
 }
 
 impl<T: Wire> ReloadExecHead<T> {
-    pub fn new(name: Arc<str>, input: InputHead<T>, spec: Arc<Versioned<ExecSpec>>) -> Self {
+    pub(crate) fn new(name: Arc<str>, input: InputHead<T>, spec: Arc<Versioned<ExecSpec>>) -> Self {
         ReloadExecHead {
             name,
             spec,

@@ -1,0 +1,177 @@
+//! The stages of the TOML kinds that are not plain typed-API calls: sources of blocks and JSON
+//! objects, `exec` and plugin stages (fixed or reloadable), reloadable record operations, and the
+//! byte path's sink. Each is built on one of the stream builder's hooks (`source_stage`,
+//! `line_source`, `head_stage`, `step`, `write_with`), so that the core knows nothing of exec,
+//! plugins or reloading.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::live_map::{LiveMap, MapLogic};
+use crate::exec::live::ReloadExecHead;
+use crate::exec::{ExecHead, ExecSpec};
+use crate::operator::{Chain, Identity};
+use crate::plugin::native::{NativeHead, NativeSpec};
+use crate::runtime::Head;
+use crate::source::{parse_text, BlockInput, Chunk, ChunkHead, Input, NdjsonBlockHead};
+use crate::versioned::Versioned;
+use crate::{Pipeline, Sink, Stream};
+
+/// A stream that has not been given an operator yet.
+type Fresh<T> = Stream<T, Identity<T>>;
+
+/// `lines.read`: each line as `{"line": ...}`.
+pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
+    p.line_source("lines.read", path, |l, _| {
+        parse_text(l).map(|o| {
+            o.map(|line| {
+                let mut m = Map::with_capacity(1);
+                m.insert("line".into(), Value::String(line));
+                Value::Object(m)
+            })
+        })
+    })
+    .name(name)
+}
+
+/// `ndjson.read`: one JSON object per non-blank line.
+pub(super) fn ndjson_objects(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
+    p.line_source("ndjson.read", path, |l, _| {
+        crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) })
+    })
+    .name(name)
+}
+
+/// Blocks of whole lines (about `size` bytes each, one per message), each made into the
+/// stage's head by `wrap`.
+fn blocks(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    size: usize,
+    wrap: fn(ChunkHead) -> Box<dyn Head<Chunk>>,
+) -> Fresh<Chunk> {
+    let path = path.to_path_buf();
+    p.source_stage("blocks.read", move |stage| {
+        let input = Input::open(stage, &path)?;
+        Ok(wrap(ChunkHead::new(Arc::clone(stage), input, size)))
+    })
+    .name(name)
+}
+
+/// Blocks of whole lines, for parsing on other threads.
+pub(super) fn chunks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
+    blocks(p, name, path, size, |h| Box::new(h))
+}
+
+/// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
+/// object (blank lines dropped), never parsed into values.
+pub(super) fn ndjson_blocks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
+    blocks(p, name, path, size, |h| Box::new(NdjsonBlockHead::new(h)))
+}
+
+/// `ndjson.write` on the byte path: checked blocks of lines written as they are.
+///
+/// Always a stage of its own: every stage that makes blocks then ends in a channel, which
+/// counts a block as one record, and corrects its count by `records - 1` (see
+/// [`Chunk::records`]); this sink counts the block's records.
+pub(super) fn write_blocks<I, C>(s: Stream<I, C>, name: &str, path: &Path) -> Sink
+where
+    I: Send + 'static,
+    C: Chain<I, Out = Chunk>,
+{
+    s.head_stage(None, 1, |_, input| {
+        Box::new(BlockInput(input)) as Box<dyn Head<Chunk>>
+    })
+    .write_with("ndjson.write", path, |w, c: &Chunk| {
+        // Checked blocks end in a newline; the writer adds it back.
+        let data = c.data.strip_suffix(b"\n").unwrap_or(&c.data);
+        w.write_all(data).map(|()| c.records)
+    })
+    .name(name)
+}
+
+/// An `exec` stage (or process plugin node) of `parallelism` instances, one child process each,
+/// on records or (parallelism 1) on the byte path's blocks.
+pub(super) fn exec<I, C, T>(
+    s: Stream<I, C>,
+    name: &str,
+    spec: ExecSpec,
+    parallelism: usize,
+) -> Fresh<T>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = T>,
+    T: crate::exec::Wire,
+    ExecHead<T>: Head<T>,
+{
+    let spec = Arc::new(spec);
+    s.head_stage(Some("exec"), parallelism, move |op, input| {
+        Box::new(ExecHead::new(Arc::clone(op), input, Arc::clone(&spec))) as Box<dyn Head<T>>
+    })
+    .name(name)
+}
+
+/// A reloadable `exec` stage: one child per version (see [`crate::versioned`]).
+pub(super) fn exec_live<I, C, T>(
+    s: Stream<I, C>,
+    name: &str,
+    spec: Arc<Versioned<ExecSpec>>,
+    parallelism: usize,
+) -> Fresh<T>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = T>,
+    T: crate::exec::Wire,
+    ExecHead<T>: Head<T>,
+{
+    s.head_stage(Some("exec"), parallelism, move |op, input| {
+        Box::new(ReloadExecHead::new(
+            Arc::clone(op),
+            input,
+            Arc::clone(&spec),
+        )) as Box<dyn Head<T>>
+    })
+    .name(name)
+}
+
+/// A stage running a native plugin's node (one node instance per stage instance); `live`: the
+/// spec may be replaced between batches (hot reload).
+pub(super) fn native<I, C>(
+    s: Stream<I, C>,
+    name: &str,
+    spec: Arc<Versioned<NativeSpec>>,
+    live: bool,
+    parallelism: usize,
+) -> Fresh<Value>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = Value>,
+{
+    s.head_stage(Some("native"), parallelism, move |op, input| {
+        Box::new(NativeHead::new(
+            Arc::clone(op),
+            input,
+            Arc::clone(&spec),
+            live,
+        )) as Box<dyn Head<Value>>
+    })
+    .name(name)
+}
+
+/// A reloadable `filter`, `select` or `words` step, fused like the fixed ones; it loads its
+/// version once per batch.
+pub(super) fn live_map<I, C>(
+    s: Stream<I, C>,
+    name: &str,
+    logic: Arc<Versioned<MapLogic>>,
+) -> Stream<I, LiveMap<C>>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = Value>,
+{
+    s.step("live", |prev, op| LiveMap::new(prev, op, logic))
+        .name(name)
+}

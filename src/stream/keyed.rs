@@ -1,0 +1,451 @@
+//! Keyed streams and their aggregations (fold, count, reduce, windows), the [`Windowed`] stage,
+//! and `sort_by`: the stages that hold state across batches.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::hash::Hash;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::graph::{channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail};
+use super::heads::{KeyedHead, RouteTail, SortHead};
+use super::{Fresh, Out, Stream};
+use crate::channel::Partition;
+use crate::operator::{Chain, FlatMap, Identity, Map};
+use crate::runtime::{Cx, Head};
+use crate::time::Timestamp;
+use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowHead};
+use crate::window::{Aggregate, EventTime, LateRecord, WindowOutput, WindowResult, WindowSpec};
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// Partitions records by key for a keyed aggregation. The key is computed once per record,
+    /// on the producing side.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("w", vec!["a", "b", "a"]).key_by(|w| w.to_string()).count().collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
+    /// ```
+    pub fn key_by<K, KF>(self, key: KF) -> KeyedStream<K, Out<I, C>>
+    where
+        K: Hash + Eq + Send + 'static,
+        KF: Fn(&Out<I, C>) -> K + Send + Sync + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let name = self.default_name("key_by");
+        KeyedStream {
+            b,
+            key_name: name,
+            connect: Box::new(move |name, gen| {
+                let chain = Map::new(self.chain.clone(), move |x| (key(&x), x), name);
+                let keyed = self.with(chain);
+                let hash = Partition::Hash(Arc::new(|(k, _): &(K, _)| partition_hash(k)));
+                match gen {
+                    None => keyed.connect(hash),
+                    Some((time, bound)) => connect_with_watermarks(keyed, hash, time, bound),
+                }
+            }),
+            parallelism: 1,
+        }
+    }
+
+    /// Gathers every record into one instance and, at end of input, emits them sorted by `cmp`.
+    /// Holds all records in memory: use it on aggregated output, not raw input.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", vec![3u32, 1, 2]).sort_by(|a, b| a.cmp(b)).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![1, 2, 3]);
+    /// ```
+    pub fn sort_by<F>(self, cmp: F) -> Fresh<Out<I, C>>
+    where
+        F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let name = self.default_name("sort");
+        let edge = self.connect(Partition::Forward);
+        let cmp = Arc::new(cmp);
+        let mut head = input_head(vec![edge], move |_, input| {
+            Box::new(SortHead::new(input, Arc::clone(&cmp))) as Box<dyn Head<_>>
+        });
+        head.name = Some(name);
+        Stream::open(&b, head, 1)
+    }
+
+    /// Routes each record to one of two new streams: `Ok` to the first, `Err` to the second.
+    /// Both must be consumed.
+    fn route<L, R>(self, f: fn(Out<I, C>) -> Result<L, R>) -> (Fresh<L>, Fresh<R>)
+    where
+        L: Send + 'static,
+        R: Send + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let (p, name) = (self.parallelism, self.stage_name());
+        let left = edge::<L>(Partition::Forward, name.clone(), p);
+        let right = edge::<R>(Partition::Forward, name, p);
+        let (l, r) = (Rc::clone(&left), Rc::clone(&right));
+        let id = self.close(
+            None,
+            Box::new(move |_, i| {
+                let (ml, mr) = (channel_tail(&l, i)?, channel_tail(&r, i)?);
+                Ok(Box::new(move |cx: &Cx| Ok(RouteTail::new(ml(cx)?, mr(cx)?, f))) as MakeTail<_>)
+            }),
+        );
+        left.borrow_mut().from_stage = id;
+        right.borrow_mut().from_stage = id;
+        (
+            Stream::open(&b, input_head(vec![left], super::plain), 1),
+            Stream::open(&b, input_head(vec![right], super::plain), 1),
+        )
+    }
+}
+
+/// Closes the stage feeding a keyed stream (given the `key_by` step's final name), with an
+/// optional watermark generator (event time and bound in ms).
+type ConnectKeyed<K, T> = Box<dyn FnOnce(Arc<str>, Option<(DynTime<T>, i64)>) -> Edge<(K, T)>>;
+
+/// Records partitioned by key, ready for a per-key aggregation emitted at end of input.
+#[must_use = "a keyed stream does nothing until it is aggregated"]
+pub struct KeyedStream<K, T> {
+    b: Rc<RefCell<Builder>>,
+    /// The name of the `key_by` step (in the producing stage).
+    key_name: Arc<str>,
+    /// Closes the producing stage into the keyed edge, with a watermark generator at its end
+    /// when a window consumes it.
+    connect: ConnectKeyed<K, T>,
+    parallelism: usize,
+}
+
+impl<K, T> fmt::Debug for KeyedStream<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedStream")
+            .field("key_by", &self.key_name)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, T> KeyedStream<K, T>
+where
+    K: Hash + Eq + Send + 'static,
+    T: Send + 'static,
+{
+    /// Renames the `key_by` step (part of the stage that computes the keys).
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..4u32).key_by(|x| x % 2).name("parity").count().for_each(|_| {});
+    /// assert_eq!(p.stage_names()[0], "n+parity");
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        self.key_name = self.b.borrow_mut().rename(Some(&self.key_name), name);
+        self
+    }
+
+    /// Sets how many instances run the aggregation; each key is owned by exactly one.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 0..100u32).key_by(|x| x % 10).parallelism(2).count().collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take().len(), 10);
+    /// ```
+    pub fn parallelism(mut self, n: usize) -> Self {
+        self.parallelism = n.max(1);
+        self
+    }
+
+    /// Folds each key's records into an accumulator starting at `init`; emits `(key, acc)` per
+    /// key at end of input.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=6u32).key_by(|x| x % 2).fold(0u32, |acc, x| *acc += x).collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![(0, 12), (1, 9)]);
+    /// ```
+    pub fn fold<A, F>(self, init: A, f: F) -> Fresh<(K, A)>
+    where
+        A: Clone + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+    {
+        self.aggregate("fold", move || init.clone(), f, |a| a)
+    }
+
+    /// Counts the records of each key; emits `(key, count)` at end of input.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", vec![1u32, 1, 2]).key_by(|x| *x).count().collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![(1, 2), (2, 1)]);
+    /// ```
+    pub fn count(self) -> Fresh<(K, u64)> {
+        self.aggregate("count", || 0u64, |n, _| *n += 1, |n| n)
+    }
+
+    /// Combines each key's records pairwise with `f`; emits `(key, result)` at end of input.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=6u32).key_by(|x| x % 2).reduce(u32::max).collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![(0, 6), (1, 5)]);
+    /// ```
+    pub fn reduce<F>(self, f: F) -> Fresh<(K, T)>
+    where
+        F: Fn(T, T) -> T + Send + Sync + 'static,
+    {
+        self.aggregate(
+            "reduce",
+            || None,
+            move |acc: &mut Option<T>, x| {
+                *acc = Some(match acc.take() {
+                    None => x,
+                    Some(prev) => f(prev, x),
+                })
+            },
+            |v| v.expect("a key exists only once a record has set its value"),
+        )
+    }
+
+    /// A keyed aggregation of kind `kind`: each key's state starts at `init()`, every record is
+    /// folded in with `fold`, and at end of input `finish` turns each state into the output.
+    fn aggregate<A, O, N, F, G>(self, kind: &str, init: N, fold: F, finish: G) -> Fresh<(K, O)>
+    where
+        A: Send + 'static,
+        O: Send + 'static,
+        N: Fn() -> A + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+        G: Fn(A) -> O + Send + Sync + 'static,
+    {
+        let name = self.b.borrow_mut().default_name(kind);
+        let (fold, init, finish) = (Arc::new(fold), Arc::new(init), Arc::new(finish));
+        let edge = (self.connect)(self.key_name, None);
+        let mut head = input_head(vec![edge], move |_, input| {
+            Box::new(KeyedHead::new(
+                input,
+                Arc::clone(&init),
+                Arc::clone(&fold),
+                Arc::clone(&finish),
+                FxHashMap::default(),
+            )) as Box<dyn Head<(K, O)>>
+        });
+        head.name = Some(name);
+        Stream::open(&self.b, head, self.parallelism)
+    }
+
+    /// Windows each key's records by event time and aggregates every window with `agg`.
+    ///
+    /// The stage feeding the window generates watermarks from `spec`'s event time (one
+    /// generator per instance, trailing the newest time it emitted by the spec's
+    /// `max_out_of_orderness`); a window fires once the watermark reaches its end. See
+    /// docs/semantics.md.
+    ///
+    /// ```
+    /// use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
+    /// use millrace::{Pipeline, Timestamp, Window};
+    /// let p = Pipeline::new();
+    /// // (key, event time ms, value)
+    /// let events = vec![("a", 0, 1.0), ("a", 9_999, 2.0), ("a", 10_000, 4.0), ("b", 5_000, 8.0)];
+    /// let spec = WindowSpec::new(Tumbling::new(10_000, 0).unwrap(), |e: &(&str, i64, f64)| {
+    ///     Timestamp(e.1)
+    /// });
+    /// let out = p
+    ///     .source("events", events)
+    ///     .key_by(|e| e.0)
+    ///     .window(spec, Sum.on(|e: &(&str, i64, f64)| e.2))
+    ///     .results()
+    ///     .map(|r| (r.key, r.window, r.value))
+    ///     .collect();
+    /// p.run().unwrap();
+    /// let mut got = out.take();
+    /// got.sort_by_key(|(k, w, _)| (*k, *w));
+    /// assert_eq!(got, vec![
+    ///     ("a", Window::new(Timestamp(0), Timestamp(10_000)), 3.0),
+    ///     ("a", Window::new(Timestamp(10_000), Timestamp(20_000)), 4.0),
+    ///     ("b", Window::new(Timestamp(0), Timestamp(10_000)), 8.0),
+    /// ]);
+    /// ```
+    pub fn window<A, E>(self, spec: WindowSpec<E>, agg: A) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        let name = self.b.borrow_mut().default_name("window");
+        let time = spec.time.clone();
+        let generator = DynTime(Arc::new(move |x: &T| time.time(x)));
+        let edge = (self.connect)(self.key_name, Some((generator, spec.max_out_of_orderness)));
+        let agg = Arc::new(agg);
+        let mut head = input_head(vec![edge], move |op: &Arc<str>, input| {
+            Box::new(WindowHead::new(
+                Arc::clone(op),
+                input,
+                &spec,
+                Arc::clone(&agg),
+            )) as Box<dyn Head<WindowOutput<K, T, A::Out>>>
+        });
+        head.name = Some(name);
+        Windowed {
+            stream: Stream::open(&self.b, head, self.parallelism),
+        }
+    }
+}
+
+/// Results of a window stage, with the late records still in the stream: call
+/// [`results`](Windowed::results) to keep the results only (late records are then dropped and
+/// counted in the stage's `late` metric) or [`with_late`](Windowed::with_late) to route the late
+/// records to a stream of their own.
+#[must_use = "a window does nothing until its results are consumed"]
+pub struct Windowed<K, T, O> {
+    stream: Fresh<WindowOutput<K, T, O>>,
+}
+
+impl<K, T, O> fmt::Debug for Windowed<K, T, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Windowed")
+            .field("stage", &self.stream.head.name)
+            .field("parallelism", &self.stream.parallelism)
+            .finish()
+    }
+}
+
+/// The function that keeps the results of a window's output.
+type ResultOnly<K, T, O> = fn(WindowOutput<K, T, O>) -> Option<WindowResult<K, O>>;
+
+impl<K, T, O> Windowed<K, T, O>
+where
+    K: Send + 'static,
+    T: Send + 'static,
+    O: Send + 'static,
+{
+    /// Renames the window stage (by default `window`).
+    ///
+    /// ```
+    /// use millrace::window::{Count, Tumbling, WindowSpec};
+    /// let p = millrace::Pipeline::new();
+    /// let spec = WindowSpec::new(Tumbling::new(10, 0).unwrap(), |t: &i64| millrace::Timestamp(*t));
+    /// p.source("t", vec![1i64, 2, 11]).key_by(|_| ()).window(spec, Count).name("per10").results().for_each(|_| {});
+    /// assert!(p.to_dot().contains("per10"));
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        self.stream = self.stream.name(name);
+        self
+    }
+
+    /// The window results; late records are dropped (and counted in the window stage's
+    /// `late` metric). What follows is fused into the window stage.
+    ///
+    /// See [`KeyedStream::window`] for an example.
+    pub fn results(self) -> Fresh<WindowResult<K, O>> {
+        let name = self.stream.default_name("results");
+        let f: ResultOnly<K, T, O> = result_only;
+        let chain = FlatMap::new(Identity::new(), f, name);
+        self.stream.with(chain).into_head()
+    }
+
+    /// The window results and, as a second stream, the records too late for every window they
+    /// belong to. Both streams must end in a sink.
+    ///
+    /// ```
+    /// use millrace::window::{Count, Tumbling, WindowSpec};
+    /// // A watermark after every record, so that 3 arrives after the watermark 25 closed [0, 10).
+    /// let mut opts = millrace::Options::default();
+    /// opts.watermark_every = 1;
+    /// let p = millrace::Pipeline::with_options(opts);
+    /// let spec = WindowSpec::new(Tumbling::new(10, 0).unwrap(), |t: &i64| millrace::Timestamp(*t));
+    /// let (results, late) = p.source("t", vec![1i64, 25, 3]).key_by(|_| ()).window(spec, Count).with_late();
+    /// let (results, late) = (results.collect(), late.map(|l| l.record).collect());
+    /// p.run().unwrap();
+    /// assert_eq!(late.take(), vec![3]);
+    /// assert_eq!(results.take().len(), 2);
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn with_late(self) -> (Fresh<WindowResult<K, O>>, Fresh<LateRecord<K, T>>) {
+        self.stream.route(result_or_late)
+    }
+
+    /// Everything the window stage emits, results and late records in one stream.
+    ///
+    /// ```
+    /// use millrace::window::{Count, Tumbling, WindowOutput, WindowSpec};
+    /// let mut opts = millrace::Options::default();
+    /// opts.watermark_every = 1;
+    /// let p = millrace::Pipeline::with_options(opts);
+    /// let spec = WindowSpec::new(Tumbling::new(10, 0).unwrap(), |t: &i64| millrace::Timestamp(*t));
+    /// let out = p.source("t", vec![1i64, 25, 3]).key_by(|_| ()).window(spec, Count).outputs().collect();
+    /// p.run().unwrap();
+    /// let late = out.take().into_iter().filter(|o| matches!(o, WindowOutput::Late { .. })).count();
+    /// assert_eq!(late, 1);
+    /// ```
+    pub fn outputs(self) -> Fresh<WindowOutput<K, T, O>> {
+        self.stream
+    }
+}
+
+/// An event-time extractor behind a pointer, for the watermark generator of a keyed edge.
+pub(crate) struct DynTime<T>(Arc<TimeFn<T>>);
+
+type TimeFn<T> = dyn Fn(&T) -> Result<Timestamp, String> + Send + Sync;
+
+impl<T> Clone for DynTime<T> {
+    fn clone(&self) -> Self {
+        DynTime(Arc::clone(&self.0))
+    }
+}
+
+impl<T: 'static> EventTime<T> for DynTime<T> {
+    #[inline]
+    fn time(&self, record: &T) -> Result<Timestamp, String> {
+        (self.0)(record)
+    }
+}
+
+/// Closes a keyed stage into its edge with a watermark generator at the end of each instance.
+fn connect_with_watermarks<I, C, K, T>(
+    s: Stream<I, C>,
+    partition: Partition<(K, T)>,
+    time: DynTime<T>,
+    bound_ms: i64,
+) -> Edge<(K, T)>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = (K, T)>,
+    K: Send + 'static,
+    T: Send + 'static,
+{
+    let edge = edge(partition, s.stage_name(), s.parallelism);
+    let out = Rc::clone(&edge);
+    let id = s.close(
+        None,
+        Box::new(move |_, i| {
+            let make = channel_tail(&out, i)?;
+            let time = time.clone();
+            Ok(Box::new(move |cx: &Cx| {
+                let inner = make(cx)?;
+                Ok(WatermarkTail::new(
+                    inner,
+                    time,
+                    bound_ms,
+                    cx.run.opts.watermark_every,
+                ))
+            }) as MakeTail<_>)
+        }),
+    );
+    edge.borrow_mut().from_stage = id;
+    edge
+}

@@ -1,0 +1,236 @@
+//! The typed pipeline builder: [`Pipeline`], [`Stream`], [`KeyedStream`], [`Windowed`] and
+//! [`Sink`].
+//!
+//! A `Stream<I, C>` is an *open* stage: a head producing `I` (a source, or the stage's input
+//! channel) followed by a fused chain `C` of stateless operators. Adding a stateless operator
+//! extends the chain; a partitioning step (`rebalance`, `key_by`, `new_stage`, ...) or a sink
+//! *closes* the stage and registers it with the pipeline. Nothing runs until
+//! [`Pipeline::run`].
+//!
+//! | file | what it owns |
+//! | --- | --- |
+//! | `graph.rs` | stage slots, edges and their one constructor, names, the two build phases |
+//! | `pipeline.rs` | [`Pipeline`]: sources, `run`, DOT output |
+//! | `operators.rs` | the stateless operators, naming, parallelism and partitioning of [`Stream`] |
+//! | `sinks.rs` | the sinks and their [`Sink`] handle |
+//! | `keyed.rs` | [`KeyedStream`] (fold, count, reduce, window), [`Windowed`], `sort_by` |
+//! | `heads.rs` | the heads of the stateful stages (keyed fold, sort, a chain as a head) and the routing tail |
+//! | `hooks.rs` | the few extension points the TOML layer builds its stage kinds on |
+//!
+//! **Naming.** Every step gets a default name from its kind (`map`, `map-2`, ...), and
+//! `.name(n)` renames the step just added — on a [`Stream`] (its last operator, or its head),
+//! a [`KeyedStream`] (the `key_by` step), a [`Windowed`] (the window stage) or a [`Sink`]. Names
+//! are unique within a pipeline; a duplicate fails [`Pipeline::run`]. A stage's name joins its
+//! steps' names with `+`, and metrics and errors use it.
+//!
+//! **Returning a stream from a function.** The chain type grows with every operator, but it
+//! need not be spelled: return `Stream<I, impl Chain<I, Out = T>>` (a stream whose head reads
+//! `I` and that emits `T`), and take `Stream<I, C>` with `C: Chain<I, Out = T>`:
+//!
+//! ```
+//! use millrace::{operator::Chain, Pipeline, Stream};
+//!
+//! /// The even squares of a stream of numbers.
+//! fn even_squares<I: Send + 'static>(
+//!     s: Stream<I, impl Chain<I, Out = u64>>,
+//! ) -> Stream<I, impl Chain<I, Out = u64>> {
+//!     s.map(|x| x * x).filter(|x| x % 2 == 0)
+//! }
+//!
+//! let p = Pipeline::new();
+//! let out = even_squares(p.source("n", 1..=6u64)).collect();
+//! p.run()?;
+//! assert_eq!(out.take(), vec![4, 16, 36]);
+//! # Ok::<(), millrace::Error>(())
+//! ```
+//!
+//! Where the chain must be chosen at run time, [`Stream::boxed`] erases it at the cost of one
+//! dynamic call per record.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::channel::Partition;
+use crate::error::Error;
+use crate::operator::{Chain, Identity};
+use crate::runtime::{self, Cx, Tail, Worker};
+
+mod graph;
+mod heads;
+mod hooks;
+mod keyed;
+mod operators;
+mod pipeline;
+mod sinks;
+
+use graph::{channel_tail, edge, input_head, plain, Builder, Edge, HeadSpec, Names, Phase1};
+use graph::{Phase2, StageSlot, TailFactory};
+
+pub use keyed::{KeyedStream, Windowed};
+pub use pipeline::Pipeline;
+pub use sinks::Sink;
+
+/// A stream just opened on a head, with no operator yet.
+pub(crate) type Fresh<T> = Stream<T, Identity<T>>;
+
+/// The output record type of a stream.
+type Out<I, C> = <C as Chain<I>>::Out;
+
+/// An open stage producing records of type `C::Out`: a head of type `I` followed by the fused
+/// chain `C`. See the [crate docs](crate) for an example, and the [module docs](self) for how to
+/// return one from a function.
+#[must_use = "a stream does nothing until it ends in a sink and the pipeline runs"]
+pub struct Stream<I, C> {
+    b: Rc<RefCell<Builder>>,
+    head: HeadSpec<I>,
+    chain: C,
+    parallelism: usize,
+}
+
+impl<I, C> fmt::Debug for Stream<I, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("head", &self.head.name)
+            .field("source", &self.head.source)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I: Send + 'static> Fresh<I> {
+    /// A stream on `head` with no operator yet.
+    fn open(b: &Rc<RefCell<Builder>>, head: HeadSpec<I>, parallelism: usize) -> Self {
+        Stream {
+            b: Rc::clone(b),
+            head,
+            chain: Identity::new(),
+            parallelism,
+        }
+    }
+}
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// The same stage with `chain` as its operators.
+    fn with<C2>(self, chain: C2) -> Stream<I, C2> {
+        Stream {
+            b: self.b,
+            head: self.head,
+            chain,
+            parallelism: self.parallelism,
+        }
+    }
+
+    /// A default name for a step of this stream.
+    fn default_name(&self, kind: &str) -> Arc<str> {
+        self.b.borrow_mut().default_name(kind)
+    }
+
+    /// The operators' part of the stage name: the head's name, then each operator's.
+    fn stage_name(&self) -> String {
+        let mut names: Vec<Arc<str>> = self.head.name.iter().cloned().collect();
+        self.chain.names(&mut names);
+        names.iter().map(|n| &**n).collect::<Vec<_>>().join("+")
+    }
+
+    /// Closes the stage: registers it with a tail per instance, made on the worker thread by
+    /// what `tails` returns; `sink` names the sink the stage ends in, if any. Returns the
+    /// stage's id.
+    fn close<T>(self, sink: Option<Arc<str>>, mut tails: TailFactory<T>) -> usize
+    where
+        T: Tail<Out<I, C>> + 'static,
+    {
+        let chain_name = self.stage_name();
+        let Stream {
+            b,
+            head,
+            chain,
+            parallelism,
+        } = self;
+        let source = head.source;
+        let make_head = head.make;
+        let head_name = head.name;
+        let build: Phase1 = Box::new(move |names: &Names, opts| {
+            let head_name = head_name.unwrap_or_else(|| Arc::clone(&names.stage));
+            let heads = make_head(&head_name, parallelism, opts)?;
+            let names = names.clone();
+            // Tails are made in phase 2: an output channel exists only once its consumer's
+            // phase 1 has run, and consumers are registered after their producers.
+            Ok(Box::new(move || {
+                let mut workers = Vec::with_capacity(heads.len());
+                for (i, head) in heads.into_iter().enumerate() {
+                    let mk = tails(&names, i)?;
+                    let stage = Arc::clone(&names.stage);
+                    let chain = chain.clone();
+                    workers.push(Worker {
+                        stage,
+                        instance: i,
+                        source,
+                        body: Box::new(move |cx: &Cx| {
+                            let tail = mk(cx)?;
+                            runtime::drive(cx, head, chain, tail)
+                        }),
+                    });
+                }
+                Ok(workers)
+            }) as Phase2)
+        });
+        let mut bm = b.borrow_mut();
+        let id = bm.stages.len();
+        bm.stages.push(StageSlot {
+            chain_name,
+            sink,
+            parallelism,
+            inputs: head.inputs,
+            build: Some(build),
+        });
+        id
+    }
+
+    /// Closes the stage into an edge with the given partitioning; returns the edge.
+    fn connect(self, partition: Partition<Out<I, C>>) -> Edge<Out<I, C>> {
+        let edge = edge(partition, self.stage_name(), self.parallelism);
+        let out = Rc::clone(&edge);
+        let id = self.close(None, Box::new(move |_, i| channel_tail(&out, i)));
+        edge.borrow_mut().from_stage = id;
+        edge
+    }
+
+    /// Starts a new stage of `parallelism` instances fed through a channel with the given
+    /// partitioning.
+    fn hop(self, partition: Partition<Out<I, C>>, parallelism: usize) -> Fresh<Out<I, C>> {
+        let b = Rc::clone(&self.b);
+        let edge = self.connect(partition);
+        Stream::open(&b, input_head(vec![edge], plain), parallelism)
+    }
+}
+
+/// Builds every stage and runs the pipeline (what [`Pipeline::run`] does once the builder has
+/// been taken out of it).
+fn build_and_run(
+    mut b: Builder,
+    shared: Arc<runtime::RunShared>,
+) -> Result<crate::RunReport, Error> {
+    if !b.errors.is_empty() {
+        return Err(Error::Build(b.errors.join("; ")));
+    }
+    if b.stages.is_empty() {
+        return Err(Error::Build("the pipeline has no sink".into()));
+    }
+    let opts = b.opts.clone();
+    let mut phase2 = Vec::with_capacity(b.stages.len());
+    for slot in &mut b.stages {
+        let names = Names {
+            stage: Arc::from(slot.name()),
+            sink: slot.sink.clone(),
+        };
+        let build = slot.build.take().expect("each stage is built once");
+        phase2.push(build(&names, &opts)?);
+    }
+    let mut workers = Vec::new();
+    for p in phase2 {
+        workers.extend(p()?);
+    }
+    runtime::run(shared, workers)
+}

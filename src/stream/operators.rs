@@ -1,0 +1,313 @@
+//! The stateless operators of [`Stream`] (fused into the stage's chain), naming, parallelism,
+//! and the partitioning steps that end a stage and start the next.
+
+use std::rc::Rc;
+
+use super::graph::{channel_tail, edge, input_head, plain, Edge, MakeTail};
+use super::{Fresh, Out, Stream};
+use crate::channel::{Partition, TeeTail};
+use crate::error::BoxError;
+use crate::operator::{Boxed, Chain, Filter, FlatMap, Inspect, Limit, Map, TryFlatMap, TryMap};
+use crate::runtime::Cx;
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// Applies `f` to every record.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=3u32).map(|x| x * 10).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![10, 20, 30]);
+    /// ```
+    pub fn map<U, F>(self, f: F) -> Stream<I, Map<C, F>>
+    where
+        U: Send + 'static,
+        F: Fn(Out<I, C>) -> U + Send + Sync + 'static,
+    {
+        let name = self.default_name("map");
+        let chain = Map::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Applies a fallible `f`; an `Err` fails the run with an error naming this operator.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("s", vec!["1", "x"]).try_map(|s: &str| s.parse::<u32>()).name("parse").for_each(|_| {});
+    /// let err = p.run().unwrap_err();
+    /// assert_eq!(err.stage(), Some("parse"));
+    /// ```
+    pub fn try_map<U, X, F>(self, f: F) -> Stream<I, TryMap<C, F>>
+    where
+        U: Send + 'static,
+        X: Into<BoxError>,
+        F: Fn(Out<I, C>) -> Result<U, X> + Send + Sync + 'static,
+    {
+        let name = self.default_name("try_map");
+        let chain = TryMap::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Keeps the records for which `f` returns true.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=6u32).filter(|x| x % 3 == 0).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![3, 6]);
+    /// ```
+    pub fn filter<F>(self, f: F) -> Stream<I, Filter<C, F>>
+    where
+        F: Fn(&Out<I, C>) -> bool + Send + Sync + 'static,
+    {
+        let name = self.default_name("filter");
+        let chain = Filter::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Replaces every record by the records `f` returns.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=3u32).flat_map(|x| vec![x; x as usize]).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![1, 2, 2, 3, 3, 3]);
+    /// ```
+    pub fn flat_map<It, F>(self, f: F) -> Stream<I, FlatMap<C, F>>
+    where
+        It: IntoIterator,
+        It::Item: Send + 'static,
+        F: Fn(Out<I, C>) -> It + Send + Sync + 'static,
+    {
+        let name = self.default_name("flat_map");
+        let chain = FlatMap::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// A fallible [`flat_map`](Stream::flat_map): an `Err` fails the run naming this operator.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("s", vec!["1,2", "3"])
+    ///     .try_flat_map(|s: &str| s.split(',').map(str::parse::<u32>).collect::<Result<Vec<_>, _>>())
+    ///     .collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![1, 2, 3]);
+    /// ```
+    pub fn try_flat_map<It, X, F>(self, f: F) -> Stream<I, TryFlatMap<C, F>>
+    where
+        It: IntoIterator,
+        It::Item: Send + 'static,
+        X: Into<BoxError>,
+        F: Fn(Out<I, C>) -> Result<It, X> + Send + Sync + 'static,
+    {
+        let name = self.default_name("try_flat_map");
+        let chain = TryFlatMap::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Calls `f` on every record and passes it on.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// static SEEN: AtomicU64 = AtomicU64::new(0);
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..5u32).inspect(|_| { SEEN.fetch_add(1, Ordering::Relaxed); }).for_each(|_| {});
+    /// p.run().unwrap();
+    /// assert_eq!(SEEN.load(Ordering::Relaxed), 5);
+    /// ```
+    pub fn inspect<F>(self, f: F) -> Stream<I, Inspect<C, F>>
+    where
+        F: Fn(&Out<I, C>) + Send + Sync + 'static,
+    {
+        let name = self.default_name("inspect");
+        let chain = Inspect::new(self.chain.clone(), f, name);
+        self.with(chain)
+    }
+
+    /// Passes the first `n` records (across all instances of the stage), then stops the stage
+    /// and, through it, everything upstream.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("endless", 0u64..).limit(3).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![0, 1, 2]);
+    /// ```
+    pub fn limit(self, n: u64) -> Stream<I, Limit<C>> {
+        let name = self.default_name("limit");
+        let chain = Limit::new(self.chain.clone(), n, name);
+        self.with(chain)
+    }
+
+    /// Erases the chain's type (one dynamic call per record), for pipelines assembled at run
+    /// time.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let mut s = p.source("n", 1..=4u32).boxed();
+    /// for k in [2, 3] {
+    ///     s = s.map(move |x| x * k).boxed();
+    /// }
+    /// let out = s.collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![6, 12, 18, 24]);
+    /// ```
+    pub fn boxed(self) -> Stream<I, Boxed<I, Out<I, C>>> {
+        let chain = Boxed::new(self.chain.clone());
+        self.with(chain)
+    }
+
+    /// Renames the step just added: the last operator, or the head (a source, an aggregation)
+    /// when there is none. Names must be unique within a pipeline; errors and metrics use them.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..3u32).map(|x| x + 1).name("inc").for_each(|_| {});
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.stage("inc").unwrap().records_in, 3);
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        let mut names = Vec::new();
+        self.chain.names(&mut names);
+        match names.pop() {
+            Some(old) => {
+                let new = self.b.borrow_mut().rename(Some(&old), name);
+                self.chain.rename_last(new);
+            }
+            None => {
+                let old = self.head.name.take();
+                let new = self.b.borrow_mut().rename(old.as_deref(), name);
+                self.head.name = Some(new);
+            }
+        }
+        self
+    }
+
+    /// Sets how many instances (threads) run this stage. Only a stage that reads from a channel
+    /// can have more than one; a source stage needs [`rebalance`](Stream::rebalance) first.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 0..100u32).rebalance(2).map(|x| x * 2).parallelism(2).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take().len(), 100);
+    /// ```
+    pub fn parallelism(mut self, n: usize) -> Self {
+        if self.head.source && n != 1 {
+            let name = self.stage_name();
+            self.b.borrow_mut().errors.push(format!(
+                "stage `{name}` reads a source and runs on one thread; call .rebalance({n}) before the operators to parallelise"
+            ));
+        } else {
+            self.parallelism = n.max(1);
+        }
+        self
+    }
+
+    /// Ends the fused chain here: what follows runs in a new single-instance stage on its own
+    /// thread, fed through a channel.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..3u32).new_stage().for_each(|_| {});
+    /// assert_eq!(p.stage_names(), vec!["n", "for_each"]);
+    /// ```
+    pub fn new_stage(self) -> Fresh<Out<I, C>> {
+        self.hop(Partition::Forward, 1)
+    }
+
+    /// What follows runs in a new stage of `n` instances; whole batches are dealt round-robin,
+    /// preferring an instance with room in its channel.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 0..1000u32).rebalance(2).map(|x| x + 1).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take().len(), 1000);
+    /// ```
+    pub fn rebalance(self, n: usize) -> Fresh<Out<I, C>> {
+        self.hop(Partition::Rebalance, n.max(1))
+    }
+
+    /// What follows runs in a new stage whose instance `i` receives the output of this stage's
+    /// instance `i` (modulo the instance count): no reshuffling.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 0..10u32).rebalance(2).forward().map(|x| x * 2).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take().len(), 10);
+    /// ```
+    pub fn forward(self) -> Fresh<Out<I, C>> {
+        let p = self.parallelism;
+        self.hop(Partition::Forward, p)
+    }
+
+    /// Merges another stream of the same record type into a new stage.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let odd = p.source("odd", vec![1u32, 3]);
+    /// let out = p.source("even", vec![2u32, 4]).union(odd).collect();
+    /// p.run().unwrap();
+    /// let mut all = out.take();
+    /// all.sort();
+    /// assert_eq!(all, vec![1, 2, 3, 4]);
+    /// ```
+    pub fn union<J, D>(self, other: Stream<J, D>) -> Fresh<Out<I, C>>
+    where
+        J: Send + 'static,
+        D: Chain<J, Out = Out<I, C>>,
+    {
+        let b = Rc::clone(&self.b);
+        let e1 = self.connect(Partition::Forward);
+        let e2 = other.connect(Partition::Forward);
+        Stream::open(&b, input_head(vec![e1, e2], plain), 1)
+    }
+
+    /// Sends every record to each of `n` new streams (fan-out).
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let mut copies = p.source("n", 1..=3u32).split(2).into_iter();
+    /// let a = copies.next().unwrap().collect();
+    /// let b = copies.next().unwrap().map(|x| x * 10).collect();
+    /// p.run().unwrap();
+    /// assert_eq!((a.take(), b.take()), (vec![1, 2, 3], vec![10, 20, 30]));
+    /// ```
+    pub fn split(self, n: usize) -> Vec<Fresh<Out<I, C>>>
+    where
+        Out<I, C>: Clone,
+    {
+        let b = Rc::clone(&self.b);
+        let (p, name) = (self.parallelism, self.stage_name());
+        let edges: Vec<Edge<Out<I, C>>> = (0..n)
+            .map(|_| edge(Partition::Forward, name.clone(), p))
+            .collect();
+        let outs = edges.clone();
+        let id = self.close(
+            None,
+            Box::new(move |_, i| {
+                let makers = outs
+                    .iter()
+                    .map(|e| channel_tail(e, i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Box::new(move |cx: &Cx| {
+                    let tails = makers
+                        .into_iter()
+                        .map(|m| m(cx))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(TeeTail::new(tails))
+                }) as MakeTail<_>)
+            }),
+        );
+        edges
+            .into_iter()
+            .map(|e| {
+                e.borrow_mut().from_stage = id;
+                Stream::open(&b, input_head(vec![e], plain), 1)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,255 @@
+//! [`Pipeline`]: the builder's entry point, its sources, and `run`.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::graph::{Builder, HeadSpec};
+use super::{build_and_run, Fresh, Stream};
+use crate::error::Error;
+use crate::metrics::RunReport;
+use crate::runtime::{CancelHandle, Head, Options, RunShared};
+use crate::source::{parse_json, parse_text, ChannelSourceHead, Input, IterHead, LineHead};
+
+/// A dataflow pipeline under construction. Add sources, chain operators on the returned
+/// [`Stream`]s, end each with a sink, then [`run`](Pipeline::run) it.
+///
+/// # Examples
+/// ```
+/// use millrace::Pipeline;
+/// let p = Pipeline::new();
+/// let evens = p.source("numbers", 1..=10u64).filter(|x| x % 2 == 0).map(|x| x * 10).collect();
+/// let report = p.run().unwrap();
+/// assert_eq!(evens.take(), vec![20, 40, 60, 80, 100]);
+/// assert_eq!(report.records_read(), 10);
+/// ```
+pub struct Pipeline {
+    pub(super) b: Rc<RefCell<Builder>>,
+    shared: Arc<RunShared>,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("stages", &self.stage_names())
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// A pipeline with default [`Options`].
+    pub fn new() -> Self {
+        Self::with_options(Options::default())
+    }
+
+    /// A pipeline with the given batch size, channel capacity and linger time.
+    ///
+    /// ```
+    /// let mut opts = millrace::Options::default();
+    /// opts.batch_size = 64;
+    /// let p = millrace::Pipeline::with_options(opts);
+    /// assert_eq!(p.options().batch_size, 64);
+    /// ```
+    pub fn with_options(opts: Options) -> Self {
+        let opts = Options {
+            batch_size: opts.batch_size.max(1),
+            channel_capacity: opts.channel_capacity.max(1),
+            ..opts
+        };
+        let shared = RunShared::new(opts.clone());
+        Pipeline {
+            b: Rc::new(RefCell::new(Builder::new(opts))),
+            shared,
+        }
+    }
+
+    /// The options the pipeline runs with.
+    pub fn options(&self) -> Options {
+        self.b.borrow().opts.clone()
+    }
+
+    /// A handle that can cancel the run from another thread and sample its metrics.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Opens a one-instance source stage of kind `kind` (its default name) whose head `make`
+    /// builds when the run starts, from the stage's final name (so that an error opening a file
+    /// names the stage).
+    pub(crate) fn source_stage<T: Send + 'static>(
+        &self,
+        kind: &str,
+        make: impl FnOnce(&Arc<str>) -> Result<Box<dyn Head<T>>, Error> + 'static,
+    ) -> Fresh<T> {
+        let name = self.b.borrow_mut().default_name(kind);
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            inputs: Vec::new(),
+            make: Box::new(move |name, _, _| Ok(vec![make(name)?])),
+        };
+        Stream::open(&self.b, head, 1)
+    }
+
+    /// A source stage named `name` pulling records from any iterator, on one thread.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("words", vec!["a", "b"]).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec!["a", "b"]);
+    /// ```
+    pub fn source<It>(&self, name: &str, iter: It) -> Fresh<It::Item>
+    where
+        It: IntoIterator + Send + 'static,
+        It::IntoIter: Send + 'static,
+        It::Item: Send + 'static,
+    {
+        self.source_stage(name, move |_| Ok(Box::new(IterHead::new(iter.into_iter()))))
+    }
+
+    /// A source stage fed through a channel by code outside the pipeline (another thread, a
+    /// callback). It flushes partial batches after the linger time even while the senders are
+    /// silent, which an iterator that blocks in `next()` cannot do, and it ends when every
+    /// sender has been dropped.
+    ///
+    /// ```
+    /// let (tx, rx) = millrace::crossbeam_channel::bounded(16);
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source_channel("events", rx).map(|x: u32| x * 2).collect();
+    /// let feeder = std::thread::spawn(move || (1..=3).for_each(|x| tx.send(x).unwrap()));
+    /// p.run().unwrap();
+    /// feeder.join().unwrap();
+    /// assert_eq!(out.take(), vec![2, 4, 6]);
+    /// ```
+    pub fn source_channel<T: Send + 'static>(
+        &self,
+        name: &str,
+        rx: crossbeam_channel::Receiver<T>,
+    ) -> Fresh<T> {
+        self.source_stage(name, move |_| Ok(Box::new(ChannelSourceHead::new(rx))))
+    }
+
+    /// A source stage of kind `kind` reading the lines of `path` and parsing each with `parse`.
+    pub(crate) fn line_source<T, P>(&self, kind: &str, path: &Path, parse: P) -> Fresh<T>
+    where
+        T: Send + 'static,
+        P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
+    {
+        let path = path.to_path_buf();
+        self.source_stage(kind, move |stage| {
+            let input = Input::open(stage, &path)?;
+            Ok(Box::new(LineHead::new(Arc::clone(stage), input, parse)))
+        })
+    }
+
+    /// A source stage (`lines.read`) yielding the lines of a file (`-` for stdin), without line
+    /// endings. Invalid UTF-8 fails the run naming the file and line.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let first = p.read_lines("Cargo.toml").limit(1).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(first.take(), vec!["[package]".to_string()]);
+    /// ```
+    pub fn read_lines(&self, path: impl AsRef<Path>) -> Fresh<String> {
+        self.line_source("lines.read", path.as_ref(), |l, _| parse_text(l))
+    }
+
+    /// A source stage (`ndjson.read`) parsing each line of a file (`-` for stdin) as one JSON
+    /// value of type `T`. Blank lines are skipped; a malformed line fails the run naming the
+    /// file and line.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("in.ndjson");
+    /// std::fs::write(&path, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+    /// #[derive(serde::Deserialize)]
+    /// struct Rec { n: u32 }
+    /// let p = millrace::Pipeline::new();
+    /// let ns = p.read_ndjson(&path).map(|r: Rec| r.n).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(ns.take(), vec![1, 2]);
+    /// ```
+    pub fn read_ndjson<T>(&self, path: impl AsRef<Path>) -> Fresh<T>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.line_source("ndjson.read", path.as_ref(), |l, _| parse_json::<T>(l))
+    }
+
+    /// The stage graph as Graphviz DOT.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..3).rebalance(2).map(|x| x + 1).for_each(|_| {});
+    /// assert!(p.to_dot().contains("s0 -> s1"));
+    /// ```
+    pub fn to_dot(&self) -> String {
+        let b = self.b.borrow();
+        let mut s = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box];\n");
+        for (i, st) in b.stages.iter().enumerate() {
+            let label = if st.parallelism > 1 {
+                format!("{} ×{}", st.name(), st.parallelism)
+            } else {
+                st.name()
+            };
+            let _ = writeln!(s, "  s{i} [label={:?}];", label);
+        }
+        for (i, st) in b.stages.iter().enumerate() {
+            for up in &st.inputs {
+                let _ = writeln!(s, "  s{up} -> s{i};");
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    /// Includes a [`Pool`](crate::Pool)'s metrics (capacity, in use, waiters, wait time,
+    /// timeouts, deadlocks detected) in this run's report and live snapshots.
+    ///
+    /// ```
+    /// let pool = millrace::Pool::from_resources("conns", vec![1u8, 2]);
+    /// let p = millrace::Pipeline::new();
+    /// p.track_pool(&pool);
+    /// let q = pool.clone();
+    /// p.source("n", 0..10u32).map(move |x| { let _c = q.acquire().unwrap(); x }).for_each(|_| {});
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.pools[0].acquires, 10);
+    /// ```
+    pub fn track_pool<R: Send + 'static>(&self, pool: &crate::Pool<R>) {
+        let pool = pool.clone();
+        self.shared
+            .pools
+            .lock()
+            .push(Box::new(move || pool.metrics()));
+    }
+
+    /// Names of the stages registered so far, in the order they run.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..3).map(|x| x + 1).name("inc").new_stage().for_each(|_| {}).name("out");
+    /// assert_eq!(p.stage_names(), vec!["n+inc", "out"]);
+    /// ```
+    pub fn stage_names(&self) -> Vec<String> {
+        self.b.borrow().stages.iter().map(|s| s.name()).collect()
+    }
+
+    /// Runs the pipeline to completion on one thread per stage instance and returns its report,
+    /// or the first error. Every thread has been joined when this returns.
+    pub fn run(self) -> Result<RunReport, Error> {
+        let b = std::mem::take(&mut *self.b.borrow_mut());
+        build_and_run(b, Arc::clone(&self.shared))
+    }
+}

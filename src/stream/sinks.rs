@@ -1,0 +1,203 @@
+//! The sinks that end a [`Stream`], and the [`Sink`] handle that names them.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::graph::{Builder, MakeTail};
+use super::{Out, Stream};
+use crate::error::BoxError;
+use crate::operator::Chain;
+use crate::runtime::Cx;
+use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
+
+/// A sink that ends a stream. Its only use is to [`name`](Sink::name) it; dropping it is fine.
+pub struct Sink {
+    b: Rc<RefCell<Builder>>,
+    stage: usize,
+}
+
+impl fmt::Debug for Sink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.b.borrow();
+        let slot = &b.stages[self.stage];
+        f.debug_struct("Sink").field("stage", &slot.name()).finish()
+    }
+}
+
+impl Sink {
+    /// Renames the sink (by default its kind: `for_each`, `ndjson.write`, ...). Names must be
+    /// unique within a pipeline.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 0..3u32).for_each(|_| {}).name("drop");
+    /// assert_eq!(p.stage_names(), vec!["n+drop"]);
+    /// ```
+    pub fn name(self, name: &str) -> Self {
+        let mut b = self.b.borrow_mut();
+        let old = b.stages[self.stage].sink.take();
+        let new = b.rename(old.as_deref(), name);
+        b.stages[self.stage].sink = Some(new);
+        drop(b);
+        self
+    }
+}
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// Calls `f` for each record, on one thread, in arrival order. Fused into this stage when it
+    /// has one instance.
+    ///
+    /// ```
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 1..=3u32).for_each(move |x| tx.send(x).unwrap());
+    /// p.run().unwrap();
+    /// assert_eq!(rx.iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    /// ```
+    pub fn for_each<F>(self, f: F) -> Sink
+    where
+        F: FnMut(Out<I, C>) + Send + 'static,
+    {
+        let mut f = f;
+        self.try_for_each(move |x| {
+            f(x);
+            Ok::<(), BoxError>(())
+        })
+    }
+
+    /// A fallible [`for_each`](Stream::for_each): an `Err` fails the run naming the sink.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 1..=3u32)
+    ///     .try_for_each(|x| if x < 3 { Ok(()) } else { Err("three") })
+    ///     .name("check");
+    /// assert_eq!(p.run().unwrap_err().stage(), Some("check"));
+    /// ```
+    pub fn try_for_each<X, F>(self, f: F) -> Sink
+    where
+        X: Into<BoxError> + 'static,
+        F: FnMut(Out<I, C>) -> Result<(), X> + Send + 'static,
+    {
+        if self.parallelism > 1 {
+            return self.new_stage().try_for_each(f);
+        }
+        let name = self.default_name("for_each");
+        let mut f = Some(f);
+        self.sink(
+            name,
+            Box::new(move |names, _| {
+                let f = f.take().expect("a for_each sink has one instance");
+                let sink = names.sink.clone().expect("a sink stage has a sink name");
+                Ok(Box::new(move |cx: &Cx| Ok(ForEachTail::new(cx, f, sink))) as MakeTail<_>)
+            }),
+        )
+    }
+
+    /// Collects every record into memory; the returned handle yields them after the run.
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=3u32).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![1, 2, 3]);
+    /// ```
+    pub fn collect(self) -> Collected<Out<I, C>> {
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let handle = Collected {
+            items: Arc::clone(&items),
+        };
+        let name = self.default_name("collect");
+        self.sink(
+            name,
+            Box::new(move |_, _| {
+                let items = Arc::clone(&items);
+                Ok(Box::new(move |cx: &Cx| Ok(CollectTail::new(cx, items))) as MakeTail<_>)
+            }),
+        );
+        handle
+    }
+
+    /// Writes each record, formatted by `format` (which returns how many records it wrote), to
+    /// a file (`-` for stdout), in a sink of kind `kind`.
+    pub(crate) fn write_with<F>(self, kind: &str, path: &Path, format: F) -> Sink
+    where
+        F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<u64> + Send + 'static,
+    {
+        if self.parallelism > 1 {
+            return self.new_stage().write_with(kind, path, format);
+        }
+        let name = self.default_name(kind);
+        let path = path.to_path_buf();
+        let mut format = Some(format);
+        self.sink(
+            name,
+            Box::new(move |names, _| {
+                let sink = names.sink.clone().expect("a sink stage has a sink name");
+                let out = open_output(&sink, &path)?;
+                let shown = path.display().to_string();
+                let format = format.take().expect("a writer sink has one instance");
+                Ok(
+                    Box::new(move |cx: &Cx| Ok(WriteTail::new(cx, out, shown, sink, format)))
+                        as MakeTail<_>,
+                )
+            }),
+        )
+    }
+
+    /// Writes each record as a line of text to a file (`-` for stdout). A closed stdout ends
+    /// the run quietly.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("out.txt");
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 1..=2u32).write_lines(&path);
+    /// p.run().unwrap();
+    /// assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n2\n");
+    /// ```
+    pub fn write_lines(self, path: impl AsRef<Path>) -> Sink
+    where
+        Out<I, C>: std::fmt::Display,
+    {
+        self.write_with("lines.write", path.as_ref(), |w, x| {
+            write!(w, "{x}").map(|()| 1)
+        })
+    }
+
+    /// Writes each record as one line of JSON to a file (`-` for stdout).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("out.ndjson");
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", vec![("a", 1u32)]).write_ndjson(&path);
+    /// p.run().unwrap();
+    /// assert_eq!(std::fs::read_to_string(&path).unwrap(), "[\"a\",1]\n");
+    /// ```
+    pub fn write_ndjson(self, path: impl AsRef<Path>) -> Sink
+    where
+        Out<I, C>: serde::Serialize,
+    {
+        self.write_with("ndjson.write", path.as_ref(), |w, x| {
+            serde_json::to_writer(&mut *w, x)
+                .map(|()| 1)
+                .map_err(std::io::Error::from)
+        })
+    }
+
+    /// Closes the stage into a sink named `name` (renamable through the returned handle).
+    fn sink<T>(self, name: Arc<str>, tails: super::graph::TailFactory<T>) -> Sink
+    where
+        T: crate::runtime::Tail<Out<I, C>> + 'static,
+    {
+        let b = Rc::clone(&self.b);
+        let stage = self.close(Some(name), tails);
+        Sink { b, stage }
+    }
+}
