@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::kinds::{self, Kind};
 use super::parse::{PipelineSpec, StageSpec};
 use super::window::{LatePolicy, WindowParams};
-use super::ConfigError;
+use super::{ConfigError, ConfigErrorKind};
 use crate::operator::Boxed;
 use crate::reload::{MapLogic, Versioned};
 use crate::source::Chunk;
@@ -69,7 +69,15 @@ impl PipelineSpec {
                         .map(|first| inputs.fold(first, |a, b| a.union(b).boxed()))
                 }
             };
-            let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
+            let err = |m: String| {
+                ConfigError::new(
+                    &self.file,
+                    Some(st.line),
+                    Some(&st.name),
+                    ConfigErrorKind::Wiring,
+                    m,
+                )
+            };
             let mut late = None;
             let out = build_stage(&p, st, input, &mut late, live.as_deref_mut())?;
             if let Some(l) = late {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 
 use super::build::{LiveStage, LiveStages};
-use super::{ConfigError, PipelineSpec};
+use super::{ConfigError, ConfigErrorKind, PipelineSpec};
 use crate::reload::MapLogic;
 use crate::Pipeline;
 
@@ -139,13 +139,19 @@ impl PipelineSpec {
         // process plugin's directory), so that edits on disk never reach a running version.
         let mut versioned = self.clone();
         for st in &mut versioned.stages {
-            let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
+            let err = |kind, m: String| {
+                ConfigError::new(&self.file, Some(st.line), Some(&st.name), kind, m)
+            };
             match &mut st.params {
-                super::kinds::Kind::Exec(e) => **e = e.snapshot_plugin().map_err(err)?,
+                super::kinds::Kind::Exec(e) => {
+                    **e = e
+                        .snapshot_plugin()
+                        .map_err(|m| err(ConfigErrorKind::Io, m))?;
+                }
                 super::kinds::Kind::Native(n) => {
                     n.lib =
                         crate::plugin::native::NativeLibrary::load_copy(n.lib.name(), n.lib.path())
-                            .map_err(err)?;
+                            .map_err(|e| err(ConfigErrorKind::Plugin, e.to_string()))?;
                 }
                 _ => {}
             }
@@ -251,7 +257,13 @@ impl ReloadHandle {
         let new = PipelineSpec::from_file_for_reload(file, reuse)?;
         let old = &state.spec;
         let restart = |stage: Option<&str>, line: Option<usize>, why: String| {
-            ConfigError::new(file, line, stage, format!("restart required: {why}"))
+            ConfigError::new(
+                file,
+                line,
+                stage,
+                ConfigErrorKind::RestartRequired,
+                format!("restart required: {why}"),
+            )
         };
         if format!("{:?}", old.options) != format!("{:?}", new.options)
             || old.byte_path != new.byte_path
@@ -314,10 +326,11 @@ impl ReloadHandle {
             }
             let next = match (live, &n.params) {
                 (LiveStage::Map(_), k) => Next::Map(MapLogic::of(k).expect("same kind as built")),
-                (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => Next::Exec(
-                    e.snapshot_plugin()
-                        .map_err(|m| ConfigError::new(file, Some(n.line), Some(&n.name), m))?,
-                ),
+                (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => {
+                    Next::Exec(e.snapshot_plugin().map_err(|m| {
+                        ConfigError::new(file, Some(n.line), Some(&n.name), ConfigErrorKind::Io, m)
+                    })?)
+                }
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
                     Next::Native((**s).clone())
                 }

@@ -1,7 +1,11 @@
-//! The crate's error type: every variant names the stage (and file, line or plugin) it came from,
-//! so a caller can act on it without guessing.
+//! The crate's error types: every variant names the stage (and file, line or plugin) it came
+//! from, so a caller can act on it without guessing.
 
 use std::fmt;
+
+mod config;
+
+pub use config::{ConfigError, ConfigErrorKind};
 
 /// A boxed error from user code (an operator closure, a sink), kept as the `source` of an
 /// [`Error::Operator`].
@@ -54,11 +58,11 @@ pub enum Error {
     Build(String),
     /// A pipeline file could not be loaded.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     /// The run was cancelled through a [`CancelHandle`](crate::CancelHandle).
     #[error("run cancelled")]
     Cancelled,
-    /// The [`Engine`](crate::job::Engine) is shutting down and takes no new jobs.
+    /// The engine running jobs is shutting down and takes no new jobs.
     #[error("the engine is shutting down")]
     ShuttingDown,
 }
