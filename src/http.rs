@@ -87,16 +87,14 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Starts serving `engine`.
 pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
     if !opts.listen.ip().is_loopback() && !opts.allow_remote {
-        return Err(Error::Build(format!(
-            "refusing to listen on {}: not a loopback address (allow it explicitly: --allow-remote)",
-            opts.listen
-        )));
+        return Err(Error::NotLoopback { addr: opts.listen });
     }
-    let listener = TcpListener::bind(opts.listen)
-        .map_err(|e| Error::Build(format!("cannot listen on {}: {e}", opts.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Build(format!("cannot read the listening address: {e}")))?;
+    let listen = |source| Error::Listen {
+        addr: opts.listen,
+        source,
+    };
+    let listener = TcpListener::bind(opts.listen).map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
     let stop = Arc::new(AtomicBool::new(false));
     let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
     let ctx = Arc::new(Ctx {
@@ -131,7 +129,11 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
                 }
             }
         })
-        .map_err(|e| Error::Build(format!("cannot spawn the HTTP thread: {e}")))?;
+        .map_err(|source| Error::Spawn {
+            what: "the HTTP thread".into(),
+            stage: None,
+            source,
+        })?;
     Ok(Server {
         addr,
         stop,

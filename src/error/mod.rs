@@ -1,7 +1,11 @@
-//! The crate's error types: every variant names the stage (and file, line or plugin) it came
-//! from, so a caller can act on it without guessing.
+//! The crate's error types: every variant names what it came from (the stage, file and line,
+//! address or thread), and keeps the underlying error as its `source` where there is one, so a
+//! caller can act on it without guessing.
 
 use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 mod config;
 
@@ -53,18 +57,79 @@ pub enum Error {
         /// What was wrong with it.
         message: String,
     },
-    /// The pipeline as described cannot be built (a dangling stream, a bad parameter).
+    /// The pipeline as described cannot be built (a dangling stream, no sink, a bad
+    /// parameter).
     #[error("invalid pipeline: {0}")]
     Build(String),
     /// A pipeline file could not be loaded.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A listening socket could not be opened: the address is in use, not available here, or
+    /// not permitted.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The underlying error (`AddrInUse` for a busy port).
+        #[source]
+        source: io::Error,
+    },
+    /// Listening on a non-loopback address was asked for without allowing it explicitly.
+    #[error(
+        "refusing to listen on {addr}: not a loopback address (allow it explicitly: --allow-remote)"
+    )]
+    NotLoopback {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// A thread could not be started (the system's limit on threads or memory was reached).
+    #[error("cannot spawn {what}: {source}")]
+    Spawn {
+        /// What the thread was for: "a thread for stage `x`", "the HTTP thread", ...
+        what: String,
+        /// The stage it was to run, when it was a stage's.
+        stage: Option<String>,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A shutdown's deadline passed with jobs still running (a closure that never returns
+    /// cannot be interrupted); their threads are left to finish.
+    #[error("shutdown deadline passed with jobs still running: {}", ids(.running))]
+    ShutdownTimeout {
+        /// The deadline that passed.
+        deadline: Duration,
+        /// The ids of the jobs still running.
+        running: Vec<u64>,
+    },
+    /// A stage's input broke the channel protocol (it closed before every upstream instance
+    /// sent its end-of-stream marker). An internal invariant: this is a bug in the engine.
+    #[error("stage `{stage}`: channel protocol violated: {message}")]
+    Protocol {
+        /// The stage whose input it was.
+        stage: String,
+        /// What was seen.
+        message: String,
+    },
+    /// The closure building a job's pipeline panicked.
+    #[error("job `{job}` panicked while building: {message}")]
+    BuildPanicked {
+        /// The job's name.
+        job: String,
+        /// The panic message.
+        message: String,
+    },
     /// The run was cancelled through a [`CancelHandle`](crate::CancelHandle).
     #[error("run cancelled")]
     Cancelled,
     /// The engine running jobs is shutting down and takes no new jobs.
     #[error("the engine is shutting down")]
     ShuttingDown,
+}
+
+fn ids(running: &[u64]) -> String {
+    let ids: Vec<String> = running.iter().map(u64::to_string).collect();
+    ids.join(", ")
 }
 
 impl Error {
@@ -74,9 +139,17 @@ impl Error {
             Error::Operator { stage, .. }
             | Error::Panic { stage, .. }
             | Error::Io { stage, .. }
-            | Error::Record { stage, .. } => Some(stage),
+            | Error::Record { stage, .. }
+            | Error::Protocol { stage, .. } => Some(stage),
+            Error::Spawn { stage, .. } => stage.as_deref(),
             Error::Config(e) => e.stage(),
-            Error::Build(_) | Error::Cancelled | Error::ShuttingDown => None,
+            Error::Build(_)
+            | Error::Listen { .. }
+            | Error::NotLoopback { .. }
+            | Error::ShutdownTimeout { .. }
+            | Error::BuildPanicked { .. }
+            | Error::Cancelled
+            | Error::ShuttingDown => None,
         }
     }
 }
