@@ -32,7 +32,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-use crate::job::{Engine, JobId, JobStatus, Received};
+use crate::job::{Engine, JobId, JobStatus, Received, RecvTimeoutError};
 use crate::Error;
 
 /// Where and how to serve.
@@ -459,15 +459,15 @@ impl Ctx {
         let mut quiet = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
             let text = match sub.recv_timeout(Duration::from_millis(100)) {
-                Ok(Some(Received::Event(e))) => {
+                Ok(Received::Event(e)) => {
                     seq += 1;
                     format!("id: {seq}\nevent: {}\ndata: {}\n\n", e.kind(), e.to_json())
                 }
-                Ok(Some(Received::Lagged(n))) => {
+                Ok(Received::Lagged(n)) => {
                     format!("event: lagged\ndata: {}\n\n", json!({ "missed": n }))
                 }
-                Ok(None) => break, // the final event was sent
-                Err(()) => {
+                Err(RecvTimeoutError::Closed) => break, // the final event was sent
+                Err(RecvTimeoutError::Timeout) => {
                     quiet += Duration::from_millis(100);
                     if quiet < Duration::from_secs(15) {
                         continue;

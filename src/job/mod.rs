@@ -35,11 +35,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Sender};
 use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Value};
 
-pub use hub::{ProgressHub, Received, Subscription};
+pub use hub::{ProgressHub, Received, RecvTimeoutError, Subscription};
 pub use registry::Registry;
 
 use crate::{CancelHandle, Error, Pipeline, RunReport};
@@ -367,7 +367,7 @@ impl Engine {
             .name("millrace-ticker".into())
             .spawn(move || loop {
                 match stop_rx.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     _ => return, // stopped, or the engine is gone
                 }
                 let Some(inner) = weak.upgrade() else { return };
