@@ -608,7 +608,7 @@ fn load_native(
     } else {
         crate::plugin::native::NativeLibrary::load(name, &path)
     }
-    .map_err(|e| p.error_at("kind", ConfigErrorKind::Plugin, e))?;
+    .map_err(|e| p.error_at("kind", ConfigErrorKind::Plugin, e.to_string()))?;
     p.ctx
         .natives
         .borrow_mut()
