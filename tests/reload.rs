@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{bundled, install};
-use millrace::config::{ConfigErrorKind, PipelineSpec, ReloadHandle};
+use millrace::config::{ConfigErrorKind, PipelineSpec, ReloadHandle, WatchError};
 
 fn mkfifo(path: &Path) {
     let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
@@ -559,4 +559,32 @@ fn a_window_takes_a_new_lateness_and_refuses_a_new_size() {
         "{out}"
     );
     assert!(first[1].contains("\"update\":true"), "{out}");
+}
+
+/// Watching a pipeline whose directory is gone fails with the directory and the watcher's
+/// error as source.
+#[test]
+fn watching_a_vanished_directory_is_a_watch_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().to_path_buf();
+    let spec = PipelineSpec::from_str(
+        "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = \"-\"\n",
+        gone.join("p.toml"),
+    )
+    .unwrap();
+    let (_pipeline, handle) = spec.build_reloadable().unwrap();
+    drop(dir);
+    let e = handle
+        .watch(std::time::Duration::from_millis(10))
+        .unwrap_err();
+    assert!(
+        matches!(&e, WatchError::Dir { dir, .. } if *dir == gone),
+        "{e:?}"
+    );
+    assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("cannot watch {}: ", gone.display())),
+        "{e}"
+    );
 }

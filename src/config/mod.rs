@@ -38,4 +38,4 @@ mod reload;
 pub use crate::error::{ConfigError, ConfigErrorKind};
 pub use kinds::KINDS;
 pub use parse::{PipelineSpec, StageSpec};
-pub use reload::{ReloadEvent, ReloadHandle, Watcher};
+pub use reload::{ReloadEvent, ReloadHandle, WatchError, Watcher};

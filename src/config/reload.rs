@@ -401,7 +401,7 @@ impl ReloadHandle {
     /// have been quiet for `debounce` (editors and compilers write a file in several steps:
     /// a temporary file renamed over it, or truncate and write). Stops when the returned
     /// [`Watcher`] is dropped.
-    pub fn watch(&self, debounce: Duration) -> Result<Watcher, String> {
+    pub fn watch(&self, debounce: Duration) -> Result<Watcher, WatchError> {
         use notify::Watcher as _;
         let (tx, rx) = crossbeam_channel::bounded::<PathBuf>(1024);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -412,7 +412,9 @@ impl ReloadHandle {
                 }
             }
         })
-        .map_err(|e| format!("cannot watch files: {e}"))?;
+        .map_err(|e| WatchError::Init {
+            source: Box::new(e),
+        })?;
         // Watch directories, not files: a file replaced by a rename is a new inode.
         let mut dirs: Vec<PathBuf> = self
             .watched_files()
@@ -431,7 +433,10 @@ impl ReloadHandle {
         for d in &dirs {
             watcher
                 .watch(d, notify::RecursiveMode::NonRecursive)
-                .map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
+                .map_err(|e| WatchError::Dir {
+                    dir: d.clone(),
+                    source: Box::new(e),
+                })?;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let handle = self.clone();
@@ -439,13 +444,42 @@ impl ReloadHandle {
         let thread = std::thread::Builder::new()
             .name("millrace:watch".into())
             .spawn(move || watch_loop(&handle, &rx, debounce, &s))
-            .map_err(|e| format!("cannot start the watcher thread: {e}"))?;
+            .map_err(|source| WatchError::Spawn { source })?;
         Ok(Watcher {
             _watcher: Some(watcher),
             stop,
             thread: Some(thread),
         })
     }
+}
+
+/// Why [`ReloadHandle::watch`] could not start watching.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The file watcher could not be created (inotify limits, for one).
+    #[error("cannot watch files: {source}")]
+    Init {
+        /// The watcher's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// A directory holding a watched file could not be watched (it no longer exists, say).
+    #[error("cannot watch {}: {source}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// The watcher's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// The thread that reloads after a change could not be started.
+    #[error("cannot start the watcher thread: {source}")]
+    Spawn {
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A stage's next version, built before anything is published.
