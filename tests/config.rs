@@ -200,6 +200,10 @@ fn malformed_ndjson_line_names_file_and_line() {
             .unwrap()
             .run()
             .unwrap_err();
+        assert!(
+            matches!(&e, millrace::Error::Record { stage, location, .. } if stage == "read" && location.line == 3),
+            "{e:?}"
+        );
         let msg = e.to_string();
         assert!(
             msg.starts_with(&format!("stage `read`: {}:3: invalid JSON", inp.display())),
