@@ -516,10 +516,13 @@ impl<T> InputHead<T> {
         if cx.run.is_cancelled() || cx.run.has_failed() {
             Halt::Done
         } else {
-            Halt::Failed(crate::Error::Build(format!(
-                "stage `{}`: input closed after {} of {} end-of-stream markers",
-                cx.stage, self.ends_seen, self.ends_expected
-            )))
+            Halt::Failed(crate::Error::Protocol {
+                stage: cx.stage.to_string(),
+                message: format!(
+                    "input closed after {} of {} end-of-stream markers",
+                    self.ends_seen, self.ends_expected
+                ),
+            })
         }
     }
 
@@ -566,6 +569,45 @@ impl<T: Send> Head<T> for InputHead<T> {
                     (false, None) => {}
                 },
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    /// An input whose upstream went away without its end marker, in a run that is neither
+    /// cancelled nor failing, is a protocol breach naming the stage.
+    #[test]
+    fn an_input_closed_early_is_a_protocol_error() {
+        let (tx, rx) = crossbeam_channel::bounded::<Message<u32>>(4);
+        let (recycle, _recycled) = crossbeam_channel::bounded(4);
+        let mut input = InputHead::new(rx, 2, recycle, None);
+        let cx = Cx {
+            run: RunShared::new(crate::Options::default()),
+            stage: "sink".into(),
+            instance: 0,
+            metrics: Arc::new(InstanceMetrics::default()),
+        };
+        tx.send(Message::End { from: 0 }).unwrap();
+        drop(tx);
+        assert!(matches!(
+            input.recv(&cx, None),
+            Ok(Some(Message::End { from: 0 }))
+        ));
+        input.end(0);
+        match input.recv(&cx, None) {
+            Err(Halt::Failed(e @ Error::Protocol { .. })) => {
+                assert_eq!(e.stage(), Some("sink"));
+                assert_eq!(
+                    e.to_string(),
+                    "stage `sink`: channel protocol violated: input closed after 1 of 2 \
+                     end-of-stream markers"
+                );
+            }
+            other => panic!("expected a protocol error, got {other:?}"),
         }
     }
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-use crate::job::{Engine, JobId, JobStatus, Received};
+use crate::job::{Engine, JobId, JobStatus, Received, RecvTimeoutError};
 use crate::Error;
 
 /// Where and how to serve.
@@ -87,16 +87,14 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Starts serving `engine`.
 pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
     if !opts.listen.ip().is_loopback() && !opts.allow_remote {
-        return Err(Error::Build(format!(
-            "refusing to listen on {}: not a loopback address (allow it explicitly: --allow-remote)",
-            opts.listen
-        )));
+        return Err(Error::NotLoopback { addr: opts.listen });
     }
-    let listener = TcpListener::bind(opts.listen)
-        .map_err(|e| Error::Build(format!("cannot listen on {}: {e}", opts.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Build(format!("cannot read the listening address: {e}")))?;
+    let listen = |source| Error::Listen {
+        addr: opts.listen,
+        source,
+    };
+    let listener = TcpListener::bind(opts.listen).map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
     let stop = Arc::new(AtomicBool::new(false));
     let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
     let ctx = Arc::new(Ctx {
@@ -131,7 +129,11 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
                 }
             }
         })
-        .map_err(|e| Error::Build(format!("cannot spawn the HTTP thread: {e}")))?;
+        .map_err(|source| Error::Spawn {
+            what: "the HTTP thread".into(),
+            stage: None,
+            source,
+        })?;
     Ok(Server {
         addr,
         stop,
@@ -457,15 +459,15 @@ impl Ctx {
         let mut quiet = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
             let text = match sub.recv_timeout(Duration::from_millis(100)) {
-                Ok(Some(Received::Event(e))) => {
+                Ok(Received::Event(e)) => {
                     seq += 1;
                     format!("id: {seq}\nevent: {}\ndata: {}\n\n", e.kind(), e.to_json())
                 }
-                Ok(Some(Received::Lagged(n))) => {
+                Ok(Received::Lagged(n)) => {
                     format!("event: lagged\ndata: {}\n\n", json!({ "missed": n }))
                 }
-                Ok(None) => break, // the final event was sent
-                Err(()) => {
+                Err(RecvTimeoutError::Closed) => break, // the final event was sent
+                Err(RecvTimeoutError::Timeout) => {
                     quiet += Duration::from_millis(100);
                     if quiet < Duration::from_secs(15) {
                         continue;

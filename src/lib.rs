@@ -76,4 +76,7 @@ pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use snapshot::Snapshot;
 pub use stream::{KeyedStream, Pipeline, Sink, Stream, Windowed};
-pub use time::{parse_duration_ms, parse_rfc3339_ms, Timestamp, Window};
+pub use time::{
+    parse_duration_ms, parse_rfc3339_ms, ParseDurationError, ParseTimeError, ParseTimeErrorKind,
+    Timestamp, Window,
+};

@@ -431,10 +431,12 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
                         }),
                     }
                 });
-            if let Err(e) = spawned {
-                shared.fail(Error::Build(format!(
-                    "cannot spawn a thread for stage `{stage}`: {e}"
-                )));
+            if let Err(source) = spawned {
+                shared.fail(Error::Spawn {
+                    what: format!("a thread for stage `{stage}`"),
+                    stage: Some(stage.to_string()),
+                    source,
+                });
                 break;
             }
         }

@@ -57,6 +57,8 @@ impl fmt::Display for LimitError {
     }
 }
 
+impl std::error::Error for LimitError {}
+
 impl Limits {
     /// Reads a `limits` table: unknown keys and values of the wrong type or range are errors.
     pub fn from_table(t: &toml::Table) -> Result<Limits, LimitError> {
@@ -118,9 +120,9 @@ impl Limits {
 }
 
 impl TryFrom<toml::Table> for Limits {
-    type Error = String;
-    fn try_from(t: toml::Table) -> Result<Self, String> {
-        Limits::from_table(&t).map_err(|e| e.to_string())
+    type Error = LimitError;
+    fn try_from(t: toml::Table) -> Result<Self, LimitError> {
+        Limits::from_table(&t)
     }
 }
 

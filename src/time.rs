@@ -106,6 +106,72 @@ impl fmt::Display for Window {
     }
 }
 
+/// A duration [`parse_duration_ms`] cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"2m\", \"1h\", \"1d\" or \"1m30s\""
+)]
+pub struct ParseDurationError {
+    text: String,
+}
+
+impl ParseDurationError {
+    /// The text that was given.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// A timestamp [`parse_rfc3339_ms`] cannot read: the text and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid RFC 3339 time {text:?}: {kind}")]
+pub struct ParseTimeError {
+    text: String,
+    kind: ParseTimeErrorKind,
+}
+
+impl ParseTimeError {
+    /// The text that was given.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// What is wrong with it.
+    pub fn kind(&self) -> ParseTimeErrorKind {
+        self.kind
+    }
+}
+
+/// What is wrong with a timestamp (see [`ParseTimeError`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseTimeErrorKind {
+    /// It ends before the date and time are complete.
+    #[error("too short")]
+    TooShort,
+    /// A date, time or offset field is not digits.
+    #[error("expected digits")]
+    ExpectedDigits,
+    /// A separator (`-`, `T`, `:`) is missing or wrong.
+    #[error("malformed")]
+    Malformed,
+    /// The month or day does not exist (`2023-02-29`).
+    #[error("no such date")]
+    NoSuchDate,
+    /// The hour, minute or second is out of range.
+    #[error("no such time of day")]
+    NoSuchTimeOfDay,
+    /// A `.` with no digits after it.
+    #[error("empty fraction")]
+    EmptyFraction,
+    /// The offset's hours or minutes are out of range.
+    #[error("bad offset")]
+    BadOffset,
+    /// Neither `Z` nor an offset such as `+02:00` at the end.
+    #[error("expected Z or an offset like +02:00 at the end")]
+    MissingOffset,
+}
+
 /// Parses a duration such as `"10s"`, `"500ms"`, `"2m"`, `"1h"`, `"1d"` or `"1m30s"` into
 /// milliseconds. Units: `ms`, `s`, `m`, `h`, `d`; at least one `<integer><unit>` part.
 ///
@@ -114,9 +180,9 @@ impl fmt::Display for Window {
 /// assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
 /// assert!(parse_duration_ms("10").is_err());
 /// ```
-pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
-    let err = || {
-        format!("invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"2m\", \"1h\", \"1d\" or \"1m30s\"")
+pub fn parse_duration_ms(text: &str) -> Result<i64, ParseDurationError> {
+    let err = || ParseDurationError {
+        text: text.to_string(),
     };
     let s = text.trim();
     if s.is_empty() {
@@ -158,20 +224,26 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
 /// assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:10Z"), Ok(10_000));
 /// assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59.5-00:00"), Ok(-500));
 /// ```
-pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
-    let err = |why: &str| format!("invalid RFC 3339 time {text:?}: {why}");
-    let b = text.as_bytes();
-    let num = |from: usize, len: usize| -> Result<i64, String> {
-        let part = text.get(from..from + len).ok_or_else(|| err("too short"))?;
-        if !part.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(err("expected digits"));
-        }
-        part.parse::<i64>().map_err(|_| err("expected digits"))
+pub fn parse_rfc3339_ms(text: &str) -> Result<i64, ParseTimeError> {
+    use ParseTimeErrorKind as Why;
+    let err = |kind| ParseTimeError {
+        text: text.to_string(),
+        kind,
     };
-    let sep = |at: usize, want: &[u8]| -> Result<(), String> {
+    let b = text.as_bytes();
+    let num = |from: usize, len: usize| -> Result<i64, ParseTimeError> {
+        let part = text
+            .get(from..from + len)
+            .ok_or_else(|| err(Why::TooShort))?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(err(Why::ExpectedDigits));
+        }
+        part.parse::<i64>().map_err(|_| err(Why::ExpectedDigits))
+    };
+    let sep = |at: usize, want: &[u8]| -> Result<(), ParseTimeError> {
         match b.get(at) {
             Some(c) if want.contains(c) => Ok(()),
-            _ => Err(err("malformed")),
+            _ => Err(err(Why::Malformed)),
         }
     };
     let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
@@ -182,10 +254,10 @@ pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
     sep(13, b":")?;
     sep(16, b":")?;
     if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return Err(err("no such date"));
+        return Err(err(Why::NoSuchDate));
     }
     if hour > 23 || minute > 59 || second > 60 {
-        return Err(err("no such time of day"));
+        return Err(err(Why::NoSuchTimeOfDay));
     }
     let mut i = 19;
     let mut millis = 0;
@@ -196,10 +268,10 @@ pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
             i += 1;
         }
         if i == start {
-            return Err(err("empty fraction"));
+            return Err(err(Why::EmptyFraction));
         }
         let frac = &text[start..i.min(start + 3)];
-        millis = frac.parse::<i64>().map_err(|_| err("bad fraction"))?
+        millis = frac.parse::<i64>().map_err(|_| err(Why::ExpectedDigits))?
             * 10i64.pow(3 - frac.len() as u32);
     }
     let offset_min = match b.get(i) {
@@ -208,7 +280,7 @@ pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
             sep(i + 3, b":")?;
             let (oh, om) = (num(i + 1, 2)?, num(i + 4, 2)?);
             if oh > 23 || om > 59 {
-                return Err(err("bad offset"));
+                return Err(err(Why::BadOffset));
             }
             let m = oh * 60 + om;
             if c == b'-' {
@@ -217,7 +289,7 @@ pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
                 m
             }
         }
-        _ => return Err(err("expected Z or an offset like +02:00 at the end")),
+        _ => return Err(err(Why::MissingOffset)),
     };
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_min * 60;

@@ -362,6 +362,21 @@ fn serve_runs_submitted_pipelines() {
         .unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--allow-remote"));
+    // A busy port is an environment failure (exit 1), not an invalid pipeline (exit 2).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let busy = Command::new(BIN)
+        .args(["serve", "--listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot listen on {addr}: Address already in use"
+        )),
+        "{err}"
+    );
 
     /// Kills and reaps the server however the test ends.
     struct Reaped(std::process::Child);

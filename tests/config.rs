@@ -2,18 +2,29 @@
 
 use std::io::Write;
 
-use millrace::config::PipelineSpec;
+use millrace::config::{ConfigError, ConfigErrorKind, PipelineSpec};
 use serde_json::{json, Value};
 
-fn spec(text: &str) -> Result<PipelineSpec, millrace::config::ConfigError> {
+fn spec(text: &str) -> Result<PipelineSpec, ConfigError> {
     PipelineSpec::from_str(text, "/tmp/test-pipeline.toml")
 }
 
-fn err(text: &str) -> String {
+fn config_error(text: &str) -> ConfigError {
     match spec(text).and_then(|s| s.build().map(|_| s)) {
         Ok(_) => panic!("expected an error for:\n{text}"),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     }
+}
+
+/// The message a user reads.
+fn err(text: &str) -> String {
+    config_error(text).to_string()
+}
+
+/// The error's kind, line and stage.
+fn what(text: &str) -> (ConfigErrorKind, Option<usize>, Option<String>) {
+    let e = config_error(text);
+    (e.kind(), e.line, e.stage().map(str::to_string))
 }
 
 /// Runs a pipeline over `input` lines of NDJSON; returns the output records.
@@ -189,6 +200,10 @@ fn malformed_ndjson_line_names_file_and_line() {
             .unwrap()
             .run()
             .unwrap_err();
+        assert!(
+            matches!(&e, millrace::Error::Record { stage, location, .. } if stage == "read" && location.line == 3),
+            "{e:?}"
+        );
         let msg = e.to_string();
         assert!(
             msg.starts_with(&format!("stage `read`: {}:3: invalid JSON", inp.display())),
@@ -225,29 +240,30 @@ const F: &str = "/tmp/test-pipeline.toml";
 
 #[test]
 fn bad_toml_names_file_line_and_stage() {
-    let e = err(
+    let e = config_error(
         "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n\n[stages.out]\nkind = ndjson.write\n",
     );
-    assert!(
-        e.starts_with(&format!("{F}:6: stage `out`: invalid TOML")),
-        "{e}"
-    );
+    assert_eq!(e.kind(), ConfigErrorKind::Syntax, "{e}");
+    assert_eq!((e.line, e.stage()), (Some(6), Some("out")), "{e}");
+    assert_eq!(e.file, std::path::Path::new(F));
+    let e = config_error("nmae = \"typo\"\n[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n");
+    assert!(matches!(e.kind(), ConfigErrorKind::Syntax), "{e}");
 }
 
 #[test]
 fn unknown_kind_names_file_line_and_stage() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.x]\ninput = \"read\"\nkind = \"frobnicate\"\n");
-    assert!(
-        e.starts_with(&format!(
-            "{F}:6: stage `x`: unknown kind `frobnicate` (built-in kinds: lines.read,"
-        )),
-        "{e}"
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.x]\ninput = \"read\"\nkind = \"frobnicate\"\n";
+    assert_eq!(
+        what(text),
+        (ConfigErrorKind::UnknownKind, Some(6), Some("x".into()))
     );
 }
 
 #[test]
 fn unknown_input_names_file_line_and_stage() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"raed\"\n");
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"raed\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::UnknownInput);
+    let e = err(text);
     assert_eq!(
         e,
         format!("{F}:7: stage `out`: unknown input `raed` (stages: out, read)")
@@ -256,10 +272,12 @@ fn unknown_input_names_file_line_and_stage() {
 
 #[test]
 fn cycle_names_file_line_and_stage() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n\
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n\
                  [stages.a]\nkind = \"limit\"\nn = 1\ninput = [\"read\", \"b\"]\n\
                  [stages.b]\nkind = \"limit\"\nn = 1\ninput = \"a\"\n\
-                 [stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"b\"\n");
+                 [stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"b\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::Cycle);
+    let e = err(text);
     assert_eq!(
         e,
         format!("{F}:7: stage `a`: cycle in the stage graph: a -> b -> a")
@@ -268,58 +286,132 @@ fn cycle_names_file_line_and_stage() {
 
 #[test]
 fn wrong_parameter_type_names_file_line_stage_and_parameter() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.top]\nkind = \"limit\"\ninput = \"read\"\nn = \"ten\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"top\"\n");
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.top]\nkind = \"limit\"\ninput = \"read\"\nn = \"ten\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"top\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::BadValue);
+    let e = err(text);
     assert_eq!(e, format!("{F}:7: stage `top`: parameter `n`: expected an integer of at least 0, found the string \"ten\""));
 }
 
 #[test]
 fn missing_input_file_names_file_line_and_stage() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"no/such/file.txt\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"read\"\n");
-    assert!(
-        e.starts_with(&format!(
-            "{F}:3: stage `read`: cannot open input file /tmp/no/such/file.txt:"
-        )),
-        "{e}"
-    );
+    let e = config_error("[stages.read]\nkind = \"lines.read\"\npath = \"no/such/file.txt\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"read\"\n");
+    assert_eq!(e.kind(), ConfigErrorKind::Io, "{e}");
+    assert_eq!((e.line, e.stage()), (Some(3), Some("read")), "{e}");
+    let e = PipelineSpec::from_file("/tmp/no/such/pipeline.toml").unwrap_err();
+    assert!(matches!(e.kind(), ConfigErrorKind::Io), "{e}");
+    assert_eq!((e.line, e.stage()), (None, None), "{e}");
 }
 
 #[test]
 fn unknown_parameter_is_reported_as_a_typo() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.w]\nkind = \"words\"\ninput = \"read\"\nlowercas = true\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"w\"\n");
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.w]\nkind = \"words\"\ninput = \"read\"\nlowercas = true\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"w\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::UnknownParameter);
+    let e = err(text);
     assert_eq!(e, format!("{F}:7: stage `w`: unknown parameter `lowercas` for kind `words` (known: field, input, kind, lowercase, parallelism)"));
 }
 
 #[test]
 fn missing_parameter_source_with_input_unused_output_and_bad_options() {
-    let e = err("[stages.read]\nkind = \"lines.read\"\n");
+    let text = "[stages.read]\nkind = \"lines.read\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::MissingParameter);
     assert_eq!(
-        e,
+        err(text),
         format!("{F}:1: stage `read`: missing parameter `path`: expected a string")
     );
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\ninput = \"x\"\n");
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\ninput = \"x\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::Wiring);
     assert_eq!(
-        e,
+        err(text),
         format!("{F}:4: stage `read`: a `lines.read` stage is a source and takes no `input`")
     );
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n");
-    assert!(
-        e.starts_with(&format!(
-            "{F}:1: stage `read`: the output of this `lines.read` stage is not used"
-        )),
-        "{e}"
-    );
-    let e = err("[options]\nbatch_size = 0\n[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n");
+    // The output of a source nothing reads.
     assert_eq!(
-        e,
+        what("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n"),
+        (ConfigErrorKind::Wiring, Some(1), Some("read".into()))
+    );
+    // A stage that is not a source, without an input.
+    assert_eq!(
+        what("[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\n"),
+        (ConfigErrorKind::Wiring, Some(1), Some("out".into()))
+    );
+    let text = "[options]\nbatch_size = 0\n[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n";
+    assert_eq!(config_error(text).kind(), ConfigErrorKind::BadValue);
+    assert_eq!(
+        err(text),
         format!("{F}:2: [options] batch_size: expected a positive integer, found the integer 0")
     );
-    let e = err("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"read\"\nparallelism = 2\n");
     assert_eq!(
-        e,
+        what("[options]\nbatch_sise = 1\n[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n"),
+        (ConfigErrorKind::UnknownParameter, Some(2), None)
+    );
+    assert_eq!(
+        what("[options]\nidle_timeout = \"soon\"\n[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n"),
+        (ConfigErrorKind::BadValue, Some(2), None)
+    );
+    let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"read\"\nparallelism = 2\n";
+    assert_eq!(
+        what(text),
+        (ConfigErrorKind::BadValue, Some(8), Some("out".into()))
+    );
+    assert_eq!(
+        err(text),
         format!(
             "{F}:8: stage `out`: a `ndjson.write` stage runs on one thread; remove `parallelism`"
         )
     );
+}
+
+#[test]
+fn every_stage_graph_mistake_has_its_kind() {
+    assert_eq!(
+        config_error("name = \"empty\"\n").kind(),
+        ConfigErrorKind::NoStages
+    );
+    // A stage reading its own output is a cycle of one.
+    assert_eq!(
+        what("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.a]\nkind = \"limit\"\nn = 1\ninput = \"a\"\n"),
+        (ConfigErrorKind::Cycle, Some(7), Some("a".into()))
+    );
+    // A sink read by another stage.
+    assert_eq!(
+        what("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"read\"\n[stages.more]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"out\"\n"),
+        (ConfigErrorKind::Wiring, Some(4), Some("out".into()))
+    );
+    // Parameters: missing, of the wrong value, unknown.
+    let filter = |rest: &str| {
+        format!("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.f]\nkind = \"filter\"\ninput = \"read\"\nfield = \"line\"\n{rest}\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"f\"\n")
+    };
+    assert!(matches!(
+        what(&filter("op = \"eq\"")),
+        (ConfigErrorKind::MissingParameter, Some(4), _)
+    ));
+    assert!(matches!(
+        what(&filter("op = \"near\"\nvalue = 1")),
+        (ConfigErrorKind::BadValue, Some(8), _)
+    ));
+    assert!(matches!(
+        what(&filter("op = \"exists\"\nvalue = 1")),
+        (ConfigErrorKind::BadValue, Some(9), _)
+    ));
+    assert!(matches!(
+        what(&filter("op = \"eq\"\nvalue = 1\nvalu = 2")),
+        (ConfigErrorKind::UnknownParameter, Some(10), _)
+    ));
+    let exec = |rest: &str| {
+        format!("[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.x]\nkind = \"exec\"\ninput = \"read\"\n{rest}\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"x\"\n")
+    };
+    assert!(matches!(
+        what(&exec("command = [\"cat\"]\nlimits = { cpu = 1 }")).0,
+        ConfigErrorKind::UnknownParameter
+    ));
+    assert!(matches!(
+        what(&exec("command = [\"cat\"]\nlimits = { cpu_seconds = 0 }")).0,
+        ConfigErrorKind::BadValue
+    ));
+    assert!(matches!(
+        what(&exec("command = []")).0,
+        ConfigErrorKind::BadValue
+    ));
 }
 
 #[test]

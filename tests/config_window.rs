@@ -3,7 +3,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use millrace::config::PipelineSpec;
+use millrace::config::{ConfigError, ConfigErrorKind, PipelineSpec};
+use millrace::Error;
 use serde_json::{json, Value};
 
 fn write_ndjson(path: &Path, records: &[Value]) {
@@ -213,8 +214,16 @@ fn late_error_fails_the_run_naming_the_stage_and_record() {
         &format!("{LATE_WINDOW}\nlate = \"error\""),
         "",
     );
-    let e = run.unwrap_err().to_string();
-    assert!(e.contains("`win`") && e.contains("at 5 ms"), "{e}");
+    let e = run.unwrap_err();
+    // The window's results stage (`win.json`) fails; the message names the window.
+    assert!(
+        matches!(&e, Error::Operator { stage, .. } if stage.split('.').next() == Some("win")),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("window `win`: a record at 5 ms"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -230,11 +239,13 @@ fn a_record_without_a_usable_time_fails_with_its_position_or_is_skipped() {
 tumbling = "1s"
 aggregate = { total = "sum(v)" }"#;
     let (run, _, _) = run_window(&input, window, "");
-    let e = run.unwrap_err().to_string();
+    let e = run.unwrap_err();
     assert!(
-        e.contains("stage `win`") && e.contains("input record 2 of instance 0"),
-        "{e}"
+        matches!(&e, Error::Operator { stage, .. } if stage == "win"),
+        "{e:?}"
     );
+    let e = e.to_string();
+    assert!(e.contains("input record 2 of instance 0"), "{e}");
     assert!(
         e.contains("\"yesterday\""),
         "the reason shows the value: {e}"
@@ -289,76 +300,104 @@ fn parallel_window_matches_serial() {
     assert_eq!(sorted(one), sorted(two));
 }
 
-fn config_err(window: &str, extra: &str) -> String {
+fn config_err(window: &str, extra: &str) -> ConfigError {
     let text = format!(
         "[stages.read]\nkind = \"ndjson.read\"\npath = \"-\"\n\n[stages.win]\nkind = \"window\"\ninput = \"read\"\n{window}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"win\"\npath = \"-\"\n{extra}"
     );
     match PipelineSpec::from_str(&text, "/tmp/w.toml").and_then(|s| s.build().map(|_| s)) {
         Ok(_) => panic!("expected an error for:\n{text}"),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     }
+}
+
+/// Kind, line and stage of the error for `window` (the window's own lines start at line 8).
+fn what(window: &str, extra: &str) -> (ConfigErrorKind, Option<usize>, Option<String>) {
+    let e = config_err(window, extra);
+    (e.kind(), e.line, e.stage().map(str::to_string))
 }
 
 #[test]
 fn window_parameter_errors_name_the_line_and_what_was_expected() {
+    use ConfigErrorKind::{BadValue, MissingParameter, UnknownInput, UnknownParameter, Wiring};
+    let win = |line| (line, Some("win".to_string()));
+    let of = |(kind, line, stage)| (kind, (line, stage));
     let agg = "aggregate = { n = \"count\" }";
     let e = config_err(&format!("time_field = \"t\"\n{agg}"), "");
+    assert_eq!(e.kind(), MissingParameter, "{e}");
     assert!(
-        e.contains("/tmp/w.toml:5") && e.contains("exactly one of `tumbling"),
+        e.to_string()
+            .starts_with("/tmp/w.toml:5: stage `win`: missing parameter `tumbling`: expected exactly one of `tumbling"),
         "{e}"
     );
-    let e = config_err(
-        &format!("time_field = \"t\"\ntumbling = \"10s\"\nsession = {{ gap = \"1s\" }}\n{agg}"),
-        "",
+    assert_eq!(
+        of(what(
+            &format!("time_field = \"t\"\ntumbling = \"10s\"\nsession = {{ gap = \"1s\" }}\n{agg}"),
+            "",
+        )),
+        (BadValue, win(Some(10)))
     );
-    assert!(e.contains("found several"), "{e}");
+    // The full message, as a user reads it.
     let e = config_err(
         &format!("time_field = \"t\"\ntumbling = \"ten\"\n{agg}"),
         "",
     );
-    assert!(
-        e.contains(":9:") && e.contains("invalid duration \"ten\""),
-        "{e}"
+    assert_eq!(e.kind(), BadValue);
+    assert_eq!(
+        e.to_string(),
+        "/tmp/w.toml:9: stage `win`: parameter `tumbling`: invalid duration \"ten\": expected e.g. \"500ms\", \"10s\", \"2m\", \"1h\", \"1d\" or \"1m30s\""
     );
-    let e = config_err(
-        &format!("time_field = \"t\"\nsliding = {{ size = \"10s\" }}\n{agg}"),
-        "",
+    assert_eq!(
+        of(what(
+            &format!("time_field = \"t\"\nsliding = {{ size = \"10s\" }}\n{agg}"),
+            "",
+        )),
+        (MissingParameter, win(Some(9)))
     );
-    assert!(e.contains("missing `slide`"), "{e}");
-    let e = config_err(
-        "time_field = \"t\"\ntumbling = \"1s\"\naggregate = { n = \"median(x)\" }",
-        "",
+    assert_eq!(
+        of(what(
+            &format!("time_field = \"t\"\nsliding = {{ size = \"10s\", slide = \"5s\", step = \"1s\" }}\n{agg}"),
+            "",
+        )),
+        (UnknownParameter, win(Some(9)))
     );
-    assert!(
-        e.contains("aggregate output `n`") && e.contains("\"median(x)\""),
-        "{e}"
+    assert_eq!(
+        of(what(
+            "time_field = \"t\"\ntumbling = \"1s\"\naggregate = { n = \"median(x)\" }",
+            "",
+        )),
+        (BadValue, win(Some(10)))
     );
-    let e = config_err(
-        "time_field = \"t\"\ntumbling = \"1s\"\naggregate = { key = \"count\" }",
-        "",
+    assert_eq!(
+        of(what(
+            "time_field = \"t\"\ntumbling = \"1s\"\naggregate = { key = \"count\" }",
+            "",
+        )),
+        (BadValue, win(Some(10)))
     );
-    assert!(e.contains("taken by the result"), "{e}");
     let e = config_err(
         &format!("time_field = \"t\"\ntumbling = \"1s\"\n{agg}\nlate = \"nowhere\""),
         "",
     );
-    assert!(
-        e.contains("found \"nowhere\" (stages: out, read, win)"),
-        "{e}"
+    assert_eq!(e.kind(), UnknownInput);
+    assert_eq!(
+        e.to_string(),
+        "/tmp/w.toml:11: stage `win`: parameter `late`: expected \"drop\", \"error\" or a stage name, found \"nowhere\" (stages: out, read, win)"
     );
-    let e = config_err(
-        &format!("time_field = \"t\"\ntumbling = \"1s\"\n{agg}\nlate = \"sink\""),
-        "[stages.sink]\nkind = \"ndjson.write\"\ninput = \"win\"\npath = \"-\"\n",
+    // The late stage has an `input` of its own.
+    assert_eq!(
+        what(
+            &format!("time_field = \"t\"\ntumbling = \"1s\"\n{agg}\nlate = \"sink\""),
+            "[stages.sink]\nkind = \"ndjson.write\"\ninput = \"win\"\npath = \"-\"\n",
+        ),
+        (Wiring, Some(19), Some("sink".into()))
     );
-    assert!(
-        e.contains("receives the late records of window `win`"),
-        "{e}"
+    assert_eq!(
+        of(what(
+            &format!("time_field = \"t\"\ntumbling = \"1s\"\n{agg}\non_error = \"ignore\""),
+            "",
+        )),
+        (BadValue, win(Some(11)))
     );
-    let e = config_err(
-        &format!("time_field = \"t\"\ntumbling = \"1s\"\n{agg}\non_error = \"ignore\""),
-        "",
-    );
-    assert!(e.contains("expected \"fail\" or \"skip\""), "{e}");
 }
 
 #[test]

@@ -465,7 +465,13 @@ fn read_ndjson_typed_and_write_ndjson() {
     std::fs::write(&input, "{\"id\":1,\"user\":\"a\"}\n{\"id\":\"x\"}\n").unwrap();
     let p = Pipeline::new();
     p.read_ndjson::<Ev>(&input).for_each(|_| {});
-    let err = p.run().unwrap_err().to_string();
+    let err = p.run().unwrap_err();
+    assert!(
+        matches!(&err, Error::Record { stage, location, .. }
+            if stage == "ndjson.read" && location.line == 2 && location.path == input.display().to_string()),
+        "{err:?}"
+    );
+    let err = err.to_string();
     let want = format!(
         "stage `ndjson.read`: {}:2: invalid JSON: invalid type",
         input.display()

@@ -102,7 +102,14 @@ fn http_api_end_to_end() {
         ServeOptions::new("0.0.0.0:0".parse().unwrap()),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("not a loopback address"), "{err}");
+    assert!(
+        matches!(&err, millrace::Error::NotLoopback { addr } if addr.ip().is_unspecified()),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "refusing to listen on 0.0.0.0:0: not a loopback address (allow it explicitly: --allow-remote)"
+    );
 
     // Bad requests get 4xx with a JSON error.
     let (status, body) = call(addr, "GET", "/nope", "");

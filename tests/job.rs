@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use millrace::job::{Engine, EngineOptions, Event, JobStatus, Received};
+use millrace::job::{
+    Engine, EngineOptions, Event, JobStatus, ProgressHub, Received, RecvTimeoutError,
+};
 use millrace::{Error, Pipeline};
 
 fn fast_progress() -> EngineOptions {
@@ -80,7 +82,7 @@ fn a_long_job_streams_progress_then_is_cancelled() {
     let mut read = 0;
     while read == 0 {
         assert!(Instant::now() < deadline, "no progress event");
-        if let Ok(Some(Received::Event(Event::Progress { report, .. }))) =
+        if let Ok(Received::Event(Event::Progress { report, .. })) =
             sub.recv_timeout(Duration::from_millis(100))
         {
             read = report.records_read();
@@ -289,4 +291,22 @@ fn toml_jobs_run_on_the_engine() {
     assert_eq!(info.name, "p");
     let lines = std::fs::read_to_string(&out).unwrap().lines().count();
     assert_eq!(lines as u64, info.report.unwrap().records_read());
+}
+
+/// `recv_timeout` tells "nothing yet" from "nothing ever again".
+#[test]
+fn recv_timeout_tells_a_timeout_from_the_end_of_the_stream() {
+    let hub = ProgressHub::new(4);
+    let sub = hub.subscribe();
+    let wait = Duration::from_millis(10);
+    assert_eq!(sub.recv_timeout(wait), Err(RecvTimeoutError::Timeout));
+    hub.publish(1);
+    assert_eq!(sub.recv_timeout(wait), Ok(Received::Event(1)));
+    hub.close(2);
+    assert_eq!(sub.recv_timeout(wait), Ok(Received::Event(2)));
+    assert_eq!(sub.recv_timeout(wait), Err(RecvTimeoutError::Closed));
+    // A subscriber that arrives after the end gets the closing event, then the end.
+    let late = hub.subscribe();
+    assert_eq!(late.recv_timeout(wait), Ok(Received::Event(2)));
+    assert_eq!(late.recv_timeout(wait), Err(RecvTimeoutError::Closed));
 }

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use common::{bundled, install, lib, repo};
 
 use log::{Level, LevelFilter};
-use millrace::config::PipelineSpec;
-use millrace::plugin::native::NativeLibrary;
+use millrace::config::{ConfigError, ConfigErrorKind, PipelineSpec};
+use millrace::plugin::native::{LoadErrorKind, NativeLibrary, NodeError};
+use millrace::Error;
 use serde_json::{json, Value};
 
 /// A pipeline `ndjson.read (in) -> p -> ndjson.write (out)` with the given middle stage.
@@ -59,7 +60,7 @@ impl Setup {
         self.dir.path().join(p)
     }
 
-    fn spec(&self, stage: &str, records: u64) -> Result<PipelineSpec, String> {
+    fn spec(&self, stage: &str, records: u64) -> Result<PipelineSpec, ConfigError> {
         numbers(&self.path("in.ndjson"), records);
         let text = pipeline(
             self.dir.path(),
@@ -67,7 +68,7 @@ impl Setup {
             &self.path("out.ndjson"),
             stage,
         );
-        PipelineSpec::from_str(&text, self.path("p.toml")).map_err(|e| e.to_string())
+        PipelineSpec::from_str(&text, self.path("p.toml"))
     }
 }
 
@@ -113,11 +114,23 @@ fn a_panic_in_a_plugin_fails_its_stage_and_names_the_plugin() {
     let spec = s
         .spec("kind = \"tagger.explode\"\nafter = 5000", 20_000)
         .unwrap();
-    let err = spec.build().unwrap().run().unwrap_err().to_string();
-    assert!(err.contains("`p`"), "{err}");
+    let err = spec.build().unwrap().run().unwrap_err();
+    // The stage fails with the node's error as its source.
+    let Error::Operator { stage, source } = &err else {
+        panic!("expected a stage failure, got {err:?}");
+    };
+    assert_eq!(stage, "p");
     assert!(
-        err.contains("plugin `tagger` (node `explode`) panicked: exploded at record 5000 as asked"),
-        "{err}"
+        matches!(
+            source.downcast_ref::<NodeError>(),
+            Some(NodeError::Panicked { plugin, node, message })
+                if plugin == "tagger" && node == "explode" && message == "exploded at record 5000 as asked"
+        ),
+        "{source:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "stage `p` failed: plugin `tagger` (node `explode`) panicked: exploded at record 5000 as asked"
     );
     // The host is unharmed: the same plugin runs again in a new pipeline.
     let spec = s.spec("kind = \"tagger.explode\"\nafter = 50", 10).unwrap();
@@ -125,12 +138,20 @@ fn a_panic_in_a_plugin_fails_its_stage_and_names_the_plugin() {
     assert_eq!(read_output(&s.path("out.ndjson")).len(), 10);
 }
 
-fn config_error(manifest: &str, lib_name: &str, stage: &str) -> String {
+/// The config error for `stage` with plugin `odd` installed: a plugin error of stage `p`.
+fn config_error(manifest: &str, lib_name: &str, stage: &str) -> ConfigError {
     let s = Setup::new();
     install(s.dir.path(), "odd", manifest, lib_name);
     match s.spec(stage, 1) {
         Ok(_) => panic!("expected {stage} to be refused"),
-        Err(e) => e,
+        Err(e) => {
+            assert_eq!(
+                (e.kind(), e.stage()),
+                (ConfigErrorKind::Plugin, Some("p")),
+                "{e}"
+            );
+            e
+        }
     }
 }
 
@@ -138,11 +159,29 @@ fn config_error(manifest: &str, lib_name: &str, stage: &str) -> String {
 fn a_plugin_built_for_another_abi_version_is_refused() {
     let manifest = "name = \"bad_abi\"\nversion = \"0.1.0\"\nkind = \"native\"\nentry = \"x\"\nengine = \">=0.1\"\n[[nodes]]\nname = \"n\"\n";
     let e = config_error(manifest, "millrace_test_bad_abi", "kind = \"bad_abi.n\"");
-    assert!(e.contains("stage `p`"), "{e}");
-    assert!(e.contains("native plugin `bad_abi`"), "{e}");
+    assert!(e.message.starts_with("native plugin `bad_abi`"), "{e}");
+    // Loaded directly: the kind says what did not match; the message is the one a user reads.
+    let path = lib("millrace_test_bad_abi");
+    let e = NativeLibrary::load("bad_abi", &path).unwrap_err();
     assert!(
-        e.contains("built for plugin ABI version 1001, and this millrace speaks ABI version 1"),
-        "{e}"
+        matches!(
+            e.kind(),
+            LoadErrorKind::Abi {
+                found: 1001,
+                expected: 1
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!((e.plugin(), e.path()), ("bad_abi", path.as_path()));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "native plugin `bad_abi` ({}): it was built for plugin ABI version 1001, and this \
+             millrace speaks ABI version 1: rebuild it against millrace-plugin {}",
+            path.display(),
+            millrace_plugin::SDK_VERSION
+        )
     );
 }
 
@@ -150,42 +189,55 @@ fn a_plugin_built_for_another_abi_version_is_refused() {
 fn a_plugin_requiring_another_millrace_is_refused() {
     // The manifest claims compatibility; the library's own declaration does not.
     let manifest = "name = \"bad_engine\"\nversion = \"0.1.0\"\nkind = \"native\"\nentry = \"x\"\nengine = \">=0.1\"\n[[nodes]]\nname = \"n\"\n";
-    let e = config_error(
+    config_error(
         manifest,
         "millrace_test_bad_engine",
         "kind = \"bad_engine.n\"",
     );
-    assert!(e.contains("native plugin `bad_engine`"), "{e}");
+    let e = NativeLibrary::load("bad_engine", &lib("millrace_test_bad_engine")).unwrap_err();
     assert!(
-        e.contains(&format!(
-            "it requires millrace >=99.0, and this is millrace {}",
-            env!("CARGO_PKG_VERSION")
-        )),
-        "{e}"
+        matches!(e.kind(), LoadErrorKind::Engine { requirement, version }
+            if requirement == ">=99.0" && version == env!("CARGO_PKG_VERSION")),
+        "{e:?}"
     );
 }
 
 #[test]
 fn a_library_that_is_not_the_named_plugin_is_refused() {
     let manifest = bundled("casefold").replace("name = \"casefold\"", "name = \"impostor\"");
-    let e = config_error(
+    config_error(
         &manifest,
         "millrace_tagger",
         "kind = \"impostor.upper\"\nfield = \"x\"",
     );
+    let e = NativeLibrary::load("impostor", &lib("millrace_tagger")).unwrap_err();
     assert!(
-        e.contains("the library declares the name `tagger`, its manifest `impostor`"),
-        "{e}"
+        matches!(e.kind(), LoadErrorKind::Name { declared, manifest }
+            if declared == "tagger" && manifest == "impostor"),
+        "{e:?}"
     );
-    let e = config_error(
+    config_error(
         &bundled("casefold").replace("name = \"casefold\"", "name = \"nolib\""),
         "does_not_exist",
         "kind = \"nolib.upper\"\nfield = \"x\"",
     );
-    assert!(
-        e.contains("native plugin `nolib`") && e.contains("no library at this path"),
-        "{e}"
+    let e = NativeLibrary::load("nolib", &lib("does_not_exist")).unwrap_err();
+    assert!(matches!(e.kind(), LoadErrorKind::Missing), "{e:?}");
+    // A file that is not a library: the loader's error is the source.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("libjunk.so");
+    std::fs::write(&junk, "not a library").unwrap();
+    let e = NativeLibrary::load("junk", &junk).unwrap_err();
+    assert!(matches!(e.kind(), LoadErrorKind::Open { .. }), "{e:?}");
+    assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+    let e = NativeLibrary::load_copy("junk", &junk).unwrap_err();
+    assert!(matches!(e.kind(), LoadErrorKind::Open { .. }), "{e:?}");
+    assert_eq!(
+        e.path(),
+        junk.as_path(),
+        "errors name the library, not its copy"
     );
+    assert!(!e.to_string().contains("millrace-native"), "{e}");
 }
 
 #[test]
@@ -198,9 +250,10 @@ fn log_level_must_be_a_level() {
         )
         .err()
         .unwrap();
-    assert!(
-        e.contains("parameter `log_level`: expected one of off, error, warn, info, debug, trace, found \"loud\""),
-        "{e}"
+    assert_eq!(e.kind(), ConfigErrorKind::BadValue, "{e}");
+    assert_eq!(
+        e.message,
+        "parameter `log_level`: expected one of off, error, warn, info, debug, trace, found \"loud\""
     );
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use millrace::config::PipelineSpec;
+use millrace::config::{ConfigError, ConfigErrorKind, PipelineSpec};
 use millrace::plugin::{search_path, PluginRegistry};
 
 fn repo(p: &str) -> PathBuf {
@@ -11,15 +11,23 @@ fn repo(p: &str) -> PathBuf {
 }
 
 /// A pipeline `read -> <stage> -> out` with `plugin_dirs = [dirs]`; its config error, if any.
-fn config_err(plugin_dir: &Path, stage: &str) -> String {
+/// The stage `p` starts at line 7; its first parameter is on line 9.
+fn config_err(plugin_dir: &Path, stage: &str) -> ConfigError {
     let text = format!(
         "plugin_dirs = [{:?}]\n\n[stages.read]\nkind = \"ndjson.read\"\npath = \"-\"\n\n[stages.p]\ninput = \"read\"\n{stage}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"p\"\npath = \"-\"\n",
         plugin_dir.display().to_string()
     );
     match PipelineSpec::from_str(&text, "/tmp/plug.toml") {
         Ok(_) => panic!("expected an error for:\n{text}"),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     }
+}
+
+/// The error's kind and line (every error here is about stage `p`).
+fn what(plugin_dir: &Path, stage: &str) -> (ConfigErrorKind, Option<usize>) {
+    let e = config_err(plugin_dir, stage);
+    assert_eq!(e.stage(), Some("p"), "{e}");
+    (e.kind(), e.line)
 }
 
 fn write_plugin(root: &Path, dir: &str, manifest: &str) {
@@ -65,50 +73,50 @@ fn the_bundled_plugin_is_discovered_with_its_node_specs() {
 
 #[test]
 fn node_parameters_are_checked_before_anything_runs() {
+    use ConfigErrorKind::{BadValue, MissingParameter, UnknownKind, UnknownParameter};
     let dir = repo("plugins");
     let e = config_err(
         &dir,
         "kind = \"textops.case\"\nfield = \"line\"\nmode = \"shout\"",
     );
-    assert!(
-        e.contains("/tmp/plug.toml:11: stage `p`: parameter `mode` of node `textops.case`: expected one of \"upper\", \"lower\", \"title\", found the string \"shout\""),
-        "{e}"
+    assert_eq!(e.kind(), BadValue);
+    assert_eq!(
+        e.to_string(),
+        "/tmp/plug.toml:11: stage `p`: parameter `mode` of node `textops.case`: expected one of \"upper\", \"lower\", \"title\", found the string \"shout\""
     );
-    let e = config_err(&dir, "kind = \"textops.case\"\nfield = 7");
-    assert!(
-        e.contains("parameter `field`") && e.contains("expected a string, found the integer 7"),
-        "{e}"
+    assert_eq!(
+        what(&dir, "kind = \"textops.case\"\nfield = 7"),
+        (BadValue, Some(10))
     );
     let e = config_err(&dir, "kind = \"textops.case\"");
-    assert!(
-        e.contains("missing parameter `field`: expected a string (node `textops.case`)"),
-        "{e}"
+    assert_eq!((e.kind(), e.line), (MissingParameter, Some(7)));
+    assert_eq!(
+        e.to_string(),
+        "/tmp/plug.toml:7: stage `p`: missing parameter `field`: expected a string (node `textops.case`)"
     );
-    let e = config_err(
-        &dir,
-        "kind = \"textops.length\"\nfield = \"line\"\nmin = -1",
+    assert_eq!(
+        what(
+            &dir,
+            "kind = \"textops.length\"\nfield = \"line\"\nmin = -1"
+        ),
+        (BadValue, Some(11))
     );
-    assert!(
-        e.contains("expected a value at least 0, found the integer -1"),
-        "{e}"
+    assert_eq!(
+        what(
+            &dir,
+            "kind = \"textops.case\"\nfield = \"line\"\ncolour = \"red\""
+        ),
+        (UnknownParameter, Some(11))
     );
-    let e = config_err(
-        &dir,
-        "kind = \"textops.case\"\nfield = \"line\"\ncolour = \"red\"",
+    assert_eq!(
+        what(&dir, "kind = \"textops.reverse\""),
+        (UnknownKind, Some(9))
     );
-    assert!(
-        e.contains("unknown parameter `colour` for kind `textops.case`"),
-        "{e}"
-    );
-    let e = config_err(&dir, "kind = \"textops.reverse\"");
-    assert!(
-        e.contains("plugin `textops` has no node `reverse` (nodes: case, length)"),
-        "{e}"
-    );
+    // An unknown kind lists the plugins found, for the user to pick from.
     let e = config_err(&dir, "kind = \"nosuch.node\"");
+    assert_eq!(e.kind(), UnknownKind);
     assert!(
-        e.contains("unknown kind `nosuch.node`")
-            && e.contains("plugins: casefold, tagger, textops"),
+        e.to_string().contains("plugins: casefold, tagger, textops"),
         "{e}"
     );
 }
@@ -118,15 +126,18 @@ fn a_permission_must_be_granted() {
     let root = tempfile::tempdir().unwrap();
     write_plugin(root.path(), "fetch", NET);
     let e = config_err(root.path(), "kind = \"fetch.get\"");
-    assert!(
-        e.contains("plugin `fetch` requests permission \"network\", which this stage does not grant: add grant = [\"network\"]"),
-        "{e}"
+    assert_eq!(e.kind(), ConfigErrorKind::Permission);
+    assert_eq!(
+        e.to_string(),
+        "/tmp/plug.toml:9: stage `p`: plugin `fetch` requests permission \"network\", which this stage does not grant: add grant = [\"network\"] to allow it"
     );
-    let e = config_err(
-        root.path(),
-        "kind = \"fetch.get\"\ngrant = [\"network\", \"filesystem.write\"]",
+    assert_eq!(
+        what(
+            root.path(),
+            "kind = \"fetch.get\"\ngrant = [\"network\", \"filesystem.write\"]",
+        ),
+        (ConfigErrorKind::Permission, Some(10))
     );
-    assert!(e.contains("does not request \"filesystem.write\""), "{e}");
     // Granted: the pipeline builds.
     let text = format!(
         "plugin_dirs = [{:?}]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"-\"\n[stages.p]\ninput = \"read\"\nkind = \"fetch.get\"\ngrant = [\"network\"]\nretries = 5\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"p\"\npath = \"-\"\n",
@@ -157,15 +168,17 @@ fn manifests_that_cannot_be_used_are_refused_with_the_reason() {
         why("future")
     );
     assert!(why("bad").contains("version \"one\""), "{}", why("bad"));
+    // The unknown kind's message says why the manifest that would have provided it is unusable.
     let e = config_err(root.path(), "kind = \"future.get\"");
+    assert_eq!(e.kind(), ConfigErrorKind::UnknownKind);
+    let e = e.to_string();
     assert!(
         e.contains("manifests that could not be used") && e.contains("requires millrace >=9"),
         "{e}"
     );
-    let e = config_err(root.path(), "kind = \"native.n\"");
-    assert!(
-        e.contains("native plugin `native`") && e.contains("no library at this path"),
-        "{e}"
+    assert_eq!(
+        what(root.path(), "kind = \"native.n\""),
+        (ConfigErrorKind::Plugin, Some(9))
     );
 }
 

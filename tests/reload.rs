@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{bundled, install};
-use millrace::config::{PipelineSpec, ReloadHandle};
+use millrace::config::{ConfigErrorKind, PipelineSpec, ReloadHandle, WatchError};
 
 fn mkfifo(path: &Path) {
     let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
@@ -337,7 +337,7 @@ fn refused_reloads_leave_the_old_version_running() {
             simple_config(0, "").replace("path = \"out.ndjson\"", "path = \"other.ndjson\""),
         ] {
             write_atomically(&p, &bad);
-            errors.push(h.reload().unwrap_err().to_string());
+            errors.push(h.reload().unwrap_err());
             write_records(
                 input,
                 1000 * errors.len() as u64,
@@ -353,24 +353,23 @@ fn refused_reloads_leave_the_old_version_running() {
         errors
     });
     report.unwrap();
-    assert!(errors[0].contains("invalid TOML"), "{}", errors[0]);
-    assert!(
-        errors[1].contains("stage `more`")
-            && errors[1].contains("restart required: the stage was added"),
-        "{}",
-        errors[1]
+    let what: Vec<_> = errors.iter().map(|e| (e.kind(), e.stage())).collect();
+    assert_eq!(
+        what,
+        [
+            (ConfigErrorKind::Syntax, None),
+            (ConfigErrorKind::RestartRequired, Some("more")),
+            (ConfigErrorKind::RestartRequired, Some("keep")),
+            (ConfigErrorKind::RestartRequired, Some("out")),
+        ],
+        "{errors:?}"
     );
-    assert!(
-        errors[2].contains("stage `keep`")
-            && errors[2].contains("restart required: its kind changed"),
-        "{}",
-        errors[2]
-    );
-    assert!(
-        errors[3].contains("stage `out`")
-            && errors[3].contains("a `ndjson.write` stage cannot change while the pipeline runs"),
-        "{}",
-        errors[3]
+    assert_eq!(
+        errors[2].to_string(),
+        format!(
+            "{}:4: stage `keep`: restart required: its kind changed",
+            p.display()
+        )
     );
     // Before the valid reload everything passed (threshold 0); after it, only seq >= 4500.
     let seqs = output_seqs(dir.path());
@@ -415,7 +414,7 @@ fn a_plugin_that_fails_to_load_leaves_the_old_one_running() {
     let (report, (bad, good), _) = run_with(dir.path(), &config, |h, input| {
         write_records(input, 0, 3000);
         write_atomically(&library, "not a library");
-        let bad = h.reload().unwrap_err().to_string();
+        let bad = h.reload().unwrap_err();
         write_records(input, 3000, 6000);
         let tmp = library.with_extension("new");
         std::fs::copy(&built, &tmp).unwrap();
@@ -425,10 +424,12 @@ fn a_plugin_that_fails_to_load_leaves_the_old_one_running() {
         (bad, good)
     });
     report.unwrap();
-    assert!(
-        bad.contains("native plugin `tagger`") && bad.contains("cannot load it"),
+    assert_eq!(
+        (bad.kind(), bad.stage()),
+        (ConfigErrorKind::Plugin, Some("tag")),
         "{bad}"
     );
+    assert!(bad.message.contains("native plugin `tagger`"), "{bad}");
     assert_eq!(good.changed, vec!["stage `tag`: plugin files".to_string()]);
     let mut seqs = output_seqs(dir.path());
     seqs.sort_unstable();
@@ -516,7 +517,7 @@ fn a_window_takes_a_new_lateness_and_refuses_a_new_size() {
             let mut refused = None;
             if reload {
                 write_atomically(&p, &window_config("0s", "20s"));
-                refused = Some(h.reload().unwrap_err().to_string());
+                refused = Some(h.reload().unwrap_err());
                 write_atomically(&p, &window_config("1h", "10s"));
                 let e = h.reload().unwrap();
                 assert_eq!(e.changed, vec!["stage `w`: parameters".to_string()]);
@@ -539,11 +540,16 @@ fn a_window_takes_a_new_lateness_and_refuses_a_new_size() {
     let (report, refused, out) = feed(true);
     report.unwrap();
     let refused = refused.unwrap();
-    assert!(
-        refused.contains("stage `w`")
-            && refused
-                .contains("only `allowed_lateness` and `on_error` can change while a window runs"),
+    assert_eq!(
+        (refused.kind(), refused.stage()),
+        (ConfigErrorKind::RestartRequired, Some("w")),
         "{refused}"
+    );
+    assert!(
+        refused
+            .message
+            .contains("only `allowed_lateness` and `on_error` can change while a window runs"),
+        "the reason says what can change: {refused}"
     );
     let first: Vec<&str> = out
         .lines()
@@ -555,4 +561,32 @@ fn a_window_takes_a_new_lateness_and_refuses_a_new_size() {
         "{out}"
     );
     assert!(first[1].contains("\"update\":true"), "{out}");
+}
+
+/// Watching a pipeline whose directory is gone fails with the directory and the watcher's
+/// error as source.
+#[test]
+fn watching_a_vanished_directory_is_a_watch_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().to_path_buf();
+    let spec = PipelineSpec::from_str(
+        "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = \"-\"\n",
+        gone.join("p.toml"),
+    )
+    .unwrap();
+    let (_pipeline, handle) = spec.build_reloadable().unwrap();
+    drop(dir);
+    let e = handle
+        .watch(std::time::Duration::from_millis(10))
+        .unwrap_err();
+    assert!(
+        matches!(&e, WatchError::Dir { dir, .. } if *dir == gone),
+        "{e:?}"
+    );
+    assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("cannot watch {}: ", gone.display())),
+        "{e}"
+    );
 }

@@ -15,7 +15,7 @@ use super::live_map::MapLogic;
 use super::parse::{PipelineSpec, StageSpec};
 use super::stages;
 use super::window_kind::{LatePolicy, WindowParams};
-use super::ConfigError;
+use super::{ConfigError, ConfigErrorKind};
 use crate::operator::Boxed;
 use crate::source::Chunk;
 use crate::versioned::Versioned;
@@ -71,7 +71,15 @@ impl PipelineSpec {
                         .map(|first| inputs.fold(first, |a, b| a.union(b).boxed()))
                 }
             };
-            let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
+            let err = |m: String| {
+                ConfigError::new(
+                    &self.file,
+                    Some(st.line),
+                    Some(&st.name),
+                    ConfigErrorKind::Wiring,
+                    m,
+                )
+            };
             let mut late = None;
             let out = build_stage(&p, st, input, &mut late, live.as_deref_mut())?;
             if let Some(l) = late {

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use toml::Spanned;
 
 use super::parse::Ctx;
-use super::ConfigError;
+use super::{ConfigError, ConfigErrorKind};
 use crate::describe::describe_toml as describe;
 
 /// Every built-in kind, with a one-line description.
@@ -113,6 +113,7 @@ impl Kind {
                     other => {
                         return Err(p.error_at(
                             "op",
+                            ConfigErrorKind::BadValue,
                             format!("parameter `op`: expected one of eq, ne, lt, le, gt, ge, exists, contains, found {other:?}"),
                         ))
                     }
@@ -123,6 +124,7 @@ impl Kind {
                     (FilterOp::Exists, Some(_)) => {
                         return Err(p.error_at(
                             "value",
+                            ConfigErrorKind::BadValue,
                             "parameter `value`: `exists` takes no value".to_string(),
                         ))
                     }
@@ -172,6 +174,7 @@ impl Kind {
                 };
                 return Err(p.error_at(
                     "kind",
+                    ConfigErrorKind::UnknownKind,
                     format!(
                         "unknown kind `{other}` (built-in kinds: {}; {plugins_note}{broken})",
                         known.join(", ")
@@ -257,11 +260,12 @@ impl<'a> Params<'a> {
             .unwrap_or(self.line)
     }
 
-    pub(crate) fn error_at(&self, key: &str, message: String) -> ConfigError {
+    pub(crate) fn error_at(&self, key: &str, kind: ConfigErrorKind, message: String) -> ConfigError {
         ConfigError::new(
             self.ctx.file,
             Some(self.line_of(key)),
             Some(self.stage),
+            kind,
             message,
         )
     }
@@ -271,6 +275,7 @@ impl<'a> Params<'a> {
             self.ctx.file,
             Some(self.line),
             Some(self.stage),
+            ConfigErrorKind::MissingParameter,
             format!("missing parameter `{key}`: expected {what}"),
         )
     }
@@ -278,6 +283,7 @@ impl<'a> Params<'a> {
     pub(crate) fn wrong(&self, key: &str, expected: &str, found: &toml::Value) -> ConfigError {
         self.error_at(
             key,
+            ConfigErrorKind::BadValue,
             format!(
                 "parameter `{key}`: expected {expected}, found {}",
                 describe(found)
@@ -329,9 +335,13 @@ impl<'a> Params<'a> {
     pub(crate) fn opt_value(&mut self, key: &'static str) -> Result<Option<Value>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => serde_json::to_value(v.get_ref())
-                .map(Some)
-                .map_err(|e| self.error_at(key, format!("parameter `{key}`: {e}"))),
+            Some(v) => serde_json::to_value(v.get_ref()).map(Some).map_err(|e| {
+                self.error_at(
+                    key,
+                    ConfigErrorKind::BadValue,
+                    format!("parameter `{key}`: {e}"),
+                )
+            }),
         }
     }
 
@@ -390,6 +400,7 @@ impl<'a> Params<'a> {
             if let Err(e) = std::fs::metadata(&path) {
                 return Err(self.error_at(
                     key,
+                    ConfigErrorKind::Io,
                     format!("cannot open input file {}: {e}", path.display()),
                 ));
             }
@@ -414,6 +425,7 @@ impl<'a> Params<'a> {
                     self.ctx.file,
                     Some(self.ctx.lines.line(v.span().start)),
                     Some(self.stage),
+                    ConfigErrorKind::UnknownParameter,
                     format!(
                         "unknown parameter `{}` for kind `{kind}` (known: {})",
                         k.get_ref(),
@@ -450,6 +462,7 @@ fn parse_plugin_node(
         let nodes: Vec<&str> = m.nodes.iter().map(|n| n.name.as_str()).collect();
         return Err(p.error_at(
             "kind",
+            ConfigErrorKind::UnknownKind,
             format!(
                 "plugin `{}` has no node `{node}` (nodes: {})",
                 m.name,
@@ -472,6 +485,7 @@ fn parse_plugin_node(
         if !m.permissions.contains(g) {
             return Err(p.error_at(
                 "grant",
+                ConfigErrorKind::Permission,
                 format!(
                     "parameter `grant`: plugin `{}` does not request {g:?} (it requests: {})",
                     m.name,
@@ -487,6 +501,7 @@ fn parse_plugin_node(
     if let Some(missing) = m.permissions.iter().find(|perm| !grant.contains(perm)) {
         return Err(p.error_at(
             "kind",
+            ConfigErrorKind::Permission,
             format!(
                 "plugin `{}` requests permission {missing:?}, which this stage does not grant: add grant = [{}] to allow it",
                 m.name,
@@ -505,6 +520,7 @@ fn parse_plugin_node(
                 check_value(ps, v).map_err(|e| {
                     p.error_at(
                         name,
+                        ConfigErrorKind::BadValue,
                         format!("parameter `{name}` of node `{}.{node}`: {e}", m.name),
                     )
                 })?;
@@ -527,6 +543,7 @@ fn parse_plugin_node(
         Some(l) => l.parse::<log::LevelFilter>().map_err(|_| {
             p.error_at(
                 "log_level",
+                ConfigErrorKind::BadValue,
                 format!(
                     "parameter `log_level`: expected one of off, error, warn, info, debug, trace, found {l:?}"
                 ),
@@ -595,7 +612,7 @@ fn load_native(
     } else {
         crate::plugin::native::NativeLibrary::load(name, &path)
     }
-    .map_err(|e| p.error_at("kind", e))?;
+    .map_err(|e| p.error_at("kind", ConfigErrorKind::Plugin, e.to_string()))?;
     p.ctx
         .natives
         .borrow_mut()
@@ -609,6 +626,7 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
     if command.is_empty() || command[0].is_empty() {
         return Err(p.error_at(
             "command",
+            ConfigErrorKind::BadValue,
             "parameter `command`: expected a program and its arguments, found an empty list".into(),
         ));
     }
@@ -620,6 +638,7 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
                 toml::Value::String(s) => Ok((k, s)),
                 other => Err(p.error_at(
                     "env",
+                    ConfigErrorKind::BadValue,
                     format!(
                         "parameter `env.{k}`: expected a string, found {}",
                         describe(&other)

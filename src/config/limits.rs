@@ -4,7 +4,7 @@
 use toml::Spanned;
 
 use super::kinds::Params;
-use super::ConfigError;
+use super::{ConfigError, ConfigErrorKind};
 use crate::sandbox::{Limits, Policy};
 
 impl Params<'_> {
@@ -12,9 +12,14 @@ impl Params<'_> {
     pub(crate) fn opt_limits(&mut self) -> Result<Limits, ConfigError> {
         match self.get("limits").map(Spanned::get_ref) {
             None => Ok(Limits::default()),
-            Some(toml::Value::Table(t)) => {
-                Limits::from_table(t).map_err(|e| self.error_at("limits", format!("parameter {e}")))
-            }
+            Some(toml::Value::Table(t)) => Limits::from_table(t).map_err(|e| {
+                let kind = if crate::sandbox::LIMIT_KEYS.contains(&e.key.as_str()) {
+                    ConfigErrorKind::BadValue
+                } else {
+                    ConfigErrorKind::UnknownParameter
+                };
+                self.error_at("limits", kind, format!("parameter {e}"))
+            }),
             Some(other) => Err(self.wrong(
                 "limits",
                 "a table such as { cpu_seconds = 10, address_space = \"512MiB\" }",

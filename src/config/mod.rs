@@ -35,58 +35,7 @@ mod reload;
 mod stages;
 mod window_kind;
 
-use std::fmt;
-use std::path::{Path, PathBuf};
-
+pub use crate::error::{ConfigError, ConfigErrorKind};
 pub use kinds::KINDS;
 pub use parse::{PipelineSpec, StageSpec};
-pub use reload::{ReloadEvent, ReloadHandle, Watcher};
-
-/// A pipeline file that cannot be loaded, validated or built.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The pipeline file.
-    pub file: PathBuf,
-    /// The 1-based line the error is about, when known.
-    pub line: Option<usize>,
-    /// The stage the error is about, when there is one.
-    pub stage_name: Option<String>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(
-        file: &Path,
-        line: Option<usize>,
-        stage: Option<&str>,
-        message: impl Into<String>,
-    ) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            line,
-            stage_name: stage.map(str::to_string),
-            message: message.into(),
-        }
-    }
-
-    /// The stage the error is about, when there is one.
-    pub fn stage(&self) -> Option<&str> {
-        self.stage_name.as_deref()
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if let Some(stage) = &self.stage_name {
-            write!(f, ": stage `{stage}`")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub use reload::{ReloadEvent, ReloadHandle, WatchError, Watcher};

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::kinds::{self, Kind, Params};
-use super::ConfigError;
+use super::{ConfigError, ConfigErrorKind};
 use crate::describe::describe_toml;
 use crate::Options;
 
@@ -96,6 +96,7 @@ fn read_pipeline(path: &Path) -> Result<String, ConfigError> {
             path,
             None,
             None,
+            ConfigErrorKind::Io,
             format!("cannot read the pipeline file: {e}"),
         )
     })
@@ -149,6 +150,7 @@ impl PipelineSpec {
                 file,
                 line,
                 stage.as_deref(),
+                ConfigErrorKind::Syntax,
                 format!("invalid TOML: {}", e.message().trim_end()),
             )
         })?;
@@ -174,6 +176,7 @@ impl PipelineSpec {
                 file,
                 None,
                 None,
+                ConfigErrorKind::NoStages,
                 "no stages: add a [stages.<name>] table",
             ));
         }
@@ -281,14 +284,16 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
     let mut byte_path = true;
     for (k, v) in t.get_ref() {
         let line = Some(ctx.lines.line(v.span().start));
-        let err = |m: String| {
+        let err_of = |kind, m: String| {
             ConfigError::new(
                 ctx.file,
                 line,
                 None,
+                kind,
                 format!("[options] {}: {m}", k.get_ref()),
             )
         };
+        let err = |m: String| err_of(ConfigErrorKind::BadValue, m);
         let int = || match v.get_ref() {
             toml::Value::Integer(i) if *i > 0 => Ok(*i as u64),
             other => Err(err(format!(
@@ -299,7 +304,7 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
         let duration = || match v.get_ref() {
             toml::Value::String(s) => crate::parse_duration_ms(s)
                 .map(|ms| Duration::from_millis(ms as u64))
-                .map_err(err),
+                .map_err(|e| err(e.to_string())),
             other => Err(err(format!(
                 "expected a duration such as \"5s\", found {}",
                 describe_toml(other)
@@ -321,9 +326,12 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
                 }
             },
             other => {
-                return Err(err(format!(
+                return Err(err_of(
+                    ConfigErrorKind::UnknownParameter,
+                    format!(
                     "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms, watermark_every, idle_timeout, byte_path)"
-                )))
+                    ),
+                ))
             }
         }
     }
@@ -354,29 +362,37 @@ fn late_targets(
         if target == "drop" || target == "error" {
             continue;
         }
-        let err = |m: String| {
+        let err = |kind, m: String| {
             ConfigError::new(
                 ctx.file,
                 Some(ctx.lines.line(late.span().start)),
                 Some(name.get_ref()),
+                kind,
                 m,
             )
         };
         if target == name.get_ref() {
-            return Err(err("a window cannot receive its own late records".into()));
+            return Err(err(
+                ConfigErrorKind::Cycle,
+                "a window cannot receive its own late records".into(),
+            ));
         }
         if !stages.keys().any(|k| k.get_ref() == target) {
             let mut known: Vec<&str> = stages.keys().map(|k| k.get_ref().as_str()).collect();
             known.sort_unstable();
-            return Err(err(format!(
-                "parameter `late`: expected \"drop\", \"error\" or a stage name, found {target:?} (stages: {})",
-                known.join(", ")
-            )));
+            return Err(err(
+                ConfigErrorKind::UnknownInput,
+                format!(
+                    "parameter `late`: expected \"drop\", \"error\" or a stage name, found {target:?} (stages: {})",
+                    known.join(", ")
+                ),
+            ));
         }
         if let Some(other) = targets.insert(target.clone(), name.get_ref().clone()) {
-            return Err(err(format!(
-                "stage `{target}` already receives the late records of `{other}`"
-            )));
+            return Err(err(
+                ConfigErrorKind::Wiring,
+                format!("stage `{target}` already receives the late records of `{other}`"),
+            ));
         }
     }
     Ok(targets)
@@ -396,6 +412,7 @@ fn parse_stage(
         if !inputs.is_empty() {
             return Err(params.error_at(
                 "input",
+                ConfigErrorKind::Wiring,
                 format!("this stage receives the late records of window `{window}` (its `late`), so it takes no `input`"),
             ));
         }
@@ -421,11 +438,13 @@ fn parse_stage(
         if let Some(window) = late_of {
             return Err(params.error_at(
                 "kind",
+                ConfigErrorKind::Wiring,
                 format!("a `{kind}` stage is a source and cannot receive the late records of `{window}`"),
             ));
         }
         return Err(params.error_at(
             "input",
+            ConfigErrorKind::Wiring,
             format!("a `{kind}` stage is a source and takes no `input`"),
         ));
     }
@@ -434,12 +453,14 @@ fn parse_stage(
             ctx.file,
             Some(line),
             Some(name),
+            ConfigErrorKind::Wiring,
             format!("a `{kind}` stage needs an `input`"),
         ));
     }
     if info.single && parallelism > 1 {
         return Err(params.error_at(
             "parallelism",
+            ConfigErrorKind::BadValue,
             format!("a `{kind}` stage runs on one thread; remove `parallelism`"),
         ));
     }
@@ -474,6 +495,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
                     file,
                     Some(s.input_line),
                     Some(&s.name),
+                    ConfigErrorKind::UnknownInput,
                     format!("unknown input `{i}` (stages: {})", known.join(", ")),
                 ));
             }
@@ -482,6 +504,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
                     file,
                     Some(s.input_line),
                     Some(&s.name),
+                    ConfigErrorKind::Cycle,
                     "a stage cannot read its own output",
                 ));
             }
@@ -537,6 +560,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
                 file,
                 Some(first.input_line),
                 Some(&first.name),
+                ConfigErrorKind::Cycle,
                 format!("cycle in the stage graph: {}", names.join(" -> ")),
             ));
         }

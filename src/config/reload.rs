@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 
 use super::build::{LiveStage, LiveStages};
 use super::live_map::MapLogic;
-use super::{ConfigError, PipelineSpec};
+use super::{ConfigError, ConfigErrorKind, PipelineSpec};
 use crate::Pipeline;
 
 /// One reload, applied or refused.
@@ -139,13 +139,19 @@ impl PipelineSpec {
         // process plugin's directory), so that edits on disk never reach a running version.
         let mut versioned = self.clone();
         for st in &mut versioned.stages {
-            let err = |m: String| ConfigError::new(&self.file, Some(st.line), Some(&st.name), m);
+            let err = |kind, m: String| {
+                ConfigError::new(&self.file, Some(st.line), Some(&st.name), kind, m)
+            };
             match &mut st.params {
-                super::kinds::Kind::Exec(e) => **e = e.snapshot_plugin().map_err(err)?,
+                super::kinds::Kind::Exec(e) => {
+                    **e = e
+                        .snapshot_plugin()
+                        .map_err(|m| err(ConfigErrorKind::Io, m))?;
+                }
                 super::kinds::Kind::Native(n) => {
                     n.lib =
                         crate::plugin::native::NativeLibrary::load_copy(n.lib.name(), n.lib.path())
-                            .map_err(err)?;
+                            .map_err(|e| err(ConfigErrorKind::Plugin, e.to_string()))?;
                 }
                 _ => {}
             }
@@ -251,7 +257,13 @@ impl ReloadHandle {
         let new = PipelineSpec::from_file_for_reload(file, reuse)?;
         let old = &state.spec;
         let restart = |stage: Option<&str>, line: Option<usize>, why: String| {
-            ConfigError::new(file, line, stage, format!("restart required: {why}"))
+            ConfigError::new(
+                file,
+                line,
+                stage,
+                ConfigErrorKind::RestartRequired,
+                format!("restart required: {why}"),
+            )
         };
         if format!("{:?}", old.options) != format!("{:?}", new.options)
             || old.byte_path != new.byte_path
@@ -314,10 +326,11 @@ impl ReloadHandle {
             }
             let next = match (live, &n.params) {
                 (LiveStage::Map(_), k) => Next::Map(MapLogic::of(k).expect("same kind as built")),
-                (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => Next::Exec(
-                    e.snapshot_plugin()
-                        .map_err(|m| ConfigError::new(file, Some(n.line), Some(&n.name), m))?,
-                ),
+                (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => {
+                    Next::Exec(e.snapshot_plugin().map_err(|m| {
+                        ConfigError::new(file, Some(n.line), Some(&n.name), ConfigErrorKind::Io, m)
+                    })?)
+                }
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
                     Next::Native((**s).clone())
                 }
@@ -388,7 +401,7 @@ impl ReloadHandle {
     /// have been quiet for `debounce` (editors and compilers write a file in several steps:
     /// a temporary file renamed over it, or truncate and write). Stops when the returned
     /// [`Watcher`] is dropped.
-    pub fn watch(&self, debounce: Duration) -> Result<Watcher, String> {
+    pub fn watch(&self, debounce: Duration) -> Result<Watcher, WatchError> {
         use notify::Watcher as _;
         let (tx, rx) = crossbeam_channel::bounded::<PathBuf>(1024);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -399,7 +412,9 @@ impl ReloadHandle {
                 }
             }
         })
-        .map_err(|e| format!("cannot watch files: {e}"))?;
+        .map_err(|e| WatchError::Init {
+            source: Box::new(e),
+        })?;
         // Watch directories, not files: a file replaced by a rename is a new inode.
         let mut dirs: Vec<PathBuf> = self
             .watched_files()
@@ -418,7 +433,10 @@ impl ReloadHandle {
         for d in &dirs {
             watcher
                 .watch(d, notify::RecursiveMode::NonRecursive)
-                .map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
+                .map_err(|e| WatchError::Dir {
+                    dir: d.clone(),
+                    source: Box::new(e),
+                })?;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let handle = self.clone();
@@ -426,13 +444,42 @@ impl ReloadHandle {
         let thread = std::thread::Builder::new()
             .name("millrace:watch".into())
             .spawn(move || watch_loop(&handle, &rx, debounce, &s))
-            .map_err(|e| format!("cannot start the watcher thread: {e}"))?;
+            .map_err(|source| WatchError::Spawn { source })?;
         Ok(Watcher {
             _watcher: Some(watcher),
             stop,
             thread: Some(thread),
         })
     }
+}
+
+/// Why [`ReloadHandle::watch`] could not start watching.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The file watcher could not be created (inotify limits, for one).
+    #[error("cannot watch files: {source}")]
+    Init {
+        /// The watcher's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// A directory holding a watched file could not be watched (it no longer exists, say).
+    #[error("cannot watch {}: {source}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// The watcher's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// The thread that reloads after a change could not be started.
+    #[error("cannot start the watcher thread: {source}")]
+    Spawn {
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A stage's next version, built before anything is published.

@@ -6,7 +6,7 @@ use toml::Spanned;
 
 use super::build::KeyValue;
 use super::kinds::Params;
-use super::ConfigError;
+use super::{ConfigError, ConfigErrorKind};
 use crate::describe::kind_of;
 use crate::time::{parse_duration_ms, parse_rfc3339_ms, Timestamp};
 use crate::window::{
@@ -94,6 +94,7 @@ impl WindowParams {
             Some("") => {
                 return Err(p.error_at(
                     "late",
+                    ConfigErrorKind::BadValue,
                     "parameter `late`: expected \"drop\", \"error\" or a stage name".into(),
                 ))
             }
@@ -105,6 +106,7 @@ impl WindowParams {
             Some(other) => {
                 return Err(p.error_at(
                     "on_error",
+                    ConfigErrorKind::BadValue,
                     format!("parameter `on_error`: expected \"fail\" or \"skip\", found {other:?}"),
                 ))
             }
@@ -181,13 +183,21 @@ fn parse_assigner(p: &mut Params<'_>) -> Result<Assigner, ConfigError> {
             } else {
                 "session"
             };
-            p.error_at(key, format!("expected {err}, found several"))
+            p.error_at(
+                key,
+                ConfigErrorKind::BadValue,
+                format!("expected {err}, found several"),
+            )
         } else {
             p.missing("tumbling", err)
         });
     }
     let bad = |p: &Params<'_>, key: &str, e: crate::window::AssignerError| {
-        p.error_at(key, format!("parameter `{key}`: {e}"))
+        p.error_at(
+            key,
+            ConfigErrorKind::BadValue,
+            format!("parameter `{key}`: {e}"),
+        )
     };
     if let Some(size) = tumbling {
         return Tumbling::new(size, 0)
@@ -218,6 +228,7 @@ fn parse_outputs(p: &mut Params<'_>) -> Result<Vec<(String, JsonAgg)>, ConfigErr
     if t.is_empty() {
         return Err(p.error_at(
             "aggregate",
+            ConfigErrorKind::BadValue,
             format!("parameter `aggregate`: expected {expected}, found an empty table"),
         ));
     }
@@ -226,6 +237,7 @@ fn parse_outputs(p: &mut Params<'_>) -> Result<Vec<(String, JsonAgg)>, ConfigErr
         if RESERVED.contains(&name.as_str()) {
             return Err(p.error_at(
                 "aggregate",
+                ConfigErrorKind::BadValue,
                 format!(
                     "aggregate output `{name}`: the name is taken by the result itself ({})",
                     RESERVED.join(", ")
@@ -235,6 +247,7 @@ fn parse_outputs(p: &mut Params<'_>) -> Result<Vec<(String, JsonAgg)>, ConfigErr
         let toml::Value::String(text) = spec else {
             return Err(p.error_at(
                 "aggregate",
+                ConfigErrorKind::BadValue,
                 format!(
                     "aggregate output `{name}`: expected \"count\", \"sum(<field>)\", \"min(<field>)\", \"max(<field>)\" or \"mean(<field>)\", found {}",
                     crate::describe::describe_toml(spec)
@@ -244,6 +257,7 @@ fn parse_outputs(p: &mut Params<'_>) -> Result<Vec<(String, JsonAgg)>, ConfigErr
         let agg = parse_agg(text).ok_or_else(|| {
             p.error_at(
                 "aggregate",
+                ConfigErrorKind::BadValue,
                 format!("aggregate output `{name}`: expected \"count\", \"sum(<field>)\", \"min(<field>)\", \"max(<field>)\" or \"mean(<field>)\", found {text:?}"),
             )
         })?;
@@ -453,9 +467,13 @@ impl Params<'_> {
     pub(crate) fn opt_duration(&mut self, key: &'static str) -> Result<Option<i64>, ConfigError> {
         match self.get(key).map(Spanned::get_ref) {
             None => Ok(None),
-            Some(toml::Value::String(s)) => parse_duration_ms(s)
-                .map(Some)
-                .map_err(|e| self.error_at(key, format!("parameter `{key}`: {e}"))),
+            Some(toml::Value::String(s)) => parse_duration_ms(s).map(Some).map_err(|e| {
+                self.error_at(
+                    key,
+                    ConfigErrorKind::BadValue,
+                    format!("parameter `{key}`: {e}"),
+                )
+            }),
             Some(other) => Err(self.wrong(key, "a duration such as \"10s\"", other)),
         }
     }
@@ -475,10 +493,16 @@ impl Params<'_> {
     /// A required duration inside sub-table `key`.
     fn table_duration(&self, key: &str, t: &toml::Table, field: &str) -> Result<i64, ConfigError> {
         match t.get(field) {
-            Some(toml::Value::String(s)) => parse_duration_ms(s)
-                .map_err(|e| self.error_at(key, format!("parameter `{key}.{field}`: {e}"))),
+            Some(toml::Value::String(s)) => parse_duration_ms(s).map_err(|e| {
+                self.error_at(
+                    key,
+                    ConfigErrorKind::BadValue,
+                    format!("parameter `{key}.{field}`: {e}"),
+                )
+            }),
             Some(other) => Err(self.error_at(
                 key,
+                ConfigErrorKind::BadValue,
                 format!(
                     "parameter `{key}.{field}`: expected a duration such as \"10s\", found {}",
                     crate::describe::describe_toml(other)
@@ -486,6 +510,7 @@ impl Params<'_> {
             )),
             None => Err(self.error_at(
                 key,
+                ConfigErrorKind::MissingParameter,
                 format!("parameter `{key}`: missing `{field}` (a duration such as \"10s\")"),
             )),
         }
@@ -497,6 +522,7 @@ impl Params<'_> {
             None => Ok(()),
             Some(k) => Err(self.error_at(
                 key,
+                ConfigErrorKind::UnknownParameter,
                 format!(
                     "parameter `{key}`: unknown key `{k}` (known: {})",
                     known.join(", ")

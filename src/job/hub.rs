@@ -39,6 +39,17 @@ struct HubState<E> {
     capacity: usize,
 }
 
+/// Why [`Subscription::recv_timeout`] returned no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecvTimeoutError {
+    /// Nothing came within the timeout; more may follow.
+    #[error("no event within the timeout")]
+    Timeout,
+    /// The closing event has been received: nothing follows.
+    #[error("the progress stream has ended")]
+    Closed,
+}
+
 /// The publishing side. Cloning it shares the hub.
 pub struct ProgressHub<E> {
     state: Arc<Mutex<HubState<E>>>,
@@ -174,20 +185,24 @@ impl<E> Subscription<E> {
         }
     }
 
-    /// Like [`recv`](Subscription::recv), giving up after `timeout`: `Err(())` when nothing came.
-    #[allow(clippy::result_unit_err)]
-    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Result<Option<Received<E>>, ()> {
+    /// Like [`recv`](Subscription::recv), giving up after `timeout`:
+    /// [`RecvTimeoutError::Timeout`] when nothing came, [`RecvTimeoutError::Closed`] once the
+    /// closing event has been received.
+    pub fn recv_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<Received<E>, RecvTimeoutError> {
         let deadline = std::time::Instant::now() + timeout;
         let mut q = self.queue.state.lock();
         loop {
             if let Some(r) = Self::take(&mut q) {
-                return Ok(Some(r));
+                return Ok(r);
             }
             if q.closed {
-                return Ok(None);
+                return Err(RecvTimeoutError::Closed);
             }
             if self.queue.ready.wait_until(&mut q, deadline).timed_out() {
-                return Self::take(&mut q).map(Some).ok_or(());
+                return Self::take(&mut q).ok_or(RecvTimeoutError::Timeout);
             }
         }
     }

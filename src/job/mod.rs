@@ -35,11 +35,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Sender};
 use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Value};
 
-pub use hub::{ProgressHub, Received, Subscription};
+pub use hub::{ProgressHub, Received, RecvTimeoutError, Subscription};
 pub use registry::Registry;
 
 use crate::{CancelHandle, Error, Pipeline, RunReport};
@@ -367,7 +367,7 @@ impl Engine {
             .name("millrace-ticker".into())
             .spawn(move || loop {
                 match stop_rx.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     _ => return, // stopped, or the engine is gone
                 }
                 let Some(inner) = weak.upgrade() else { return };
@@ -452,11 +452,13 @@ impl Engine {
                 threads.push((id, t));
                 Ok((id, sub))
             }
-            Err(e) => {
+            Err(source) => {
                 self.inner.jobs.remove(&id);
-                Err(Error::Build(format!(
-                    "cannot spawn a thread for job `{name}`: {e}"
-                )))
+                Err(Error::Spawn {
+                    what: format!("a thread for job `{name}`"),
+                    stage: None,
+                    source,
+                })
             }
         }
     }
@@ -583,11 +585,10 @@ impl Engine {
                 return Ok(());
             }
             if Instant::now() >= until {
-                let ids: Vec<String> = left.iter().map(ToString::to_string).collect();
-                return Err(Error::Build(format!(
-                    "shutdown deadline passed with jobs still running: {}",
-                    ids.join(", ")
-                )));
+                return Err(Error::ShutdownTimeout {
+                    deadline,
+                    running: left.iter().map(|id| id.0).collect(),
+                });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -625,10 +626,10 @@ where
     }))
     .unwrap_or_else(|payload| {
         let message = crate::runtime::panic_message(&*payload);
-        Err(Error::Build(format!(
-            "job `{}` panicked while building: {message}",
-            job.name
-        )))
+        Err(Error::BuildPanicked {
+            job: job.name.to_string(),
+            message,
+        })
     });
     {
         // Status and final event change together (lock order: slot, then hub; nothing takes

@@ -149,43 +149,182 @@ fn sink(buf: &mut Vec<u8>) -> Sink {
     }
 }
 
+/// Why a native plugin library was refused by [`NativeLibrary::load`]: the plugin, the library
+/// and what was wrong ([`kind`](LoadError::kind)). Its `source` is the underlying error, when
+/// there is one (an `io::Error` copying the library, the loader's error, a semver error).
+#[derive(Debug)]
+pub struct LoadError {
+    plugin: String,
+    path: PathBuf,
+    kind: LoadErrorKind,
+}
+
+impl LoadError {
+    fn new(plugin: &str, path: &Path, kind: LoadErrorKind) -> Self {
+        LoadError {
+            plugin: plugin.to_string(),
+            path: path.to_path_buf(),
+            kind,
+        }
+    }
+
+    /// The plugin's name (its manifest's).
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    /// The library file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What was wrong.
+    pub fn kind(&self) -> &LoadErrorKind {
+        &self.kind
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "native plugin `{}` ({}): {}",
+            self.plugin,
+            self.path.display(),
+            self.kind
+        )
+    }
+}
+
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.kind)
+    }
+}
+
+/// What was wrong with a native plugin library (see [`LoadError`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadErrorKind {
+    /// There is no file at the path.
+    #[error("no library at this path: build the plugin first (see its plugin.toml)")]
+    Missing,
+    /// The library could not be copied for a reload.
+    #[error("cannot copy it to {}: {source}", to.display())]
+    Copy {
+        /// Where it was to be copied.
+        to: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The dynamic loader refused the file.
+    #[error("cannot load it: {source}")]
+    Open {
+        /// The loader's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// The library exports no plugin declaration.
+    #[error("it exports no `MILLRACE_PLUGIN`: is it built with millrace_plugin::export_plugin!?")]
+    NoDeclaration,
+    /// The library's declaration is a null pointer.
+    #[error("its `MILLRACE_PLUGIN` is null")]
+    NullDeclaration,
+    /// It was built for another plugin ABI version.
+    #[error(
+        "it was built for plugin ABI version {found}, and this millrace speaks ABI version \
+         {expected}: rebuild it against millrace-plugin {}",
+        millrace_plugin::SDK_VERSION
+    )]
+    Abi {
+        /// The library's ABI version.
+        found: u32,
+        /// This millrace's.
+        expected: u32,
+    },
+    /// It was built by another compiler.
+    #[error(
+        "it was built with `{found}`, and this millrace with `{expected}`: rebuild the plugin \
+         with the same compiler"
+    )]
+    Compiler {
+        /// The library's `rustc --version`.
+        found: String,
+        /// This millrace's.
+        expected: String,
+    },
+    /// A string of its declaration is not UTF-8.
+    #[error("its {field} is not UTF-8")]
+    NotUtf8 {
+        /// Which one: `name`, `version`, ...
+        field: &'static str,
+    },
+    /// The library declares another name than its manifest.
+    #[error("the library declares the name `{declared}`, its manifest `{manifest}`")]
+    Name {
+        /// The library's name for itself.
+        declared: String,
+        /// The manifest's.
+        manifest: String,
+    },
+    /// Its engine requirement is not a semver requirement.
+    #[error("its engine requirement {requirement:?} is not a semver requirement: {source}")]
+    BadRequirement {
+        /// The requirement as declared.
+        requirement: String,
+        /// The semver parser's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// It requires another millrace version.
+    #[error("it requires millrace {requirement}, and this is millrace {version}")]
+    Engine {
+        /// The requirement as declared.
+        requirement: String,
+        /// This millrace's version.
+        version: String,
+    },
+    /// Its `init` function failed.
+    #[error("its init failed: {message}")]
+    Init {
+        /// What the plugin said.
+        message: String,
+    },
+}
+
 /// Reads a string field of a declaration whose ABI version matched.
-fn text(s: Str, what: &str) -> Result<String, String> {
+fn text(s: Str, field: &'static str) -> Result<String, LoadErrorKind> {
     // SAFETY: with a matching ABI version, the declaration's strings are `'static` strings in
     // the mapped image.
     let bytes = unsafe { s.as_bytes() };
-    String::from_utf8(bytes.to_vec()).map_err(|_| format!("its {what} is not UTF-8"))
+    String::from_utf8(bytes.to_vec()).map_err(|_| LoadErrorKind::NotUtf8 { field })
 }
 
 impl NativeLibrary {
     /// Loads the plugin `name` from the library at `path` and checks it (see the module docs).
     /// Errors say which plugin and what did not match.
-    pub fn load(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, String> {
-        let fail = |m: String| format!("native plugin `{name}` ({}): {m}", path.display());
+    pub fn load(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, LoadError> {
+        let fail = |kind| LoadError::new(name, path, kind);
         if !path.is_file() {
-            return Err(fail(
-                "no library at this path: build the plugin first (see its plugin.toml)".into(),
-            ));
+            return Err(fail(LoadErrorKind::Missing));
         }
         // SAFETY: loading a library runs its initialisers. A millrace plugin's are those of a
         // Rust cdylib (none of its own); a library that is not a plugin is refused right after.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| fail(format!("cannot load it: {e}")))?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+            fail(LoadErrorKind::Open {
+                source: Box::new(e),
+            })
+        })?;
         // SAFETY: the symbol is a static, so the "function" we get is its address; it is only
         // dereferenced below after the null check.
         let decl: *const PluginDecl = unsafe {
             lib.get::<*const PluginDecl>(millrace_plugin::DECL_SYMBOL)
                 .map(|s| *s)
-                .map_err(|_| {
-                    fail(
-                        "it exports no `MILLRACE_PLUGIN`: is it built with \
-                         millrace_plugin::export_plugin!?"
-                            .into(),
-                    )
-                })?
+                .map_err(|_| fail(LoadErrorKind::NoDeclaration))?
         };
         if decl.is_null() {
-            return Err(fail("its `MILLRACE_PLUGIN` is null".into()));
+            return Err(fail(LoadErrorKind::NullDeclaration));
         }
         // SAFETY: `abi_version` is the first field in every ABI version, so it can be read
         // before knowing the layout of the rest.
@@ -197,9 +336,10 @@ impl NativeLibrary {
         check_rustc(&rustc).map_err(fail)?;
         let declared = text(d.name, "name").map_err(fail)?;
         if declared != name {
-            return Err(fail(format!(
-                "the library declares the name `{declared}`, its manifest `{name}`"
-            )));
+            return Err(fail(LoadErrorKind::Name {
+                declared,
+                manifest: name.to_string(),
+            }));
         }
         let engine = text(d.engine, "engine requirement").map_err(fail)?;
         check_engine(&engine).map_err(fail)?;
@@ -211,10 +351,9 @@ impl NativeLibrary {
         // until `unload` is called in its `Drop`; `err` lives for the call.
         let status = unsafe { (d.init)(&log.abi, &sink(&mut err)) };
         if status != OK {
-            return Err(fail(format!(
-                "its init failed: {}",
-                String::from_utf8_lossy(&err)
-            )));
+            return Err(fail(LoadErrorKind::Init {
+                message: String::from_utf8_lossy(&err).into_owned(),
+            }));
         }
         log::debug!(target: "millrace::plugin", "loaded native plugin `{name}` {version} from {}", path.display());
         Ok(Arc::new(NativeLibrary {
@@ -230,23 +369,30 @@ impl NativeLibrary {
     /// Loads the plugin from a fresh copy of the library at `path` (the copy is removed once
     /// loaded; the mapping stays). A reload uses it: `dlopen` of a path already loaded returns
     /// the image already loaded, not the file now on disk.
-    pub fn load_copy(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, String> {
+    pub fn load_copy(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, LoadError> {
         static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join("millrace-native");
         let copy = dir.join(format!("{name}-{}-{n}.so", std::process::id()));
         let copied = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(path, &copy));
-        if let Err(e) = copied {
-            return Err(format!(
-                "native plugin `{name}` ({}): cannot copy it to {}: {e}",
-                path.display(),
-                copy.display()
+        if let Err(source) = copied {
+            return Err(LoadError::new(
+                name,
+                path,
+                LoadErrorKind::Copy { to: copy, source },
             ));
         }
         let loaded = Self::load(name, &copy);
         let _ = std::fs::remove_file(&copy);
-        let mut lib = loaded
-            .map_err(|e| e.replace(&copy.display().to_string(), &path.display().to_string()))?;
+        // Errors name the library the user knows, not the copy.
+        let mut lib = loaded.map_err(|mut e| {
+            e.path = path.to_path_buf();
+            if let LoadErrorKind::Open { source } = &mut e.kind {
+                let (from, to) = (copy.display().to_string(), path.display().to_string());
+                *source = source.to_string().replace(&from, &to).into();
+            }
+            e
+        })?;
         if let Some(l) = Arc::get_mut(&mut lib) {
             l.path = path.to_path_buf();
         }
@@ -281,7 +427,7 @@ impl NativeLibrary {
         params: &Value,
         stage: &str,
         level: LevelFilter,
-    ) -> Result<NativeNode, String> {
+    ) -> Result<NativeNode, NodeError> {
         let log = LogSink::new(&self.name, Some(stage), level);
         let params = params.to_string();
         let mut err = Vec::new();
@@ -296,11 +442,11 @@ impl NativeLibrary {
             )
         };
         if inst.is_null() {
-            return Err(format!(
-                "plugin `{}` cannot create node `{node}`: {}",
-                self.name,
-                String::from_utf8_lossy(&err)
-            ));
+            return Err(NodeError::Create {
+                plugin: self.name.clone(),
+                node: node.to_string(),
+                message: String::from_utf8_lossy(&err).into_owned(),
+            });
         }
         Ok(NativeNode {
             lib: Arc::clone(self),
@@ -323,39 +469,109 @@ impl Drop for NativeLibrary {
     }
 }
 
-fn check_abi(found: u32) -> Result<(), String> {
-    let ours = millrace_plugin::ABI_VERSION;
-    if found != ours {
-        return Err(format!(
-            "it was built for plugin ABI version {found}, and this millrace speaks ABI version \
-             {ours}: rebuild it against millrace-plugin {}",
-            millrace_plugin::SDK_VERSION
-        ));
+fn check_abi(found: u32) -> Result<(), LoadErrorKind> {
+    let expected = millrace_plugin::ABI_VERSION;
+    if found != expected {
+        return Err(LoadErrorKind::Abi { found, expected });
     }
     Ok(())
 }
 
-fn check_rustc(found: &str) -> Result<(), String> {
+fn check_rustc(found: &str) -> Result<(), LoadErrorKind> {
     let ours = millrace_plugin::RUSTC_VERSION;
     if found != ours {
-        return Err(format!(
-            "it was built with `{found}`, and this millrace with `{ours}`: rebuild the plugin \
-             with the same compiler"
-        ));
+        return Err(LoadErrorKind::Compiler {
+            found: found.to_string(),
+            expected: ours.to_string(),
+        });
     }
     Ok(())
 }
 
-fn check_engine(req: &str) -> Result<(), String> {
-    let parsed = semver::VersionReq::parse(req)
-        .map_err(|e| format!("its engine requirement {req:?} is not a semver requirement: {e}"))?;
+fn check_engine(req: &str) -> Result<(), LoadErrorKind> {
+    let parsed = semver::VersionReq::parse(req).map_err(|e| LoadErrorKind::BadRequirement {
+        requirement: req.to_string(),
+        source: Box::new(e),
+    })?;
     let ours = semver::Version::parse(env!("CARGO_PKG_VERSION")).expect("our own version");
     if !parsed.matches(&ours) {
-        return Err(format!(
-            "it requires millrace {req}, and this is millrace {ours}"
-        ));
+        return Err(LoadErrorKind::Engine {
+            requirement: req.to_string(),
+            version: ours.to_string(),
+        });
     }
     Ok(())
+}
+
+/// A native node that could not be created or failed on a batch. In a pipeline it is the
+/// `source` of the stage's [`Error::Operator`](crate::Error::Operator).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The plugin refused to create the node (an unknown node, bad parameters).
+    #[error("plugin `{plugin}` cannot create node `{node}`: {message}")]
+    Create {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// What the plugin said.
+        message: String,
+    },
+    /// The node returned an error.
+    #[error("plugin `{plugin}` (node `{node}`): {message}")]
+    Failed {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// What the node said.
+        message: String,
+    },
+    /// The node panicked (caught on the plugin's side); the instance is poisoned.
+    #[error("plugin `{plugin}` (node `{node}`) panicked: {message}")]
+    Panicked {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// The panic message.
+        message: String,
+    },
+    /// The node returned a status the ABI does not define.
+    #[error("plugin `{plugin}` (node `{node}`) returned unknown status {status}")]
+    UnknownStatus {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// The status.
+        status: i32,
+    },
+    /// A record the node wrote is not JSON.
+    #[error("plugin `{plugin}` (node `{node}`): output record {record}: {source}")]
+    BadOutput {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// The record's 1-based position in the node's output for the call.
+        record: usize,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An input record could not be serialised for the node.
+    #[error("plugin `{plugin}` (node `{node}`): cannot serialise an input record: {source}")]
+    Input {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// One instance of a native node. Holds its library alive.
@@ -380,10 +596,14 @@ impl fmt::Debug for NativeNode {
 
 impl NativeNode {
     /// Processes one batch, appending the node's records to `out`.
-    pub fn process(&mut self, batch: &[Value], out: &mut Vec<Value>) -> Result<(), String> {
+    pub fn process(&mut self, batch: &[Value], out: &mut Vec<Value>) -> Result<(), NodeError> {
         self.input.clear();
         for v in batch {
-            serde_json::to_writer(&mut self.input, v).map_err(|e| e.to_string())?;
+            serde_json::to_writer(&mut self.input, v).map_err(|source| NodeError::Input {
+                plugin: self.lib.name.clone(),
+                node: self.node.clone(),
+                source,
+            })?;
             self.input.push(b'\n');
         }
         self.output.clear();
@@ -404,7 +624,7 @@ impl NativeNode {
     }
 
     /// The input ended: appends what the node still holds to `out`.
-    pub fn finish(&mut self, out: &mut Vec<Value>) -> Result<(), String> {
+    pub fn finish(&mut self, out: &mut Vec<Value>) -> Result<(), NodeError> {
         self.output.clear();
         let mut err = Vec::new();
         let d = self.lib.decl();
@@ -420,21 +640,43 @@ impl NativeNode {
         self.collect(status, &err, out)
     }
 
-    fn collect(&self, status: i32, err: &[u8], out: &mut Vec<Value>) -> Result<(), String> {
-        let who = format!("plugin `{}` (node `{}`)", self.lib.name, self.node);
-        let err = String::from_utf8_lossy(err);
+    fn collect(&self, status: i32, err: &[u8], out: &mut Vec<Value>) -> Result<(), NodeError> {
+        let (plugin, node) = (self.lib.name.clone(), self.node.clone());
+        let message = String::from_utf8_lossy(err).into_owned();
         match status {
             OK => {}
-            ERROR => return Err(format!("{who}: {err}")),
-            PANIC => return Err(format!("{who} panicked: {err}")),
-            other => return Err(format!("{who} returned unknown status {other}")),
+            ERROR => {
+                return Err(NodeError::Failed {
+                    plugin,
+                    node,
+                    message,
+                })
+            }
+            PANIC => {
+                return Err(NodeError::Panicked {
+                    plugin,
+                    node,
+                    message,
+                })
+            }
+            status => {
+                return Err(NodeError::UnknownStatus {
+                    plugin,
+                    node,
+                    status,
+                })
+            }
         }
         for (i, line) in self.output.split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
-            let v = serde_json::from_slice(line)
-                .map_err(|e| format!("{who}: output record {}: {e}", i + 1))?;
+            let v = serde_json::from_slice(line).map_err(|source| NodeError::BadOutput {
+                plugin: plugin.clone(),
+                node: node.clone(),
+                record: i + 1,
+                source,
+            })?;
             out.push(v);
         }
         Ok(())
@@ -454,28 +696,49 @@ mod tests {
 
     #[test]
     fn mismatches_are_explained() {
-        let e = check_abi(millrace_plugin::ABI_VERSION + 1).unwrap_err();
+        let ours = millrace_plugin::ABI_VERSION;
+        let e = check_abi(ours + 1).unwrap_err();
         assert!(
-            e.contains("ABI version 2") && e.contains("speaks ABI version 1"),
-            "{e}"
+            matches!(e, LoadErrorKind::Abi { found, expected } if found == ours + 1 && expected == ours),
+            "{e:?}"
         );
-        assert!(check_abi(millrace_plugin::ABI_VERSION).is_ok());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "it was built for plugin ABI version 2, and this millrace speaks ABI version 1: \
+                 rebuild it against millrace-plugin {}",
+                millrace_plugin::SDK_VERSION
+            )
+        );
+        assert!(check_abi(ours).is_ok());
 
         let e = check_rustc("rustc 1.0.0 (a28077b28 2015-05-13)").unwrap_err();
         assert!(
-            e.contains("rustc 1.0.0") && e.contains(millrace_plugin::RUSTC_VERSION),
-            "{e}"
+            matches!(&e, LoadErrorKind::Compiler { found, expected }
+                if found.starts_with("rustc 1.0.0") && expected == millrace_plugin::RUSTC_VERSION),
+            "{e:?}"
         );
         assert!(check_rustc(millrace_plugin::RUSTC_VERSION).is_ok());
 
         let e = check_engine(">=99").unwrap_err();
         assert!(
-            e.contains(">=99") && e.contains(env!("CARGO_PKG_VERSION")),
-            "{e}"
+            matches!(&e, LoadErrorKind::Engine { requirement, version }
+                if requirement == ">=99" && version == env!("CARGO_PKG_VERSION")),
+            "{e:?}"
         );
         let e = check_engine("not a requirement").unwrap_err();
-        assert!(e.contains("not a semver requirement"), "{e}");
+        assert!(matches!(e, LoadErrorKind::BadRequirement { .. }), "{e:?}");
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(e.to_string().contains("not a semver requirement"), "{e}");
         assert!(check_engine(">=0.1, <0.2").is_ok());
+
+        let e = NativeLibrary::load("nothing", Path::new("/no/such/lib.so")).unwrap_err();
+        assert!(matches!(e.kind(), LoadErrorKind::Missing), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "native plugin `nothing` (/no/such/lib.so): no library at this path: build the \
+             plugin first (see its plugin.toml)"
+        );
     }
 }
 
@@ -525,10 +788,10 @@ impl NativeHead {
         }
     }
 
-    fn error(&self, message: String) -> crate::operator::Halt {
+    fn error(&self, e: NodeError) -> crate::operator::Halt {
         crate::operator::Halt::Failed(crate::error::Error::Operator {
             stage: self.name.to_string(),
-            source: message.into(),
+            source: Box::new(e),
         })
     }
 

@@ -309,7 +309,7 @@ fn plugins(command: PluginsCommand) -> ExitCode {
 fn fail(e: &Error) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(match e {
-        Error::Config(_) | Error::Build(_) => 2,
+        Error::Config(_) | Error::Build(_) | Error::NotLoopback { .. } => 2,
         _ => 1,
     })
 }
