@@ -42,11 +42,14 @@ pub mod config;
 mod describe;
 mod error;
 mod exec;
+#[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "job")]
 pub mod job;
 mod metrics;
 mod ndjson;
 pub mod operator;
+#[cfg(feature = "plugin")]
 pub mod plugin;
 pub mod pool;
 mod runtime;

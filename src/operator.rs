@@ -8,7 +8,7 @@
 //!
 //! The types here appear in [`Stream`](crate::Stream)'s type parameters; user code rarely needs
 //! to name them, and writes `impl Chain<I, Out = T>` where it must (see the
-//! [`stream` docs](crate::Stream)). [`Chain`] is sealed: its methods are the engine's, and only
+//! [`Stream` docs](crate::Stream)). [`Chain`] is sealed: its methods are the engine's, and only
 //! the crate implements it.
 
 use std::marker::PhantomData;

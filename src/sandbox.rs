@@ -16,7 +16,7 @@
 //!
 //! Everything that allocates or can fail in an interesting way (the ruleset and path file
 //! descriptors, the BPF program, the clamped limits) is prepared in the parent by
-//! [`ChildSetup::prepare`]; the `pre_exec` hook only makes async-signal-safe system calls
+//! `ChildSetup::prepare`; the `pre_exec` hook only makes async-signal-safe system calls
 //! (`setrlimit`, `prctl`, `landlock_restrict_self`) on that prepared data.
 
 use std::ffi::OsString;

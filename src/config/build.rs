@@ -182,6 +182,7 @@ pub(crate) enum LiveStage {
     /// `exec` and process plugin nodes.
     Exec(Arc<Versioned<crate::exec::ExecSpec>>),
     /// Native plugin nodes.
+    #[cfg(feature = "plugin")]
     Native(Arc<Versioned<crate::plugin::native::NativeSpec>>),
     /// Window stages: the parameters that leave their state as it is.
     Window(Arc<Versioned<crate::window::WindowLive>>),
@@ -204,6 +205,7 @@ fn build_live_stage(
             live.insert(st.name.clone(), LiveStage::Exec(Arc::clone(&v)));
             stages::exec_live(input, name, v, par).boxed()
         }
+        #[cfg(feature = "plugin")]
         Kind::Native(spec) => {
             let v = Versioned::new((**spec).clone());
             live.insert(st.name.clone(), LiveStage::Native(Arc::clone(&v)));
@@ -335,6 +337,7 @@ fn build_stage(
         (Kind::Exec(spec), Some(s)) => {
             Some(stages::exec(s, name, (**spec).clone(), st.parallelism).boxed())
         }
+        #[cfg(feature = "plugin")]
         (Kind::Native(spec), Some(s)) => Some(
             stages::native(
                 s,

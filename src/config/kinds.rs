@@ -68,6 +68,7 @@ pub(crate) enum Kind {
     },
     Window(Box<super::window_kind::WindowParams>),
     Exec(Box<crate::exec::ExecSpec>),
+    #[cfg(feature = "plugin")]
     Native(Box<crate::plugin::native::NativeSpec>),
     NdjsonWrite {
         path: PathBuf,
@@ -144,43 +145,7 @@ impl Kind {
             "ndjson.write" => Kind::NdjsonWrite {
                 path: p.output_path("path")?,
             },
-            other => {
-                let plugins = p.ctx.plugins();
-                if let Some((plugin, node)) = other.split_once('.') {
-                    if let Some(pl) = plugins.get(plugin) {
-                        return parse_plugin_node(p, pl, node);
-                    }
-                }
-                let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
-                let mut names: Vec<&str> = plugins
-                    .plugins()
-                    .map(|pl| pl.manifest.name.as_str())
-                    .collect();
-                names.sort_unstable();
-                let plugins_note = if names.is_empty() {
-                    "no plugins found".to_string()
-                } else {
-                    format!("plugins: {}", names.join(", "))
-                };
-                let broken: Vec<String> = plugins
-                    .broken
-                    .iter()
-                    .map(|(m, why)| format!("{}: {why}", m.display()))
-                    .collect();
-                let broken = if broken.is_empty() {
-                    String::new()
-                } else {
-                    format!("; manifests that could not be used: {}", broken.join("; "))
-                };
-                return Err(p.error_at(
-                    "kind",
-                    ConfigErrorKind::UnknownKind,
-                    format!(
-                        "unknown kind `{other}` (built-in kinds: {}; {plugins_note}{broken})",
-                        known.join(", ")
-                    ),
-                ));
-            }
+            other => return other_kind(p, other),
         })
     }
 
@@ -239,6 +204,7 @@ impl<'a> Params<'a> {
     }
 
     /// Like `get`, for a key known only at run time (a plugin node's parameter).
+    #[cfg(feature = "plugin")]
     pub(crate) fn get_dyn(&mut self, key: &str) -> Option<&'a Spanned<toml::Value>> {
         self.used_dyn.insert(key.to_string());
         self.table
@@ -248,6 +214,7 @@ impl<'a> Params<'a> {
     }
 
     /// Marks keys as known without reading them.
+    #[cfg(feature = "plugin")]
     pub(crate) fn allow(&mut self, keys: &[&'static str]) {
         self.used.extend(keys.iter().copied());
     }
@@ -260,7 +227,12 @@ impl<'a> Params<'a> {
             .unwrap_or(self.line)
     }
 
-    pub(crate) fn error_at(&self, key: &str, kind: ConfigErrorKind, message: String) -> ConfigError {
+    pub(crate) fn error_at(
+        &self,
+        key: &str,
+        kind: ConfigErrorKind,
+        message: String,
+    ) -> ConfigError {
         ConfigError::new(
             self.ctx.file,
             Some(self.line_of(key)),
@@ -438,7 +410,63 @@ impl<'a> Params<'a> {
     }
 }
 
+/// A kind that is not built in: a plugin node (`<plugin>.<node>`), or an error listing what
+/// there is.
+#[cfg(feature = "plugin")]
+fn other_kind(p: &mut Params<'_>, other: &str) -> Result<Kind, ConfigError> {
+    let plugins = p.ctx.plugins();
+    if let Some((plugin, node)) = other.split_once('.') {
+        if let Some(pl) = plugins.get(plugin) {
+            return parse_plugin_node(p, pl, node);
+        }
+    }
+    let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+    let mut names: Vec<&str> = plugins
+        .plugins()
+        .map(|pl| pl.manifest.name.as_str())
+        .collect();
+    names.sort_unstable();
+    let plugins_note = if names.is_empty() {
+        "no plugins found".to_string()
+    } else {
+        format!("plugins: {}", names.join(", "))
+    };
+    let broken: Vec<String> = plugins
+        .broken
+        .iter()
+        .map(|(m, why)| format!("{}: {why}", m.display()))
+        .collect();
+    let broken = if broken.is_empty() {
+        String::new()
+    } else {
+        format!("; manifests that could not be used: {}", broken.join("; "))
+    };
+    Err(p.error_at(
+        "kind",
+        ConfigErrorKind::UnknownKind,
+        format!(
+            "unknown kind `{other}` (built-in kinds: {}; {plugins_note}{broken})",
+            known.join(", ")
+        ),
+    ))
+}
+
+/// A kind that is not built in: without the `plugin` feature, always an error.
+#[cfg(not(feature = "plugin"))]
+fn other_kind(p: &mut Params<'_>, other: &str) -> Result<Kind, ConfigError> {
+    let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+    Err(p.error_at(
+        "kind",
+        ConfigErrorKind::UnknownKind,
+        format!(
+            "unknown kind `{other}` (built-in kinds: {}; plugins are not available: millrace was built without its `plugin` feature)",
+            known.join(", ")
+        ),
+    ))
+}
+
 /// Keys a plugin node stage has besides its node's parameters.
+#[cfg(feature = "plugin")]
 const PLUGIN_STAGE_KEYS: &[&str] = &[
     "kind",
     "input",
@@ -451,6 +479,7 @@ const PLUGIN_STAGE_KEYS: &[&str] = &[
 
 /// A `<plugin>.<node>` stage: its parameters checked against the node's spec, its permissions
 /// against the stage's `grant`, run as an exec stage in the plugin's directory.
+#[cfg(feature = "plugin")]
 fn parse_plugin_node(
     p: &mut Params<'_>,
     plugin: &crate::plugin::Plugin,
@@ -597,6 +626,7 @@ fn parse_plugin_node(
 }
 
 /// Loads (once per pipeline) and checks a native plugin's library; errors name the stage.
+#[cfg(feature = "plugin")]
 fn load_native(
     p: &mut Params<'_>,
     plugin: &crate::plugin::Plugin,

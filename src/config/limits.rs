@@ -5,7 +5,9 @@ use toml::Spanned;
 
 use super::kinds::Params;
 use super::{ConfigError, ConfigErrorKind};
-use crate::sandbox::{Limits, Policy};
+use crate::sandbox::Limits;
+#[cfg(feature = "plugin")]
+use crate::sandbox::Policy;
 
 impl Params<'_> {
     /// `limits = { address_space = "512MiB", cpu_seconds = 10, open_files = 256 }`.
@@ -31,6 +33,7 @@ impl Params<'_> {
 
 /// A plugin node stage's limits (the stage's `limits` over the manifest's `[limits]`) and its
 /// sandbox: what the granted permissions open.
+#[cfg(feature = "plugin")]
 pub(super) fn plugin_sandbox(
     p: &mut Params<'_>,
     plugin: &crate::plugin::Plugin,

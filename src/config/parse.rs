@@ -120,27 +120,12 @@ impl PipelineSpec {
     /// already loaded from the same path.
     ///
     /// `reuse`: libraries already loaded whose files did not change, by plugin name.
-    pub(crate) fn from_file_for_reload(
-        path: &Path,
-        reuse: std::collections::BTreeMap<
-            String,
-            std::sync::Arc<crate::plugin::native::NativeLibrary>,
-        >,
-    ) -> Result<Self, ConfigError> {
+    pub(crate) fn from_file_for_reload(path: &Path, reuse: Natives) -> Result<Self, ConfigError> {
         Self::parse(&read_pipeline(path)?, path, Some(reuse))
     }
 
     /// Parses; with `reload`, native libraries come from `reload` or fresh copies.
-    fn parse(
-        text: &str,
-        file: &Path,
-        reload: Option<
-            std::collections::BTreeMap<
-                String,
-                std::sync::Arc<crate::plugin::native::NativeLibrary>,
-            >,
-        >,
-    ) -> Result<Self, ConfigError> {
+    fn parse(text: &str, file: &Path, reload: Option<Natives>) -> Result<Self, ConfigError> {
         let copy_natives = reload.is_some();
         let lines = Lines::new(text);
         let raw: RawPipeline = toml::from_str(text).map_err(|e| {
@@ -160,6 +145,7 @@ impl PipelineSpec {
             lines: &lines,
             base: &base,
             plugin_dirs: raw.plugin_dirs.iter().map(|d| base.join(d)).collect(),
+            #[cfg(feature = "plugin")]
             plugins: std::cell::OnceCell::new(),
             natives: std::cell::RefCell::new(reload.unwrap_or_default()),
             copy_natives,
@@ -250,6 +236,8 @@ fn stage_at_line(text: &str, line: usize) -> Option<String> {
         .last()
 }
 
+// Without the `plugin` feature the plugin fields are kept (they are set in one place) but unread.
+#[cfg_attr(not(feature = "plugin"), allow(dead_code))]
 pub(crate) struct Ctx<'a> {
     pub file: &'a Path,
     pub lines: &'a Lines,
@@ -257,11 +245,10 @@ pub(crate) struct Ctx<'a> {
     /// The pipeline's `plugin_dirs`, resolved.
     pub plugin_dirs: Vec<PathBuf>,
     /// Discovered on first use: only a pipeline naming a non-built-in kind reads the disk.
+    #[cfg(feature = "plugin")]
     pub plugins: std::cell::OnceCell<crate::plugin::PluginRegistry>,
     /// Native libraries loaded so far, by plugin name: stages of one plugin share one load.
-    pub natives: std::cell::RefCell<
-        std::collections::BTreeMap<String, std::sync::Arc<crate::plugin::native::NativeLibrary>>,
-    >,
+    pub natives: std::cell::RefCell<Natives>,
     /// Load native libraries from fresh copies (a reload).
     pub copy_natives: bool,
     /// Per plugin stage, the files it depends on (manifest, program, library): a reload
@@ -269,6 +256,15 @@ pub(crate) struct Ctx<'a> {
     pub plugin_files: std::cell::RefCell<std::collections::BTreeMap<String, Vec<PathBuf>>>,
 }
 
+/// Native plugin libraries by plugin name.
+#[cfg(feature = "plugin")]
+pub(crate) type Natives =
+    std::collections::BTreeMap<String, std::sync::Arc<crate::plugin::native::NativeLibrary>>;
+/// Native plugin libraries by plugin name: none without the `plugin` feature.
+#[cfg(not(feature = "plugin"))]
+pub(crate) type Natives = std::collections::BTreeMap<String, std::convert::Infallible>;
+
+#[cfg(feature = "plugin")]
 impl Ctx<'_> {
     /// The plugins on the search path (`plugin_dirs` first).
     pub(crate) fn plugins(&self) -> &crate::plugin::PluginRegistry {

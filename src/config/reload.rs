@@ -148,6 +148,7 @@ impl PipelineSpec {
                         .snapshot_plugin()
                         .map_err(|m| err(ConfigErrorKind::Io, m))?;
                 }
+                #[cfg(feature = "plugin")]
                 super::kinds::Kind::Native(n) => {
                     n.lib =
                         crate::plugin::native::NativeLibrary::load_copy(n.lib.name(), n.lib.path())
@@ -242,7 +243,10 @@ impl ReloadHandle {
             .filter(|(f, s)| stamp(f) != **s)
             .map(|(f, _)| f)
             .collect();
+        // Only native plugin libraries are reused.
+        #[cfg_attr(not(feature = "plugin"), allow(unused_mut))]
         let mut reuse = BTreeMap::new();
+        #[cfg(feature = "plugin")]
         for (name, live) in &self.inner.live {
             if let LiveStage::Native(v) = live {
                 let old = state.spec.stages.iter().find(|s| &s.name == name);
@@ -331,6 +335,7 @@ impl ReloadHandle {
                         ConfigError::new(file, Some(n.line), Some(&n.name), ConfigErrorKind::Io, m)
                     })?)
                 }
+                #[cfg(feature = "plugin")]
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
                     Next::Native((**s).clone())
                 }
@@ -349,6 +354,7 @@ impl ReloadHandle {
                 (Some(LiveStage::Exec(v)), Next::Exec(e)) => {
                     v.store(e);
                 }
+                #[cfg(feature = "plugin")]
                 (Some(LiveStage::Native(v)), Next::Native(s)) => {
                     v.store(s);
                 }
@@ -384,6 +390,7 @@ impl ReloadHandle {
                 let counts = match l {
                     LiveStage::Map(v) => v.counts(),
                     LiveStage::Exec(v) => v.counts(),
+                    #[cfg(feature = "plugin")]
                     LiveStage::Native(v) => v.counts(),
                     LiveStage::Window(v) => v.counts(),
                 };
@@ -486,6 +493,7 @@ pub enum WatchError {
 enum Next {
     Map(MapLogic),
     Exec(crate::exec::ExecSpec),
+    #[cfg(feature = "plugin")]
     Native(crate::plugin::native::NativeSpec),
     Window(crate::window::WindowLive),
 }

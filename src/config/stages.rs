@@ -13,6 +13,7 @@ use super::live_map::{LiveMap, MapLogic};
 use crate::exec::live::ReloadExecHead;
 use crate::exec::{ExecHead, ExecSpec};
 use crate::operator::{Chain, Identity};
+#[cfg(feature = "plugin")]
 use crate::plugin::native::{NativeHead, NativeSpec};
 use crate::runtime::Head;
 use crate::source::{parse_text, BlockInput, Chunk, ChunkHead, Input, NdjsonBlockHead};
@@ -139,6 +140,7 @@ where
 
 /// A stage running a native plugin's node (one node instance per stage instance); `live`: the
 /// spec may be replaced between batches (hot reload).
+#[cfg(feature = "plugin")]
 pub(super) fn native<I, C>(
     s: Stream<I, C>,
     name: &str,

@@ -10,7 +10,7 @@ use super::{ConfigError, ConfigErrorKind};
 use crate::describe::kind_of;
 use crate::time::{parse_duration_ms, parse_rfc3339_ms, Timestamp};
 use crate::window::{
-    Aggregate, Assigner, EventTime, OnError, Session, Sliding, Tumbling, WindowResult,
+    Aggregate, Assigner, EventTime, OnError, Session, Sliding, TimeError, Tumbling, WindowResult,
 };
 
 /// Where a window stage sends records too late for every window they belong to.
@@ -296,7 +296,7 @@ pub(crate) struct JsonTime {
 }
 
 impl EventTime<Value> for JsonTime {
-    fn time(&self, rec: &Value) -> Result<Timestamp, String> {
+    fn time(&self, rec: &Value) -> Result<Timestamp, TimeError> {
         let field = &*self.time_field;
         let t = match rec.get(field) {
             Some(Value::Number(n)) => match n.as_i64() {
@@ -329,7 +329,7 @@ impl EventTime<Value> for JsonTime {
 }
 
 /// A reason with the record it is about (shortened).
-fn bad(rec: &Value, why: String) -> String {
+fn bad(rec: &Value, why: String) -> TimeError {
     let mut text = rec.to_string();
     if text.len() > 200 {
         let mut cut = 200;
@@ -339,7 +339,7 @@ fn bad(rec: &Value, why: String) -> String {
         text.truncate(cut);
         text.push('…');
     }
-    format!("{why} in {text}")
+    TimeError::new(format!("{why} in {text}"))
 }
 
 /// Every output of a window stage over JSON records.

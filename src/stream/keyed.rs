@@ -17,7 +17,9 @@ use crate::operator::{Chain, FlatMap, Identity, Map};
 use crate::runtime::{Cx, Head};
 use crate::time::Timestamp;
 use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowHead};
-use crate::window::{Aggregate, EventTime, LateRecord, WindowOutput, WindowResult, WindowSpec};
+use crate::window::{
+    Aggregate, EventTime, LateRecord, TimeError, WindowOutput, WindowResult, WindowSpec,
+};
 
 impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Partitions records by key for a keyed aggregation. The key is computed once per record,
@@ -400,7 +402,7 @@ where
 /// An event-time extractor behind a pointer, for the watermark generator of a keyed edge.
 pub(crate) struct DynTime<T>(Arc<TimeFn<T>>);
 
-type TimeFn<T> = dyn Fn(&T) -> Result<Timestamp, String> + Send + Sync;
+type TimeFn<T> = dyn Fn(&T) -> Result<Timestamp, TimeError> + Send + Sync;
 
 impl<T> Clone for DynTime<T> {
     fn clone(&self) -> Self {
@@ -410,7 +412,7 @@ impl<T> Clone for DynTime<T> {
 
 impl<T: 'static> EventTime<T> for DynTime<T> {
     #[inline]
-    fn time(&self, record: &T) -> Result<Timestamp, String> {
+    fn time(&self, record: &T) -> Result<Timestamp, TimeError> {
         (self.0)(record)
     }
 }

@@ -17,35 +17,8 @@
 //! | `heads.rs` | the heads of the stateful stages (keyed fold, sort, a chain as a head) and the routing tail |
 //! | `hooks.rs` | the few extension points the TOML layer builds its stage kinds on |
 //!
-//! **Naming.** Every step gets a default name from its kind (`map`, `map-2`, ...), and
-//! `.name(n)` renames the step just added — on a [`Stream`] (its last operator, or its head),
-//! a [`KeyedStream`] (the `key_by` step), a [`Windowed`] (the window stage) or a [`Sink`]. Names
-//! are unique within a pipeline; a duplicate fails [`Pipeline::run`]. A stage's name joins its
-//! steps' names with `+`, and metrics and errors use it.
-//!
-//! **Returning a stream from a function.** The chain type grows with every operator, but it
-//! need not be spelled: return `Stream<I, impl Chain<I, Out = T>>` (a stream whose head reads
-//! `I` and that emits `T`), and take `Stream<I, C>` with `C: Chain<I, Out = T>`:
-//!
-//! ```
-//! use millrace::{operator::Chain, Pipeline, Stream};
-//!
-//! /// The even squares of a stream of numbers.
-//! fn even_squares<I: Send + 'static>(
-//!     s: Stream<I, impl Chain<I, Out = u64>>,
-//! ) -> Stream<I, impl Chain<I, Out = u64>> {
-//!     s.map(|x| x * x).filter(|x| x % 2 == 0)
-//! }
-//!
-//! let p = Pipeline::new();
-//! let out = even_squares(p.source("n", 1..=6u64)).collect();
-//! p.run()?;
-//! assert_eq!(out.take(), vec![4, 16, 36]);
-//! # Ok::<(), millrace::Error>(())
-//! ```
-//!
-//! Where the chain must be chosen at run time, [`Stream::boxed`] erases it at the cost of one
-//! dynamic call per record.
+//! The naming rule and how to return a stream from a function are documented on [`Stream`],
+//! where users read them.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -79,8 +52,37 @@ pub(crate) type Fresh<T> = Stream<T, Identity<T>>;
 type Out<I, C> = <C as Chain<I>>::Out;
 
 /// An open stage producing records of type `C::Out`: a head of type `I` followed by the fused
-/// chain `C`. See the [crate docs](crate) for an example, and the [module docs](self) for how to
-/// return one from a function.
+/// chain `C`. See the [crate docs](crate) for an example.
+///
+/// **Naming.** Every step gets a default name from its kind (`map`, `map-2`, ...), and
+/// `.name(n)` renames the step just added — on a [`Stream`] (its last operator, or its head),
+/// a [`KeyedStream`] (the `key_by` step), a [`Windowed`] (the window stage) or a [`Sink`]. Names
+/// are unique within a pipeline; a duplicate fails [`Pipeline::run`]. A stage's name joins its
+/// steps' names with `+`, and metrics and errors use it.
+///
+/// **Returning a stream from a function.** The chain type grows with every operator, but it
+/// need not be spelled: return `Stream<I, impl Chain<I, Out = T>>` (a stream whose head reads
+/// `I` and that emits `T`), and take `Stream<I, C>` with `C: Chain<I, Out = T>`:
+///
+/// ```
+/// use millrace::{operator::Chain, Pipeline, Stream};
+///
+/// /// The even squares of a stream of numbers.
+/// fn even_squares<I: Send + 'static>(
+///     s: Stream<I, impl Chain<I, Out = u64>>,
+/// ) -> Stream<I, impl Chain<I, Out = u64>> {
+///     s.map(|x| x * x).filter(|x| x % 2 == 0)
+/// }
+///
+/// let p = Pipeline::new();
+/// let out = even_squares(p.source("n", 1..=6u64)).collect();
+/// p.run()?;
+/// assert_eq!(out.take(), vec![4, 16, 36]);
+/// # Ok::<(), millrace::Error>(())
+/// ```
+///
+/// Where the chain must be chosen at run time, [`Stream::boxed`] erases it at the cost of one
+/// dynamic call per record.
 #[must_use = "a stream does nothing until it ends in a sink and the pipeline runs"]
 pub struct Stream<I, C> {
     b: Rc<RefCell<Builder>>,

@@ -24,5 +24,5 @@ pub use aggregate::{Aggregate, Count, Max, Mean, Min, On, Sum};
 pub use assign::{AssignerError, Session, Sliding, Tumbling};
 pub use operator::{Assigner, WindowOutput, WindowResult, WindowState};
 pub(crate) use stage::WindowLive;
-pub use stage::{EventTime, LateRecord, OnError, WindowSpec};
+pub use stage::{EventTime, LateRecord, OnError, TimeError, WindowSpec};
 pub use watermark::{BoundedOutOfOrderness, WatermarkTracker};

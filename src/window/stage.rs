@@ -19,19 +19,53 @@ use crate::time::Timestamp;
 /// How a window stage reads a record's event time.
 ///
 /// Any `Fn(&T) -> Timestamp` is one; a fallible implementation (the TOML layer's, which reads
-/// a JSON field) returns `Err(reason)` for a record without a usable time, the reason showing
-/// the record, and the stage's [`OnError`] policy decides what happens to it.
+/// a JSON field) returns a [`TimeError`] for a record without a usable time, its reason
+/// showing the record, and the stage's [`OnError`] policy decides what happens to it.
 pub trait EventTime<T>: Clone + Send + Sync + 'static {
     /// The record's event time.
-    fn time(&self, record: &T) -> Result<Timestamp, String>;
+    fn time(&self, record: &T) -> Result<Timestamp, TimeError>;
 }
+
+/// Why a record's event time could not be read: the reason, shown to the user as it is (a
+/// failing window stage adds the record's position).
+///
+/// ```
+/// let e = millrace::window::TimeError::new("no time field `t`");
+/// assert_eq!(e.to_string(), "no time field `t`");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeError {
+    reason: String,
+}
+
+impl TimeError {
+    /// A time error with this reason.
+    pub fn new(reason: impl Into<String>) -> Self {
+        TimeError {
+            reason: reason.into(),
+        }
+    }
+
+    /// The reason.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl std::fmt::Display for TimeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for TimeError {}
 
 impl<T, F> EventTime<T> for F
 where
     F: Fn(&T) -> Timestamp + Clone + Send + Sync + 'static,
 {
     #[inline]
-    fn time(&self, record: &T) -> Result<Timestamp, String> {
+    fn time(&self, record: &T) -> Result<Timestamp, TimeError> {
         Ok(self(record))
     }
 }
