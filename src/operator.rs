@@ -17,54 +17,55 @@ use std::sync::Arc;
 
 use crate::error::{BoxError, Error};
 
-/// The seal of [`Chain`]: a public trait in a private module, so no other crate can implement
-/// it.
+/// The seal of [`Chain`] — a public trait in a private module, so no other crate can implement
+/// it — and what the engine's side of `Chain` names (`Halt`, `Emit`): public items in a private
+/// module, so that they appear in the sealed trait's hidden methods without being part of the
+/// crate's API.
 pub(crate) mod sealed {
+    use crate::error::Error;
+
     /// Implemented by every chain type of the crate.
     pub trait Sealed {}
-}
 
-/// Why a chain stopped pushing records.
-// `pub` (not `pub(crate)`) because the hidden methods of the public, sealed `Chain` name it; it
-// is not reachable from outside the crate.
-#[allow(unreachable_pub)]
-#[derive(Debug)]
-pub enum Halt {
-    /// No more input is wanted: a limit was reached, every consumer downstream is gone, or the
-    /// run was cancelled. Not an error.
-    Done,
-    /// The run must fail with this error.
-    Failed(Error),
-}
+    /// Why a chain stopped pushing records.
+    #[derive(Debug)]
+    pub enum Halt {
+        /// No more input is wanted: a limit was reached, every consumer downstream is gone, or the
+        /// run was cancelled. Not an error.
+        Done,
+        /// The run must fail with this error.
+        Failed(Error),
+    }
 
-impl From<Error> for Halt {
-    fn from(e: Error) -> Self {
-        Halt::Failed(e)
+    impl From<Error> for Halt {
+        fn from(e: Error) -> Self {
+            Halt::Failed(e)
+        }
+    }
+
+    /// Something records can be pushed into: the next operator, or a stage's tail.
+    pub trait Emit<T> {
+        /// Accepts one record, or says why no more are wanted.
+        fn emit(&mut self, item: T) -> Result<(), Halt>;
+    }
+
+    impl<T, E: Emit<T> + ?Sized> Emit<T> for &mut E {
+        #[inline]
+        fn emit(&mut self, item: T) -> Result<(), Halt> {
+            (**self).emit(item)
+        }
+    }
+
+    impl<T> Emit<T> for Vec<T> {
+        #[inline]
+        fn emit(&mut self, item: T) -> Result<(), Halt> {
+            self.push(item);
+            Ok(())
+        }
     }
 }
 
-/// Something records can be pushed into: the next operator, or a stage's tail.
-// `pub` for the same reason as `Halt`; not reachable from outside the crate.
-#[allow(unreachable_pub)]
-pub trait Emit<T> {
-    /// Accepts one record, or says why no more are wanted.
-    fn emit(&mut self, item: T) -> Result<(), Halt>;
-}
-
-impl<T, E: Emit<T> + ?Sized> Emit<T> for &mut E {
-    #[inline]
-    fn emit(&mut self, item: T) -> Result<(), Halt> {
-        (**self).emit(item)
-    }
-}
-
-impl<T> Emit<T> for Vec<T> {
-    #[inline]
-    fn emit(&mut self, item: T) -> Result<(), Halt> {
-        self.push(item);
-        Ok(())
-    }
-}
+pub(crate) use sealed::{Emit, Halt};
 
 /// A fused sequence of stateless operators taking `In` and producing [`Chain::Out`].
 ///

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 /// The keys of a `limits` table.
-pub const LIMIT_KEYS: &[&str] = &["address_space", "cpu_seconds", "open_files"];
+pub(crate) const LIMIT_KEYS: &[&str] = &["address_space", "cpu_seconds", "open_files"];
 
 /// Resource limits for a child process (`setrlimit`); `None` leaves the engine's own limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -149,7 +149,7 @@ impl fmt::Display for Limits {
 
 /// `"512MiB"`, `"2 GiB"`, `"4096"`, `"1024B"`: bytes (binary units only, so nothing is
 /// ambiguous).
-pub fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..digits].parse().ok()?;
@@ -165,7 +165,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// Bytes in the largest binary unit that divides them exactly (`256 MiB`, `1536 KiB`).
-pub fn show_size(b: u64) -> String {
+pub(crate) fn show_size(b: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
         if b >= 1 << shift && b % (1 << shift) == 0 {
             return format!("{} {unit}", b >> shift);
