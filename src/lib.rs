@@ -55,7 +55,7 @@ mod sink;
 pub mod snapshot;
 mod source;
 mod stream;
-pub mod sync;
+pub(crate) mod sync;
 mod time;
 pub mod window;
 
