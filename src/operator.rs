@@ -10,10 +10,10 @@
 //! to name them.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{BoxError, Error};
+use crate::sync::{AtomicU64, Ordering};
 
 /// Why a chain stopped pushing records.
 #[derive(Debug)]

@@ -20,13 +20,10 @@
 //!   order is kept and no output batch mixes versions.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::channel::{InputHead, Message};
@@ -35,6 +32,8 @@ use crate::error::Error;
 use crate::exec::{ExecHead, ExecSpec, Wire};
 use crate::operator::{Chain, Emit, Halt};
 use crate::runtime::{Cx, Head, Pull};
+use crate::sync::thread::{self, JoinHandle};
+use crate::sync::{AtomicBool, Mutex, Ordering};
 use crate::Snapshot;
 
 /// A stage's logic, replaceable between batches, with the records each version processed.
@@ -248,7 +247,7 @@ impl<T: Wire> ReloadExecHead<T> {
         let spec = Arc::clone(&self.spec);
         let name = Arc::clone(&self.name);
         let stop = Arc::clone(&self.stop);
-        let handle = std::thread::Builder::new()
+        let handle = thread::Builder::new()
             .name(format!("millrace:{}:dispatch", self.name))
             .spawn(move || dispatch(&dcx, input, &spec, &name, &tx, &stop))
             .map_err(|e| {

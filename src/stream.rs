@@ -15,7 +15,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::channel::{ChannelTail, InputHead, Message, Partition, TeeTail};
@@ -30,6 +29,7 @@ use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
 use crate::source::{
     parse_json, parse_text, ChannelSourceHead, Chunk, ChunkHead, Input, IterHead, LineHead,
 };
+use crate::sync::Mutex;
 use crate::time::Timestamp;
 use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowHead};
 use crate::window::{
