@@ -24,15 +24,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use crate::job::{Engine, JobId, JobStatus, Received, RecvTimeoutError};
+use crate::sync::thread::{self, JoinHandle};
+use crate::sync::{AtomicBool, Mutex, Ordering};
 use crate::Error;
 
 /// Where and how to serve.
@@ -103,7 +102,7 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
         stop: Arc::clone(&stop),
     });
     let conns = Arc::clone(&connections);
-    let acceptor = std::thread::Builder::new()
+    let acceptor = thread::Builder::new()
         .name("millrace-http".into())
         .spawn(move || {
             for stream in listener.incoming() {
@@ -112,7 +111,7 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
                 }
                 let Ok(stream) = stream else { continue };
                 let c = Arc::clone(&ctx);
-                let spawned = std::thread::Builder::new()
+                let spawned = thread::Builder::new()
                     .name("millrace-http-conn".into())
                     .spawn(move || c.serve_connection(stream));
                 let mut all = conns.lock();

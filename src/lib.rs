@@ -58,7 +58,7 @@ mod sink;
 pub mod snapshot;
 mod source;
 mod stream;
-pub mod sync;
+pub(crate) mod sync;
 mod time;
 mod versioned;
 pub mod window;

@@ -4,9 +4,10 @@
 //! is a few nanoseconds per batch and a progress reader on another thread can sample them live.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::sync::{AtomicU64, Ordering::Relaxed};
 
 /// Live counters of one stage instance (one worker thread).
 #[derive(Debug, Default)]

@@ -2,7 +2,7 @@
 //!
 //! A [`Chain`] is a statically composed sequence of stateless operators (map, filter, flat_map,
 //! inspect, limit, ...) that runs on one thread with no channel hop between operators. Records
-//! are *pushed* through it one at a time into an [`Emit`] (the stage's tail: a channel
+//! are *pushed* through it one at a time into an `Emit` (the stage's tail: a channel
 //! partitioner or a sink), so the compiler sees the whole chain as one loop body: a fused chain
 //! costs what the closures cost.
 //!
@@ -12,10 +12,10 @@
 //! the crate implements it.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{BoxError, Error};
+use crate::sync::{AtomicU64, Ordering};
 
 /// The seal of [`Chain`] — a public trait in a private module, so no other crate can implement
 /// it — and what the engine's side of `Chain` names (`Halt`, `Emit`): public items in a private

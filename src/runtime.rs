@@ -7,16 +7,15 @@
 //! outlive [`run`] whatever happens.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
 
 use crate::error::Error;
 use crate::metrics::{InstanceMetrics, MetricsEntry, RunReport};
 use crate::operator::{Chain, Emit, Halt};
+use crate::sync::{thread, AtomicBool, AtomicU64, Mutex, Ordering};
 
 /// Tuning knobs of a run.
 #[derive(Debug, Clone)]
@@ -402,7 +401,7 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
     // Every worker holds a clone of `alive_tx`; when the last one ends the main thread's
     // `recv_timeout` sees the channel disconnect and stops ticking the clock.
     let (alive_tx, alive_rx) = bounded::<()>(0);
-    std::thread::scope(|scope| {
+    thread::scope(|scope| {
         for (w, metrics) in jobs {
             let cx = Cx {
                 run: Arc::clone(&shared),
@@ -413,7 +412,7 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             let alive = alive_tx.clone();
             let name = format!("millrace:{}#{}", w.stage, w.instance);
             let stage = Arc::clone(&w.stage);
-            let spawned = std::thread::Builder::new()
+            let spawned = thread::Builder::new()
                 .name(name)
                 .spawn_scoped(scope, move || {
                     let _alive = alive;

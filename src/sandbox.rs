@@ -25,7 +25,9 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+use crate::sync::statics::OnceLock;
 
 /// The keys of a `limits` table.
 pub(crate) const LIMIT_KEYS: &[&str] = &["address_space", "cpu_seconds", "open_files"];

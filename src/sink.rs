@@ -9,12 +9,11 @@ use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use crate::error::{BoxError, Error};
 use crate::metrics::InstanceMetrics;
 use crate::operator::{Emit, Halt};
 use crate::runtime::{Cx, Tail};
+use crate::sync::Mutex;
 
 /// Counts records written and publishes the count at each flush.
 struct Counter {

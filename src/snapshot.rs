@@ -9,7 +9,7 @@
 //!
 //! # Design and cost
 //!
-//! The cell is a [`Mutex`] around `(version, Arc<T>)`. [`load`](Snapshot::load) locks, clones
+//! The cell is a `Mutex` around `(version, Arc<T>)`. [`load`](Snapshot::load) locks, clones
 //! the `Arc` (one atomic increment) and unlocks; [`store`](Snapshot::store) locks, swaps in the
 //! new `Arc`, bumps the version and unlocks, then drops the old `Arc` *outside* the lock, so a
 //! value's destructor never runs while the lock is held. The critical sections are a handful of
@@ -22,7 +22,7 @@
 //! contention the lock is still fair enough: parking_lot spins briefly before parking, and the
 //! sections are far shorter than a time slice.
 //!
-//! All locks and `Arc`s come from [`crate::sync`], so under `cfg(loom)` the cell is the modelled
+//! All locks and `Arc`s come from `crate::sync`, so under `cfg(loom)` the cell is the modelled
 //! implementation checked by `tests/loom_snapshot.rs`.
 
 use std::fmt;

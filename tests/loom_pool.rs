@@ -13,6 +13,8 @@
 //!     cargo test --release --test loom_pool -- --ignored
 //! ```
 //!
+//! (`.ci/loom` runs both, with `--include-ignored`).
+//!
 //! Each model creates its own [`Registry`]: loom objects must not outlive one execution. Loom
 //! never fires a timeout, so timeout paths are covered by `tests/pool.rs` instead.
 #![cfg(loom)]

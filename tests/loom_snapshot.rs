@@ -14,8 +14,11 @@
 //!     cargo test --release --test loom_snapshot -- --ignored
 //! ```
 //!
-//! Under `cfg(loom)` the cell's `Mutex` and `Arc` are loom's (through `millrace::sync`), so loom
-//! also checks that every `Arc` is released by the end of each execution (no leaked value).
+//! (`.ci/loom` runs both, with `--include-ignored`).
+//!
+//! Under `cfg(loom)` the cell's `Mutex` and `Arc` are loom's (through the crate's `sync` shim),
+//! so loom also checks that every `Arc` is released by the end of each execution (no leaked
+//! value).
 //! Each model creates its own cell: loom objects must not outlive one execution.
 #![cfg(loom)]
 

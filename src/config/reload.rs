@@ -22,16 +22,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
-
-use parking_lot::Mutex;
 
 use super::build::{LiveStage, LiveStages};
 use super::live_map::MapLogic;
 use super::{ConfigError, ConfigErrorKind, PipelineSpec};
+use crate::sync::thread::{self, JoinHandle};
+use crate::sync::{AtomicBool, Mutex, Ordering};
 use crate::Pipeline;
 
 /// One reload, applied or refused.
@@ -448,7 +446,7 @@ impl ReloadHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let handle = self.clone();
         let s = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("millrace:watch".into())
             .spawn(move || watch_loop(&handle, &rx, debounce, &s))
             .map_err(|source| WatchError::Spawn { source })?;

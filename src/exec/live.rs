@@ -3,9 +3,7 @@
 //! gets end of input, finishes its records, and is waited for; its output is read to the end
 //! before the new child's, so order is kept and no output batch mixes versions.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
@@ -15,6 +13,8 @@ use crate::channel::{InputHead, Message};
 use crate::error::Error;
 use crate::operator::Halt;
 use crate::runtime::{Cx, Head, Pull};
+use crate::sync::thread::{self, JoinHandle};
+use crate::sync::{AtomicBool, Ordering};
 use crate::versioned::Versioned;
 
 /// Batches queued for one child generation.
@@ -53,7 +53,7 @@ impl<T: Wire> ReloadExecHead<T> {
         let spec = Arc::clone(&self.spec);
         let name = Arc::clone(&self.name);
         let stop = Arc::clone(&self.stop);
-        let handle = std::thread::Builder::new()
+        let handle = thread::Builder::new()
             .name(format!("millrace:{}:dispatch", self.name))
             .spawn(move || dispatch(&dcx, input, &spec, &name, &tx, &stop))
             .map_err(|e| {

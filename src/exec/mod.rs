@@ -25,12 +25,9 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::channel::InputHead;
@@ -38,6 +35,8 @@ use crate::error::{Error, Location};
 use crate::operator::Halt;
 use crate::runtime::{Cx, Head, Pull};
 use crate::source::Chunk;
+use crate::sync::thread::{self, JoinHandle};
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 
 /// Environment variables a child inherits (all others are removed).
 const ENV_ALLOWLIST: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
@@ -120,7 +119,7 @@ impl ExecSpec {
         let Some(policy) = &self.sandbox else {
             return Ok(self.clone());
         };
-        static COPIES: AtomicU64 = AtomicU64::new(0);
+        static COPIES: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
         let n = COPIES.fetch_add(1, Ordering::Relaxed);
         let src = policy.plugin_dir.clone();
         let name = self.plugin.as_deref().unwrap_or("plugin");
@@ -288,7 +287,7 @@ impl<T: Wire> ExecHead<T> {
         };
         let level = spec.log_level;
         let t = Arc::clone(&tail);
-        let stderr = std::thread::Builder::new()
+        let stderr = thread::Builder::new()
             .name(format!("millrace:{}:stderr", self.name))
             .spawn(move || drain_stderr(stderr, &target, &prefix, level, &t))
             .map_err(|e| self.error(format!("cannot start a stderr thread: {e}")))?;
@@ -300,7 +299,7 @@ impl<T: Wire> ExecHead<T> {
         let s = Arc::clone(&stop);
         let fed = Arc::clone(&fed_at);
         let name = Arc::clone(&self.name);
-        let writer = std::thread::Builder::new()
+        let writer = thread::Builder::new()
             .name(format!("millrace:{}:stdin", self.name))
             .spawn(move || write_stdin(&wcx, input, stdin, &s, &fed, &name));
         let writer = match writer {

@@ -28,21 +28,25 @@
 
 pub mod hub;
 pub mod registry;
+mod supervisor;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender};
-use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Value};
 
 pub use hub::{ProgressHub, Received, RecvTimeoutError, Subscription};
 pub use registry::Registry;
+/// The engine's job bookkeeping, public only to the loom models (`tests/loom_engine.rs`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub use supervisor::{Control, Handle, Mutation, Supervisor};
 
+use crate::sync::thread::{self, JoinHandle};
+use crate::sync::Mutex;
 use crate::{CancelHandle, Error, Pipeline, RunReport};
+#[cfg(not(loom))]
+use supervisor::Supervisor;
 
 /// A job's identifier, unique within one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -273,60 +277,14 @@ impl Default for EngineOptions {
     }
 }
 
-struct Job {
-    id: JobId,
-    name: String,
-    submitted: Instant,
-    hub: ProgressHub<Event>,
-    slot: Mutex<Slot>,
-    ended: Condvar,
-}
-
-struct Slot {
-    status: JobStatus,
-    /// The running pipeline's handle (set once built, cleared when it ends).
-    cancel: Option<CancelHandle>,
-    cancel_requested: bool,
-    report: Option<RunReport>,
-    error: Option<String>,
-    run_time: Option<Duration>,
-    /// Order in which jobs ended (for forgetting the oldest).
-    ended_seq: u64,
-}
-
-impl Job {
-    fn info(&self) -> JobInfo {
-        let s = self.slot.lock();
-        let report = match (&s.report, &s.cancel) {
-            (Some(r), _) => Some(r.clone()),
-            (None, Some(h)) => Some(h.snapshot()),
-            _ => None,
-        };
-        JobInfo {
-            id: self.id,
-            name: self.name.clone(),
-            status: s.status,
-            elapsed: s.run_time.unwrap_or_else(|| self.submitted.elapsed()),
-            report,
-            error: s.error.clone(),
-        }
-    }
-}
-
-struct Inner {
-    opts: EngineOptions,
-    jobs: Registry<JobId, Arc<Job>>,
-    /// Job threads not joined yet.
-    threads: Mutex<Vec<(JobId, JoinHandle<()>)>>,
-    next_id: AtomicU64,
-    ended_seq: AtomicU64,
-    accepting: AtomicBool,
-    ticker: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
-}
-
 /// Runs many pipelines at once. Dropping it shuts it down (10 s deadline).
+///
+/// The jobs' bookkeeping (intake, threads, cancellation, shutdown) is a `job::supervisor`
+/// `Supervisor` of pipelines, which the loom models in `tests/loom_engine.rs` check; the engine
+/// adds the progress ticker.
 pub struct Engine {
-    inner: Arc<Inner>,
+    jobs: Supervisor<CancelHandle>,
+    ticker: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
 }
 
 impl Default for Engine {
@@ -338,7 +296,7 @@ impl Default for Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("jobs", &self.inner.jobs.len())
+            .field("jobs", &self.jobs.job_count())
             .finish()
     }
 }
@@ -351,39 +309,25 @@ impl Engine {
 
     /// An engine with the given options. Starts the progress ticker thread.
     pub fn with_options(opts: EngineOptions) -> Self {
-        let inner = Arc::new(Inner {
-            opts,
-            jobs: Registry::new(),
-            threads: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(1),
-            ended_seq: AtomicU64::new(0),
-            accepting: AtomicBool::new(true),
-            ticker: Mutex::new(None),
-        });
+        let jobs = Supervisor::new(&opts);
         let (stop_tx, stop_rx) = bounded::<()>(0);
-        let weak = Arc::downgrade(&inner);
-        let interval = inner.opts.progress_interval;
-        let ticker = std::thread::Builder::new()
+        let sampled = jobs.clone();
+        let interval = opts.progress_interval;
+        let ticker = thread::Builder::new()
             .name("millrace-ticker".into())
-            .spawn(move || loop {
-                match stop_rx.recv_timeout(interval) {
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    _ => return, // stopped, or the engine is gone
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                for (_, job) in inner.jobs.list() {
-                    let handle = job.slot.lock().cancel.clone();
-                    if let Some(h) = handle {
-                        job.hub.publish(Event::Progress {
-                            job: job.id,
-                            report: h.snapshot(),
-                        });
-                    }
+            .spawn(move || {
+                // Until `shutdown` drops the sender.
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(interval)
+                {
+                    sampled.publish_progress();
                 }
             })
             .expect("spawn the progress ticker");
-        *inner.ticker.lock() = Some((stop_tx, ticker));
-        Engine { inner }
+        Engine {
+            jobs,
+            ticker: Mutex::new(Some((stop_tx, ticker))),
+        }
     }
 
     /// Submits a pipeline built by `build` on the job's own thread; returns at once.
@@ -417,50 +361,11 @@ impl Engine {
     where
         F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
     {
-        self.reap();
-        // Checked and acted on under the threads lock, which shutdown takes to stop intake: a
-        // job is either refused or has its thread registered before shutdown looks for threads.
-        let mut threads = self.inner.threads.lock();
-        if !self.inner.accepting.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown);
-        }
-        let id = JobId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let job = Arc::new(Job {
-            id,
-            name: name.to_string(),
-            submitted: Instant::now(),
-            hub: ProgressHub::new(self.inner.opts.subscriber_capacity),
-            slot: Mutex::new(Slot {
-                status: JobStatus::Running,
-                cancel: None,
-                cancel_requested: false,
-                report: None,
-                error: None,
-                run_time: None,
-                ended_seq: 0,
-            }),
-            ended: Condvar::new(),
-        });
-        let sub = watch.then(|| job.hub.subscribe());
-        self.inner.jobs.insert(id, Arc::clone(&job));
-        let inner = Arc::clone(&self.inner);
-        let thread = std::thread::Builder::new()
-            .name(format!("millrace-job-{id}"))
-            .spawn(move || run_job(&inner, &job, build));
-        match thread {
-            Ok(t) => {
-                threads.push((id, t));
-                Ok((id, sub))
-            }
-            Err(source) => {
-                self.inner.jobs.remove(&id);
-                Err(Error::Spawn {
-                    what: format!("a thread for job `{name}`"),
-                    stage: None,
-                    source,
-                })
-            }
-        }
+        self.jobs.start(name, watch, move |control| {
+            let p = build()?;
+            control.running(p.cancel_handle())?;
+            p.run()
+        })
     }
 
     /// Submits a TOML pipeline (already parsed and validated).
@@ -480,118 +385,53 @@ impl Engine {
 
     /// The job's current state; `None` for an unknown (or forgotten) job.
     pub fn status(&self, id: JobId) -> Option<JobInfo> {
-        self.inner.jobs.get(&id).map(|j| j.info())
+        self.jobs.status(id)
     }
 
     /// Every job the engine remembers, by id.
     pub fn list(&self) -> Vec<JobInfo> {
-        self.inner
-            .jobs
-            .list()
-            .into_iter()
-            .map(|(_, j)| j.info())
-            .collect()
+        self.jobs.list()
     }
 
     /// Asks a running job to stop; false if it is unknown or already ended. The job's stages
     /// notice between batches and while blocked on a channel.
     pub fn cancel(&self, id: JobId) -> bool {
-        let Some(job) = self.inner.jobs.get(&id) else {
-            return false;
-        };
-        let mut s = job.slot.lock();
-        if s.status.is_final() {
-            return false;
-        }
-        s.cancel_requested = true;
-        if let Some(h) = &s.cancel {
-            h.cancel();
-        }
-        true
+        self.jobs.cancel(id)
     }
 
     /// Waits for the job to end (its progress stream has its final event by then); `None` for
     /// an unknown job.
     pub fn wait(&self, id: JobId) -> Option<JobInfo> {
-        let job = self.inner.jobs.get(&id)?;
-        let mut s = job.slot.lock();
-        while !s.status.is_final() {
-            job.ended.wait(&mut s);
-        }
-        drop(s);
-        Some(job.info())
+        self.jobs.wait(id)
     }
 
     /// A progress stream of the job; `None` for an unknown job. A subscriber to an ended job
     /// receives its final event.
     pub fn subscribe(&self, id: JobId) -> Option<Subscription<Event>> {
-        self.inner.jobs.get(&id).map(|j| j.hub.subscribe())
+        self.jobs.subscribe(id)
     }
 
     /// Forgets an ended job and returns it; `None` if it is unknown, already removed, or still
     /// running (cancel it first).
     pub fn remove(&self, id: JobId) -> Option<JobInfo> {
-        self.inner
-            .jobs
-            .remove_if(&id, |j| j.slot.lock().status.is_final())
-            .map(|j| j.info())
+        self.jobs.remove(id)
     }
 
     /// Threads the engine has started and not joined (job threads and the ticker).
     pub fn threads(&self) -> usize {
-        self.inner.threads.lock().len() + usize::from(self.inner.ticker.lock().is_some())
-    }
-
-    /// Joins the threads of jobs that have ended.
-    fn reap(&self) {
-        let done: Vec<JoinHandle<()>> = {
-            let mut t = self.inner.threads.lock();
-            let (done, running): (Vec<_>, Vec<_>) = t.drain(..).partition(|(_, h)| h.is_finished());
-            *t = running;
-            done.into_iter().map(|(_, h)| h).collect()
-        };
-        for h in done {
-            let _ = h.join();
-        }
+        self.jobs.threads() + usize::from(self.ticker.lock().is_some())
     }
 
     /// Stops accepting jobs, cancels every running one, and joins every thread the engine
     /// started. Returns an error naming the jobs still running at `deadline` (a user closure
     /// that never returns cannot be interrupted); their threads are then left to finish.
     pub fn shutdown(&self, deadline: Duration) -> Result<(), Error> {
-        {
-            // Under the lock `submit` holds while it registers a job (see there).
-            let _threads = self.inner.threads.lock();
-            self.inner.accepting.store(false, Ordering::Release);
-        }
-        for (id, _) in self.inner.jobs.list() {
-            self.cancel(id);
-        }
-        if let Some((stop, ticker)) = self.inner.ticker.lock().take() {
+        let jobs = self.jobs.shutdown(deadline);
+        if let Some((stop, ticker)) = self.ticker.lock().take() {
             drop(stop);
             let _ = ticker.join();
         }
-        let until = Instant::now() + deadline;
-        loop {
-            self.reap();
-            let left: Vec<JobId> = self
-                .inner
-                .threads
-                .lock()
-                .iter()
-                .map(|(id, _)| *id)
-                .collect();
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                return Err(Error::ShutdownTimeout {
-                    deadline,
-                    running: left.iter().map(|id| id.0).collect(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        jobs
     }
 }
 
@@ -601,89 +441,4 @@ impl Drop for Engine {
             log::warn!("engine dropped: {e}");
         }
     }
-}
-
-/// A job's thread: build, run, record the outcome, publish the final event.
-fn run_job<F>(inner: &Inner, job: &Job, build: F)
-where
-    F: FnOnce() -> Result<Pipeline, Error>,
-{
-    job.hub.publish(Event::Started {
-        job: job.id,
-        name: job.name.clone(),
-    });
-    let t0 = Instant::now();
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let p = build()?;
-        {
-            let mut s = job.slot.lock();
-            if s.cancel_requested {
-                return Err(Error::Cancelled);
-            }
-            s.cancel = Some(p.cancel_handle());
-        }
-        p.run()
-    }))
-    .unwrap_or_else(|payload| {
-        let message = crate::runtime::panic_message(&*payload);
-        Err(Error::BuildPanicked {
-            job: job.name.to_string(),
-            message,
-        })
-    });
-    {
-        // Status and final event change together (lock order: slot, then hub; nothing takes
-        // them the other way round), so a `wait` that returns finds the stream closed.
-        let mut s = job.slot.lock();
-        s.cancel = None;
-        s.run_time = Some(t0.elapsed());
-        s.ended_seq = inner.ended_seq.fetch_add(1, Ordering::Relaxed);
-        let event = match outcome {
-            Ok(report) => {
-                s.status = JobStatus::Succeeded;
-                s.report = Some(report.clone());
-                Event::Finished {
-                    job: job.id,
-                    report,
-                }
-            }
-            Err(Error::Cancelled) => {
-                s.status = JobStatus::Cancelled;
-                Event::Cancelled { job: job.id }
-            }
-            Err(e) => {
-                s.status = JobStatus::Failed;
-                s.error = Some(e.to_string());
-                Event::Failed {
-                    job: job.id,
-                    error: e.to_string(),
-                    stage: e.stage().map(str::to_string),
-                }
-            }
-        };
-        job.hub.close(event);
-        job.ended.notify_all();
-    }
-    forget_oldest(inner);
-}
-
-/// Keeps at most `keep_finished` ended jobs, forgetting the ones that ended first.
-fn forget_oldest(inner: &Inner) {
-    inner.jobs.with(|jobs| {
-        let mut ended: Vec<(u64, JobId)> = jobs
-            .iter()
-            .filter_map(|(id, j)| {
-                let s = j.slot.lock();
-                s.status.is_final().then_some((s.ended_seq, *id))
-            })
-            .collect();
-        if ended.len() <= inner.opts.keep_finished {
-            return;
-        }
-        ended.sort_unstable();
-        let excess = ended.len() - inner.opts.keep_finished;
-        for (_, id) in ended.into_iter().take(excess) {
-            jobs.remove(&id);
-        }
-    });
 }

@@ -10,6 +10,10 @@ use crate::sync::Mutex;
 #[derive(Debug)]
 pub struct Registry<K, V> {
     entries: Mutex<BTreeMap<K, V>>,
+    /// A seeded bug for the loom models' demonstration: `remove` looks the entry up in one
+    /// critical section and removes it in another (the seed's race).
+    #[cfg(loom)]
+    remove_checked_apart: bool,
 }
 
 impl<K: Ord + Clone, V: Clone> Registry<K, V> {
@@ -17,6 +21,19 @@ impl<K: Ord + Clone, V: Clone> Registry<K, V> {
     pub fn new() -> Self {
         Registry {
             entries: Mutex::new(BTreeMap::new()),
+            #[cfg(loom)]
+            remove_checked_apart: false,
+        }
+    }
+
+    /// A table whose `remove` checks and acts in two critical sections: only for the loom
+    /// model that must show it catches the race.
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn with_remove_checked_apart() -> Self {
+        Registry {
+            remove_checked_apart: true,
+            ..Self::new()
         }
     }
 
@@ -37,6 +54,12 @@ impl<K: Ord + Clone, V: Clone> Registry<K, V> {
 
     /// Removes and returns the entry; `None` if it was not there (a second cleanup).
     pub fn remove(&self, key: &K) -> Option<V> {
+        #[cfg(loom)]
+        if self.remove_checked_apart {
+            let found = self.entries.lock().get(key).cloned()?;
+            self.entries.lock().remove(key);
+            return Some(found);
+        }
         self.entries.lock().remove(key)
     }
 

@@ -370,7 +370,7 @@ impl NativeLibrary {
     /// loaded; the mapping stays). A reload uses it: `dlopen` of a path already loaded returns
     /// the image already loaded, not the file now on disk.
     pub fn load_copy(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, LoadError> {
-        static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        static COPIES: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
         let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join("millrace-native");
         let copy = dir.join(format!("{name}-{}-{n}.so", std::process::id()));

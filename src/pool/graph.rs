@@ -67,7 +67,8 @@ impl Registry {
     /// [`PoolBuilder::registry`](super::PoolBuilder::registry) attach to it.
     #[cfg(not(loom))]
     pub fn global() -> &'static Registry {
-        static GLOBAL: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+        static GLOBAL: crate::sync::statics::OnceLock<Registry> =
+            crate::sync::statics::OnceLock::new();
         GLOBAL.get_or_init(Registry::new)
     }
 

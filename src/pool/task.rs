@@ -7,7 +7,9 @@
 use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sync::statics::AtomicU64;
+use crate::sync::Ordering;
 
 /// Source of task ids, shared by implicit (per-thread) and explicit ids so they never collide.
 ///

@@ -3,13 +3,13 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use crossbeam_channel::RecvTimeoutError;
 use millrace::config::{PipelineSpec, KINDS};
 use millrace::http::{self, ServeOptions};
 use millrace::job::{Engine, JobStatus, Received};
@@ -338,13 +338,16 @@ fn run(path: PathBuf, quiet: bool, show_progress: bool, watch: Option<Duration>)
         _ => None,
     };
     let handle = pipeline.cancel_handle();
-    let done = AtomicBool::new(false);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    // The binary is not the engine's crate (its `crate::sync` is out of reach) and its progress
+    // line is part of no engine protocol: a std scoped thread.
+    #[allow(clippy::disallowed_methods)]
     let result = std::thread::scope(|s| {
         if show_progress {
-            s.spawn(|| progress(&handle, &done));
+            s.spawn(|| progress(&handle, &done_rx));
         }
         let r = pipeline.run();
-        done.store(true, Ordering::Release);
+        drop(done_tx);
         r
     });
     drop(watcher);
@@ -463,14 +466,14 @@ fn serve(listen: SocketAddr, allow_remote: bool, max_body: usize) -> ExitCode {
     }
 }
 
-/// A live line on stderr: records read, rate and elapsed time.
-fn progress(handle: &CancelHandle, done: &AtomicBool) {
+/// A live line on stderr: records read, rate and elapsed time; until `done` disconnects.
+fn progress(handle: &CancelHandle, done: &crossbeam_channel::Receiver<()>) {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    while !done.load(Ordering::Acquire) {
+    loop {
         let snap = handle.snapshot();
         let secs = snap.elapsed.as_secs_f64().max(1e-9);
         let read = snap.records_read();
@@ -479,7 +482,9 @@ fn progress(handle: &CancelHandle, done: &AtomicBool) {
             read as f64 / secs
         ));
         bar.tick();
-        std::thread::sleep(Duration::from_millis(100));
+        if done.recv_timeout(Duration::from_millis(100)) != Err(RecvTimeoutError::Timeout) {
+            break;
+        }
     }
     bar.finish_and_clear();
 }
