@@ -24,8 +24,9 @@ pub struct Sink {
 impl fmt::Debug for Sink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.b.borrow();
-        let slot = &b.stages[self.stage];
-        f.debug_struct("Sink").field("stage", &slot.name()).finish()
+        // After the run the builder is empty: the sink has no stage to show.
+        let stage = b.stages.get(self.stage).map(|s| s.name());
+        f.debug_struct("Sink").field("stage", &stage).finish()
     }
 }
 
@@ -40,9 +41,11 @@ impl Sink {
     /// ```
     pub fn name(self, name: &str) -> Self {
         let mut b = self.b.borrow_mut();
-        let old = b.stages[self.stage].sink.take();
-        let new = b.rename(old.as_deref(), name);
-        b.stages[self.stage].sink = Some(new);
+        // A sink renamed after its pipeline ran has nothing left to rename.
+        if let Some(old) = b.stages.get_mut(self.stage).map(|s| s.sink.take()) {
+            let new = b.rename(old.as_deref(), name);
+            b.stages[self.stage].sink = Some(new);
+        }
         drop(b);
         self
     }
