@@ -25,6 +25,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Partitions records by key for a keyed aggregation. The key is computed once per record,
     /// on the producing side.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("w", vec!["a", "b", "a"]).key_by(|w| w.to_string()).count().collect();
@@ -58,6 +60,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     /// Gathers every record into one instance and, at end of input, emits them sorted by `cmp`.
     /// Holds all records in memory: use it on aggregated output, not raw input.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -140,6 +144,8 @@ where
 {
     /// Renames the `key_by` step (part of the stage that computes the keys).
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// p.source("n", 0..4u32).key_by(|x| x % 2).name("parity").count().for_each(|_| {});
@@ -151,6 +157,8 @@ where
     }
 
     /// Sets how many instances run the aggregation; each key is owned by exactly one.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -165,6 +173,8 @@ where
 
     /// Folds each key's records into an accumulator starting at `init`; emits `(key, acc)` per
     /// key at end of input.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -184,6 +194,8 @@ where
 
     /// Counts the records of each key; emits `(key, count)` at end of input.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("n", vec![1u32, 1, 2]).key_by(|x| *x).count().collect();
@@ -197,6 +209,8 @@ where
     }
 
     /// Combines each key's records pairwise with `f`; emits `(key, result)` at end of input.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -255,6 +269,8 @@ where
     /// generator per instance, trailing the newest time it emitted by the spec's
     /// `max_out_of_orderness`); a window fires once the watermark reaches its end. See
     /// docs/semantics.md.
+    ///
+    /// # Examples
     ///
     /// ```
     /// use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
@@ -337,6 +353,8 @@ where
 {
     /// Renames the window stage (by default `window`).
     ///
+    /// # Examples
+    ///
     /// ```
     /// use millrace::window::{Count, Tumbling, WindowSpec};
     /// let p = millrace::Pipeline::new();
@@ -363,6 +381,8 @@ where
     /// The window results and, as a second stream, the records too late for every window they
     /// belong to. Both streams must end in a sink.
     ///
+    /// # Examples
+    ///
     /// ```
     /// use millrace::window::{Count, Tumbling, WindowSpec};
     /// // A watermark after every record, so that 3 arrives after the watermark 25 closed [0, 10).
@@ -382,6 +402,8 @@ where
     }
 
     /// Everything the window stage emits, results and late records in one stream.
+    ///
+    /// # Examples
     ///
     /// ```
     /// use millrace::window::{Count, Tumbling, WindowOutput, WindowSpec};

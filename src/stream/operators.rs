@@ -13,6 +13,8 @@ use crate::runtime::Cx;
 impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Applies `f` to every record.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("n", 1..=3u32).map(|x| x * 10).collect();
@@ -30,6 +32,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Applies a fallible `f`; an `Err` fails the run with an error naming this operator.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -50,6 +54,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     /// Keeps the records for which `f` returns true.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("n", 1..=6u32).filter(|x| x % 3 == 0).collect();
@@ -66,6 +72,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Replaces every record by the records `f` returns.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -85,6 +93,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// A fallible [`flat_map`](Stream::flat_map): an `Err` fails the run naming this operator.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -108,6 +118,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     /// Calls `f` on every record and passes it on.
     ///
+    /// # Examples
+    ///
     /// ```
     /// use std::sync::atomic::{AtomicU64, Ordering};
     /// static SEEN: AtomicU64 = AtomicU64::new(0);
@@ -128,6 +140,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Passes the first `n` records (across all instances of the stage), then stops the stage
     /// and, through it, everything upstream.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("endless", 0u64..).limit(3).collect();
@@ -142,6 +156,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     /// Erases the chain's type (one dynamic call per record), for pipelines assembled at run
     /// time.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -160,6 +176,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     /// Renames the step just added: the last operator, or the head (a source, an aggregation)
     /// when there is none. Names must be unique within a pipeline; errors and metrics use them.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -187,6 +205,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Sets how many instances (threads) run this stage. Only a stage that reads from a channel
     /// can have more than one; a source stage needs [`rebalance`](Stream::rebalance) first.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("n", 0..100u32).rebalance(2).map(|x| x * 2).parallelism(2).collect();
@@ -208,6 +228,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Ends the fused chain here: what follows runs in a new single-instance stage on its own
     /// thread, fed through a channel.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// p.source("n", 0..3u32).new_stage().for_each(|_| {});
@@ -219,6 +241,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
 
     /// What follows runs in a new stage of `n` instances; whole batches are dealt round-robin,
     /// preferring an instance with room in its channel.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -233,6 +257,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// What follows runs in a new stage whose instance `i` receives the output of this stage's
     /// instance `i` (modulo the instance count): no reshuffling.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("n", 0..10u32).rebalance(2).forward().map(|x| x * 2).collect();
@@ -245,6 +271,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Merges another stream of the same record type into a new stage.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -267,6 +295,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Sends every record to each of `n` new streams (fan-out).
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();

@@ -52,6 +52,8 @@ impl Pipeline {
 
     /// A pipeline with the given batch size, channel capacity and linger time.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let mut opts = millrace::Options::default();
     /// opts.batch_size = 64;
@@ -103,6 +105,8 @@ impl Pipeline {
 
     /// A source stage named `name` pulling records from any iterator, on one thread.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let out = p.source("words", vec!["a", "b"]).collect();
@@ -122,6 +126,8 @@ impl Pipeline {
     /// callback). It flushes partial batches after the linger time even while the senders are
     /// silent, which an iterator that blocks in `next()` cannot do, and it ends when every
     /// sender has been dropped.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let (tx, rx) = millrace::crossbeam_channel::bounded(16);
@@ -156,6 +162,8 @@ impl Pipeline {
     /// A source stage (`lines.read`) yielding the lines of a file (`-` for stdin), without line
     /// endings. Invalid UTF-8 fails the run naming the file and line.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// let first = p.read_lines("Cargo.toml").limit(1).collect();
@@ -169,6 +177,8 @@ impl Pipeline {
     /// A source stage (`ndjson.read`) parsing each line of a file (`-` for stdin) as one JSON
     /// value of type `T`. Blank lines are skipped; a malformed line fails the run naming the
     /// file and line.
+    ///
+    /// # Examples
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -189,6 +199,8 @@ impl Pipeline {
     }
 
     /// The stage graph as Graphviz DOT.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -218,6 +230,8 @@ impl Pipeline {
     /// Includes a [`Pool`](crate::Pool)'s metrics (capacity, in use, waiters, wait time,
     /// timeouts, deadlocks detected) in this run's report and live snapshots.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let pool = millrace::Pool::from_resources("conns", vec![1u8, 2]);
     /// let p = millrace::Pipeline::new();
@@ -236,6 +250,8 @@ impl Pipeline {
     }
 
     /// Names of the stages registered so far, in the order they run.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();

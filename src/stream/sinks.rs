@@ -34,6 +34,8 @@ impl Sink {
     /// Renames the sink (by default its kind: `for_each`, `ndjson.write`, ...). Names must be
     /// unique within a pipeline.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let p = millrace::Pipeline::new();
     /// p.source("n", 0..3u32).for_each(|_| {}).name("drop");
@@ -55,6 +57,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Calls `f` for each record, on one thread, in arrival order. Fused into this stage when it
     /// has one instance.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let (tx, rx) = std::sync::mpsc::channel();
     /// let p = millrace::Pipeline::new();
@@ -74,6 +78,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// A fallible [`for_each`](Stream::for_each): an `Err` fails the run naming the sink.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -103,6 +109,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Collects every record into memory; the returned handle yields them after the run.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let p = millrace::Pipeline::new();
@@ -156,6 +164,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Writes each record as a line of text to a file (`-` for stdout). A closed stdout ends
     /// the run quietly.
     ///
+    /// # Examples
+    ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
     /// let path = dir.path().join("out.txt");
@@ -174,6 +184,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Writes each record as one line of JSON to a file (`-` for stdout).
+    ///
+    /// # Examples
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
