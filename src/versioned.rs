@@ -1,7 +1,7 @@
 //! A stage's logic as a versioned value: the core of hot reload.
 //!
 //! A reloadable stage reads its logic from a [`Versioned`] cell (an RCU
-//! [`Snapshot`](crate::Snapshot) plus counts per version) **once per input batch**, so each
+//! [`Snapshot`] plus counts per version) **once per input batch**, so each
 //! batch is processed by exactly one version, and an old version lives until the last batch
 //! that loaded it is done (it is an `Arc`). No sleep, grace period or epoch is involved.
 //!

@@ -30,7 +30,7 @@ impl PipelineSpec {
         self.build_with(None)
     }
 
-    /// Builds the pipeline with its reloadable stages (see [`crate::reload`]) reading their
+    /// Builds the pipeline with its reloadable stages (see [`crate::versioned`]) reading their
     /// logic from versioned cells, returned by stage name.
     pub(crate) fn build_live(&self) -> Result<(Pipeline, LiveStages), ConfigError> {
         let mut live = LiveStages::new();

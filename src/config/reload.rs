@@ -2,7 +2,7 @@
 //! replace the old one in place, build it completely, then swap it in stage by stage.
 //!
 //! [`PipelineSpec::build_reloadable`] builds the pipeline with its reloadable stages reading
-//! their logic from versioned cells (see [`crate::reload`]) and returns a [`ReloadHandle`].
+//! their logic from versioned cells (see [`crate::versioned`]) and returns a [`ReloadHandle`].
 //! [`ReloadHandle::reload`] (or the watcher behind `millrace run --watch`) then:
 //!
 //! 1. parses and validates the file again, loading native plugins whose files changed from
