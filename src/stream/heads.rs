@@ -165,27 +165,14 @@ where
         flush_at: Option<u64>,
     ) -> Result<Pull, Halt> {
         if self.drain.is_none() {
-            let mut batch = Vec::new();
-            loop {
-                if cx.run.is_cancelled() {
-                    return Err(Halt::Done);
+            let (state, init, fold) = (&mut self.state, &self.init, &self.fold);
+            let ended = gather(&mut self.input, cx, flush_at, |batch| {
+                for (k, x) in batch.drain(..) {
+                    fold(state.entry(k).or_insert_with(|| init()), x);
                 }
-                match self.input.pull(cx, &mut batch, flush_at)? {
-                    Pull::Idle if batch.is_empty() => return Ok(Pull::Idle),
-                    pull => {
-                        if !batch.is_empty() {
-                            InstanceMetrics::add(&cx.metrics.records_in, batch.len() as u64);
-                            InstanceMetrics::add(&cx.metrics.batches_in, 1);
-                        }
-                        for (k, x) in batch.drain(..) {
-                            let acc = self.state.entry(k).or_insert_with(|| (self.init)());
-                            (self.fold)(acc, x);
-                        }
-                        if pull == Pull::End {
-                            break;
-                        }
-                    }
-                }
+            })?;
+            if !ended {
+                return Ok(Pull::Idle);
             }
             self.drain = Some(std::mem::take(&mut self.state).into_iter());
         }
@@ -234,8 +221,7 @@ impl<I: Send, C: Chain<I>> Head<C::Out> for ChainedHead<I, C> {
         }
         let pull = self.inner.pull(cx, &mut self.tmp, flush_at)?;
         if !self.inner.counts_input() && !self.tmp.is_empty() {
-            InstanceMetrics::add(&cx.metrics.records_in, self.tmp.len() as u64);
-            InstanceMetrics::add(&cx.metrics.batches_in, 1);
+            count_in(cx, self.tmp.len());
         }
         if !self.tmp.is_empty() {
             self.chain.begin_batch(self.tmp.len());
@@ -279,21 +265,9 @@ impl<T: Send, F: Fn(&T, &T) -> std::cmp::Ordering + Send + Sync> Head<T> for Sor
     }
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         if self.sorted.is_none() {
-            let mut batch = Vec::new();
-            loop {
-                match self.input.pull(cx, &mut batch, flush_at)? {
-                    Pull::Idle if batch.is_empty() => return Ok(Pull::Idle),
-                    pull => {
-                        if !batch.is_empty() {
-                            InstanceMetrics::add(&cx.metrics.records_in, batch.len() as u64);
-                            InstanceMetrics::add(&cx.metrics.batches_in, 1);
-                        }
-                        self.items.append(&mut batch);
-                        if pull == Pull::End {
-                            break;
-                        }
-                    }
-                }
+            let items = &mut self.items;
+            if !gather(&mut self.input, cx, flush_at, |batch| items.append(batch))? {
+                return Ok(Pull::Idle);
             }
             let mut items = std::mem::take(&mut self.items);
             let cmp = Arc::clone(&self.cmp);
@@ -303,5 +277,41 @@ impl<T: Send, F: Fn(&T, &T) -> std::cmp::Ordering + Send + Sync> Head<T> for Sor
         let it = self.sorted.as_mut().expect("set above");
         buf.extend(it.take(cx.batch_size()));
         Ok(if it.len() == 0 { Pull::End } else { Pull::Data })
+    }
+}
+
+/// Counts one input batch of `records` records in the instance's metrics.
+fn count_in(cx: &Cx, records: usize) {
+    InstanceMetrics::add(&cx.metrics.records_in, records as u64);
+    InstanceMetrics::add(&cx.metrics.batches_in, 1);
+}
+
+/// The loop of a head that consumes its whole input before emitting (a keyed fold, a sort):
+/// pulls batches from `input` until its end, counting each and handing it to `each` (which
+/// empties it). `Ok(false)` when the input went idle first (call again once the tail has
+/// flushed); `Halt::Done` once the run is cancelled.
+fn gather<T: Send>(
+    input: &mut InputHead<T>,
+    cx: &Cx,
+    flush_at: Option<u64>,
+    mut each: impl FnMut(&mut Vec<T>),
+) -> Result<bool, Halt> {
+    let mut batch = Vec::new();
+    loop {
+        if cx.run.is_cancelled() {
+            return Err(Halt::Done);
+        }
+        match input.pull(cx, &mut batch, flush_at)? {
+            Pull::Idle if batch.is_empty() => return Ok(false),
+            pull => {
+                if !batch.is_empty() {
+                    count_in(cx, batch.len());
+                    each(&mut batch);
+                }
+                if pull == Pull::End {
+                    return Ok(true);
+                }
+            }
+        }
     }
 }
