@@ -12,16 +12,14 @@ use serde_json::{Map, Value};
 use super::live_map::{LiveMap, MapLogic};
 use crate::exec::live::ReloadExecHead;
 use crate::exec::{ExecHead, ExecSpec};
-use crate::operator::{Chain, Identity};
+use crate::operator::Chain;
 #[cfg(feature = "plugin")]
 use crate::plugin::native::{NativeHead, NativeSpec};
 use crate::runtime::Head;
 use crate::source::{parse_text, BlockInput, Chunk, ChunkHead, Input, NdjsonBlockHead};
+use crate::stream::Fresh;
 use crate::versioned::Versioned;
 use crate::{Pipeline, Sink, Stream};
-
-/// A stream that has not been given an operator yet.
-type Fresh<T> = Stream<T, Identity<T>>;
 
 /// `lines.read`: each line as `{"line": ...}`.
 pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
