@@ -12,6 +12,8 @@
 //!   a child silent on stdout for longer than `timeout` since it last wrote a line or was last
 //!   given input is killed with its process group and reported; an over-long or invalid line
 //!   is an error naming the line;
+//! - an input that closes without its end markers (a protocol breach upstream) fails the run
+//!   with an error naming the stage, never passes for the end of the input;
 //! - the environment is scrubbed to an allowlist plus what the stage sets, and the child runs
 //!   in a process group of its own so that it and its children can be killed together;
 //! - `limits` (and a process plugin's Landlock and seccomp sandbox) are applied in the child
@@ -703,7 +705,14 @@ fn write_stdin<T: Wire>(
         // Wake up at least every 100 ms to see `stop`.
         let pull = match input.pull(cx, &mut batch, Some(cx.run.now_ms() + 100)) {
             Ok(p) => p,
-            Err(_) => return Ok(()), // cancelled or failing: the run reports it
+            Err(Halt::Failed(e)) if !stop.load(Ordering::Acquire) => {
+                // The input closed abnormally (without its end markers): the input is
+                // truncated, so the run fails at once rather than the child seeing a clean
+                // end of input (the stage's thread sees the cancel and kills the child).
+                cx.run.fail(e);
+                return Ok(());
+            }
+            Err(_) => return Ok(()), // cancelled, failing or told to stop
         };
         if !batch.is_empty() {
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, T::records(&batch));
@@ -771,8 +780,104 @@ pub(crate) fn stderr_level(line: &str) -> log::Level {
 
 #[cfg(test)]
 mod tests {
-    use super::stderr_level;
+    use super::*;
+    use crate::channel::Message;
+    use crate::runtime::{RunShared, Worker};
+    use crate::{Options, RunReport};
+    use crossbeam_channel::bounded;
     use log::Level;
+    use serde_json::json;
+
+    fn spec(command: &[&str]) -> ExecSpec {
+        ExecSpec {
+            command: command.iter().map(|c| c.to_string()).collect(),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+            max_line_bytes: 1 << 20,
+            limits: Default::default(),
+            sandbox: None,
+            plugin: None,
+            log_level: log::LevelFilter::Off,
+            plugin_copy: None,
+        }
+    }
+
+    /// An input from two upstream instances that gets a batch, then one end marker, then
+    /// closes: a truncated input (the other instance went away without ending).
+    fn truncated_input() -> InputHead<Value> {
+        let (tx, rx) = bounded(4);
+        let (recycle, _recycled) = bounded(4);
+        let input = InputHead::new(rx, 2, recycle, None);
+        let batch = vec![json!({"i": 1}), json!({"i": 2})];
+        tx.send(Message::Data { from: 0, batch }).unwrap();
+        tx.send(Message::End { from: 0 }).unwrap();
+        input
+    }
+
+    /// Runs the head `make` builds on `input` as the only worker of a run (stage `child`),
+    /// pulling to the end of its output; the run's result.
+    fn run_head<H>(input: InputHead<Value>, make: H) -> crate::Result<RunReport>
+    where
+        H: FnOnce(InputHead<Value>) -> Box<dyn Head<Value>> + Send + 'static,
+    {
+        let shared = RunShared::new(Options::default());
+        let worker = Worker {
+            stage: "child".into(),
+            instance: 0,
+            source: false,
+            body: Box::new(move |cx: &Cx| {
+                let mut head = make(input);
+                let mut buf = Vec::new();
+                loop {
+                    let pulled = head.pull(cx, &mut buf, None)?;
+                    buf.clear();
+                    if pulled == Pull::End {
+                        return Ok(());
+                    }
+                }
+            }),
+        };
+        crate::runtime::run(shared, vec![worker])
+    }
+
+    fn assert_truncation_error(got: crate::Result<RunReport>) {
+        match got {
+            Err(e @ Error::Protocol { .. }) => {
+                assert_eq!(e.stage(), Some("child"), "{e}");
+                assert!(
+                    e.to_string()
+                        .contains("input closed after 1 of 2 end-of-stream markers"),
+                    "{e}"
+                );
+            }
+            other => panic!("a truncated input must fail the run, got {other:?}"),
+        }
+    }
+
+    /// An exec stage whose input closes after 1 of its 2 end markers fails the run with an
+    /// error naming the stage, not a clean end of input (`cat` would end cleanly).
+    #[test]
+    fn an_exec_input_closed_early_fails_the_run() {
+        let got = run_head(truncated_input(), |input| {
+            Box::new(ExecHead::new(
+                "child".into(),
+                input,
+                Arc::new(spec(&["cat"])),
+            ))
+        });
+        assert_truncation_error(got);
+    }
+
+    /// The same for a reloadable exec stage (its dispatcher reads the input).
+    #[test]
+    fn a_reloadable_exec_input_closed_early_fails_the_run() {
+        let got = run_head(truncated_input(), |input| {
+            let spec = crate::versioned::Versioned::new(spec(&["cat"]));
+            Box::new(live::ReloadExecHead::new("child".into(), input, spec))
+        });
+        assert_truncation_error(got);
+    }
 
     #[test]
     fn stderr_lines_announce_their_level() {
