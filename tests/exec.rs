@@ -1,9 +1,15 @@
 //! The `exec` stage: NDJSON through a child process, and every way a subprocess pipeline goes
 //! wrong — a child flooding stderr while nobody reads it, a child that never answers, invalid
 //! output lines, a consumer that stops early (no zombie left), EPIPE, and the environment a
-//! child inherits.
+//! child inherits; the silence timeout (what it measures), the end of a child whose process
+//! group lives on, and a child that closes its stdout but does not exit.
+// A test drives the engine from outside with std's threads: the `crate::sync` rule
+// (clippy.toml) is for the engine's own code.
+#![allow(clippy::disallowed_methods)]
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use millrace::config::{ConfigErrorKind, PipelineSpec};
@@ -65,7 +71,12 @@ fn records(n: u64) -> Vec<Value> {
 /// The pid a `sh -c 'echo $$ > pid; exec ...'` child wrote, and whether it is gone (reaped:
 /// a zombie still has a /proc entry).
 fn reaped(dir: &Path) -> (u32, bool) {
-    let pid: u32 = std::fs::read_to_string(dir.join("pid"))
+    reaped_from(&dir.join("pid"))
+}
+
+/// The pid in the file `file`, and whether that process is gone (see [`reaped`]).
+fn reaped_from(file: &Path) -> (u32, bool) {
+    let pid: u32 = std::fs::read_to_string(file)
         .unwrap()
         .trim()
         .parse()
@@ -413,4 +424,240 @@ fn the_byte_path_option_chooses_the_path() {
         (ConfigErrorKind::BadValue, None),
         "{e}"
     );
+}
+
+/// A pipeline `read -> child (exec) -> out` running on a thread of its own, with a cancel
+/// handle and its result awaited with a deadline. With `fed`, `read` reads a FIFO that the
+/// test writes to (and holds open: upstream is alive until [`Running::close`]); otherwise
+/// `in.ndjson`.
+struct Running {
+    dir: PathBuf,
+    feed: Option<std::fs::File>,
+    cancel: millrace::CancelHandle,
+    done: mpsc::Receiver<Result<(), String>>,
+    t0: Instant,
+}
+
+impl Running {
+    fn start(dir: &Path, exec: &str, fed: bool, byte_path: bool) -> Running {
+        let (path, feed) = if fed {
+            let fifo = dir.join("feed");
+            let made = std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap();
+            assert!(made.success());
+            // Read and write: never blocks on Linux, and keeps the FIFO open for writing.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fifo)
+                .unwrap();
+            ("feed", Some(f))
+        } else {
+            ("in.ndjson", None)
+        };
+        let text = format!(
+            "[stages.read]\nkind = \"ndjson.read\"\npath = \"{path}\"\n\n[stages.child]\nkind = \"exec\"\ninput = \"read\"\n{exec}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"child\"\npath = \"out.ndjson\"\n"
+        );
+        let mut spec = PipelineSpec::from_str(&text, dir.join("p.toml")).unwrap();
+        spec.byte_path = byte_path;
+        let (tx, done) = mpsc::channel();
+        let (handle_tx, handle) = mpsc::channel();
+        // A pipeline is built and run on one thread (it is not `Send`).
+        std::thread::spawn(move || {
+            let pipeline = spec.build().unwrap();
+            handle_tx.send(pipeline.cancel_handle()).unwrap();
+            let _ = tx.send(pipeline.run().map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let cancel = handle.recv().unwrap();
+        Running {
+            dir: dir.to_path_buf(),
+            feed,
+            cancel,
+            done,
+            t0: Instant::now(),
+        }
+    }
+
+    fn send(&mut self, v: &Value) {
+        let f = self.feed.as_mut().expect("fed");
+        writeln!(f, "{v}").unwrap();
+    }
+
+    /// Ends the input (the FIFO's last writer closes it).
+    fn close(&mut self) {
+        self.feed = None;
+    }
+
+    /// The run's result if it ends within `d`.
+    fn ended_within(&self, d: Duration) -> Option<Result<(), String>> {
+        self.done.recv_timeout(d).ok()
+    }
+
+    /// The run's result, which must come within `d` of its start; else the run is cancelled
+    /// and the test fails (saying whether the cancel ended it).
+    fn result_within(&self, d: Duration) -> Result<(), String> {
+        let left = d.saturating_sub(self.t0.elapsed());
+        match self.done.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => {
+                self.cancel.cancel();
+                let after = self.done.recv_timeout(Duration::from_secs(5));
+                panic!("the run did not end within {d:?}; after a cancel: {after:?}")
+            }
+        }
+    }
+
+    fn output(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("out.ndjson"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// Waits (up to 10 s) until `file` exists and is not empty.
+fn wait_for_file(file: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(file).map_or(true, |m| m.len() == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child that reads one record and hangs (it owes an answer), its upstream alive but quiet:
+/// killed after its timeout, and reaped, on both paths.
+#[test]
+fn a_hung_child_is_killed_while_upstream_is_quiet() {
+    for byte_path in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; read line; exec sleep 30\"]\ntimeout = \"400ms\"";
+        let mut run = Running::start(dir.path(), exec, true, byte_path);
+        run.send(&json!({"i": 0}));
+        let e = run.result_within(Duration::from_secs(10)).unwrap_err();
+        assert!(
+            e.contains("stage `child`") && e.contains("silent for longer than its timeout"),
+            "{e}"
+        );
+        let (pid, gone) = reaped(dir.path());
+        assert!(gone, "child {pid} is still there (a zombie?)");
+    }
+}
+
+/// The same hung child while upstream trickles a record every 100 ms (well within the
+/// timeout): input handed to it does not keep it alive.
+#[test]
+fn a_hung_child_is_killed_while_upstream_trickles() {
+    for byte_path in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; read line; exec sleep 30\"]\ntimeout = \"400ms\"";
+        let mut run = Running::start(dir.path(), exec, true, byte_path);
+        let mut i = 0;
+        let e = loop {
+            run.send(&json!({ "i": i }));
+            i += 1;
+            if let Some(r) = run.ended_within(Duration::from_millis(100)) {
+                break r.unwrap_err();
+            }
+            if run.t0.elapsed() > Duration::from_secs(10) {
+                run.result_within(Duration::from_secs(10)).unwrap_err(); // cancels, fails
+            }
+        };
+        assert!(e.contains("silent for longer than its timeout"), "{e}");
+        assert!(i >= 3, "upstream trickled ({i} records) before the kill");
+        let (pid, gone) = reaped(dir.path());
+        assert!(gone, "child {pid} is still there (a zombie?)");
+    }
+}
+
+/// A child that answered everything it was given is waiting for input, not silent: upstream
+/// quiet for several times the timeout does not kill it.
+#[test]
+fn a_child_waiting_for_input_is_not_killed() {
+    for byte_path in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = "command = [\"sh\", \"-c\", \"while read l; do echo \\\"$l\\\"; echo x >> answered; done\"]\ntimeout = \"500ms\"";
+        let mut run = Running::start(dir.path(), exec, true, byte_path);
+        run.send(&json!({"i": 0}));
+        wait_for_file(&dir.path().join("answered"));
+        // Quiet upstream for four timeouts: the run must go on.
+        let early = run.ended_within(Duration::from_secs(2));
+        assert!(early.is_none(), "the waiting child was stopped: {early:?}");
+        run.send(&json!({"i": 1}));
+        run.close();
+        run.result_within(Duration::from_secs(10)).unwrap();
+        assert_eq!(run.output(), vec![json!({"i": 0}), json!({"i": 1})]);
+    }
+}
+
+/// A child that writes part of a line and hangs owes the rest: the timeout kills it on the
+/// value path too (whose line reader once blocked on the missing newline, where neither the
+/// timeout nor a cancel could reach it).
+#[test]
+fn a_child_hung_in_the_middle_of_a_line_is_killed() {
+    for byte_path in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; read line; printf '{\\\"half\\\": '; exec sleep 30\"]\ntimeout = \"400ms\"";
+        let mut run = Running::start(dir.path(), exec, true, byte_path);
+        run.send(&json!({"i": 0}));
+        let e = run.result_within(Duration::from_secs(10)).unwrap_err();
+        assert!(e.contains("silent for longer than its timeout"), "{e}");
+        let (pid, gone) = reaped(dir.path());
+        assert!(gone, "child {pid} is still there (a zombie?)");
+    }
+}
+
+/// At the normal end the rest of the child's process group is killed: a background
+/// grandchild holding stderr open neither holds up the run nor outlives it.
+#[test]
+fn a_grandchild_holding_stderr_does_not_hold_up_the_end() {
+    for byte_path in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.ndjson"), "{\"i\":0}\n{\"i\":1}\n").unwrap();
+        let exec = "command = [\"sh\", \"-c\", \"sleep 30 > /dev/null & echo $! > gpid; cat\"]";
+        let run = Running::start(dir.path(), exec, false, byte_path);
+        run.result_within(Duration::from_secs(10)).unwrap();
+        assert_eq!(run.output(), vec![json!({"i": 0}), json!({"i": 1})]);
+        let (pid, gone) = reaped_from(&dir.path().join("gpid"));
+        assert!(gone, "grandchild {pid} outlived the run");
+    }
+}
+
+/// A child that closes its stdout but does not exit: with a timeout, it gets that long to
+/// exit and is then killed; without one, a cancel ends the run at once. Either way it is
+/// reaped.
+#[test]
+fn a_child_that_closes_stdout_but_lives_on_is_bounded() {
+    let exec = "command = [\"sh\", \"-c\", \"echo $$ > pid; exec sleep 30 >&-\"]";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.ndjson"), "{\"i\":0}\n").unwrap();
+    let run = Running::start(
+        dir.path(),
+        &format!("{exec}\ntimeout = \"300ms\""),
+        false,
+        true,
+    );
+    let e = run.result_within(Duration::from_secs(10)).unwrap_err();
+    assert!(
+        e.contains("closed its stdout but did not exit within its timeout"),
+        "{e}"
+    );
+    let (pid, gone) = reaped(dir.path());
+    assert!(gone, "child {pid} is still there (a zombie?)");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.ndjson"), "{\"i\":0}\n").unwrap();
+    let run = Running::start(dir.path(), exec, false, true);
+    wait_for_file(&dir.path().join("pid"));
+    run.cancel.cancel();
+    let e = run.result_within(Duration::from_secs(10)).unwrap_err();
+    assert!(e.contains("cancelled"), "{e}");
+    let (pid, gone) = reaped(dir.path());
+    assert!(gone, "child {pid} is still there (a zombie?)");
 }

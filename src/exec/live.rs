@@ -131,13 +131,16 @@ where
 
 impl<T: Wire> Drop for ReloadExecHead<T> {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Generations not yet read: dropping them kills and reaps their children.
+        // The generations first (dropping one stops its writer, kills and reaps its child),
+        // then the dispatcher: were the dispatcher stopped first, it could drop a generation's
+        // input before that generation's writer was told to stop, which the writer would take
+        // for an input closed abnormally.
         self.current = None;
         if let Some(rx) = self.generations.take() {
             while rx.try_recv().is_ok() {}
             drop(rx);
         }
+        self.stop.store(true, Ordering::Release);
         if let Some(d) = self.dispatcher.take() {
             let _ = d.join();
         }
@@ -179,7 +182,14 @@ fn dispatch<T: Wire>(
         }
         let pulled = match input.pull(cx, &mut batch, Some(cx.run.now_ms() + 100)) {
             Ok(p) => p,
-            Err(_) => return Ok(()), // cancelled or failing: the run reports it
+            Err(Halt::Failed(e)) if !stop.load(Ordering::Acquire) => {
+                // The input closed abnormally (without its end markers): it is truncated, so
+                // the run fails at once, before the current child's input is closed (which
+                // it would otherwise take for a clean end).
+                cx.run.fail(e);
+                return Ok(());
+            }
+            Err(_) => return Ok(()), // cancelled, failing or told to stop
         };
         if !batch.is_empty() {
             let (version, s) = spec.load();

@@ -9,9 +9,18 @@
 //! - every child is waited for and its exit status checked: non-zero is a stage error carrying
 //!   the last stderr lines;
 //! - when the child stops reading (EPIPE), or downstream stops early, that is a normal stop;
-//!   a child silent on stdout for longer than `timeout` since it last wrote a line or was last
-//!   given input is killed with its process group and reported; an over-long or invalid line
-//!   is an error naming the line;
+//!   an over-long or invalid line is an error naming the line;
+//! - `timeout` bounds how long a child that *owes* output may stay silent: it owes output once
+//!   it has been handed input since its last whole stdout line, once its input has ended, and
+//!   while it has written part of a line. The clock starts when it starts owing and restarts
+//!   whenever it writes to stdout; input handed to it meanwhile does not restart it (a hung
+//!   child is killed also while upstream trickles records into its pipe), and a child that has
+//!   answered everything it was given is waiting for input and never times out;
+//! - at the end of stdout the stage waits (cancellably, and within `timeout`) for the child to
+//!   exit, then kills what is left of its process group (a background grandchild holding
+//!   stderr or stdin open) before reaping it, so that every join that follows ends;
+//! - an input that closes without its end markers (a protocol breach upstream) fails the run
+//!   with an error naming the stage, never passes for the end of the input;
 //! - the environment is scrubbed to an allowlist plus what the stage sets, and the child runs
 //!   in a process group of its own so that it and its children can be killed together;
 //! - `limits` (and a process plugin's Landlock and seccomp sandbox) are applied in the child
@@ -52,7 +61,8 @@ pub(crate) struct ExecSpec {
     pub env: Vec<(String, String)>,
     /// Its working directory.
     pub cwd: Option<PathBuf>,
-    /// Longest the child may stay silent on stdout while it has input or work.
+    /// Longest the child may stay silent on stdout while it owes output (see the module
+    /// documentation for when it does).
     pub timeout: Option<Duration>,
     /// Longest stdout line accepted.
     pub max_line_bytes: usize,
@@ -211,14 +221,99 @@ struct Running {
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     /// Tells the writer to stop.
     stop: Arc<AtomicBool>,
-    /// When the writer last wrote input (run clock, ms): a child waiting for input is not
-    /// silent, only one that has input and says nothing.
-    fed_at: Arc<AtomicU64>,
+    /// Tells the stderr thread to stop once its pipe has nothing more to read: set when the
+    /// child and its group are gone, so that a process that left the group and holds stderr
+    /// open cannot hold up the stage.
+    stderr_stop: Arc<AtomicBool>,
+    /// What the writer has handed to the child.
+    feed: Arc<Feed>,
+    /// `feed.handed` when stdout last completed a line: batches handed after it are unanswered.
+    answered: u64,
+    /// Since when (run clock, ms) the child has owed output without writing any; `None` until
+    /// a check finds it owing (see [`Running::silent_for`]).
+    owing_since: Option<u64>,
     line: u64,
+    /// The line being read (value path) or the bytes after the last whole line (byte path).
     raw: Vec<u8>,
-    /// When stdout last produced a line (run clock, ms).
-    heard: u64,
     exited: bool,
+}
+
+/// What the stdin writer tells the stage's thread about the child's input.
+struct Feed {
+    /// Non-empty batches handed to the child (written into its stdin pipe) so far.
+    handed: AtomicU64,
+    /// The writer is done: the child's stdin is closed (end of input, or the child stopped
+    /// reading) or about to be.
+    closed: AtomicBool,
+}
+
+/// Sets [`Feed::closed`] when the writer ends, however it ends.
+struct ClosesFeed<'a>(&'a Feed);
+
+impl Drop for ClosesFeed<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
+}
+
+impl Running {
+    /// Whether the child owes output: it was handed input since its last whole line, its input
+    /// has ended, or it has written part of a line.
+    fn owes(&self) -> bool {
+        self.feed.handed.load(Ordering::Acquire) > self.answered
+            || self.feed.closed.load(Ordering::Acquire)
+            || !self.raw.is_empty()
+    }
+
+    /// How long (ms) the child has owed output without writing any, checked at `now`: the clock
+    /// starts at the first check that finds it owing (checks run every 100 ms at most while the
+    /// stage waits for output) and stops when it owes nothing.
+    fn silent_for(&mut self, now: u64) -> u64 {
+        if !self.owes() {
+            self.owing_since = None;
+            return 0;
+        }
+        now.saturating_sub(*self.owing_since.get_or_insert(now))
+    }
+
+    /// The child wrote to stdout: its silence clock restarts; a whole line (`line`) answers the
+    /// input handed so far.
+    fn heard(&mut self, line: bool) {
+        if line {
+            self.answered = self.feed.handed.load(Ordering::Acquire);
+        }
+        self.owing_since = None;
+    }
+}
+
+/// A fault switch for the tests: makes the spawn of a helper thread fail on this thread, and
+/// records the pid of the last child started on it.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::cell::Cell;
+
+    std::thread_local! {
+        /// The helper whose spawn fails: `"stderr"` or `"stdin"`.
+        pub(crate) static FAIL_SPAWN: Cell<Option<&'static str>> = const { Cell::new(None) };
+        /// The pid of the last child started on this thread.
+        pub(crate) static LAST_PID: Cell<u32> = const { Cell::new(0) };
+    }
+}
+
+/// Spawns one of the stage's helper threads (`which`: `"stderr"` or `"stdin"`).
+fn spawn_helper<F, T>(name: String, which: &'static str, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    #[cfg(test)]
+    if fault::FAIL_SPAWN.with(|w| w.get()) == Some(which) {
+        return Err(std::io::Error::other(format!(
+            "{which} spawn failed (test fault)"
+        )));
+    }
+    let _ = which;
+    thread::Builder::new().name(name).spawn(f)
 }
 
 impl<T: Wire> ExecHead<T> {
@@ -273,6 +368,10 @@ impl<T: Wire> ExecHead<T> {
             self.error(format!("cannot start `{}`{within}: {e}", spec.shown()))
         })?;
         drop(cmd); // closes the Landlock ruleset the hook held
+        #[cfg(test)]
+        fault::LAST_PID.with(|p| p.set(child.id()));
+        // From here on every failure kills and reaps the child (and joins what was started):
+        // nothing started here outlives a failed start.
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         grow_pipe(&stdin);
@@ -287,26 +386,43 @@ impl<T: Wire> ExecHead<T> {
         };
         let level = spec.log_level;
         let t = Arc::clone(&tail);
-        let stderr = thread::Builder::new()
-            .name(format!("millrace:{}:stderr", self.name))
-            .spawn(move || drain_stderr(stderr, &target, &prefix, level, &t))
-            .map_err(|e| self.error(format!("cannot start a stderr thread: {e}")))?;
+        let stderr_stop = Arc::new(AtomicBool::new(false));
+        let quiet = Arc::clone(&stderr_stop);
+        let stderr = spawn_helper(
+            format!("millrace:{}:stderr", self.name),
+            "stderr",
+            move || drain_stderr(stderr, &quiet, &target, &prefix, level, &t),
+        );
+        let stderr = match stderr {
+            Ok(h) => h,
+            Err(e) => {
+                kill_group(&mut child);
+                let _ = child.wait();
+                return Err(self.error(format!("cannot start a stderr thread: {e}")));
+            }
+        };
 
         let stop = Arc::new(AtomicBool::new(false));
-        let fed_at = Arc::new(AtomicU64::new(cx.run.now_ms()));
+        let feed = Arc::new(Feed {
+            handed: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
         let input = self.input.take().expect("started once");
         let wcx = cx.clone_for_thread();
         let s = Arc::clone(&stop);
-        let fed = Arc::clone(&fed_at);
+        let f = Arc::clone(&feed);
         let name = Arc::clone(&self.name);
-        let writer = thread::Builder::new()
-            .name(format!("millrace:{}:stdin", self.name))
-            .spawn(move || write_stdin(&wcx, input, stdin, &s, &fed, &name));
+        let writer = spawn_helper(
+            format!("millrace:{}:stdin", self.name),
+            "stdin",
+            move || write_stdin(&wcx, input, stdin, &s, &f, &name),
+        );
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {
                 kill_group(&mut child);
                 let _ = child.wait();
+                stderr_stop.store(true, Ordering::Release);
                 let _ = stderr.join();
                 return Err(self.error(format!("cannot start a stdin thread: {e}")));
             }
@@ -318,10 +434,12 @@ impl<T: Wire> ExecHead<T> {
             stderr: Some(stderr),
             stderr_tail: tail,
             stop,
-            fed_at,
+            stderr_stop,
+            feed,
+            answered: 0,
+            owing_since: None,
             line: 0,
             raw: Vec::new(),
-            heard: cx.run.now_ms(),
             exited: false,
         });
         Ok(())
@@ -394,15 +512,43 @@ impl<T: Wire> ExecHead<T> {
         }
     }
 
-    /// Stdout ended: join the threads, wait for the child, check its status.
-    fn finish(&mut self) -> Result<(), Halt> {
+    /// Stdout ended: wait for the child to exit, end the rest of its process group, reap it,
+    /// join the threads, check its status.
+    ///
+    /// The child is waited for without reaping it, so that its pid still names its process
+    /// group (a pid is not reused while it is a zombie): killing the group after the leader
+    /// exited can then never hit another process's group. Killing it ends any background
+    /// grandchild that holds stdin or stderr open, so the joins that follow end too. The wait
+    /// watches cancellation and, with `timeout`, gives the child that long to exit.
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
         let shown = self.spec.shown();
+        let timeout = self.spec.timeout;
         let r = self.running.as_mut().expect("running");
         // Stdout ended: whatever input is left, the child will not answer it.
         r.stop.store(true, Ordering::Release);
-        let written = r.writer.take().map(|w| w.join());
+        let ended_at = cx.run.now_ms();
+        let mut nap = 1;
+        while !exited_unreaped(&r.child) {
+            if cx.run.is_cancelled() {
+                return Err(Halt::Done); // the drop kills and reaps it
+            }
+            if let Some(t) = timeout {
+                if cx.run.now_ms().saturating_sub(ended_at) > t.as_millis() as u64 {
+                    self.abort();
+                    return Err(self.error(format!(
+                        "`{shown}` closed its stdout but did not exit within its timeout \
+                         ({t:?}): killed"
+                    )));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(nap));
+            nap = (nap * 2).min(50);
+        }
+        kill_group(&mut r.child);
         let status = r.child.wait();
         r.exited = true;
+        let written = r.writer.take().map(|w| w.join());
+        r.stderr_stop.store(true, Ordering::Release);
         if let Some(s) = r.stderr.take() {
             let _ = s.join();
         }
@@ -455,12 +601,12 @@ impl<T: Wire> ExecHead<T> {
                 return Ok(None);
             }
             if let Some(t) = timeout {
-                let active = r.heard.max(r.fed_at.load(Ordering::Acquire));
-                if cx.run.now_ms().saturating_sub(active) > t.as_millis() as u64 {
+                if r.silent_for(cx.run.now_ms()) > t.as_millis() as u64 {
                     let shown = self.spec.shown();
                     self.abort();
                     return Err(self.error(format!(
-                        "`{shown}` was silent for longer than its timeout ({t:?}): killed"
+                        "`{shown}` was silent for longer than its timeout ({t:?}) while it \
+                         owed output: killed"
                     )));
                 }
             }
@@ -511,20 +657,29 @@ impl Head<Value> for ExecHead<Value> {
                 return Ok(p);
             }
             let r = self.running.as_mut().expect("started");
-            let n = crate::source::read_line_bounded(&mut r.stdout, max + 1, &mut r.raw);
-            let n = n.map_err(|e| self.stdout_error(e))?;
+            let got = take_line(&mut r.stdout, max + 1, &mut r.raw);
+            let got = got.map_err(|e| self.stdout_error(e))?;
             let r = self.running.as_mut().expect("started");
-            r.heard = cx.run.now_ms();
-            if n == 0 {
-                self.finish()?;
-                return Ok(Pull::End);
+            match got {
+                // Part of a line: wait for the rest (watching the timeout and cancellation).
+                Got::More => {
+                    r.heard(false);
+                    continue;
+                }
+                Got::Eof if r.raw.is_empty() => {
+                    self.finish(cx)?;
+                    return Ok(Pull::End);
+                }
+                Got::Line | Got::Eof => r.heard(true),
             }
             r.line += 1;
             let line = r.line;
-            if n > max {
+            if r.raw.len() > max {
                 return Err(self.bad_line(line, format!("line longer than max_line_bytes ({max})")));
             }
-            match crate::ndjson::parse_object(&r.raw) {
+            let parsed = crate::ndjson::parse_object(&r.raw);
+            r.raw.clear();
+            match parsed {
                 Ok(Value::Null) => {}
                 Ok(v) => buf.push(v),
                 Err(message) => return Err(self.bad_line(line, message)),
@@ -576,7 +731,7 @@ impl Head<Chunk> for ExecHead<Chunk> {
                     break false;
                 }
             };
-            r.heard = cx.run.now_ms();
+            r.heard(eof || memchr::memchr(b'\n', &r.raw).is_some());
             let cut = if eof {
                 r.raw.len()
             } else {
@@ -618,7 +773,7 @@ impl Head<Chunk> for ExecHead<Chunk> {
                 });
             }
             if eof {
-                self.finish()?;
+                self.finish(cx)?;
                 return Ok(Pull::End);
             }
             if !buf.is_empty() {
@@ -645,8 +800,74 @@ impl<T> Drop for ExecHead<T> {
         if let Some(w) = r.writer.take() {
             let _ = w.join();
         }
+        r.stderr_stop.store(true, Ordering::Release);
         if let Some(s) = r.stderr.take() {
             let _ = s.join();
+        }
+    }
+}
+
+/// What [`take_line`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    /// `raw` holds a whole line (with its newline), or `limit` bytes of one.
+    Line,
+    /// `raw` holds part of a line; the rest is not written yet.
+    More,
+    /// Stdout ended; `raw` holds the last line (without a newline), if there was one.
+    Eof,
+}
+
+/// Moves what `r` holds up to and including the next newline into `raw` (at most `limit` bytes
+/// in all), reading from the pipe at most once, so that it never blocks once the pipe was
+/// readable: a child that writes part of a line and hangs is still seen by the timeout and by
+/// cancellation.
+fn take_line(r: &mut impl BufRead, limit: usize, raw: &mut Vec<u8>) -> std::io::Result<Got> {
+    let buf = loop {
+        match r.fill_buf() {
+            Ok(b) => break b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    if buf.is_empty() {
+        return Ok(Got::Eof);
+    }
+    let room = &buf[..buf.len().min(limit.saturating_sub(raw.len()))];
+    let (n, got) = match memchr::memchr(b'\n', room) {
+        Some(i) => (i + 1, Got::Line),
+        None if raw.len() + room.len() >= limit => (room.len(), Got::Line),
+        None => (room.len(), Got::More),
+    };
+    raw.extend_from_slice(&room[..n]);
+    r.consume(n);
+    Ok(got)
+}
+
+/// Whether the child has exited, without reaping it (its pid keeps naming its process group
+/// until it is reaped). An error (there is no such child) counts as exited: the wait that
+/// follows reports it.
+fn exited_unreaped(child: &Child) -> bool {
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid(2) on our own child's pid with a valid pointer to `info`, which lives
+        // across the call; WNOWAIT leaves the child waitable (std's `wait` reaps it later).
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            // SAFETY: waitid succeeded, so `info` is initialised; with WNOHANG and no child
+            // that changed state, si_pid is 0 (the struct was zeroed).
+            return unsafe { info.si_pid() } != 0;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true;
         }
     }
 }
@@ -686,9 +907,11 @@ fn write_stdin<T: Wire>(
     mut input: InputHead<T>,
     stdin: std::process::ChildStdin,
     stop: &AtomicBool,
-    fed_at: &AtomicU64,
+    feed: &Feed,
     name: &str,
 ) -> Result<(), Error> {
+    // Declared before `w`: marks the input closed after `w` (the child's stdin) is dropped.
+    let _closes = ClosesFeed(feed);
     let mut w = BufWriter::with_capacity(64 * 1024, stdin);
     let mut batch = Vec::new();
     let io = |e: std::io::Error| Error::Io {
@@ -703,14 +926,24 @@ fn write_stdin<T: Wire>(
         // Wake up at least every 100 ms to see `stop`.
         let pull = match input.pull(cx, &mut batch, Some(cx.run.now_ms() + 100)) {
             Ok(p) => p,
-            Err(_) => return Ok(()), // cancelled or failing: the run reports it
+            Err(Halt::Failed(e)) if !stop.load(Ordering::Acquire) => {
+                // The input closed abnormally (without its end markers): the input is
+                // truncated, so the run fails at once rather than the child seeing a clean
+                // end of input (the stage's thread sees the cancel and kills the child).
+                cx.run.fail(e);
+                return Ok(());
+            }
+            Err(_) => return Ok(()), // cancelled, failing or told to stop
         };
         if !batch.is_empty() {
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, T::records(&batch));
             crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
+            // The child owes an answer from now on; counted before the write, which blocks
+            // while the pipe is full (a hung child owes output all the same). A wake-up
+            // without input is not input.
+            feed.handed.fetch_add(1, Ordering::AcqRel);
         }
         let flushed = T::write_batch(&mut w, &mut batch).and_then(|()| w.flush());
-        fed_at.fetch_max(cx.run.now_ms(), Ordering::AcqRel);
         match flushed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
@@ -726,30 +959,82 @@ fn write_stdin<T: Wire>(
 /// (see [`stderr_level`]) when that is within the stage's `level`; the last few lines kept.
 fn drain_stderr(
     stderr: std::process::ChildStderr,
+    stop: &AtomicBool,
     target: &str,
     prefix: &str,
     level: log::LevelFilter,
     tail: &Mutex<VecDeque<String>>,
 ) {
+    // Non-blocking reads between polls, so that `stop` is seen even while a process outside
+    // the child's group holds the pipe open (or has written half a line).
+    let blocking = !set_nonblocking(&stderr);
     let mut r = BufReader::new(stderr);
     let mut raw = Vec::new();
+    let mut stopping: Option<std::time::Instant> = None;
     loop {
-        // Bounded: an endless line is cut into 64 KiB pieces.
-        match crate::source::read_line_bounded(&mut r, 64 * 1024, &mut raw) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&raw).trim_end().to_string();
-                let at = stderr_level(&line);
-                if at <= level {
-                    log::log!(target: target, at, "{prefix}{line}");
-                }
-                let mut t = tail.lock();
-                if t.len() == STDERR_TAIL {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
+        if stopping.is_none() && stop.load(Ordering::Acquire) {
+            stopping = Some(std::time::Instant::now());
         }
+        // Told to stop: what is already in the pipe is read, for at most a second.
+        if stopping.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        if blocking && !crate::source::poll_readable(r.get_ref(), 100) {
+            if stopping.is_some() {
+                break;
+            }
+            continue;
+        }
+        // Bounded: an endless line is cut into 64 KiB pieces.
+        match take_line(&mut r, 64 * 1024, &mut raw) {
+            Ok(Got::Line) => {
+                stderr_line(&raw, target, prefix, level, tail);
+                raw.clear();
+            }
+            Ok(Got::More) => {}
+            Ok(Got::Eof) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stopping.is_some() {
+                    break;
+                }
+                crate::source::poll_readable(r.get_ref(), 100);
+            }
+            Err(_) => break,
+        }
+    }
+    if !raw.is_empty() {
+        stderr_line(&raw, target, prefix, level, tail);
+    }
+}
+
+/// One stderr line: to the log (within the stage's level) and to the kept tail.
+fn stderr_line(
+    raw: &[u8],
+    target: &str,
+    prefix: &str,
+    level: log::LevelFilter,
+    tail: &Mutex<VecDeque<String>>,
+) {
+    let line = String::from_utf8_lossy(raw).trim_end().to_string();
+    let at = stderr_level(&line);
+    if at <= level {
+        log::log!(target: target, at, "{prefix}{line}");
+    }
+    let mut t = tail.lock();
+    if t.len() == STDERR_TAIL {
+        t.pop_front();
+    }
+    t.push_back(line);
+}
+
+/// Makes reads of `fd` non-blocking; whether that worked. Only for a pipe end the engine
+/// alone holds (the flag belongs to the open file, shared by every descriptor of it).
+fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> bool {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl(F_GETFL / F_SETFL) on a descriptor we own; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
     }
 }
 
@@ -771,8 +1056,151 @@ pub(crate) fn stderr_level(line: &str) -> log::Level {
 
 #[cfg(test)]
 mod tests {
-    use super::stderr_level;
+    use super::*;
+    use crate::channel::Message;
+    use crate::metrics::InstanceMetrics;
+    use crate::runtime::{RunShared, Worker};
+    use crate::{Options, RunReport};
+    use crossbeam_channel::bounded;
     use log::Level;
+    use serde_json::json;
+
+    fn spec(command: &[&str]) -> ExecSpec {
+        ExecSpec {
+            command: command.iter().map(|c| c.to_string()).collect(),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+            max_line_bytes: 1 << 20,
+            limits: Default::default(),
+            sandbox: None,
+            plugin: None,
+            log_level: log::LevelFilter::Off,
+            plugin_copy: None,
+        }
+    }
+
+    /// An input from two upstream instances that gets a batch, then one end marker, then
+    /// closes: a truncated input (the other instance went away without ending).
+    fn truncated_input() -> InputHead<Value> {
+        let (tx, rx) = bounded(4);
+        let (recycle, _recycled) = bounded(4);
+        let input = InputHead::new(rx, 2, recycle, None);
+        let batch = vec![json!({"i": 1}), json!({"i": 2})];
+        tx.send(Message::Data { from: 0, batch }).unwrap();
+        tx.send(Message::End { from: 0 }).unwrap();
+        input
+    }
+
+    /// Runs the head `make` builds on `input` as the only worker of a run (stage `child`),
+    /// pulling to the end of its output; the run's result.
+    fn run_head<H>(input: InputHead<Value>, make: H) -> crate::Result<RunReport>
+    where
+        H: FnOnce(InputHead<Value>) -> Box<dyn Head<Value>> + Send + 'static,
+    {
+        let shared = RunShared::new(Options::default());
+        let worker = Worker {
+            stage: "child".into(),
+            instance: 0,
+            source: false,
+            body: Box::new(move |cx: &Cx| {
+                let mut head = make(input);
+                let mut buf = Vec::new();
+                loop {
+                    let pulled = head.pull(cx, &mut buf, None)?;
+                    buf.clear();
+                    if pulled == Pull::End {
+                        return Ok(());
+                    }
+                }
+            }),
+        };
+        crate::runtime::run(shared, vec![worker])
+    }
+
+    fn assert_truncation_error(got: crate::Result<RunReport>) {
+        match got {
+            Err(e @ Error::Protocol { .. }) => {
+                assert_eq!(e.stage(), Some("child"), "{e}");
+                assert!(
+                    e.to_string()
+                        .contains("input closed after 1 of 2 end-of-stream markers"),
+                    "{e}"
+                );
+            }
+            other => panic!("a truncated input must fail the run, got {other:?}"),
+        }
+    }
+
+    /// An exec stage whose input closes after 1 of its 2 end markers fails the run with an
+    /// error naming the stage, not a clean end of input (`cat` would end cleanly).
+    #[test]
+    fn an_exec_input_closed_early_fails_the_run() {
+        let got = run_head(truncated_input(), |input| {
+            Box::new(ExecHead::new(
+                "child".into(),
+                input,
+                Arc::new(spec(&["cat"])),
+            ))
+        });
+        assert_truncation_error(got);
+    }
+
+    /// The same for a reloadable exec stage (its dispatcher reads the input).
+    #[test]
+    fn a_reloadable_exec_input_closed_early_fails_the_run() {
+        let got = run_head(truncated_input(), |input| {
+            let spec = crate::versioned::Versioned::new(spec(&["cat"]));
+            Box::new(live::ReloadExecHead::new("child".into(), input, spec))
+        });
+        assert_truncation_error(got);
+    }
+
+    /// Whether process `pid` is gone (reaped: a zombie still has its /proc entry), waiting
+    /// for it up to 5 s.
+    fn gone(pid: u32) -> bool {
+        let proc = format!("/proc/{pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Path::new(&proc).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !Path::new(&proc).exists()
+    }
+
+    /// A helper thread that cannot be started after the child was: the start fails, naming
+    /// the thread, and the child is killed and reaped (no zombie, no orphan).
+    #[test]
+    fn a_failed_helper_spawn_kills_and_reaps_the_child() {
+        for which in ["stderr", "stdin"] {
+            let (_tx, rx) = bounded(1);
+            let (recycle, _recycled) = bounded(1);
+            let input = InputHead::<Value>::new(rx, 1, recycle, None);
+            let mut head = ExecHead::new("child".into(), input, Arc::new(spec(&["sleep", "30"])));
+            let cx = Cx {
+                run: RunShared::new(Options::default()),
+                stage: "child".into(),
+                instance: 0,
+                metrics: Arc::new(InstanceMetrics::default()),
+            };
+            fault::FAIL_SPAWN.with(|f| f.set(Some(which)));
+            let started = head.start_now(&cx);
+            fault::FAIL_SPAWN.with(|f| f.set(None));
+            match started {
+                Err(Halt::Failed(e)) => assert!(
+                    e.to_string()
+                        .contains(&format!("cannot start a {which} thread")),
+                    "{e}"
+                ),
+                other => panic!("the start must fail, got {other:?}"),
+            }
+            let pid = fault::LAST_PID.with(|p| p.get());
+            assert_ne!(pid, 0, "the child was started");
+            assert!(
+                gone(pid),
+                "child {pid} left behind by a failed {which} spawn"
+            );
+        }
+    }
 
     #[test]
     fn stderr_lines_announce_their_level() {
