@@ -1,5 +1,6 @@
-//! `millrace::Pool` next to r2d2 in one criterion group: uncontended acquire + release, and two
-//! threads contending for one unit. Run with
+//! `millrace::Pool` next to r2d2 in one criterion group: uncontended acquire + release, two
+//! threads contending for one unit, and 64 threads on 4 units (the thundering-herd case; the
+//! millrace run also prints its wake-ups and deadlock checks per acquisition). Run with
 //!
 //! ```text
 //! cargo bench --bench pool -- --warm-up-time 1 --measurement-time 3
@@ -64,9 +65,15 @@ fn millrace_pool(size: usize, registry: &Registry) -> Pool<u64> {
 
 /// Two threads each doing `iters` acquire + release pairs on `op`; returns the wall time.
 fn contended(iters: u64, op: impl Fn() + Sync) -> Duration {
-    let barrier = Barrier::new(3);
+    many_threads(2, iters, op)
+}
+
+/// `threads` threads each doing `iters` acquire + release pairs on `op`; returns the wall time
+/// from the moment all of them are ready until the last one is done.
+fn many_threads(threads: usize, iters: u64, op: impl Fn() + Sync) -> Duration {
+    let barrier = Barrier::new(threads + 1);
     thread::scope(|s| {
-        for _ in 0..2 {
+        for _ in 0..threads {
             s.spawn(|| {
                 barrier.wait();
                 for _ in 0..iters {
@@ -124,6 +131,42 @@ fn bench_pools(c: &mut Criterion) {
         b.iter_custom(|iters| {
             contended(iters, || {
                 let conn = theirs.get().unwrap();
+                black_box(*conn);
+            })
+        })
+    });
+
+    // The herd: 64 threads on 4 units. Each iteration is one acquire + release per thread, with
+    // the lease held across a yield so that most acquires queue.
+    const HERD: usize = 64;
+    group.throughput(Throughput::Elements(HERD as u64));
+    let ours = millrace_pool(4, &registry);
+    group.bench_function("herd-64-threads-4-units/millrace", |b| {
+        b.iter_custom(|iters| {
+            many_threads(HERD, iters, || {
+                let lease = ours.acquire().unwrap();
+                thread::yield_now();
+                black_box(*lease);
+            })
+        })
+    });
+    let m = ours.metrics();
+    let per = |n: u64| n as f64 / m.acquires.max(1) as f64;
+    eprintln!(
+        "herd-64-threads-4-units/millrace: {} acquisitions, {:.3} wake-ups and {:.3} deadlock \
+         checks per acquisition, {} waiters woken per {} checks",
+        m.acquires,
+        per(m.wakeups),
+        per(m.deadlock_checks),
+        m.wakeups,
+        m.deadlock_checks
+    );
+    let theirs = r2d2_pool(4, true);
+    group.bench_function("herd-64-threads-4-units/r2d2", |b| {
+        b.iter_custom(|iters| {
+            many_threads(HERD, iters, || {
+                let conn = theirs.get().unwrap();
+                thread::yield_now();
                 black_box(*conn);
             })
         })

@@ -56,6 +56,10 @@ use crate::sync::{Arc, Mutex};
 pub struct Snapshot<T> {
     /// The current version and value, replaced together under the lock.
     current: Mutex<(u64, Arc<T>)>,
+    /// A bug seeded on purpose for the loom models' demonstration (`tests/loom_snapshot.rs`):
+    /// `store` publishes the value in one critical section and the version in another.
+    #[cfg(loom)]
+    split_store: bool,
 }
 
 impl<T> Snapshot<T> {
@@ -71,6 +75,20 @@ impl<T> Snapshot<T> {
     pub fn new(value: T) -> Self {
         Snapshot {
             current: Mutex::new((0, Arc::new(value))),
+            #[cfg(loom)]
+            split_store: false,
+        }
+    }
+
+    /// A cell whose `store` swaps the value in one critical section and bumps the version in a
+    /// second one, so that a reader can see the new value with the old version: only for the
+    /// loom model that must show it catches that.
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn with_split_store(value: T) -> Self {
+        Snapshot {
+            split_store: true,
+            ..Snapshot::new(value)
         }
     }
 
@@ -149,6 +167,17 @@ impl<T> Snapshot<T> {
     /// Panics if the version would overflow `u64` (after 2⁶⁴ − 1 stores).
     pub fn store(&self, value: T) -> u64 {
         let new = Arc::new(value);
+        #[cfg(loom)]
+        if self.split_store {
+            let old = std::mem::replace(&mut self.current.lock().1, new);
+            let version = {
+                let mut current = self.current.lock();
+                current.0 += 1;
+                current.0
+            };
+            drop(old);
+            return version;
+        }
         let (version, old) = {
             let mut current = self.current.lock();
             let version = current.0.checked_add(1).expect("snapshot version overflow");

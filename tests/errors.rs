@@ -38,10 +38,12 @@ fn a_busy_port_is_a_listen_error_with_the_io_error_as_source() {
 #[test]
 fn a_shutdown_past_its_deadline_names_the_running_jobs() {
     let engine = Engine::new();
+    // A builder cannot be interrupted: it holds the job until it returns, here until the test
+    // lets it go (after the assertions), not after a time that a loaded machine could outlast.
+    let (release, held) = std::sync::mpsc::channel::<()>();
     let slow = engine
-        .submit("slow", || {
-            // A builder cannot be interrupted: it holds the job until it returns.
-            std::thread::sleep(Duration::from_millis(1500));
+        .submit("slow", move || {
+            let _ = held.recv();
             Ok(Pipeline::new())
         })
         .unwrap();
@@ -57,7 +59,8 @@ fn a_shutdown_past_its_deadline_names_the_running_jobs() {
         err.to_string(),
         format!("shutdown deadline passed with jobs still running: {slow}")
     );
-    // Later, with time enough, it completes.
+    // Once the builder returns, with time enough, it completes.
+    drop(release);
     engine.shutdown(Duration::from_secs(20)).unwrap();
 }
 

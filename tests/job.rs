@@ -258,7 +258,18 @@ fn a_slow_subscriber_loses_old_events_and_is_told() {
     let engine = Engine::with_options(opts);
     let id = engine.submit("forever", endless()).unwrap();
     let slow = engine.subscribe(id).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Not a sleep: a second subscriber, subscribed after the slow one, reads until it has seen
+    // 16 events published (received or reported lost). Each was published to the slow one too,
+    // whose queue holds 4, so the slow one has lost at least 12 by then, whatever the timing.
+    let reader = engine.subscribe(id).unwrap();
+    let mut published = 0u64;
+    while published < 16 {
+        match reader.recv() {
+            Some(Received::Event(_)) => published += 1,
+            Some(Received::Lagged(n)) => published += n,
+            None => panic!("the job ended early"),
+        }
+    }
     engine.cancel(id);
     engine.wait(id).unwrap();
     let events = drain(&slow);

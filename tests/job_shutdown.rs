@@ -27,6 +27,15 @@ fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
+/// Polls `cond` until it holds; fails after ten seconds.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn fast_progress() -> EngineOptions {
     let mut o = EngineOptions::default();
     o.progress_interval = Duration::from_millis(5);
@@ -67,12 +76,14 @@ fn shutdown_joins_every_thread_even_with_a_slow_sink() {
     );
     let spec = millrace::config::PipelineSpec::from_str(&text, "/tmp/sleepy.toml").unwrap();
     engine.submit_toml(spec).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(child_processes(), 1, "the exec stage's child is running");
-    assert!(
-        thread_count() > before + 3 * 5 + 2,
-        "three jobs of five threads, one with an exec stage (its job, stage and stderr threads at least) and the ticker are running"
+    // Wait for what is asserted, not for a time: the child and the threads start on their own
+    // schedule. The deadline only bounds a failure.
+    wait_until("the exec stage's child to run", || child_processes() == 1);
+    wait_until(
+        "three jobs of five threads, one with an exec stage (its job, stage and stderr threads at least) and the ticker to run",
+        || thread_count() > before + 3 * 5 + 2,
     );
+    assert_eq!(child_processes(), 1, "the exec stage's child is running");
     let t0 = Instant::now();
     engine.shutdown(Duration::from_secs(10)).unwrap();
     assert!(t0.elapsed() < Duration::from_secs(5), "shutdown was prompt");

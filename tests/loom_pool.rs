@@ -22,6 +22,7 @@
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use millrace::pool::Mutation;
 use millrace::{Pool, PoolError, Registry};
 
 /// A pool of `capacity` lazily created units in `registry`.
@@ -219,6 +220,120 @@ fn waiter_rechecks_when_the_last_unit_retires() {
         let err = t.join().unwrap().unwrap_err();
         assert!(err.is_deadlock(), "{err}");
         assert_eq!(pool.metrics().capacity, 0);
+    });
+}
+
+/// The wake protocol when a retirement leaves a way out: the pool shrinks from two units to one
+/// while the other unit is being given back on another thread. The waiter is never refused and
+/// never left asleep (the hand-off notifies it; the retirement need not), and it wakes at most
+/// once.
+#[test]
+fn retirement_with_a_way_out_still_serves_the_waiter() {
+    loom::model(|| {
+        let registry = Registry::new();
+        let pool = Pool::builder("fixed")
+            .resources(vec![0u8, 1])
+            .registry(&registry)
+            .build();
+        let (l0, l1) = (pool.acquire().unwrap(), pool.acquire().unwrap());
+        let p = pool.clone();
+        let waiter = thread::spawn(move || p.acquire().map(|_| ()));
+        let giver = thread::spawn(move || drop(l1));
+        l0.discard();
+        giver.join().unwrap();
+        waiter.join().unwrap().unwrap();
+        let m = pool.metrics();
+        assert_eq!((m.capacity, m.in_use, m.waiters, m.deadlocks), (1, 0, 0, 0));
+        assert!(m.wakeups <= 1, "{} wake-ups", m.wakeups);
+    });
+}
+
+/// A retirement reaches the waiters it makes stuck through another pool: A holds `x` and waits
+/// for `fixed`, B waits for `x`, and `fixed`'s last unit retires. A is refused; B is either
+/// served `x` or refused (if it re-checked while A was still stuck), and nobody sleeps for ever.
+#[test]
+fn retirement_reaches_waiters_of_other_pools() {
+    loom::model(|| {
+        let registry = Registry::new();
+        let x = pool("x", 1, &registry);
+        let fixed = Pool::builder("fixed")
+            .resources(vec![0u8])
+            .registry(&registry)
+            .build();
+        let last = fixed.acquire().unwrap();
+        let a_x = x.acquire_as(millrace::TaskId::new()).unwrap();
+        let f = fixed.clone();
+        let a = thread::spawn(move || {
+            let _x = a_x;
+            let _scope = _x.task().enter();
+            f.acquire().map(|_| ()).unwrap_err().is_deadlock()
+        });
+        let x2 = x.clone();
+        let b = thread::spawn(move || match x2.acquire() {
+            Ok(_) => false,
+            Err(e) => e.is_deadlock() || panic!("{e}"),
+        });
+        last.discard();
+        assert!(a.join().unwrap(), "A not refused");
+        let _b_refused = b.join().unwrap();
+        assert_eq!(fixed.metrics().deadlocks, 1);
+        assert_eq!(x.metrics().in_use + x.metrics().waiters, 0);
+    });
+}
+
+/// Proof that the wake model can fail: with a hand-off that does not notify the waiter it
+/// serves (`Mutation::ServedNotNotified`, seeded into the real `give_back`), loom finds the
+/// waiter asleep for ever. Passes exactly when loom finds it. As in
+/// `detection_off_loom_finds_the_deadlock`, every loom object is held in `ManuallyDrop`.
+#[test]
+#[ignore = "demonstrates that loom catches a lost wake-up in the hand-off"]
+#[should_panic(expected = "deadlock")]
+fn hand_off_without_notify_is_caught() {
+    use std::mem::ManuallyDrop;
+    loom::model(|| {
+        let registry = ManuallyDrop::new(Registry::with_mutation(Mutation::ServedNotNotified));
+        let pool = ManuallyDrop::new(pool("one", 1, &registry));
+        let lease = pool.acquire().unwrap();
+        let p = ManuallyDrop::new((*pool).clone());
+        let t = thread::spawn(move || {
+            let lease = ManuallyDrop::new(p.acquire().unwrap());
+            drop(ManuallyDrop::into_inner(lease));
+            drop(ManuallyDrop::into_inner(p));
+        });
+        drop(lease);
+        t.join().unwrap();
+        drop(ManuallyDrop::into_inner(pool));
+        drop(ManuallyDrop::into_inner(registry));
+    });
+}
+
+/// Proof that the re-check model can fail: with a retirement that wakes nobody
+/// (`Mutation::ShrinkNotRechecked`, seeded into the real `give_back`), the waiter of
+/// `waiter_rechecks_when_the_last_unit_retires` sleeps for ever and loom reports it.
+#[test]
+#[ignore = "demonstrates that loom catches a retirement that does not re-check the waiters"]
+#[should_panic(expected = "deadlock")]
+fn shrink_without_recheck_is_caught() {
+    use std::mem::ManuallyDrop;
+    loom::model(|| {
+        let registry = ManuallyDrop::new(Registry::with_mutation(Mutation::ShrinkNotRechecked));
+        let pool = ManuallyDrop::new(
+            Pool::builder("fixed")
+                .resources(vec![0u8])
+                .registry(&registry)
+                .build(),
+        );
+        let lease = pool.acquire().unwrap();
+        let p = ManuallyDrop::new((*pool).clone());
+        let t = thread::spawn(move || {
+            let refused = p.acquire().map(|_| ()).unwrap_err().is_deadlock();
+            drop(ManuallyDrop::into_inner(p));
+            refused
+        });
+        lease.discard();
+        assert!(t.join().unwrap());
+        drop(ManuallyDrop::into_inner(pool));
+        drop(ManuallyDrop::into_inner(registry));
     });
 }
 

@@ -6,8 +6,8 @@
 //!     cargo test --release --test loom_snapshot
 //! ```
 //!
-//! and show that the models can fail (loom must find a version/value mismatch in a deliberately
-//! broken cell that keeps the two apart) with
+//! and show that the models can fail (loom must find a version/value mismatch in the real cell
+//! with one step of its `store` split apart, `Snapshot::with_split_store`) with
 //!
 //! ```text
 //! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \
@@ -211,10 +211,10 @@ fn concurrent_stores_are_linearizable() {
     });
 }
 
-/// Proof that the models can fail: a cell that keeps the version in an atomic beside the
-/// value's lock (so a reader can read the version before a store and the value after it) must be
-/// caught by model (1). Run it with `-- --ignored`; it passes exactly when loom finds the
-/// mismatch.
+/// Proof that the models can fail: the real `Snapshot` with one step of its protocol split
+/// (`Snapshot::with_split_store`, `cfg(loom)` only: `store` swaps the value and bumps the version
+/// in two critical sections) must be caught by model (1)'s check that a reader's value is of its
+/// version. Run it with `-- --ignored`; it passes exactly when loom finds the mismatch.
 ///
 /// loom's own objects panic when dropped while unwinding from a failed execution, and a panic
 /// escaping a destructor aborts the test binary; so the check panics only after leaking every
@@ -223,42 +223,19 @@ fn concurrent_stores_are_linearizable() {
 #[ignore = "demonstrates that loom catches a cell whose version and value can disagree"]
 #[should_panic(expected = "value not of its version")]
 fn split_cell_is_caught() {
-    use loom::sync::atomic::AtomicU64;
-    use loom::sync::Mutex;
-
-    struct SplitCell {
-        version: AtomicU64,
-        value: Mutex<Arc<u64>>,
-    }
-
-    impl SplitCell {
-        fn load_versioned(&self) -> (u64, Arc<u64>) {
-            let version = self.version.load(Ordering::SeqCst);
-            (version, self.value.lock().unwrap().clone())
-        }
-
-        fn store(&self, value: u64) -> u64 {
-            *self.value.lock().unwrap() = Arc::new(value);
-            self.version.fetch_add(1, Ordering::SeqCst) + 1
-        }
-    }
-
     loom::model(|| {
-        let cell = Arc::new(SplitCell {
-            version: AtomicU64::new(0),
-            value: Mutex::new(Arc::new(0)),
-        });
+        let cell = Arc::new(Snapshot::with_split_store(Pair::new(0)));
         let writer = {
             let cell = cell.clone();
-            thread::spawn(move || cell.store(1))
+            thread::spawn(move || cell.store(Pair::new(1)))
         };
         let (version, value) = cell.load_versioned();
-        writer.join().unwrap();
-        let mismatch = *value != version;
-        if mismatch {
+        let id = value.id();
+        assert_eq!(writer.join().unwrap(), 1);
+        if id != version {
             std::mem::forget(value);
             std::mem::forget(cell);
-            panic!("value not of its version: version {version}");
+            panic!("value not of its version: version {version}, value {id}");
         }
     });
 }

@@ -475,6 +475,152 @@ fn release_serves_the_oldest_waiter_first() {
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
 }
 
+/// No thundering herd: with 64 waiters on 4 units, one release wakes exactly the waiter it
+/// serves and runs no deadlock check; over the whole run each waiter wakes once and the check
+/// runs once per request that had to wait. (The old pool woke all 64 on every hand-off and each
+/// re-ran the check: 127 checks and more after the first release alone.)
+#[test]
+fn a_release_wakes_only_the_waiter_it_serves() {
+    const WAITERS: usize = 64;
+    let registry = Registry::new();
+    let (pool, _) = counting_pool("herd", 4, &registry);
+    let held: Vec<_> = (0..4).map(|_| pool.acquire().unwrap()).collect();
+    let (got_tx, got_rx) = mpsc::channel();
+    let mut releases = Vec::new();
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let got_tx = got_tx.clone();
+            let (release_tx, release_rx) = mpsc::channel::<()>();
+            releases.push(release_tx);
+            let p = pool.clone();
+            let t = thread::spawn(move || {
+                let lease = p.acquire().unwrap();
+                got_tx.send(i).unwrap();
+                release_rx.recv().unwrap();
+                drop(lease);
+            });
+            // One at a time, so that the queue order is the spawn order. Queued under the
+            // registry lock and asleep in the same critical section: once the metrics (which
+            // take that lock) show the waiter, it is asleep.
+            spin_until("the waiter to queue", || pool.metrics().waiters == i + 1);
+            t
+        })
+        .collect();
+    let before = pool.metrics();
+    assert_eq!(
+        (before.wakeups, before.deadlock_checks),
+        (0, WAITERS as u64)
+    );
+
+    let mut held = held.into_iter();
+    drop(held.next());
+    let first = got_rx.recv().unwrap();
+    let after = pool.metrics();
+    assert_eq!(after.waiters, WAITERS - 1);
+    assert_eq!(
+        after.wakeups - before.wakeups,
+        1,
+        "one release woke more than the waiter it served"
+    );
+    assert_eq!(
+        after.deadlock_checks, before.deadlock_checks,
+        "a release made waiters re-run the deadlock check"
+    );
+    assert_eq!(first, 0, "FIFO: the oldest waiter is served");
+
+    // Everyone through: each waiter releases right after its grant.
+    for r in &releases {
+        r.send(()).unwrap();
+    }
+    drop(held);
+    for w in waiters {
+        w.join().unwrap();
+    }
+    let end = pool.metrics();
+    assert_eq!((end.in_use, end.waiters), (0, 0));
+    assert_eq!(end.acquires, 4 + WAITERS as u64);
+    assert_eq!(
+        end.wakeups, WAITERS as u64,
+        "each waiter wakes exactly once"
+    );
+    assert_eq!(
+        end.deadlock_checks, WAITERS as u64,
+        "one deadlock check per request that waited"
+    );
+}
+
+/// A retirement re-checks only the waiters it can have made hopeless: here the pool shrinks
+/// from two units to one while the other unit's holder runs, so the waiter's wait can still end
+/// and it is not woken; the later release serves it with its only wake-up.
+#[test]
+fn a_retirement_that_leaves_a_way_out_wakes_nobody() {
+    let registry = Registry::new();
+    let pool = Pool::builder("fixed")
+        .resources(vec![0u8, 1])
+        .registry(&registry)
+        .build();
+    let (a, b) = (pool.acquire().unwrap(), pool.acquire().unwrap());
+    let waiter = {
+        let pool = pool.clone();
+        thread::spawn(move || pool.acquire().map(|l| *l))
+    };
+    spin_until("the waiter to queue", || pool.metrics().waiters == 1);
+    a.discard();
+    let m = pool.metrics();
+    assert_eq!((m.capacity, m.waiters), (1, 1));
+    assert_eq!(
+        m.wakeups, 0,
+        "the waiter was woken although its wait can still end"
+    );
+    // One check at enqueue, one pass after the retirement.
+    assert_eq!(m.deadlock_checks, 2);
+    let kept = *b;
+    drop(b);
+    assert_eq!(waiter.join().unwrap().unwrap(), kept);
+    let m = pool.metrics();
+    assert_eq!((m.wakeups, m.deadlock_checks, m.deadlocks), (1, 2, 0));
+}
+
+/// A retirement that makes waiters of *another* pool hopeless reaches them too: task A holds
+/// the only unit of `x` and waits for `fixed`; task B waits for `x`. When `fixed`'s last unit
+/// retires, A is refused, and B is served `x` once A gives it back.
+#[test]
+fn a_retirement_reaches_the_waiters_it_makes_stuck_through_other_pools() {
+    let registry = Registry::new();
+    let (x, _) = counting_pool("x", 1, &registry);
+    let fixed = Pool::builder("fixed")
+        .resources(vec![0u8])
+        .registry(&registry)
+        .build();
+    let last = fixed.acquire().unwrap();
+    let (a_holds_tx, a_holds_rx) = mpsc::channel();
+    let a = {
+        let (x, fixed) = (x.clone(), fixed.clone());
+        thread::spawn(move || {
+            let _x = x.acquire().unwrap();
+            a_holds_tx.send(()).unwrap();
+            fixed.acquire().map(|_| ()).unwrap_err()
+        })
+    };
+    a_holds_rx.recv().unwrap();
+    spin_until("A to queue", || fixed.metrics().waiters == 1);
+    let b = {
+        let x = x.clone();
+        thread::spawn(move || x.acquire().map(|_| ()))
+    };
+    spin_until("B to queue", || x.metrics().waiters == 1);
+    last.discard();
+    let err = a.join().unwrap();
+    assert!(err.is_deadlock(), "{err}");
+    // B either re-checked after A's refusal (and kept waiting) or before it (and was refused:
+    // at that moment A was stuck); either way it does not sleep for ever.
+    match b.join().unwrap() {
+        Ok(()) => assert_eq!(x.metrics().deadlocks, 0),
+        Err(e) => assert!(e.is_deadlock(), "{e}"),
+    }
+    assert_eq!(fixed.metrics().deadlocks, 1);
+}
+
 #[test]
 fn lease_dropped_while_panicking_comes_back() {
     let registry = Registry::new();

@@ -461,8 +461,22 @@ fn run_watch_reloads_on_a_file_change() {
     let mut input = std::fs::File::create(dir.path().join("in.fifo")).unwrap();
     write_records(&mut input, 0, 1000);
     // Let the first thousand pass the filter before the change (it applies from the next
-    // batch on).
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // batch on): wait until all thousand are in the output (the sink flushes when its input
+    // goes idle). A record is written only after `keep` passed it, so then `keep` has processed
+    // all of them under version 0.
+    let out = dir.path().join("out.ndjson");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read(&out)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+        < 1000
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first thousand never reached the output"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     write_atomically(&p, &simple_config(1500, ""));
     // Wait for the reload to be live: its log line is on stderr.
     let mut stderr = BufReader::new(child.stderr.take().unwrap());

@@ -15,7 +15,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::error::WaitEdge;
 use super::task::TaskId;
-use crate::sync::{Arc, AtomicBool, Mutex, MutexGuard, Ordering};
+use crate::sync::{Arc, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Index of a pool's node in its registry.
 pub(crate) type PoolId = usize;
@@ -49,6 +49,22 @@ struct Inner {
     graph: Mutex<Graph>,
     /// Whether blocking requests run the deadlock check (test-only switch).
     detection: AtomicBool,
+    /// A bug seeded on purpose into the wake protocol, for the loom models' demonstrations.
+    #[cfg(loom)]
+    mutation: Option<Mutation>,
+}
+
+/// A bug seeded on purpose into the pool's wake protocol, so that the loom models
+/// (`tests/loom_pool.rs`) can show they catch it. Only under `cfg(loom)`.
+#[cfg(loom)]
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// A release hands the unit to the oldest waiter but does not notify it: a lost wake-up.
+    ServedNotNotified,
+    /// A unit retiring (the pool shrinks) wakes nobody, so a waiter whose wait can no longer
+    /// end is never told to re-run the deadlock check.
+    ShrinkNotRechecked,
 }
 
 impl Registry {
@@ -59,8 +75,30 @@ impl Registry {
             inner: Arc::new(Inner {
                 graph: Mutex::new(Graph::default()),
                 detection: AtomicBool::new(true),
+                #[cfg(loom)]
+                mutation: None,
             }),
         }
+    }
+
+    /// A registry whose pools carry a seeded bug: only for the loom models that must show they
+    /// catch it.
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn with_mutation(mutation: Mutation) -> Registry {
+        Registry {
+            inner: Arc::new(Inner {
+                graph: Mutex::new(Graph::default()),
+                detection: AtomicBool::new(true),
+                mutation: Some(mutation),
+            }),
+        }
+    }
+
+    /// Whether this registry carries the seeded bug `m` (always `false` outside loom).
+    #[cfg(loom)]
+    pub(crate) fn mutated(&self, m: Mutation) -> bool {
+        self.inner.mutation == Some(m)
     }
 
     /// The process-wide registry, created on first use; pools built without
@@ -124,6 +162,32 @@ pub(crate) struct Stats {
     pub(crate) deadlocks: u64,
     pub(crate) factory_errors: u64,
     pub(crate) invalid: u64,
+    /// Returns of a waiter of this pool from its condition variable (served, told to re-check,
+    /// timed out, or spurious).
+    pub(crate) wakeups: u64,
+    /// Runs of the deadlock check (the liveness pass) charged to this pool.
+    pub(crate) deadlock_checks: u64,
+}
+
+/// A queued request: its ticket, its task, the condition variable its thread sleeps on (its
+/// own, so that a hand-off wakes exactly the waiter it serves), and whether the graph changed
+/// under it in a way that may have made its wait hopeless.
+struct Waiter {
+    ticket: u64,
+    task: TaskId,
+    wake: Arc<Condvar>,
+    recheck: bool,
+}
+
+/// Why a waiter's thread returned from its wait, as the graph says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The request was handed a unit.
+    Served,
+    /// The pool shrank and the request may now be hopeless: re-run the deadlock check.
+    Recheck,
+    /// Nothing changed for this request (a spurious wake-up or a timeout): keep waiting.
+    Nothing,
 }
 
 /// A pool's node in the lease graph.
@@ -137,8 +201,8 @@ pub(crate) struct PoolNode {
     pub(crate) capacity: usize,
     /// Units lent out, including units whose resource is still being created.
     pub(crate) granted: usize,
-    /// Waiting requests, oldest first: (ticket, task).
-    queue: VecDeque<(u64, TaskId)>,
+    /// Waiting requests, oldest first.
+    queue: VecDeque<Waiter>,
     /// Tickets that were handed a unit but whose waiter has not woken yet.
     served: Vec<u64>,
     pub(crate) stats: Stats,
@@ -173,6 +237,8 @@ pub(crate) struct Graph {
     tasks: FxHashMap<TaskId, TaskNode>,
     /// Emptied `held` lists kept for reuse, so the uncontended path does not allocate.
     spare: Vec<Vec<(PoolId, usize)>>,
+    /// Condition variables of finished waits kept for reuse, so a wait does not allocate.
+    spare_wakers: Vec<Arc<Condvar>>,
     next_ticket: u64,
 }
 
@@ -259,24 +325,25 @@ impl Graph {
         }
     }
 
-    /// Returns a unit held by `task`: to the oldest waiter if any (returns `true`: notify the
-    /// pool's condvar), else to the free units.
-    pub(crate) fn release(&mut self, id: PoolId, task: TaskId) -> bool {
+    /// Returns a unit held by `task`: to the oldest waiter if any (returns that waiter's condition
+    /// variable, for the caller to notify: the only thread this release must wake), else to the
+    /// free units (returns `None`: nobody's wait changed).
+    pub(crate) fn release(&mut self, id: PoolId, task: TaskId) -> Option<Arc<Condvar>> {
         self.unhold(id, task);
         let p = self.pool_mut(id);
         match p.queue.pop_front() {
-            Some((ticket, waiter)) => {
-                p.served.push(ticket);
+            Some(w) => {
+                p.served.push(w.ticket);
                 p.stats.acquires += 1;
-                if let Some(node) = self.tasks.get_mut(&waiter) {
+                if let Some(node) = self.tasks.get_mut(&w.task) {
                     node.waiting = None;
                 }
-                self.hold(id, waiter);
-                true
+                self.hold(id, w.task);
+                Some(w.wake)
             }
             None => {
                 p.granted -= 1;
-                false
+                None
             }
         }
     }
@@ -289,36 +356,58 @@ impl Graph {
         p.capacity -= 1;
     }
 
-    /// Queues `task` for a unit of pool `id` and marks it waiting; returns its ticket.
-    pub(crate) fn enqueue(&mut self, id: PoolId, task: TaskId) -> u64 {
+    /// Queues `task` for a unit of pool `id` and marks it waiting; returns its ticket and the
+    /// condition variable its thread must wait on (hand it back with [`Graph::end_wait`]).
+    pub(crate) fn enqueue(&mut self, id: PoolId, task: TaskId) -> (u64, Arc<Condvar>) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.pool_mut(id).queue.push_back((ticket, task));
+        let wake = self
+            .spare_wakers
+            .pop()
+            .unwrap_or_else(|| Arc::new(Condvar::new()));
+        self.pool_mut(id).queue.push_back(Waiter {
+            ticket,
+            task,
+            wake: wake.clone(),
+            recheck: false,
+        });
         // A task waits in one place at a time (see `TaskId`). If a caller breaks that contract, the
         // task sits in several queues and counts as live as soon as any of those pools is live.
         self.tasks.entry(task).or_default().waiting = Some(id);
-        ticket
+        (ticket, wake)
+    }
+
+    /// Takes back a finished wait's condition variable for reuse. The request has left the queue
+    /// (served, timed out or refused), so no release can notify it any more.
+    pub(crate) fn end_wait(&mut self, wake: Arc<Condvar>) {
+        self.spare_wakers.push(wake);
     }
 
     /// Takes a still-waiting request out of the queue (timeout or deadlock).
     pub(crate) fn dequeue(&mut self, id: PoolId, ticket: u64, task: TaskId) {
         let p = self.pool_mut(id);
-        p.queue.retain(|&(t, _)| t != ticket);
+        p.queue.retain(|w| w.ticket != ticket);
         if let Some(node) = self.tasks.get_mut(&task) {
             node.waiting = None;
         }
         self.forget_if_idle(task);
     }
 
-    /// Whether the request with `ticket` has been handed a unit; consumes the notice.
-    pub(crate) fn take_served(&mut self, id: PoolId, ticket: u64) -> bool {
+    /// Why the waiter of `ticket` was woken; consumes the notice (the served mark or the
+    /// re-check flag), and counts the wake-up.
+    pub(crate) fn woken(&mut self, id: PoolId, ticket: u64) -> Woken {
         let p = self.pool_mut(id);
-        match p.served.iter().position(|&t| t == ticket) {
-            Some(i) => {
-                p.served.swap_remove(i);
-                true
+        p.stats.wakeups += 1;
+        if let Some(i) = p.served.iter().position(|&t| t == ticket) {
+            p.served.swap_remove(i);
+            return Woken::Served;
+        }
+        match p.queue.iter_mut().find(|w| w.ticket == ticket) {
+            Some(w) if w.recheck => {
+                w.recheck = false;
+                Woken::Recheck
             }
-            None => false,
+            _ => Woken::Nothing,
         }
     }
 
@@ -330,20 +419,53 @@ impl Graph {
         ticket: u64,
         me: TaskId,
     ) -> Option<Vec<WaitEdge>> {
+        self.pool_mut(id).stats.deadlock_checks += 1;
         let cycle = self.find_deadlock(id, me)?;
         self.dequeue(id, ticket, me);
         self.pool_mut(id).stats.deadlocks += 1;
         Some(cycle)
     }
 
+    /// After pool `id` shrank: finds the waiters (of any pool) whose wait can no longer end,
+    /// flags them to re-run the deadlock check and returns their condition variables for the
+    /// caller to notify. Waiters that can still be served are left asleep: their answer did not
+    /// change. One liveness pass, charged to pool `id`.
+    pub(crate) fn flag_stuck_waiters(&mut self, id: PoolId) -> Vec<Arc<Condvar>> {
+        self.pool_mut(id).stats.deadlock_checks += 1;
+        let pool_live = self.liveness(None);
+        let mut wake = Vec::new();
+        for (i, p) in self.pools.iter_mut().enumerate() {
+            let Some(p) = p else { continue };
+            if pool_live[i] {
+                continue;
+            }
+            // Every waiter of a stuck pool is stuck.
+            for w in &mut p.queue {
+                w.recheck = true;
+                wake.push(w.wake.clone());
+            }
+        }
+        wake
+    }
+
     /// The deadlock check. `me` must already be queued on pool `id`. Returns the wait-for cycle
     /// through `me` if its wait can never end, `None` if it may.
     ///
-    /// A pool is *live* if it has a free unit or a live holder; a task is live if it is not
-    /// waiting or waits for a live pool. Liveness is propagated from the running tasks (the least
-    /// fixed point); `me` is stuck exactly when its pool ends up not live. O(tasks + pools +
-    /// held entries + queued waiters).
+    /// `me` is stuck exactly when its pool ends up not live (see [`Graph::liveness`]).
+    /// O(tasks + pools + held entries + queued waiters).
     pub(crate) fn find_deadlock(&self, id: PoolId, me: TaskId) -> Option<Vec<WaitEdge>> {
+        let pool_live = self.liveness(Some(id));
+        if pool_live[id] {
+            return None;
+        }
+        Some(self.cycle_through(id, me, &pool_live))
+    }
+
+    /// Which pools are live (indexed by id). A pool is *live* if it has a free unit or
+    /// a live holder; a task is live if it is not waiting or waits for a live pool. Liveness is
+    /// propagated from the running tasks (the least fixed point). With `stop_at`, returns as
+    /// soon as that pool is known to be live (the rest is then incomplete).
+    fn liveness(&self, stop_at: Option<PoolId>) -> Vec<bool> {
         let mut pool_live = vec![false; self.pools.len()];
         let mut pools_todo = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -371,22 +493,19 @@ impl Graph {
                     }
                 }
             } else if let Some(p) = pools_todo.pop() {
-                if p == id {
-                    return None;
+                if Some(p) == stop_at {
+                    break;
                 }
-                for &(_, w) in &self.pool(p).queue {
-                    if task_live.insert(w) {
-                        tasks_todo.push(w);
+                for w in &self.pool(p).queue {
+                    if task_live.insert(w.task) {
+                        tasks_todo.push(w.task);
                     }
                 }
             } else {
                 break;
             }
         }
-        if pool_live[id] {
-            return None;
-        }
-        Some(self.cycle_through(id, me, &pool_live))
+        pool_live
     }
 
     /// Builds the report for a stuck `me`: the shortest wait-for path from `me` back to itself

@@ -44,6 +44,13 @@ pub struct PoolMetrics {
     pub factory_errors: u64,
     /// Idle resources that failed validation on checkout.
     pub invalid: u64,
+    /// Times a blocked request's thread woke up (served, told to re-check after the pool
+    /// shrank, timed out, or spuriously). A release wakes only the waiter it serves, so this is
+    /// about one per request that had to wait.
+    pub wakeups: u64,
+    /// Runs of the deadlock check charged to this pool: one per request that could not be
+    /// granted at once, plus one pass per retired unit and one per waiter it flagged.
+    pub deadlock_checks: u64,
 }
 
 impl PoolMetrics {

@@ -56,6 +56,8 @@ mod resource_pool;
 mod task;
 
 pub use error::{BoxError, PoolError, WaitEdge};
+#[cfg(loom)]
+pub use graph::Mutation;
 pub use graph::Registry;
 pub use lease::Lease;
 pub use metrics::PoolMetrics;

@@ -1,15 +1,18 @@
 //! `Pool<R>` and its builder: granting units in FIFO order, waiting, and checking resources out.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::sync::Arc as StdArc;
 use std::time::{Duration, Instant};
 
 use super::error::{BoxError, PoolError};
-use super::graph::{PoolId, Registry};
+#[cfg(loom)]
+use super::graph::Mutation;
+use super::graph::{PoolId, Registry, Woken};
 use super::lease::Lease;
 use super::metrics::PoolMetrics;
 use super::task::TaskId;
-use crate::sync::{Arc, Condvar, Mutex};
+use crate::sync::{Arc, Mutex};
 
 type Factory<R> = Box<dyn Fn() -> Result<R, BoxError> + Send + Sync>;
 type Validate<R> = Box<dyn Fn(&mut R) -> bool + Send + Sync>;
@@ -22,23 +25,38 @@ pub(crate) struct Shared<R> {
     /// Created resources not lent out. A leaf lock: never held while taking another lock.
     /// Invariant: `idle.len()` plus the resources inside leases never exceeds the capacity.
     pub(crate) idle: Mutex<Vec<R>>,
-    /// Waiters of this pool sleep here, always with the registry's lock.
-    cv: Condvar,
     pub(crate) factory: Option<Factory<R>>,
     validate: Option<Validate<R>>,
 }
 
 impl<R> Shared<R> {
-    /// Returns a unit held by `task`, or retires it; wakes waiters if that changed anything for
-    /// them.
+    /// Returns a unit held by `task`, or retires it, and wakes exactly the waiters whose wait
+    /// that changed: the one waiter served, or after a retirement the waiters whose wait can no
+    /// longer end (they re-run the check). Notified under the registry lock, so a waiter cannot
+    /// miss it: it is asleep on its condition variable or has not yet re-taken the lock, and then
+    /// finds the served mark or re-check flag the moment it does.
     pub(crate) fn give_back(&self, task: TaskId, retire: bool) {
-        let mut g = self.registry.lock();
+        let reg = &self.registry;
+        let mut g = reg.lock();
         if retire {
             g.retire(self.id, task);
-            // The pool shrank: waiters must re-check whether their wait can still end.
-            self.cv.notify_all();
-        } else if g.release(self.id, task) {
-            self.cv.notify_all();
+            #[cfg(loom)]
+            if reg.mutated(Mutation::ShrinkNotRechecked) {
+                return;
+            }
+            // The pool shrank: the only change that can make a waiting task stuck without a new
+            // wait edge (see README.md). Wake those it made stuck, and only those.
+            if reg.detection() {
+                for wake in g.flag_stuck_waiters(self.id) {
+                    wake.notify_one();
+                }
+            }
+        } else if let Some(wake) = g.release(self.id, task) {
+            #[cfg(loom)]
+            if reg.mutated(Mutation::ServedNotNotified) {
+                return;
+            }
+            wake.notify_one();
         }
     }
 }
@@ -195,6 +213,8 @@ impl<R> Pool<R> {
             deadlocks: node.stats.deadlocks,
             factory_errors: node.stats.factory_errors,
             invalid: node.stats.invalid,
+            wakeups: node.stats.wakeups,
+            deadlock_checks: node.stats.deadlock_checks,
         }
     }
 
@@ -209,33 +229,44 @@ impl<R> Pool<R> {
             return Ok(None);
         }
         let detect = sh.registry.detection();
-        let ticket = g.enqueue(sh.id, task);
+        let (ticket, wake) = g.enqueue(sh.id, task);
+        // Handed back to the graph (`end_wait`) on every return. Not dropped if a wait unwinds:
+        // parking_lot's never does, and loom's panics when it finds a deadlock, and a loom `Arc`
+        // dropped while unwinding from a failed execution aborts the test binary instead of
+        // failing the model.
+        let wake = ManuallyDrop::new(wake);
         let refusal = |cycle| PoolError::WouldDeadlock {
             pool: sh.name.to_string(),
             cycle,
         };
+        // The one new wait edge: the only check a request needs unless its pool shrinks later.
         if let Some(cycle) = detect
             .then(|| g.refuse_if_stuck(sh.id, ticket, task))
             .flatten()
         {
+            g.end_wait(ManuallyDrop::into_inner(wake));
             return Err(refusal(cycle));
         }
         let start = Instant::now();
         loop {
+            // Our own condition variable: notified only when we are served or must re-check.
             let timed_out = match wait {
-                Wait::Until(deadline) => sh.cv.wait_until(&mut g, deadline).timed_out(),
+                Wait::Until(deadline) => wake.wait_until(&mut g, deadline).timed_out(),
                 _ => {
-                    sh.cv.wait(&mut g);
+                    wake.wait(&mut g);
                     false
                 }
             };
-            if g.take_served(sh.id, ticket) {
+            let woken = g.woken(sh.id, ticket);
+            if woken == Woken::Served {
                 g.pool_mut(sh.id).stats.total_wait += start.elapsed();
+                g.end_wait(ManuallyDrop::into_inner(wake));
                 drop(g);
                 return self.checkout(task).map(Some);
             }
             if timed_out {
                 g.dequeue(sh.id, ticket, task);
+                g.end_wait(ManuallyDrop::into_inner(wake));
                 let waited = start.elapsed();
                 let stats = &mut g.pool_mut(sh.id).stats;
                 stats.timeouts += 1;
@@ -245,12 +276,13 @@ impl<R> Pool<R> {
                     waited,
                 });
             }
-            // Woken without being served: the graph changed (a unit retired), so re-check.
-            if let Some(cycle) = detect
-                .then(|| g.refuse_if_stuck(sh.id, ticket, task))
-                .flatten()
-            {
-                return Err(refusal(cycle));
+            // Flagged by a retirement: the graph changed under us, so re-check. (Otherwise, a
+            // spurious wake-up: nothing changed, and the check made at enqueue still holds.)
+            if woken == Woken::Recheck && detect {
+                if let Some(cycle) = g.refuse_if_stuck(sh.id, ticket, task) {
+                    g.end_wait(ManuallyDrop::into_inner(wake));
+                    return Err(refusal(cycle));
+                }
             }
         }
     }
@@ -419,7 +451,6 @@ impl<R> PoolBuilder<R> {
                 id,
                 registry,
                 idle: Mutex::new(self.resources),
-                cv: Condvar::new(),
                 factory: self.factory,
                 validate: self.validate,
             }),
