@@ -734,10 +734,19 @@ fn stuck_reader(addr: SocketAddr, id: JobId) -> TcpStream {
         "",
     ))
     .unwrap();
-    let mut first = [0u8; 16];
-    s.read_exact(&mut first).unwrap();
-    assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+    read_until(&mut s, b"data: ");
     s
+}
+
+/// Reads until `marker` has arrived: the server is past computing its answer and writing it.
+fn read_until(s: &mut TcpStream, marker: &[u8]) {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(marker) {
+        s.read_exact(&mut byte).unwrap();
+        got.push(byte[0]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
 }
 
 /// A client that never reads its event stream is dropped after the write timeout; the server
@@ -774,10 +783,12 @@ fn shutdown_whatever_clients_do() {
     let id = huge_failed_job(&engine);
     let mut stuck: Vec<TcpStream> = (0..3).map(|_| stuck_reader(addr, id)).collect();
     // A response nobody reads: the job list holds the 16 MiB error too.
-    let s = TcpStream::connect(addr).unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
     small_receive_buffer(&s);
-    (&s).write_all(&request("GET", "/jobs", &good(addr), ""))
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(&request("GET", "/jobs", &good(addr), ""))
         .unwrap();
+    read_until(&mut s, b"xxxxxxxx");
     stuck.push(s);
     // Half a request, and nothing.
     let mut half = TcpStream::connect(addr).unwrap();
