@@ -211,6 +211,7 @@ fn http_server() {
     stuck_readers_time_out();
     shutdown_whatever_clients_do();
     delete_answers_from_the_cancel();
+    accept_backs_off_when_out_of_files();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = thread_count();
     while now > before && Instant::now() < deadline {
@@ -862,5 +863,129 @@ fn delete_answers_from_the_cancel() {
         }
     }
     server.shutdown();
+    engine.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// Restores the process's limit on open files, and closes the files that filled it, however
+/// the scenario ends.
+struct FilesExhausted {
+    limit: libc::rlimit,
+    filler: Vec<std::fs::File>,
+}
+
+impl Drop for FilesExhausted {
+    fn drop(&mut self) {
+        self.filler.clear();
+        // SAFETY: a valid rlimit, the one read before.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.limit) };
+    }
+}
+
+/// The CPU time a thread of this process has used, in clock ticks, from its already open
+/// `/proc/self/task/TID/stat` (opening a file is impossible once the files are exhausted).
+fn cpu_ticks(stat: &mut std::fs::File) -> u64 {
+    use std::io::Seek;
+    stat.rewind().unwrap();
+    let mut text = String::new();
+    stat.read_to_string(&mut text).unwrap();
+    let fields: Vec<&str> = text.rsplit_once(") ").unwrap().1.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// When `accept` fails (`EMFILE`: the process has no file descriptor left) the accepting thread
+/// pauses instead of retrying at once, and shutdown still completes within its bound (its
+/// wake-up connection cannot be made then).
+fn accept_backs_off_when_out_of_files() {
+    let engine = engine();
+    let mut so = options();
+    so.request_timeout = Duration::from_secs(3600);
+    // No request before: an ended connection's socket, freed when the next one is accepted,
+    // would leave a descriptor to spare.
+    let server = serve(Arc::clone(&engine), so).unwrap();
+    let addr = server.addr();
+    let find = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|t| {
+                std::fs::read_to_string(t.join("comm"))
+                    .is_ok_and(|c| c.trim_end() == "millrace-http")
+            })
+    };
+    wait_until("the accepting thread to start", PATIENCE, || {
+        find().is_some()
+    });
+    let tid = find().unwrap();
+    let mut stat = std::fs::File::open(tid.join("stat")).unwrap();
+    let mut syscall = std::fs::File::open(tid.join("syscall")).unwrap();
+    // 43 is accept, 288 accept4 (x86_64).
+    let mut in_accept = || {
+        use std::io::Seek;
+        let mut now = String::new();
+        syscall.rewind().unwrap();
+        syscall.read_to_string(&mut now).unwrap();
+        now.starts_with("288 ") || now.starts_with("43 ")
+    };
+    wait_until(
+        "the accepting thread to wait in accept()",
+        PATIENCE,
+        &mut in_accept,
+    );
+
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let mut exhausted = FilesExhausted {
+        limit,
+        filler: Vec::new(),
+    };
+    let low = libc::rlimit {
+        rlim_cur: highest + 64,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: a valid rlimit, below the hard limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        exhausted.filler.push(f);
+    }
+    // Room for one client and the server's copy of its socket (its accept holds a descriptor
+    // for it already): the accepting thread serves it, and its next `accept` finds no
+    // descriptor left, and keeps finding none.
+    exhausted.filler.truncate(exhausted.filler.len() - 2);
+    let served = TcpStream::connect(addr).unwrap();
+    wait_until("the connection to be served", PATIENCE, || {
+        server.connections() == 1
+    });
+    // Blocked in accept, it would have a descriptor to spare.
+    wait_until("the accepting thread to leave accept()", PATIENCE, || {
+        !in_accept()
+    });
+    // A measurement over a fixed window, not a synchronization: a thread retrying at once
+    // uses most of a core in it, one that backs off almost nothing.
+    let window = Duration::from_millis(500);
+    let t0 = cpu_ticks(&mut stat);
+    std::thread::sleep(window);
+    let used = cpu_ticks(&mut stat) - t0;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    assert!(
+        used * 5 < per_second * window.as_millis() as u64 / 1000,
+        "the accepting thread used {used} ticks (of {per_second}/s) in {window:?} without files"
+    );
+    let took = timed_shutdown(server, SHUTDOWN_BOUND + PATIENCE);
+    assert!(took <= SHUTDOWN_BOUND, "shutdown took {took:?}");
+    drop(exhausted);
+    drop(served);
     engine.shutdown(Duration::from_secs(5)).unwrap();
 }

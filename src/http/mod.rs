@@ -49,7 +49,7 @@ use auth::{BodyType, Credentials, Proof};
 use limits::{Backoff, Connections, DeadlineReader};
 
 /// How long [`Server::shutdown`] may take, whatever the clients do: stopping the accepting
-/// thread (at most a pause after a failed `accept`), shutting every socket down (at once), event
+/// thread (at once, or after a pause that follows a failed `accept`), shutting every socket down (at once), event
 /// streams noticing (within 100 ms) and the requests being handled finishing their own work.
 pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(2);
 
@@ -106,6 +106,7 @@ impl ServeOptions {
 /// A running HTTP server. Dropping it shuts it down.
 pub struct Server {
     addr: SocketAddr,
+    listener: Arc<TcpListener>,
     token: String,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
@@ -137,7 +138,7 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
         addr: opts.listen,
         source,
     };
-    let listener = TcpListener::bind(opts.listen).map_err(listen)?;
+    let listener = Arc::new(TcpListener::bind(opts.listen).map_err(listen)?);
     let addr = listener.local_addr().map_err(listen)?;
     let stop = Arc::new(AtomicBool::new(false));
     let connections = Arc::new(Connections::new(opts.max_connections.max(1)));
@@ -149,9 +150,10 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
         stop: Arc::clone(&stop),
     });
     let conns = Arc::clone(&connections);
+    let accepting = Arc::clone(&listener);
     let acceptor = thread::Builder::new()
         .name("millrace-http".into())
-        .spawn(move || accept_loop(&listener, &ctx, &conns))
+        .spawn(move || accept_loop(&accepting, &ctx, &conns))
         .map_err(|source| Error::Spawn {
             what: "the HTTP thread".into(),
             stage: None,
@@ -159,6 +161,7 @@ pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
         })?;
     Ok(Server {
         addr,
+        listener,
         token,
         stop,
         acceptor: Some(acceptor),
@@ -253,10 +256,21 @@ impl Server {
     fn stop_and_join(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(a) = self.acceptor.take() {
-            // Wake the blocking accept with a connection of our own. Should it fail (no file
-            // descriptors left), the accept is failing too and notices on its next try.
-            let wake: SocketAddr = own_authority(self.addr).parse().unwrap_or(self.addr);
-            let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+            // Wake the blocking accept: shutting the listening socket down makes it fail at
+            // once (Linux), which needs no file descriptor (a process out of them cannot open
+            // a wake-up connection); elsewhere, a connection of our own.
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: shutdown(2) on a socket this server owns and keeps open until the
+                // accepting thread is joined; it takes no pointers.
+                unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let wake: SocketAddr = own_authority(self.addr).parse().unwrap_or(self.addr);
+                let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+            }
             let _ = a.join();
         }
         self.connections.close_all();
