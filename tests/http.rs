@@ -388,6 +388,34 @@ fn token() {
     let server = serve(Arc::clone(&engine), options()).unwrap();
     let addr = server.addr();
     assert_eq!(server.token(), TOKEN);
+    // A token the server makes itself, or none that travels badly.
+    let own = serve(
+        Arc::clone(&engine),
+        ServeOptions::new("127.0.0.1:0".parse().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(own.token().len(), 48);
+    assert!(
+        own.url().ends_with(&format!("/?token={}", own.token())),
+        "{}",
+        own.url()
+    );
+    own.shutdown();
+    for bad in [
+        "short",
+        "has space in it",
+        "semi;colon;cookie",
+        "per%cent-encoded",
+    ] {
+        let mut so = options();
+        so.token = Some(bad.into());
+        let err = serve(Arc::clone(&engine), so).unwrap_err();
+        assert!(
+            matches!(err, millrace::Error::InvalidToken { .. }),
+            "{bad}: {err:?}"
+        );
+        assert!(err.to_string().starts_with("invalid token: "), "{err}");
+    }
     assert_eq!(
         server.url(),
         format!("http://127.0.0.1:{}/?token={TOKEN}", addr.port())
