@@ -946,13 +946,15 @@ fn accept_backs_off_when_out_of_files() {
     let tid = find().unwrap();
     let mut stat = std::fs::File::open(tid.join("stat")).unwrap();
     let mut syscall = std::fs::File::open(tid.join("syscall")).unwrap();
-    // 43 is accept, 288 accept4 (x86_64).
+    // accept4 and accept, by number (as /proc/TID/syscall shows them).
+    let accepts = [libc::SYS_accept4.to_string(), libc::SYS_accept.to_string()];
     let mut in_accept = || {
         use std::io::Seek;
         let mut now = String::new();
         syscall.rewind().unwrap();
         syscall.read_to_string(&mut now).unwrap();
-        now.starts_with("288 ") || now.starts_with("43 ")
+        let number = now.split(' ').next().unwrap_or("");
+        accepts.iter().any(|a| a == number)
     };
     wait_until(
         "the accepting thread to wait in accept()",
