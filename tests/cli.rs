@@ -355,8 +355,73 @@ fn progress_json_writes_one_event_per_line() {
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 10);
 }
 
-/// `millrace serve`: submit a pipeline over HTTP and watch it finish; a non-loopback address
-/// needs the explicit flag.
+/// Kills and reaps a child however the test ends.
+struct Reaped(std::process::Child);
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `millrace` with `args` (and `env`) and returns it with the lines it wrote to stderr
+/// before `lines` of them.
+fn started(args: &[&str], env: &[(&str, &str)], lines: usize) -> (Reaped, Vec<String>) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("MILLRACE_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = Reaped(cmd.spawn().unwrap());
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
+    let out = (0..lines)
+        .map(|_| {
+            let mut l = String::new();
+            err.read_line(&mut l).unwrap();
+            l.trim_end().to_string()
+        })
+        .collect();
+    (child, out)
+}
+
+/// The address and token in a `serving on http://ADDR/?token=TOKEN` line.
+fn served(line: &str) -> (String, String) {
+    let url = line
+        .strip_prefix("serving on http://")
+        .unwrap_or_else(|| panic!("{line}"));
+    let (addr, token) = url
+        .split_once("/?token=")
+        .unwrap_or_else(|| panic!("{line}"));
+    (addr.to_string(), token.to_string())
+}
+
+/// One request to a server; the status and the JSON body.
+fn http_call(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap())
+}
+
+/// `millrace serve`: it prints the URL with a generated token, submits a pipeline over HTTP
+/// and watches it finish; a non-loopback address needs the explicit flag.
 #[test]
 fn serve_runs_submitted_pipelines() {
     let refused = Command::new(BIN)
@@ -381,55 +446,22 @@ fn serve_runs_submitted_pipelines() {
         "{err}"
     );
 
-    /// Kills and reaps the server however the test ends.
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Reaped(
-        Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first = String::new();
-    BufReader::new(child.0.stderr.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("serving on http://")
-        .unwrap_or_else(|| panic!("{first}"))
-        .to_string();
-    let call = |method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = raw.split_once("\r\n\r\n").unwrap().1;
-        (status, serde_json::from_str(body).unwrap())
-    };
+    let (child, lines) = started(&["serve", "--listen", "127.0.0.1:0"], &[], 1);
+    let (addr, token) = served(&lines[0]);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert_eq!(token.len(), 48, "a generated token: {token}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    assert_eq!(http_call(&addr, "wrong-token", "GET", "/jobs", "").0, 401);
     let pipeline = std::fs::read_to_string(repo("examples/wordcount.toml"))
         .unwrap()
         .replace("data/millrace.txt", &repo("examples/data/millrace.txt"))
         .replace("path = \"-\"", "path = \"/dev/null\"");
-    let (status, body) = call("POST", "/jobs?name=words", &pipeline);
+    let (status, body) = http_call(&addr, &token, "POST", "/jobs?name=words", &pipeline);
     assert_eq!(status, 201, "{body}");
     let id = body["id"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, job) = call("GET", &format!("/jobs/{id}"), "");
+        let (status, job) = http_call(&addr, &token, "GET", &format!("/jobs/{id}"), "");
         assert_eq!(status, 200);
         if job["status"] == "succeeded" {
             assert_eq!(
@@ -444,6 +476,108 @@ fn serve_runs_submitted_pipelines() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(child);
+}
+
+/// The token comes from --token, else MILLRACE_TOKEN; a bad one is a usage error; a
+/// non-loopback address, once allowed, prints a warning.
+#[test]
+fn serve_token_and_public_address() {
+    let (child, lines) = started(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("MILLRACE_TOKEN", "from-the-environment")],
+        1,
+    );
+    let (addr, token) = served(&lines[0]);
+    assert_eq!(token, "from-the-environment");
+    assert_eq!(http_call(&addr, &token, "GET", "/jobs", "").0, 200);
+    drop(child);
+    let (child, lines) = started(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "from-the-flag",
+        ],
+        &[("MILLRACE_TOKEN", "from-the-environment")],
+        1,
+    );
+    assert_eq!(served(&lines[0]).1, "from-the-flag");
+    drop(child);
+    let bad = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "has spaces in it",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).starts_with("error: invalid token: "),
+        "{bad:?}"
+    );
+    let (child, lines) = started(
+        &["serve", "--listen", "0.0.0.0:0", "--allow-remote"],
+        &[],
+        2,
+    );
+    let (addr, _) = served(&lines[0]);
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "a URL this machine can open: {addr}"
+    );
+    assert!(
+        lines[1].starts_with("warning: listening on 0.0.0.0:")
+            && lines[1].contains("the token is the only protection"),
+        "{}",
+        lines[1]
+    );
+    drop(child);
+}
+
+/// `run --serve` serves with the same rules and prints its URL.
+#[test]
+fn run_serve_prints_its_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("feed");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[stages.read]\nkind = \"lines.read\"\npath = {:?}\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = \"/dev/null\"\n",
+            fifo.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mut child, lines) = started(
+        &[
+            "run",
+            "--quiet",
+            "--serve",
+            "127.0.0.1:0",
+            "--token",
+            "run-serve-token",
+            pipeline.to_str().unwrap(),
+        ],
+        &[],
+        1,
+    );
+    let (addr, token) = served(&lines[0]);
+    assert_eq!(token, "run-serve-token");
+    assert_eq!(http_call(&addr, "", "GET", "/jobs", "").0, 401);
+    let (status, jobs) = http_call(&addr, &token, "GET", "/jobs", "");
+    assert_eq!(status, 200);
+    assert_eq!(jobs[0]["status"], "running", "{jobs}");
+    // Ends the run: the pipeline reads the FIFO to its end.
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 /// `plugins inspect` shows the sandbox a process plugin gets on this kernel, and says a native

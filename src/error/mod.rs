@@ -82,6 +82,22 @@ pub enum Error {
         /// The address asked for.
         addr: SocketAddr,
     },
+    /// The job server's token given (`--token`, `MILLRACE_TOKEN`) cannot be used.
+    #[error("invalid token: {reason}")]
+    InvalidToken {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The operating system's random number generator could not be read (to generate the job
+    /// server's token).
+    #[error("cannot read random bytes from {path}: {source}")]
+    Random {
+        /// The device read.
+        path: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// A thread could not be started (the system's limit on threads or memory was reached).
     #[error("cannot spawn {what}: {source}")]
     Spawn {
@@ -146,6 +162,8 @@ impl Error {
             Error::Build(_)
             | Error::Listen { .. }
             | Error::NotLoopback { .. }
+            | Error::InvalidToken { .. }
+            | Error::Random { .. }
             | Error::ShutdownTimeout { .. }
             | Error::BuildPanicked { .. }
             | Error::Cancelled

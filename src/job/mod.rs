@@ -48,6 +48,18 @@ use crate::{CancelHandle, Error, Pipeline, RunReport};
 #[cfg(not(loom))]
 use supervisor::Supervisor;
 
+/// What [`Engine::try_cancel`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was running: it has been asked to stop (it ends `cancelled`, or with the
+    /// outcome it reached before it noticed).
+    Requested,
+    /// The job had already ended, with this status; nothing was done.
+    Ended(JobStatus),
+    /// No such job (or it was forgotten).
+    Unknown,
+}
+
 /// A job's identifier, unique within one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobId(pub u64);
@@ -397,6 +409,13 @@ impl Engine {
     /// notice between batches and while blocked on a channel.
     pub fn cancel(&self, id: JobId) -> bool {
         self.jobs.cancel(id)
+    }
+
+    /// Like [`cancel`](Engine::cancel), and says what the cancel found, decided in the same
+    /// critical section as the cancel itself: a job that ends just before it is
+    /// [`CancelOutcome::Ended`], never `Requested`.
+    pub fn try_cancel(&self, id: JobId) -> CancelOutcome {
+        self.jobs.try_cancel(id)
     }
 
     /// Waits for the job to end (its progress stream has its final event by then); `None` for

@@ -14,7 +14,10 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use super::{EngineOptions, Event, JobId, JobInfo, JobStatus, ProgressHub, Registry, Subscription};
+use super::{
+    CancelOutcome, EngineOptions, Event, JobId, JobInfo, JobStatus, ProgressHub, Registry,
+    Subscription,
+};
 use crate::sync::thread::{self, JoinHandle};
 use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
 use crate::{Error, RunReport};
@@ -306,18 +309,25 @@ impl<H: Handle> Supervisor<H> {
     /// returns true before the job is running stops it from running at all (see
     /// [`Control::running`]); one that comes later reaches its handle.
     pub fn cancel(&self, id: JobId) -> bool {
+        self.try_cancel(id) == CancelOutcome::Requested
+    }
+
+    /// [`cancel`](Supervisor::cancel), telling what it found: decided under the job's lock, so
+    /// the answer is the cancel's own (a job that ends just before it is `Ended`, not
+    /// `Requested`).
+    pub fn try_cancel(&self, id: JobId) -> CancelOutcome {
         let Some(job) = self.shared.jobs.get(&id) else {
-            return false;
+            return CancelOutcome::Unknown;
         };
         let mut s = job.slot.lock();
         if s.status.is_final() {
-            return false;
+            return CancelOutcome::Ended(s.status);
         }
         s.cancel_requested = true;
         if let Some(h) = &s.cancel {
             h.cancel();
         }
-        true
+        CancelOutcome::Requested
     }
 
     /// Waits for the job to end (its progress stream has its final event by then); `None` for

@@ -51,9 +51,8 @@ enum Command {
         /// Also serve live status over HTTP at this address while the pipeline runs.
         #[arg(long, value_name = "ADDR")]
         serve: Option<SocketAddr>,
-        /// Allow --serve on a non-loopback address.
-        #[arg(long)]
-        allow_remote: bool,
+        #[command(flatten)]
+        access: Access,
         /// Reload the pipeline while it runs whenever its file or a plugin's files change
         /// (stage parameters, plugin libraries and programs; topology changes are refused).
         #[arg(long)]
@@ -67,12 +66,14 @@ enum Command {
         /// The address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7870")]
         listen: SocketAddr,
-        /// Allow a non-loopback address.
-        #[arg(long)]
-        allow_remote: bool,
+        #[command(flatten)]
+        access: Access,
         /// The largest pipeline file accepted, in bytes.
         #[arg(long, default_value_t = 1 << 20)]
         max_body: usize,
+        /// The most connections served at once (more get 503).
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        max_connections: usize,
     },
     /// Checks a pipeline file without running it.
     Validate {
@@ -91,6 +92,21 @@ enum Command {
         #[command(subcommand)]
         command: PluginsCommand,
     },
+}
+
+/// Who may use the job server (`serve`, `run --serve`).
+#[derive(clap::Args)]
+struct Access {
+    /// Allow a non-loopback address (the token is then the only protection).
+    #[arg(long)]
+    allow_remote: bool,
+    /// The token every request must present (Authorization: Bearer TOKEN); default: the
+    /// environment's MILLRACE_TOKEN, or a random one printed at start.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Also accept this host name in the Host header (with the server's port); repeatable.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -126,7 +142,7 @@ fn main() -> ExitCode {
             quiet,
             progress,
             serve,
-            allow_remote,
+            access,
             watch,
             debounce_ms,
         } => {
@@ -141,7 +157,7 @@ fn main() -> ExitCode {
                 (false, None) => Progress::None,
             };
             if progress == Progress::Json || serve.is_some() {
-                run_on_engine(pipeline, quiet, progress, serve, allow_remote)
+                run_on_engine(pipeline, quiet, progress, serve, access)
             } else {
                 let watch = watch.then(|| Duration::from_millis(debounce_ms));
                 run(pipeline, quiet, progress == Progress::Bar, watch)
@@ -149,9 +165,10 @@ fn main() -> ExitCode {
         }
         Command::Serve {
             listen,
-            allow_remote,
+            access,
             max_body,
-        } => serve(listen, allow_remote, max_body),
+            max_connections,
+        } => serve(listen, access, max_body, max_connections),
         Command::Validate { pipeline } => {
             match PipelineSpec::from_file(&pipeline).and_then(|s| s.build().map(|_| s)) {
                 Ok(spec) => {
@@ -309,7 +326,10 @@ fn plugins(command: PluginsCommand) -> ExitCode {
 fn fail(e: &Error) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(match e {
-        Error::Config(_) | Error::Build(_) | Error::NotLoopback { .. } => 2,
+        Error::Config(_)
+        | Error::Build(_)
+        | Error::NotLoopback { .. }
+        | Error::InvalidToken { .. } => 2,
         _ => 1,
     })
 }
@@ -382,11 +402,31 @@ fn print_reloads(r: &millrace::config::ReloadHandle) {
     }
 }
 
-fn serve_options(listen: SocketAddr, allow_remote: bool) -> ServeOptions {
+fn serve_options(listen: SocketAddr, access: Access) -> ServeOptions {
     let mut o = ServeOptions::new(listen);
-    o.allow_remote = allow_remote;
+    o.allow_remote = access.allow_remote;
+    o.token = access.token.or_else(|| {
+        std::env::var("MILLRACE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    o.allow_hosts = access.allow_hosts;
     o.base_dir = std::env::current_dir().unwrap_or_default();
     o
+}
+
+/// Starts the server and says where to open it (as Jupyter does, with the token in the URL),
+/// with a warning when other machines can reach it.
+fn start_server(engine: &Arc<Engine>, opts: ServeOptions) -> Result<http::Server, Error> {
+    let server = http::serve(Arc::clone(engine), opts)?;
+    eprintln!("serving on {}", server.url());
+    if !server.addr().ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {}, which other machines can reach: the token is the only protection (whoever has it can run commands as you)",
+            server.addr()
+        );
+    }
+    Ok(server)
 }
 
 /// Runs the pipeline as a job of an engine: progress events as JSON lines, and/or live status
@@ -396,7 +436,7 @@ fn run_on_engine(
     quiet: bool,
     progress: Progress,
     serve: Option<SocketAddr>,
-    allow_remote: bool,
+    access: Access,
 ) -> ExitCode {
     let spec = match PipelineSpec::from_file(&path).and_then(|s| s.build().map(|_| s)) {
         Ok(s) => s,
@@ -405,11 +445,8 @@ fn run_on_engine(
     let engine = Arc::new(Engine::new());
     let server = match serve {
         None => None,
-        Some(addr) => match http::serve(Arc::clone(&engine), serve_options(addr, allow_remote)) {
-            Ok(s) => {
-                eprintln!("serving on http://{}", s.addr());
-                Some(s)
-            }
+        Some(addr) => match start_server(&engine, serve_options(addr, access)) {
+            Ok(s) => Some(s),
             Err(e) => return fail(&e),
         },
     };
@@ -451,17 +488,15 @@ fn run_on_engine(
 }
 
 /// Serves the job API until the process is stopped.
-fn serve(listen: SocketAddr, allow_remote: bool, max_body: usize) -> ExitCode {
+fn serve(listen: SocketAddr, access: Access, max_body: usize, max_connections: usize) -> ExitCode {
     let engine = Arc::new(Engine::new());
-    let mut opts = serve_options(listen, allow_remote);
+    let mut opts = serve_options(listen, access);
     opts.max_body = max_body;
-    match http::serve(engine, opts) {
-        Ok(s) => {
-            eprintln!("serving on http://{}", s.addr());
-            loop {
-                std::thread::park();
-            }
-        }
+    opts.max_connections = max_connections;
+    match start_server(&engine, opts) {
+        Ok(_server) => loop {
+            std::thread::park();
+        },
         Err(e) => fail(&e),
     }
 }
