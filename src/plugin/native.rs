@@ -758,7 +758,9 @@ pub(crate) struct NativeSpec {
 /// The head of a native node stage instance: pulls a batch, has the node process it.
 ///
 /// A reloadable stage (`live`) loads its spec once per batch and recreates its node when the
-/// version changed, before processing the batch; otherwise the spec is read once.
+/// version changed, before processing the batch; otherwise the spec is read once. The old
+/// version's node is finished first and its last records are emitted before the new node sees
+/// a record (see [`NativeHead::node_for_batch`]).
 pub(crate) struct NativeHead {
     name: Arc<str>,
     spec: Arc<crate::versioned::Versioned<NativeSpec>>,
@@ -767,6 +769,9 @@ pub(crate) struct NativeHead {
     /// The node and the version it was made from.
     node: Option<(u64, NativeNode)>,
     batch: Vec<Value>,
+    /// An input batch held back for the next pull, and how the pull that got it ended: after a
+    /// reload the old node's last records go out first, in a batch of their own.
+    held: Option<crate::runtime::Pull>,
     ended: bool,
 }
 
@@ -784,6 +789,7 @@ impl NativeHead {
             input,
             node: None,
             batch: Vec::new(),
+            held: None,
             ended: false,
         }
     }
@@ -796,14 +802,19 @@ impl NativeHead {
     }
 
     /// The node for the next batch: made (again) when there is none or, for a live stage, when
-    /// the version changed. The old node, and the library it holds, go here.
-    fn node_for_batch(&mut self) -> Result<u64, crate::operator::Halt> {
+    /// the version changed. A reload hands over as a process stage does: the old version's
+    /// node sees the end of its input and appends what it still holds to `buf` (a stateful
+    /// node's counts or buffered records), then it, and the library it holds, go, before the
+    /// new version's node is made.
+    fn node_for_batch(&mut self, buf: &mut Vec<Value>) -> Result<u64, crate::operator::Halt> {
         if let (Some((version, _)), false) = (&self.node, self.live) {
             return Ok(*version);
         }
         let (version, s) = self.spec.load();
         if self.node.as_ref().map(|n| n.0) != Some(version) {
-            self.node = None; // the old version's instance is released before the new one runs
+            if let Some((_, mut old)) = self.node.take() {
+                old.finish(buf).map_err(|e| self.error(e))?;
+            }
             let node = s
                 .lib
                 .node(&s.node, &s.params, &self.name, s.log_level)
@@ -831,18 +842,32 @@ impl crate::runtime::Head<Value> for NativeHead {
             return Ok(Pull::End);
         }
         if self.node.is_none() {
-            self.node_for_batch()?;
+            self.node_for_batch(buf)?; // the first node: nothing to hand over
         }
         loop {
-            self.batch.clear();
-            let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
+            let pulled = match self.held.take() {
+                Some(pulled) => pulled, // `self.batch` is the batch held back
+                None => {
+                    self.batch.clear();
+                    let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
+                    if !self.batch.is_empty() {
+                        let n = self.batch.len() as u64;
+                        InstanceMetrics::add(&cx.metrics.records_in, n);
+                        InstanceMetrics::add(&cx.metrics.batches_in, 1);
+                    }
+                    pulled
+                }
+            };
             if !self.batch.is_empty() {
-                let n = self.batch.len() as u64;
-                InstanceMetrics::add(&cx.metrics.records_in, n);
-                InstanceMetrics::add(&cx.metrics.batches_in, 1);
-                let version = self.node_for_batch()?;
+                let version = self.node_for_batch(buf)?;
+                if !buf.is_empty() {
+                    // A reload: the old node's last records go out now, flushed as a batch of
+                    // their own; this batch goes to the new node at the next pull.
+                    self.held = Some(pulled);
+                    return Ok(Pull::Idle);
+                }
                 if self.live {
-                    self.spec.count(version, n);
+                    self.spec.count(version, self.batch.len() as u64);
                 }
                 let node = &mut self.node.as_mut().expect("made above").1;
                 if let Err(e) = node.process(&self.batch, buf) {
