@@ -717,3 +717,103 @@ fn a_stateful_native_node_hands_its_counts_over_on_every_reload() {
     assert!(given.len() > RELOADS as usize / 2, "{versions:?}");
     assert_eq!(handle.version(), RELOADS);
 }
+
+/// Issue 13, item 9: a reloadable process plugin runs from a copy of its directory in a private
+/// directory of its own (0700, an unpredictable name, removed when the last version using it
+/// goes), not from the predictable `$TMPDIR/millrace-plugins/<name>-<pid>-<n>` it once went to:
+/// links planted at those names are not followed. Inside the plugin's directory, a link to a
+/// file of the directory is copied as that file, and a link leading out of it is refused,
+/// naming it.
+#[test]
+fn a_process_plugin_copy_is_private_and_follows_no_link() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugins/planted");
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::write(
+        plugin.join("plugin.toml"),
+        "name = \"planted\"\nversion = \"1.0.0\"\nkind = \"process\"\nentry = [\"python3\", \"mark.py\"]\nengine = \">=0.1\"\n[[nodes]]\nname = \"mark\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plugin.join("impl.py"),
+        "import json, os, sys\nfor line in sys.stdin:\n    r = json.loads(line)\n    r['cwd'] = os.getcwd()\n    sys.stdout.write(json.dumps(r) + '\\n')\n",
+    )
+    .unwrap();
+    symlink("impl.py", plugin.join("mark.py")).unwrap();
+    // Where copies used to go: links planted at every name the old scheme would use next.
+    let attacker = dir.path().join("attacker");
+    std::fs::create_dir(&attacker).unwrap();
+    let old = std::env::temp_dir().join("millrace-plugins");
+    std::fs::create_dir_all(&old).unwrap();
+    let planted: Vec<PathBuf> = (0..64)
+        .map(|n| old.join(format!("planted-{}-{n}", std::process::id())))
+        .collect();
+    for p in &planted {
+        let _ = std::fs::remove_file(p);
+        symlink(&attacker, p).unwrap();
+    }
+    let file = dir.path().join("p.toml");
+    std::fs::write(dir.path().join("in.ndjson"), "{\"seq\":0}\n").unwrap();
+    std::fs::write(
+        &file,
+        "plugin_dirs = [\"plugins\"]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n[stages.mark]\nkind = \"planted.mark\"\ninput = \"read\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"mark\"\npath = \"out.ndjson\"\n",
+    )
+    .unwrap();
+    let built = PipelineSpec::from_file(&file).unwrap().build_reloadable();
+    for p in &planted {
+        let _ = std::fs::remove_file(p);
+    }
+    let (pipeline, handle) = built.unwrap();
+    assert_eq!(
+        std::fs::read_dir(&attacker).unwrap().count(),
+        0,
+        "the copy went through a planted link"
+    );
+    pipeline.run().unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap())
+            .unwrap();
+    // The child ran in `<private>/planted`, the private directory fresh, 0700 and ours alone.
+    let cwd = PathBuf::from(out["cwd"].as_str().unwrap());
+    assert_eq!(cwd.file_name().unwrap(), "planted");
+    let private = cwd.parent().unwrap().to_path_buf();
+    assert_eq!(private.parent().unwrap(), std::env::temp_dir());
+    let name = private.file_name().unwrap().to_str().unwrap();
+    let random = name.strip_prefix("millrace-plugin-").unwrap();
+    assert!(
+        random.len() == 32 && random.chars().all(|c| c.is_ascii_hexdigit()),
+        "{name}"
+    );
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&private), 0o700, "{}", private.display());
+    assert_eq!(mode(&cwd), 0o700, "{}", cwd.display());
+    // The link to a file inside the directory became that file.
+    let copied = std::fs::symlink_metadata(cwd.join("mark.py")).unwrap();
+    assert!(copied.is_file(), "{copied:?}");
+    // Removed with the last version using it (the handle holds the running version).
+    drop(handle);
+    assert!(!private.exists(), "{} was not removed", private.display());
+
+    // A link leading out of the plugin's directory is refused, naming it.
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    symlink(dir.path().join("secret"), plugin.join("leak")).unwrap();
+    let e = PipelineSpec::from_file(&file)
+        .unwrap()
+        .build_reloadable()
+        .expect_err("a link out of the plugin's directory is refused");
+    assert_eq!(
+        (e.kind(), e.stage()),
+        (ConfigErrorKind::Io, Some("mark")),
+        "{e}"
+    );
+    let leak = std::fs::canonicalize(&plugin).unwrap().join("leak");
+    assert!(
+        e.message.contains(&format!(
+            "{} is a symbolic link to {}, which is outside the plugin's directory",
+            leak.display(),
+            dir.path().join("secret").display()
+        )),
+        "{e}"
+    );
+}

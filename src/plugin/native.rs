@@ -366,25 +366,26 @@ impl NativeLibrary {
         }))
     }
 
-    /// Loads the plugin from a fresh copy of the library at `path` (the copy is removed once
-    /// loaded; the mapping stays). A reload uses it: `dlopen` of a path already loaded returns
-    /// the image already loaded, not the file now on disk.
+    /// Loads the plugin from a fresh copy of the library at `path`. A reload uses it: `dlopen`
+    /// of a path already loaded returns the image already loaded, not the file now on disk.
+    ///
+    /// The copy is made in a private directory of its own (mode 0700, an unpredictable name,
+    /// see `private_dir.rs`), created afresh with `O_EXCL | O_NOFOLLOW`, and the directory
+    /// is removed once the copy is loaded (the mapping stays), so no other user can plant a
+    /// link where it is written or swap it before `dlopen`. `path` is read as `dlopen` would
+    /// read it (links on the way to it followed) and must be a regular file.
     pub fn load_copy(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, LoadError> {
-        static COPIES: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
-        let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join("millrace-native");
-        let copy = dir.join(format!("{name}-{}-{n}.so", std::process::id()));
-        let copied = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(path, &copy));
-        if let Err(source) = copied {
-            return Err(LoadError::new(
-                name,
-                path,
-                LoadErrorKind::Copy { to: copy, source },
-            ));
+        let copy_error =
+            |to: PathBuf, source| LoadError::new(name, path, LoadErrorKind::Copy { to, source });
+        let private = crate::private_dir::PrivateDir::new("millrace-native-")
+            .map_err(|source| copy_error(std::env::temp_dir(), source))?;
+        let copy = private.path().join(format!("{name}.so"));
+        if let Err(source) = crate::private_dir::copy_file(path, &copy, true) {
+            return Err(copy_error(copy, source));
         }
         let loaded = Self::load(name, &copy);
-        let _ = std::fs::remove_file(&copy);
-        // Errors name the library the user knows, not the copy.
+        drop(private); // removes the copy and its directory
+                       // Errors name the library the user knows, not the copy.
         let mut lib = loaded.map_err(|mut e| {
             e.path = path.to_path_buf();
             if let LoadErrorKind::Open { source } = &mut e.kind {
