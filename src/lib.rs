@@ -52,6 +52,7 @@ pub mod operator;
 #[cfg(feature = "plugin")]
 pub mod plugin;
 pub mod pool;
+mod private_dir;
 mod runtime;
 pub mod sandbox;
 mod sink;

@@ -3,7 +3,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream |
+//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream, private_dir |
 //! | 1 | sandbox |
 //! | 2 | exec |
 //! | 3 | plugin |
@@ -40,6 +40,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("sink", 0),
     ("window", 0),
     ("stream", 0),
+    ("private_dir", 0),
     ("sandbox", 1),
     ("exec", 2),
     ("plugin", 3),

@@ -405,3 +405,57 @@ fn the_example_with_a_native_and_a_process_plugin_runs() {
     }
     assert_eq!(report.stage("out").unwrap().records_out, lines.len() as u64);
 }
+
+/// Issue 13, item 9: a library loaded from a copy (as every reload does) is copied into a
+/// private directory of its own, not to the predictable `$TMPDIR/millrace-native/<name>-<pid>-<n>.so`
+/// it once went to: links planted at those names, pointing at a file of the "attacker's", are
+/// not written through. The private directory is gone once the copy is loaded.
+#[test]
+fn a_library_copy_goes_to_a_private_place_and_follows_no_planted_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let old = std::env::temp_dir().join("millrace-native");
+    std::fs::create_dir_all(&old).unwrap();
+    let planted: Vec<PathBuf> = (0..64)
+        .map(|n| old.join(format!("casefold-{}-{n}.so", std::process::id())))
+        .collect();
+    for p in &planted {
+        let _ = std::fs::remove_file(p);
+        std::os::unix::fs::symlink(&victim, p).unwrap();
+    }
+    let loaded = NativeLibrary::load_copy("casefold", &lib("millrace_casefold"));
+    for p in &planted {
+        let _ = std::fs::remove_file(p);
+    }
+    let loaded = loaded.unwrap();
+    assert_eq!(
+        loaded.path(),
+        lib("millrace_casefold"),
+        "named by its source"
+    );
+    assert!(
+        std::fs::read(&victim).unwrap() == b"precious",
+        "the copy was written through a planted link"
+    );
+    // The image is mapped from the copy, whose directory was removed once it was loaded.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let copies: BTreeSet<PathBuf> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.contains("/millrace-native-") && p.ends_with("/casefold.so"))
+        .map(PathBuf::from)
+        .collect();
+    assert!(!copies.is_empty(), "mapped from a private copy:\n{maps}");
+    for copy in &copies {
+        let private = copy.parent().unwrap();
+        assert_eq!(private.parent().unwrap(), std::env::temp_dir());
+        let name = private.file_name().unwrap().to_str().unwrap();
+        let random = name.strip_prefix("millrace-native-").unwrap();
+        assert!(
+            random.len() == 32 && random.chars().all(|c| c.is_ascii_hexdigit()),
+            "{name}"
+        );
+        assert!(!private.exists(), "{} was not removed", private.display());
+    }
+}

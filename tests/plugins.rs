@@ -119,7 +119,8 @@ fn node_parameters_are_checked_before_anything_runs() {
     let e = config_err(&dir, "kind = \"nosuch.node\"");
     assert_eq!(e.kind(), UnknownKind);
     assert!(
-        e.to_string().contains("plugins: casefold, tagger, textops"),
+        e.to_string()
+            .contains("plugins: casefold, counter, tagger, textops"),
         "{e}"
     );
 }

@@ -607,3 +607,227 @@ fn watching_a_vanished_directory_is_a_watch_error() {
         "{e}"
     );
 }
+
+/// A plugin directory `plugins/<name>` under `root` whose manifest's `entry` is a library of
+/// its own (`lib<name>.so`, a copy of the built one), so that a test can replace it; returns the
+/// built library and the plugin's copy.
+fn own_library(root: &Path, name: &str, crate_lib: &str) -> (PathBuf, PathBuf) {
+    let plugins = root.join("plugins");
+    install(&plugins, name, &bundled(name), crate_lib);
+    let built = common::lib(crate_lib);
+    let library = plugins.join(format!("{name}/lib{name}.so"));
+    std::fs::copy(&built, &library).unwrap();
+    let manifest = plugins.join(format!("{name}/plugin.toml"));
+    let text = std::fs::read_to_string(&manifest).unwrap().replace(
+        &format!("{:?}", built.display().to_string()),
+        &format!("\"lib{name}.so\""),
+    );
+    std::fs::write(&manifest, text).unwrap();
+    (built, library)
+}
+
+fn counter_config(plugins: &Path, label: &str) -> String {
+    format!(
+        r#"plugin_dirs = [{plugins:?}]
+
+[stages.read]
+kind = "ndjson.read"
+path = "in.fifo"
+
+[stages.count]
+kind = "counter.count"
+input = "read"
+key = "k"
+label = "{label}"
+parallelism = 2
+
+[stages.out]
+kind = "ndjson.write"
+input = "count"
+path = "out.ndjson"
+"#
+    )
+}
+
+/// Issue 13, item 8: a stateful native node (the counter, which emits its per-key counts only
+/// when its input ends) across 60 reloads under load, every tenth also replacing its library.
+/// Each reload finishes the old version's node and emits its counts before the new node counts
+/// a record, so every record is counted exactly once: the counts per key add up to the input,
+/// and each version emitted exactly what it was given. (Before the fix the old node was
+/// dropped unfinished, and every version but the last lost its counts.)
+#[test]
+fn a_stateful_native_node_hands_its_counts_over_on_every_reload() {
+    const RELOADS: u64 = 60;
+    const KEYS: u64 = 7;
+    let per_version: u64 = if cfg!(debug_assertions) {
+        2_000
+    } else {
+        20_000
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (built, library) = own_library(dir.path(), "counter", "millrace_counter");
+    let plugins = dir.path().join("plugins");
+    let p = dir.path().join("p.toml");
+    let keyed = |input: &mut std::fs::File, from: u64, to: u64| {
+        let text: String = (from..to)
+            .map(|i| format!("{{\"seq\":{i},\"k\":\"k{}\"}}\n", i % KEYS))
+            .collect();
+        input.write_all(text.as_bytes()).unwrap();
+    };
+    let (report, total, handle) =
+        run_with(dir.path(), &counter_config(&plugins, "v0"), |h, input| {
+            let mut sent = 0;
+            for r in 1..=RELOADS {
+                keyed(input, sent, sent + per_version);
+                sent += per_version;
+                // Reload while records are in flight, once the running version holds counts.
+                wait_processed(h, "count", sent - per_version / 2);
+                write_atomically(&p, &counter_config(&plugins, &format!("v{r}")));
+                if r % 10 == 0 {
+                    let tmp = library.with_extension("new");
+                    std::fs::copy(&built, &tmp).unwrap();
+                    std::fs::rename(&tmp, &library).unwrap();
+                }
+                let e = h.reload().unwrap();
+                assert!(e.changed.iter().any(|c| c.contains("stage `count`")), "{e}");
+            }
+            keyed(input, sent, sent + per_version);
+            sent + per_version
+        });
+    report.unwrap();
+
+    let mut by_key: HashMap<String, u64> = HashMap::new();
+    let mut by_label: HashMap<String, u64> = HashMap::new();
+    for line in std::fs::read_to_string(dir.path().join("out.ndjson"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let n = v["count"].as_u64().unwrap();
+        *by_key
+            .entry(v["key"].as_str().unwrap().to_string())
+            .or_default() += n;
+        *by_label
+            .entry(v["label"].as_str().unwrap().to_string())
+            .or_default() += n;
+    }
+    let expected: HashMap<String, u64> = (0..KEYS)
+        .map(|k| {
+            (
+                format!("k{k}"),
+                (0..total).filter(|i| i % KEYS == k).count() as u64,
+            )
+        })
+        .collect();
+    assert_eq!(by_key, expected, "every record counted exactly once");
+    // Each stage version emitted the counts of exactly the records it was given.
+    let versions = &handle.records_per_version()["count"];
+    let given: HashMap<String, u64> = versions
+        .iter()
+        .map(|(v, n)| (format!("v{v}"), *n))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(by_label, given);
+    assert!(given.len() > RELOADS as usize / 2, "{versions:?}");
+    assert_eq!(handle.version(), RELOADS);
+}
+
+/// Issue 13, item 9: a reloadable process plugin runs from a copy of its directory in a private
+/// directory of its own (0700, an unpredictable name, removed when the last version using it
+/// goes), not from the predictable `$TMPDIR/millrace-plugins/<name>-<pid>-<n>` it once went to:
+/// links planted at those names are not followed. Inside the plugin's directory, a link to a
+/// file of the directory is copied as that file, and a link leading out of it is refused,
+/// naming it.
+#[test]
+fn a_process_plugin_copy_is_private_and_follows_no_link() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugins/planted");
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::write(
+        plugin.join("plugin.toml"),
+        "name = \"planted\"\nversion = \"1.0.0\"\nkind = \"process\"\nentry = [\"python3\", \"mark.py\"]\nengine = \">=0.1\"\n[[nodes]]\nname = \"mark\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plugin.join("impl.py"),
+        "import json, os, sys\nfor line in sys.stdin:\n    r = json.loads(line)\n    r['cwd'] = os.getcwd()\n    sys.stdout.write(json.dumps(r) + '\\n')\n",
+    )
+    .unwrap();
+    symlink("impl.py", plugin.join("mark.py")).unwrap();
+    // Where copies used to go: links planted at every name the old scheme would use next.
+    let attacker = dir.path().join("attacker");
+    std::fs::create_dir(&attacker).unwrap();
+    let old = std::env::temp_dir().join("millrace-plugins");
+    std::fs::create_dir_all(&old).unwrap();
+    let planted: Vec<PathBuf> = (0..64)
+        .map(|n| old.join(format!("planted-{}-{n}", std::process::id())))
+        .collect();
+    for p in &planted {
+        let _ = std::fs::remove_file(p);
+        symlink(&attacker, p).unwrap();
+    }
+    let file = dir.path().join("p.toml");
+    std::fs::write(dir.path().join("in.ndjson"), "{\"seq\":0}\n").unwrap();
+    std::fs::write(
+        &file,
+        "plugin_dirs = [\"plugins\"]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n[stages.mark]\nkind = \"planted.mark\"\ninput = \"read\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"mark\"\npath = \"out.ndjson\"\n",
+    )
+    .unwrap();
+    let built = PipelineSpec::from_file(&file).unwrap().build_reloadable();
+    for p in &planted {
+        let _ = std::fs::remove_file(p);
+    }
+    let (pipeline, handle) = built.unwrap();
+    assert_eq!(
+        std::fs::read_dir(&attacker).unwrap().count(),
+        0,
+        "the copy went through a planted link"
+    );
+    pipeline.run().unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap())
+            .unwrap();
+    // The child ran in `<private>/planted`, the private directory fresh, 0700 and ours alone.
+    let cwd = PathBuf::from(out["cwd"].as_str().unwrap());
+    assert_eq!(cwd.file_name().unwrap(), "planted");
+    let private = cwd.parent().unwrap().to_path_buf();
+    assert_eq!(private.parent().unwrap(), std::env::temp_dir());
+    let name = private.file_name().unwrap().to_str().unwrap();
+    let random = name.strip_prefix("millrace-plugin-").unwrap();
+    assert!(
+        random.len() == 32 && random.chars().all(|c| c.is_ascii_hexdigit()),
+        "{name}"
+    );
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&private), 0o700, "{}", private.display());
+    assert_eq!(mode(&cwd), 0o700, "{}", cwd.display());
+    // The link to a file inside the directory became that file.
+    let copied = std::fs::symlink_metadata(cwd.join("mark.py")).unwrap();
+    assert!(copied.is_file(), "{copied:?}");
+    // Removed with the last version using it (the handle holds the running version).
+    drop(handle);
+    assert!(!private.exists(), "{} was not removed", private.display());
+
+    // A link leading out of the plugin's directory is refused, naming it.
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    symlink(dir.path().join("secret"), plugin.join("leak")).unwrap();
+    let e = PipelineSpec::from_file(&file)
+        .unwrap()
+        .build_reloadable()
+        .expect_err("a link out of the plugin's directory is refused");
+    assert_eq!(
+        (e.kind(), e.stage()),
+        (ConfigErrorKind::Io, Some("mark")),
+        "{e}"
+    );
+    let leak = std::fs::canonicalize(&plugin).unwrap().join("leak");
+    assert!(
+        e.message.contains(&format!(
+            "{} is a symbolic link to {}, which is outside the plugin's directory",
+            leak.display(),
+            dir.path().join("secret").display()
+        )),
+        "{e}"
+    );
+}

@@ -88,6 +88,9 @@ pub struct PipelineSpec {
     /// docs/config.md, "The byte path"). `[options] byte_path = false` (or setting this field
     /// to false) forces the value path.
     pub byte_path: bool,
+    /// When reading began (before the pipeline file, manifests or libraries were read): a
+    /// file changed since may not be what was read (see `reload.rs`, stamps).
+    pub(crate) read_at: std::time::SystemTime,
 }
 
 fn read_pipeline(path: &Path) -> Result<String, ConfigError> {
@@ -106,13 +109,14 @@ impl PipelineSpec {
     /// Reads, parses and validates a pipeline file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        Self::from_str(&read_pipeline(path)?, path)
+        let read_at = std::time::SystemTime::now();
+        Self::parse(&read_pipeline(path)?, path, None, read_at)
     }
 
     /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        Self::parse(text, path.as_ref(), None)
+        Self::parse(text, path.as_ref(), None, std::time::SystemTime::now())
     }
 
     /// Reads a pipeline file for a reload: as [`from_file`](Self::from_file), but native
@@ -121,11 +125,17 @@ impl PipelineSpec {
     ///
     /// `reuse`: libraries already loaded whose files did not change, by plugin name.
     pub(crate) fn from_file_for_reload(path: &Path, reuse: Natives) -> Result<Self, ConfigError> {
-        Self::parse(&read_pipeline(path)?, path, Some(reuse))
+        let read_at = std::time::SystemTime::now();
+        Self::parse(&read_pipeline(path)?, path, Some(reuse), read_at)
     }
 
     /// Parses; with `reload`, native libraries come from `reload` or fresh copies.
-    fn parse(text: &str, file: &Path, reload: Option<Natives>) -> Result<Self, ConfigError> {
+    fn parse(
+        text: &str,
+        file: &Path,
+        reload: Option<Natives>,
+        read_at: std::time::SystemTime,
+    ) -> Result<Self, ConfigError> {
         let copy_natives = reload.is_some();
         let lines = Lines::new(text);
         let raw: RawPipeline = toml::from_str(text).map_err(|e| {
@@ -191,6 +201,7 @@ impl PipelineSpec {
             options,
             stages,
             byte_path,
+            read_at,
         })
     }
 

@@ -81,27 +81,180 @@ impl std::fmt::Display for ReloadEvent {
     }
 }
 
-/// A file's identity for change detection: modification time and length.
-type Stamp = Option<(SystemTime, u64)>;
+/// How long after a file's last change a hash of its content, or a stamp taken after it was
+/// read, is not trusted (see [`Stamp`]): above the timestamp granularity of the common file
+/// systems (a clock tick on ext4, XFS or btrfs; 1 s on ext3 or HFS+; 2 s on FAT).
+const RACY: Duration = Duration::from_secs(2);
 
-fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+/// A file's identity for change detection.
+///
+/// **The stamp rule.** A reload stamps every file it knows of *before* it reads any of them,
+/// so an edit that lands while it reads, or after, is seen by the next reload. A stamp is the
+/// file's modification time, its length and a hash of its content, so two writes of the same
+/// length within the timestamp granularity are told apart. The hash is not recomputed while
+/// the file's metadata (device, inode, length, modification and change times) stays as it was
+/// when the hash was taken, provided that was at least [`RACY`] after the file's last change: a
+/// later write cannot leave all of that as it was. A file first seen in a reload (one the
+/// previous version did not use, or any file when the pipeline is built) can only be stamped
+/// after it was read; if it changed less than [`RACY`] before the reading began, its stamp is
+/// [`Stamp::Unverified`] and the next reload counts it as changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stamp {
+    /// No file there (or it cannot be read).
+    Missing,
+    /// Its modification time, length and content hash, taken before it was read.
+    Seen {
+        modified: SystemTime,
+        len: u64,
+        hash: u64,
+    },
+    /// Stamped after it was read, and changed too recently for the stamp to be sure to
+    /// describe what was read: counts as changed at the next reload.
+    Unverified,
 }
 
-fn stamps(files: Vec<PathBuf>) -> BTreeMap<PathBuf, Stamp> {
-    files
-        .into_iter()
-        .map(|f| {
-            let s = stamp(&f);
-            (f, s)
-        })
-        .collect()
+impl Stamp {
+    /// Whether a file stamped `self` then `now` is unchanged.
+    fn same(&self, now: &Stamp) -> bool {
+        !matches!(self, Stamp::Unverified) && self == now
+    }
+}
+
+/// The metadata a content hash is valid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MetaKey {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl MetaKey {
+    fn of(m: &std::fs::Metadata) -> MetaKey {
+        use std::os::unix::fs::MetadataExt;
+        MetaKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.size(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// The file's last change (its ctime: any write, and setting the times, moves it).
+    fn changed_at(&self) -> SystemTime {
+        let (s, ns) = self.changed;
+        let d = Duration::new(s.max(0) as u64, ns.clamp(0, 999_999_999) as u32);
+        SystemTime::UNIX_EPOCH + d
+    }
+}
+
+/// A content hash and what it is valid for.
+#[derive(Debug)]
+struct Hashed {
+    key: MetaKey,
+    hash: u64,
+    /// When it was taken (before reading).
+    at: SystemTime,
+}
+
+/// The content hashes of the watched files, kept between reloads so that a file that did not
+/// change is not read again (see [`Stamp`]).
+#[derive(Debug, Default)]
+struct Stamper {
+    hashes: BTreeMap<PathBuf, Hashed>,
+}
+
+impl Stamper {
+    /// The file's stamp now.
+    fn stamp(&mut self, path: &Path) -> Stamp {
+        let Ok((meta, modified)) =
+            std::fs::metadata(path).and_then(|m| m.modified().map(|t| (m, t)))
+        else {
+            self.hashes.remove(path);
+            return Stamp::Missing;
+        };
+        let key = MetaKey::of(&meta);
+        let kept = self.hashes.get(path).filter(|h| {
+            h.key == key
+                && h.at
+                    .duration_since(key.changed_at())
+                    .is_ok_and(|d| d >= RACY)
+        });
+        let hash = match kept {
+            Some(h) => h.hash,
+            None => {
+                let at = SystemTime::now();
+                let Ok(hash) = hash_file(path) else {
+                    self.hashes.remove(path);
+                    return Stamp::Missing;
+                };
+                self.hashes
+                    .insert(path.to_path_buf(), Hashed { key, hash, at });
+                hash
+            }
+        };
+        Stamp::Seen {
+            modified,
+            len: key.len,
+            hash,
+        }
+    }
+
+    /// The stamp of a file that was read from `read_at` on, before this stamp (see [`Stamp`]).
+    fn stamp_after_read(&mut self, path: &Path, read_at: SystemTime) -> Stamp {
+        let stamp = self.stamp(path);
+        let recent = self.hashes.get(path).is_some_and(|h| {
+            read_at
+                .duration_since(h.key.changed_at())
+                .map_or(true, |d| d < RACY)
+        });
+        if recent {
+            Stamp::Unverified
+        } else {
+            stamp
+        }
+    }
+
+    /// The stamps of `files`, which were read from `read_at` on.
+    fn stamps_after_read(
+        &mut self,
+        files: Vec<PathBuf>,
+        read_at: SystemTime,
+    ) -> BTreeMap<PathBuf, Stamp> {
+        files
+            .into_iter()
+            .map(|f| {
+                let s = self.stamp_after_read(&f, read_at);
+                (f, s)
+            })
+            .collect()
+    }
+}
+
+/// A hash of the file's content (SipHash, std's fixed keys: the same bytes give the same hash
+/// in every run).
+fn hash_file(path: &Path) -> std::io::Result<u64> {
+    use std::hash::Hasher;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(h.finish()),
+            Ok(n) => h.write(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 struct State {
     spec: PipelineSpec,
     stamps: BTreeMap<PathBuf, Stamp>,
+    stamper: Stamper,
     version: u64,
 }
 
@@ -111,6 +264,9 @@ struct Inner {
     /// Serialises reloads.
     state: Mutex<State>,
     events: Mutex<Vec<ReloadEvent>>,
+    /// Called after a reload has read the new version's files, before it completes.
+    #[cfg(test)]
+    after_read: Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
 /// Reloads a running pipeline built by [`PipelineSpec::build_reloadable`]. Cheap to clone;
@@ -156,16 +312,22 @@ impl PipelineSpec {
             }
         }
         let (p, live) = versioned.build_live()?;
-        let stamps = stamps(self.watched_files());
+        // Read from `read_at` on: the manifests when the spec was parsed, the libraries and
+        // programs just now, for their copies.
+        let mut stamper = Stamper::default();
+        let stamps = stamper.stamps_after_read(self.watched_files(), self.read_at);
         let inner = Inner {
             file: self.file.clone(),
             live,
             state: Mutex::new(State {
                 spec: self.clone(),
                 stamps,
+                stamper,
                 version: 0,
             }),
             events: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            after_read: Mutex::new(None),
         };
         Ok((
             p,
@@ -234,11 +396,18 @@ impl ReloadHandle {
 
     fn try_reload(&self, state: &mut State) -> Result<Vec<String>, ConfigError> {
         let file = &self.inner.file;
+        // Every known file is stamped before anything is read (the stamp rule, at `Stamp`).
+        let read_at = SystemTime::now();
+        let before: BTreeMap<PathBuf, Stamp> = state
+            .stamps
+            .keys()
+            .map(|f| (f.clone(), state.stamper.stamp(f)))
+            .collect();
         // Native libraries whose files did not change are reused, not loaded again.
         let changed_files: Vec<&PathBuf> = state
             .stamps
             .iter()
-            .filter(|(f, s)| stamp(f) != **s)
+            .filter(|(f, s)| !s.same(&before[*f]))
             .map(|(f, _)| f)
             .collect();
         // Only native plugin libraries are reused.
@@ -257,6 +426,10 @@ impl ReloadHandle {
             }
         }
         let new = PipelineSpec::from_file_for_reload(file, reuse)?;
+        #[cfg(test)]
+        if let Some(hook) = self.inner.after_read.lock().as_mut() {
+            hook();
+        }
         let old = &state.spec;
         let restart = |stage: Option<&str>, line: Option<usize>, why: String| {
             ConfigError::new(
@@ -363,7 +536,19 @@ impl ReloadHandle {
             }
         }
         state.version += 1;
-        state.stamps = stamps(new.watched_files());
+        // The stamps taken before reading; a file this version uses for the first time can
+        // only be stamped now.
+        let mut stamps = before;
+        let files = new.watched_files();
+        stamps.retain(|f, _| files.contains(f));
+        for f in files {
+            if let std::collections::btree_map::Entry::Vacant(e) = stamps.entry(f) {
+                let s = state.stamper.stamp_after_read(e.key(), read_at);
+                e.insert(s);
+            }
+        }
+        state.stamper.hashes.retain(|f, _| stamps.contains_key(f));
+        state.stamps = stamps;
         state.spec = new;
         Ok(changed)
     }
@@ -411,6 +596,9 @@ impl ReloadHandle {
         let (tx, rx) = crossbeam_channel::bounded::<PathBuf>(1024);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
+                if !may_change(&ev.kind) {
+                    return;
+                }
                 for p in ev.paths {
                     // Dropped when full: one pending change is enough to trigger a reload.
                     let _ = tx.try_send(p);
@@ -496,6 +684,17 @@ enum Next {
     Window(crate::window::WindowLive),
 }
 
+/// Whether a file event can mean a change: not a mere open, read or close after reading.
+/// (notify reports those too, and a reload opens and reads the files it watches: counting them
+/// made every reload trigger the next, one per debounce interval, for as long as it ran.)
+fn may_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(a) => *a == AccessKind::Close(AccessMode::Write),
+        _ => true,
+    }
+}
+
 /// The file names a change to `path` may concern (a file itself, or one renamed over it).
 fn concerns(handle: &ReloadHandle, path: &Path) -> bool {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
@@ -558,6 +757,183 @@ impl Drop for Watcher {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline file using a process plugin `p` (running `cat`) whose manifest gives its
+    /// node's parameter `v` the default `default`; returns the pipeline file and the manifest.
+    fn setup(dir: &Path, default: &str) -> (PathBuf, PathBuf) {
+        let plugin = dir.join("plugins/p");
+        std::fs::create_dir_all(&plugin).unwrap();
+        let manifest = plugin.join("plugin.toml");
+        write_manifest(&manifest, default);
+        std::fs::write(dir.join("in.ndjson"), "").unwrap();
+        let file = dir.join("p.toml");
+        std::fs::write(
+            &file,
+            "plugin_dirs = [\"plugins\"]\n[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n[stages.s]\nkind = \"p.n\"\ninput = \"read\"\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"s\"\npath = \"out.ndjson\"\n",
+        )
+        .unwrap();
+        (file, manifest)
+    }
+
+    fn write_manifest(path: &Path, default: &str) {
+        std::fs::write(
+            path,
+            format!(
+                "name = \"p\"\nversion = \"1.0.0\"\nkind = \"process\"\nentry = [\"cat\"]\nengine = \">=0.1\"\n[[nodes]]\nname = \"n\"\n[nodes.params.v]\ntype = \"string\"\ndefault = \"{default}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+
+    /// The parameters the running version of stage `s` was given.
+    fn live_params(h: &ReloadHandle) -> serde_json::Value {
+        let Some(LiveStage::Exec(v)) = h.inner.live.get("s") else {
+            panic!("stage `s` is a live exec stage");
+        };
+        let (_, spec) = v.load();
+        let (_, params) = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == "MILLRACE_PARAMS")
+            .expect("the plugin's parameters");
+        serde_json::from_str(params).unwrap()
+    }
+
+    fn changed(e: &ReloadEvent) -> Vec<String> {
+        e.changed.clone()
+    }
+
+    /// Issue 13, item 10: an edit that lands after a reload has read the files, before it
+    /// completes, is picked up by the next reload (the files were stamped before reading).
+    /// Before the fix the stamps were taken at the end, after the edit, and it was ignored for
+    /// good.
+    #[test]
+    fn an_edit_while_a_reload_reads_is_picked_up_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, manifest) = setup(dir.path(), "a");
+        let (_pipeline, h) = PipelineSpec::from_file(&file)
+            .unwrap()
+            .build_reloadable()
+            .unwrap();
+        assert_eq!(live_params(&h)["v"], "a");
+        let m = manifest.clone();
+        let mut once = Some(move || write_manifest(&m, "edited"));
+        *h.inner.after_read.lock() = Some(Box::new(move || {
+            if let Some(edit) = once.take() {
+                edit();
+            }
+        }));
+        // This reload read the manifest with "a", then the edit landed.
+        h.reload().unwrap();
+        assert_eq!(live_params(&h)["v"], "a");
+        let e = h.reload().unwrap();
+        assert_eq!(changed(&e), ["stage `s`: plugin files"], "{e}");
+        assert_eq!(live_params(&h)["v"], "edited");
+        // And nothing more after that.
+        assert_eq!(changed(&h.reload().unwrap()), Vec::<String>::new());
+    }
+
+    /// Issue 13, item 10: two writes of the same length within the timestamp granularity (the
+    /// modification time set back to the first write's) are both seen: the content hash
+    /// differs. Before the fix the stamp was (modification time, length), equal both times.
+    #[test]
+    fn same_length_writes_within_the_timestamp_granularity_are_both_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, manifest) = setup(dir.path(), "a");
+        let (_pipeline, h) = PipelineSpec::from_file(&file)
+            .unwrap()
+            .build_reloadable()
+            .unwrap();
+        h.reload().unwrap(); // stamps taken before reading
+        let mtime = std::fs::metadata(&manifest).unwrap().modified().unwrap();
+        let len = std::fs::metadata(&manifest).unwrap().len();
+        for v in ["b", "c"] {
+            write_manifest(&manifest, v);
+            let f = std::fs::File::options()
+                .write(true)
+                .open(&manifest)
+                .unwrap();
+            f.set_modified(mtime).unwrap();
+            drop(f);
+            let meta = std::fs::metadata(&manifest).unwrap();
+            assert_eq!((meta.modified().unwrap(), meta.len()), (mtime, len));
+            let e = h.reload().unwrap();
+            assert_eq!(changed(&e), ["stage `s`: plugin files"], "{v}: {e}");
+            assert_eq!(live_params(&h)["v"], v);
+        }
+        assert_eq!(changed(&h.reload().unwrap()), Vec::<String>::new());
+    }
+
+    /// The same through the watcher: each write's notification reloads, and each reload sees
+    /// its write.
+    #[test]
+    fn the_watcher_sees_same_length_writes_within_the_granularity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, manifest) = setup(dir.path(), "a");
+        let (_pipeline, h) = PipelineSpec::from_file(&file)
+            .unwrap()
+            .build_reloadable()
+            .unwrap();
+        h.reload().unwrap();
+        let mtime = std::fs::metadata(&manifest).unwrap().modified().unwrap();
+        let watcher = h.watch(Duration::from_millis(20)).unwrap();
+        for v in ["b", "c"] {
+            write_manifest(&manifest, v);
+            let f = std::fs::File::options()
+                .write(true)
+                .open(&manifest)
+                .unwrap();
+            f.set_modified(mtime).unwrap();
+            drop(f);
+            // Wait (with a deadline) for a reload that applied this write.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while live_params(&h)["v"] != v {
+                assert!(
+                    Instant::now() < deadline,
+                    "{v} never applied: {:?}",
+                    h.events()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        drop(watcher);
+        let events = h.events();
+        let applied = events
+            .iter()
+            .filter(|e| e.latency.is_some() && !e.changed.is_empty())
+            .count();
+        assert_eq!(applied, 2, "{events:?}");
+    }
+
+    /// The watcher's own reads (a reload opens and reads every file it watches) are not
+    /// changes: counting them made each reload trigger the next, forever.
+    #[test]
+    fn opening_or_reading_a_file_is_not_a_change() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        use notify::EventKind;
+        for (kind, change) in [
+            (EventKind::Access(AccessKind::Open(AccessMode::Any)), false),
+            (EventKind::Access(AccessKind::Read), false),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Read)),
+                false,
+            ),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                true,
+            ),
+            (EventKind::Modify(ModifyKind::Any), true),
+            (EventKind::Create(CreateKind::File), true),
+            (EventKind::Any, true),
+        ] {
+            assert_eq!(may_change(&kind), change, "{kind:?}");
         }
     }
 }

@@ -82,44 +82,18 @@ pub(crate) struct ExecSpec {
 
 /// A private copy of a process plugin's directory: the code of one version, immune to edits of
 /// the original (a process reads its program from disk when it starts, which may be long after
-/// its version was built). Removed when the last version using it is gone.
+/// its version was built). It lives in a private directory of its own (0700, an unpredictable
+/// name: see [`crate::private_dir`]), removed when the last version using it is gone.
 #[derive(Debug)]
 pub(crate) struct PluginCopy {
-    dir: PathBuf,
-}
-
-impl Drop for PluginCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _private: crate::private_dir::PrivateDir,
 }
 
 /// Bounds on a plugin directory copied for a version.
-const COPY_MAX_FILES: usize = 1000;
-const COPY_MAX_BYTES: u64 = 256 << 20;
-
-fn copy_dir(from: &Path, to: &Path, files: &mut usize, bytes: &mut u64) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let meta = std::fs::metadata(&src)?; // follows symbolic links
-        *files += 1;
-        *bytes += meta.len();
-        if *files > COPY_MAX_FILES || *bytes > COPY_MAX_BYTES {
-            return Err(std::io::Error::other(format!(
-                "the plugin directory is larger than {COPY_MAX_FILES} files or {} MiB",
-                COPY_MAX_BYTES >> 20
-            )));
-        }
-        if meta.is_dir() {
-            copy_dir(&src, &dst, files, bytes)?;
-        } else {
-            std::fs::copy(&src, &dst)?;
-        }
-    }
-    Ok(())
-}
+const COPY_LIMITS: crate::private_dir::CopyLimits = crate::private_dir::CopyLimits {
+    files: 1000,
+    bytes: 256 << 20,
+};
 
 impl ExecSpec {
     /// For a process plugin's stage: the same spec running from a fresh private copy of the
@@ -129,15 +103,14 @@ impl ExecSpec {
         let Some(policy) = &self.sandbox else {
             return Ok(self.clone());
         };
-        static COPIES: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
-        let n = COPIES.fetch_add(1, Ordering::Relaxed);
         let src = policy.plugin_dir.clone();
         let name = self.plugin.as_deref().unwrap_or("plugin");
-        let dst = std::env::temp_dir()
-            .join("millrace-plugins")
-            .join(format!("{name}-{}-{n}", std::process::id()));
-        let copy = PluginCopy { dir: dst.clone() };
-        copy_dir(&src, &dst, &mut 0, &mut 0).map_err(|e| {
+        let private = crate::private_dir::PrivateDir::new("millrace-plugin-")
+            .map_err(|e| format!("cannot copy plugin `{name}` from {}: {e}", src.display()))?;
+        // `<private>/<name>`: the copy keeps the plugin's name for its working directory.
+        let dst = private.path().join(name);
+        let copy = PluginCopy { _private: private };
+        crate::private_dir::copy_dir(&src, &dst, COPY_LIMITS).map_err(|e| {
             format!(
                 "cannot copy plugin `{name}` from {} to {}: {e}",
                 src.display(),

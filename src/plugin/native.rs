@@ -366,25 +366,26 @@ impl NativeLibrary {
         }))
     }
 
-    /// Loads the plugin from a fresh copy of the library at `path` (the copy is removed once
-    /// loaded; the mapping stays). A reload uses it: `dlopen` of a path already loaded returns
-    /// the image already loaded, not the file now on disk.
+    /// Loads the plugin from a fresh copy of the library at `path`. A reload uses it: `dlopen`
+    /// of a path already loaded returns the image already loaded, not the file now on disk.
+    ///
+    /// The copy is made in a private directory of its own (mode 0700, an unpredictable name,
+    /// see `private_dir.rs`), created afresh with `O_EXCL | O_NOFOLLOW`, and the directory
+    /// is removed once the copy is loaded (the mapping stays), so no other user can plant a
+    /// link where it is written or swap it before `dlopen`. `path` is read as `dlopen` would
+    /// read it (links on the way to it followed) and must be a regular file.
     pub fn load_copy(name: &str, path: &Path) -> Result<Arc<NativeLibrary>, LoadError> {
-        static COPIES: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
-        let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join("millrace-native");
-        let copy = dir.join(format!("{name}-{}-{n}.so", std::process::id()));
-        let copied = std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(path, &copy));
-        if let Err(source) = copied {
-            return Err(LoadError::new(
-                name,
-                path,
-                LoadErrorKind::Copy { to: copy, source },
-            ));
+        let copy_error =
+            |to: PathBuf, source| LoadError::new(name, path, LoadErrorKind::Copy { to, source });
+        let private = crate::private_dir::PrivateDir::new("millrace-native-")
+            .map_err(|source| copy_error(std::env::temp_dir(), source))?;
+        let copy = private.path().join(format!("{name}.so"));
+        if let Err(source) = crate::private_dir::copy_file(path, &copy, true) {
+            return Err(copy_error(copy, source));
         }
         let loaded = Self::load(name, &copy);
-        let _ = std::fs::remove_file(&copy);
-        // Errors name the library the user knows, not the copy.
+        drop(private); // removes the copy and its directory
+                       // Errors name the library the user knows, not the copy.
         let mut lib = loaded.map_err(|mut e| {
             e.path = path.to_path_buf();
             if let LoadErrorKind::Open { source } = &mut e.kind {
@@ -758,7 +759,9 @@ pub(crate) struct NativeSpec {
 /// The head of a native node stage instance: pulls a batch, has the node process it.
 ///
 /// A reloadable stage (`live`) loads its spec once per batch and recreates its node when the
-/// version changed, before processing the batch; otherwise the spec is read once.
+/// version changed, before processing the batch; otherwise the spec is read once. The old
+/// version's node is finished first and its last records are emitted before the new node sees
+/// a record (see [`NativeHead::node_for_batch`]).
 pub(crate) struct NativeHead {
     name: Arc<str>,
     spec: Arc<crate::versioned::Versioned<NativeSpec>>,
@@ -767,6 +770,9 @@ pub(crate) struct NativeHead {
     /// The node and the version it was made from.
     node: Option<(u64, NativeNode)>,
     batch: Vec<Value>,
+    /// An input batch held back for the next pull, and how the pull that got it ended: after a
+    /// reload the old node's last records go out first, in a batch of their own.
+    held: Option<crate::runtime::Pull>,
     ended: bool,
 }
 
@@ -784,6 +790,7 @@ impl NativeHead {
             input,
             node: None,
             batch: Vec::new(),
+            held: None,
             ended: false,
         }
     }
@@ -796,14 +803,19 @@ impl NativeHead {
     }
 
     /// The node for the next batch: made (again) when there is none or, for a live stage, when
-    /// the version changed. The old node, and the library it holds, go here.
-    fn node_for_batch(&mut self) -> Result<u64, crate::operator::Halt> {
+    /// the version changed. A reload hands over as a process stage does: the old version's
+    /// node sees the end of its input and appends what it still holds to `buf` (a stateful
+    /// node's counts or buffered records), then it, and the library it holds, go, before the
+    /// new version's node is made.
+    fn node_for_batch(&mut self, buf: &mut Vec<Value>) -> Result<u64, crate::operator::Halt> {
         if let (Some((version, _)), false) = (&self.node, self.live) {
             return Ok(*version);
         }
         let (version, s) = self.spec.load();
         if self.node.as_ref().map(|n| n.0) != Some(version) {
-            self.node = None; // the old version's instance is released before the new one runs
+            if let Some((_, mut old)) = self.node.take() {
+                old.finish(buf).map_err(|e| self.error(e))?;
+            }
             let node = s
                 .lib
                 .node(&s.node, &s.params, &self.name, s.log_level)
@@ -831,18 +843,32 @@ impl crate::runtime::Head<Value> for NativeHead {
             return Ok(Pull::End);
         }
         if self.node.is_none() {
-            self.node_for_batch()?;
+            self.node_for_batch(buf)?; // the first node: nothing to hand over
         }
         loop {
-            self.batch.clear();
-            let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
+            let pulled = match self.held.take() {
+                Some(pulled) => pulled, // `self.batch` is the batch held back
+                None => {
+                    self.batch.clear();
+                    let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
+                    if !self.batch.is_empty() {
+                        let n = self.batch.len() as u64;
+                        InstanceMetrics::add(&cx.metrics.records_in, n);
+                        InstanceMetrics::add(&cx.metrics.batches_in, 1);
+                    }
+                    pulled
+                }
+            };
             if !self.batch.is_empty() {
-                let n = self.batch.len() as u64;
-                InstanceMetrics::add(&cx.metrics.records_in, n);
-                InstanceMetrics::add(&cx.metrics.batches_in, 1);
-                let version = self.node_for_batch()?;
+                let version = self.node_for_batch(buf)?;
+                if !buf.is_empty() {
+                    // A reload: the old node's last records go out now, flushed as a batch of
+                    // their own; this batch goes to the new node at the next pull.
+                    self.held = Some(pulled);
+                    return Ok(Pull::Idle);
+                }
                 if self.live {
-                    self.spec.count(version, n);
+                    self.spec.count(version, self.batch.len() as u64);
                 }
                 let node = &mut self.node.as_mut().expect("made above").1;
                 if let Err(e) = node.process(&self.batch, buf) {

@@ -38,6 +38,7 @@ pub(crate) fn built() -> &'static Path {
         for p in [
             "millrace-tagger",
             "millrace-casefold",
+            "millrace-counter",
             "millrace-test-bad_abi",
             "millrace-test-bad_engine",
         ] {
