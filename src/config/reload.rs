@@ -792,6 +792,28 @@ mod tests {
         .unwrap();
     }
 
+    /// [`setup`], then the pipeline built reloadable: the pipeline, its handle, the manifest.
+    fn reloadable(dir: &Path, default: &str) -> (Pipeline, ReloadHandle, PathBuf) {
+        let (file, manifest) = setup(dir, default);
+        let (pipeline, h) = PipelineSpec::from_file(&file)
+            .unwrap()
+            .build_reloadable()
+            .unwrap();
+        (pipeline, h, manifest)
+    }
+
+    /// Rewrites the manifest with the default `default` and sets its modification time back to
+    /// `mtime`: a write within the timestamp granularity of the one before.
+    fn rewrite_keeping_mtime(manifest: &Path, default: &str, mtime: SystemTime) {
+        write_manifest(manifest, default);
+        std::fs::File::options()
+            .write(true)
+            .open(manifest)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
+
     /// The parameters the running version of stage `s` was given.
     fn live_params(h: &ReloadHandle) -> serde_json::Value {
         let Some(LiveStage::Exec(v)) = h.inner.live.get("s") else {
@@ -817,11 +839,7 @@ mod tests {
     #[test]
     fn an_edit_while_a_reload_reads_is_picked_up_by_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, manifest) = setup(dir.path(), "a");
-        let (_pipeline, h) = PipelineSpec::from_file(&file)
-            .unwrap()
-            .build_reloadable()
-            .unwrap();
+        let (_pipeline, h, manifest) = reloadable(dir.path(), "a");
         assert_eq!(live_params(&h)["v"], "a");
         let m = manifest.clone();
         let mut once = Some(move || write_manifest(&m, "edited"));
@@ -846,22 +864,12 @@ mod tests {
     #[test]
     fn same_length_writes_within_the_timestamp_granularity_are_both_seen() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, manifest) = setup(dir.path(), "a");
-        let (_pipeline, h) = PipelineSpec::from_file(&file)
-            .unwrap()
-            .build_reloadable()
-            .unwrap();
+        let (_pipeline, h, manifest) = reloadable(dir.path(), "a");
         h.reload().unwrap(); // stamps taken before reading
         let mtime = std::fs::metadata(&manifest).unwrap().modified().unwrap();
         let len = std::fs::metadata(&manifest).unwrap().len();
         for v in ["b", "c"] {
-            write_manifest(&manifest, v);
-            let f = std::fs::File::options()
-                .write(true)
-                .open(&manifest)
-                .unwrap();
-            f.set_modified(mtime).unwrap();
-            drop(f);
+            rewrite_keeping_mtime(&manifest, v, mtime);
             let meta = std::fs::metadata(&manifest).unwrap();
             assert_eq!((meta.modified().unwrap(), meta.len()), (mtime, len));
             let e = h.reload().unwrap();
@@ -876,22 +884,12 @@ mod tests {
     #[test]
     fn the_watcher_sees_same_length_writes_within_the_granularity() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, manifest) = setup(dir.path(), "a");
-        let (_pipeline, h) = PipelineSpec::from_file(&file)
-            .unwrap()
-            .build_reloadable()
-            .unwrap();
+        let (_pipeline, h, manifest) = reloadable(dir.path(), "a");
         h.reload().unwrap();
         let mtime = std::fs::metadata(&manifest).unwrap().modified().unwrap();
         let watcher = h.watch(Duration::from_millis(20)).unwrap();
         for v in ["b", "c"] {
-            write_manifest(&manifest, v);
-            let f = std::fs::File::options()
-                .write(true)
-                .open(&manifest)
-                .unwrap();
-            f.set_modified(mtime).unwrap();
-            drop(f);
+            rewrite_keeping_mtime(&manifest, v, mtime);
             // Wait (with a deadline) for a reload that applied this write.
             let deadline = Instant::now() + Duration::from_secs(20);
             while live_params(&h)["v"] != v {
