@@ -370,7 +370,7 @@ fn build_window(
     let mut spec = WindowSpec::new(w.assigner, w.event_time())
         .max_out_of_orderness(ms(w.max_out_of_orderness))
         .allowed_lateness(ms(w.allowed_lateness))
-        .on_error(w.on_error);
+        .on_error(w.on_error.clone());
     if let Some(live) = live {
         let v = Versioned::new(w.live());
         live.insert(st.name.clone(), LiveStage::Window(Arc::clone(&v)));

@@ -64,7 +64,7 @@ impl WindowParams {
     pub(crate) fn live(&self) -> crate::window::WindowLive {
         crate::window::WindowLive {
             allowed_lateness: self.allowed_lateness,
-            on_error: self.on_error,
+            on_error: self.on_error.clone(),
         }
     }
 
@@ -73,7 +73,7 @@ impl WindowParams {
     pub(crate) fn incompatible(&self, new: &WindowParams) -> Option<String> {
         let mut same = new.clone();
         same.allowed_lateness = self.allowed_lateness;
-        same.on_error = self.on_error;
+        same.on_error = self.on_error.clone();
         (format!("{self:?}") != format!("{same:?}")).then(|| {
             "only `allowed_lateness` and `on_error` can change while a window runs (its open \
              windows belong to its other parameters)"
@@ -296,6 +296,10 @@ pub(crate) struct JsonTime {
 }
 
 impl EventTime<Value> for JsonTime {
+    fn record_json(&self, rec: &Value) -> Option<Value> {
+        Some(rec.clone())
+    }
+
     fn time(&self, rec: &Value) -> Result<Timestamp, TimeError> {
         let field = &*self.time_field;
         let t = match rec.get(field) {

@@ -1076,6 +1076,7 @@ mod tests {
             stage: "child".into(),
             instance: 0,
             source: false,
+            dead_letter_side: false,
             body: Box::new(move |cx: &Cx| {
                 let mut head = make(input);
                 let mut buf = Vec::new();
