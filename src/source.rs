@@ -435,6 +435,10 @@ pub(crate) struct LineHead<T, P> {
     line: u64,
     raw: Vec<u8>,
     parse: P,
+    /// What to do with a line that does not parse.
+    on_error: crate::dead_letter::OnError,
+    skipped: u64,
+    dead_lettered: u64,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -455,12 +459,39 @@ where
             line: 0,
             raw: Vec::with_capacity(256),
             parse,
+            on_error: crate::dead_letter::OnError::Fail,
+            skipped: 0,
+            dead_lettered: 0,
             _t: std::marker::PhantomData,
         }
+    }
+
+    /// The same head with an error policy for lines that do not parse.
+    pub(crate) fn with_policy(mut self, on_error: crate::dead_letter::OnError) -> Self {
+        self.on_error = on_error;
+        self
     }
 }
 
 impl<T, P> LineHead<T, P> {
+    /// Counts a line the policy skipped or dead-lettered, in the stage's metrics and the run's
+    /// count of lines read.
+    fn count_rejected(&mut self, cx: &Cx, r: crate::dead_letter::Rejected) {
+        use crate::dead_letter::Rejected;
+        use crate::sync::Ordering::Relaxed;
+        match r {
+            Rejected::Skipped => {
+                self.skipped += 1;
+                cx.metrics.skipped.store(self.skipped, Relaxed);
+            }
+            Rejected::DeadLettered => {
+                self.dead_lettered += 1;
+                cx.metrics.dead_lettered.store(self.dead_lettered, Relaxed);
+            }
+        }
+        cx.run.source_rejected.fetch_add(1, Relaxed);
+    }
+
     fn poll_fd(&self) -> Option<&PollFd> {
         #[cfg(unix)]
         return self.poll_fd.as_ref();
@@ -507,14 +538,23 @@ where
                 Ok(Some(x)) => buf.push(x),
                 Ok(None) => {}
                 Err(message) => {
-                    return Err(Halt::Failed(Error::Record {
-                        stage: self.name.to_string(),
-                        location: Location {
-                            path: self.path.clone(),
-                            line: self.line,
-                        },
+                    let (name, path, at) = (&self.name, &self.path, self.line);
+                    let r = self.on_error.reject(
+                        name,
                         message,
-                    }))
+                        || crate::dead_letter::Bad::Raw(String::from_utf8_lossy(line).into_owned()),
+                        Some(path),
+                        Some(at),
+                        |message| Error::Record {
+                            stage: name.to_string(),
+                            location: Location {
+                                path: path.clone(),
+                                line: at,
+                            },
+                            message,
+                        },
+                    )?;
+                    self.count_rejected(cx, r);
                 }
             }
         }

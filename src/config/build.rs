@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::kinds::{self, Kind};
 use super::live_map::MapLogic;
-use super::parse::{PipelineSpec, StageSpec};
+use super::parse::{PipelineSpec, PolicySpec, StageSpec};
 use super::stages;
 use super::window_kind::{LatePolicy, WindowParams};
 use super::{ConfigError, ConfigErrorKind};
@@ -43,6 +43,21 @@ impl PipelineSpec {
             return Ok(p);
         }
         let p = Pipeline::with_options(self.options.clone());
+        // One dead-letter stream per stage named in a `dead_letter`, made before any stage
+        // that sends to it; the stage itself reads the letters as JSON objects.
+        let mut handles: HashMap<&str, crate::DeadLetters> = HashMap::new();
+        let mut letters: HashMap<&str, JsonStream> = HashMap::new();
+        for st in self.stages.iter().filter(|s| s.dead_letter_target) {
+            let (h, s) = p.dead_letters(&format!("{}.letters", st.name));
+            handles.insert(&st.name, h);
+            letters.insert(
+                &st.name,
+                s.map(|l: crate::DeadLetter| l.to_json())
+                    .name(&format!("{}.letters.json", st.name))
+                    .into_head()
+                    .boxed(),
+            );
+        }
         let mut consumers: HashMap<&str, usize> = HashMap::new();
         for s in &self.stages {
             // A window's late stage reads its late output, not its results.
@@ -59,6 +74,7 @@ impl PipelineSpec {
                         .remove(w.as_str())
                         .expect("a window is built before its late stage"),
                 ),
+                None if st.dead_letter_target => letters.remove(st.name.as_str()),
                 None => {
                     let mut inputs = st.inputs.iter().map(|i| {
                         outputs
@@ -81,7 +97,17 @@ impl PipelineSpec {
                 )
             };
             let mut late = None;
-            let out = build_stage(&p, st, input, &mut late, live.as_deref_mut())?;
+            let policy = match &st.on_error {
+                PolicySpec::Fail => crate::OnError::Fail,
+                PolicySpec::Skip => crate::OnError::Skip,
+                PolicySpec::DeadLetter(t) => crate::OnError::DeadLetter(
+                    handles
+                        .get(t.as_str())
+                        .cloned()
+                        .expect("validation checks every dead_letter names a stage"),
+                ),
+            };
+            let out = build_stage(&p, st, input, &mut late, live.as_deref_mut(), policy)?;
             if let Some(l) = late {
                 lates.insert(&st.name, l);
             }
@@ -114,6 +140,10 @@ impl PipelineSpec {
     fn build_byte_path(&self, live: Option<&mut LiveStages>) -> Option<Pipeline> {
         let st = &self.stages;
         if !self.byte_path || st.len() < 3 {
+            return None;
+        }
+        // Error policies run on records: a pipeline with any uses the value path.
+        if st.iter().any(|s| s.on_error != PolicySpec::Fail || s.dead_letter_target) {
             return None;
         }
         let linear = st.iter().enumerate().all(|(i, s)| {
@@ -196,6 +226,7 @@ fn build_live_stage(
     st: &StageSpec,
     input: JsonStream,
     live: &mut LiveStages,
+    policy: &crate::OnError,
 ) -> Result<Option<JsonStream>, JsonStream> {
     let name = st.name.as_str();
     let par = st.parallelism;
@@ -215,7 +246,7 @@ fn build_live_stage(
             Some(logic) => {
                 let v = Versioned::new(logic);
                 live.insert(st.name.clone(), LiveStage::Map(Arc::clone(&v)));
-                stages::live_map(with_parallelism(input, st), name, v).boxed()
+                stages::live_map(with_parallelism(input, st), name, v, policy.clone()).boxed()
             }
             None => return Err(input),
         },
@@ -228,11 +259,12 @@ fn build_stage(
     input: Option<JsonStream>,
     late: &mut Option<JsonStream>,
     live: Option<&mut LiveStages>,
+    policy: crate::OnError,
 ) -> Result<Option<JsonStream>, ConfigError> {
     let name = st.name.as_str();
     let mut live = live;
     let input = match (input, live.as_deref_mut()) {
-        (Some(s), Some(live)) => match build_live_stage(st, s, live) {
+        (Some(s), Some(live)) => match build_live_stage(st, s, live, &policy) {
             Ok(out) => return Ok(out),
             Err(s) => Some(s),
         },
@@ -240,7 +272,7 @@ fn build_stage(
     };
     Ok(match (&st.params, input) {
         (Kind::LinesRead { path }, None) => {
-            let s = stages::lines(p, name, path);
+            let s = stages::lines(p, name, path, policy);
             Some(if st.parallelism > 1 {
                 s.rebalance(st.parallelism).boxed()
             } else {
@@ -257,45 +289,22 @@ fn build_stage(
                 Some(
                     chunks
                         .rebalance(st.parallelism)
-                        .try_flat_map(move |chunk: Chunk| parse_chunk(&chunk, &stage, &shown))
+                        .try_flat_map(move |chunk: Chunk| parse_chunk(&chunk, &stage, &shown, &policy))
                         .name(name)
                         .into_head()
                         .boxed(),
                 )
             } else {
-                Some(stages::ndjson_objects(p, name, path).boxed())
+                Some(stages::ndjson_objects(p, name, path, policy).boxed())
             }
         }
         (_, None) => unreachable!("validation gives every non-source stage an input"),
         (Kind::LinesRead { .. } | Kind::NdjsonRead { .. }, Some(_)) => {
             unreachable!("sources have no input")
         }
-        (Kind::Words { field, lowercase }, Some(s)) => {
-            let (field, lowercase) = (field.clone(), *lowercase);
-            Some(
-                with_parallelism(s, st)
-                    .try_flat_map(move |rec| kinds::words(&rec, &field, lowercase))
-                    .name(name)
-                    .boxed(),
-            )
-        }
-        (Kind::Filter { field, op, value }, Some(s)) => {
-            let (field, op, value) = (field.clone(), *op, value.clone());
-            Some(
-                with_parallelism(s, st)
-                    .filter(move |rec| kinds::filter(rec, &field, op, &value))
-                    .name(name)
-                    .boxed(),
-            )
-        }
-        (Kind::Select { fields }, Some(s)) => {
-            let fields = fields.clone();
-            Some(
-                with_parallelism(s, st)
-                    .map(move |rec| kinds::select(rec, &fields))
-                    .name(name)
-                    .boxed(),
-            )
+        (k @ (Kind::Words { .. } | Kind::Filter { .. } | Kind::Select { .. }), Some(s)) => {
+            let logic = MapLogic::of(k).expect("a record operation");
+            Some(stages::record_op(with_parallelism(s, st), name, logic, policy).boxed())
         }
         (Kind::Limit { n }, Some(s)) => Some(with_parallelism(s, st).limit(*n).name(name).boxed()),
         (Kind::Count { key }, Some(s)) => {
@@ -333,7 +342,7 @@ fn build_stage(
                     .boxed(),
             )
         }
-        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live)),
+        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live, policy)),
         (Kind::Exec(spec), Some(s)) => {
             Some(stages::exec(s, name, (**spec).clone(), st.parallelism).boxed())
         }
@@ -363,8 +372,15 @@ fn build_window(
     w: &WindowParams,
     late: &mut Option<JsonStream>,
     live: Option<&mut LiveStages>,
+    policy: crate::OnError,
 ) -> JsonStream {
     let name = st.name.as_str();
+    // The parsed policy says fail or skip; a dead-letter one has its handle only now.
+    let mut w = w.clone();
+    if policy.is_dead_letter() {
+        w.on_error = policy;
+    }
+    let w = &w;
     let key_field = w.key_field.clone();
     let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
     let mut spec = WindowSpec::new(w.assigner, w.event_time())
@@ -435,21 +451,41 @@ fn build_window(
 /// them stays well under a megabyte, large enough to make the hop free.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-fn parse_chunk(chunk: &Chunk, stage: &str, path: &str) -> Result<Vec<Value>, crate::Error> {
+/// Parses a block of lines on one of `ndjson.read`'s parsing threads; a bad line meets the
+/// stage's policy (a letter with the line as `raw`, the file and line number).
+fn parse_chunk(
+    chunk: &Chunk,
+    stage: &str,
+    path: &str,
+    policy: &crate::OnError,
+) -> Result<Vec<Value>, crate::Error> {
     let mut out = Vec::with_capacity(chunk.data.len() / 64);
     for (line, text) in chunk.lines() {
         match crate::ndjson::parse_object(text) {
             Ok(Value::Null) => {}
             Ok(v) => out.push(v),
             Err(message) => {
-                return Err(crate::Error::Record {
+                let fail = |message| crate::Error::Record {
                     stage: stage.to_string(),
                     location: crate::Location {
                         path: path.to_string(),
                         line,
                     },
                     message,
-                })
+                };
+                match policy.reject(
+                    stage,
+                    message.clone(),
+                    || crate::dead_letter::Bad::Raw(String::from_utf8_lossy(text).into_owned()),
+                    Some(path),
+                    Some(line),
+                    fail,
+                ) {
+                    Ok(_) => {}
+                    Err(crate::operator::Halt::Failed(e)) => return Err(e),
+                    // Cancelled while sending the letter: the run is already stopping.
+                    Err(crate::operator::Halt::Done) => return Err(fail(message)),
+                }
             }
         }
     }

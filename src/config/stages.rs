@@ -19,11 +19,11 @@ use crate::runtime::Head;
 use crate::source::{parse_text, BlockInput, Chunk, ChunkHead, Input, NdjsonBlockHead};
 use crate::stream::Fresh;
 use crate::versioned::Versioned;
-use crate::{Pipeline, Sink, Stream};
+use crate::{OnError, Pipeline, Sink, Stream};
 
-/// `lines.read`: each line as `{"line": ...}`.
-pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
-    p.line_source("lines.read", path, |l, _| {
+/// `lines.read`: each line as `{"line": ...}`; a line that is not UTF-8 meets `on_error`.
+pub(super) fn lines(p: &Pipeline, name: &str, path: &Path, on_error: OnError) -> Fresh<Value> {
+    p.line_source_with("lines.read", path, move |l, _| {
         parse_text(l).map(|o| {
             o.map(|line| {
                 let mut m = Map::with_capacity(1);
@@ -31,15 +31,23 @@ pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
                 Value::Object(m)
             })
         })
-    })
+    }, on_error)
     .name(name)
 }
 
-/// `ndjson.read`: one JSON object per non-blank line.
-pub(super) fn ndjson_objects(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
-    p.line_source("ndjson.read", path, |l, _| {
-        crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) })
-    })
+/// `ndjson.read`: one JSON object per non-blank line; a line that is not one meets `on_error`.
+pub(super) fn ndjson_objects(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    on_error: OnError,
+) -> Fresh<Value> {
+    p.line_source_with(
+        "ndjson.read",
+        path,
+        |l, _| crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) }),
+        on_error,
+    )
     .name(name)
 }
 
@@ -167,11 +175,27 @@ pub(super) fn live_map<I, C>(
     s: Stream<I, C>,
     name: &str,
     logic: Arc<Versioned<MapLogic>>,
+    on_error: OnError,
 ) -> Stream<I, LiveMap<C>>
 where
     I: Send + 'static,
     C: Chain<I, Out = Value>,
 {
-    s.step("live", |prev, op| LiveMap::new(prev, op, logic))
+    s.step("live", |prev, op| LiveMap::new(prev, op, logic, on_error))
+        .name(name)
+}
+
+/// A fixed `filter`, `select` or `words` step with its error policy.
+pub(super) fn record_op<I, C>(
+    s: Stream<I, C>,
+    name: &str,
+    logic: MapLogic,
+    on_error: OnError,
+) -> Stream<I, LiveMap<C>>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = Value>,
+{
+    s.step("op", |prev, op| LiveMap::fixed(prev, op, logic, on_error))
         .name(name)
 }

@@ -100,17 +100,8 @@ impl WindowParams {
             }
             Some(stage) => LatePolicy::Stage(stage.to_string()),
         };
-        let on_error = match p.opt_str("on_error")?.as_deref() {
-            None | Some("fail") => OnError::Fail,
-            Some("skip") => OnError::Skip,
-            Some(other) => {
-                return Err(p.error_at(
-                    "on_error",
-                    ConfigErrorKind::BadValue,
-                    format!("parameter `on_error`: expected \"fail\" or \"skip\", found {other:?}"),
-                ))
-            }
-        };
+        // `on_error` is read with every stage's parameters (parse.rs) and set after this.
+        let on_error = OnError::Fail;
         Ok(WindowParams {
             time_field,
             key_field,

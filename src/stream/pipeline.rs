@@ -204,10 +204,28 @@ impl Pipeline {
         T: Send + 'static,
         P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
     {
+        self.line_source_with(kind, path, parse, crate::OnError::Fail)
+    }
+
+    /// [`line_source`](Self::line_source) with an error policy for lines that do not parse
+    /// (their letters carry the line as `raw`, with the file and line number).
+    pub(crate) fn line_source_with<T, P>(
+        &self,
+        kind: &str,
+        path: &Path,
+        parse: P,
+        on_error: crate::OnError,
+    ) -> Fresh<T>
+    where
+        T: Send + 'static,
+        P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
+    {
         let path = path.to_path_buf();
         self.source_stage(kind, move |stage| {
             let input = Input::open(stage, &path)?;
-            Ok(Box::new(LineHead::new(Arc::clone(stage), input, parse)))
+            Ok(Box::new(
+                LineHead::new(Arc::clone(stage), input, parse).with_policy(on_error),
+            ))
         })
     }
 
