@@ -728,11 +728,9 @@ impl<In, C: Chain<In>> Chain<In> for Limit<C> {
     type Out = C::Out;
     #[inline]
     fn push<E: Emit<C::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
-        if self.remaining.load(Ordering::Acquire) == 0 {
-            // Counted as reaching the limit after its n (see `runtime::drive_loop`).
-            self.acc.local.filtered += 1;
-            return Err(Halt::Done);
-        }
+        // No check before the chain: a record that reaches the limit after its n (another
+        // instance took the last one) goes through the steps before it and is counted here as
+        // filtered, so every step's account holds (see `runtime::drive_loop`).
         self.prev.push(
             item,
             &mut LimitEmit {

@@ -76,6 +76,9 @@ pub(crate) struct RunShared {
     pub pools: Mutex<Vec<PoolSampler>>,
     /// The stages' step plans, for the per-step accounts.
     pub plan: Mutex<Vec<crate::metrics::SlotPlan>>,
+    /// A stage stopped before its input ended (a `limit`, or its consumers gone): records in
+    /// flight between stages were dropped, which the accounts' links allow for.
+    pub stopped_early: AtomicBool,
     /// Dead letters sent so far (all streams).
     pub dead_letters: AtomicU64,
     /// The stage of the latest dead letter (for the limit's final check).
@@ -109,6 +112,7 @@ impl RunShared {
             metrics: Mutex::new(Vec::new()),
             pools: Mutex::new(Vec::new()),
             plan: Mutex::new(Vec::new()),
+            stopped_early: AtomicBool::new(false),
             dead_letters: AtomicU64::new(0),
             last_dead_letter_stage: Mutex::new(None),
             source_rejected: AtomicU64::new(0),
@@ -165,6 +169,7 @@ impl RunShared {
             pools: self.pool_metrics(),
             accounts,
             links,
+            stopped_early: self.stopped_early.load(Ordering::Relaxed),
         }
     }
 
@@ -408,7 +413,10 @@ where
         match halted {
             None => {}
             // A limit was reached or every consumer is gone: end cleanly.
-            Some(Halt::Done) => return tail.finish(cx),
+            Some(Halt::Done) => {
+                cx.run.stopped_early.store(true, Ordering::Relaxed);
+                return tail.finish(cx);
+            }
             Some(e) => return Err(e),
         }
         tail.after_batch(cx)?;

@@ -143,7 +143,10 @@ impl PipelineSpec {
             return None;
         }
         // Error policies run on records: a pipeline with any uses the value path.
-        if st.iter().any(|s| s.on_error != PolicySpec::Fail || s.dead_letter_target) {
+        if st
+            .iter()
+            .any(|s| s.on_error != PolicySpec::Fail || s.dead_letter_target)
+        {
             return None;
         }
         let linear = st.iter().enumerate().all(|(i, s)| {
@@ -289,7 +292,9 @@ fn build_stage(
                 Some(
                     chunks
                         .rebalance(st.parallelism)
-                        .try_flat_map(move |chunk: Chunk| parse_chunk(&chunk, &stage, &shown, &policy))
+                        .try_flat_map(move |chunk: Chunk| {
+                            parse_chunk(&chunk, &stage, &shown, &policy)
+                        })
                         .name(name)
                         .into_head()
                         .boxed(),

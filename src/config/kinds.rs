@@ -812,7 +812,12 @@ fn type_name(v: &Value) -> &'static str {
 /// field as `null` and `exists` tests presence: they never fail. `lt`, `le`, `gt` and `ge` fail
 /// on a missing field or one of another type than `value`; `contains` on a missing field or one
 /// that is neither a string nor an array.
-pub(crate) fn filter(rec: &Value, field: &str, op: FilterOp, value: &Value) -> Result<bool, String> {
+pub(crate) fn filter(
+    rec: &Value,
+    field: &str,
+    op: FilterOp,
+    value: &Value,
+) -> Result<bool, String> {
     let got = rec.get(field);
     let v = got.unwrap_or(&Value::Null);
     let ordered = |want: fn(Ordering) -> bool| match got {

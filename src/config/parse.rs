@@ -439,12 +439,20 @@ fn late_targets(
 }
 
 /// Stages named by some stage's `dead_letter`: target → the first stage naming it.
-fn dead_letter_targets(stages: &BTreeMap<Spanned<String>, Spanned<RawTable>>) -> HashMap<String, String> {
+fn dead_letter_targets(
+    stages: &BTreeMap<Spanned<String>, Spanned<RawTable>>,
+) -> HashMap<String, String> {
     let mut targets = HashMap::new();
     for (name, table) in stages {
-        if let Some((_, v)) = table.get_ref().iter().find(|(k, _)| k.get_ref() == "dead_letter") {
+        if let Some((_, v)) = table
+            .get_ref()
+            .iter()
+            .find(|(k, _)| k.get_ref() == "dead_letter")
+        {
             if let toml::Value::String(t) = v.get_ref() {
-                targets.entry(t.clone()).or_insert_with(|| name.get_ref().clone());
+                targets
+                    .entry(t.clone())
+                    .or_insert_with(|| name.get_ref().clone());
             }
         }
     }
@@ -467,13 +475,18 @@ fn check_dead_letters(file: &Path, stages: &[StageSpec]) -> Result<(), ConfigErr
         let PolicySpec::DeadLetter(t) = &s.on_error else {
             continue;
         };
-        let err = |kind, m: String| ConfigError::new(file, Some(s.dead_letter_line), Some(&s.name), kind, m);
+        let err = |kind, m: String| {
+            ConfigError::new(file, Some(s.dead_letter_line), Some(&s.name), kind, m)
+        };
         if !stages.iter().any(|o| &o.name == t) {
             let mut known: Vec<&str> = stages.iter().map(|o| o.name.as_str()).collect();
             known.sort_unstable();
             return Err(err(
                 ConfigErrorKind::UnknownInput,
-                format!("parameter `dead_letter`: no stage named {t:?} (stages: {})", known.join(", ")),
+                format!(
+                    "parameter `dead_letter`: no stage named {t:?} (stages: {})",
+                    known.join(", ")
+                ),
             ));
         }
         if let Some(target) = side.get(s.name.as_str()) {
@@ -487,7 +500,11 @@ fn check_dead_letters(file: &Path, stages: &[StageSpec]) -> Result<(), ConfigErr
 }
 
 /// The `on_error` and `dead_letter` parameters of a stage of kind `kind`.
-fn parse_policy(params: &mut Params<'_>, spec: &Kind, kind: &str) -> Result<PolicySpec, ConfigError> {
+fn parse_policy(
+    params: &mut Params<'_>,
+    spec: &Kind,
+    kind: &str,
+) -> Result<PolicySpec, ConfigError> {
     let on_error = params.opt_str("on_error")?;
     let target = params.opt_str("dead_letter")?;
     let policy = match on_error.as_deref() {
@@ -588,7 +605,9 @@ fn parse_stage(
         return Err(params.error_at(
             "kind",
             ConfigErrorKind::Wiring,
-            format!("a `{kind}` stage is a source and cannot receive the dead letters of `{sender}`"),
+            format!(
+                "a `{kind}` stage is a source and cannot receive the dead letters of `{sender}`"
+            ),
         ));
     }
     if info.source && !inputs.is_empty() {

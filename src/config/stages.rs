@@ -23,15 +23,20 @@ use crate::{OnError, Pipeline, Sink, Stream};
 
 /// `lines.read`: each line as `{"line": ...}`; a line that is not UTF-8 meets `on_error`.
 pub(super) fn lines(p: &Pipeline, name: &str, path: &Path, on_error: OnError) -> Fresh<Value> {
-    p.line_source_with("lines.read", path, move |l, _| {
-        parse_text(l).map(|o| {
-            o.map(|line| {
-                let mut m = Map::with_capacity(1);
-                m.insert("line".into(), Value::String(line));
-                Value::Object(m)
+    p.line_source_with(
+        "lines.read",
+        path,
+        move |l, _| {
+            parse_text(l).map(|o| {
+                o.map(|line| {
+                    let mut m = Map::with_capacity(1);
+                    m.insert("line".into(), Value::String(line));
+                    Value::Object(m)
+                })
             })
-        })
-    }, on_error)
+        },
+        on_error,
+    )
     .name(name)
 }
 

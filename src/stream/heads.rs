@@ -252,6 +252,9 @@ impl<I: Send, C: Chain<I>> Head<C::Out> for ChainedHead<I, C> {
         match halted {
             None => Ok(pull),
             Some(Halt::Done) => {
+                cx.run
+                    .stopped_early
+                    .store(true, crate::sync::Ordering::Relaxed);
                 self.done = true;
                 Ok(Pull::End)
             }
