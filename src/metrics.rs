@@ -467,6 +467,33 @@ impl fmt::Display for RunReport {
                 s.stage, s.instance, s.late, s.skipped, s.open_windows
             )?;
         }
+        if !self.accounts.is_empty() {
+            let width = self
+                .accounts
+                .iter()
+                .map(|a| a.stage.len())
+                .max()
+                .unwrap_or(0)
+                .max(7);
+            writeln!(
+                f,
+                "{:<width$} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8}",
+                "records", "in", "out", "filtered", "skipped", "dead", "late"
+            )?;
+            for a in &self.accounts {
+                writeln!(
+                    f,
+                    "{:<width$} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8}",
+                    a.stage,
+                    a.records_in,
+                    a.records_out,
+                    a.filtered,
+                    a.skipped,
+                    a.dead_lettered,
+                    a.late
+                )?;
+            }
+        }
         if !self.pools.is_empty() {
             writeln!(f, "{}", crate::PoolMetrics::HEADER)?;
             for p in &self.pools {

@@ -41,12 +41,13 @@ fn run_over(input: &[Value], stages: &str) -> Vec<Value> {
         inp.display().to_string(),
         out.display().to_string()
     );
-    PipelineSpec::from_str(&text, dir.path().join("p.toml"))
+    let report = PipelineSpec::from_str(&text, dir.path().join("p.toml"))
         .unwrap()
         .build()
         .unwrap()
         .run()
         .unwrap();
+    report.check_accounting().unwrap();
     std::fs::read_to_string(&out)
         .unwrap()
         .lines()

@@ -271,6 +271,8 @@ fn build_and_run(
     for (i, p) in phase2.into_iter().enumerate() {
         for mut w in p()? {
             w.dead_letter_side = side[i];
+            // Letters are not records read: a dead-letter source does not count as a source.
+            w.source &= !b.stages[i].dead_letter;
             workers.push(w);
         }
     }
