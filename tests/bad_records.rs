@@ -632,3 +632,62 @@ fn a_clean_run_accounts_for_every_record() {
     let mut f = std::fs::File::create(tempfile::tempdir().unwrap().path().join("x")).unwrap();
     writeln!(f, "{report}").unwrap();
 }
+
+// ---- exec --------------------------------------------------------------------------------
+
+fn exec_stages(policy: &str) -> String {
+    pipeline(
+        "",
+        &format!(
+            "[stages.last]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"sh\", \"-c\", \"cat; echo 'not json'; echo '[1]'; echo '{{\\\"n\\\":9}}'\"]\n{policy}"
+        ),
+    )
+}
+
+#[test]
+fn exec_invalid_output_lines_meet_the_policy() {
+    let input = "{\"n\":1}\n{\"n\":2}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let err = run_toml(dir.path(), input, &exec_stages("").replace(DEAD, "")).unwrap_err();
+    match &err {
+        Error::Record {
+            stage, location, ..
+        } => {
+            assert_eq!((stage.as_str(), location.line), ("last", 3), "{err}");
+        }
+        other => panic!("expected a record error, got {other}"),
+    }
+
+    let report = run_toml(
+        dir.path(),
+        input,
+        &exec_stages("on_error = \"skip\"\n").replace(DEAD, ""),
+    )
+    .unwrap();
+    assert_eq!(
+        lines(&dir.path().join("out.ndjson")),
+        vec![json!({"n": 1}), json!({"n": 2}), json!({"n": 9})]
+    );
+    let e = report.account("last").unwrap();
+    assert_eq!((e.records_in, e.records_out, e.skipped), (2, 3, 2));
+    report.check_accounting().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = run_toml(dir.path(), input, &exec_stages(DL)).unwrap();
+    assert_eq!(lines(&dir.path().join("out.ndjson")).len(), 3);
+    let got = letters(dir.path());
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["stage"], "last");
+    assert_eq!(got[0]["raw"], "not json");
+    assert_eq!(got[0]["line"], 3);
+    assert!(got[0]["file"].is_null());
+    assert_eq!(got[1]["raw"], "[1]");
+    assert_eq!(got[1]["line"], 4);
+    assert!(
+        got[1]["error"].as_str().unwrap().contains("object"),
+        "{got:?}"
+    );
+    let e = report.account("last").unwrap();
+    assert_eq!((e.records_out, e.dead_lettered), (3, 2));
+    report.check_accounting().unwrap();
+}

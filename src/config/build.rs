@@ -235,7 +235,9 @@ fn build_live_stage(
     let par = st.parallelism;
     Ok(Some(match &st.params {
         Kind::Exec(spec) => {
-            let v = Versioned::new((**spec).clone());
+            let mut spec = (**spec).clone();
+            spec.on_error = policy.clone();
+            let v = Versioned::new(spec);
             live.insert(st.name.clone(), LiveStage::Exec(Arc::clone(&v)));
             stages::exec_live(input, name, v, par).boxed()
         }
@@ -349,7 +351,9 @@ fn build_stage(
         }
         (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live, policy)),
         (Kind::Exec(spec), Some(s)) => {
-            Some(stages::exec(s, name, (**spec).clone(), st.parallelism).boxed())
+            let mut spec = (**spec).clone();
+            spec.on_error = policy;
+            Some(stages::exec(s, name, spec, st.parallelism).boxed())
         }
         #[cfg(feature = "plugin")]
         (Kind::Native(spec), Some(s)) => Some(

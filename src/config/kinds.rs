@@ -660,6 +660,7 @@ fn parse_plugin_node(
         plugin: Some(m.name.clone()),
         log_level,
         plugin_copy: None,
+        on_error: crate::OnError::Fail,
     })))
 }
 
@@ -733,6 +734,7 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         plugin: None,
         log_level: log::LevelFilter::Trace,
         plugin_copy: None,
+        on_error: crate::OnError::Fail,
     })
 }
 

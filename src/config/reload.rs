@@ -508,10 +508,13 @@ impl ReloadHandle {
             }
             let next = match (live, &n.params) {
                 (LiveStage::Map(_), k) => Next::Map(MapLogic::of(k).expect("same kind as built")),
-                (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => {
-                    Next::Exec(e.snapshot_plugin().map_err(|m| {
+                (LiveStage::Exec(v), super::kinds::Kind::Exec(e)) => {
+                    let mut e = e.snapshot_plugin().map_err(|m| {
                         ConfigError::new(file, Some(n.line), Some(&n.name), ConfigErrorKind::Io, m)
-                    })?)
+                    })?;
+                    // The policy did not change (checked above): keep the running handle.
+                    e.on_error = v.load().1.on_error.clone();
+                    Next::Exec(e)
                 }
                 #[cfg(feature = "plugin")]
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
