@@ -338,12 +338,37 @@ impl Head<Chunk> for ChunkHead {
 /// JSON object (an error names the file and line), blank lines dropped.
 pub(crate) struct NdjsonBlockHead {
     inner: ChunkHead,
+    /// What to do with a bad line: with `skip` or `dead_letter` it is cut out of its block
+    /// (made blank, which the check drops), and the block keeps its good lines.
+    on_error: crate::dead_letter::OnError,
+    skipped: u64,
+    dead_lettered: u64,
 }
 
 impl NdjsonBlockHead {
     pub(crate) fn new(inner: ChunkHead) -> Self {
-        NdjsonBlockHead { inner }
+        NdjsonBlockHead {
+            inner,
+            on_error: crate::dead_letter::OnError::Fail,
+            skipped: 0,
+            dead_lettered: 0,
+        }
     }
+
+    pub(crate) fn with_policy(mut self, on_error: crate::dead_letter::OnError) -> Self {
+        self.on_error = on_error;
+        self
+    }
+}
+
+/// The byte range of line `line` (of a block whose first line is `first`), without its newline.
+fn line_range(data: &[u8], first: u64, line: u64) -> std::ops::Range<usize> {
+    let mut start = 0;
+    for _ in first..line {
+        start = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i + 1);
+    }
+    let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+    start..end
 }
 
 impl Head<Chunk> for NdjsonBlockHead {
@@ -354,18 +379,52 @@ impl Head<Chunk> for NdjsonBlockHead {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let pulled = self.inner.pull(cx, buf, flush_at)?;
         for c in buf.iter_mut() {
-            match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
-                Ok(n) => c.records = n,
-                Err(bad) => {
-                    return Err(Halt::Failed(Error::Record {
-                        stage: self.inner.name.to_string(),
+            loop {
+                let bad =
+                    match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
+                        Ok(n) => {
+                            c.records = n;
+                            break;
+                        }
+                        Err(bad) => bad,
+                    };
+                let name = &self.inner.name;
+                let path = &self.inner.path;
+                let range = line_range(&c.data, c.first_line, bad.line);
+                let text = &c.data[range.clone()];
+                let r = self.on_error.reject(
+                    name,
+                    bad.message,
+                    || {
+                        let t = text.strip_suffix(b"\r").unwrap_or(text);
+                        crate::dead_letter::Bad::Raw(String::from_utf8_lossy(t).into_owned())
+                    },
+                    Some(path),
+                    Some(bad.line),
+                    |message| Error::Record {
+                        stage: name.to_string(),
                         location: crate::error::Location {
-                            path: self.inner.path.clone(),
+                            path: path.clone(),
                             line: bad.line,
                         },
-                        message: bad.message,
-                    }))
+                        message,
+                    },
+                )?;
+                // Cut the line out, keeping its newline so later lines keep their numbers:
+                // the check drops the blank line it leaves.
+                c.data.drain(range);
+                use crate::sync::Ordering::Relaxed;
+                match r {
+                    crate::dead_letter::Rejected::Skipped => {
+                        self.skipped += 1;
+                        cx.metrics.skipped.store(self.skipped, Relaxed);
+                    }
+                    crate::dead_letter::Rejected::DeadLettered => {
+                        self.dead_lettered += 1;
+                        cx.metrics.dead_lettered.store(self.dead_lettered, Relaxed);
+                    }
                 }
+                cx.run.source_rejected.fetch_add(1, Relaxed);
             }
             // The channel counts a block as one record (see `Chunk::records`).
             crate::metrics::InstanceMetrics::add(

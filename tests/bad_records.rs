@@ -691,3 +691,42 @@ fn exec_invalid_output_lines_meet_the_policy() {
     assert_eq!((e.records_out, e.dead_lettered), (3, 2));
     report.check_accounting().unwrap();
 }
+
+#[test]
+fn the_byte_path_cuts_bad_lines_out_of_its_blocks() {
+    // Spaces survive only on the byte path (the value path re-serialises).
+    let mut input = String::new();
+    let mut bad = Vec::new();
+    for i in 1..=3000u64 {
+        if i % 97 == 0 {
+            input.push_str(&format!("{{\"n\": {i}, broken\n"));
+            bad.push(i);
+        } else if i % 101 == 0 {
+            input.push_str("\u{1}\u{2} not json\n");
+            bad.push(i);
+        } else {
+            input.push_str(&format!("{{\"n\": {i}}}\n"));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.ndjson\"\n{DL}\n\
+         [stages.child]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\n\
+         [stages.out]\nkind = \"ndjson.write\"\ninput = \"child\"\npath = \"out.ndjson\"\n\n{DEAD}"
+    );
+    let report = run_toml(dir.path(), &input, &text).unwrap();
+    let out = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap();
+    let good: Vec<u64> = (1..=3000).filter(|i| !bad.contains(i)).collect();
+    let expect: String = good.iter().map(|i| format!("{{\"n\": {i}}}\n")).collect();
+    assert_eq!(
+        out, expect,
+        "the byte path keeps the good lines as they are"
+    );
+    let got = letters(dir.path());
+    let lines_got: Vec<u64> = got.iter().map(|l| l["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines_got, bad);
+    assert_eq!(got[0]["raw"], "{\"n\": 97, broken");
+    assert_eq!(got[0]["stage"], "read");
+    let read = report.stage("read").unwrap();
+    assert_eq!(read.dead_lettered, bad.len() as u64);
+}

@@ -138,14 +138,22 @@ impl PipelineSpec {
     /// every stage on one instance, moves blocks of checked NDJSON lines and never builds values.
     /// Output lines are the child's bytes (blank lines and `\r` dropped), not re-serialised.
     fn build_byte_path(&self, live: Option<&mut LiveStages>) -> Option<Pipeline> {
-        let st = &self.stages;
+        // Dead-letter stages are outside the line: each must be an `ndjson.write`, and only
+        // the source may have a policy (its bad lines are cut out of the blocks); exec stages
+        // with a policy run on records.
+        let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =
+            self.stages.iter().partition(|s| s.dead_letter_target);
         if !self.byte_path || st.len() < 3 {
             return None;
         }
-        // Error policies run on records: a pipeline with any uses the value path.
-        if st
-            .iter()
-            .any(|s| s.on_error != PolicySpec::Fail || s.dead_letter_target)
+        if st[1..].iter().any(|s| s.on_error != PolicySpec::Fail)
+            || targets
+                .iter()
+                .any(|t| !matches!(t.params, Kind::NdjsonWrite { .. }))
+            || self
+                .stages
+                .iter()
+                .any(|s| targets.iter().any(|t| s.inputs.contains(&t.name)))
         {
             return None;
         }
@@ -172,7 +180,26 @@ impl PipelineSpec {
             return None;
         }
         let p = Pipeline::with_options(self.options.clone());
-        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES).boxed();
+        let mut policy = crate::OnError::Fail;
+        for t in &targets {
+            let Kind::NdjsonWrite { path } = &t.params else {
+                unreachable!("checked above")
+            };
+            let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
+            letters
+                .map(|l: crate::DeadLetter| l.to_json())
+                .name(&format!("{}.letters.json", t.name))
+                .write_ndjson(path)
+                .name(&t.name);
+            policy = match &st[0].on_error {
+                PolicySpec::DeadLetter(n) if n == &t.name => crate::OnError::DeadLetter(h),
+                _ => policy,
+            };
+        }
+        if st[0].on_error == PolicySpec::Skip {
+            policy = crate::OnError::Skip;
+        }
+        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, policy).boxed();
         let mut live = live;
         for m in middle {
             let Kind::Exec(spec) = &m.params else {

@@ -80,8 +80,22 @@ pub(super) fn chunks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fres
 
 /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
 /// object (blank lines dropped), never parsed into values.
-pub(super) fn ndjson_blocks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(NdjsonBlockHead::new(h)))
+pub(super) fn ndjson_blocks(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    size: usize,
+    on_error: OnError,
+) -> Fresh<Chunk> {
+    let path = path.to_path_buf();
+    p.source_stage("blocks.read", move |stage| {
+        let input = Input::open(stage, &path)?;
+        Ok(Box::new(
+            NdjsonBlockHead::new(ChunkHead::new(Arc::clone(stage), input, size))
+                .with_policy(on_error),
+        ) as Box<dyn Head<Chunk>>)
+    })
+    .name(name)
 }
 
 /// `ndjson.write` on the byte path: checked blocks of lines written as they are.
