@@ -341,6 +341,13 @@ impl Head<DeadLetter> for DeadLetterHead {
             if !buf.is_empty() {
                 return Ok(Pull::Data);
             }
+            let t0 = std::time::Instant::now();
+            let waited = |cx: &Cx| {
+                crate::metrics::InstanceMetrics::add(
+                    &cx.metrics.recv_wait_ns,
+                    t0.elapsed().as_nanos() as u64,
+                )
+            };
             let got = match flush_at {
                 Some(at) => {
                     let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
@@ -348,7 +355,10 @@ impl Head<DeadLetter> for DeadLetterHead {
                         recv(self.rx) -> m => m.ok(),
                         recv(self.main) -> _ => { self.main_done = true; None }
                         recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
-                        default(wait) => return Ok(Pull::Idle),
+                        default(wait) => {
+                            waited(cx);
+                            return Ok(Pull::Idle);
+                        }
                     }
                 }
                 None => select! {
@@ -357,6 +367,7 @@ impl Head<DeadLetter> for DeadLetterHead {
                     recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
                 },
             };
+            waited(cx);
             if let Some(l) = got {
                 buf.push(l);
             }
