@@ -431,6 +431,8 @@ impl Head<Chunk> for NdjsonBlockHead {
                 &cx.metrics.records_out,
                 c.records.saturating_sub(1),
             );
+            // So does the chain after this head (the accounts count records).
+            crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, c.records.saturating_sub(1));
         }
         buf.retain(|c| c.records > 0);
         Ok(pulled)
@@ -448,8 +450,11 @@ impl Head<Chunk> for BlockInput {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let pulled = self.0.pull(cx, buf, flush_at)?;
         if !buf.is_empty() {
-            let records = buf.iter().map(|c| c.records).sum();
+            let records: u64 = buf.iter().map(|c| c.records).sum();
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, records);
+            // The chain after this head counts blocks: add the rest (the accounts count
+            // records).
+            crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, records - buf.len() as u64);
             crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
         Ok(pulled)

@@ -729,4 +729,14 @@ fn the_byte_path_cuts_bad_lines_out_of_its_blocks() {
     assert_eq!(got[0]["stage"], "read");
     let read = report.stage("read").unwrap();
     assert_eq!(read.dead_lettered, bad.len() as u64);
+    let read = report.account("read").unwrap();
+    assert_eq!(
+        (read.records_in, read.records_out, read.dead_lettered),
+        (3000, good.len() as u64, bad.len() as u64)
+    );
+    assert_eq!(
+        report.account("out").unwrap().records_out,
+        good.len() as u64
+    );
+    report.check_accounting().unwrap();
 }

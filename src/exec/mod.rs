@@ -767,6 +767,8 @@ impl Head<Chunk> for ExecHead<Chunk> {
             if records > 0 {
                 // The channel counts one record per block: add the rest (see Chunk::records).
                 crate::metrics::InstanceMetrics::add(&cx.metrics.records_out, records - 1);
+                // And so does the chain after this head (the accounts count records).
+                crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, records - 1);
                 buf.push(Chunk {
                     first_line,
                     data,
