@@ -740,3 +740,47 @@ fn the_byte_path_cuts_bad_lines_out_of_its_blocks() {
     );
     report.check_accounting().unwrap();
 }
+
+#[test]
+fn words_without_their_field_are_dead_lettered() {
+    let input = "{\"line\":\"a b\"}\n{\"text\":\"c\"}\n{\"line\":7}\n{\"line\":\"d\"}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let report = run_toml(
+        dir.path(),
+        input,
+        &pipeline(
+            "",
+            &format!("[stages.last]\nkind = \"words\"\ninput = \"read\"\n{DL}"),
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        lines(&dir.path().join("out.ndjson")),
+        vec![json!({"word": "a"}), json!({"word": "b"}), json!({"word": "d"})]
+    );
+    let got = letters(dir.path());
+    assert_eq!(
+        got.iter().map(|l| l["record"].clone()).collect::<Vec<_>>(),
+        vec![json!({"text": "c"}), json!({"line": 7})]
+    );
+    let w = report.account("last").unwrap();
+    assert_eq!(
+        (w.records_in, w.records_out, w.dead_lettered),
+        (4, 3, 2)
+    );
+    report.check_accounting().unwrap();
+}
+
+#[test]
+fn an_exec_child_that_exits_non_zero_still_fails_under_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = pipeline(
+        "",
+        &format!(
+            "[stages.last]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; echo oops; exit 3\"]\n{DL}"
+        ),
+    );
+    let err = run_toml(dir.path(), "{\"n\":1}\n", &text).unwrap_err();
+    assert_eq!(err.stage(), Some("last"), "{err}");
+    assert!(err.to_string().contains('3'), "{err}");
+}
