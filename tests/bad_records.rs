@@ -756,7 +756,11 @@ fn words_without_their_field_are_dead_lettered() {
     .unwrap();
     assert_eq!(
         lines(&dir.path().join("out.ndjson")),
-        vec![json!({"word": "a"}), json!({"word": "b"}), json!({"word": "d"})]
+        vec![
+            json!({"word": "a"}),
+            json!({"word": "b"}),
+            json!({"word": "d"})
+        ]
     );
     let got = letters(dir.path());
     assert_eq!(
@@ -764,10 +768,7 @@ fn words_without_their_field_are_dead_lettered() {
         vec![json!({"text": "c"}), json!({"line": 7})]
     );
     let w = report.account("last").unwrap();
-    assert_eq!(
-        (w.records_in, w.records_out, w.dead_lettered),
-        (4, 3, 2)
-    );
+    assert_eq!((w.records_in, w.records_out, w.dead_lettered), (4, 3, 2));
     report.check_accounting().unwrap();
 }
 
