@@ -1,7 +1,12 @@
-//! Per-stage-instance counters, their snapshots, and the run report table.
+//! Per-stage-instance counters, their snapshots, the per-step accounts derived from them, and
+//! the run report tables.
 //!
 //! Workers update their own [`InstanceMetrics`] with relaxed atomics once per batch, so the cost
 //! is a few nanoseconds per batch and a progress reader on another thread can sample them live.
+//! The per-step accounts ([`StageAccount`], one per operator, counted head and sink) are derived
+//! at report time from each stage's step plan ([`SlotPlan`]): the records each batch pushed into
+//! a chain, and the event counts (filtered, skipped, dead-lettered, 1:N outputs) each operator
+//! flushes once per batch (`Chain::end_batch`); see `docs/semantics.md`, "Bad records".
 
 use std::fmt;
 use std::sync::Arc;

@@ -6,6 +6,11 @@
 //! partitioner or a sink), so the compiler sees the whole chain as one loop body: a fused chain
 //! costs what the closures cost.
 //!
+//! Fallible steps (`try_map`, `try_flat_map`) carry an error policy ([`crate::OnError`]); every
+//! step counts its events (records filtered, skipped, dead-lettered, a 1:N step's outputs) in
+//! plain local integers, flushed once per batch into shared counters for the report's
+//! per-step accounts — nothing atomic per record.
+//!
 //! The types here appear in [`Stream`](crate::Stream)'s type parameters; user code rarely needs
 //! to name them, and writes `impl Chain<I, Out = T>` where it must (see the
 //! [`Stream` docs](crate::Stream)). [`Chain`] is sealed: its methods are the engine's, and only
