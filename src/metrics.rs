@@ -196,6 +196,9 @@ pub(crate) fn derive_accounts(
                 }
                 StepEntry::Op(info) => {
                     let c = &info.counts;
+                    if info.counted_in {
+                        prev_out = c.records_in.load(Relaxed);
+                    }
                     let (filtered, skipped, dead) = (
                         c.filtered.load(Relaxed),
                         c.skipped.load(Relaxed),

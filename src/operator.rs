@@ -117,6 +117,9 @@ pub(crate) struct StepCounts {
     pub dead_lettered: AtomicU64,
     /// Records emitted, for steps whose output is not derived from their input (1:N).
     pub out: AtomicU64,
+    /// Records taken, for steps whose input is not the previous step's output (a step that
+    /// parses blocks of lines counts the lines).
+    pub records_in: AtomicU64,
 }
 
 /// One counted step of a chain: its name, shape and counts.
@@ -126,6 +129,8 @@ pub struct StepInfo {
     pub(crate) name: Arc<str>,
     pub(crate) shape: Shape,
     pub(crate) counts: Arc<StepCounts>,
+    /// Whether the step counts its own input (`StepCounts::records_in`).
+    pub(crate) counted_in: bool,
 }
 
 /// A step instance's counts since the last batch ended: plain integers, no atomics per record.
@@ -135,6 +140,7 @@ pub(crate) struct Local {
     pub skipped: u64,
     pub dead_lettered: u64,
     pub out: u64,
+    pub records_in: u64,
 }
 
 /// A step's local counts and the shared counts they are flushed into.
@@ -176,6 +182,7 @@ impl Acc {
             (l.skipped, &self.shared.skipped),
             (l.dead_lettered, &self.shared.dead_lettered),
             (l.out, &self.shared.out),
+            (l.records_in, &self.shared.records_in),
         ] {
             if n > 0 {
                 c.fetch_add(n, Ordering::Relaxed);
@@ -188,6 +195,7 @@ impl Acc {
             name: Arc::clone(name),
             shape,
             counts: Arc::clone(&self.shared),
+            counted_in: false,
         }
     }
 

@@ -334,6 +334,24 @@ impl Head<Chunk> for ChunkHead {
     }
 }
 
+/// The blocks of a [`ChunkHead`] for a stage that parses them: the chain after it counts their
+/// lines, not the blocks (for the accounts; see `Chunk::records`).
+pub(crate) struct LinesOf(pub ChunkHead);
+
+impl Head<Chunk> for LinesOf {
+    fn counts_input(&self) -> bool {
+        true
+    }
+
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let pulled = self.0.pull(cx, buf, flush_at)?;
+        for c in buf.iter() {
+            crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, c.records.saturating_sub(1));
+        }
+        Ok(pulled)
+    }
+}
+
 /// `ndjson.read` on the byte path: the blocks of a [`ChunkHead`], each line checked to be a
 /// JSON object (an error names the file and line), blank lines dropped.
 pub(crate) struct NdjsonBlockHead {

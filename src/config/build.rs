@@ -17,7 +17,6 @@ use super::stages;
 use super::window_kind::{LatePolicy, WindowParams};
 use super::{ConfigError, ConfigErrorKind};
 use crate::operator::Boxed;
-use crate::source::Chunk;
 use crate::versioned::Versioned;
 use crate::window::{WindowOutput, WindowSpec};
 use crate::{Pipeline, Stream};
@@ -316,13 +315,12 @@ fn build_stage(
                 // Parsing is the expensive part: read blocks of lines on one thread (a memcpy),
                 // parse them on N.
                 let chunks = stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES);
-                let shown = path.display().to_string();
-                let stage: Arc<str> = Arc::from(name);
+                let shown: Arc<str> = Arc::from(path.display().to_string());
                 Some(
                     chunks
                         .rebalance(st.parallelism)
-                        .try_flat_map(move |chunk: Chunk| {
-                            parse_chunk(&chunk, &stage, &shown, &policy)
+                        .step("parse", move |prev, op| {
+                            super::live_map::ParseChunks::new(prev, op, shown, policy)
                         })
                         .name(name)
                         .into_head()
@@ -486,47 +484,6 @@ fn build_window(
 /// Bytes per block when `ndjson.read` parses on several threads: small enough that a channel of
 /// them stays well under a megabyte, large enough to make the hop free.
 const CHUNK_BYTES: usize = 64 * 1024;
-
-/// Parses a block of lines on one of `ndjson.read`'s parsing threads; a bad line meets the
-/// stage's policy (a letter with the line as `raw`, the file and line number).
-fn parse_chunk(
-    chunk: &Chunk,
-    stage: &str,
-    path: &str,
-    policy: &crate::OnError,
-) -> Result<Vec<Value>, crate::Error> {
-    let mut out = Vec::with_capacity(chunk.data.len() / 64);
-    for (line, text) in chunk.lines() {
-        match crate::ndjson::parse_object(text) {
-            Ok(Value::Null) => {}
-            Ok(v) => out.push(v),
-            Err(message) => {
-                let fail = |message| crate::Error::Record {
-                    stage: stage.to_string(),
-                    location: crate::Location {
-                        path: path.to_string(),
-                        line,
-                    },
-                    message,
-                };
-                match policy.reject(
-                    stage,
-                    message.clone(),
-                    || crate::dead_letter::Bad::Raw(String::from_utf8_lossy(text).into_owned()),
-                    Some(path),
-                    Some(line),
-                    fail,
-                ) {
-                    Ok(_) => {}
-                    Err(crate::operator::Halt::Failed(e)) => return Err(e),
-                    // Cancelled while sending the letter: the run is already stopping.
-                    Err(crate::operator::Halt::Done) => return Err(fail(message)),
-                }
-            }
-        }
-    }
-    Ok(out)
-}
 
 /// A JSON value used as a grouping key: hashed and compared by its canonical text.
 #[derive(Debug, Clone)]

@@ -244,3 +244,126 @@ impl<In, C: Chain<In, Out = Value>> Chain<In> for LiveMap<C> {
         true
     }
 }
+
+/// `ndjson.read` at `parallelism > 1`: the step that parses blocks of lines (read on one
+/// thread) into JSON objects on each instance. Its account counts lines: `in` = lines,
+/// `filtered` = blank lines, `skipped` / `dead_lettered` = lines that are not JSON objects
+/// (by the stage's policy; letters carry the line as `raw` with the file and line), `out` =
+/// records.
+pub(crate) struct ParseChunks<C> {
+    prev: C,
+    name: Arc<str>,
+    path: Arc<str>,
+    policy: Arc<OnError>,
+    acc: Acc,
+}
+
+impl<C: Clone> Clone for ParseChunks<C> {
+    fn clone(&self) -> Self {
+        ParseChunks {
+            prev: self.prev.clone(),
+            name: Arc::clone(&self.name),
+            path: Arc::clone(&self.path),
+            policy: Arc::clone(&self.policy),
+            acc: self.acc.clone(),
+        }
+    }
+}
+
+impl<C> ParseChunks<C> {
+    pub(super) fn new(prev: C, name: Arc<str>, path: Arc<str>, policy: OnError) -> Self {
+        ParseChunks {
+            prev,
+            name,
+            path,
+            policy: Arc::new(policy),
+            acc: Acc::new(),
+        }
+    }
+}
+
+struct ParseEmit<'a, E> {
+    name: &'a Arc<str>,
+    path: &'a str,
+    policy: &'a OnError,
+    acc: &'a mut Local,
+    out: &'a mut E,
+}
+
+impl<E: Emit<Value>> Emit<crate::source::Chunk> for ParseEmit<'_, E> {
+    fn emit(&mut self, chunk: crate::source::Chunk) -> Result<(), Halt> {
+        for (line, text) in chunk.lines() {
+            self.acc.records_in += 1;
+            match crate::ndjson::parse_object(text) {
+                Ok(Value::Null) => self.acc.filtered += 1,
+                Ok(v) => self.out.emit(v)?,
+                Err(message) => {
+                    let (name, path) = (self.name, self.path);
+                    let r = self.policy.reject(
+                        name,
+                        message,
+                        || Bad::Raw(String::from_utf8_lossy(text).into_owned()),
+                        Some(path),
+                        Some(line),
+                        |message| Error::Record {
+                            stage: name.to_string(),
+                            location: crate::Location {
+                                path: path.to_string(),
+                                line,
+                            },
+                            message,
+                        },
+                    )?;
+                    Acc::count(self.acc, r);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<C> crate::operator::sealed::Sealed for ParseChunks<C> {}
+
+impl<In, C: Chain<In, Out = crate::source::Chunk>> Chain<In> for ParseChunks<C> {
+    type Out = Value;
+
+    fn begin_batch(&mut self, records: usize) {
+        self.prev.begin_batch(records);
+    }
+
+    fn end_batch(&mut self) {
+        self.prev.end_batch();
+        self.acc.flush();
+    }
+
+    fn steps(&self, steps: &mut Vec<StepInfo>) {
+        self.prev.steps(steps);
+        let mut info = self.acc.info(&self.name, Shape::Filtering);
+        info.counted_in = true;
+        steps.push(info);
+    }
+
+    #[inline]
+    fn push<E: Emit<Value>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(
+            item,
+            &mut ParseEmit {
+                name: &self.name,
+                path: &self.path,
+                policy: &self.policy,
+                acc: &mut self.acc.local,
+                out,
+            },
+        )
+    }
+
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}

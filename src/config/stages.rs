@@ -75,7 +75,7 @@ fn blocks(
 
 /// Blocks of whole lines, for parsing on other threads.
 pub(super) fn chunks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(h))
+    blocks(p, name, path, size, |h| Box::new(crate::source::LinesOf(h)))
 }
 
 /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
