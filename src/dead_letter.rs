@@ -246,6 +246,11 @@ impl DeadLetters {
         )
     }
 
+    /// The handle's identity (shared by its clones).
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     /// Sends one letter, blocking while the stream is full (but not past a cancel), after
     /// checking the run's limit.
     pub(crate) fn send(&self, letter: DeadLetter) -> Result<(), Halt> {

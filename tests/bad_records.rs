@@ -795,3 +795,21 @@ fn an_exec_child_that_exits_non_zero_still_fails_under_dead_letter() {
     assert_eq!(err.stage(), Some("last"), "{err}");
     assert!(err.to_string().contains('3'), "{err}");
 }
+
+#[test]
+fn a_dead_letter_handle_of_another_pipeline_is_refused() {
+    let other = Pipeline::new();
+    let (dl, letters) = other.dead_letters("bad");
+    letters.for_each(|_| {});
+    let p = Pipeline::new();
+    p.source("s", vec!["x".to_string()])
+        .try_map(parse)
+        .on_error(OnError::DeadLetter(dl))
+        .name("parse")
+        .for_each(|_| {});
+    let err = watchdog(move || p.run()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Build(m) if m.contains("dead-letter stream of another pipeline")),
+        "{err}"
+    );
+}

@@ -73,6 +73,8 @@ pub(super) struct Builder {
     pub(super) stages: Vec<StageSlot>,
     names: HashSet<String>,
     pub(super) errors: Vec<String>,
+    /// The dead-letter handles this pipeline made (their identities), to refuse another's.
+    pub(super) dead_letter_handles: HashSet<usize>,
 }
 
 impl Builder {

@@ -342,6 +342,22 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 }
 
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// Records a build error if `policy` sends to a dead-letter stream of another pipeline
+    /// (whose run would never take the letters).
+    fn check_handle(&self, policy: &crate::OnError) {
+        if let crate::OnError::DeadLetter(dl) = policy {
+            let mut b = self.b.borrow_mut();
+            if !b.dead_letter_handles.contains(&dl.id()) {
+                b.errors.push(format!(
+                    "`on_error` of step `{}` sends to a dead-letter stream of another pipeline",
+                    self.stage_name()
+                ));
+            }
+        }
+    }
+}
+
 impl<I, C, F> Stream<I, TryMap<C, F>>
 where
     I: Send + 'static,
@@ -373,6 +389,7 @@ where
     /// assert_eq!(report.account("parse").unwrap().skipped, 1);
     /// ```
     pub fn on_error(mut self, policy: crate::OnError) -> Self {
+        self.check_handle(&policy);
         self.chain.set_policy::<Out<I, C>>(policy);
         self
     }
@@ -388,6 +405,7 @@ where
     /// Sets what the `try_flat_map` step just added does with a record its function fails on;
     /// see [`Stream::on_error`](Stream#method.on_error) of `try_map`.
     pub fn on_error(mut self, policy: crate::OnError) -> Self {
+        self.check_handle(&policy);
         self.chain.set_policy::<Out<I, C>>(policy);
         self
     }

@@ -137,6 +137,7 @@ impl Pipeline {
     pub fn dead_letters(&self, name: &str) -> (crate::DeadLetters, Fresh<crate::DeadLetter>) {
         let name = self.b.borrow_mut().rename(None, name);
         let (handle, rx) = crate::DeadLetters::new(Arc::clone(&name), Arc::clone(&self.shared));
+        self.b.borrow_mut().dead_letter_handles.insert(handle.id());
         let shared = Arc::clone(&self.shared);
         let head = HeadSpec {
             name: Some(name),
