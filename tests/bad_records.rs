@@ -450,7 +450,8 @@ fn a_cancelled_run_with_a_blocked_letter_sender_ends() {
     // then a downstream failure cancels the run.
     let p = Pipeline::new();
     let (dl, letters) = p.dead_letters("bad");
-    letters.for_each(|_| std::thread::sleep(Duration::from_millis(1)));
+    // Slow, not a synchronisation: the letters outpace the sink, so senders block.
+    letters.for_each(|_| std::thread::sleep(Duration::from_micros(50)));
     p.source("n", 0u64..100_000)
         .try_map(|n| if n < 5000 { Err("early") } else { Ok(n) })
         .on_error(OnError::DeadLetter(dl))
@@ -812,4 +813,31 @@ fn a_dead_letter_handle_of_another_pipeline_is_refused() {
         matches!(&err, Error::Build(m) if m.contains("dead-letter stream of another pipeline")),
         "{err}"
     );
+}
+
+#[test]
+fn letters_from_four_instances_all_arrive_through_a_full_stream() {
+    // More letters than the stream holds (1,024), from four instances at once, into a sink
+    // slower than they are sent: senders block under backpressure, and the stream ends only
+    // after the last sender's thread did, with every letter.
+    let p = Pipeline::new();
+    let (dl, letters) = p.dead_letters("bad");
+    let got = letters
+        .inspect(|_| std::thread::yield_now())
+        .map(|l: DeadLetter| l.record.unwrap().as_u64().unwrap())
+        .collect();
+    let out = p
+        .source("n", 0u64..20_000)
+        .rebalance(4)
+        .try_map(|n| if n % 3 == 0 { Err("third") } else { Ok(n) })
+        .on_error(OnError::DeadLetter(dl))
+        .name("thirds")
+        .collect();
+    let report = watchdog(move || p.run()).unwrap();
+    assert_eq!(out.take().len(), 20_000 - 6_667);
+    let mut got = got.take();
+    got.sort_unstable();
+    assert_eq!(got, (0..20_000).step_by(3).collect::<Vec<u64>>());
+    assert_eq!(report.account("thirds").unwrap().dead_lettered, 6_667);
+    report.check_accounting().unwrap();
 }
