@@ -4,6 +4,9 @@
 //! - `wordcount`: Zipf-like text of 10 million words, parallelism 1 and 2.
 //! - `channel_hop`: one record per message against batches of 1,024.
 //! - `ndjson_cli`: `millrace run` over 1 GiB of NDJSON (read → filter → select → write).
+//! - `ndjson_policy`: the same pipeline on clean input with `on_error = "fail"` against
+//!   `on_error = "dead_letter"` on every stage (issue #14: the policy must cost nothing on clean
+//!   input, ≥ 0.98×).
 //!
 //! Run: `cargo bench --bench engine` (or name one group: `cargo bench --bench engine -- wordcount`).
 //! Results and their ratios are recorded in docs/performance.md.
@@ -347,6 +350,43 @@ fn ndjson_cli(c: &mut Criterion) {
     g.finish();
 }
 
+/// `ndjson_cli`'s pipeline (parallelism 1) with each error policy on every stage, over clean
+/// input: what the dead-letter policy costs when nothing is bad.
+fn ndjson_policy(c: &mut Criterion) {
+    if !selected("ndjson_policy") {
+        return; // Do not write a gigabyte for nothing.
+    }
+    let (data, bytes) = ndjson_data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = c.benchmark_group("ndjson_policy");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(60));
+    for (id, policy, dead) in [
+        ("fail", "on_error=\"fail\"\n", ""),
+        (
+            "dead_letter",
+            "on_error=\"dead_letter\"\ndead_letter=\"dead\"\n",
+            "[stages.dead]\nkind=\"ndjson.write\"\npath=\"/dev/null\"\n",
+        ),
+    ] {
+        let toml = dir.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "[stages.read]\nkind=\"ndjson.read\"\npath={:?}\n{policy}\
+                 [stages.keep]\nkind=\"filter\"\ninput=\"read\"\nfield=\"kind\"\nop=\"eq\"\nvalue=\"purchase\"\n{policy}\
+                 [stages.slim]\nkind=\"select\"\ninput=\"keep\"\nfields=[\"id\",\"user\",\"amount\"]\n{policy}\
+                 [stages.out]\nkind=\"ndjson.write\"\ninput=\"slim\"\npath=\"/dev/null\"\n{dead}",
+                data.display().to_string()
+            ),
+        )
+        .unwrap();
+        g.bench_function(id, |b| b.iter(|| run_cli(&toml)));
+    }
+    g.finish();
+}
+
 /// The `exec` stage through `cat` next to a plain shell pipe through `cat`, over the same 1 GiB
 /// of NDJSON. The shell pipe copies bytes; the pipeline parses every line, writes it to the
 /// child as JSON, and parses what comes back (the price of records being values, not bytes).
@@ -396,6 +436,7 @@ criterion_group!(
     channel_hop,
     wordcount,
     ndjson_cli,
+    ndjson_policy,
     exec_cat
 );
 criterion_main!(benches);

@@ -39,6 +39,7 @@
 
 mod channel;
 pub mod config;
+mod dead_letter;
 mod describe;
 mod error;
 mod exec;
@@ -71,8 +72,9 @@ pub struct ReadmeDoctests;
 
 /// The channel crate the engine is built on, for [`Pipeline::source_channel`]'s receiver.
 pub use crossbeam_channel;
+pub use dead_letter::{DeadLetter, DeadLetterLimit, DeadLetters, OnError};
 pub use error::{BoxError, Error, Location, Result};
-pub use metrics::{RunReport, StageMetrics};
+pub use metrics::{RunReport, Shape, StageAccount, StageMetrics};
 pub use pool::{
     Lease, Pool, PoolBuilder, PoolError, PoolMetrics, Registry, TaskId, TaskScope, WaitEdge,
 };

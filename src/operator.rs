@@ -6,15 +6,25 @@
 //! partitioner or a sink), so the compiler sees the whole chain as one loop body: a fused chain
 //! costs what the closures cost.
 //!
+//! Fallible steps (`try_map`, `try_flat_map`) carry an error policy ([`crate::OnError`]); every
+//! step counts its events (records filtered, skipped, dead-lettered, a 1:N step's outputs) in
+//! plain local integers, flushed once per batch into shared counters for the report's
+//! per-step accounts — nothing atomic per record.
+//!
 //! The types here appear in [`Stream`](crate::Stream)'s type parameters; user code rarely needs
 //! to name them, and writes `impl Chain<I, Out = T>` where it must (see the
 //! [`Stream` docs](crate::Stream)). [`Chain`] is sealed: its methods are the engine's, and only
 //! the crate implements it.
 
+use std::any::Any;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use serde_json::Value;
+
+use crate::dead_letter::{Bad, OnError, Rejected};
 use crate::error::{BoxError, Error};
+use crate::metrics::Shape;
 use crate::sync::{AtomicU64, Ordering};
 
 /// The seal of [`Chain`] — a public trait in a private module, so no other crate can implement
@@ -83,12 +93,219 @@ pub trait Chain<In>: sealed::Sealed + Clone + Send + 'static {
     #[doc(hidden)]
     #[inline]
     fn begin_batch(&mut self, _records: usize) {}
+    /// Called after the records of each input batch were pushed (and before the stage ends):
+    /// each step adds its local event counts to its shared ones.
+    #[doc(hidden)]
+    #[inline]
+    fn end_batch(&mut self) {}
+    /// The counted steps of the chain, in order (for the report's per-step accounts).
+    #[doc(hidden)]
+    fn steps(&self, _steps: &mut Vec<StepInfo>) {}
     /// Names of the operators in the chain, in order (used to name stages).
     #[doc(hidden)]
     fn names(&self, names: &mut Vec<Arc<str>>);
     /// Renames the last operator; false if the chain is empty.
     #[doc(hidden)]
     fn rename_last(&mut self, name: Arc<str>) -> bool;
+}
+
+/// Event counts of one step, summed over its instances: updated once per batch.
+#[derive(Debug, Default)]
+pub(crate) struct StepCounts {
+    pub filtered: AtomicU64,
+    pub skipped: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Records emitted, for steps whose output is not derived from their input (1:N).
+    pub out: AtomicU64,
+    /// Records taken, for steps whose input is not the previous step's output (a step that
+    /// parses blocks of lines counts the lines).
+    pub records_in: AtomicU64,
+}
+
+/// One counted step of a chain: its name, shape and counts.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct StepInfo {
+    pub(crate) name: Arc<str>,
+    pub(crate) shape: Shape,
+    pub(crate) counts: Arc<StepCounts>,
+    /// Whether the step counts its own input (`StepCounts::records_in`).
+    pub(crate) counted_in: bool,
+}
+
+/// A step instance's counts since the last batch ended: plain integers, no atomics per record.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Local {
+    pub filtered: u64,
+    pub skipped: u64,
+    pub dead_lettered: u64,
+    pub out: u64,
+    pub records_in: u64,
+}
+
+/// A step's local counts and the shared counts they are flushed into.
+#[derive(Debug)]
+pub(crate) struct Acc {
+    pub local: Local,
+    pub shared: Arc<StepCounts>,
+}
+
+impl Clone for Acc {
+    fn clone(&self) -> Self {
+        Acc {
+            local: Local::default(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Default for Acc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Acc {
+    pub(crate) fn new() -> Self {
+        Acc {
+            local: Local::default(),
+            shared: Arc::new(StepCounts::default()),
+        }
+    }
+
+    /// Adds the local counts to the shared ones.
+    #[inline]
+    pub(crate) fn flush(&mut self) {
+        let l = std::mem::take(&mut self.local);
+        for (n, c) in [
+            (l.filtered, &self.shared.filtered),
+            (l.skipped, &self.shared.skipped),
+            (l.dead_lettered, &self.shared.dead_lettered),
+            (l.out, &self.shared.out),
+            (l.records_in, &self.shared.records_in),
+        ] {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn info(&self, name: &Arc<str>, shape: Shape) -> StepInfo {
+        StepInfo {
+            name: Arc::clone(name),
+            shape,
+            counts: Arc::clone(&self.shared),
+            counted_in: false,
+        }
+    }
+
+    /// Counts what a policy did with a bad record.
+    #[inline]
+    pub(crate) fn count(local: &mut Local, r: Rejected) {
+        match r {
+            Rejected::Skipped => local.skipped += 1,
+            Rejected::DeadLettered => local.dead_lettered += 1,
+        }
+    }
+}
+
+/// How a record the dead-letter policy may need is kept: a clone made before the operator
+/// consumes it, turned into JSON only if the operator fails.
+struct Keeper<A> {
+    clone: fn(&A) -> A,
+    json: fn(&A) -> Value,
+}
+
+fn to_json<A: serde::Serialize>(a: &A) -> Value {
+    serde_json::to_value(a).unwrap_or(Value::Null)
+}
+
+/// A fallible step's error policy (and, for `DeadLetter`, how its input records are kept).
+#[derive(Clone, Default)]
+pub(crate) struct Policy {
+    on_error: OnError,
+    /// A `Keeper<A>` of the step's input type, set with a `DeadLetter` policy.
+    keep: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.on_error.fmt(f)
+    }
+}
+
+/// A kept input record and how to show it.
+pub(crate) struct Kept<A> {
+    rec: A,
+    json: fn(&A) -> Value,
+}
+
+impl Policy {
+    fn set<A: serde::Serialize + Clone + Send + 'static>(&mut self, on_error: OnError) {
+        self.keep = on_error.is_dead_letter().then(|| {
+            Arc::new(Keeper::<A> {
+                clone: A::clone,
+                json: to_json::<A>,
+            }) as Arc<dyn Any + Send + Sync>
+        });
+        self.on_error = on_error;
+    }
+
+    /// A clone of `x` when the policy may dead-letter it (no cost otherwise).
+    #[inline]
+    fn keep<A: 'static>(&self, x: &A) -> Option<Kept<A>> {
+        let k = self.keep.as_ref()?.downcast_ref::<Keeper<A>>()?;
+        Some(Kept {
+            rec: (k.clone)(x),
+            json: k.json,
+        })
+    }
+
+    /// Applies the policy to the error `e` an operator returned.
+    #[cold]
+    fn reject<A, X: Into<BoxError>>(
+        &self,
+        name: &Arc<str>,
+        acc: &mut Local,
+        e: X,
+        kept: Option<Kept<A>>,
+    ) -> Result<(), Halt> {
+        if let OnError::Fail = self.on_error {
+            return Err(op_error(name, e));
+        }
+        let message = e.into().to_string();
+        let r = self.on_error.reject(
+            name,
+            message,
+            || Bad::Record(kept.map_or(Value::Null, |k| (k.json)(&k.rec))),
+            None,
+            None,
+            |m| Error::Operator {
+                stage: name.to_string(),
+                source: m.into(),
+            },
+        )?;
+        Acc::count(acc, r);
+        Ok(())
+    }
+}
+
+impl<C, F> TryMap<C, F> {
+    pub(crate) fn set_policy<A: serde::Serialize + Clone + Send + 'static>(
+        &mut self,
+        on_error: OnError,
+    ) {
+        self.policy.set::<A>(on_error);
+    }
+}
+
+impl<C, F> TryFlatMap<C, F> {
+    pub(crate) fn set_policy<A: serde::Serialize + Clone + Send + 'static>(
+        &mut self,
+        on_error: OnError,
+    ) {
+        self.policy.set::<A>(on_error);
+    }
 }
 
 impl<T> sealed::Sealed for Identity<T> {}
@@ -136,6 +353,8 @@ macro_rules! op_struct {
             prev: C,
             f: Arc<F>,
             name: Arc<str>,
+            acc: Acc,
+            policy: Policy,
         }
         impl<C, F> std::fmt::Debug for $name<C, F> {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,12 +363,18 @@ macro_rules! op_struct {
         }
         impl<C: Clone, F> Clone for $name<C, F> {
             fn clone(&self) -> Self {
-                $name { prev: self.prev.clone(), f: Arc::clone(&self.f), name: Arc::clone(&self.name) }
+                $name {
+                    prev: self.prev.clone(),
+                    f: Arc::clone(&self.f),
+                    name: Arc::clone(&self.name),
+                    acc: self.acc.clone(),
+                    policy: self.policy.clone(),
+                }
             }
         }
         impl<C, F> $name<C, F> {
             pub(crate) fn new(prev: C, f: F, name: Arc<str>) -> Self {
-                $name { prev, f: Arc::new(f), name }
+                $name { prev, f: Arc::new(f), name, acc: Acc::new(), policy: Policy::default() }
             }
         }
     };
@@ -184,6 +409,8 @@ op_struct!(
 struct Step<'a, F, E> {
     f: &'a F,
     name: &'a Arc<str>,
+    acc: &'a mut Local,
+    policy: &'a Policy,
     out: &'a mut E,
 }
 
@@ -201,10 +428,19 @@ pub(crate) fn op_error(name: &str, e: impl Into<BoxError>) -> Halt {
 
 /// The naming methods of a `Chain` impl for an operator with `prev` and `name` fields.
 macro_rules! named_step {
-    () => {
+    ($shape:expr) => {
         #[inline]
         fn begin_batch(&mut self, records: usize) {
             self.prev.begin_batch(records);
+        }
+        #[inline]
+        fn end_batch(&mut self) {
+            self.prev.end_batch();
+            self.acc.flush();
+        }
+        fn steps(&self, steps: &mut Vec<StepInfo>) {
+            self.prev.steps(steps);
+            steps.push(self.acc.info(&self.name, $shape));
         }
         fn names(&self, names: &mut Vec<Arc<str>>) {
             self.prev.names(names);
@@ -241,22 +477,25 @@ where
             &mut MapEmit(Step {
                 f: &*self.f,
                 name: &self.name,
+                acc: &mut self.acc.local,
+                policy: &self.policy,
                 out,
             }),
         )
     }
-    named_step!();
+    named_step!(Shape::OneToOne);
 }
 
 struct TryMapEmit<'a, F, E>(Step<'a, F, E>);
-impl<A, U, X: Into<BoxError>, F: Fn(A) -> Result<U, X>, E: Emit<U>> Emit<A>
+impl<A: 'static, U, X: Into<BoxError>, F: Fn(A) -> Result<U, X>, E: Emit<U>> Emit<A>
     for TryMapEmit<'_, F, E>
 {
     #[inline]
     fn emit(&mut self, x: A) -> Result<(), Halt> {
+        let kept = self.0.policy.keep(&x);
         match (self.0.f)(x) {
             Ok(u) => self.0.out.emit(u),
-            Err(e) => Err(op_error(self.0.name, e)),
+            Err(e) => self.0.policy.reject(self.0.name, self.0.acc, e, kept),
         }
     }
 }
@@ -275,11 +514,13 @@ where
             &mut TryMapEmit(Step {
                 f: &*self.f,
                 name: &self.name,
+                acc: &mut self.acc.local,
+                policy: &self.policy,
                 out,
             }),
         )
     }
-    named_step!();
+    named_step!(Shape::OneToOne);
 }
 
 struct FilterEmit<'a, F, E>(Step<'a, F, E>);
@@ -289,6 +530,7 @@ impl<A, F: Fn(&A) -> bool, E: Emit<A>> Emit<A> for FilterEmit<'_, F, E> {
         if (self.0.f)(&x) {
             self.0.out.emit(x)
         } else {
+            self.0.acc.filtered += 1;
             Ok(())
         }
     }
@@ -306,11 +548,13 @@ where
             &mut FilterEmit(Step {
                 f: &*self.f,
                 name: &self.name,
+                acc: &mut self.acc.local,
+                policy: &self.policy,
                 out,
             }),
         )
     }
-    named_step!();
+    named_step!(Shape::Filtering);
 }
 
 struct FlatMapEmit<'a, F, E>(Step<'a, F, E>);
@@ -318,6 +562,7 @@ impl<A, I: IntoIterator, F: Fn(A) -> I, E: Emit<I::Item>> Emit<A> for FlatMapEmi
     #[inline]
     fn emit(&mut self, x: A) -> Result<(), Halt> {
         for u in (self.0.f)(x) {
+            self.0.acc.out += 1;
             self.0.out.emit(u)?;
         }
         Ok(())
@@ -338,27 +583,36 @@ where
             &mut FlatMapEmit(Step {
                 f: &*self.f,
                 name: &self.name,
+                acc: &mut self.acc.local,
+                policy: &self.policy,
                 out,
             }),
         )
     }
-    named_step!();
+    named_step!(Shape::OneToMany);
 }
 
 struct TryFlatMapEmit<'a, F, E>(Step<'a, F, E>);
-impl<A, I: IntoIterator, X: Into<BoxError>, F: Fn(A) -> Result<I, X>, E: Emit<I::Item>> Emit<A>
-    for TryFlatMapEmit<'_, F, E>
+impl<
+        A: 'static,
+        I: IntoIterator,
+        X: Into<BoxError>,
+        F: Fn(A) -> Result<I, X>,
+        E: Emit<I::Item>,
+    > Emit<A> for TryFlatMapEmit<'_, F, E>
 {
     #[inline]
     fn emit(&mut self, x: A) -> Result<(), Halt> {
+        let kept = self.0.policy.keep(&x);
         match (self.0.f)(x) {
             Ok(items) => {
                 for u in items {
+                    self.0.acc.out += 1;
                     self.0.out.emit(u)?;
                 }
                 Ok(())
             }
-            Err(e) => Err(op_error(self.0.name, e)),
+            Err(e) => self.0.policy.reject(self.0.name, self.0.acc, e, kept),
         }
     }
 }
@@ -378,11 +632,13 @@ where
             &mut TryFlatMapEmit(Step {
                 f: &*self.f,
                 name: &self.name,
+                acc: &mut self.acc.local,
+                policy: &self.policy,
                 out,
             }),
         )
     }
-    named_step!();
+    named_step!(Shape::OneToMany);
 }
 
 struct InspectEmit<'a, F, E>(Step<'a, F, E>);
@@ -406,11 +662,13 @@ where
             &mut InspectEmit(Step {
                 f: &*self.f,
                 name: &self.name,
+                acc: &mut self.acc.local,
+                policy: &self.policy,
                 out,
             }),
         )
     }
-    named_step!();
+    named_step!(Shape::OneToOne);
 }
 
 /// `limit(n)`: passes the first `n` records (counted across all instances of the stage), then
@@ -419,6 +677,7 @@ pub struct Limit<C> {
     prev: C,
     remaining: Arc<AtomicU64>,
     name: Arc<str>,
+    acc: Acc,
 }
 
 impl<C> std::fmt::Debug for Limit<C> {
@@ -436,6 +695,7 @@ impl<C: Clone> Clone for Limit<C> {
             prev: self.prev.clone(),
             remaining: Arc::clone(&self.remaining),
             name: Arc::clone(&self.name),
+            acc: self.acc.clone(),
         }
     }
 }
@@ -446,12 +706,14 @@ impl<C> Limit<C> {
             prev,
             remaining: Arc::new(AtomicU64::new(n)),
             name,
+            acc: Acc::new(),
         }
     }
 }
 
 struct LimitEmit<'a, E> {
     remaining: &'a AtomicU64,
+    acc: &'a mut Local,
     out: &'a mut E,
 }
 
@@ -462,7 +724,10 @@ impl<A, E: Emit<A>> Emit<A> for LimitEmit<'_, E> {
             .remaining
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
         match before {
-            Err(_) => Err(Halt::Done),
+            Err(_) => {
+                self.acc.filtered += 1;
+                Err(Halt::Done)
+            }
             Ok(1) => {
                 self.out.emit(x)?;
                 Err(Halt::Done)
@@ -476,18 +741,19 @@ impl<In, C: Chain<In>> Chain<In> for Limit<C> {
     type Out = C::Out;
     #[inline]
     fn push<E: Emit<C::Out>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
-        if self.remaining.load(Ordering::Acquire) == 0 {
-            return Err(Halt::Done);
-        }
+        // No check before the chain: a record that reaches the limit after its n (another
+        // instance took the last one) goes through the steps before it and is counted here as
+        // filtered, so every step's account holds (see `runtime::drive_loop`).
         self.prev.push(
             item,
             &mut LimitEmit {
                 remaining: &self.remaining,
+                acc: &mut self.acc.local,
                 out,
             },
         )
     }
-    named_step!();
+    named_step!(Shape::Filtering);
 }
 
 /// The object-safe face of a chain, for pipelines assembled at run time (the TOML layer).
@@ -497,6 +763,8 @@ trait DynChain<In, Out>: Send {
     fn names_dyn(&self, names: &mut Vec<Arc<str>>);
     fn rename_dyn(&mut self, name: Arc<str>) -> bool;
     fn begin_batch_dyn(&mut self, records: usize);
+    fn end_batch_dyn(&mut self);
+    fn steps_dyn(&self, steps: &mut Vec<StepInfo>);
 }
 
 impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
@@ -514,6 +782,12 @@ impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
     }
     fn begin_batch_dyn(&mut self, records: usize) {
         self.begin_batch(records)
+    }
+    fn end_batch_dyn(&mut self) {
+        self.end_batch()
+    }
+    fn steps_dyn(&self, steps: &mut Vec<StepInfo>) {
+        self.steps(steps)
     }
 }
 
@@ -555,5 +829,11 @@ impl<In: 'static, Out: Send + 'static> Chain<In> for Boxed<In, Out> {
     }
     fn begin_batch(&mut self, records: usize) {
         self.0.begin_batch_dyn(records)
+    }
+    fn end_batch(&mut self) {
+        self.0.end_batch_dyn()
+    }
+    fn steps(&self, steps: &mut Vec<StepInfo>) {
+        self.0.steps_dyn(steps)
     }
 }

@@ -36,6 +36,9 @@ pub struct Options {
     /// How long an input of a stage may stay silent before it stops holding the stage's
     /// watermark back (default `None`: an input holds it back until it ends).
     pub idle_timeout: Option<Duration>,
+    /// How many dead letters the run may send before it fails with
+    /// [`Error::TooManyDeadLetters`] (default `None`: no limit).
+    pub max_dead_letters: Option<crate::dead_letter::DeadLetterLimit>,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             linger: Duration::from_millis(10),
             watermark_every: 8192,
             idle_timeout: None,
+            max_dead_letters: None,
         }
     }
 }
@@ -70,6 +74,23 @@ pub(crate) struct RunShared {
     pub metrics: Mutex<Vec<MetricsEntry>>,
     /// Samplers of the pools whose metrics belong in the report.
     pub pools: Mutex<Vec<PoolSampler>>,
+    /// The stages' step plans, for the per-step accounts.
+    pub plan: Mutex<Vec<crate::metrics::SlotPlan>>,
+    /// A stage stopped before its input ended (a `limit`, or its consumers gone): records in
+    /// flight between stages were dropped, which the accounts' links allow for.
+    pub stopped_early: AtomicBool,
+    /// Dead letters sent so far (all streams).
+    pub dead_letters: AtomicU64,
+    /// The stage of the latest dead letter (for the limit's final check).
+    pub last_dead_letter_stage: Mutex<Option<String>>,
+    /// Lines the sources rejected (skipped or dead-lettered): records read that no metric
+    /// counts as read.
+    pub source_rejected: AtomicU64,
+    /// The "main side alive" token (see [`crate::dead_letter`]): every worker off the
+    /// dead-letter side holds a clone; the run drops this one once every worker is spawned.
+    main_alive_tx: Mutex<Option<Sender<()>>>,
+    /// Disconnects when every worker off the dead-letter side has ended.
+    pub main_alive_rx: Receiver<()>,
 }
 
 /// Reads one pool's metrics.
@@ -78,6 +99,7 @@ pub(crate) type PoolSampler = Box<dyn Fn() -> crate::PoolMetrics + Send + Sync>;
 impl RunShared {
     pub(crate) fn new(opts: Options) -> Arc<Self> {
         let (tx, rx) = bounded(0);
+        let (alive_tx, alive_rx) = bounded(0);
         Arc::new(RunShared {
             opts,
             cancelled: AtomicBool::new(false),
@@ -89,7 +111,26 @@ impl RunShared {
             clock_ms: AtomicU64::new(0),
             metrics: Mutex::new(Vec::new()),
             pools: Mutex::new(Vec::new()),
+            plan: Mutex::new(Vec::new()),
+            stopped_early: AtomicBool::new(false),
+            dead_letters: AtomicU64::new(0),
+            last_dead_letter_stage: Mutex::new(None),
+            source_rejected: AtomicU64::new(0),
+            main_alive_tx: Mutex::new(Some(alive_tx)),
+            main_alive_rx: alive_rx,
         })
+    }
+
+    /// Records the sources read so far, counting the lines they rejected.
+    pub(crate) fn records_read_so_far(&self) -> u64 {
+        let read: u64 = self
+            .metrics
+            .lock()
+            .iter()
+            .filter(|m| m.source)
+            .map(|m| m.metrics.records_in.load(Ordering::Relaxed))
+            .sum();
+        read + self.source_rejected.load(Ordering::Relaxed)
     }
 
     pub(crate) fn cancel(&self) {
@@ -117,6 +158,19 @@ impl RunShared {
     /// Whether the run is failing: an error is recorded or a worker is unwinding from a panic.
     pub(crate) fn has_failed(&self) -> bool {
         self.aborting.load(Ordering::Acquire) || self.first_error.lock().is_some()
+    }
+
+    /// A report of these instance rows, with the per-step accounts derived from them.
+    fn report(&self, elapsed: Duration, stages: Vec<crate::StageMetrics>) -> RunReport {
+        let (accounts, links) = crate::metrics::derive_accounts(&self.plan.lock(), &stages);
+        RunReport {
+            elapsed,
+            stages,
+            pools: self.pool_metrics(),
+            accounts,
+            links,
+            stopped_early: self.stopped_early.load(Ordering::Relaxed),
+        }
     }
 
     fn pool_metrics(&self) -> Vec<crate::PoolMetrics> {
@@ -174,11 +228,7 @@ impl CancelHandle {
             .iter()
             .map(|m| m.snapshot(elapsed))
             .collect();
-        RunReport {
-            elapsed,
-            stages,
-            pools: self.shared.pool_metrics(),
-        }
+        self.shared.report(elapsed, stages)
     }
 }
 
@@ -331,22 +381,43 @@ where
         let flush_at = tail.pending_since().map(|t| t + linger);
         let pull = head.pull(cx, &mut buf, flush_at)?;
         tail.before_batch(cx.clock_ms());
-        if count_in && !buf.is_empty() {
-            InstanceMetrics::add(&cx.metrics.records_in, buf.len() as u64);
-            InstanceMetrics::add(&cx.metrics.batches_in, 1);
-        }
+        let batch = buf.len() as u64;
         if !buf.is_empty() {
             chain.begin_batch(buf.len());
         }
+        let mut pushed = 0u64;
+        let mut halted = None;
         for item in buf.drain(..) {
+            pushed += 1;
             match chain.push(item, &mut *tail) {
                 Ok(()) => {}
-                Err(Halt::Done) => {
-                    // A limit was reached or every consumer is gone: end cleanly.
-                    return tail.finish(cx);
+                Err(h) => {
+                    halted = Some(h);
+                    break;
                 }
-                Err(e) => return Err(e),
             }
+        }
+        // Records the chain took: when a `Halt::Done` stops mid-batch, the rest of the batch
+        // was read (by a source) but never handed on, and is not counted.
+        buf.clear();
+        chain.end_batch();
+        if pushed > 0 {
+            InstanceMetrics::add(&cx.metrics.chain_in, pushed);
+            if count_in {
+                InstanceMetrics::add(&cx.metrics.records_in, pushed);
+            }
+        }
+        if count_in && batch > 0 {
+            InstanceMetrics::add(&cx.metrics.batches_in, 1);
+        }
+        match halted {
+            None => {}
+            // A limit was reached or every consumer is gone: end cleanly.
+            Some(Halt::Done) => {
+                cx.run.stopped_early.store(true, Ordering::Relaxed);
+                return tail.finish(cx);
+            }
+            Some(e) => return Err(e),
         }
         tail.after_batch(cx)?;
         match pull {
@@ -366,6 +437,9 @@ pub(crate) struct Worker {
     pub stage: Arc<str>,
     pub instance: usize,
     pub source: bool,
+    /// Whether the worker is on the dead-letter side (a dead-letter source or downstream of
+    /// one): such workers hold no "main alive" token.
+    pub dead_letter_side: bool,
     pub body: WorkerBody,
 }
 
@@ -410,12 +484,18 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
                 metrics,
             };
             let alive = alive_tx.clone();
+            let main_alive = if w.dead_letter_side {
+                None
+            } else {
+                shared.main_alive_tx.lock().clone()
+            };
             let name = format!("millrace:{}#{}", w.stage, w.instance);
             let stage = Arc::clone(&w.stage);
             let spawned = thread::Builder::new()
                 .name(name)
                 .spawn_scoped(scope, move || {
                     let _alive = alive;
+                    let _main_alive = main_alive;
                     let t0 = Instant::now();
                     let result = catch_unwind(AssertUnwindSafe(|| (w.body)(&cx)));
                     cx.metrics
@@ -440,6 +520,7 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             }
         }
         drop(alive_tx);
+        shared.main_alive_tx.lock().take();
         // Nobody sends on `alive`: this waits for the last worker, ticking the clock meanwhile.
         while let Err(RecvTimeoutError::Timeout) = alive_rx.recv_timeout(TICK) {
             shared
@@ -461,9 +542,5 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         .iter()
         .map(|m| m.snapshot(elapsed))
         .collect();
-    Ok(RunReport {
-        elapsed,
-        stages,
-        pools: shared.pool_metrics(),
-    })
+    Ok(shared.report(elapsed, stages))
 }

@@ -334,16 +334,59 @@ impl Head<Chunk> for ChunkHead {
     }
 }
 
+/// The blocks of a [`ChunkHead`] for a stage that parses them: the chain after it counts their
+/// lines, not the blocks (for the accounts; see `Chunk::records`).
+pub(crate) struct LinesOf(pub ChunkHead);
+
+impl Head<Chunk> for LinesOf {
+    fn counts_input(&self) -> bool {
+        true
+    }
+
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let pulled = self.0.pull(cx, buf, flush_at)?;
+        for c in buf.iter() {
+            crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, c.records.saturating_sub(1));
+        }
+        Ok(pulled)
+    }
+}
+
 /// `ndjson.read` on the byte path: the blocks of a [`ChunkHead`], each line checked to be a
 /// JSON object (an error names the file and line), blank lines dropped.
 pub(crate) struct NdjsonBlockHead {
     inner: ChunkHead,
+    /// What to do with a bad line: with `skip` or `dead_letter` it is cut out of its block
+    /// (made blank, which the check drops), and the block keeps its good lines.
+    on_error: crate::dead_letter::OnError,
+    skipped: u64,
+    dead_lettered: u64,
 }
 
 impl NdjsonBlockHead {
     pub(crate) fn new(inner: ChunkHead) -> Self {
-        NdjsonBlockHead { inner }
+        NdjsonBlockHead {
+            inner,
+            on_error: crate::dead_letter::OnError::Fail,
+            skipped: 0,
+            dead_lettered: 0,
+        }
     }
+
+    pub(crate) fn with_policy(mut self, on_error: crate::dead_letter::OnError) -> Self {
+        self.on_error = on_error;
+        self
+    }
+}
+
+/// The byte range of line `line` (of a block whose first line is `first`), without its newline.
+fn line_range(data: &[u8], first: u64, line: u64) -> std::ops::Range<usize> {
+    let mut start = 0;
+    for _ in first..line {
+        start = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i + 1);
+    }
+    let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+    start..end
 }
 
 impl Head<Chunk> for NdjsonBlockHead {
@@ -354,24 +397,60 @@ impl Head<Chunk> for NdjsonBlockHead {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let pulled = self.inner.pull(cx, buf, flush_at)?;
         for c in buf.iter_mut() {
-            match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
-                Ok(n) => c.records = n,
-                Err(bad) => {
-                    return Err(Halt::Failed(Error::Record {
-                        stage: self.inner.name.to_string(),
+            loop {
+                let bad =
+                    match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
+                        Ok(n) => {
+                            c.records = n;
+                            break;
+                        }
+                        Err(bad) => bad,
+                    };
+                let name = &self.inner.name;
+                let path = &self.inner.path;
+                let range = line_range(&c.data, c.first_line, bad.line);
+                let text = &c.data[range.clone()];
+                let r = self.on_error.reject(
+                    name,
+                    bad.message,
+                    || {
+                        let t = text.strip_suffix(b"\r").unwrap_or(text);
+                        crate::dead_letter::Bad::Raw(String::from_utf8_lossy(t).into_owned())
+                    },
+                    Some(path),
+                    Some(bad.line),
+                    |message| Error::Record {
+                        stage: name.to_string(),
                         location: crate::error::Location {
-                            path: self.inner.path.clone(),
+                            path: path.clone(),
                             line: bad.line,
                         },
-                        message: bad.message,
-                    }))
+                        message,
+                    },
+                )?;
+                // Cut the line out, keeping its newline so later lines keep their numbers:
+                // the check drops the blank line it leaves.
+                c.data.drain(range);
+                use crate::sync::Ordering::Relaxed;
+                match r {
+                    crate::dead_letter::Rejected::Skipped => {
+                        self.skipped += 1;
+                        cx.metrics.skipped.store(self.skipped, Relaxed);
+                    }
+                    crate::dead_letter::Rejected::DeadLettered => {
+                        self.dead_lettered += 1;
+                        cx.metrics.dead_lettered.store(self.dead_lettered, Relaxed);
+                    }
                 }
+                cx.run.source_rejected.fetch_add(1, Relaxed);
             }
             // The channel counts a block as one record (see `Chunk::records`).
             crate::metrics::InstanceMetrics::add(
                 &cx.metrics.records_out,
                 c.records.saturating_sub(1),
             );
+            // So does the chain after this head (the accounts count records).
+            crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, c.records.saturating_sub(1));
         }
         buf.retain(|c| c.records > 0);
         Ok(pulled)
@@ -389,8 +468,11 @@ impl Head<Chunk> for BlockInput {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let pulled = self.0.pull(cx, buf, flush_at)?;
         if !buf.is_empty() {
-            let records = buf.iter().map(|c| c.records).sum();
+            let records: u64 = buf.iter().map(|c| c.records).sum();
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, records);
+            // The chain after this head counts blocks: add the rest (the accounts count
+            // records).
+            crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, records - buf.len() as u64);
             crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
         }
         Ok(pulled)
@@ -435,6 +517,10 @@ pub(crate) struct LineHead<T, P> {
     line: u64,
     raw: Vec<u8>,
     parse: P,
+    /// What to do with a line that does not parse.
+    on_error: crate::dead_letter::OnError,
+    skipped: u64,
+    dead_lettered: u64,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -455,12 +541,39 @@ where
             line: 0,
             raw: Vec::with_capacity(256),
             parse,
+            on_error: crate::dead_letter::OnError::Fail,
+            skipped: 0,
+            dead_lettered: 0,
             _t: std::marker::PhantomData,
         }
+    }
+
+    /// The same head with an error policy for lines that do not parse.
+    pub(crate) fn with_policy(mut self, on_error: crate::dead_letter::OnError) -> Self {
+        self.on_error = on_error;
+        self
     }
 }
 
 impl<T, P> LineHead<T, P> {
+    /// Counts a line the policy skipped or dead-lettered, in the stage's metrics and the run's
+    /// count of lines read.
+    fn count_rejected(&mut self, cx: &Cx, r: crate::dead_letter::Rejected) {
+        use crate::dead_letter::Rejected;
+        use crate::sync::Ordering::Relaxed;
+        match r {
+            Rejected::Skipped => {
+                self.skipped += 1;
+                cx.metrics.skipped.store(self.skipped, Relaxed);
+            }
+            Rejected::DeadLettered => {
+                self.dead_lettered += 1;
+                cx.metrics.dead_lettered.store(self.dead_lettered, Relaxed);
+            }
+        }
+        cx.run.source_rejected.fetch_add(1, Relaxed);
+    }
+
     fn poll_fd(&self) -> Option<&PollFd> {
         #[cfg(unix)]
         return self.poll_fd.as_ref();
@@ -507,14 +620,23 @@ where
                 Ok(Some(x)) => buf.push(x),
                 Ok(None) => {}
                 Err(message) => {
-                    return Err(Halt::Failed(Error::Record {
-                        stage: self.name.to_string(),
-                        location: Location {
-                            path: self.path.clone(),
-                            line: self.line,
-                        },
+                    let (name, path, at) = (&self.name, &self.path, self.line);
+                    let r = self.on_error.reject(
+                        name,
                         message,
-                    }))
+                        || crate::dead_letter::Bad::Raw(String::from_utf8_lossy(line).into_owned()),
+                        Some(path),
+                        Some(at),
+                        |message| Error::Record {
+                            stage: name.to_string(),
+                            location: Location {
+                                path: path.clone(),
+                                line: at,
+                            },
+                            message,
+                        },
+                    )?;
+                    self.count_rejected(cx, r);
                 }
             }
         }

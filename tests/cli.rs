@@ -469,6 +469,14 @@ fn serve_runs_submitted_pipelines() {
                 "the file's own name wins over ?name="
             );
             assert!(job["report"]["records_read"].as_u64().unwrap() > 0);
+            // GET /jobs/{id} carries the per-step accounts; the source's holds.
+            let accounts = job["report"]["accounts"].as_array().unwrap();
+            let read = accounts
+                .iter()
+                .find(|a| a["shape"] == "source")
+                .unwrap_or_else(|| panic!("{job}"));
+            assert_eq!(read["records_in"], job["report"]["records_read"], "{job}");
+            assert_eq!(read["records_in"], read["records_out"], "{job}");
             break;
         }
         assert_eq!(job["status"], "running", "{job}");

@@ -407,4 +407,7 @@ fn the_bundled_window_example_runs() {
     let win = report.stage("per_minute").unwrap();
     assert!(win.records_in > 100);
     assert_eq!(win.late, 2, "the example data holds two late clicks");
+    report.check_accounting().unwrap();
+    let w = report.account("per_minute").unwrap();
+    assert_eq!((w.records_in, w.late), (402, 2), "{report}");
 }

@@ -41,6 +41,9 @@ fn map_filter_flat_map_inspect_collect() {
     assert_eq!(v, expect);
     assert_eq!(seen.load(Ordering::Relaxed), expect.len() as u64);
     assert_eq!(report.records_read(), 1000);
+    report.check_accounting().unwrap();
+    let fm = report.account("flat_map").unwrap();
+    assert_eq!((fm.records_in, fm.records_out), (500, 1000));
     // Everything fused into one stage: one worker.
     assert_eq!(report.stages.len(), 1, "{report}");
 }
@@ -62,6 +65,7 @@ fn stages_forced_onto_threads_keep_order_with_parallelism_one() {
         (0..10_000u64).map(|x| (x + 1) * 2 - 1).collect::<Vec<_>>()
     );
     assert_eq!(report.stages.len(), 3, "{report}");
+    report.check_accounting().unwrap();
 }
 
 #[test]
@@ -76,6 +80,7 @@ fn rebalance_processes_every_record_once() {
     let mut v = out.take();
     v.sort_unstable();
     assert_eq!(v, (0..50_000u64).map(|x| x * 2).collect::<Vec<_>>());
+    report.check_accounting().unwrap();
     assert_eq!(
         report
             .stages

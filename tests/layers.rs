@@ -3,7 +3,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream, private_dir |
+//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream, private_dir, dead_letter |
 //! | 1 | sandbox |
 //! | 2 | exec |
 //! | 3 | plugin |
@@ -41,6 +41,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("window", 0),
     ("stream", 0),
     ("private_dir", 0),
+    ("dead_letter", 0),
     ("sandbox", 1),
     ("exec", 2),
     ("plugin", 3),

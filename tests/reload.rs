@@ -338,6 +338,8 @@ fn refused_reloads_leave_the_old_version_running() {
             .replace("input = \"keep\"\npath", "input = \"more\"\npath"),
             "[stages.read]\nkind = \"ndjson.read\"\npath = \"in.fifo\"\n[stages.keep]\nkind = \"select\"\ninput = \"read\"\nfields = [\"seq\"]\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"keep\"\npath = \"out.ndjson\"\n".to_string(),
             simple_config(0, "").replace("path = \"out.ndjson\"", "path = \"other.ndjson\""),
+            // The error policy is fixed for the run.
+            simple_config(0, "on_error = \"skip\"\n"),
         ] {
             write_atomically(&p, &bad);
             errors.push(h.reload().unwrap_err());
@@ -348,11 +350,11 @@ fn refused_reloads_leave_the_old_version_running() {
             );
         }
         // A valid change still applies afterwards, from the next batch on.
-        wait_processed(h, "keep", 5000);
+        wait_processed(h, "keep", 6000);
         write_atomically(&p, &simple_config(4500, ""));
         let e = h.reload().unwrap();
         assert_eq!(e.changed, vec!["stage `keep`: parameters".to_string()]);
-        write_records(input, 5000, 6000);
+        write_records(input, 6000, 7000);
         errors
     });
     report.unwrap();
@@ -364,6 +366,7 @@ fn refused_reloads_leave_the_old_version_running() {
             (ConfigErrorKind::RestartRequired, Some("more")),
             (ConfigErrorKind::RestartRequired, Some("keep")),
             (ConfigErrorKind::RestartRequired, Some("out")),
+            (ConfigErrorKind::RestartRequired, Some("keep")),
         ],
         "{errors:?}"
     );
@@ -376,20 +379,27 @@ fn refused_reloads_leave_the_old_version_running() {
     );
     // Before the valid reload everything passed (threshold 0); after it, only seq >= 4500.
     let seqs = output_seqs(dir.path());
-    let before: Vec<usize> = seqs.iter().copied().filter(|s| *s < 5000).collect();
+    assert!(
+        errors[4]
+            .to_string()
+            .contains("its on_error (or dead_letter) changed"),
+        "{}",
+        errors[4]
+    );
+    let before: Vec<usize> = seqs.iter().copied().filter(|s| *s < 6000).collect();
     assert_eq!(
         before.len(),
-        5000,
+        6000,
         "no record lost while reloads were refused"
     );
     assert_eq!(
-        seqs.iter().filter(|s| **s >= 5000).count(),
+        seqs.iter().filter(|s| **s >= 6000).count(),
         1000,
-        "the new threshold lets 5000.. through"
+        "the new threshold lets 6000.. through"
     );
     let events = handle.events();
-    assert_eq!(events.len(), 5);
-    assert_eq!(events.iter().filter(|e| e.error.is_some()).count(), 4);
+    assert_eq!(events.len(), 6);
+    assert_eq!(events.iter().filter(|e| e.error.is_some()).count(), 5);
     assert_eq!(handle.version(), 1);
 }
 

@@ -12,12 +12,11 @@ use serde_json::{Map, Value};
 
 use super::kinds::{self, Kind};
 use super::live_map::MapLogic;
-use super::parse::{PipelineSpec, StageSpec};
+use super::parse::{PipelineSpec, PolicySpec, StageSpec};
 use super::stages;
 use super::window_kind::{LatePolicy, WindowParams};
 use super::{ConfigError, ConfigErrorKind};
 use crate::operator::Boxed;
-use crate::source::Chunk;
 use crate::versioned::Versioned;
 use crate::window::{WindowOutput, WindowSpec};
 use crate::{Pipeline, Stream};
@@ -43,6 +42,21 @@ impl PipelineSpec {
             return Ok(p);
         }
         let p = Pipeline::with_options(self.options.clone());
+        // One dead-letter stream per stage named in a `dead_letter`, made before any stage
+        // that sends to it; the stage itself reads the letters as JSON objects.
+        let mut handles: HashMap<&str, crate::DeadLetters> = HashMap::new();
+        let mut letters: HashMap<&str, JsonStream> = HashMap::new();
+        for st in self.stages.iter().filter(|s| s.dead_letter_target) {
+            let (h, s) = p.dead_letters(&format!("{}.letters", st.name));
+            handles.insert(&st.name, h);
+            letters.insert(
+                &st.name,
+                s.map(|l: crate::DeadLetter| l.to_json())
+                    .name(&format!("{}.letters.json", st.name))
+                    .into_head()
+                    .boxed(),
+            );
+        }
         let mut consumers: HashMap<&str, usize> = HashMap::new();
         for s in &self.stages {
             // A window's late stage reads its late output, not its results.
@@ -59,6 +73,7 @@ impl PipelineSpec {
                         .remove(w.as_str())
                         .expect("a window is built before its late stage"),
                 ),
+                None if st.dead_letter_target => letters.remove(st.name.as_str()),
                 None => {
                     let mut inputs = st.inputs.iter().map(|i| {
                         outputs
@@ -81,7 +96,17 @@ impl PipelineSpec {
                 )
             };
             let mut late = None;
-            let out = build_stage(&p, st, input, &mut late, live.as_deref_mut())?;
+            let policy = match &st.on_error {
+                PolicySpec::Fail => crate::OnError::Fail,
+                PolicySpec::Skip => crate::OnError::Skip,
+                PolicySpec::DeadLetter(t) => crate::OnError::DeadLetter(
+                    handles
+                        .get(t.as_str())
+                        .cloned()
+                        .expect("validation checks every dead_letter names a stage"),
+                ),
+            };
+            let out = build_stage(&p, st, input, &mut late, live.as_deref_mut(), policy)?;
             if let Some(l) = late {
                 lates.insert(&st.name, l);
             }
@@ -112,8 +137,23 @@ impl PipelineSpec {
     /// every stage on one instance, moves blocks of checked NDJSON lines and never builds values.
     /// Output lines are the child's bytes (blank lines and `\r` dropped), not re-serialised.
     fn build_byte_path(&self, live: Option<&mut LiveStages>) -> Option<Pipeline> {
-        let st = &self.stages;
+        // Dead-letter stages are outside the line: each must be an `ndjson.write`, and only
+        // the source may have a policy (its bad lines are cut out of the blocks); exec stages
+        // with a policy run on records.
+        let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =
+            self.stages.iter().partition(|s| s.dead_letter_target);
         if !self.byte_path || st.len() < 3 {
+            return None;
+        }
+        if st[1..].iter().any(|s| s.on_error != PolicySpec::Fail)
+            || targets
+                .iter()
+                .any(|t| !matches!(t.params, Kind::NdjsonWrite { .. }))
+            || self
+                .stages
+                .iter()
+                .any(|s| targets.iter().any(|t| s.inputs.contains(&t.name)))
+        {
             return None;
         }
         let linear = st.iter().enumerate().all(|(i, s)| {
@@ -139,7 +179,26 @@ impl PipelineSpec {
             return None;
         }
         let p = Pipeline::with_options(self.options.clone());
-        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES).boxed();
+        let mut policy = crate::OnError::Fail;
+        for t in &targets {
+            let Kind::NdjsonWrite { path } = &t.params else {
+                unreachable!("checked above")
+            };
+            let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
+            letters
+                .map(|l: crate::DeadLetter| l.to_json())
+                .name(&format!("{}.letters.json", t.name))
+                .write_ndjson(path)
+                .name(&t.name);
+            policy = match &st[0].on_error {
+                PolicySpec::DeadLetter(n) if n == &t.name => crate::OnError::DeadLetter(h),
+                _ => policy,
+            };
+        }
+        if st[0].on_error == PolicySpec::Skip {
+            policy = crate::OnError::Skip;
+        }
+        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, policy).boxed();
         let mut live = live;
         for m in middle {
             let Kind::Exec(spec) = &m.params else {
@@ -196,12 +255,15 @@ fn build_live_stage(
     st: &StageSpec,
     input: JsonStream,
     live: &mut LiveStages,
+    policy: &crate::OnError,
 ) -> Result<Option<JsonStream>, JsonStream> {
     let name = st.name.as_str();
     let par = st.parallelism;
     Ok(Some(match &st.params {
         Kind::Exec(spec) => {
-            let v = Versioned::new((**spec).clone());
+            let mut spec = (**spec).clone();
+            spec.on_error = policy.clone();
+            let v = Versioned::new(spec);
             live.insert(st.name.clone(), LiveStage::Exec(Arc::clone(&v)));
             stages::exec_live(input, name, v, par).boxed()
         }
@@ -215,7 +277,7 @@ fn build_live_stage(
             Some(logic) => {
                 let v = Versioned::new(logic);
                 live.insert(st.name.clone(), LiveStage::Map(Arc::clone(&v)));
-                stages::live_map(with_parallelism(input, st), name, v).boxed()
+                stages::live_map(with_parallelism(input, st), name, v, policy.clone()).boxed()
             }
             None => return Err(input),
         },
@@ -228,11 +290,12 @@ fn build_stage(
     input: Option<JsonStream>,
     late: &mut Option<JsonStream>,
     live: Option<&mut LiveStages>,
+    policy: crate::OnError,
 ) -> Result<Option<JsonStream>, ConfigError> {
     let name = st.name.as_str();
     let mut live = live;
     let input = match (input, live.as_deref_mut()) {
-        (Some(s), Some(live)) => match build_live_stage(st, s, live) {
+        (Some(s), Some(live)) => match build_live_stage(st, s, live, &policy) {
             Ok(out) => return Ok(out),
             Err(s) => Some(s),
         },
@@ -240,7 +303,7 @@ fn build_stage(
     };
     Ok(match (&st.params, input) {
         (Kind::LinesRead { path }, None) => {
-            let s = stages::lines(p, name, path);
+            let s = stages::lines(p, name, path, policy);
             Some(if st.parallelism > 1 {
                 s.rebalance(st.parallelism).boxed()
             } else {
@@ -252,50 +315,28 @@ fn build_stage(
                 // Parsing is the expensive part: read blocks of lines on one thread (a memcpy),
                 // parse them on N.
                 let chunks = stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES);
-                let shown = path.display().to_string();
-                let stage: Arc<str> = Arc::from(name);
+                let shown: Arc<str> = Arc::from(path.display().to_string());
                 Some(
                     chunks
                         .rebalance(st.parallelism)
-                        .try_flat_map(move |chunk: Chunk| parse_chunk(&chunk, &stage, &shown))
+                        .step("parse", move |prev, op| {
+                            super::live_map::ParseChunks::new(prev, op, shown, policy)
+                        })
                         .name(name)
                         .into_head()
                         .boxed(),
                 )
             } else {
-                Some(stages::ndjson_objects(p, name, path).boxed())
+                Some(stages::ndjson_objects(p, name, path, policy).boxed())
             }
         }
         (_, None) => unreachable!("validation gives every non-source stage an input"),
         (Kind::LinesRead { .. } | Kind::NdjsonRead { .. }, Some(_)) => {
             unreachable!("sources have no input")
         }
-        (Kind::Words { field, lowercase }, Some(s)) => {
-            let (field, lowercase) = (field.clone(), *lowercase);
-            Some(
-                with_parallelism(s, st)
-                    .try_flat_map(move |rec| kinds::words(&rec, &field, lowercase))
-                    .name(name)
-                    .boxed(),
-            )
-        }
-        (Kind::Filter { field, op, value }, Some(s)) => {
-            let (field, op, value) = (field.clone(), *op, value.clone());
-            Some(
-                with_parallelism(s, st)
-                    .filter(move |rec| kinds::filter(rec, &field, op, &value))
-                    .name(name)
-                    .boxed(),
-            )
-        }
-        (Kind::Select { fields }, Some(s)) => {
-            let fields = fields.clone();
-            Some(
-                with_parallelism(s, st)
-                    .map(move |rec| kinds::select(rec, &fields))
-                    .name(name)
-                    .boxed(),
-            )
+        (k @ (Kind::Words { .. } | Kind::Filter { .. } | Kind::Select { .. }), Some(s)) => {
+            let logic = MapLogic::of(k).expect("a record operation");
+            Some(stages::record_op(with_parallelism(s, st), name, logic, policy).boxed())
         }
         (Kind::Limit { n }, Some(s)) => Some(with_parallelism(s, st).limit(*n).name(name).boxed()),
         (Kind::Count { key }, Some(s)) => {
@@ -333,9 +374,11 @@ fn build_stage(
                     .boxed(),
             )
         }
-        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live)),
+        (Kind::Window(w), Some(s)) => Some(build_window(s, st, w, late, live, policy)),
         (Kind::Exec(spec), Some(s)) => {
-            Some(stages::exec(s, name, (**spec).clone(), st.parallelism).boxed())
+            let mut spec = (**spec).clone();
+            spec.on_error = policy;
+            Some(stages::exec(s, name, spec, st.parallelism).boxed())
         }
         #[cfg(feature = "plugin")]
         (Kind::Native(spec), Some(s)) => Some(
@@ -363,14 +406,21 @@ fn build_window(
     w: &WindowParams,
     late: &mut Option<JsonStream>,
     live: Option<&mut LiveStages>,
+    policy: crate::OnError,
 ) -> JsonStream {
     let name = st.name.as_str();
+    // The parsed policy says fail or skip; a dead-letter one has its handle only now.
+    let mut w = w.clone();
+    if policy.is_dead_letter() {
+        w.on_error = policy;
+    }
+    let w = &w;
     let key_field = w.key_field.clone();
     let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
     let mut spec = WindowSpec::new(w.assigner, w.event_time())
         .max_out_of_orderness(ms(w.max_out_of_orderness))
         .allowed_lateness(ms(w.allowed_lateness))
-        .on_error(w.on_error);
+        .on_error(w.on_error.clone());
     if let Some(live) = live {
         let v = Versioned::new(w.live());
         live.insert(st.name.clone(), LiveStage::Window(Arc::clone(&v)));
@@ -434,27 +484,6 @@ fn build_window(
 /// Bytes per block when `ndjson.read` parses on several threads: small enough that a channel of
 /// them stays well under a megabyte, large enough to make the hop free.
 const CHUNK_BYTES: usize = 64 * 1024;
-
-fn parse_chunk(chunk: &Chunk, stage: &str, path: &str) -> Result<Vec<Value>, crate::Error> {
-    let mut out = Vec::with_capacity(chunk.data.len() / 64);
-    for (line, text) in chunk.lines() {
-        match crate::ndjson::parse_object(text) {
-            Ok(Value::Null) => {}
-            Ok(v) => out.push(v),
-            Err(message) => {
-                return Err(crate::Error::Record {
-                    stage: stage.to_string(),
-                    location: crate::Location {
-                        path: path.to_string(),
-                        line,
-                    },
-                    message,
-                })
-            }
-        }
-    }
-    Ok(out)
-}
 
 /// A JSON value used as a grouping key: hashed and compared by its canonical text.
 #[derive(Debug, Clone)]

@@ -39,6 +39,18 @@ pub(crate) enum FilterOp {
     Contains,
 }
 
+/// What `select` does with a listed field a record lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum SelectMissing {
+    /// Leave it out (the default).
+    #[default]
+    Omit,
+    /// Set it to null.
+    Null,
+    /// A record error (the stage's `on_error` decides).
+    Error,
+}
+
 /// A stage kind with its validated parameters.
 #[derive(Debug, Clone)]
 pub(crate) enum Kind {
@@ -62,6 +74,7 @@ pub(crate) enum Kind {
     },
     Select {
         fields: Vec<String>,
+        missing: SelectMissing,
     },
     Limit {
         n: u64,
@@ -136,6 +149,18 @@ impl Kind {
             }
             "select" => Kind::Select {
                 fields: p.required_str_list("fields")?,
+                missing: match p.opt_str("missing")?.as_deref() {
+                    None | Some("omit") => SelectMissing::Omit,
+                    Some("null") => SelectMissing::Null,
+                    Some("error") => SelectMissing::Error,
+                    Some(other) => {
+                        return Err(p.error_at(
+                            "missing",
+                            ConfigErrorKind::BadValue,
+                            format!("parameter `missing`: expected \"omit\", \"null\" or \"error\", found {other:?}"),
+                        ))
+                    }
+                },
             },
             "limit" => Kind::Limit {
                 n: p.required_u64("n")?,
@@ -147,6 +172,19 @@ impl Kind {
             },
             other => return other_kind(p, other),
         })
+    }
+
+    /// Why a stage of this kind takes no `on_error`, if it takes none: it meets no bad
+    /// records.
+    pub(crate) fn no_record_errors(&self) -> Option<&'static str> {
+        match self {
+            Kind::Limit { .. } => Some("it passes or stops, and never rejects a record"),
+            Kind::Count { .. } => Some("it counts any record (a missing key counts as null)"),
+            Kind::NdjsonWrite { .. } => {
+                Some("it writes any record, and a write error fails the run")
+            }
+            _ => None,
+        }
     }
 
     pub(crate) fn info(&self) -> KindInfo {
@@ -622,6 +660,7 @@ fn parse_plugin_node(
         plugin: Some(m.name.clone()),
         log_level,
         plugin_copy: None,
+        on_error: crate::OnError::Fail,
     })))
 }
 
@@ -695,6 +734,7 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         plugin: None,
         log_level: log::LevelFilter::Trace,
         plugin_copy: None,
+        on_error: crate::OnError::Fail,
     })
 }
 
@@ -759,37 +799,87 @@ fn json_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// `filter`: whether `rec` passes. A missing field is treated as `null`.
-pub(crate) fn filter(rec: &Value, field: &str, op: FilterOp, value: &Value) -> bool {
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `filter`: whether `rec` passes, or why it cannot be tested. `eq` and `ne` compare a missing
+/// field as `null` and `exists` tests presence: they never fail. `lt`, `le`, `gt` and `ge` fail
+/// on a missing field or one of another type than `value`; `contains` on a missing field or one
+/// that is neither a string nor an array.
+pub(crate) fn filter(
+    rec: &Value,
+    field: &str,
+    op: FilterOp,
+    value: &Value,
+) -> Result<bool, String> {
     let got = rec.get(field);
     let v = got.unwrap_or(&Value::Null);
-    let same_type = std::mem::discriminant(v) == std::mem::discriminant(value);
+    let ordered = |want: fn(Ordering) -> bool| match got {
+        None => Err(format!("record has no field `{field}` to compare")),
+        Some(v) if std::mem::discriminant(v) != std::mem::discriminant(value) => Err(format!(
+            "field `{field}` is {}, not {} like {value}",
+            type_name(v),
+            type_name(value)
+        )),
+        Some(v) => Ok(want(cmp_values(v, value))),
+    };
     match op {
-        FilterOp::Exists => got.is_some(),
-        FilterOp::Eq => json_eq(v, value),
-        FilterOp::Ne => !json_eq(v, value),
-        FilterOp::Lt => same_type && cmp_values(v, value) == Ordering::Less,
-        FilterOp::Le => same_type && cmp_values(v, value) != Ordering::Greater,
-        FilterOp::Gt => same_type && cmp_values(v, value) == Ordering::Greater,
-        FilterOp::Ge => same_type && cmp_values(v, value) != Ordering::Less,
-        FilterOp::Contains => match (v, value) {
-            (Value::String(s), Value::String(needle)) => s.contains(needle.as_str()),
-            (Value::Array(items), x) => items.iter().any(|i| json_eq(i, x)),
-            _ => false,
+        FilterOp::Exists => Ok(got.is_some()),
+        FilterOp::Eq => Ok(json_eq(v, value)),
+        FilterOp::Ne => Ok(!json_eq(v, value)),
+        FilterOp::Lt => ordered(|o| o == Ordering::Less),
+        FilterOp::Le => ordered(|o| o != Ordering::Greater),
+        FilterOp::Gt => ordered(|o| o == Ordering::Greater),
+        FilterOp::Ge => ordered(|o| o != Ordering::Less),
+        FilterOp::Contains => match (got, value) {
+            (None, _) => Err(format!("record has no field `{field}` to search")),
+            (Some(Value::String(s)), Value::String(needle)) => Ok(s.contains(needle.as_str())),
+            (Some(Value::String(_)), _) => Ok(false),
+            (Some(Value::Array(items)), x) => Ok(items.iter().any(|i| json_eq(i, x))),
+            (Some(other), _) => Err(format!(
+                "field `{field}` is {}, not a string or an array",
+                type_name(other)
+            )),
         },
     }
 }
 
-/// `select`: keeps only `fields` (objects keep their keys sorted).
-pub(crate) fn select(rec: Value, fields: &[String]) -> Value {
+/// `select`: keeps only `fields` (objects keep their keys sorted); a listed field the record
+/// lacks is left out, set to null, or (`SelectMissing::Error`) an error that gives the record
+/// back.
+pub(crate) fn select(
+    rec: Value,
+    fields: &[String],
+    missing: SelectMissing,
+) -> Result<Value, (Value, String)> {
     let Value::Object(mut m) = rec else {
-        return rec;
+        return Ok(rec);
     };
-    let mut out = Map::with_capacity(fields.len());
-    for f in fields {
-        if let Some(v) = m.remove(f) {
-            out.insert(f.clone(), v);
+    if missing == SelectMissing::Error {
+        if let Some(f) = fields.iter().find(|f| !m.contains_key(f.as_str())) {
+            let msg = format!("record has no field `{f}` to select");
+            return Err((Value::Object(m), msg));
         }
     }
-    Value::Object(out)
+    let mut out = Map::with_capacity(fields.len());
+    for f in fields {
+        match m.remove(f) {
+            Some(v) => {
+                out.insert(f.clone(), v);
+            }
+            None if missing == SelectMissing::Null => {
+                out.insert(f.clone(), Value::Null);
+            }
+            None => {}
+        }
+    }
+    Ok(Value::Object(out))
 }

@@ -63,12 +63,28 @@ pub struct StageSpec {
     pub(crate) input_line: usize,
     /// The window stage whose late records this stage receives (its only input then).
     pub(crate) late_of: Option<String>,
+    /// What the stage does with a bad record (`on_error`, `dead_letter`).
+    pub(crate) on_error: PolicySpec,
+    /// Line of its `dead_letter` parameter (the header's when absent).
+    pub(crate) dead_letter_line: usize,
+    /// Whether the stage receives dead letters (another stage names it in `dead_letter`).
+    pub(crate) dead_letter_target: bool,
     pub(crate) params: kinds::Kind,
     /// The stage's table as written, for a reload to see whether it changed.
     pub(crate) raw: String,
     /// Files the stage depends on besides the pipeline file (a plugin's manifest, program or
     /// library), for a reload to watch.
     pub(crate) files: Vec<PathBuf>,
+}
+
+/// A stage's error policy as written: `on_error = "fail" | "skip" | "dead_letter"` with
+/// `dead_letter = "<stage>"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum PolicySpec {
+    #[default]
+    Fail,
+    Skip,
+    DeadLetter(String),
 }
 
 /// A parsed and validated pipeline file, ready to [`build`](PipelineSpec::build).
@@ -177,6 +193,7 @@ impl PipelineSpec {
             ));
         }
         let late_targets = late_targets(&ctx, &raw.stages)?;
+        let dl_targets = dead_letter_targets(&raw.stages);
         let mut stages = Vec::new();
         for (name, table) in &raw.stages {
             stages.push(parse_stage(
@@ -187,9 +204,11 @@ impl PipelineSpec {
                 late_targets
                     .get(name.get_ref().as_str())
                     .map(String::as_str),
+                dl_targets.get(name.get_ref().as_str()).map(String::as_str),
             )?);
         }
         let stages = check_graph(file, stages)?;
+        check_dead_letters(file, &stages)?;
         let name = raw.name.unwrap_or_else(|| {
             file.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -323,6 +342,20 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
             "linger_ms" => o.linger = Duration::from_millis(int()?),
             "watermark_every" => o.watermark_every = int()? as usize,
             "idle_timeout" => o.idle_timeout = Some(duration()?),
+            "max_dead_letters" => {
+                o.max_dead_letters = Some(match v.get_ref() {
+                    toml::Value::Integer(i) if *i >= 0 => crate::DeadLetterLimit::Count(*i as u64),
+                    toml::Value::Float(r) if *r >= 0.0 && *r <= 1.0 => {
+                        crate::DeadLetterLimit::Ratio(*r)
+                    }
+                    other => {
+                        return Err(err(format!(
+                            "expected a count (an integer, e.g. 100) or a ratio of the records read (a number from 0.0 to 1.0, e.g. 0.01), found {}",
+                            describe_toml(other)
+                        )))
+                    }
+                })
+            }
             "byte_path" => match v.get_ref() {
                 toml::Value::Boolean(b) => byte_path = *b,
                 other => {
@@ -336,7 +369,7 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
                 return Err(err_of(
                     ConfigErrorKind::UnknownParameter,
                     format!(
-                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms, watermark_every, idle_timeout, byte_path)"
+                    "unknown option `{other}` (known: batch_size, channel_capacity, linger_ms, watermark_every, idle_timeout, max_dead_letters, byte_path)"
                     ),
                 ))
             }
@@ -405,16 +438,134 @@ fn late_targets(
     Ok(targets)
 }
 
+/// Stages named by some stage's `dead_letter`: target → the first stage naming it.
+fn dead_letter_targets(
+    stages: &BTreeMap<Spanned<String>, Spanned<RawTable>>,
+) -> HashMap<String, String> {
+    let mut targets = HashMap::new();
+    for (name, table) in stages {
+        if let Some((_, v)) = table
+            .get_ref()
+            .iter()
+            .find(|(k, _)| k.get_ref() == "dead_letter")
+        {
+            if let toml::Value::String(t) = v.get_ref() {
+                targets
+                    .entry(t.clone())
+                    .or_insert_with(|| name.get_ref().clone());
+            }
+        }
+    }
+    targets
+}
+
+/// Checks every `dead_letter` names a stage, and that no stage downstream of a dead-letter
+/// stage (or the stage itself) sends dead letters.
+fn check_dead_letters(file: &Path, stages: &[StageSpec]) -> Result<(), ConfigError> {
+    // Stages in topological order: the dead-letter side is each target and what reads it.
+    let mut side: HashMap<&str, &str> = HashMap::new();
+    for s in stages {
+        if s.dead_letter_target {
+            side.insert(&s.name, &s.name);
+        } else if let Some(t) = s.inputs.iter().find_map(|i| side.get(i.as_str()).copied()) {
+            side.insert(&s.name, t);
+        }
+    }
+    for s in stages {
+        let PolicySpec::DeadLetter(t) = &s.on_error else {
+            continue;
+        };
+        let err = |kind, m: String| {
+            ConfigError::new(file, Some(s.dead_letter_line), Some(&s.name), kind, m)
+        };
+        if !stages.iter().any(|o| &o.name == t) {
+            let mut known: Vec<&str> = stages.iter().map(|o| o.name.as_str()).collect();
+            known.sort_unstable();
+            return Err(err(
+                ConfigErrorKind::UnknownInput,
+                format!(
+                    "parameter `dead_letter`: no stage named {t:?} (stages: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if let Some(target) = side.get(s.name.as_str()) {
+            return Err(err(
+                ConfigErrorKind::Cycle,
+                format!("dead letters of dead letters: this stage receives the dead letters of `{target}` (or reads a stage that does), so it cannot send its own to `{t}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The `on_error` and `dead_letter` parameters of a stage of kind `kind`.
+fn parse_policy(
+    params: &mut Params<'_>,
+    spec: &Kind,
+    kind: &str,
+) -> Result<PolicySpec, ConfigError> {
+    let on_error = params.opt_str("on_error")?;
+    let target = params.opt_str("dead_letter")?;
+    let policy = match on_error.as_deref() {
+        None | Some("fail") => PolicySpec::Fail,
+        Some("skip") => PolicySpec::Skip,
+        Some("dead_letter") => match target.clone() {
+            Some(t) => PolicySpec::DeadLetter(t),
+            None => {
+                return Err(params.missing(
+                    "dead_letter",
+                    "the name of the stage that receives the dead letters (a stage with no `input`, e.g. an ndjson.write)",
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(params.error_at(
+                "on_error",
+                ConfigErrorKind::BadValue,
+                format!("parameter `on_error`: expected \"fail\", \"skip\" or \"dead_letter\", found {other:?}"),
+            ))
+        }
+    };
+    if target.is_some() && !matches!(policy, PolicySpec::DeadLetter(_)) {
+        return Err(params.error_at(
+            "dead_letter",
+            ConfigErrorKind::Wiring,
+            "parameter `dead_letter` needs on_error = \"dead_letter\"".into(),
+        ));
+    }
+    if on_error.is_some() {
+        if let Some(why) = spec.no_record_errors() {
+            return Err(params.error_at(
+                "on_error",
+                ConfigErrorKind::BadValue,
+                format!("a `{kind}` stage takes no `on_error`: {why}"),
+            ));
+        }
+    }
+    Ok(policy)
+}
+
 fn parse_stage(
     ctx: &Ctx<'_>,
     name: &str,
     line: usize,
     table: &RawTable,
     late_of: Option<&str>,
+    dead_letters_of: Option<&str>,
 ) -> Result<StageSpec, ConfigError> {
     let mut params = Params::new(ctx, name, line, table);
     let kind = params.required_str("kind")?;
     let mut inputs = params.inputs()?;
+    if let Some(sender) = dead_letters_of {
+        if !inputs.is_empty() {
+            return Err(params.error_at(
+                "input",
+                ConfigErrorKind::Wiring,
+                format!("this stage receives the dead letters of `{sender}` (its `dead_letter`), so it takes no `input`"),
+            ));
+        }
+    }
     if let Some(window) = late_of {
         if !inputs.is_empty() {
             return Err(params.error_at(
@@ -428,7 +579,16 @@ fn parse_stage(
     let input_line = params.line_of("input");
     let declared = params.opt_u64("parallelism", 1, 1024)?;
     let parallelism = declared.unwrap_or(1) as usize;
-    let spec = Kind::parse(&kind, &mut params)?;
+    let mut spec = Kind::parse(&kind, &mut params)?;
+    let on_error = parse_policy(&mut params, &spec, &kind)?;
+    if let Kind::Window(w) = &mut spec {
+        w.on_error = match on_error {
+            PolicySpec::Skip => crate::OnError::Skip,
+            // A dead-letter policy gets its handle when the pipeline is built.
+            _ => crate::OnError::Fail,
+        };
+    }
+    let dead_letter_line = params.line_of("dead_letter");
     params.finish(&kind)?;
     // What a reload compares: the stage's table as written (keys in order).
     let raw: String = table
@@ -441,6 +601,15 @@ fn parse_stage(
         .remove(name)
         .unwrap_or_default();
     let info = spec.info();
+    if let (Some(sender), true) = (dead_letters_of, info.source) {
+        return Err(params.error_at(
+            "kind",
+            ConfigErrorKind::Wiring,
+            format!(
+                "a `{kind}` stage is a source and cannot receive the dead letters of `{sender}`"
+            ),
+        ));
+    }
     if info.source && !inputs.is_empty() {
         if let Some(window) = late_of {
             return Err(params.error_at(
@@ -455,7 +624,7 @@ fn parse_stage(
             format!("a `{kind}` stage is a source and takes no `input`"),
         ));
     }
-    if !info.source && inputs.is_empty() {
+    if !info.source && inputs.is_empty() && dead_letters_of.is_none() {
         return Err(ConfigError::new(
             ctx.file,
             Some(line),
@@ -480,6 +649,9 @@ fn parse_stage(
         line,
         input_line,
         late_of: late_of.map(str::to_string),
+        on_error,
+        dead_letter_line,
+        dead_letter_target: dead_letters_of.is_some(),
         params: spec,
         raw,
         files,

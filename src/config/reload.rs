@@ -470,6 +470,13 @@ impl ReloadHandle {
             if o.parallelism != n.parallelism {
                 return Err(what("parallelism"));
             }
+            // The error policy is fixed for the run, but for a window's fail/skip.
+            let window_flip = matches!(n.params, super::kinds::Kind::Window(_))
+                && !matches!(o.on_error, super::parse::PolicySpec::DeadLetter(_))
+                && !matches!(n.on_error, super::parse::PolicySpec::DeadLetter(_));
+            if o.on_error != n.on_error && !window_flip {
+                return Err(what("on_error (or dead_letter)"));
+            }
             let params = o.raw != n.raw;
             let files = n.files != o.files || n.files.iter().any(|f| changed_files.contains(&f));
             if !params && !files {
@@ -501,16 +508,26 @@ impl ReloadHandle {
             }
             let next = match (live, &n.params) {
                 (LiveStage::Map(_), k) => Next::Map(MapLogic::of(k).expect("same kind as built")),
-                (LiveStage::Exec(_), super::kinds::Kind::Exec(e)) => {
-                    Next::Exec(e.snapshot_plugin().map_err(|m| {
+                (LiveStage::Exec(v), super::kinds::Kind::Exec(e)) => {
+                    let mut e = e.snapshot_plugin().map_err(|m| {
                         ConfigError::new(file, Some(n.line), Some(&n.name), ConfigErrorKind::Io, m)
-                    })?)
+                    })?;
+                    // The policy did not change (checked above): keep the running handle.
+                    e.on_error = v.load().1.on_error.clone();
+                    Next::Exec(e)
                 }
                 #[cfg(feature = "plugin")]
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
                     Next::Native((**s).clone())
                 }
-                (LiveStage::Window(_), super::kinds::Kind::Window(w)) => Next::Window(w.live()),
+                (LiveStage::Window(v), super::kinds::Kind::Window(w)) => {
+                    let mut l = w.live();
+                    if matches!(n.on_error, super::parse::PolicySpec::DeadLetter(_)) {
+                        // The handle is the running one's (the policy did not change).
+                        l.on_error = v.load().1.on_error.clone();
+                    }
+                    Next::Window(l)
+                }
                 _ => unreachable!("a stage keeps its kind"),
             };
             plan.push((n.name.clone(), next));

@@ -19,27 +19,40 @@ use crate::runtime::Head;
 use crate::source::{parse_text, BlockInput, Chunk, ChunkHead, Input, NdjsonBlockHead};
 use crate::stream::Fresh;
 use crate::versioned::Versioned;
-use crate::{Pipeline, Sink, Stream};
+use crate::{OnError, Pipeline, Sink, Stream};
 
-/// `lines.read`: each line as `{"line": ...}`.
-pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
-    p.line_source("lines.read", path, |l, _| {
-        parse_text(l).map(|o| {
-            o.map(|line| {
-                let mut m = Map::with_capacity(1);
-                m.insert("line".into(), Value::String(line));
-                Value::Object(m)
+/// `lines.read`: each line as `{"line": ...}`; a line that is not UTF-8 meets `on_error`.
+pub(super) fn lines(p: &Pipeline, name: &str, path: &Path, on_error: OnError) -> Fresh<Value> {
+    p.line_source_with(
+        "lines.read",
+        path,
+        move |l, _| {
+            parse_text(l).map(|o| {
+                o.map(|line| {
+                    let mut m = Map::with_capacity(1);
+                    m.insert("line".into(), Value::String(line));
+                    Value::Object(m)
+                })
             })
-        })
-    })
+        },
+        on_error,
+    )
     .name(name)
 }
 
-/// `ndjson.read`: one JSON object per non-blank line.
-pub(super) fn ndjson_objects(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
-    p.line_source("ndjson.read", path, |l, _| {
-        crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) })
-    })
+/// `ndjson.read`: one JSON object per non-blank line; a line that is not one meets `on_error`.
+pub(super) fn ndjson_objects(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    on_error: OnError,
+) -> Fresh<Value> {
+    p.line_source_with(
+        "ndjson.read",
+        path,
+        |l, _| crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) }),
+        on_error,
+    )
     .name(name)
 }
 
@@ -62,13 +75,27 @@ fn blocks(
 
 /// Blocks of whole lines, for parsing on other threads.
 pub(super) fn chunks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(h))
+    blocks(p, name, path, size, |h| Box::new(crate::source::LinesOf(h)))
 }
 
 /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
 /// object (blank lines dropped), never parsed into values.
-pub(super) fn ndjson_blocks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(NdjsonBlockHead::new(h)))
+pub(super) fn ndjson_blocks(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    size: usize,
+    on_error: OnError,
+) -> Fresh<Chunk> {
+    let path = path.to_path_buf();
+    p.source_stage("blocks.read", move |stage| {
+        let input = Input::open(stage, &path)?;
+        Ok(Box::new(
+            NdjsonBlockHead::new(ChunkHead::new(Arc::clone(stage), input, size))
+                .with_policy(on_error),
+        ) as Box<dyn Head<Chunk>>)
+    })
+    .name(name)
 }
 
 /// `ndjson.write` on the byte path: checked blocks of lines written as they are.
@@ -167,11 +194,27 @@ pub(super) fn live_map<I, C>(
     s: Stream<I, C>,
     name: &str,
     logic: Arc<Versioned<MapLogic>>,
+    on_error: OnError,
 ) -> Stream<I, LiveMap<C>>
 where
     I: Send + 'static,
     C: Chain<I, Out = Value>,
 {
-    s.step("live", |prev, op| LiveMap::new(prev, op, logic))
+    s.step("live", |prev, op| LiveMap::new(prev, op, logic, on_error))
+        .name(name)
+}
+
+/// A fixed `filter`, `select` or `words` step with its error policy.
+pub(super) fn record_op<I, C>(
+    s: Stream<I, C>,
+    name: &str,
+    logic: MapLogic,
+    on_error: OnError,
+) -> Stream<I, LiveMap<C>>
+where
+    I: Send + 'static,
+    C: Chain<I, Out = Value>,
+{
+    s.step("op", |prev, op| LiveMap::fixed(prev, op, logic, on_error))
         .name(name)
 }

@@ -64,7 +64,7 @@ impl WindowParams {
     pub(crate) fn live(&self) -> crate::window::WindowLive {
         crate::window::WindowLive {
             allowed_lateness: self.allowed_lateness,
-            on_error: self.on_error,
+            on_error: self.on_error.clone(),
         }
     }
 
@@ -73,7 +73,7 @@ impl WindowParams {
     pub(crate) fn incompatible(&self, new: &WindowParams) -> Option<String> {
         let mut same = new.clone();
         same.allowed_lateness = self.allowed_lateness;
-        same.on_error = self.on_error;
+        same.on_error = self.on_error.clone();
         (format!("{self:?}") != format!("{same:?}")).then(|| {
             "only `allowed_lateness` and `on_error` can change while a window runs (its open \
              windows belong to its other parameters)"
@@ -100,17 +100,8 @@ impl WindowParams {
             }
             Some(stage) => LatePolicy::Stage(stage.to_string()),
         };
-        let on_error = match p.opt_str("on_error")?.as_deref() {
-            None | Some("fail") => OnError::Fail,
-            Some("skip") => OnError::Skip,
-            Some(other) => {
-                return Err(p.error_at(
-                    "on_error",
-                    ConfigErrorKind::BadValue,
-                    format!("parameter `on_error`: expected \"fail\" or \"skip\", found {other:?}"),
-                ))
-            }
-        };
+        // `on_error` is read with every stage's parameters (parse.rs) and set after this.
+        let on_error = OnError::Fail;
         Ok(WindowParams {
             time_field,
             key_field,
@@ -296,6 +287,10 @@ pub(crate) struct JsonTime {
 }
 
 impl EventTime<Value> for JsonTime {
+    fn record_json(&self, rec: &Value) -> Option<Value> {
+        Some(rec.clone())
+    }
+
     fn time(&self, rec: &Value) -> Result<Timestamp, TimeError> {
         let field = &*self.time_field;
         let t = match rec.get(field) {

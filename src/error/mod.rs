@@ -135,6 +135,17 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+    /// More records were sent to dead-letter streams than `Options::max_dead_letters` allows
+    /// (a wrong schema must not quietly divert everything).
+    #[error("stage `{stage}`: too many dead letters: {count} exceeds the limit of {limit} (max_dead_letters)")]
+    TooManyDeadLetters {
+        /// Letters sent when the limit was found exceeded.
+        count: u64,
+        /// The limit, as configured (`100`, or `0.01 of the records read`).
+        limit: String,
+        /// The stage whose letter crossed the limit.
+        stage: String,
+    },
     /// The run was cancelled through a [`CancelHandle`](crate::CancelHandle).
     #[error("run cancelled")]
     Cancelled,
@@ -156,7 +167,8 @@ impl Error {
             | Error::Panic { stage, .. }
             | Error::Io { stage, .. }
             | Error::Record { stage, .. }
-            | Error::Protocol { stage, .. } => Some(stage),
+            | Error::Protocol { stage, .. }
+            | Error::TooManyDeadLetters { stage, .. } => Some(stage),
             Error::Spawn { stage, .. } => stage.as_deref(),
             Error::Config(e) => e.stage(),
             Error::Build(_)

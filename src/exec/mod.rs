@@ -78,6 +78,10 @@ pub(crate) struct ExecSpec {
     /// For a version of a reloadable process plugin: the private copy of the plugin's
     /// directory it runs from (removed with the last holder).
     pub plugin_copy: Option<Arc<PluginCopy>>,
+    /// What to do with a stdout line that is not a JSON object (the stage's `on_error`; the
+    /// letter's `raw` is the line, `line` its number in stdout). A non-zero exit, a line over
+    /// `max_line_bytes` and a timeout still fail the stage.
+    pub on_error: crate::dead_letter::OnError,
 }
 
 /// A private copy of a process plugin's directory: the code of one version, immune to edits of
@@ -651,12 +655,36 @@ impl Head<Value> for ExecHead<Value> {
                 return Err(self.bad_line(line, format!("line longer than max_line_bytes ({max})")));
             }
             let parsed = crate::ndjson::parse_object(&r.raw);
-            r.raw.clear();
             match parsed {
                 Ok(Value::Null) => {}
                 Ok(v) => buf.push(v),
-                Err(message) => return Err(self.bad_line(line, message)),
+                Err(message) if self.spec.on_error == crate::dead_letter::OnError::Fail => {
+                    return Err(self.bad_line(line, message))
+                }
+                Err(message) => {
+                    let text = r.raw.strip_suffix(b"\n").unwrap_or(&r.raw);
+                    let text = text.strip_suffix(b"\r").unwrap_or(text);
+                    let raw = String::from_utf8_lossy(text).into_owned();
+                    r.raw.clear();
+                    let rejected = self.spec.on_error.reject(
+                        &self.name,
+                        message,
+                        || crate::dead_letter::Bad::Raw(raw),
+                        None,
+                        Some(line),
+                        |m| Error::Operator {
+                            stage: self.name.to_string(),
+                            source: m.into(),
+                        },
+                    )?;
+                    let counter = match rejected {
+                        crate::dead_letter::Rejected::Skipped => &cx.metrics.skipped,
+                        crate::dead_letter::Rejected::DeadLettered => &cx.metrics.dead_lettered,
+                    };
+                    crate::metrics::InstanceMetrics::add(counter, 1);
+                }
             }
+            self.running.as_mut().expect("started").raw.clear();
         }
         Ok(Pull::Data)
     }
@@ -739,6 +767,8 @@ impl Head<Chunk> for ExecHead<Chunk> {
             if records > 0 {
                 // The channel counts one record per block: add the rest (see Chunk::records).
                 crate::metrics::InstanceMetrics::add(&cx.metrics.records_out, records - 1);
+                // And so does the chain after this head (the accounts count records).
+                crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, records - 1);
                 buf.push(Chunk {
                     first_line,
                     data,
@@ -1045,6 +1075,7 @@ mod tests {
             cwd: None,
             timeout: None,
             max_line_bytes: 1 << 20,
+            on_error: Default::default(),
             limits: Default::default(),
             sandbox: None,
             plugin: None,
@@ -1076,6 +1107,7 @@ mod tests {
             stage: "child".into(),
             instance: 0,
             source: false,
+            dead_letter_side: false,
             body: Box::new(move |cx: &Cx| {
                 let mut head = make(input);
                 let mut buf = Vec::new();

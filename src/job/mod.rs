@@ -223,6 +223,7 @@ pub fn report_json(r: &RunReport) -> Value {
                 "recv_blocked_ms": s.recv_blocked.as_secs_f64() * 1e3,
                 "late": s.late,
                 "skipped": s.skipped,
+                "dead_lettered": s.dead_lettered,
                 "open_windows": s.open_windows,
             })
         })
@@ -231,6 +232,9 @@ pub fn report_json(r: &RunReport) -> Value {
         "elapsed_s": r.elapsed.as_secs_f64(),
         "records_read": r.records_read(),
         "stages": stages,
+        // Where the records went, per step: {stage, shape, records_in, records_out, filtered,
+        // skipped, dead_lettered, late}.
+        "accounts": serde_json::to_value(&r.accounts).unwrap_or(Value::Null),
     })
 }
 

@@ -47,6 +47,11 @@ pub(super) struct StageSlot {
     pub(super) sink: Option<Arc<str>>,
     pub(super) parallelism: usize,
     pub(super) inputs: Vec<usize>,
+    /// Whether the stage's head is a dead-letter source.
+    pub(super) dead_letter: bool,
+    /// The counted steps of the stage, in order (head, operators; the sink is added from
+    /// `sink`).
+    pub(super) steps: Vec<crate::metrics::StepEntry>,
     pub(super) build: Option<Phase1>,
 }
 
@@ -68,6 +73,8 @@ pub(super) struct Builder {
     pub(super) stages: Vec<StageSlot>,
     names: HashSet<String>,
     pub(super) errors: Vec<String>,
+    /// The dead-letter handles this pipeline made (their identities), to refuse another's.
+    pub(super) dead_letter_handles: HashSet<usize>,
 }
 
 impl Builder {
@@ -158,6 +165,13 @@ pub(super) struct HeadSpec<I> {
     pub(super) name: Option<Arc<str>>,
     /// Whether the head is a source (one instance, no input).
     pub(super) source: bool,
+    /// Whether the head is a dead-letter source (see [`crate::dead_letter`]).
+    pub(super) dead_letter: bool,
+    /// The head's shape, when it is a counted step (a source, an aggregation, a window, an
+    /// exec or plugin node); `None` for a plain channel input.
+    pub(super) shape: Option<crate::metrics::Shape>,
+    /// Counted steps moved into the head (by `into_head`), before its own.
+    pub(super) steps: Vec<crate::metrics::StepEntry>,
     pub(super) inputs: Vec<usize>,
     pub(super) make: MakeHeads<I>,
 }
@@ -195,6 +209,9 @@ where
     HeadSpec {
         name: None,
         source: false,
+        dead_letter: false,
+        shape: None,
+        steps: Vec::new(),
         inputs,
         make: Box::new(move |name, parallelism, opts| {
             let ends: usize = edges.iter().map(|e| e.borrow().from_parallelism).sum();

@@ -193,15 +193,22 @@ pub(super) struct ChainedHead<I, C> {
     chain: C,
     tmp: Vec<I>,
     done: bool,
+    /// Records the chain took, summed over the stage's instances (for the accounts).
+    pushed: Option<Arc<crate::sync::AtomicU64>>,
 }
 
 impl<I, C> ChainedHead<I, C> {
-    pub(super) fn new(inner: Box<dyn Head<I>>, chain: C) -> Self {
+    pub(super) fn new(
+        inner: Box<dyn Head<I>>,
+        chain: C,
+        pushed: Option<Arc<crate::sync::AtomicU64>>,
+    ) -> Self {
         ChainedHead {
             inner,
             chain,
             tmp: Vec::new(),
             done: false,
+            pushed,
         }
     }
 }
@@ -226,17 +233,33 @@ impl<I: Send, C: Chain<I>> Head<C::Out> for ChainedHead<I, C> {
         if !self.tmp.is_empty() {
             self.chain.begin_batch(self.tmp.len());
         }
+        let mut pushed = 0u64;
+        let mut halted = None;
         for x in self.tmp.drain(..) {
-            match self.chain.push(x, buf) {
-                Ok(()) => {}
-                Err(Halt::Done) => {
-                    self.done = true;
-                    return Ok(Pull::End);
-                }
-                Err(e) => return Err(e),
+            pushed += 1;
+            if let Err(h) = self.chain.push(x, buf) {
+                halted = Some(h);
+                break;
             }
         }
-        Ok(pull)
+        self.tmp.clear();
+        self.chain.end_batch();
+        if pushed > 0 {
+            if let Some(c) = &self.pushed {
+                c.fetch_add(pushed, crate::sync::Ordering::Relaxed);
+            }
+        }
+        match halted {
+            None => Ok(pull),
+            Some(Halt::Done) => {
+                cx.run
+                    .stopped_early
+                    .store(true, crate::sync::Ordering::Relaxed);
+                self.done = true;
+                Ok(Pull::End)
+            }
+            Some(e) => Err(e),
+        }
     }
 }
 

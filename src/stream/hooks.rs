@@ -47,6 +47,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         };
         let edge = self.connect(partition);
         let mut head = input_head(vec![edge], make);
+        head.shape = name.as_ref().map(|_| crate::metrics::Shape::Exec);
         head.name = name;
         Stream::open(&b, head, parallelism)
     }
@@ -76,12 +77,26 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         let HeadSpec {
             name: inner_name,
             source,
+            dead_letter,
+            shape,
+            mut steps,
             inputs,
             make,
         } = head;
+        if let (Some(n), Some(shape)) = (&inner_name, shape) {
+            steps.push(crate::metrics::StepEntry::Head(Arc::clone(n), shape));
+        }
+        let pushed = Arc::new(crate::sync::AtomicU64::new(0));
+        steps.push(crate::metrics::StepEntry::Input(Some(Arc::clone(&pushed))));
+        let mut ops = Vec::new();
+        chain.steps(&mut ops);
+        steps.extend(ops.into_iter().map(crate::metrics::StepEntry::Op));
         let head = HeadSpec {
             name: Some(Arc::from(name)),
             source,
+            dead_letter,
+            shape: None,
+            steps,
             inputs,
             make: Box::new(move |name, p, opts| {
                 // The inner head keeps its own name (a window's errors name the window).
@@ -89,7 +104,11 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                 Ok(heads
                     .into_iter()
                     .map(|inner| {
-                        Box::new(ChainedHead::new(inner, chain.clone())) as Box<dyn Head<Out<I, C>>>
+                        Box::new(ChainedHead::new(
+                            inner,
+                            chain.clone(),
+                            Some(Arc::clone(&pushed)),
+                        )) as Box<dyn Head<Out<I, C>>>
                     })
                     .collect())
             }),

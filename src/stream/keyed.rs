@@ -81,6 +81,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             Box::new(SortHead::new(input, Arc::clone(&cmp))) as Box<dyn Head<_>>
         });
         head.name = Some(name);
+        head.shape = Some(crate::metrics::Shape::Aggregate);
         Stream::open(&b, head, 1)
     }
 
@@ -260,6 +261,7 @@ where
             )) as Box<dyn Head<(K, O)>>
         });
         head.name = Some(name);
+        head.shape = Some(crate::metrics::Shape::Aggregate);
         Stream::open(&self.b, head, self.parallelism)
     }
 
@@ -318,6 +320,7 @@ where
             )) as Box<dyn Head<WindowOutput<K, T, A::Out>>>
         });
         head.name = Some(name);
+        head.shape = Some(crate::metrics::Shape::Window);
         Windowed {
             stream: Stream::open(&self.b, head, self.parallelism),
         }

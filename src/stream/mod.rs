@@ -151,6 +151,15 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             parallelism,
         } = self;
         let source = head.source;
+        let dead_letter = head.dead_letter;
+        let mut steps = head.steps;
+        if let (Some(n), Some(shape)) = (&head.name, head.shape) {
+            steps.push(crate::metrics::StepEntry::Head(Arc::clone(n), shape));
+        }
+        steps.push(crate::metrics::StepEntry::Input(None));
+        let mut ops = Vec::new();
+        chain.steps(&mut ops);
+        steps.extend(ops.into_iter().map(crate::metrics::StepEntry::Op));
         let make_head = head.make;
         let head_name = head.name;
         let build: Phase1 = Box::new(move |names: &Names, opts| {
@@ -169,6 +178,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                         stage,
                         instance: i,
                         source,
+                        dead_letter_side: false,
                         body: Box::new(move |cx: &Cx| {
                             let tail = mk(cx)?;
                             runtime::drive(cx, head, chain, tail)
@@ -185,6 +195,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             sink,
             parallelism,
             inputs: head.inputs,
+            dead_letter,
+            steps,
             build: Some(build),
         });
         id
@@ -230,9 +242,39 @@ fn build_and_run(
         let build = slot.build.take().expect("each stage is built once");
         phase2.push(build(&names, &opts)?);
     }
+    // The dead-letter side: each dead-letter source and every stage downstream of it (slots
+    // are registered producers first).
+    let mut plan: Vec<crate::metrics::SlotPlan> = b
+        .stages
+        .iter()
+        .map(|slot| crate::metrics::SlotPlan {
+            stage: slot.name(),
+            sink: slot.sink.as_ref().map(|s| s.to_string()),
+            steps: slot.steps.clone(),
+            inputs: slot.inputs.clone(),
+            consumers: 0,
+        })
+        .collect();
+    for slot in &b.stages {
+        for &u in &slot.inputs {
+            if let Some(p) = plan.get_mut(u) {
+                p.consumers += 1;
+            }
+        }
+    }
+    *shared.plan.lock() = plan;
+    let mut side = vec![false; b.stages.len()];
+    for (i, slot) in b.stages.iter().enumerate() {
+        side[i] = slot.dead_letter || slot.inputs.iter().any(|&u| side.get(u) == Some(&true));
+    }
     let mut workers = Vec::new();
-    for p in phase2 {
-        workers.extend(p()?);
+    for (i, p) in phase2.into_iter().enumerate() {
+        for mut w in p()? {
+            w.dead_letter_side = side[i];
+            // Letters are not records read: a dead-letter source does not count as a source.
+            w.source &= !b.stages[i].dead_letter;
+            workers.push(w);
+        }
     }
     runtime::run(shared, workers)
 }

@@ -341,3 +341,72 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             .collect()
     }
 }
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// Records a build error if `policy` sends to a dead-letter stream of another pipeline
+    /// (whose run would never take the letters).
+    fn check_handle(&self, policy: &crate::OnError) {
+        if let crate::OnError::DeadLetter(dl) = policy {
+            let mut b = self.b.borrow_mut();
+            if !b.dead_letter_handles.contains(&dl.id()) {
+                b.errors.push(format!(
+                    "`on_error` of step `{}` sends to a dead-letter stream of another pipeline",
+                    self.stage_name()
+                ));
+            }
+        }
+    }
+}
+
+impl<I, C, F> Stream<I, TryMap<C, F>>
+where
+    I: Send + 'static,
+    C: Chain<I>,
+    Out<I, C>: serde::Serialize + Clone,
+    TryMap<C, F>: Chain<I>,
+{
+    /// Sets what the `try_map` step just added does with a record its function fails on:
+    /// fail the run (the default), skip it (counted), or send it with the error (formatted with
+    /// `Display`) to a dead-letter stream ([`Pipeline::dead_letters`](crate::Pipeline::dead_letters)).
+    ///
+    /// The dead-letter policy keeps a clone of each input record while the function runs (the
+    /// function consumes it), hence the `Serialize + Clone` bound; `Fail` and `Skip` clone
+    /// nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use millrace::{OnError, Pipeline};
+    /// let p = Pipeline::new();
+    /// let out = p
+    ///     .source("s", vec!["1".to_string(), "x".into(), "3".into()])
+    ///     .try_map(|s: String| s.parse::<u32>())
+    ///     .on_error(OnError::Skip)
+    ///     .name("parse")
+    ///     .collect();
+    /// let report = p.run().unwrap();
+    /// assert_eq!(out.take(), vec![1, 3]);
+    /// assert_eq!(report.account("parse").unwrap().skipped, 1);
+    /// ```
+    pub fn on_error(mut self, policy: crate::OnError) -> Self {
+        self.check_handle(&policy);
+        self.chain.set_policy::<Out<I, C>>(policy);
+        self
+    }
+}
+
+impl<I, C, F> Stream<I, TryFlatMap<C, F>>
+where
+    I: Send + 'static,
+    C: Chain<I>,
+    Out<I, C>: serde::Serialize + Clone,
+    TryFlatMap<C, F>: Chain<I>,
+{
+    /// Sets what the `try_flat_map` step just added does with a record its function fails on;
+    /// see [`Stream::on_error`](Stream#method.on_error) of `try_map`.
+    pub fn on_error(mut self, policy: crate::OnError) -> Self {
+        self.check_handle(&policy);
+        self.chain.set_policy::<Out<I, C>>(policy);
+        self
+    }
+}

@@ -97,10 +97,63 @@ impl Pipeline {
         let head = HeadSpec {
             name: Some(name),
             source: true,
+            dead_letter: false,
+            shape: Some(crate::metrics::Shape::Source),
+            steps: Vec::new(),
             inputs: Vec::new(),
             make: Box::new(move |name, _, _| Ok(vec![make(name)?])),
         };
         Stream::open(&self.b, head, 1)
+    }
+
+    /// A dead-letter stream named `name`: a handle to give to [`OnError::DeadLetter`] (clone it
+    /// for several stages) and a source stage of the letters, which the caller ends in any
+    /// sink. The stream ends once every stage that is not downstream of it has ended (see
+    /// `src/dead_letter.rs`); a stage downstream of it may not send letters to it. If it fails
+    /// (its sink cannot write), the run fails: letters are never dropped silently.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use millrace::{DeadLetter, OnError, Pipeline};
+    /// let p = Pipeline::new();
+    /// let (dl, letters) = p.dead_letters("bad");
+    /// let bad = letters.map(|l: DeadLetter| (l.stage, l.error, l.record)).collect();
+    /// let good = p
+    ///     .source("s", vec!["1".to_string(), "x".into()])
+    ///     .try_map(|s: String| s.parse::<u32>())
+    ///     .on_error(OnError::DeadLetter(dl))
+    ///     .name("parse")
+    ///     .collect();
+    /// let report = p.run().unwrap();
+    /// assert_eq!(good.take(), vec![1]);
+    /// let bad = bad.take();
+    /// assert_eq!(bad[0].0, "parse");
+    /// assert_eq!(bad[0].2, Some(serde_json::json!("x")));
+    /// report.check_accounting().unwrap();
+    /// ```
+    ///
+    /// [`OnError::DeadLetter`]: crate::OnError::DeadLetter
+    pub fn dead_letters(&self, name: &str) -> (crate::DeadLetters, Fresh<crate::DeadLetter>) {
+        let name = self.b.borrow_mut().rename(None, name);
+        let (handle, rx) = crate::DeadLetters::new(Arc::clone(&name), Arc::clone(&self.shared));
+        self.b.borrow_mut().dead_letter_handles.insert(handle.id());
+        let shared = Arc::clone(&self.shared);
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            dead_letter: true,
+            shape: Some(crate::metrics::Shape::Source),
+            steps: Vec::new(),
+            inputs: Vec::new(),
+            make: Box::new(move |_, _, _| {
+                Ok(vec![Box::new(crate::dead_letter::DeadLetterHead::new(
+                    rx,
+                    shared.main_alive_rx.clone(),
+                )) as Box<dyn Head<crate::DeadLetter>>])
+            }),
+        };
+        (handle, Stream::open(&self.b, head, 1))
     }
 
     /// A source stage named `name` pulling records from any iterator, on one thread.
@@ -152,10 +205,28 @@ impl Pipeline {
         T: Send + 'static,
         P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
     {
+        self.line_source_with(kind, path, parse, crate::OnError::Fail)
+    }
+
+    /// [`line_source`](Self::line_source) with an error policy for lines that do not parse
+    /// (their letters carry the line as `raw`, with the file and line number).
+    pub(crate) fn line_source_with<T, P>(
+        &self,
+        kind: &str,
+        path: &Path,
+        parse: P,
+        on_error: crate::OnError,
+    ) -> Fresh<T>
+    where
+        T: Send + 'static,
+        P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
+    {
         let path = path.to_path_buf();
         self.source_stage(kind, move |stage| {
             let input = Input::open(stage, &path)?;
-            Ok(Box::new(LineHead::new(Arc::clone(stage), input, parse)))
+            Ok(Box::new(
+                LineHead::new(Arc::clone(stage), input, parse).with_policy(on_error),
+            ))
         })
     }
 

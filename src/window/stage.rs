@@ -24,6 +24,11 @@ use crate::time::Timestamp;
 pub trait EventTime<T>: Clone + Send + Sync + 'static {
     /// The record's event time.
     fn time(&self, record: &T) -> Result<Timestamp, TimeError>;
+    /// The record as JSON, for the letter of an [`OnError::DeadLetter`] policy (default
+    /// `None`: the letter's `record` is null).
+    fn record_json(&self, _record: &T) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Why a record's event time could not be read: the reason, shown to the user as it is (a
@@ -70,15 +75,9 @@ where
     }
 }
 
-/// What a window stage does with a record whose event time cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnError {
-    /// Fail the run, naming the stage and the record (the default).
-    #[default]
-    Fail,
-    /// Drop the record and count it in the stage's `skipped` metric.
-    Skip,
-}
+/// What a window stage does with a record whose event time cannot be read: the crate's
+/// [`OnError`](crate::OnError), re-exported here for code written against `window::OnError`.
+pub use crate::dead_letter::OnError;
 
 /// How a keyed stream is windowed: the assigner, where the event time comes from, how much
 /// disorder the watermark allows, and how long fired windows accept late records.
@@ -115,7 +114,7 @@ impl<E> std::fmt::Debug for WindowSpec<E> {
 }
 
 /// The parameters of a window stage that a reload can change without touching its state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct WindowLive {
     /// Allowed lateness, ms.
     pub allowed_lateness: i64,
@@ -279,6 +278,7 @@ pub(crate) struct WindowHead<K, T, A: Aggregate<T>, E> {
     /// Records received by this instance (the position reported for a bad record).
     pub seen: u64,
     pub skipped: u64,
+    pub dead_lettered: u64,
     pub done: bool,
 }
 
@@ -301,7 +301,8 @@ where
             input,
             state: WindowState::new(spec.assigner, agg, spec.allowed_lateness),
             time: spec.time.clone(),
-            on_error: spec.on_error,
+            on_error: spec.on_error.clone(),
+            dead_lettered: 0,
             tmp: Vec::new(),
             live: spec.live.as_ref().map(|l| (std::sync::Arc::clone(l), 0)),
             seen: 0,
@@ -343,7 +344,7 @@ where
                 if version != *applied {
                     *applied = version;
                     self.state.set_lateness(p.allowed_lateness);
-                    self.on_error = p.on_error;
+                    self.on_error = p.on_error.clone();
                 }
                 live.count(version, self.tmp.len() as u64);
             }
@@ -352,19 +353,30 @@ where
             self.seen += 1;
             match self.time.time(&x) {
                 Ok(t) => self.state.on_record(k, t, x, buf),
-                Err(reason) => match self.on_error {
-                    OnError::Skip => self.skipped += 1,
-                    OnError::Fail => {
-                        return Err(Halt::Failed(Error::Operator {
-                            stage: self.name.to_string(),
-                            source: format!(
-                                "input record {} of instance {}: {reason}",
-                                self.seen, cx.instance
+                Err(reason) => {
+                    let (seen, instance) = (self.seen, cx.instance);
+                    let time = &self.time;
+                    let r = self.on_error.reject(
+                        &self.name,
+                        reason.to_string(),
+                        || {
+                            crate::dead_letter::Bad::Record(
+                                time.record_json(&x).unwrap_or(serde_json::Value::Null),
                             )
-                            .into(),
-                        }))
+                        },
+                        None,
+                        None,
+                        |m| Error::Operator {
+                            stage: self.name.to_string(),
+                            source: format!("input record {seen} of instance {instance}: {m}")
+                                .into(),
+                        },
+                    )?;
+                    match r {
+                        crate::dead_letter::Rejected::Skipped => self.skipped += 1,
+                        crate::dead_letter::Rejected::DeadLettered => self.dead_lettered += 1,
                     }
-                },
+                }
             }
         }
         let pull = match pull {
@@ -386,6 +398,8 @@ where
         );
         m.skipped
             .store(self.skipped, std::sync::atomic::Ordering::Relaxed);
+        m.dead_lettered
+            .store(self.dead_lettered, std::sync::atomic::Ordering::Relaxed);
         m.open_windows.store(
             self.state.live_windows() as u64,
             std::sync::atomic::Ordering::Relaxed,
