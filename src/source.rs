@@ -75,6 +75,8 @@ pub(crate) struct Input {
     #[cfg(unix)]
     pub poll_fd: Option<std::os::fd::OwnedFd>,
     pub path: String,
+    /// The longest line accepted, not counting its `\r\n` or `\n` (`max_line_bytes`).
+    pub max_line: usize,
 }
 
 impl Input {
@@ -102,6 +104,7 @@ impl Input {
                 return Ok(Input {
                     reader: Box::new(std::io::stdin()),
                     path: shown,
+                    max_line: MAX_LINE_BYTES,
                 });
             }
         } else {
@@ -118,14 +121,50 @@ impl Input {
             use std::os::fd::AsFd;
             Some(file.as_fd().try_clone_to_owned().map_err(io_err)?)
         };
-        #[cfg(not(unix))]
-        let _ = regular;
+        let reader: Box<dyn Read + Send> = if regular {
+            Box::new(TruncationCheck { file, read: 0 })
+        } else {
+            Box::new(file)
+        };
         Ok(Input {
-            reader: Box::new(file),
+            reader,
             #[cfg(unix)]
             poll_fd,
             path: shown,
+            max_line: MAX_LINE_BYTES,
         })
+    }
+
+    /// Sets the longest line accepted (not counting its `\r\n` or `\n`).
+    pub(crate) fn with_max_line(mut self, max_line: usize) -> Input {
+        self.max_line = max_line;
+        self
+    }
+}
+
+/// A regular file's reader that, at each end of file, checks the file was not truncated under
+/// it: a file now shorter than the bytes already read fails the read. (A file that grows is
+/// read to the end found at that moment; bytes appended after it are not read.)
+struct TruncationCheck {
+    file: File,
+    /// Bytes read so far.
+    read: u64,
+}
+
+impl Read for TruncationCheck {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.read += n as u64;
+        if n == 0 && !buf.is_empty() {
+            let now = self.file.metadata()?.len();
+            if now < self.read {
+                return Err(std::io::Error::other(format!(
+                    "truncated while read (read {} bytes, now {now})",
+                    self.read
+                )));
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -222,6 +261,10 @@ impl Chunk {
 
 /// A head reading blocks of whole lines: one [`Chunk`] per pull, flushed at once, so that a
 /// message on the channel carries one block of about `chunk_size` bytes.
+///
+/// A UTF-8 byte-order mark at the start of the input is dropped. A line longer than the cap is
+/// passed on as its first `max_line + 2` bytes (for the parser to reject with its number) and
+/// the rest of it is read and dropped, so the block never holds more than the cap of one line.
 pub(crate) struct ChunkHead {
     name: std::sync::Arc<str>,
     reader: Box<dyn Read + Send>,
@@ -229,8 +272,13 @@ pub(crate) struct ChunkHead {
     path: String,
     next_line: u64,
     chunk_size: usize,
+    max_line: usize,
     /// Bytes after the last newline of the previous block.
     carry: Vec<u8>,
+    /// Dropping the rest of a line over the cap, up to its newline.
+    skipping: bool,
+    /// The start of the input was looked at for a byte-order mark.
+    bom_checked: bool,
     eof: bool,
 }
 
@@ -246,7 +294,10 @@ impl ChunkHead {
             path: input.path,
             next_line: 1,
             chunk_size,
+            max_line: input.max_line,
             carry: Vec::new(),
+            skipping: false,
+            bom_checked: false,
             eof: false,
         }
     }
@@ -301,16 +352,37 @@ impl Head<Chunk> for ChunkHead {
                 self.eof = true;
                 break;
             }
-            if data.len() > MAX_LINE_BYTES && memchr::memrchr(b'\n', &data).is_none() {
-                return Err(Halt::Failed(too_long(
-                    &self.name,
-                    &self.path,
-                    self.next_line,
-                )));
+            if self.skipping {
+                // The rest of a line over the cap: dropped up to and with its newline.
+                match memchr::memchr(b'\n', &data[start..]) {
+                    None => {
+                        data.truncate(start);
+                        continue;
+                    }
+                    Some(i) => {
+                        data.drain(start..=start + i);
+                        self.skipping = false;
+                    }
+                }
+            }
+            let line_start = memchr::memrchr(b'\n', &data).map_or(0, |i| i + 1);
+            // Over the cap even if a `\r` of a `\r\n` ending is still to come.
+            if data.len() - line_start > self.max_line + 1 {
+                // Keep `max_line + 2` bytes of it, ended here, for the parser to reject.
+                data.truncate(line_start + self.max_line + 2);
+                data.push(b'\n');
+                self.skipping = true;
+                break;
             }
             let full = data.len() >= self.chunk_size || self.poll_fd.is_some();
             if full && memchr::memrchr(b'\n', &data).is_some() {
                 break;
+            }
+        }
+        if !self.bom_checked {
+            self.bom_checked = true;
+            if data.starts_with(BOM) {
+                data.drain(..BOM.len());
             }
         }
         if !self.eof {
@@ -334,6 +406,9 @@ impl Head<Chunk> for ChunkHead {
     }
 }
 
+/// The UTF-8 byte-order mark, dropped from the start of an input.
+pub(crate) const BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// `ndjson.read` on the byte path: the blocks of a [`ChunkHead`], each line checked to be a
 /// JSON object (an error names the file and line), blank lines dropped.
 pub(crate) struct NdjsonBlockHead {
@@ -354,7 +429,7 @@ impl Head<Chunk> for NdjsonBlockHead {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let pulled = self.inner.pull(cx, buf, flush_at)?;
         for c in buf.iter_mut() {
-            match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
+            match crate::ndjson::check_block(&mut c.data, c.first_line, self.inner.max_line) {
                 Ok(n) => c.records = n,
                 Err(bad) => {
                     return Err(Halt::Failed(Error::Record {
@@ -409,18 +484,32 @@ pub(crate) fn read_line_bounded(
     r.take(limit as u64).read_until(b'\n', raw)
 }
 
-/// The longest line a line source accepts (16 MiB): input without newlines (a binary file,
-/// `/dev/zero`) must fail with its position, not buffer without bound.
+/// The longest line a line source accepts by default (16 MiB, `max_line_bytes`): input without
+/// newlines (a binary file, `/dev/zero`) must fail with its position, not buffer without bound.
 pub(crate) const MAX_LINE_BYTES: usize = 16 << 20;
 
-fn too_long(stage: &str, path: &str, line: u64) -> Error {
-    Error::Record {
-        stage: stage.to_string(),
-        location: Location {
-            path: path.to_string(),
-            line,
-        },
-        message: format!("line longer than {} MiB (no newline)", MAX_LINE_BYTES >> 20),
+/// Reads and drops the rest of a line, up to and with its newline, without buffering it; false
+/// when the input ended first.
+fn skip_line(r: &mut impl BufRead) -> std::io::Result<bool> {
+    loop {
+        let got = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if got.is_empty() {
+            return Ok(false);
+        }
+        match memchr::memchr(b'\n', got) {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(true);
+            }
+            None => {
+                let n = got.len();
+                r.consume(n);
+            }
+        }
     }
 }
 
@@ -434,6 +523,9 @@ pub(crate) struct LineHead<T, P> {
     path: String,
     line: u64,
     raw: Vec<u8>,
+    max_line: usize,
+    /// The last line was over the cap: the rest of it is dropped before the next is read.
+    skip_rest: bool,
     parse: P,
     _t: std::marker::PhantomData<fn() -> T>,
 }
@@ -454,6 +546,8 @@ where
             path: input.path,
             line: 0,
             raw: Vec::with_capacity(256),
+            max_line: input.max_line,
+            skip_rest: false,
             parse,
             _t: std::marker::PhantomData,
         }
@@ -484,26 +578,43 @@ where
             if self.reader.buffer().is_empty() && !wait_for_data(self.poll_fd(), cx, deadline)? {
                 return Ok(Pull::Idle);
             }
-            let n = read_line_bounded(&mut self.reader, MAX_LINE_BYTES + 1, &mut self.raw)
-                .map_err(|source| {
-                    Halt::Failed(Error::Io {
-                        stage: self.name.to_string(),
-                        path: self.path.clone(),
-                        source,
-                    })
-                })?;
+            let io_err = |source| {
+                Halt::Failed(Error::Io {
+                    stage: self.name.to_string(),
+                    path: self.path.clone(),
+                    source,
+                })
+            };
+            if self.skip_rest {
+                self.skip_rest = false;
+                if !skip_line(&mut self.reader).map_err(io_err)? {
+                    return Ok(Pull::End);
+                }
+                continue;
+            }
+            // At most the cap and a `\r\n`; that many bytes without a `\n` are over the cap.
+            let limit = self.max_line.saturating_add(2);
+            let n = read_line_bounded(&mut self.reader, limit, &mut self.raw).map_err(io_err)?;
             if n == 0 {
                 return Ok(Pull::End);
             }
             self.line += 1;
-            if n > MAX_LINE_BYTES {
-                return Err(Halt::Failed(too_long(&self.name, &self.path, self.line)));
-            }
             let mut line = &self.raw[..];
-            if let Some(rest) = line.strip_suffix(b"\n") {
-                line = rest.strip_suffix(b"\r").unwrap_or(rest);
-            }
-            match (self.parse)(line, self.line) {
+            let whole = line.ends_with(b"\n") || n < limit;
+            line = line.strip_suffix(b"\n").unwrap_or(line);
+            line = line.strip_suffix(b"\r").unwrap_or(line);
+            let parsed = if !whole || line.len() > self.max_line {
+                // The rest is dropped at the next read: a policy that goes on reads on from the
+                // next line, and one that stops does not wait for a newline that never comes.
+                self.skip_rest = !whole;
+                Err(crate::ndjson::line_too_long(self.max_line))
+            } else {
+                if self.line == 1 {
+                    line = line.strip_prefix(BOM).unwrap_or(line);
+                }
+                (self.parse)(line, self.line)
+            };
+            match parsed {
                 Ok(Some(x)) => buf.push(x),
                 Ok(None) => {}
                 Err(message) => {

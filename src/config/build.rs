@@ -129,8 +129,13 @@ impl PipelineSpec {
         let read_once = st
             .iter()
             .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
-        let (Kind::NdjsonRead { path }, Kind::NdjsonWrite { path: out }) =
-            (&st[0].params, &st[st.len() - 1].params)
+        let (
+            Kind::NdjsonRead {
+                path,
+                max_line_bytes,
+            },
+            Kind::NdjsonWrite { path: out },
+        ) = (&st[0].params, &st[st.len() - 1].params)
         else {
             return None;
         };
@@ -139,7 +144,8 @@ impl PipelineSpec {
             return None;
         }
         let p = Pipeline::with_options(self.options.clone());
-        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES).boxed();
+        let mut s =
+            stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, *max_line_bytes).boxed();
         let mut live = live;
         for m in middle {
             let Kind::Exec(spec) = &m.params else {
@@ -239,31 +245,47 @@ fn build_stage(
         (input, _) => input,
     };
     Ok(match (&st.params, input) {
-        (Kind::LinesRead { path }, None) => {
-            let s = stages::lines(p, name, path);
+        (
+            Kind::LinesRead {
+                path,
+                max_line_bytes,
+            },
+            None,
+        ) => {
+            let s = stages::lines(p, name, path, *max_line_bytes);
             Some(if st.parallelism > 1 {
                 s.rebalance(st.parallelism).boxed()
             } else {
                 s.boxed()
             })
         }
-        (Kind::NdjsonRead { path }, None) => {
+        (
+            Kind::NdjsonRead {
+                path,
+                max_line_bytes,
+            },
+            None,
+        ) => {
+            let max_line = *max_line_bytes;
             if st.parallelism > 1 {
                 // Parsing is the expensive part: read blocks of lines on one thread (a memcpy),
                 // parse them on N.
-                let chunks = stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES);
+                let chunks =
+                    stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES, max_line);
                 let shown = path.display().to_string();
                 let stage: Arc<str> = Arc::from(name);
                 Some(
                     chunks
                         .rebalance(st.parallelism)
-                        .try_flat_map(move |chunk: Chunk| parse_chunk(&chunk, &stage, &shown))
+                        .try_flat_map(move |chunk: Chunk| {
+                            parse_chunk(&chunk, &stage, &shown, max_line)
+                        })
                         .name(name)
                         .into_head()
                         .boxed(),
                 )
             } else {
-                Some(stages::ndjson_objects(p, name, path).boxed())
+                Some(stages::ndjson_objects(p, name, path, max_line).boxed())
             }
         }
         (_, None) => unreachable!("validation gives every non-source stage an input"),
@@ -435,10 +457,15 @@ fn build_window(
 /// them stays well under a megabyte, large enough to make the hop free.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-fn parse_chunk(chunk: &Chunk, stage: &str, path: &str) -> Result<Vec<Value>, crate::Error> {
+fn parse_chunk(
+    chunk: &Chunk,
+    stage: &str,
+    path: &str,
+    max_line: usize,
+) -> Result<Vec<Value>, crate::Error> {
     let mut out = Vec::with_capacity(chunk.data.len() / 64);
     for (line, text) in chunk.lines() {
-        match crate::ndjson::parse_object(text) {
+        match crate::ndjson::parse_line(text, max_line) {
             Ok(Value::Null) => {}
             Ok(v) => out.push(v),
             Err(message) => {

@@ -44,9 +44,13 @@ pub(crate) enum FilterOp {
 pub(crate) enum Kind {
     LinesRead {
         path: PathBuf,
+        /// The longest line accepted, not counting its `\r\n` or `\n`.
+        max_line_bytes: usize,
     },
     NdjsonRead {
         path: PathBuf,
+        /// The longest line accepted, not counting its `\r\n` or `\n`.
+        max_line_bytes: usize,
     },
     Words {
         field: String,
@@ -88,9 +92,11 @@ impl Kind {
         Ok(match kind {
             "lines.read" => Kind::LinesRead {
                 path: p.input_path("path")?,
+                max_line_bytes: source_max_line(p)?,
             },
             "ndjson.read" => Kind::NdjsonRead {
                 path: p.input_path("path")?,
+                max_line_bytes: source_max_line(p)?,
             },
             "words" => Kind::Words {
                 field: p.opt_str("field")?.unwrap_or_else(|| "line".into()),
@@ -165,6 +171,12 @@ impl Kind {
             },
         }
     }
+}
+
+/// A source's `max_line_bytes`: 1 to 1 GiB, 16 MiB when not given.
+fn source_max_line(p: &mut Params<'_>) -> Result<usize, ConfigError> {
+    let max = p.opt_u64("max_line_bytes", 1, 1 << 30)?;
+    Ok(max.map_or(crate::source::MAX_LINE_BYTES, |m| m as usize))
 }
 
 /// A stage's parameter table, read with line numbers and checked for unknown keys.

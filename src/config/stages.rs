@@ -22,8 +22,8 @@ use crate::versioned::Versioned;
 use crate::{Pipeline, Sink, Stream};
 
 /// `lines.read`: each line as `{"line": ...}`.
-pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
-    p.line_source("lines.read", path, |l, _| {
+pub(super) fn lines(p: &Pipeline, name: &str, path: &Path, max_line: usize) -> Fresh<Value> {
+    p.line_source("lines.read", path, max_line, |l, _| {
         parse_text(l).map(|o| {
             o.map(|line| {
                 let mut m = Map::with_capacity(1);
@@ -36,8 +36,13 @@ pub(super) fn lines(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
 }
 
 /// `ndjson.read`: one JSON object per non-blank line.
-pub(super) fn ndjson_objects(p: &Pipeline, name: &str, path: &Path) -> Fresh<Value> {
-    p.line_source("ndjson.read", path, |l, _| {
+pub(super) fn ndjson_objects(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    max_line: usize,
+) -> Fresh<Value> {
+    p.line_source("ndjson.read", path, max_line, |l, _| {
         crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) })
     })
     .name(name)
@@ -50,25 +55,40 @@ fn blocks(
     name: &str,
     path: &Path,
     size: usize,
+    max_line: usize,
     wrap: fn(ChunkHead) -> Box<dyn Head<Chunk>>,
 ) -> Fresh<Chunk> {
     let path = path.to_path_buf();
     p.source_stage("blocks.read", move |stage| {
-        let input = Input::open(stage, &path)?;
+        let input = Input::open(stage, &path)?.with_max_line(max_line);
         Ok(wrap(ChunkHead::new(Arc::clone(stage), input, size)))
     })
     .name(name)
 }
 
 /// Blocks of whole lines, for parsing on other threads.
-pub(super) fn chunks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(h))
+pub(super) fn chunks(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    size: usize,
+    max_line: usize,
+) -> Fresh<Chunk> {
+    blocks(p, name, path, size, max_line, |h| Box::new(h))
 }
 
 /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
 /// object (blank lines dropped), never parsed into values.
-pub(super) fn ndjson_blocks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(NdjsonBlockHead::new(h)))
+pub(super) fn ndjson_blocks(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    size: usize,
+    max_line: usize,
+) -> Fresh<Chunk> {
+    blocks(p, name, path, size, max_line, |h| {
+        Box::new(NdjsonBlockHead::new(h))
+    })
 }
 
 /// `ndjson.write` on the byte path: checked blocks of lines written as they are.
