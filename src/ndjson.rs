@@ -615,6 +615,47 @@ mod tests {
         assert_eq!(b, before, "a clean block is passed on untouched");
     }
 
+    #[test]
+    fn integers_outside_64_bits_are_refused_on_the_value_path_only() {
+        for (line, ok) in [
+            (
+                r#"{"n":18446744073709551615,"m":-9223372036854775808}"#,
+                true,
+            ),
+            (r#"{"n":18446744073709551616}"#, false),
+            (r#"{"n":-9223372036854775809}"#, false),
+            (r#"{"a":[1,{"b":123456789012345678901234567890}]}"#, false),
+            // Floats, and digits in strings, are what they say.
+            (
+                r#"{"f":1.8446744073709552e19,"g":18446744073709551616.0}"#,
+                true,
+            ),
+            (r#"{"s":"18446744073709551616","f":1e19}"#, true),
+            (r#"{"18446744073709551616":1e30}"#, true),
+        ] {
+            assert_eq!(parse_object(line.as_bytes()).is_ok(), ok, "{line}");
+            // The byte path keeps the bytes: serde_json's own verdict, no range check.
+            assert!(serde_object(line.as_bytes()).is_ok(), "{line}");
+            let mut b = format!("{line}\n").into_bytes();
+            assert_eq!(check_block(&mut b, 1, 1000).unwrap(), 1, "{line}");
+        }
+        let e = parse_object(br#"{"n":18446744073709551616}"#).unwrap_err();
+        assert_eq!(
+            e,
+            "integer 18446744073709551616 is out of the 64-bit range (it would lose digits)"
+        );
+        let long = format!("{{\"n\":{}}}", "9".repeat(100));
+        let e = parse_object(long.as_bytes()).unwrap_err();
+        assert!(
+            e.starts_with(&format!("integer {}…", "9".repeat(40))),
+            "{e}"
+        );
+        // Beyond f64 serde_json refuses, on both paths.
+        assert!(parse_object(br#"{"n":1e400}"#)
+            .unwrap_err()
+            .contains("number out of range"));
+    }
+
     /// JSON-ish text: valid documents, then mutated by a byte or two.
     fn jsonish() -> impl Strategy<Value = Vec<u8>> {
         let leaf = prop_oneof![

@@ -711,3 +711,208 @@ impl<T: Send> Head<T> for ChannelSourceHead<T> {
         Ok(Pull::Data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::InstanceMetrics;
+    use crate::runtime::RunShared;
+    use std::sync::Arc;
+
+    fn cx() -> Cx {
+        Cx {
+            run: RunShared::new(crate::Options::default()),
+            stage: "read".into(),
+            instance: 0,
+            metrics: Arc::new(InstanceMetrics::default()),
+        }
+    }
+
+    /// `long` bytes of `x`, then `tail`, handed out at most `step` bytes per read.
+    struct Gen {
+        long: usize,
+        tail: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Gen {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let total = self.long + self.tail.len();
+            let n = buf.len().min(self.step).min(total - self.at);
+            for b in &mut buf[..n] {
+                *b = if self.at < self.long {
+                    b'x'
+                } else {
+                    self.tail[self.at - self.long]
+                };
+                self.at += 1;
+            }
+            Ok(n)
+        }
+    }
+
+    fn input(head: &[u8], long: usize, tail: &[u8], step: usize, max_line: usize) -> Input {
+        let mut t = head.to_vec();
+        // The generated run of `x` goes after `head`: put `head` in front of it.
+        let gen = Gen {
+            long,
+            tail: tail.to_vec(),
+            at: 0,
+            step,
+        };
+        Input {
+            reader: Box::new(std::io::Cursor::new(std::mem::take(&mut t)).chain(gen)),
+            #[cfg(unix)]
+            poll_fd: None,
+            path: "in".into(),
+            max_line,
+        }
+    }
+
+    /// Pulls until the end, collecting records and per-line errors (going on after each, as
+    /// a skipping policy does).
+    fn drain_lines(input: Input) -> (Vec<String>, Vec<(u64, String)>, usize) {
+        let mut head = LineHead::new("read".into(), input, |l: &[u8], _| parse_text(l));
+        let cx = cx();
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        loop {
+            let mut buf = Vec::new();
+            match head.pull(&cx, &mut buf, None) {
+                Ok(p) => {
+                    out.append(&mut buf);
+                    if matches!(p, Pull::End) {
+                        break;
+                    }
+                }
+                Err(Halt::Failed(Error::Record {
+                    location, message, ..
+                })) => {
+                    out.append(&mut buf);
+                    errors.push((location.line, message));
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        (out, errors, head.raw.capacity())
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_a_record_error_and_reading_goes_on_at_the_next_line() {
+        // 10 MiB without a newline under a 1 KiB cap, read 4 KiB at a time.
+        let (out, errors, held) = drain_lines(input(
+            b"\xef\xbb\xbffirst\r\n",
+            10 << 20,
+            b"\r\nnext\nx\r",
+            4096,
+            1024,
+        ));
+        assert_eq!(out, ["first", "next", "x"]);
+        assert_eq!(
+            errors,
+            [(2, "line longer than max_line_bytes (1024)".to_string())]
+        );
+        assert!(held <= 4096, "the line buffer grew to {held} bytes");
+        // Exactly the cap is accepted, with either ending; one more byte is not.
+        for (text, ok, bad) in [
+            (
+                &b"abcd\nabcd\r\nabcde\nabcd"[..],
+                vec!["abcd", "abcd", "abcd"],
+                vec![3],
+            ),
+            (b"abcde", vec![], vec![1]),
+            (b"abcd\r", vec!["abcd"], vec![]),
+        ] {
+            let (out, errors, _) = drain_lines(input(text, 0, b"", 3, 4));
+            assert_eq!(out, ok, "{:?}", String::from_utf8_lossy(text));
+            assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), bad);
+        }
+        // The last line over the cap, at the end of input.
+        let (out, errors, _) = drain_lines(input(b"a\n", 50, b"", 7, 8));
+        assert_eq!((out, errors.len()), (vec!["a".to_string()], 1));
+    }
+
+    /// What the byte path and the parallel parse path see: blocks whose lines are checked.
+    fn drain_chunks(input: Input, chunk: usize) -> (Vec<Chunk>, usize) {
+        let mut head = ChunkHead::new("read".into(), input, chunk);
+        let cx = cx();
+        let (mut out, mut most) = (Vec::new(), 0);
+        loop {
+            let mut buf = Vec::new();
+            let p = head.pull(&cx, &mut buf, None).unwrap();
+            most = most.max(buf.iter().map(|c| c.data.len()).sum());
+            out.append(&mut buf);
+            if matches!(p, Pull::End) {
+                return (out, most);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_cut_a_line_over_the_cap_and_drop_its_rest() {
+        let (chunks, most) = drain_chunks(
+            input(
+                b"\xef\xbb\xbf{\"a\":1}\r\n",
+                10 << 20,
+                b"\r\n{\"b\":2}\n{\"c\":3}",
+                4096,
+                1024,
+            ),
+            512,
+        );
+        assert!(most <= 4096, "a block held {most} bytes");
+        let mut lines = Vec::new();
+        for c in &chunks {
+            for (n, text) in c.lines() {
+                lines.push((n, crate::ndjson::parse_line(text, 1024)));
+            }
+        }
+        let want: Vec<(u64, Result<serde_json::Value, String>)> = vec![
+            (1, Ok(serde_json::json!({"a": 1}))),
+            (2, Err("line longer than max_line_bytes (1024)".into())),
+            (3, Ok(serde_json::json!({"b": 2}))),
+            (4, Ok(serde_json::json!({"c": 3}))),
+        ];
+        assert_eq!(lines, want);
+        assert_eq!(chunks.iter().map(|c| c.records).sum::<u64>(), 4);
+        // The byte path's check says the same of the same blocks.
+        let mut errors = Vec::new();
+        for c in chunks {
+            let mut data = c.data.clone();
+            if let Err(bad) = crate::ndjson::check_block(&mut data, c.first_line, 1024) {
+                errors.push((bad.line, bad.message));
+            }
+        }
+        assert_eq!(
+            errors,
+            [(2, "line longer than max_line_bytes (1024)".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_file_shorter_at_its_end_than_what_was_read_fails_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in");
+        std::fs::write(&path, vec![b'x'; 1000]).unwrap();
+        let mut input = Input::open("read", &path).unwrap();
+        let mut buf = vec![0; 600];
+        assert_eq!(input.reader.read(&mut buf).unwrap(), 600);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let e = input.reader.read(&mut buf).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "truncated while read (read 600 bytes, now 100)"
+        );
+        // Growing is fine: read to the end found.
+        std::fs::write(&path, vec![b'x'; 10]).unwrap();
+        let mut input = Input::open("read", &path).unwrap();
+        let mut all = Vec::new();
+        input.reader.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 10);
+    }
+}
