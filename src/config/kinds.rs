@@ -307,7 +307,10 @@ impl<'a> Params<'a> {
             Some(toml::Value::Integer(i)) if *i >= min as i64 && (*i as u64) <= max => {
                 Ok(Some(*i as u64))
             }
-            Some(other) => Err(self.wrong(key, &format!("an integer of at least {min}"), other)),
+            Some(other) if max >= i64::MAX as u64 => {
+                Err(self.wrong(key, &format!("an integer of at least {min}"), other))
+            }
+            Some(other) => Err(self.wrong(key, &format!("an integer from {min} to {max}"), other)),
         }
     }
 
