@@ -451,12 +451,15 @@ pub(crate) fn serde_object(line: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// 2^63: the smallest size of a float that an integer outside `i64` and `u64` becomes.
+const TWO_POW_63: f64 = (1u64 << 63) as f64;
+
 /// Whether `v` holds a float of magnitude 2^63 or more.
 fn has_huge_float(v: &Value) -> bool {
     match v {
         Value::Number(n) => n
             .as_f64()
-            .is_some_and(|f| n.is_f64() && f.abs() >= 9.223_372_036_854_775_808e18),
+            .is_some_and(|f| n.is_f64() && f.abs() >= TWO_POW_63),
         Value::Array(a) => a.iter().any(has_huge_float),
         Value::Object(m) => m.values().any(has_huge_float),
         _ => false,

@@ -1,5 +1,11 @@
 //! Stage heads that produce records: iterators, and lines or NDJSON read from a file or stdin.
 //!
+//! The line framing of the file sources is here: line endings (`\n`, `\r\n`) and a byte-order
+//! mark at the start are dropped, a line over the cap (`max_line_bytes`) is a per-line record
+//! error whose rest is read and dropped without being buffered, and a regular file found
+//! shorter at its end than the bytes read fails as truncated (see "Input files" in
+//! `docs/semantics.md`).
+//!
 //! A source fills one batch at a time. It returns a partly filled batch early when the batch has
 //! waited longer than the run's linger time, and a source reading a pipe or terminal also does so
 //! before a read that would block (checked with `poll`), so a slow trickle still flows.

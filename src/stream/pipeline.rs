@@ -169,7 +169,9 @@ impl Pipeline {
     }
 
     /// A source stage (`lines.read`) yielding the lines of a file (`-` for stdin), without line
-    /// endings. Invalid UTF-8 fails the run naming the file and line.
+    /// endings (`\n`, `\r\n`, or a `\r` ending the last line) and without a byte-order mark at
+    /// the start of the file. Invalid UTF-8, or a line over 16 MiB, fails the run naming the
+    /// file and line; a file truncated while read fails naming the file.
     ///
     /// # Examples
     ///
@@ -186,8 +188,9 @@ impl Pipeline {
     }
 
     /// A source stage (`ndjson.read`) parsing each line of a file (`-` for stdin) as one JSON
-    /// value of type `T`. Blank lines are skipped; a malformed line fails the run naming the
-    /// file and line.
+    /// value of type `T`. Blank lines are skipped; a malformed line (or one over 16 MiB) fails
+    /// the run naming the file and line. Line endings and a byte-order mark are dropped as by
+    /// [`read_lines`](Self::read_lines).
     ///
     /// # Examples
     ///
