@@ -116,10 +116,10 @@ impl Input {
         } else {
             File::open(path).map_err(io_err)?
         };
-        let regular = file
-            .metadata()
-            .map(|m| m.file_type().is_file())
-            .unwrap_or(false);
+        let meta = file.metadata().ok();
+        let regular = meta.as_ref().is_some_and(|m| m.file_type().is_file());
+        // Files of `/proc` and `/sys` say they are empty: their size means nothing.
+        let sized = meta.is_some_and(|m| m.len() > 0);
         #[cfg(unix)]
         let poll_fd = if regular {
             None
@@ -127,7 +127,7 @@ impl Input {
             use std::os::fd::AsFd;
             Some(file.as_fd().try_clone_to_owned().map_err(io_err)?)
         };
-        let reader: Box<dyn Read + Send> = if regular {
+        let reader: Box<dyn Read + Send> = if regular && sized {
             Box::new(TruncationCheck { file, read: 0 })
         } else {
             Box::new(file)
@@ -150,7 +150,8 @@ impl Input {
 
 /// A regular file's reader that, at each end of file, checks the file was not truncated under
 /// it: a file now shorter than the bytes already read fails the read. (A file that grows is
-/// read to the end found at that moment; bytes appended after it are not read.)
+/// read to the end found at that moment; bytes appended after it are not read.) Not used for a
+/// file empty when opened, which includes the pseudo-files of `/proc` and `/sys`.
 struct TruncationCheck {
     file: File,
     /// Bytes read so far.
@@ -914,6 +915,11 @@ mod tests {
             e.to_string(),
             "truncated while read (read 600 bytes, now 100)"
         );
+        // A pseudo-file that says it is empty is read whole.
+        let mut input = Input::open("read", Path::new("/proc/self/status")).unwrap();
+        let mut all = String::new();
+        input.reader.read_to_string(&mut all).unwrap();
+        assert!(all.contains("Pid:"), "{all}");
         // Growing is fine: read to the end found.
         std::fs::write(&path, vec![b'x'; 10]).unwrap();
         let mut input = Input::open("read", &path).unwrap();
