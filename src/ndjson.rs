@@ -326,7 +326,7 @@ pub(crate) struct BadLine {
 
 /// Checks a block of whole lines (`first_line` is the number of its first line), removing
 /// blank lines and `\r` before `\n` the way the value path drops them, and checking that no
-/// line is longer than `max_line` bytes. Returns the number of records.
+/// line is longer than `max_line` bytes (not counting its `\r\n` or `\n`). Returns the number of records.
 pub(crate) fn check_block(
     data: &mut Vec<u8>,
     first_line: u64,
@@ -337,9 +337,15 @@ pub(crate) fn check_block(
         let line = first_line + memchr::memchr_iter(b'\n', &data[..at]).count() as u64;
         let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |i| i + 1);
         let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |i| at + i);
-        let message = match parse_object(&data[start..end]) {
-            Err(m) => m,
-            Ok(_) => "invalid UTF-8".to_string(),
+        let cut = &data[start..end];
+        let message = if cut.strip_suffix(b"\r").unwrap_or(cut).len() > max_line {
+            // A line over the cap comes cut to `max_line + 1` bytes, maybe inside a character.
+            line_too_long(max_line)
+        } else {
+            match serde_object(&data[start..end]) {
+                Err(m) => m,
+                Ok(_) => "invalid UTF-8".to_string(),
+            }
         };
         return Err(BadLine { line, message });
     }
@@ -350,14 +356,15 @@ pub(crate) fn check_block(
     while start < data.len() {
         let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
         let line = &data[start..end];
-        if line.len() > max_line {
+        if line.strip_suffix(b"\r").unwrap_or(line).len() > max_line {
             return Err(BadLine {
                 line: line_no,
-                message: format!("line longer than {max_line} bytes"),
+                message: line_too_long(max_line),
             });
         }
         let verdict = match classify(line) {
-            Line::Doubt => match parse_object(line) {
+            // Bytes are kept as they are: no range check on numbers (see `serde_object`).
+            Line::Doubt => match serde_object(line) {
                 Ok(Value::Null) => Line::Blank,
                 Ok(_) => Line::Object,
                 Err(message) => {
@@ -398,8 +405,42 @@ fn compacted(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Parses one NDJSON line into an object; `Value::Null` marks a blank line to skip.
+/// The error for a line over the cap (`max_line_bytes`, not counting a `\r\n` or `\n` ending).
+pub(crate) fn line_too_long(max_line: usize) -> String {
+    format!("line longer than max_line_bytes ({max_line})")
+}
+
+/// [`parse_object`] for a line read by `ndjson.read` (without its `\n`), refusing one longer than
+/// `max_line` bytes first.
+pub(crate) fn parse_line(line: &[u8], max_line: usize) -> Result<Value, String> {
+    if line.len() > max_line {
+        return Err(line_too_long(max_line));
+    }
+    parse_object(line)
+}
+
+/// Parses one NDJSON line into an object for the value path; `Value::Null` marks a blank line to
+/// skip. An integer outside both `i64` and `u64` is refused: `serde_json` would make it an `f64`
+/// and lose its digits.
 pub(crate) fn parse_object(line: &[u8]) -> Result<Value, String> {
+    let v = serde_object(line)?;
+    // Only a float of 2^63 or more in size can have been such an integer: the text is looked at
+    // only then, so clean input pays for one walk over the value.
+    if has_huge_float(&v) {
+        if let Some(n) = integer_out_of_range(line) {
+            let shown: String = n.chars().take(40).collect();
+            let more = if shown.len() < n.len() { "…" } else { "" };
+            return Err(format!(
+                "integer {shown}{more} is out of the 64-bit range (it would lose digits)"
+            ));
+        }
+    }
+    Ok(v)
+}
+
+/// Parses one NDJSON line into an object as `serde_json` does (the byte path's reference);
+/// `Value::Null` marks a blank line.
+pub(crate) fn serde_object(line: &[u8]) -> Result<Value, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
     }
@@ -410,6 +451,64 @@ pub(crate) fn parse_object(line: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// 2^63: the smallest size of a float that an integer outside `i64` and `u64` becomes.
+const TWO_POW_63: f64 = (1u64 << 63) as f64;
+
+/// Whether `v` holds a float of magnitude 2^63 or more.
+fn has_huge_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .is_some_and(|f| n.is_f64() && f.abs() >= TWO_POW_63),
+        Value::Array(a) => a.iter().any(has_huge_float),
+        Value::Object(m) => m.values().any(has_huge_float),
+        _ => false,
+    }
+}
+
+/// The first integer (no fraction, no exponent) in the valid JSON text `s` that fits neither
+/// `i64` nor `u64`.
+fn integer_out_of_range(s: &[u8]) -> Option<&str> {
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'"' => {
+                i += 1;
+                while i < s.len() && s[i] != b'"' {
+                    i += if s[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let end = digits(s, i + 1);
+                i = end;
+                let mut integer = true;
+                if s.get(i) == Some(&b'.') {
+                    integer = false;
+                    i = digits(s, i + 1);
+                }
+                if matches!(s.get(i), Some(b'e' | b'E')) {
+                    integer = false;
+                    i += 1;
+                    if matches!(s.get(i), Some(b'+' | b'-')) {
+                        i += 1;
+                    }
+                    i = digits(s, i);
+                }
+                if integer {
+                    let t = std::str::from_utf8(&s[start..end]).ok()?;
+                    if t.parse::<i64>().is_err() && t.parse::<u64>().is_err() {
+                        return Some(t);
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,7 +516,7 @@ mod tests {
 
     /// The reference: what the value path accepts as a record.
     fn reference(line: &[u8]) -> Result<bool, ()> {
-        match parse_object(line) {
+        match serde_object(line) {
             Ok(Value::Null) => Ok(false),
             Ok(_) => Ok(true),
             Err(_) => Err(()),
@@ -511,12 +610,53 @@ mod tests {
         let mut b = b"{\"a\":1}\n{\"long\":\"xxxxxxxxxxxxxxxxxxxx\"}\n".to_vec();
         let e = check_block(&mut b, 1, 20).unwrap_err();
         assert_eq!(e.line, 2);
-        assert!(e.message.contains("longer than 20 bytes"));
+        assert_eq!(e.message, "line longer than max_line_bytes (20)");
 
         let mut b = b"{\"a\":1}\n{\"b\":2}\n".to_vec();
         let before = b.clone();
         assert_eq!(check_block(&mut b, 1, 100).unwrap(), 2);
         assert_eq!(b, before, "a clean block is passed on untouched");
+    }
+
+    #[test]
+    fn integers_outside_64_bits_are_refused_on_the_value_path_only() {
+        for (line, ok) in [
+            (
+                r#"{"n":18446744073709551615,"m":-9223372036854775808}"#,
+                true,
+            ),
+            (r#"{"n":18446744073709551616}"#, false),
+            (r#"{"n":-9223372036854775809}"#, false),
+            (r#"{"a":[1,{"b":123456789012345678901234567890}]}"#, false),
+            // Floats, and digits in strings, are what they say.
+            (
+                r#"{"f":1.8446744073709552e19,"g":18446744073709551616.0}"#,
+                true,
+            ),
+            (r#"{"s":"18446744073709551616","f":1e19}"#, true),
+            (r#"{"18446744073709551616":1e30}"#, true),
+        ] {
+            assert_eq!(parse_object(line.as_bytes()).is_ok(), ok, "{line}");
+            // The byte path keeps the bytes: serde_json's own verdict, no range check.
+            assert!(serde_object(line.as_bytes()).is_ok(), "{line}");
+            let mut b = format!("{line}\n").into_bytes();
+            assert_eq!(check_block(&mut b, 1, 1000).unwrap(), 1, "{line}");
+        }
+        let e = parse_object(br#"{"n":18446744073709551616}"#).unwrap_err();
+        assert_eq!(
+            e,
+            "integer 18446744073709551616 is out of the 64-bit range (it would lose digits)"
+        );
+        let long = format!("{{\"n\":{}}}", "9".repeat(100));
+        let e = parse_object(long.as_bytes()).unwrap_err();
+        assert!(
+            e.starts_with(&format!("integer {}…", "9".repeat(40))),
+            "{e}"
+        );
+        // Beyond f64 serde_json refuses, on both paths.
+        assert!(parse_object(br#"{"n":1e400}"#)
+            .unwrap_err()
+            .contains("number out of range"));
     }
 
     /// JSON-ish text: valid documents, then mutated by a byte or two.
@@ -583,7 +723,7 @@ mod tests {
         for len in 0..70 {
             for at in 0..len {
                 for special in [b'"', b'\\', 0x01, 0x1f] {
-                    let mut s: Vec<u8> = (0..len).map(|k| 0x20 + (k as u8 * 7) % 0x5f).collect();
+                    let mut s: Vec<u8> = (0..len).map(|k| 0x20 + (k * 7 % 0x5f) as u8).collect();
                     for b in s.iter_mut() {
                         if *b == b'"' || *b == b'\\' {
                             *b = b'a';

@@ -1,5 +1,11 @@
 //! Stage heads that produce records: iterators, and lines or NDJSON read from a file or stdin.
 //!
+//! The line framing of the file sources is here: line endings (`\n`, `\r\n`) and a byte-order
+//! mark at the start are dropped, a line over the cap (`max_line_bytes`) is a per-line record
+//! error whose rest is read and dropped without being buffered, and a regular file found
+//! shorter at its end than the bytes read fails as truncated (see "Input files" in
+//! `docs/semantics.md`).
+//!
 //! A source fills one batch at a time. It returns a partly filled batch early when the batch has
 //! waited longer than the run's linger time, and a source reading a pipe or terminal also does so
 //! before a read that would block (checked with `poll`), so a slow trickle still flows.
@@ -75,6 +81,8 @@ pub(crate) struct Input {
     #[cfg(unix)]
     pub poll_fd: Option<std::os::fd::OwnedFd>,
     pub path: String,
+    /// The longest line accepted, not counting its `\r\n` or `\n` (`max_line_bytes`).
+    pub max_line: usize,
 }
 
 impl Input {
@@ -102,15 +110,16 @@ impl Input {
                 return Ok(Input {
                     reader: Box::new(std::io::stdin()),
                     path: shown,
+                    max_line: MAX_LINE_BYTES,
                 });
             }
         } else {
             File::open(path).map_err(io_err)?
         };
-        let regular = file
-            .metadata()
-            .map(|m| m.file_type().is_file())
-            .unwrap_or(false);
+        let meta = file.metadata().ok();
+        let regular = meta.as_ref().is_some_and(|m| m.file_type().is_file());
+        // Files of `/proc` and `/sys` say they are empty: their size means nothing.
+        let sized = meta.is_some_and(|m| m.len() > 0);
         #[cfg(unix)]
         let poll_fd = if regular {
             None
@@ -118,14 +127,51 @@ impl Input {
             use std::os::fd::AsFd;
             Some(file.as_fd().try_clone_to_owned().map_err(io_err)?)
         };
-        #[cfg(not(unix))]
-        let _ = regular;
+        let reader: Box<dyn Read + Send> = if regular && sized {
+            Box::new(TruncationCheck { file, read: 0 })
+        } else {
+            Box::new(file)
+        };
         Ok(Input {
-            reader: Box::new(file),
+            reader,
             #[cfg(unix)]
             poll_fd,
             path: shown,
+            max_line: MAX_LINE_BYTES,
         })
+    }
+
+    /// Sets the longest line accepted (not counting its `\r\n` or `\n`).
+    pub(crate) fn with_max_line(mut self, max_line: usize) -> Input {
+        self.max_line = max_line;
+        self
+    }
+}
+
+/// A regular file's reader that, at each end of file, checks the file was not truncated under
+/// it: a file now shorter than the bytes already read fails the read. (A file that grows is
+/// read to the end found at that moment; bytes appended after it are not read.) Not used for a
+/// file empty when opened, which includes the pseudo-files of `/proc` and `/sys`.
+struct TruncationCheck {
+    file: File,
+    /// Bytes read so far.
+    read: u64,
+}
+
+impl Read for TruncationCheck {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.read += n as u64;
+        if n == 0 && !buf.is_empty() {
+            let now = self.file.metadata()?.len();
+            if now < self.read {
+                return Err(std::io::Error::other(format!(
+                    "truncated while read (read {} bytes, now {now})",
+                    self.read
+                )));
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -222,6 +268,10 @@ impl Chunk {
 
 /// A head reading blocks of whole lines: one [`Chunk`] per pull, flushed at once, so that a
 /// message on the channel carries one block of about `chunk_size` bytes.
+///
+/// A UTF-8 byte-order mark at the start of the input is dropped. A line longer than the cap is
+/// passed on as its first `max_line + 2` bytes (for the parser to reject with its number) and
+/// the rest of it is read and dropped, so the block never holds more than the cap of one line.
 pub(crate) struct ChunkHead {
     name: std::sync::Arc<str>,
     reader: Box<dyn Read + Send>,
@@ -229,8 +279,13 @@ pub(crate) struct ChunkHead {
     path: String,
     next_line: u64,
     chunk_size: usize,
+    max_line: usize,
     /// Bytes after the last newline of the previous block.
     carry: Vec<u8>,
+    /// Dropping the rest of a line over the cap, up to its newline.
+    skipping: bool,
+    /// The start of the input was looked at for a byte-order mark.
+    bom_checked: bool,
     eof: bool,
 }
 
@@ -246,7 +301,10 @@ impl ChunkHead {
             path: input.path,
             next_line: 1,
             chunk_size,
+            max_line: input.max_line,
             carry: Vec::new(),
+            skipping: false,
+            bom_checked: false,
             eof: false,
         }
     }
@@ -301,16 +359,37 @@ impl Head<Chunk> for ChunkHead {
                 self.eof = true;
                 break;
             }
-            if data.len() > MAX_LINE_BYTES && memchr::memrchr(b'\n', &data).is_none() {
-                return Err(Halt::Failed(too_long(
-                    &self.name,
-                    &self.path,
-                    self.next_line,
-                )));
+            if self.skipping {
+                // The rest of a line over the cap: dropped up to and with its newline.
+                match memchr::memchr(b'\n', &data[start..]) {
+                    None => {
+                        data.truncate(start);
+                        continue;
+                    }
+                    Some(i) => {
+                        data.drain(start..=start + i);
+                        self.skipping = false;
+                    }
+                }
+            }
+            let line_start = memchr::memrchr(b'\n', &data).map_or(0, |i| i + 1);
+            // Over the cap even if a `\r` of a `\r\n` ending is still to come.
+            if data.len() - line_start > self.max_line + 1 {
+                // Keep `max_line + 2` bytes of it, ended here, for the parser to reject.
+                data.truncate(line_start + self.max_line + 2);
+                data.push(b'\n');
+                self.skipping = true;
+                break;
             }
             let full = data.len() >= self.chunk_size || self.poll_fd.is_some();
             if full && memchr::memrchr(b'\n', &data).is_some() {
                 break;
+            }
+        }
+        if !self.bom_checked {
+            self.bom_checked = true;
+            if data.starts_with(BOM) {
+                data.drain(..BOM.len());
             }
         }
         if !self.eof {
@@ -351,6 +430,9 @@ impl Head<Chunk> for LinesOf {
         Ok(pulled)
     }
 }
+
+/// The UTF-8 byte-order mark, dropped from the start of an input.
+pub(crate) const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// `ndjson.read` on the byte path: the blocks of a [`ChunkHead`], each line checked to be a
 /// JSON object (an error names the file and line), blank lines dropped.
@@ -399,7 +481,7 @@ impl Head<Chunk> for NdjsonBlockHead {
         for c in buf.iter_mut() {
             loop {
                 let bad =
-                    match crate::ndjson::check_block(&mut c.data, c.first_line, MAX_LINE_BYTES) {
+                    match crate::ndjson::check_block(&mut c.data, c.first_line, self.inner.max_line) {
                         Ok(n) => {
                             c.records = n;
                             break;
@@ -491,18 +573,32 @@ pub(crate) fn read_line_bounded(
     r.take(limit as u64).read_until(b'\n', raw)
 }
 
-/// The longest line a line source accepts (16 MiB): input without newlines (a binary file,
-/// `/dev/zero`) must fail with its position, not buffer without bound.
+/// The longest line a line source accepts by default (16 MiB, `max_line_bytes`): input without
+/// newlines (a binary file, `/dev/zero`) must fail with its position, not buffer without bound.
 pub(crate) const MAX_LINE_BYTES: usize = 16 << 20;
 
-fn too_long(stage: &str, path: &str, line: u64) -> Error {
-    Error::Record {
-        stage: stage.to_string(),
-        location: Location {
-            path: path.to_string(),
-            line,
-        },
-        message: format!("line longer than {} MiB (no newline)", MAX_LINE_BYTES >> 20),
+/// Reads and drops the rest of a line, up to and with its newline, without buffering it; false
+/// when the input ended first.
+fn skip_line(r: &mut impl BufRead) -> std::io::Result<bool> {
+    loop {
+        let got = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if got.is_empty() {
+            return Ok(false);
+        }
+        match memchr::memchr(b'\n', got) {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(true);
+            }
+            None => {
+                let n = got.len();
+                r.consume(n);
+            }
+        }
     }
 }
 
@@ -516,6 +612,9 @@ pub(crate) struct LineHead<T, P> {
     path: String,
     line: u64,
     raw: Vec<u8>,
+    max_line: usize,
+    /// The last line was over the cap: the rest of it is dropped before the next is read.
+    skip_rest: bool,
     parse: P,
     /// What to do with a line that does not parse.
     on_error: crate::dead_letter::OnError,
@@ -540,6 +639,8 @@ where
             path: input.path,
             line: 0,
             raw: Vec::with_capacity(256),
+            max_line: input.max_line,
+            skip_rest: false,
             parse,
             on_error: crate::dead_letter::OnError::Fail,
             skipped: 0,
@@ -597,26 +698,43 @@ where
             if self.reader.buffer().is_empty() && !wait_for_data(self.poll_fd(), cx, deadline)? {
                 return Ok(Pull::Idle);
             }
-            let n = read_line_bounded(&mut self.reader, MAX_LINE_BYTES + 1, &mut self.raw)
-                .map_err(|source| {
-                    Halt::Failed(Error::Io {
-                        stage: self.name.to_string(),
-                        path: self.path.clone(),
-                        source,
-                    })
-                })?;
+            let io_err = |source| {
+                Halt::Failed(Error::Io {
+                    stage: self.name.to_string(),
+                    path: self.path.clone(),
+                    source,
+                })
+            };
+            if self.skip_rest {
+                self.skip_rest = false;
+                if !skip_line(&mut self.reader).map_err(io_err)? {
+                    return Ok(Pull::End);
+                }
+                continue;
+            }
+            // At most the cap and a `\r\n`; that many bytes without a `\n` are over the cap.
+            let limit = self.max_line.saturating_add(2);
+            let n = read_line_bounded(&mut self.reader, limit, &mut self.raw).map_err(io_err)?;
             if n == 0 {
                 return Ok(Pull::End);
             }
             self.line += 1;
-            if n > MAX_LINE_BYTES {
-                return Err(Halt::Failed(too_long(&self.name, &self.path, self.line)));
-            }
             let mut line = &self.raw[..];
-            if let Some(rest) = line.strip_suffix(b"\n") {
-                line = rest.strip_suffix(b"\r").unwrap_or(rest);
-            }
-            match (self.parse)(line, self.line) {
+            let whole = line.ends_with(b"\n") || n < limit;
+            line = line.strip_suffix(b"\n").unwrap_or(line);
+            line = line.strip_suffix(b"\r").unwrap_or(line);
+            let parsed = if !whole || line.len() > self.max_line {
+                // The rest is dropped at the next read: a policy that goes on reads on from the
+                // next line, and one that stops does not wait for a newline that never comes.
+                self.skip_rest = !whole;
+                Err(crate::ndjson::line_too_long(self.max_line))
+            } else {
+                if self.line == 1 {
+                    line = line.strip_prefix(BOM).unwrap_or(line);
+                }
+                (self.parse)(line, self.line)
+            };
+            match parsed {
                 Ok(Some(x)) => buf.push(x),
                 Ok(None) => {}
                 Err(message) => {
@@ -720,5 +838,215 @@ impl<T: Send> Head<T> for ChannelSourceHead<T> {
             }
         }
         Ok(Pull::Data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::InstanceMetrics;
+    use crate::runtime::RunShared;
+    use std::sync::Arc;
+
+    fn cx() -> Cx {
+        Cx {
+            run: RunShared::new(crate::Options::default()),
+            stage: "read".into(),
+            instance: 0,
+            metrics: Arc::new(InstanceMetrics::default()),
+        }
+    }
+
+    /// `long` bytes of `x`, then `tail`, handed out at most `step` bytes per read.
+    struct Gen {
+        long: usize,
+        tail: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Gen {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let total = self.long + self.tail.len();
+            let n = buf.len().min(self.step).min(total - self.at);
+            for b in &mut buf[..n] {
+                *b = if self.at < self.long {
+                    b'x'
+                } else {
+                    self.tail[self.at - self.long]
+                };
+                self.at += 1;
+            }
+            Ok(n)
+        }
+    }
+
+    fn input(head: &[u8], long: usize, tail: &[u8], step: usize, max_line: usize) -> Input {
+        let mut t = head.to_vec();
+        // The generated run of `x` goes after `head`: put `head` in front of it.
+        let gen = Gen {
+            long,
+            tail: tail.to_vec(),
+            at: 0,
+            step,
+        };
+        Input {
+            reader: Box::new(std::io::Cursor::new(std::mem::take(&mut t)).chain(gen)),
+            #[cfg(unix)]
+            poll_fd: None,
+            path: "in".into(),
+            max_line,
+        }
+    }
+
+    /// Pulls until the end, collecting records and per-line errors (going on after each, as
+    /// a skipping policy does).
+    fn drain_lines(input: Input) -> (Vec<String>, Vec<(u64, String)>, usize) {
+        let mut head = LineHead::new("read".into(), input, |l: &[u8], _| parse_text(l));
+        let cx = cx();
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        loop {
+            let mut buf = Vec::new();
+            match head.pull(&cx, &mut buf, None) {
+                Ok(p) => {
+                    out.append(&mut buf);
+                    if matches!(p, Pull::End) {
+                        break;
+                    }
+                }
+                Err(Halt::Failed(Error::Record {
+                    location, message, ..
+                })) => {
+                    out.append(&mut buf);
+                    errors.push((location.line, message));
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        (out, errors, head.raw.capacity())
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_a_record_error_and_reading_goes_on_at_the_next_line() {
+        // 10 MiB without a newline under a 1 KiB cap, read 4 KiB at a time.
+        let (out, errors, held) = drain_lines(input(
+            b"\xef\xbb\xbffirst\r\n",
+            10 << 20,
+            b"\r\nnext\nx\r",
+            4096,
+            1024,
+        ));
+        assert_eq!(out, ["first", "next", "x"]);
+        assert_eq!(
+            errors,
+            [(2, "line longer than max_line_bytes (1024)".to_string())]
+        );
+        assert!(held <= 4096, "the line buffer grew to {held} bytes");
+        // Exactly the cap is accepted, with either ending; one more byte is not.
+        for (text, ok, bad) in [
+            (
+                &b"abcd\nabcd\r\nabcde\nabcd"[..],
+                vec!["abcd", "abcd", "abcd"],
+                vec![3],
+            ),
+            (b"abcde", vec![], vec![1]),
+            (b"abcd\r", vec!["abcd"], vec![]),
+        ] {
+            let (out, errors, _) = drain_lines(input(text, 0, b"", 3, 4));
+            assert_eq!(out, ok, "{:?}", String::from_utf8_lossy(text));
+            assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), bad);
+        }
+        // The last line over the cap, at the end of input.
+        let (out, errors, _) = drain_lines(input(b"a\n", 50, b"", 7, 8));
+        assert_eq!((out, errors.len()), (vec!["a".to_string()], 1));
+    }
+
+    /// What the byte path and the parallel parse path see: blocks whose lines are checked.
+    fn drain_chunks(input: Input, chunk: usize) -> (Vec<Chunk>, usize) {
+        let mut head = ChunkHead::new("read".into(), input, chunk);
+        let cx = cx();
+        let (mut out, mut most) = (Vec::new(), 0);
+        loop {
+            let mut buf = Vec::new();
+            let p = head.pull(&cx, &mut buf, None).unwrap();
+            most = most.max(buf.iter().map(|c| c.data.len()).sum());
+            out.append(&mut buf);
+            if matches!(p, Pull::End) {
+                return (out, most);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_cut_a_line_over_the_cap_and_drop_its_rest() {
+        let (chunks, most) = drain_chunks(
+            input(
+                b"\xef\xbb\xbf{\"a\":1}\r\n",
+                10 << 20,
+                b"\r\n{\"b\":2}\n{\"c\":3}",
+                4096,
+                1024,
+            ),
+            512,
+        );
+        assert!(most <= 4096, "a block held {most} bytes");
+        let mut lines = Vec::new();
+        for c in &chunks {
+            for (n, text) in c.lines() {
+                lines.push((n, crate::ndjson::parse_line(text, 1024)));
+            }
+        }
+        let want: Vec<(u64, Result<serde_json::Value, String>)> = vec![
+            (1, Ok(serde_json::json!({"a": 1}))),
+            (2, Err("line longer than max_line_bytes (1024)".into())),
+            (3, Ok(serde_json::json!({"b": 2}))),
+            (4, Ok(serde_json::json!({"c": 3}))),
+        ];
+        assert_eq!(lines, want);
+        assert_eq!(chunks.iter().map(|c| c.records).sum::<u64>(), 4);
+        // The byte path's check says the same of the same blocks.
+        let mut errors = Vec::new();
+        for c in chunks {
+            let mut data = c.data.clone();
+            if let Err(bad) = crate::ndjson::check_block(&mut data, c.first_line, 1024) {
+                errors.push((bad.line, bad.message));
+            }
+        }
+        assert_eq!(
+            errors,
+            [(2, "line longer than max_line_bytes (1024)".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_file_shorter_at_its_end_than_what_was_read_fails_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in");
+        std::fs::write(&path, vec![b'x'; 1000]).unwrap();
+        let mut input = Input::open("read", &path).unwrap();
+        let mut buf = vec![0; 600];
+        assert_eq!(input.reader.read(&mut buf).unwrap(), 600);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let e = input.reader.read(&mut buf).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "truncated while read (read 600 bytes, now 100)"
+        );
+        // A pseudo-file that says it is empty is read whole.
+        let mut input = Input::open("read", Path::new("/proc/self/status")).unwrap();
+        let mut all = String::new();
+        input.reader.read_to_string(&mut all).unwrap();
+        assert!(all.contains("Pid:"), "{all}");
+        // Growing is fine: read to the end found.
+        std::fs::write(&path, vec![b'x'; 10]).unwrap();
+        let mut input = Input::open("read", &path).unwrap();
+        let mut all = Vec::new();
+        input.reader.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 10);
     }
 }

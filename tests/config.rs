@@ -438,6 +438,9 @@ fn a_line_without_end_fails_instead_of_filling_memory() {
             .run()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("/dev/zero:1: line longer than 16 MiB"), "{e}");
+        assert!(
+            e.contains("/dev/zero:1: line longer than max_line_bytes (16777216)"),
+            "{e}"
+        );
     }
 }

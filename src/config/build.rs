@@ -169,8 +169,13 @@ impl PipelineSpec {
         let read_once = st
             .iter()
             .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
-        let (Kind::NdjsonRead { path }, Kind::NdjsonWrite { path: out }) =
-            (&st[0].params, &st[st.len() - 1].params)
+        let (
+            Kind::NdjsonRead {
+                path,
+                max_line_bytes,
+            },
+            Kind::NdjsonWrite { path: out },
+        ) = (&st[0].params, &st[st.len() - 1].params)
         else {
             return None;
         };
@@ -198,7 +203,8 @@ impl PipelineSpec {
         if st[0].on_error == PolicySpec::Skip {
             policy = crate::OnError::Skip;
         }
-        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, policy).boxed();
+        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, *max_line_bytes, policy)
+                .boxed();
         let mut live = live;
         for m in middle {
             let Kind::Exec(spec) = &m.params else {
@@ -302,32 +308,46 @@ fn build_stage(
         (input, _) => input,
     };
     Ok(match (&st.params, input) {
-        (Kind::LinesRead { path }, None) => {
-            let s = stages::lines(p, name, path, policy);
+        (
+            Kind::LinesRead {
+                path,
+                max_line_bytes,
+            },
+            None,
+        ) => {
+            let s = stages::lines(p, name, path, *max_line_bytes, policy);
             Some(if st.parallelism > 1 {
                 s.rebalance(st.parallelism).boxed()
             } else {
                 s.boxed()
             })
         }
-        (Kind::NdjsonRead { path }, None) => {
+        (
+            Kind::NdjsonRead {
+                path,
+                max_line_bytes,
+            },
+            None,
+        ) => {
+            let max_line = *max_line_bytes;
             if st.parallelism > 1 {
                 // Parsing is the expensive part: read blocks of lines on one thread (a memcpy),
                 // parse them on N.
-                let chunks = stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES);
+                let chunks =
+                    stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES, max_line);
                 let shown: Arc<str> = Arc::from(path.display().to_string());
                 Some(
                     chunks
                         .rebalance(st.parallelism)
                         .step("parse", move |prev, op| {
-                            super::live_map::ParseChunks::new(prev, op, shown, policy)
+                            super::live_map::ParseChunks::new(prev, op, shown, policy, max_line)
                         })
                         .name(name)
                         .into_head()
                         .boxed(),
                 )
             } else {
-                Some(stages::ndjson_objects(p, name, path, policy).boxed())
+                Some(stages::ndjson_objects(p, name, path, max_line, policy).boxed())
             }
         }
         (_, None) => unreachable!("validation gives every non-source stage an input"),

@@ -56,9 +56,13 @@ pub(crate) enum SelectMissing {
 pub(crate) enum Kind {
     LinesRead {
         path: PathBuf,
+        /// The longest line accepted, not counting its `\r\n` or `\n`.
+        max_line_bytes: usize,
     },
     NdjsonRead {
         path: PathBuf,
+        /// The longest line accepted, not counting its `\r\n` or `\n`.
+        max_line_bytes: usize,
     },
     Words {
         field: String,
@@ -101,9 +105,11 @@ impl Kind {
         Ok(match kind {
             "lines.read" => Kind::LinesRead {
                 path: p.input_path("path")?,
+                max_line_bytes: source_max_line(p)?,
             },
             "ndjson.read" => Kind::NdjsonRead {
                 path: p.input_path("path")?,
+                max_line_bytes: source_max_line(p)?,
             },
             "words" => Kind::Words {
                 field: p.opt_str("field")?.unwrap_or_else(|| "line".into()),
@@ -203,6 +209,12 @@ impl Kind {
             },
         }
     }
+}
+
+/// A source's `max_line_bytes`: 1 to 1 GiB, 16 MiB when not given.
+fn source_max_line(p: &mut Params<'_>) -> Result<usize, ConfigError> {
+    let max = p.opt_u64("max_line_bytes", 1, 1 << 30)?;
+    Ok(max.map_or(crate::source::MAX_LINE_BYTES, |m| m as usize))
 }
 
 /// A stage's parameter table, read with line numbers and checked for unknown keys.
@@ -333,7 +345,10 @@ impl<'a> Params<'a> {
             Some(toml::Value::Integer(i)) if *i >= min as i64 && (*i as u64) <= max => {
                 Ok(Some(*i as u64))
             }
-            Some(other) => Err(self.wrong(key, &format!("an integer of at least {min}"), other)),
+            Some(other) if max >= i64::MAX as u64 => {
+                Err(self.wrong(key, &format!("an integer of at least {min}"), other))
+            }
+            Some(other) => Err(self.wrong(key, &format!("an integer from {min} to {max}"), other)),
         }
     }
 

@@ -255,6 +255,8 @@ pub(crate) struct ParseChunks<C> {
     name: Arc<str>,
     path: Arc<str>,
     policy: Arc<OnError>,
+    /// The stage's `max_line_bytes`: a longer line is a bad line.
+    max_line: usize,
     acc: Acc,
 }
 
@@ -265,18 +267,26 @@ impl<C: Clone> Clone for ParseChunks<C> {
             name: Arc::clone(&self.name),
             path: Arc::clone(&self.path),
             policy: Arc::clone(&self.policy),
+            max_line: self.max_line,
             acc: self.acc.clone(),
         }
     }
 }
 
 impl<C> ParseChunks<C> {
-    pub(super) fn new(prev: C, name: Arc<str>, path: Arc<str>, policy: OnError) -> Self {
+    pub(super) fn new(
+        prev: C,
+        name: Arc<str>,
+        path: Arc<str>,
+        policy: OnError,
+        max_line: usize,
+    ) -> Self {
         ParseChunks {
             prev,
             name,
             path,
             policy: Arc::new(policy),
+            max_line,
             acc: Acc::new(),
         }
     }
@@ -286,6 +296,7 @@ struct ParseEmit<'a, E> {
     name: &'a Arc<str>,
     path: &'a str,
     policy: &'a OnError,
+    max_line: usize,
     acc: &'a mut Local,
     out: &'a mut E,
 }
@@ -294,7 +305,7 @@ impl<E: Emit<Value>> Emit<crate::source::Chunk> for ParseEmit<'_, E> {
     fn emit(&mut self, chunk: crate::source::Chunk) -> Result<(), Halt> {
         for (line, text) in chunk.lines() {
             self.acc.records_in += 1;
-            match crate::ndjson::parse_object(text) {
+            match crate::ndjson::parse_line(text, self.max_line) {
                 Ok(Value::Null) => self.acc.filtered += 1,
                 Ok(v) => self.out.emit(v)?,
                 Err(message) => {
@@ -351,6 +362,7 @@ impl<In, C: Chain<In, Out = crate::source::Chunk>> Chain<In> for ParseChunks<C> 
                 name: &self.name,
                 path: &self.path,
                 policy: &self.policy,
+                max_line: self.max_line,
                 acc: &mut self.acc.local,
                 out,
             },

@@ -22,10 +22,17 @@ use crate::versioned::Versioned;
 use crate::{OnError, Pipeline, Sink, Stream};
 
 /// `lines.read`: each line as `{"line": ...}`; a line that is not UTF-8 meets `on_error`.
-pub(super) fn lines(p: &Pipeline, name: &str, path: &Path, on_error: OnError) -> Fresh<Value> {
+pub(super) fn lines(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    max_line: usize,
+    on_error: OnError,
+) -> Fresh<Value> {
     p.line_source_with(
         "lines.read",
         path,
+        max_line,
         move |l, _| {
             parse_text(l).map(|o| {
                 o.map(|line| {
@@ -45,11 +52,13 @@ pub(super) fn ndjson_objects(
     p: &Pipeline,
     name: &str,
     path: &Path,
+    max_line: usize,
     on_error: OnError,
 ) -> Fresh<Value> {
     p.line_source_with(
         "ndjson.read",
         path,
+        max_line,
         |l, _| crate::ndjson::parse_object(l).map(|v| if v.is_null() { None } else { Some(v) }),
         on_error,
     )
@@ -63,19 +72,28 @@ fn blocks(
     name: &str,
     path: &Path,
     size: usize,
+    max_line: usize,
     wrap: fn(ChunkHead) -> Box<dyn Head<Chunk>>,
 ) -> Fresh<Chunk> {
     let path = path.to_path_buf();
     p.source_stage("blocks.read", move |stage| {
-        let input = Input::open(stage, &path)?;
+        let input = Input::open(stage, &path)?.with_max_line(max_line);
         Ok(wrap(ChunkHead::new(Arc::clone(stage), input, size)))
     })
     .name(name)
 }
 
 /// Blocks of whole lines, for parsing on other threads.
-pub(super) fn chunks(p: &Pipeline, name: &str, path: &Path, size: usize) -> Fresh<Chunk> {
-    blocks(p, name, path, size, |h| Box::new(crate::source::LinesOf(h)))
+pub(super) fn chunks(
+    p: &Pipeline,
+    name: &str,
+    path: &Path,
+    size: usize,
+    max_line: usize,
+) -> Fresh<Chunk> {
+    blocks(p, name, path, size, max_line, |h| {
+        Box::new(crate::source::LinesOf(h))
+    })
 }
 
 /// `ndjson.read` on the byte path: blocks of whole lines, every line checked to be a JSON
@@ -85,11 +103,12 @@ pub(super) fn ndjson_blocks(
     name: &str,
     path: &Path,
     size: usize,
+    max_line: usize,
     on_error: OnError,
 ) -> Fresh<Chunk> {
     let path = path.to_path_buf();
     p.source_stage("blocks.read", move |stage| {
-        let input = Input::open(stage, &path)?;
+        let input = Input::open(stage, &path)?.with_max_line(max_line);
         Ok(Box::new(
             NdjsonBlockHead::new(ChunkHead::new(Arc::clone(stage), input, size))
                 .with_policy(on_error),

@@ -11,7 +11,9 @@ use super::{build_and_run, Fresh, Stream};
 use crate::error::Error;
 use crate::metrics::RunReport;
 use crate::runtime::{CancelHandle, Head, Options, RunShared};
-use crate::source::{parse_json, parse_text, ChannelSourceHead, Input, IterHead, LineHead};
+use crate::source::{
+    parse_json, parse_text, ChannelSourceHead, Input, IterHead, LineHead, MAX_LINE_BYTES,
+};
 
 /// A dataflow pipeline under construction. Add sources, chain operators on the returned
 /// [`Stream`]s, end each with a sink, then [`run`](Pipeline::run) it.
@@ -199,13 +201,20 @@ impl Pipeline {
         self.source_stage(name, move |_| Ok(Box::new(ChannelSourceHead::new(rx))))
     }
 
-    /// A source stage of kind `kind` reading the lines of `path` and parsing each with `parse`.
-    pub(crate) fn line_source<T, P>(&self, kind: &str, path: &Path, parse: P) -> Fresh<T>
+    /// A source stage of kind `kind` reading the lines of `path` (none longer than `max_line`
+    /// bytes) and parsing each with `parse`.
+    pub(crate) fn line_source<T, P>(
+        &self,
+        kind: &str,
+        path: &Path,
+        max_line: usize,
+        parse: P,
+    ) -> Fresh<T>
     where
         T: Send + 'static,
         P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Send + 'static,
     {
-        self.line_source_with(kind, path, parse, crate::OnError::Fail)
+        self.line_source_with(kind, path, max_line, parse, crate::OnError::Fail)
     }
 
     /// [`line_source`](Self::line_source) with an error policy for lines that do not parse
@@ -214,6 +223,7 @@ impl Pipeline {
         &self,
         kind: &str,
         path: &Path,
+        max_line: usize,
         parse: P,
         on_error: crate::OnError,
     ) -> Fresh<T>
@@ -223,7 +233,7 @@ impl Pipeline {
     {
         let path = path.to_path_buf();
         self.source_stage(kind, move |stage| {
-            let input = Input::open(stage, &path)?;
+            let input = Input::open(stage, &path)?.with_max_line(max_line);
             Ok(Box::new(
                 LineHead::new(Arc::clone(stage), input, parse).with_policy(on_error),
             ))
@@ -231,7 +241,9 @@ impl Pipeline {
     }
 
     /// A source stage (`lines.read`) yielding the lines of a file (`-` for stdin), without line
-    /// endings. Invalid UTF-8 fails the run naming the file and line.
+    /// endings (`\n`, `\r\n`, or a `\r` ending the last line) and without a byte-order mark at
+    /// the start of the file. Invalid UTF-8, or a line over 16 MiB, fails the run naming the
+    /// file and line; a file truncated while read fails naming the file.
     ///
     /// # Examples
     ///
@@ -242,12 +254,15 @@ impl Pipeline {
     /// assert_eq!(first.take(), vec!["[package]".to_string()]);
     /// ```
     pub fn read_lines(&self, path: impl AsRef<Path>) -> Fresh<String> {
-        self.line_source("lines.read", path.as_ref(), |l, _| parse_text(l))
+        self.line_source("lines.read", path.as_ref(), MAX_LINE_BYTES, |l, _| {
+            parse_text(l)
+        })
     }
 
     /// A source stage (`ndjson.read`) parsing each line of a file (`-` for stdin) as one JSON
-    /// value of type `T`. Blank lines are skipped; a malformed line fails the run naming the
-    /// file and line.
+    /// value of type `T`. Blank lines are skipped; a malformed line (or one over 16 MiB) fails
+    /// the run naming the file and line. Line endings and a byte-order mark are dropped as by
+    /// [`read_lines`](Self::read_lines).
     ///
     /// # Examples
     ///
@@ -266,7 +281,9 @@ impl Pipeline {
     where
         T: serde::de::DeserializeOwned + Send + 'static,
     {
-        self.line_source("ndjson.read", path.as_ref(), |l, _| parse_json::<T>(l))
+        self.line_source("ndjson.read", path.as_ref(), MAX_LINE_BYTES, |l, _| {
+            parse_json::<T>(l)
+        })
     }
 
     /// The stage graph as Graphviz DOT.

@@ -1,0 +1,415 @@
+//! Input hardening of the file sources (issue 14, item 3): what `lines.read` and `ndjson.read`
+//! do with bad or unusual input, on every path a line can take — the value path (`ndjson.read`
+//! at parallelism 1), the parallel parse path (parallelism 2), the byte path (`ndjson.read →
+//! exec → ndjson.write`) and `lines.read` — run through `millrace run`, and a file that grows or
+//! is truncated while read, through the typed API.
+// A test drives the engine from outside with std's threads: the `crate::sync` rule (clippy.toml)
+// is for the engine's own code.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_millrace");
+
+/// The ways a line of `ndjson.read` can go.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Via {
+    /// `ndjson.read` at parallelism 1: one line at a time into a value.
+    Value,
+    /// `ndjson.read` at parallelism 2: blocks of lines parsed on two threads.
+    Parallel,
+    /// `ndjson.read → exec cat → ndjson.write`: blocks of checked bytes.
+    Bytes,
+}
+
+const ALL: [Via; 3] = [Via::Value, Via::Parallel, Via::Bytes];
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+    input: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Run {
+    /// The run succeeded: its output lines.
+    fn ok(&self) -> Vec<&str> {
+        assert_eq!(self.code, 0, "stderr: {}", self.err);
+        self.out.lines().collect()
+    }
+
+    /// The run failed with exit code 1, naming the stage, the file and the line.
+    fn fails_at(&self, line: u64, message: &str) {
+        assert_eq!(self.code, 1, "stdout: {}\nstderr: {}", self.out, self.err);
+        let at = format!("stage `read`: {}:{line}: ", self.input.display());
+        assert!(
+            self.err.contains(&at) && self.err.contains(message),
+            "want {at:?} and {message:?} in: {}",
+            self.err
+        );
+    }
+}
+
+/// Writes `input` and runs a pipeline reading it with `read` (`ndjson.read` along `via`, or
+/// `lines.read` when `via` is `None`), with `params` added to the read stage, to `out.ndjson`.
+fn run(via: Option<Via>, input: &[u8], params: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = dir.path().join("in.txt");
+    std::fs::write(&inp, input).unwrap();
+    run_on(via, &inp, params, dir)
+}
+
+fn run_on(via: Option<Via>, inp: &Path, params: &str, dir: tempfile::TempDir) -> Run {
+    let out = dir.path().join("out.ndjson");
+    let (kind, par, middle, last) = match via {
+        None => ("lines.read", 1, "", "read"),
+        Some(Via::Value) => ("ndjson.read", 1, "", "read"),
+        Some(Via::Parallel) => ("ndjson.read", 2, "", "read"),
+        Some(Via::Bytes) => (
+            "ndjson.read",
+            1,
+            "[stages.cat]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\n",
+            "cat",
+        ),
+    };
+    let toml = format!(
+        "[stages.read]\nkind = \"{kind}\"\npath = \"{}\"\nparallelism = {par}\n{params}\n\n\
+         {middle}[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"{}\"\n",
+        inp.display(),
+        out.display()
+    );
+    let p = dir.path().join("p.toml");
+    std::fs::write(&p, toml).unwrap();
+    let o = Command::new(BIN).arg("run").arg(&p).output().unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: std::fs::read_to_string(&out).unwrap_or_default(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+        input: inp.to_path_buf(),
+        _dir: dir,
+    }
+}
+
+/// The line `n` of `lines.read`'s output, as the text it read.
+fn texts(lines: &[&str]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["line"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn invalid_utf8_fails_naming_the_line() {
+    for via in ALL {
+        run(Some(via), b"{\"a\":1}\n{\"a\":\"\xff\"}\n", "").fails_at(2, "invalid");
+    }
+    run(None, b"ok\nbad \xc3\x28\n", "").fails_at(2, "invalid UTF-8");
+}
+
+#[test]
+fn a_nul_byte_is_invalid_json_but_text_to_lines_read() {
+    for via in ALL {
+        run(Some(via), b"{\"a\":1}\n{\"a\":\"x\0y\"}\n", "").fails_at(2, "control character");
+        run(Some(via), b"{\"a\":1}\n{\"a\":1}\0\n", "").fails_at(2, "invalid JSON");
+    }
+    let r = run(None, b"a\0b\n", "");
+    assert_eq!(texts(&r.ok()), ["a\0b"]);
+}
+
+#[test]
+fn a_byte_order_mark_is_dropped_from_the_first_line_only() {
+    for via in ALL {
+        let r = run(Some(via), b"\xef\xbb\xbf{\"a\":1}\n{\"b\":2}\n", "");
+        assert_eq!(r.ok(), [r#"{"a":1}"#, r#"{"b":2}"#], "{via:?}");
+        run(Some(via), b"{\"a\":1}\n\xef\xbb\xbf{\"b\":2}\n", "").fails_at(2, "invalid JSON");
+    }
+    let r = run(None, "\u{feff}one\n\u{feff}two\n".as_bytes(), "");
+    assert_eq!(texts(&r.ok()), ["one", "\u{feff}two"]);
+    // A file that is only a mark holds no record.
+    for via in ALL {
+        assert!(run(Some(via), b"\xef\xbb\xbf", "").ok().is_empty());
+    }
+}
+
+#[test]
+fn crlf_endings_lose_their_cr_on_every_path_and_a_lone_cr_is_data() {
+    for via in ALL {
+        let r = run(Some(via), b"{\"a\":1}\r\n\r\n{\"b\":2}\r\n{\"c\":3}\r", "");
+        assert_eq!(
+            r.ok(),
+            [r#"{"a":1}"#, r#"{"b":2}"#, r#"{"c":3}"#],
+            "{via:?}"
+        );
+        // Inside a string a raw CR is a control character; between values it is whitespace.
+        run(Some(via), b"{\"a\":1}\n{\"a\":\"x\ry\"}\n", "").fails_at(2, "control character");
+        let want = if via == Via::Bytes {
+            "{\"a\":\r1}" // bytes kept as they are
+        } else {
+            r#"{"a":1}"#
+        };
+        assert_eq!(run(Some(via), b"{\"a\":\r1}\n", "").ok(), [want]);
+        run(Some(via), b"{\"a\":1}\r{\"b\":2}\n", "").fails_at(1, "trailing characters");
+    }
+    let r = run(None, b"one\r\ntw\ro\r\nthree\r", "");
+    assert_eq!(texts(&r.ok()), ["one", "tw\ro", "three"]);
+}
+
+#[test]
+fn a_line_over_max_line_bytes_fails_naming_the_line_and_the_cap() {
+    // 16 bytes is the cap: `{"a":"12345678"}` is exactly that, with either ending.
+    let input = b"{\"a\":\"12345678\"}\n{\"a\":\"12345678\"}\r\n{\"a\":\"123456789\"}\n{\"b\":1}\n";
+    for via in ALL {
+        run(Some(via), input, "max_line_bytes = 16")
+            .fails_at(3, "line longer than max_line_bytes (16)");
+        assert_eq!(
+            run(Some(via), &input[..35], "max_line_bytes = 16")
+                .ok()
+                .len(),
+            2
+        );
+    }
+    run(None, b"1234\n12345\n", "max_line_bytes = 4")
+        .fails_at(2, "line longer than max_line_bytes (4)");
+    // A line far over the cap is not buffered: the error comes at the cap.
+    let mut long = b"{\"a\":1}\n{\"a\":\"".to_vec();
+    long.resize(long.len() + (8 << 20), b'x');
+    long.extend_from_slice(b"\"}\n");
+    for via in ALL {
+        run(Some(via), &long, "max_line_bytes = 1024")
+            .fails_at(2, "line longer than max_line_bytes (1024)");
+    }
+}
+
+/// Input without newlines (`/dev/zero`) fails at the cap on every path, without waiting for a
+/// newline that never comes.
+#[test]
+fn endless_input_without_newlines_fails_at_the_cap() {
+    for via in [
+        None,
+        Some(Via::Value),
+        Some(Via::Parallel),
+        Some(Via::Bytes),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run_on(via, Path::new("/dev/zero"), "max_line_bytes = 4096", dir);
+        assert_eq!(r.code, 1, "{via:?}: {}", r.err);
+        assert!(
+            r.err
+                .contains("stage `read`: /dev/zero:1: line longer than max_line_bytes (4096)"),
+            "{via:?}: {}",
+            r.err
+        );
+    }
+}
+
+#[test]
+fn max_line_bytes_is_checked_when_the_pipeline_is_loaded() {
+    for (value, want) in [
+        (
+            "0",
+            "expected an integer from 1 to 1073741824, found the integer 0",
+        ),
+        (
+            "1073741825",
+            "expected an integer from 1 to 1073741824, found the integer 1073741825",
+        ),
+        (
+            "\"big\"",
+            "expected an integer from 1 to 1073741824, found the string \"big\"",
+        ),
+    ] {
+        for via in [None, Some(Via::Value)] {
+            let r = run(via, b"", &format!("max_line_bytes = {value}"));
+            // A pipeline that does not load exits with 2, naming the file and line.
+            assert_eq!(r.code, 2, "{value}: {}", r.err);
+            assert!(
+                r.err
+                    .contains("p.toml:5: stage `read`: parameter `max_line_bytes`: ")
+                    && r.err.contains(want),
+                "{value}: {}",
+                r.err
+            );
+        }
+    }
+    assert!(
+        run(Some(Via::Value), b"{}\n", "max_line_bytes = 1073741824")
+            .ok()
+            .len()
+            == 1
+    );
+}
+
+/// The nesting depth `serde_json` accepts is the limit on every path: the byte path's scanner
+/// leaves deep lines to it.
+#[test]
+fn nesting_deeper_than_the_parser_allows_fails_on_every_path() {
+    let nested = |depth: usize| {
+        // An object holding arrays: `depth` levels in all.
+        format!(
+            "{{\"a\":{}1{}}}",
+            "[".repeat(depth - 1),
+            "]".repeat(depth - 1)
+        )
+    };
+    let limit = (1..300)
+        .find(|&d| serde_json::from_str::<serde_json::Value>(&nested(d)).is_err())
+        .unwrap()
+        - 1;
+    // serde_json's recursion limit (128) allows 127 levels.
+    assert_eq!(limit, 127, "serde_json's limit changed");
+    for via in ALL {
+        let ok = format!("{{}}\n{}\n", nested(limit));
+        assert_eq!(run(Some(via), ok.as_bytes(), "").ok().len(), 2, "{via:?}");
+        let deep = format!("{{}}\n{}\n", nested(limit + 1));
+        run(Some(via), deep.as_bytes(), "").fails_at(2, "recursion limit exceeded");
+    }
+}
+
+#[test]
+fn integers_outside_64_bits_are_refused_as_values_and_kept_as_bytes() {
+    let input =
+        b"{\"n\":18446744073709551615,\"m\":-9223372036854775808}\n{\"n\":18446744073709551616}\n";
+    for via in [Via::Value, Via::Parallel] {
+        run(Some(via), input, "").fails_at(
+            2,
+            "integer 18446744073709551616 is out of the 64-bit range (it would lose digits)",
+        );
+    }
+    let r = run(Some(Via::Bytes), input, "");
+    assert_eq!(
+        r.ok(),
+        [
+            r#"{"n":18446744073709551615,"m":-9223372036854775808}"#,
+            r#"{"n":18446744073709551616}"#
+        ]
+    );
+    // Beyond f64 `serde_json` refuses it, on every path.
+    for via in ALL {
+        run(Some(via), b"{\"a\":1}\n{\"n\":1e400}\n", "").fails_at(2, "number out of range");
+    }
+}
+
+#[test]
+fn with_duplicate_keys_the_last_wins_as_a_value_and_bytes_are_kept() {
+    for via in [Via::Value, Via::Parallel] {
+        assert_eq!(
+            run(Some(via), b"{\"a\":1,\"b\":0,\"a\":2}\n", "").ok(),
+            [r#"{"a":2,"b":0}"#]
+        );
+    }
+    assert_eq!(
+        run(Some(Via::Bytes), b"{\"a\":1,\"b\":0,\"a\":2}\n", "").ok(),
+        [r#"{"a":1,"b":0,"a":2}"#]
+    );
+}
+
+#[test]
+fn an_empty_file_is_zero_records() {
+    for via in [
+        None,
+        Some(Via::Value),
+        Some(Via::Parallel),
+        Some(Via::Bytes),
+    ] {
+        let r = run(via, b"", "");
+        assert!(r.ok().is_empty(), "{via:?}");
+        assert!(r.err.contains("\n0 records read in "), "{via:?}: {}", r.err);
+    }
+}
+
+#[test]
+fn the_last_line_without_a_newline_is_a_record() {
+    for via in ALL {
+        let r = run(Some(via), b"{\"a\":1}\n{\"a\":2}", "");
+        assert_eq!(r.ok(), [r#"{"a":1}"#, r#"{"a":2}"#], "{via:?}");
+        assert!(r.err.contains("\n2 records read in "), "{via:?}: {}", r.err);
+    }
+    assert_eq!(texts(&run(None, b"one\ntwo", "").ok()), ["one", "two"]);
+}
+
+/// A file larger than the reader's buffer, so that the first record is seen while most of the
+/// file is still unread.
+fn big_file(dir: &Path) -> (PathBuf, usize) {
+    let path = dir.join("in.txt");
+    let lines = 300_000;
+    let text: String = (0..lines).map(|i| format!("line {i:07}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    (path, lines)
+}
+
+/// Runs `read_lines(path)` on a thread, calling `at_first` (in the pipeline, before the first
+/// record goes on) once.
+fn read_with_hook(
+    path: &Path,
+    at_first: impl FnOnce() + Send + 'static,
+) -> std::thread::JoinHandle<Result<Vec<String>, millrace::Error>> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let p = millrace::Pipeline::new();
+        let hook = std::sync::Mutex::new(Some(at_first));
+        let got = p
+            .read_lines(&path)
+            .inspect(move |_| {
+                let f = hook.lock().unwrap().take();
+                if let Some(f) = f {
+                    f()
+                }
+            })
+            .collect();
+        p.run().map(|_| got.take())
+    })
+}
+
+#[test]
+fn a_file_that_grows_while_read_is_read_to_the_end_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, lines) = big_file(dir.path());
+    let appended = path.clone();
+    let run = read_with_hook(&path, move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&appended)
+            .unwrap();
+        f.write_all(b"appended 1\nappended 2\n").unwrap();
+    });
+    let got = run.join().unwrap().unwrap();
+    assert_eq!(got.len(), lines + 2);
+    assert_eq!(got[0], "line 0000000");
+    assert_eq!(&got[lines..], ["appended 1", "appended 2"]);
+}
+
+#[test]
+fn a_file_truncated_while_read_fails_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = big_file(dir.path());
+    let (seen_tx, seen_rx) = crossbeam_channel::bounded::<()>(1);
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let run = read_with_hook(&path, move || {
+        seen_tx.send(()).unwrap();
+        go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    });
+    // Wait for the first record (the pipeline now waits for us), truncate, let it go on.
+    seen_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the first record");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    go_tx.send(()).unwrap();
+    let e = run.join().unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("{}: truncated while read (read ", path.display()))
+            && e.ends_with(" bytes, now 1000)"),
+        "{e}"
+    );
+}
