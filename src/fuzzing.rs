@@ -315,7 +315,7 @@ pub fn window(data: &[u8]) {
     let merged = session.merge(events.iter().map(|&e| session.assign(e)).collect());
     for pair in merged.windows(2) {
         assert!(
-            pair[0].end < pair[1].start || pair[0].end == pair[1].start,
+            pair[0].end <= pair[1].start,
             "sessions overlap or are unsorted: {pair:?}"
         );
     }

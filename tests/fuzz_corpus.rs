@@ -81,3 +81,72 @@ fn corpus_files_reach_both_outcomes() {
         "../fuzz/corpus/http_request/head_over_limit"
     ));
 }
+
+/// Counts, per thread, the largest single allocation: the request parser must not allocate in
+/// proportion to what a client sends beyond the head and body limits.
+mod alloc_watch {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Watch;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed on to the system allocator unchanged; the bookkeeping only
+    // touches a const-initialised thread-local cell, which neither allocates nor panics
+    // (`try_with` after the thread's locals are gone).
+    unsafe impl GlobalAlloc for Watch {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = LARGEST.try_with(|l| l.set(l.get().max(layout.size())));
+            // SAFETY: the caller's contract is System's.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from `alloc` above, that is from System, with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let _ = LARGEST.try_with(|l| l.set(l.get().max(new_size)));
+            // SAFETY: as `dealloc`; the caller's contract is System's.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// The largest allocation `f` makes on this thread.
+    pub fn largest(f: impl FnOnce()) -> usize {
+        LARGEST.with(|l| l.set(0));
+        f();
+        LARGEST.with(Cell::get)
+    }
+}
+
+#[global_allocator]
+static WATCH: alloc_watch::Watch = alloc_watch::Watch;
+
+/// Whatever a client sends, the parser allocates no more than the head limit for the head and
+/// the request's (bounded) body: megabytes without a head end, a body longer than its
+/// `Content-Length`, a `Content-Length` over the body limit.
+#[test]
+fn the_request_parser_allocates_within_its_limits() {
+    use millrace::fuzzing::{http_request, HTTP_MAX_HEAD};
+    let watched = alloc_watch::largest(|| drop(std::hint::black_box(vec![0u8; 100_000])));
+    assert!(watched >= 100_000, "the watch sees allocations ({watched})");
+    let big = vec![b'x'; 8 << 20];
+    let n = alloc_watch::largest(|| http_request(&big));
+    assert!(n <= HTTP_MAX_HEAD, "{n} bytes for 8 MiB without a head end");
+
+    let mut body = b"POST /jobs HTTP/1.1\r\nHost: a\r\nContent-Type: application/toml\r\nContent-Length: 10\r\n\r\n".to_vec();
+    body.resize(body.len() + (8 << 20), b'y');
+    let n = alloc_watch::largest(|| http_request(&body));
+    assert!(
+        n <= HTTP_MAX_HEAD,
+        "{n} bytes for a 10-byte body followed by 8 MiB"
+    );
+
+    let mut over = b"POST /jobs HTTP/1.1\r\nHost: a\r\nContent-Type: application/toml\r\nContent-Length: 1048577\r\n\r\n".to_vec();
+    over.resize(over.len() + (2 << 20), b'z');
+    let n = alloc_watch::largest(|| http_request(&over));
+    assert!(n <= HTTP_MAX_HEAD, "{n} bytes for a body over the limit");
+}
