@@ -1009,4 +1009,49 @@ mod tests {
         assert_eq!(two.one("host").err().map(|r| r.status), Some(400));
         assert!(parse_head(b"GET / SPDY\r\n\r\n").is_err());
     }
+
+    /// The slice parser answers as the socket reader does (the statuses of docs/engine.md).
+    #[test]
+    fn requests_from_a_slice() {
+        let status = |b: &[u8]| {
+            parse_request_for_fuzzing(b, 100)
+                .err()
+                .map(|e| e.map(|e| e.0))
+        };
+        let post = |extra: &str, body: &str| {
+            format!("POST /jobs?x=1 HTTP/1.1\r\nHost: a\r\n{extra}\r\n{body}").into_bytes()
+        };
+        assert_eq!(status(b""), Some(None));
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\r\n"), Some(Some(400)));
+        let r = parse_request_for_fuzzing(
+            &post(
+                "Content-Type: application/toml\r\nContent-Length: 3\r\n",
+                "abcdef",
+            ),
+            100,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), r.query.as_str()),
+            ("POST", "/jobs", "x=1")
+        );
+        assert_eq!(r.body, b"abc");
+        assert_eq!(
+            status(&post("Content-Length: 3\r\n", "abc")),
+            Some(Some(415))
+        );
+        let toml = "Content-Type: application/toml\r\n";
+        let cl = |n: &str| post(&format!("{toml}Content-Length: {n}\r\n"), "abc");
+        assert_eq!(status(&cl("101")), Some(Some(413)));
+        assert_eq!(status(&cl("-1")), Some(Some(400)));
+        assert_eq!(status(&cl("4")), Some(Some(400)));
+        let chunked = post(&format!("{toml}Transfer-Encoding: chunked\r\n"), "");
+        assert_eq!(status(&chunked), Some(Some(411)));
+        let mut long = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        long.resize(MAX_HEAD - 4, b'x');
+        long.extend_from_slice(b"\r\n\r\n");
+        assert!(parse_request_for_fuzzing(&long, 100).is_ok());
+        long.insert(20, b'x');
+        assert_eq!(status(&long), Some(Some(431)));
+    }
 }
