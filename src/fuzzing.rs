@@ -76,11 +76,11 @@ fn line_count(text: &str) -> usize {
 }
 
 /// `ndjson`: the byte path's scanner and `serde_json` agree, line by line, on what is a JSON
-/// object: a line [`check_block`] accepts as a record parses as an object with
+/// object: a line `check_block` accepts as a record parses as an object with
 /// `serde_json::from_slice::<Value>`, and a line it refuses does not; a line of ASCII
 /// whitespace only is skipped by both paths (it is never a record). The fast recogniser
-/// ([`classify`]) is held to the same: `Object` only for objects, `Blank` only for blank
-/// lines. Over the whole input as one block, [`check_block`] counts the records or names the
+/// (`classify`) is held to the same: `Object` only for objects, `Blank` only for blank
+/// lines. Over the whole input as one block, `check_block` counts the records or names the
 /// first line that is not one.
 pub fn ndjson(data: &[u8]) {
     let show = |line: &[u8]| format!("{:?}", String::from_utf8_lossy(line));

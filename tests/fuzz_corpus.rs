@@ -88,7 +88,7 @@ mod alloc_watch {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
 
-    pub struct Watch;
+    pub(crate) struct Watch;
 
     thread_local! {
         static LARGEST: Cell<usize> = const { Cell::new(0) };
@@ -115,7 +115,7 @@ mod alloc_watch {
     }
 
     /// The largest allocation `f` makes on this thread.
-    pub fn largest(f: impl FnOnce()) -> usize {
+    pub(crate) fn largest(f: impl FnOnce()) -> usize {
         LARGEST.with(|l| l.set(0));
         f();
         LARGEST.with(Cell::get)
