@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::PipelineSpec;
+use crate::config::{ConfigErrorKind, PipelineSpec};
 use crate::ndjson::{check_block, classify, Line};
 use crate::window::{Session, Sliding, Tumbling};
 use crate::{Timestamp, Window};
@@ -19,8 +19,8 @@ use crate::{Timestamp, Window};
 pub const CONFIG_FILE: &str = "fuzz.toml";
 
 /// `config`: any text, as a pipeline file named [`CONFIG_FILE`], validates or fails with an
-/// error that names the file (`fuzz.toml:LINE: ...` where the error has a line, and that line
-/// exists in the text); it never panics. Nothing is built or run, and no plugin is discovered
+/// error that names the file (`fuzz.toml:LINE: ...`, with a line of the text, for every error
+/// but "no stages"); it never panics. Nothing is built or run, and no plugin is discovered
 /// or loaded (a made-up `plugin_dirs` must not `dlopen` what lies on the disk); validation only
 /// looks at whether input files exist. Bytes that are not UTF-8 are decoded lossily.
 pub fn config(data: &[u8]) {
@@ -65,6 +65,10 @@ pub fn config(data: &[u8]) {
                 );
             }
             assert!(!e.message.trim().is_empty(), "an error without a message");
+            // Every mistake but a file with no stages is somewhere in the text.
+            if e.kind() != ConfigErrorKind::NoStages {
+                assert!(e.line.is_some(), "an error without a line: {msg}");
+            }
         }
     }
 }
