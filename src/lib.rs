@@ -44,6 +44,9 @@ mod describe;
 mod error;
 mod exec;
 #[cfg(feature = "http")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "job")]
 pub mod job;

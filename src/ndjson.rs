@@ -332,7 +332,9 @@ pub(crate) fn check_block(
     first_line: u64,
     max_line: usize,
 ) -> Result<u64, BadLine> {
-    if let Err(e) = std::str::from_utf8(data) {
+    // The first line that is not UTF-8, and where it starts: reported when the check gets
+    // there, so that an earlier bad line is reported first, as the value path would.
+    let mut not_utf8 = std::str::from_utf8(data).err().map(|e| {
         let at = e.valid_up_to();
         let line = first_line + memchr::memchr_iter(b'\n', &data[..at]).count() as u64;
         let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |i| i + 1);
@@ -347,13 +349,16 @@ pub(crate) fn check_block(
                 Ok(_) => "invalid UTF-8".to_string(),
             }
         };
-        return Err(BadLine { line, message });
-    }
+        (start, BadLine { line, message })
+    });
     let mut records = 0u64;
     let mut compact = false;
     let mut line_no = first_line;
     let mut start = 0;
     while start < data.len() {
+        if not_utf8.as_ref().is_some_and(|(at, _)| *at == start) {
+            return Err(not_utf8.take().expect("checked").1);
+        }
         let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
         let line = &data[start..end];
         if line.strip_suffix(b"\r").unwrap_or(line).len() > max_line {
@@ -607,6 +612,18 @@ mod tests {
         let e = check_block(&mut b, 1, 100).unwrap_err();
         assert_eq!(e.line, 2);
 
+        // Found by the `ndjson` fuzz target: the UTF-8 check ran over the whole block first,
+        // so a later line that is not UTF-8 was reported before an earlier bad line.
+        let mut b = b"{\"a\":1}\n[1]\n{\"a\":\"\xc3\"}\n".to_vec();
+        let e = check_block(&mut b, 1, 100).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (2, "expected a JSON object, found an array")
+        );
+        let mut b = b"{\"a\":1}\n{\"a\":\"\xc3\"}\n[1]\n".to_vec();
+        let e = check_block(&mut b, 1, 100).unwrap_err();
+        assert_eq!(e.line, 2, "{}", e.message);
+
         let mut b = b"{\"a\":1}\n{\"long\":\"xxxxxxxxxxxxxxxxxxxx\"}\n".to_vec();
         let e = check_block(&mut b, 1, 20).unwrap_err();
         assert_eq!(e.line, 2);
@@ -723,7 +740,9 @@ mod tests {
         for len in 0..70 {
             for at in 0..len {
                 for special in [b'"', b'\\', 0x01, 0x1f] {
-                    let mut s: Vec<u8> = (0..len).map(|k| 0x20 + (k * 7 % 0x5f) as u8).collect();
+                    let mut s: Vec<u8> = (0..len)
+                        .map(|k| 0x20 + (k as u8).wrapping_mul(7) % 0x5f)
+                        .collect();
                     for b in s.iter_mut() {
                         if *b == b'"' || *b == b'\\' {
                             *b = b'a';

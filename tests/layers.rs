@@ -10,6 +10,7 @@
 //! | 4 | config |
 //! | 5 | job |
 //! | 6 | http |
+//! | 7 | fuzzing (the fuzz targets' properties, over every layer) |
 //!
 //! Inside the core, only the crate root may use the builder (`stream`) in code (a doc comment may
 //! link to it): the run-time pieces (channels, heads, tails, windows) know nothing of how a
@@ -48,6 +49,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("config", 4),
     ("job", 5),
     ("http", 6),
+    ("fuzzing", 7),
 ];
 
 fn layer(module: &str) -> Option<u32> {

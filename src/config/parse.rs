@@ -126,13 +126,36 @@ impl PipelineSpec {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let read_at = std::time::SystemTime::now();
-        Self::parse(&read_pipeline(path)?, path, None, read_at)
+        Self::parse(&read_pipeline(path)?, path, None, read_at, true)
     }
 
     /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        Self::parse(text, path.as_ref(), None, std::time::SystemTime::now())
+        Self::parse(
+            text,
+            path.as_ref(),
+            None,
+            std::time::SystemTime::now(),
+            true,
+        )
+    }
+
+    /// [`from_str`](Self::from_str) with no plugins: the search path is not read and no
+    /// library is loaded, so a `kind` that is not built in is unknown (the fuzz target's: text
+    /// it makes up must not load whatever plugin lies on the disk).
+    #[cfg(feature = "http")]
+    pub(crate) fn from_str_without_plugins(
+        text: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<Self, ConfigError> {
+        Self::parse(
+            text,
+            path.as_ref(),
+            None,
+            std::time::SystemTime::now(),
+            false,
+        )
     }
 
     /// Reads a pipeline file for a reload: as [`from_file`](Self::from_file), but native
@@ -142,16 +165,20 @@ impl PipelineSpec {
     /// `reuse`: libraries already loaded whose files did not change, by plugin name.
     pub(crate) fn from_file_for_reload(path: &Path, reuse: Natives) -> Result<Self, ConfigError> {
         let read_at = std::time::SystemTime::now();
-        Self::parse(&read_pipeline(path)?, path, Some(reuse), read_at)
+        Self::parse(&read_pipeline(path)?, path, Some(reuse), read_at, true)
     }
 
-    /// Parses; with `reload`, native libraries come from `reload` or fresh copies.
+    /// Parses; with `reload`, native libraries come from `reload` or fresh copies; without
+    /// `discover`, there are no plugins.
     fn parse(
         text: &str,
         file: &Path,
         reload: Option<Natives>,
         read_at: std::time::SystemTime,
+        discover: bool,
     ) -> Result<Self, ConfigError> {
+        #[cfg(not(feature = "plugin"))]
+        let _ = discover;
         let copy_natives = reload.is_some();
         let lines = Lines::new(text);
         let raw: RawPipeline = toml::from_str(text).map_err(|e| {
@@ -172,7 +199,11 @@ impl PipelineSpec {
             base: &base,
             plugin_dirs: raw.plugin_dirs.iter().map(|d| base.join(d)).collect(),
             #[cfg(feature = "plugin")]
-            plugins: std::cell::OnceCell::new(),
+            plugins: if discover {
+                std::cell::OnceCell::new()
+            } else {
+                std::cell::OnceCell::from(crate::plugin::PluginRegistry::default())
+            },
             natives: std::cell::RefCell::new(reload.unwrap_or_default()),
             copy_natives,
             plugin_files: Default::default(),

@@ -120,7 +120,7 @@ impl std::fmt::Debug for Server {
 }
 
 /// The longest request head (request line and headers) accepted; `431` beyond.
-const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 
 /// Starts serving `engine`.
 pub fn serve(engine: Arc<Engine>, opts: ServeOptions) -> Result<Server, Error> {
@@ -424,6 +424,172 @@ impl Head {
     }
 }
 
+/// What the bytes received so far say of the head: `Some(end)` when it is complete (the body
+/// starts at `end`), `None` when more is needed, `431` when it is, or cannot but be, longer
+/// than [`MAX_HEAD`].
+fn head_of(buf: &[u8]) -> Result<Option<usize>, Reply> {
+    match head_end(buf) {
+        Some(end) if end <= MAX_HEAD => Ok(Some(end)),
+        None if buf.len() <= MAX_HEAD => Ok(None),
+        _ => Err(error(
+            431,
+            &format!("the request head is larger than {MAX_HEAD} bytes"),
+        )),
+    }
+}
+
+fn incomplete_head() -> Reply {
+    error(400, "the request head is incomplete")
+}
+
+/// A parsed and admitted request head, waiting for its body.
+struct RequestHead {
+    head: Head,
+    path: String,
+    query: String,
+    proof: Option<Proof>,
+    body_type: Option<BodyType>,
+    /// The body's length (its `Content-Length`), at most the server's `max_body`.
+    length: usize,
+}
+
+impl RequestHead {
+    /// Parses a complete head (`raw` ends with its blank line), admits it, and checks the
+    /// body's framing: `400` malformed, `411` chunked, `413` longer than `max_body`, and
+    /// whatever `admit` refuses (`400`, `401`, `403`, `415`).
+    fn parse(
+        raw: &[u8],
+        max_body: usize,
+        admit: impl FnOnce(&Head, &str, &str) -> Result<(Option<Proof>, Option<BodyType>), Reply>,
+    ) -> Result<Self, Reply> {
+        let head = parse_head(raw)?;
+        let (path, query) = head
+            .target
+            .split_once('?')
+            .map(|(p, q)| (p.to_string(), q.to_string()))
+            .unwrap_or_else(|| (head.target.clone(), String::new()));
+        let (proof, body_type) = admit(&head, &path, &query)?;
+
+        let length = match head.one("content-length")? {
+            None => 0,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| error(400, "malformed Content-Length"))?,
+        };
+        if head.one("transfer-encoding")?.is_some() {
+            return Err(error(411, "send the body with a Content-Length"));
+        }
+        if length > max_body {
+            return Err(error(
+                413,
+                &format!("the body is larger than {max_body} bytes"),
+            ));
+        }
+        Ok(RequestHead {
+            head,
+            path,
+            query,
+            proof,
+            body_type,
+            length,
+        })
+    }
+
+    /// The request, given what arrived of the body (at most `length` bytes are kept).
+    fn with_body(self, mut body: Vec<u8>) -> Result<Request, Reply> {
+        if body.len() < self.length {
+            return Err(error(400, "the body is shorter than its Content-Length"));
+        }
+        body.truncate(self.length);
+        Ok(Request {
+            method: self.head.method,
+            path: self.path,
+            query: self.query,
+            proof: self.proof,
+            body_type: self.body_type,
+            body,
+        })
+    }
+}
+
+/// A request as the server would parse it from `bytes`, everything the client sent before
+/// closing: the same steps as [`Ctx::read_request`] with `admit` in the server's place and a
+/// slice for the socket (so no `408`). `Err(None)`: nothing was sent. Looks at no more than
+/// [`MAX_HEAD`] bytes of head and copies no more than `max_body` of body.
+fn parse_request(
+    bytes: &[u8],
+    max_body: usize,
+    admit: impl FnOnce(&Head, &str, &str) -> Result<(Option<Proof>, Option<BodyType>), Reply>,
+) -> Result<Request, Option<Reply>> {
+    if bytes.is_empty() {
+        return Err(None);
+    }
+    // The server reads up to 4 KiB past a head that has not ended; a slice needs no buffer.
+    let seen = &bytes[..bytes.len().min(MAX_HEAD + 4096)];
+    let Some(end) = head_of(seen).map_err(Some)? else {
+        return Err(Some(incomplete_head()));
+    };
+    let head = RequestHead::parse(&bytes[..end], max_body, admit).map_err(Some)?;
+    let body = &bytes[end..];
+    let body = &body[..body.len().min(head.length)];
+    head.with_body(body.to_vec()).map_err(Some)
+}
+
+/// What the fuzz target sees of a parsed request (the types above are private).
+#[derive(Debug)]
+pub(crate) struct ParsedRequest {
+    /// The request line's method.
+    pub method: String,
+    /// The target's path.
+    pub path: String,
+    /// The target's query (after `?`).
+    pub query: String,
+    /// The headers' total size, names and values.
+    pub header_bytes: usize,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// [`parse_request`] with an `admit` that lets every host, origin and token in and checks only
+/// what is pure parsing: headers that may appear once (`400`) and a `POST`'s body type
+/// (`415`). `Err((status, message))` is the reply's; `Err(None)` as [`parse_request`].
+pub(crate) fn parse_request_for_fuzzing(
+    bytes: &[u8],
+    max_body: usize,
+) -> Result<ParsedRequest, Option<(u16, String)>> {
+    let admit = |head: &Head, _: &str, _: &str| {
+        for name in ["host", "origin", "authorization", "cookie"] {
+            head.one(name)?;
+        }
+        let body_type = if head.method == "POST" {
+            match auth::body_type(head.one("content-type")?) {
+                Some(t) => Some(t),
+                None => return Err(error(415, "unsupported body type")),
+            }
+        } else {
+            None
+        };
+        Ok((None, body_type))
+    };
+    let mut header_bytes = 0;
+    let req = parse_request(bytes, max_body, |head: &Head, p: &str, q: &str| {
+        header_bytes = head.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        admit(head, p, q)
+    })
+    .map_err(|e| e.map(|r| (r.status, r.body)))?;
+    Ok(ParsedRequest {
+        method: req.method,
+        path: req.path,
+        query: req.query,
+        header_bytes,
+        body: req.body,
+    })
+}
+
+/// The default request body limit, for the fuzz target.
+pub(crate) const DEFAULT_MAX_BODY: usize = 1 << 20;
+
 /// Where the head ends (after its blank line), if it has.
 fn head_end(buf: &[u8]) -> Option<usize> {
     let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
@@ -477,7 +643,7 @@ impl Ctx {
 
     /// Reads the head, decides whether the request may come in (`Host`, `Origin`, token,
     /// body type, size), then reads the body; all by `deadline`. `Err(None)`: the client
-    /// closed without a word.
+    /// closed without a word. The parsing is [`parse_request`]'s, which reads from a slice.
     fn read_request(
         &self,
         stream: &TcpStream,
@@ -488,56 +654,22 @@ impl Ctx {
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
         let end = loop {
-            if let Some(end) = head_end(&buf) {
+            if let Some(end) = head_of(&buf).map_err(Some)? {
                 break end;
-            }
-            if buf.len() > MAX_HEAD {
-                return Err(Some(error(
-                    431,
-                    &format!("the request head is larger than {MAX_HEAD} bytes"),
-                )));
             }
             match r.read(&mut chunk) {
                 Ok(0) if buf.is_empty() => return Err(None),
-                Ok(0) => return Err(Some(error(400, "the request head is incomplete"))),
+                Ok(0) => return Err(Some(incomplete_head())),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if limits::timed_out(&e) => return Err(Some(late())),
                 Err(e) => return Err(Some(error(400, &format!("cannot read the request: {e}")))),
             }
         };
-        if end > MAX_HEAD {
-            return Err(Some(error(
-                431,
-                &format!("the request head is larger than {MAX_HEAD} bytes"),
-            )));
-        }
         let mut body = buf.split_off(end);
-        let head = parse_head(&buf).map_err(Some)?;
-        let (path, query) = head
-            .target
-            .split_once('?')
-            .map(|(p, q)| (p.to_string(), q.to_string()))
-            .unwrap_or_else(|| (head.target.clone(), String::new()));
-        let (proof, body_type) = self.admit(&head, &path, &query).map_err(Some)?;
-
-        let length = match head.one("content-length").map_err(Some)? {
-            None => 0,
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| Some(error(400, "malformed Content-Length")))?,
-        };
-        if head.one("transfer-encoding").map_err(Some)?.is_some() {
-            return Err(Some(error(411, "send the body with a Content-Length")));
-        }
-        let limit = self.opts.max_body;
-        if length > limit {
-            return Err(Some(error(
-                413,
-                &format!("the body is larger than {limit} bytes"),
-            )));
-        }
+        let head = RequestHead::parse(&buf, self.opts.max_body, |h, p, q| self.admit(h, p, q))
+            .map_err(Some)?;
+        let length = head.length;
         if body.len() < length {
             let mut rest = (&mut r).take((length - body.len()) as u64);
             match rest.read_to_end(&mut body) {
@@ -546,21 +678,7 @@ impl Ctx {
                 Err(e) => return Err(Some(error(400, &format!("cannot read the body: {e}")))),
             }
         }
-        if body.len() < length {
-            return Err(Some(error(
-                400,
-                "the body is shorter than its Content-Length",
-            )));
-        }
-        body.truncate(length);
-        Ok(Request {
-            method: head.method,
-            path,
-            query,
-            proof,
-            body_type,
-            body,
-        })
+        head.with_body(body).map_err(Some)
     }
 
     /// The checks a request passes before its body is read: `Host` (`403`), `Origin` (`403`),
@@ -890,5 +1008,50 @@ mod tests {
         let two = parse_head(b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n").unwrap();
         assert_eq!(two.one("host").err().map(|r| r.status), Some(400));
         assert!(parse_head(b"GET / SPDY\r\n\r\n").is_err());
+    }
+
+    /// The slice parser answers as the socket reader does (the statuses of docs/engine.md).
+    #[test]
+    fn requests_from_a_slice() {
+        let status = |b: &[u8]| {
+            parse_request_for_fuzzing(b, 100)
+                .err()
+                .map(|e| e.map(|e| e.0))
+        };
+        let post = |extra: &str, body: &str| {
+            format!("POST /jobs?x=1 HTTP/1.1\r\nHost: a\r\n{extra}\r\n{body}").into_bytes()
+        };
+        assert_eq!(status(b""), Some(None));
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\r\n"), Some(Some(400)));
+        let r = parse_request_for_fuzzing(
+            &post(
+                "Content-Type: application/toml\r\nContent-Length: 3\r\n",
+                "abcdef",
+            ),
+            100,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), r.query.as_str()),
+            ("POST", "/jobs", "x=1")
+        );
+        assert_eq!(r.body, b"abc");
+        assert_eq!(
+            status(&post("Content-Length: 3\r\n", "abc")),
+            Some(Some(415))
+        );
+        let toml = "Content-Type: application/toml\r\n";
+        let cl = |n: &str| post(&format!("{toml}Content-Length: {n}\r\n"), "abc");
+        assert_eq!(status(&cl("101")), Some(Some(413)));
+        assert_eq!(status(&cl("-1")), Some(Some(400)));
+        assert_eq!(status(&cl("4")), Some(Some(400)));
+        let chunked = post(&format!("{toml}Transfer-Encoding: chunked\r\n"), "");
+        assert_eq!(status(&chunked), Some(Some(411)));
+        let mut long = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        long.resize(MAX_HEAD - 4, b'x');
+        long.extend_from_slice(b"\r\n\r\n");
+        assert!(parse_request_for_fuzzing(&long, 100).is_ok());
+        long.insert(20, b'x');
+        assert_eq!(status(&long), Some(Some(431)));
     }
 }

@@ -311,7 +311,14 @@ pub(crate) fn toml_to_json(v: &toml::Value) -> Value {
 /// Reads and checks one manifest.
 fn load(path: &Path) -> Result<Plugin, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let manifest: Manifest = toml::from_str(&text).map_err(|e| {
+    parse_manifest(&text, path)
+}
+
+/// Parses and checks the text of the manifest at `path` (which only names the plugin's
+/// directory: nothing is read). The error is what [`PluginRegistry::broken`] records for the
+/// file: `line N: ` first where the TOML says where.
+pub(crate) fn parse_manifest(text: &str, path: &Path) -> Result<Plugin, String> {
+    let manifest: Manifest = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start].matches('\n').count() + 1)

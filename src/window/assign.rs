@@ -40,6 +40,14 @@ fn floor_to(t: i64, step: i64, offset: i64) -> i128 {
     t as i128 - rem
 }
 
+/// The instant an event at `t` is placed at: `t` itself, except at `i64::MAX` (the watermark
+/// of end of input), which no half-open window with an `i64` end can hold; an event there is
+/// placed at `i64::MAX - 1`, in the last window of the range.
+#[inline]
+fn placed(t: Timestamp) -> i64 {
+    t.0.min(i64::MAX - 1)
+}
+
 /// `[start, start + size)` clamped to the representable range (only the first and last
 /// windows of the i64 range are ever clamped).
 #[inline]
@@ -86,7 +94,7 @@ impl Tumbling {
     /// The window containing `t`.
     #[inline]
     pub fn assign(&self, t: Timestamp) -> Window {
-        clamped(floor_to(t.0, self.size, self.offset), self.size)
+        clamped(floor_to(placed(t), self.size, self.offset), self.size)
     }
 }
 
@@ -121,15 +129,15 @@ impl Sliding {
     /// assert_eq!(starts, vec![10_000, 5_000]);
     /// ```
     pub fn assign(&self, t: Timestamp) -> Vec<Window> {
+        let t = placed(t);
         let mut out = Vec::with_capacity((self.size / self.slide + 1) as usize);
-        let mut start = floor_to(t.0, self.slide, self.offset);
-        while start + self.size as i128 > t.0 as i128 {
+        let mut start = floor_to(t, self.slide, self.offset);
+        // Windows starting below `i64::MIN` clamp to the same start but keep their ends, so
+        // they stay distinct: an event at `i64::MIN` is in as many windows as any other.
+        while start + self.size as i128 > t as i128 {
             let w = clamped(start, self.size);
-            debug_assert!(w.contains(t));
+            debug_assert!(w.contains(Timestamp(t)));
             out.push(w);
-            if start <= i64::MIN as i128 {
-                break; // Earlier windows would all clamp to this one.
-            }
             start -= self.slide as i128;
         }
         out
@@ -153,6 +161,7 @@ impl Session {
 
     /// The window an event at `t` opens on its own.
     pub fn assign(&self, t: Timestamp) -> Window {
+        let t = Timestamp(placed(t));
         Window {
             start: t,
             end: t.saturating_add(self.gap),
@@ -170,5 +179,41 @@ impl Session {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `window` fuzz target: an event at `i64::MAX` was in no window (tumbling
+    /// and session windows ended where it is; the sliding assigner's debug assertion fired).
+    #[test]
+    fn an_event_at_the_end_of_the_range_is_in_the_last_window() {
+        let t = Timestamp::MAX;
+        let w = Tumbling::new(10, 0).unwrap().assign(t);
+        assert!(w.contains(Timestamp(i64::MAX - 1)), "{w:?}");
+        assert_eq!(w.end, Timestamp::MAX);
+        let w = Tumbling::new(i64::MAX, 0).unwrap().assign(t);
+        assert_eq!(w, Window::new(Timestamp(0), Timestamp::MAX));
+        let ws = Sliding::new(10, 3, 0).unwrap().assign(t);
+        assert_eq!(ws.len(), 4, "{ws:?}");
+        assert!(ws
+            .iter()
+            .all(|w| w.end <= Timestamp::MAX && w.len_millis() > 0));
+        let w = Session::new(5).unwrap().assign(t);
+        assert_eq!(w, Window::new(Timestamp(i64::MAX - 1), Timestamp::MAX));
+    }
+
+    /// Found by the `window` fuzz target: at `i64::MIN` the sliding assigner stopped at the
+    /// first window whose start clamps, losing the others that hold the event.
+    #[test]
+    fn an_event_at_the_start_of_the_range_is_in_every_sliding_window_that_holds_it() {
+        let t = Timestamp::MIN;
+        let ws = Sliding::new(10, 3, 0).unwrap().assign(t);
+        // Starts MIN-1, MIN-4, MIN-7 (all clamp to MIN), ends MIN+9, MIN+6, MIN+3.
+        let ends: Vec<i64> = ws.iter().map(|w| w.end.0 - i64::MIN).collect();
+        assert_eq!(ends, vec![9, 6, 3]);
+        assert!(ws.iter().all(|w| w.contains(t) && w.start == t));
     }
 }
