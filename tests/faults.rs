@@ -864,3 +864,50 @@ fn a_source_file_deleted_while_read_is_read_to_its_end() {
     // On Linux the open descriptor still reads the whole file.
     assert_eq!((count, sum), (n, n * (n + 1) / 2));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The engine's own promise
+
+/// Set by [`SlowTeardown`]'s drop when it is done.
+static TORN_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A thread-local whose destructor (run as its thread exits, after the stage's code returned)
+/// takes a while: a stand-in for a slow teardown of a stage thread.
+struct SlowTeardown;
+
+impl Drop for SlowTeardown {
+    fn drop(&mut self) {
+        // Nothing ever sends: this only makes the teardown slow (300 ms).
+        let (_tx, rx) = mpsc::channel::<()>();
+        let _ = rx.recv_timeout(Duration::from_millis(300));
+        TORN_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+thread_local! {
+    static SLOW: SlowTeardown = const { SlowTeardown };
+}
+
+/// `run` returns once every stage thread has exited, not only once their code has returned:
+/// it once relied on `thread::scope`, which waits for the threads' closures only, so a stage
+/// thread could still be running (its thread-local destructors; a native plugin's, whose
+/// library may be unloaded next) after `run` returned.
+#[test]
+fn run_returns_only_once_every_stage_thread_has_exited() {
+    let torn_down = case("slow thread teardown", || {
+        TORN_DOWN.store(false, std::sync::atomic::Ordering::SeqCst);
+        let p = Pipeline::new();
+        p.source("numbers", 1..=10u64)
+            .map(|x| {
+                SLOW.with(|_| {});
+                x
+            })
+            .for_each(|_| {});
+        p.run().unwrap();
+        TORN_DOWN.load(std::sync::atomic::Ordering::SeqCst)
+    });
+    assert!(
+        torn_down,
+        "run returned while a stage thread was still exiting"
+    );
+}
