@@ -476,6 +476,10 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
     // `recv_timeout` sees the channel disconnect and stops ticking the clock.
     let (alive_tx, alive_rx) = bounded::<()>(0);
     thread::scope(|scope| {
+        // Joined explicitly at the end: the scope itself waits only for the closures to
+        // return, not for the threads to exit (their thread-local destructors may still be
+        // running), and `run` promises that every thread is gone when it returns.
+        let mut handles = Vec::with_capacity(jobs.len());
         for (w, metrics) in jobs {
             let cx = Cx {
                 run: Arc::clone(&shared),
@@ -510,13 +514,16 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
                         }),
                     }
                 });
-            if let Err(source) = spawned {
-                shared.fail(Error::Spawn {
-                    what: format!("a thread for stage `{stage}`"),
-                    stage: Some(stage.to_string()),
-                    source,
-                });
-                break;
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(source) => {
+                    shared.fail(Error::Spawn {
+                        what: format!("a thread for stage `{stage}`"),
+                        stage: Some(stage.to_string()),
+                        source,
+                    });
+                    break;
+                }
             }
         }
         drop(alive_tx);
@@ -526,6 +533,10 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             shared
                 .clock_ms
                 .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        for h in handles {
+            // A worker's panic was caught inside it: joining cannot fail but by a bug.
+            let _ = h.join();
         }
     });
 

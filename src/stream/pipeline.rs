@@ -357,3 +357,40 @@ impl Pipeline {
         build_and_run(b, Arc::clone(&self.shared))
     }
 }
+
+impl Pipeline {
+    /// A source stage named `name` yielding the lines of any reader (a socket, a decompressor,
+    /// a test's fault-injecting reader), without line endings, on one thread. Errors name the
+    /// stage and show the input as `<reader>`: a read error is an [`Error::Io`]
+    /// (``stage `name`: <reader>: ...``), invalid UTF-8 an [`Error::Record`] with its line
+    /// (``<reader>:3``). The reader is read in large blocks and is never polled: a reader that
+    /// blocks holds back a partly filled batch (use [`source_channel`](Pipeline::source_channel)
+    /// for a trickle).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.read_lines_from("text", std::io::Cursor::new("a\nb\r\nc")).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec!["a", "b", "c"]);
+    /// ```
+    pub fn read_lines_from(
+        &self,
+        name: &str,
+        reader: impl std::io::Read + Send + 'static,
+    ) -> Fresh<String> {
+        let reader: Box<dyn std::io::Read + Send> = Box::new(reader);
+        self.source_stage(name, move |stage| {
+            let input = Input {
+                reader,
+                #[cfg(unix)]
+                poll_fd: None,
+                path: "<reader>".to_string(),
+            };
+            Ok(Box::new(LineHead::new(Arc::clone(stage), input, |l, _| {
+                parse_text(l)
+            })))
+        })
+    }
+}

@@ -216,3 +216,73 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         Sink { b, stage }
     }
 }
+
+impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
+    /// Writes each record, formatted by `format`, to the writer `w` (shown as `<writer>` in
+    /// errors), in a sink of kind `kind`.
+    fn write_to_with<W, F>(self, kind: &str, w: W, format: F) -> Sink
+    where
+        W: std::io::Write + Send + 'static,
+        F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<u64> + Send + 'static,
+    {
+        if self.parallelism > 1 {
+            return self.new_stage().write_to_with(kind, w, format);
+        }
+        let name = self.default_name(kind);
+        let mut parts = Some((w, format));
+        self.sink(
+            name,
+            Box::new(move |names, _| {
+                let sink = names.sink.clone().expect("a sink stage has a sink name");
+                let (w, format) = parts.take().expect("a writer sink has one instance");
+                let out: Box<dyn std::io::Write + Send> = Box::new(w);
+                let out = std::io::BufWriter::with_capacity(256 * 1024, out);
+                Ok(Box::new(move |cx: &Cx| {
+                    Ok(WriteTail::new(cx, out, "<writer>".into(), sink, format))
+                }) as MakeTail<_>)
+            }),
+        )
+    }
+
+    /// Writes each record as a line of text to any writer, through a 256 KiB buffer, in a sink
+    /// of kind `lines.write`. A write error fails the run with an [`Error::Io`](crate::Error::Io)
+    /// naming the sink and `<writer>`; records are written in order and at most once, so what
+    /// reached the writer before the error is a prefix of the stream. As for a file,
+    /// `BrokenPipe` is a normal end (the reader went away): the sink stops, and so do its
+    /// producers.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 1..=3u32).write_lines_to(std::io::sink()).name("out");
+    /// assert_eq!(p.run().unwrap().stage("out").unwrap().records_out, 3);
+    /// ```
+    pub fn write_lines_to(self, w: impl std::io::Write + Send + 'static) -> Sink
+    where
+        Out<I, C>: std::fmt::Display,
+    {
+        self.write_to_with("lines.write", w, |w, x| write!(w, "{x}").map(|()| 1))
+    }
+
+    /// Writes each record as one line of JSON to any writer, in a sink of kind `ndjson.write`;
+    /// errors as for [`write_lines_to`](Stream::write_lines_to).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", vec![1u32, 2]).write_ndjson_to(std::io::sink()).name("out");
+    /// assert_eq!(p.run().unwrap().stage("out").unwrap().records_out, 2);
+    /// ```
+    pub fn write_ndjson_to(self, w: impl std::io::Write + Send + 'static) -> Sink
+    where
+        Out<I, C>: serde::Serialize,
+    {
+        self.write_to_with("ndjson.write", w, |w, x| {
+            serde_json::to_writer(&mut *w, x)
+                .map(|()| 1)
+                .map_err(std::io::Error::from)
+        })
+    }
+}

@@ -41,6 +41,7 @@ pub(crate) fn built() -> &'static Path {
             "millrace-counter",
             "millrace-test-bad_abi",
             "millrace-test-bad_engine",
+            "millrace-test-faulty",
         ] {
             cmd.args(["-p", p]);
         }
