@@ -480,14 +480,17 @@ impl Head<Chunk> for NdjsonBlockHead {
         let pulled = self.inner.pull(cx, buf, flush_at)?;
         for c in buf.iter_mut() {
             loop {
-                let bad =
-                    match crate::ndjson::check_block(&mut c.data, c.first_line, self.inner.max_line) {
-                        Ok(n) => {
-                            c.records = n;
-                            break;
-                        }
-                        Err(bad) => bad,
-                    };
+                let bad = match crate::ndjson::check_block(
+                    &mut c.data,
+                    c.first_line,
+                    self.inner.max_line,
+                ) {
+                    Ok(n) => {
+                        c.records = n;
+                        break;
+                    }
+                    Err(bad) => bad,
+                };
                 let name = &self.inner.name;
                 let path = &self.inner.path;
                 let range = line_range(&c.data, c.first_line, bad.line);

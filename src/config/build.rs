@@ -203,7 +203,8 @@ impl PipelineSpec {
         if st[0].on_error == PolicySpec::Skip {
             policy = crate::OnError::Skip;
         }
-        let mut s = stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, *max_line_bytes, policy)
+        let mut s =
+            stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, *max_line_bytes, policy)
                 .boxed();
         let mut live = live;
         for m in middle {

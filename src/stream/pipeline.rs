@@ -387,6 +387,7 @@ impl Pipeline {
                 #[cfg(unix)]
                 poll_fd: None,
                 path: "<reader>".to_string(),
+                max_line: crate::source::MAX_LINE_BYTES,
             };
             Ok(Box::new(LineHead::new(Arc::clone(stage), input, |l, _| {
                 parse_text(l)
