@@ -296,6 +296,7 @@ fn a_native_node_that_panics_fails_its_stage_without_unwinding_into_the_host() {
         let report = result.unwrap();
         assert_eq!(out, input);
         assert_eq!(report.stage("p").unwrap().records_out, 1000);
+        report.check_accounting().unwrap();
     });
 }
 
@@ -544,6 +545,7 @@ fn a_child_flooding_stderr_does_not_deadlock_and_loses_nothing() {
         let report = run.result.as_ref().unwrap();
         assert_eq!(run.out, input, "every record, in order, once");
         assert_eq!(report.stage("out").unwrap().records_out, 200);
+        report.check_accounting().unwrap();
         run.assert_child_gone();
     }
 }
@@ -856,7 +858,9 @@ fn a_source_file_deleted_while_read_is_read_to_its_end() {
             })
             .map(|l: String| l["line ".len()..].parse::<u64>().unwrap())
             .collect();
-        p.run().unwrap();
+        let report = p.run().unwrap();
+        report.check_accounting().unwrap();
+        assert_eq!(report.account("lines.read").map(|a| a.records_in), Some(n));
         let got = out.take();
         (got.len() as u64, got.iter().sum::<u64>(), path.exists())
     });

@@ -413,3 +413,269 @@ fn a_file_truncated_while_read_fails_naming_the_file() {
         "{e}"
     );
 }
+
+/// What a run under an error policy left: exit code, stderr, output lines, dead letters, and
+/// the accounts of the `finished` event of `--progress json`.
+struct PolicyRun {
+    code: i32,
+    err: String,
+    out: Vec<serde_json::Value>,
+    letters: Vec<serde_json::Value>,
+    accounts: Vec<serde_json::Value>,
+    input: PathBuf,
+}
+
+/// Runs `input` through the read stage along `via` (`None`: `lines.read`) with `on_error =
+/// policy` (and, for `dead_letter`, a dead-letter stage `dead` writing `dead.ndjson`), plus the
+/// read stage's `params`, with `--progress json`.
+fn run_policy(via: Option<Via>, input: &[u8], params: &str, policy: &str) -> PolicyRun {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = dir.path().join("in.txt");
+    std::fs::write(&inp, input).unwrap();
+    let out = dir.path().join("out.ndjson");
+    let dead = dir.path().join("dead.ndjson");
+    let (kind, par, middle, last) = match via {
+        None => ("lines.read", 1, "", "read"),
+        Some(Via::Value) => ("ndjson.read", 1, "", "read"),
+        Some(Via::Parallel) => ("ndjson.read", 2, "", "read"),
+        Some(Via::Bytes) => (
+            "ndjson.read",
+            1,
+            "[stages.cat]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\n",
+            "cat",
+        ),
+    };
+    let letters = if policy == "dead_letter" {
+        format!(
+            "dead_letter = \"dead\"\n\n[stages.dead]\nkind = \"ndjson.write\"\npath = \"{}\"\n",
+            dead.display()
+        )
+    } else {
+        String::new()
+    };
+    let toml = format!(
+        "[stages.read]\nkind = \"{kind}\"\npath = \"{}\"\nparallelism = {par}\n{params}\n\
+         on_error = \"{policy}\"\n{letters}\n\
+         {middle}[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"{}\"\n",
+        inp.display(),
+        out.display()
+    );
+    let p = dir.path().join("p.toml");
+    std::fs::write(&p, toml).unwrap();
+    let o = Command::new(BIN)
+        .args(["run", "--progress", "json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let json_lines = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let accounts = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "finished")
+        .and_then(|e| e["report"]["accounts"].as_array().cloned())
+        .unwrap_or_default();
+    PolicyRun {
+        code: o.status.code().unwrap_or(-1),
+        out: json_lines(&out),
+        letters: json_lines(&dead),
+        accounts,
+        err,
+        input: inp,
+    }
+}
+
+impl PolicyRun {
+    fn account(&self, stage: &str) -> &serde_json::Value {
+        self.accounts
+            .iter()
+            .find(|a| a["stage"] == stage)
+            .unwrap_or_else(|| panic!("no account for `{stage}` in {:?}", self.accounts))
+    }
+
+    /// Every step's invariant, as `StageAccount::check` states it, and that each step took what
+    /// the one before it handed on (the pipelines here are linear).
+    fn assert_accounts_hold(&self) {
+        let n = |a: &serde_json::Value, k: &str| a[k].as_u64().unwrap();
+        assert!(!self.accounts.is_empty(), "no accounts in: {}", self.err);
+        let mut prev_out = None;
+        for a in &self.accounts {
+            let lost = n(a, "filtered") + n(a, "skipped") + n(a, "dead_lettered") + n(a, "late");
+            if matches!(
+                a["shape"].as_str().unwrap(),
+                "source" | "one_to_one" | "filtering" | "sink"
+            ) {
+                assert_eq!(n(a, "records_in"), n(a, "records_out") + lost, "{a}");
+            }
+            // A source starts a new line of steps (the dead letters' is one).
+            if a["shape"] == "source" {
+                prev_out = None;
+            }
+            if let Some(p) = prev_out {
+                assert_eq!(n(a, "records_in"), p, "{a} after {:?}", self.accounts);
+            }
+            prev_out = Some(n(a, "records_out"));
+        }
+        // Every letter reached the dead-letter stage.
+        let letters: u64 = self.accounts.iter().map(|a| n(a, "dead_lettered")).sum();
+        let written = self
+            .accounts
+            .iter()
+            .find(|a| a["stage"] == "dead")
+            .map_or(0, |a| n(a, "records_out"));
+        assert_eq!(letters, written, "{:?}", self.accounts);
+    }
+}
+
+/// Each bad-input case of item 3 under each policy of item 1, on every path it applies to:
+/// `fail` exits 1 naming the stage, file and line; `skip` drops the line and counts it;
+/// `dead_letter` routes it (as `raw` text, with the file and line) to the dead-letter stage.
+/// Good lines come through in every case, and the accounts hold.
+#[test]
+fn every_bad_input_meets_every_policy() {
+    let deep = format!("{{\"a\":{}1{}}}", "[".repeat(128), "]".repeat(128));
+    let long = b"{\"a\":\"this line is longer than the cap\"}".to_vec();
+    let cases: Vec<(&str, Vec<u8>, &str, &str, Vec<Option<Via>>)> = vec![
+        (
+            "invalid UTF-8",
+            b"{\"a\":\"\xff\"}".to_vec(),
+            "",
+            "invalid",
+            vec![Some(Via::Value), Some(Via::Parallel), Some(Via::Bytes)],
+        ),
+        (
+            "invalid UTF-8 (lines)",
+            b"bad \xc3\x28".to_vec(),
+            "",
+            "invalid UTF-8",
+            vec![None],
+        ),
+        (
+            "NUL in a string",
+            b"{\"a\":\"x\0y\"}".to_vec(),
+            "",
+            "control character",
+            ALL.map(Some).to_vec(),
+        ),
+        (
+            "a BOM after the first line",
+            b"\xef\xbb\xbf{\"b\":2}".to_vec(),
+            "",
+            "invalid JSON",
+            ALL.map(Some).to_vec(),
+        ),
+        (
+            "a line over the cap",
+            long.clone(),
+            "max_line_bytes = 16",
+            "line longer than max_line_bytes (16)",
+            ALL.map(Some).to_vec(),
+        ),
+        (
+            "a line over the cap (lines)",
+            long,
+            "max_line_bytes = 16",
+            "line longer than max_line_bytes (16)",
+            vec![None],
+        ),
+        (
+            "nested too deep",
+            deep.into_bytes(),
+            "",
+            "recursion limit exceeded",
+            ALL.map(Some).to_vec(),
+        ),
+        (
+            "an integer beyond 64 bits",
+            b"{\"n\":18446744073709551616}".to_vec(),
+            "",
+            "out of the 64-bit range",
+            vec![Some(Via::Value), Some(Via::Parallel)],
+        ),
+        (
+            "a number beyond f64",
+            b"{\"n\":1e400}".to_vec(),
+            "",
+            "number out of range",
+            ALL.map(Some).to_vec(),
+        ),
+        (
+            "a truncated object",
+            b"{\"a\":1,\"b\":".to_vec(),
+            "",
+            "invalid JSON",
+            ALL.map(Some).to_vec(),
+        ),
+        (
+            "not an object",
+            b"[1,2]".to_vec(),
+            "",
+            "object",
+            ALL.map(Some).to_vec(),
+        ),
+    ];
+    for (what, bad, params, message, vias) in cases {
+        for via in vias {
+            let (first, last): (&[u8], &[u8]) = if via.is_none() {
+                (b"one", b"three")
+            } else {
+                (b"{\"a\":1}", b"{\"a\":3}")
+            };
+            let input = [first, b"\n", &bad, b"\n", last, b"\n"].concat();
+            let ctx = format!("{what} via {via:?}");
+
+            let r = run_policy(via, &input, params, "fail");
+            assert_eq!(r.code, 1, "{ctx}: {}", r.err);
+            let at = format!("stage `read`: {}:2: ", r.input.display());
+            assert!(
+                r.err.contains(&at) && r.err.contains(message),
+                "{ctx}: want {at:?} and {message:?} in {}",
+                r.err
+            );
+
+            for policy in ["skip", "dead_letter"] {
+                let r = run_policy(via, &input, params, policy);
+                let ctx = format!("{ctx}, {policy}");
+                assert_eq!(r.code, 0, "{ctx}: {}", r.err);
+                assert_eq!(r.out.len(), 2, "{ctx}: the good lines: {:?}", r.out);
+                r.assert_accounts_hold();
+                let read = r.account("read");
+                assert_eq!(read["records_in"], 3, "{ctx}: {read}");
+                assert_eq!(read["records_out"], 2, "{ctx}: {read}");
+                let (skipped, dead) = if policy == "skip" { (1, 0) } else { (0, 1) };
+                assert_eq!(read["skipped"], skipped, "{ctx}: {read}");
+                assert_eq!(read["dead_lettered"], dead, "{ctx}: {read}");
+                if policy == "skip" {
+                    assert!(r.letters.is_empty(), "{ctx}");
+                    continue;
+                }
+                assert_eq!(r.letters.len(), 1, "{ctx}: {:?}", r.letters);
+                let l = &r.letters[0];
+                assert_eq!(l["stage"], "read", "{ctx}: {l}");
+                assert_eq!(l["line"], 2, "{ctx}: {l}");
+                assert_eq!(l["file"], r.input.display().to_string(), "{ctx}: {l}");
+                assert!(l["error"].as_str().unwrap().contains(message), "{ctx}: {l}");
+                assert!(
+                    l.get("record").is_none() || l["record"].is_null(),
+                    "{ctx}: {l}"
+                );
+                let raw = l["raw"].as_str().unwrap();
+                let want = String::from_utf8_lossy(&bad);
+                assert!(
+                    want.starts_with(raw) && !raw.is_empty(),
+                    "{ctx}: raw {raw:?} is not (a prefix of) the line {want:?}"
+                );
+                assert!(
+                    l["time"].as_u64().unwrap() > 1_700_000_000_000,
+                    "{ctx}: {l}"
+                );
+            }
+        }
+    }
+}
