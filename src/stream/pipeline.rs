@@ -286,6 +286,80 @@ impl Pipeline {
         })
     }
 
+    /// [`read_ndjson`](Self::read_ndjson) with an error policy for the lines that do not parse
+    /// as a `T` (or are longer than `max_line_bytes`): `Skip` drops and counts them,
+    /// `DeadLetter` sends each, as `raw` text with the file and line, to a dead-letter stream.
+    /// The source's account counts them (`skipped`, `dead_lettered`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("in.ndjson");
+    /// std::fs::write(&path, "{\"n\":1}\n{\"n\":\n{\"n\":3}\n").unwrap();
+    /// #[derive(serde::Deserialize)]
+    /// struct Rec { n: u32 }
+    /// let p = millrace::Pipeline::new();
+    /// let (dl, letters) = p.dead_letters("bad");
+    /// let bad = letters.map(|l: millrace::DeadLetter| (l.line, l.raw)).collect();
+    /// let ns = p
+    ///     .read_ndjson_with(&path, 1 << 20, millrace::OnError::DeadLetter(dl))
+    ///     .map(|r: Rec| r.n)
+    ///     .collect();
+    /// let report = p.run().unwrap();
+    /// assert_eq!(ns.take(), vec![1, 3]);
+    /// assert_eq!(bad.take(), vec![(Some(2), Some("{\"n\":".to_string()))]);
+    /// assert_eq!(report.account("ndjson.read").unwrap().dead_lettered, 1);
+    /// report.check_accounting().unwrap();
+    /// ```
+    pub fn read_ndjson_with<T>(
+        &self,
+        path: impl AsRef<Path>,
+        max_line_bytes: usize,
+        on_error: crate::OnError,
+    ) -> Fresh<T>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.line_source_with(
+            "ndjson.read",
+            path.as_ref(),
+            max_line_bytes.max(1),
+            |l, _| parse_json::<T>(l),
+            on_error,
+        )
+    }
+
+    /// [`read_lines`](Self::read_lines) with a line cap and an error policy for the lines that
+    /// are not UTF-8 or longer than `max_line_bytes` (see [`read_ndjson_with`](Self::read_ndjson_with)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("in.txt");
+    /// std::fs::write(&path, b"ok\nbad \xff\nfine\n").unwrap();
+    /// let p = millrace::Pipeline::new();
+    /// let lines = p.read_lines_with(&path, 1 << 20, millrace::OnError::Skip).collect();
+    /// let report = p.run().unwrap();
+    /// assert_eq!(lines.take(), vec!["ok", "fine"]);
+    /// assert_eq!(report.account("lines.read").unwrap().skipped, 1);
+    /// ```
+    pub fn read_lines_with(
+        &self,
+        path: impl AsRef<Path>,
+        max_line_bytes: usize,
+        on_error: crate::OnError,
+    ) -> Fresh<String> {
+        self.line_source_with(
+            "lines.read",
+            path.as_ref(),
+            max_line_bytes.max(1),
+            |l, _| parse_text(l),
+            on_error,
+        )
+    }
+
     /// The stage graph as Graphviz DOT.
     ///
     /// # Examples
