@@ -533,6 +533,16 @@ impl PolicyRun {
     }
 }
 
+/// A bad-input case: what it is, the bad line, the read stage's parameters, the error's
+/// message, and the paths it applies to.
+type Case = (
+    &'static str,
+    Vec<u8>,
+    &'static str,
+    &'static str,
+    Vec<Option<Via>>,
+);
+
 /// Each bad-input case of item 3 under each policy of item 1, on every path it applies to:
 /// `fail` exits 1 naming the stage, file and line; `skip` drops the line and counts it;
 /// `dead_letter` routes it (as `raw` text, with the file and line) to the dead-letter stage.
@@ -541,7 +551,7 @@ impl PolicyRun {
 fn every_bad_input_meets_every_policy() {
     let deep = format!("{{\"a\":{}1{}}}", "[".repeat(128), "]".repeat(128));
     let long = b"{\"a\":\"this line is longer than the cap\"}".to_vec();
-    let cases: Vec<(&str, Vec<u8>, &str, &str, Vec<Option<Via>>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "invalid UTF-8",
             b"{\"a\":\"\xff\"}".to_vec(),
