@@ -459,3 +459,22 @@ fn a_library_copy_goes_to_a_private_place_and_follows_no_planted_link() {
         assert!(!private.exists(), "{} was not removed", private.display());
     }
 }
+
+/// A native node reports an error for a whole batch, so no policy can skip or route one record:
+/// `on_error` on its stage is refused when the pipeline is loaded, naming the stage and the key.
+#[test]
+fn a_native_stage_refuses_an_error_policy() {
+    let s = Setup::new();
+    let err = s
+        .spec(
+            "kind = \"tagger.tag\"\nfield = \"by\"\nvalue = \"native\"\non_error = \"skip\"",
+            10,
+        )
+        .unwrap_err();
+    assert_eq!(err.stage(), Some("p"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("takes no `on_error`: a native plugin node reports errors per batch"),
+        "{err}"
+    );
+}

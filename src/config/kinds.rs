@@ -189,6 +189,12 @@ impl Kind {
             Kind::NdjsonWrite { .. } => {
                 Some("it writes any record, and a write error fails the run")
             }
+            // A node reports an error for a whole batch, not for one record, so no record can
+            // be skipped or routed: the error fails the stage.
+            #[cfg(feature = "plugin")]
+            Kind::Native(_) => Some(
+                "a native plugin node reports errors per batch, not per record, so an error fails the stage",
+            ),
             _ => None,
         }
     }
