@@ -62,8 +62,10 @@ fn run(via: Option<Via>, input: &[u8], params: &str) -> Run {
     run_on(via, &inp, params, dir)
 }
 
-fn run_on(via: Option<Via>, inp: &Path, params: &str, dir: tempfile::TempDir) -> Run {
-    let out = dir.path().join("out.ndjson");
+/// Writes `dir/p.toml`: the read stage for `via` on `inp` with `params` (which may add whole
+/// stages after it), then `out` writing `dir/out.ndjson`.
+fn write_pipeline(via: Option<Via>, inp: &Path, params: &str, dir: &Path) -> PathBuf {
+    let out = dir.join("out.ndjson");
     let (kind, par, middle, last) = match via {
         None => ("lines.read", 1, "", "read"),
         Some(Via::Value) => ("ndjson.read", 1, "", "read"),
@@ -81,8 +83,14 @@ fn run_on(via: Option<Via>, inp: &Path, params: &str, dir: tempfile::TempDir) ->
         inp.display(),
         out.display()
     );
-    let p = dir.path().join("p.toml");
+    let p = dir.join("p.toml");
     std::fs::write(&p, toml).unwrap();
+    p
+}
+
+fn run_on(via: Option<Via>, inp: &Path, params: &str, dir: tempfile::TempDir) -> Run {
+    let p = write_pipeline(via, inp, params, dir.path());
+    let out = dir.path().join("out.ndjson");
     let o = Command::new(BIN).arg("run").arg(&p).output().unwrap();
     Run {
         code: o.status.code().unwrap_or(-1),
@@ -434,17 +442,6 @@ fn run_policy(via: Option<Via>, input: &[u8], params: &str, policy: &str) -> Pol
     std::fs::write(&inp, input).unwrap();
     let out = dir.path().join("out.ndjson");
     let dead = dir.path().join("dead.ndjson");
-    let (kind, par, middle, last) = match via {
-        None => ("lines.read", 1, "", "read"),
-        Some(Via::Value) => ("ndjson.read", 1, "", "read"),
-        Some(Via::Parallel) => ("ndjson.read", 2, "", "read"),
-        Some(Via::Bytes) => (
-            "ndjson.read",
-            1,
-            "[stages.cat]\nkind = \"exec\"\ninput = \"read\"\ncommand = [\"cat\"]\n\n",
-            "cat",
-        ),
-    };
     let letters = if policy == "dead_letter" {
         format!(
             "dead_letter = \"dead\"\n\n[stages.dead]\nkind = \"ndjson.write\"\npath = \"{}\"\n",
@@ -453,15 +450,8 @@ fn run_policy(via: Option<Via>, input: &[u8], params: &str, policy: &str) -> Pol
     } else {
         String::new()
     };
-    let toml = format!(
-        "[stages.read]\nkind = \"{kind}\"\npath = \"{}\"\nparallelism = {par}\n{params}\n\
-         on_error = \"{policy}\"\n{letters}\n\
-         {middle}[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"{}\"\n",
-        inp.display(),
-        out.display()
-    );
-    let p = dir.path().join("p.toml");
-    std::fs::write(&p, toml).unwrap();
+    let params = format!("{params}\non_error = \"{policy}\"\n{letters}");
+    let p = write_pipeline(via, &inp, &params, dir.path());
     let o = Command::new(BIN)
         .args(["run", "--progress", "json"])
         .arg(&p)
