@@ -562,6 +562,19 @@ fn policy_keys_are_validated_with_file_line_and_stage() {
     );
     assert_eq!((k, line), (UnknownInput, Some(5)));
     assert!(msg.contains("no stage named \"nowhere\""), "{msg}");
+    // A misspelt target is reported as such, not as the intended target lacking an `input`.
+    let (k, line, stage, msg) = case(
+        "on_error = \"dead_letter\"\ndead_letter = \"deadd\"\n",
+        DEAD,
+    );
+    assert_eq!(
+        (k, line, stage.as_deref()),
+        (UnknownInput, Some(5), Some("read"))
+    );
+    assert!(
+        msg.contains("no stage named \"deadd\" (stages: dead, out, read)"),
+        "{msg}"
+    );
     // The target has an input.
     let (k, _, stage, msg) = case(
         DL,
@@ -603,6 +616,15 @@ fn policy_keys_are_validated_with_file_line_and_stage() {
         assert_eq!((k, stage.as_deref()), (BadValue, Some("x")), "{msg}");
         assert!(
             msg.contains(&format!("a `{kind}` stage takes no `on_error`")),
+            "{msg}"
+        );
+        // Nor does it list the policy keys among those it knows.
+        let typo = text.replace("on_error = \"skip\"", "retries = 3");
+        let (k, _, _, msg) = config_error(&typo);
+        assert_eq!(k, UnknownParameter, "{msg}");
+        assert!(msg.contains("unknown parameter `retries`"), "{msg}");
+        assert!(
+            !msg.contains("on_error") && !msg.contains("dead_letter"),
             "{msg}"
         );
     }

@@ -275,6 +275,11 @@ impl<'a> Params<'a> {
         self.used.extend(keys.iter().copied());
     }
 
+    /// Whether the table has `key`, without marking it as read.
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.table.iter().any(|(k, _)| k.get_ref() == key)
+    }
+
     pub(crate) fn line_of(&self, key: &str) -> usize {
         self.table
             .iter()

@@ -224,7 +224,7 @@ impl PipelineSpec {
             ));
         }
         let late_targets = late_targets(&ctx, &raw.stages)?;
-        let dl_targets = dead_letter_targets(&raw.stages);
+        let dl_targets = dead_letter_targets(&ctx, &raw.stages)?;
         let mut stages = Vec::new();
         for (name, table) in &raw.stages {
             stages.push(parse_stage(
@@ -469,10 +469,13 @@ fn late_targets(
     Ok(targets)
 }
 
-/// Stages named by some stage's `dead_letter`: target → the first stage naming it.
+/// Stages named by some stage's `dead_letter`: target → the first stage naming it. A name that
+/// is no stage is an error here, at the `dead_letter` line, before the stages are read: read
+/// first, the stage meant to receive the letters would be reported as lacking an `input`.
 fn dead_letter_targets(
+    ctx: &Ctx<'_>,
     stages: &BTreeMap<Spanned<String>, Spanned<RawTable>>,
-) -> HashMap<String, String> {
+) -> Result<HashMap<String, String>, ConfigError> {
     let mut targets = HashMap::new();
     for (name, table) in stages {
         if let Some((_, v)) = table
@@ -481,13 +484,26 @@ fn dead_letter_targets(
             .find(|(k, _)| k.get_ref() == "dead_letter")
         {
             if let toml::Value::String(t) = v.get_ref() {
+                if !stages.keys().any(|k| k.get_ref() == t) {
+                    let known: Vec<&str> = stages.keys().map(|k| k.get_ref().as_str()).collect();
+                    return Err(ConfigError::new(
+                        ctx.file,
+                        Some(ctx.lines.line(v.span().start)),
+                        Some(name.get_ref()),
+                        ConfigErrorKind::UnknownInput,
+                        format!(
+                            "parameter `dead_letter`: no stage named {t:?} (stages: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                }
                 targets
                     .entry(t.clone())
                     .or_insert_with(|| name.get_ref().clone());
             }
         }
     }
-    targets
+    Ok(targets)
 }
 
 /// Checks every `dead_letter` names a stage, and that no stage downstream of a dead-letter
@@ -536,6 +552,20 @@ fn parse_policy(
     spec: &Kind,
     kind: &str,
 ) -> Result<PolicySpec, ConfigError> {
+    // A kind that meets no bad records refuses both keys, and does not list them as known.
+    if let Some(why) = spec.no_record_errors() {
+        return match ["on_error", "dead_letter"]
+            .into_iter()
+            .find(|k| params.has(k))
+        {
+            Some(key) => Err(params.error_at(
+                key,
+                ConfigErrorKind::BadValue,
+                format!("a `{kind}` stage takes no `{key}`: {why}"),
+            )),
+            None => Ok(PolicySpec::Fail),
+        };
+    }
     let on_error = params.opt_str("on_error")?;
     let target = params.opt_str("dead_letter")?;
     let policy = match on_error.as_deref() {
@@ -564,15 +594,6 @@ fn parse_policy(
             ConfigErrorKind::Wiring,
             "parameter `dead_letter` needs on_error = \"dead_letter\"".into(),
         ));
-    }
-    if on_error.is_some() {
-        if let Some(why) = spec.no_record_errors() {
-            return Err(params.error_at(
-                "on_error",
-                ConfigErrorKind::BadValue,
-                format!("a `{kind}` stage takes no `on_error`: {why}"),
-            ));
-        }
     }
     Ok(policy)
 }
