@@ -825,17 +825,6 @@ fn json_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// `filter`: whether `rec` passes, or why it cannot be tested. `eq` and `ne` compare a missing
 /// field as `null` and `exists` tests presence: they never fail. `lt`, `le`, `gt` and `ge` fail
 /// on a missing field or one of another type than `value`; `contains` on a missing field or one
@@ -852,8 +841,8 @@ pub(crate) fn filter(
         None => Err(format!("record has no field `{field}` to compare")),
         Some(v) if std::mem::discriminant(v) != std::mem::discriminant(value) => Err(format!(
             "field `{field}` is {}, not {} like {value}",
-            type_name(v),
-            type_name(value)
+            crate::describe::kind_of(v),
+            crate::describe::kind_of(value)
         )),
         Some(v) => Ok(want(cmp_values(v, value))),
     };
@@ -872,7 +861,7 @@ pub(crate) fn filter(
             (Some(Value::Array(items)), x) => Ok(items.iter().any(|i| json_eq(i, x))),
             (Some(other), _) => Err(format!(
                 "field `{field}` is {}, not a string or an array",
-                type_name(other)
+                crate::describe::kind_of(other)
             )),
         },
     }
