@@ -725,6 +725,62 @@ fn exec_invalid_output_lines_meet_the_policy() {
     report.check_accounting().unwrap();
 }
 
+/// An exec child's stdout line over `max_line_bytes` meets the policy too: the letter carries
+/// its first `max_line_bytes` bytes, the rest of it (here many pipe reads' worth) is dropped,
+/// and the lines after it are read as usual.
+#[test]
+fn an_exec_output_line_over_the_cap_meets_the_policy() {
+    let input = "{\"n\":1}\n{\"n\":2}\n";
+    let stages = |policy: &str| {
+        pipeline(
+            "",
+            &format!(
+                "[stages.last]\nkind = \"exec\"\ninput = \"read\"\nmax_line_bytes = 1024\ncommand = [\"sh\", \"-c\", \"cat; head -c 300000 /dev/zero | tr '\\\\0' x; echo; echo '{{\\\"n\\\":9}}'\"]\n{policy}"
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let err = run_toml(dir.path(), input, &stages("").replace(DEAD, "")).unwrap_err();
+    match &err {
+        Error::Record {
+            stage,
+            location,
+            message,
+        } => {
+            assert_eq!((stage.as_str(), location.line), ("last", 3), "{err}");
+            assert_eq!(message, "line longer than max_line_bytes (1024)");
+        }
+        other => panic!("expected a record error, got {other}"),
+    }
+
+    let report = run_toml(
+        dir.path(),
+        input,
+        &stages("on_error = \"skip\"\n").replace(DEAD, ""),
+    )
+    .unwrap();
+    assert_eq!(
+        lines(&dir.path().join("out.ndjson")),
+        vec![json!({"n": 1}), json!({"n": 2}), json!({"n": 9})]
+    );
+    let e = report.account("last").unwrap();
+    assert_eq!((e.records_in, e.records_out, e.skipped), (2, 3, 1));
+    report.check_accounting().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = run_toml(dir.path(), input, &stages(DL)).unwrap();
+    assert_eq!(lines(&dir.path().join("out.ndjson")).len(), 3);
+    let got = letters(dir.path());
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["stage"], "last");
+    assert_eq!(got[0]["line"], 3);
+    assert_eq!(got[0]["raw"], "x".repeat(1024));
+    assert_eq!(got[0]["error"], "line longer than max_line_bytes (1024)");
+    let e = report.account("last").unwrap();
+    assert_eq!((e.records_out, e.dead_lettered), (3, 1));
+    report.check_accounting().unwrap();
+}
+
 #[test]
 fn the_byte_path_cuts_bad_lines_out_of_its_blocks() {
     // Spaces survive only on the byte path (the value path re-serialises).

@@ -78,9 +78,10 @@ pub(crate) struct ExecSpec {
     /// For a version of a reloadable process plugin: the private copy of the plugin's
     /// directory it runs from (removed with the last holder).
     pub plugin_copy: Option<Arc<PluginCopy>>,
-    /// What to do with a stdout line that is not a JSON object (the stage's `on_error`; the
-    /// letter's `raw` is the line, `line` its number in stdout). A non-zero exit, a line over
-    /// `max_line_bytes` and a timeout still fail the stage.
+    /// What to do with a stdout line that is not a JSON object or is longer than
+    /// `max_line_bytes` (the stage's `on_error`; the letter's `raw` is the line — its first
+    /// `max_line_bytes` bytes when too long — and `line` its number in stdout). A non-zero exit
+    /// and a timeout still fail the stage.
     pub on_error: crate::dead_letter::OnError,
 }
 
@@ -212,6 +213,9 @@ struct Running {
     line: u64,
     /// The line being read (value path) or the bytes after the last whole line (byte path).
     raw: Vec<u8>,
+    /// Value path: the rest of an over-long line that the error policy already took is being
+    /// read and dropped (in pieces of at most `max_line_bytes`, so memory stays bounded).
+    skipping: bool,
     exited: bool,
 }
 
@@ -417,6 +421,7 @@ impl<T: Wire> ExecHead<T> {
             owing_since: None,
             line: 0,
             raw: Vec::new(),
+            skipping: false,
             exited: false,
         });
         Ok(())
@@ -641,6 +646,9 @@ impl Head<Value> for ExecHead<Value> {
                 // Part of a line: wait for the rest (watching the timeout and cancellation).
                 Got::More => {
                     r.heard(false);
+                    if r.skipping {
+                        r.raw.clear();
+                    }
                     continue;
                 }
                 Got::Eof if r.raw.is_empty() => {
@@ -649,44 +657,65 @@ impl Head<Value> for ExecHead<Value> {
                 }
                 Got::Line | Got::Eof => r.heard(true),
             }
+            if r.skipping {
+                // More of the over-long line already rejected: drop it, up to its newline.
+                r.skipping = !r.raw.ends_with(b"\n");
+                r.raw.clear();
+                continue;
+            }
             r.line += 1;
             let line = r.line;
+            let fail = self.spec.on_error == crate::dead_letter::OnError::Fail;
             if r.raw.len() > max {
-                return Err(self.bad_line(line, format!("line longer than max_line_bytes ({max})")));
+                let message = format!("line longer than max_line_bytes ({max})");
+                if fail {
+                    return Err(self.bad_line(line, message));
+                }
+                // The letter carries the line's first `max` bytes; the rest is dropped as it
+                // arrives.
+                r.skipping = !r.raw.ends_with(b"\n");
+                r.raw.truncate(max);
+                self.reject_line(cx, line, message)?;
+                continue;
             }
-            let parsed = crate::ndjson::parse_object(&r.raw);
-            match parsed {
+            match crate::ndjson::parse_object(&r.raw) {
                 Ok(Value::Null) => {}
                 Ok(v) => buf.push(v),
-                Err(message) if self.spec.on_error == crate::dead_letter::OnError::Fail => {
-                    return Err(self.bad_line(line, message))
-                }
-                Err(message) => {
-                    let text = r.raw.strip_suffix(b"\n").unwrap_or(&r.raw);
-                    let text = text.strip_suffix(b"\r").unwrap_or(text);
-                    let raw = String::from_utf8_lossy(text).into_owned();
-                    r.raw.clear();
-                    let rejected = self.spec.on_error.reject(
-                        &self.name,
-                        message,
-                        || crate::dead_letter::Bad::Raw(raw),
-                        None,
-                        Some(line),
-                        |m| Error::Operator {
-                            stage: self.name.to_string(),
-                            source: m.into(),
-                        },
-                    )?;
-                    let counter = match rejected {
-                        crate::dead_letter::Rejected::Skipped => &cx.metrics.skipped,
-                        crate::dead_letter::Rejected::DeadLettered => &cx.metrics.dead_lettered,
-                    };
-                    crate::metrics::InstanceMetrics::add(counter, 1);
-                }
+                Err(message) if fail => return Err(self.bad_line(line, message)),
+                Err(message) => self.reject_line(cx, line, message)?,
             }
             self.running.as_mut().expect("started").raw.clear();
         }
         Ok(Pull::Data)
+    }
+}
+
+impl ExecHead<Value> {
+    /// Applies the stage's (skip or dead-letter) policy to the stdout line `line` held in
+    /// `raw`, which it clears: the letter carries the line as `raw` text with its number.
+    fn reject_line(&mut self, cx: &Cx, line: u64, message: String) -> Result<(), Halt> {
+        let r = self.running.as_mut().expect("started");
+        let text = r.raw.strip_suffix(b"\n").unwrap_or(&r.raw);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let raw = String::from_utf8_lossy(text).into_owned();
+        r.raw.clear();
+        let rejected = self.spec.on_error.reject(
+            &self.name,
+            message,
+            || crate::dead_letter::Bad::Raw(raw),
+            None,
+            Some(line),
+            |m| Error::Operator {
+                stage: self.name.to_string(),
+                source: m.into(),
+            },
+        )?;
+        let counter = match rejected {
+            crate::dead_letter::Rejected::Skipped => &cx.metrics.skipped,
+            crate::dead_letter::Rejected::DeadLettered => &cx.metrics.dead_lettered,
+        };
+        crate::metrics::InstanceMetrics::add(counter, 1);
+        Ok(())
     }
 }
 
