@@ -29,6 +29,12 @@ pub(crate) enum Message<T> {
     Watermark { from: usize, at: Timestamp },
     /// The sender has no more records (a watermark of +∞).
     End { from: usize },
+    /// Checkpoint barrier `id`: every record the sender sent before it belongs to checkpoint
+    /// `id`, none after it.
+    Barrier {
+        from: usize,
+        id: crate::checkpoint::CheckpointId,
+    },
 }
 
 /// How an upstream instance picks the downstream instance for a record.
@@ -116,6 +122,8 @@ pub(crate) struct ChannelTail<T> {
     started: u64,
     /// Every consumer is gone: emitting more is pointless.
     stopped: bool,
+    /// Key groups hash partitioning routes by (at least the number of consumers).
+    key_groups: u16,
 }
 
 impl<T: Send> ChannelTail<T> {
@@ -146,6 +154,10 @@ impl<T: Send> ChannelTail<T> {
             batch_size: cx.batch_size(),
             started: 0,
             stopped: n == 0,
+            key_groups: cx
+                .run
+                .max_parallelism()
+                .max(n.min(u16::MAX as usize) as u16),
         }
     }
 
@@ -238,9 +250,14 @@ impl<T: Send> ChannelTail<T> {
     #[inline(never)]
     fn emit_hashed(&mut self, item: T) -> Result<(), Halt> {
         let b = match &self.partition {
-            // Multiply-shift instead of `%`: a 64-bit division would cost more than the rest of
-            // this function (the hash is well mixed, so its high bits spread evenly).
-            Partition::Hash(h) => ((u128::from(h(&item)) * self.bufs.len() as u128) >> 64) as usize,
+            // By key group (see `checkpoint::state`): the hash picks one of `key_groups` groups
+            // (multiply-shift instead of `%`: a 64-bit division would cost more than the rest
+            // of this function, and the hash is well mixed), and each instance owns a
+            // contiguous range of groups, so keyed state is stored and restored by group.
+            Partition::Hash(h) => {
+                let g = crate::checkpoint::state::key_group(h(&item), self.key_groups);
+                crate::checkpoint::state::instance_of_group(g, self.bufs.len(), self.key_groups)
+            }
             _ => 0,
         };
         let buf = &mut self.bufs[b];
@@ -563,6 +580,8 @@ impl<T: Send> Head<T> for InputHead<T> {
                         return Ok(Pull::Watermark(wm));
                     }
                 }
+                // Skeleton: alignment comes with the coordinator (helper A).
+                Some(Message::Barrier { .. }) => {}
                 Some(Message::End { from }) => match self.end(from) {
                     (true, _) => return Ok(Pull::End),
                     (false, Some(wm)) => return Ok(Pull::Watermark(wm)),

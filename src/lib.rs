@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 mod channel;
+pub mod checkpoint;
 pub mod config;
 mod dead_letter;
 mod describe;

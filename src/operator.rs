@@ -107,6 +107,27 @@ pub trait Chain<In>: sealed::Sealed + Clone + Send + 'static {
     /// Renames the last operator; false if the chain is empty.
     #[doc(hidden)]
     fn rename_last(&mut self, name: Arc<str>) -> bool;
+    /// Lists the steps that hold state, with whether they can snapshot it (a composite step
+    /// asks the steps before it first).
+    #[doc(hidden)]
+    fn state_support(&self, _out: &mut Vec<(Arc<str>, crate::checkpoint::StateSupport)>) {}
+    /// Puts each stateful step's state into `state` (part `chain.<step name>`); a composite
+    /// step puts the steps before it first.
+    #[doc(hidden)]
+    fn snapshot(
+        &self,
+        _state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    /// Restores what [`snapshot`](Chain::snapshot) put.
+    #[doc(hidden)]
+    fn restore(
+        &mut self,
+        _state: &crate::checkpoint::state::InstanceState,
+    ) -> Result<(), crate::Error> {
+        Ok(())
+    }
 }
 
 /// Event counts of one step, summed over its instances: updated once per batch.

@@ -121,6 +121,12 @@ impl RunShared {
         })
     }
 
+    /// The number of key groups hash partitioning routes by (the checkpoint options' value;
+    /// the default without checkpoints).
+    pub(crate) fn max_parallelism(&self) -> u16 {
+        crate::checkpoint::state::DEFAULT_MAX_PARALLELISM
+    }
+
     /// Records the sources read so far, counting the lines they rejected.
     pub(crate) fn records_read_so_far(&self) -> u64 {
         let read: u64 = self
@@ -284,6 +290,9 @@ pub(crate) enum Pull {
     End,
     /// The input's watermark rose to this: forward it after the records in the buffer.
     Watermark(crate::time::Timestamp),
+    /// Checkpoint barrier `n` (aligned over every input): after the records in the buffer,
+    /// snapshot the instance's state, acknowledge, and forward the barrier.
+    Barrier(crate::checkpoint::CheckpointId),
 }
 
 /// The start of a stage instance: where its records come from.
@@ -296,6 +305,27 @@ pub(crate) trait Head<I>: Send {
     /// their input).
     fn counts_input(&self) -> bool {
         false
+    }
+    /// Whether this head's state (a source's position, a keyed aggregate's map) can be
+    /// checkpointed. Checked before a run with checkpoints starts.
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        crate::checkpoint::StateSupport::Stateless
+    }
+    /// Puts the head's state into `state` (at a barrier: every record before it is in).
+    fn snapshot(
+        &mut self,
+        _cx: &Cx,
+        _state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        Ok(())
+    }
+    /// Restores what [`snapshot`](Self::snapshot) put, before the first pull.
+    fn restore(
+        &mut self,
+        _cx: &Cx,
+        _state: &crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        Ok(())
     }
 }
 
@@ -321,6 +351,30 @@ pub(crate) trait Tail<T>: Emit<T> + Send {
     fn flush(&mut self, cx: &Cx) -> Result<(), Halt>;
     /// Flushes and signals end of stream downstream (or closes the file).
     fn finish(&mut self, cx: &Cx) -> Result<(), Halt>;
+    /// Checkpoint barrier `id`: send what is buffered, then the barrier to every consumer (a
+    /// channel tail), or make the output durable and record how far it is committed in
+    /// `state` (a sink).
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        _id: crate::checkpoint::CheckpointId,
+        _state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        self.flush(cx)
+    }
+    /// Restores what [`barrier`](Self::barrier) recorded (a sink truncates its file to the
+    /// committed length), before the first record.
+    fn restore(
+        &mut self,
+        _cx: &Cx,
+        _state: &crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        Ok(())
+    }
+    /// Whether this tail's state can be checkpointed.
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        crate::checkpoint::StateSupport::Stateless
+    }
 }
 
 /// The loop every stage instance runs.
@@ -424,6 +478,8 @@ where
             Pull::Data => {}
             Pull::Idle => tail.flush(cx)?,
             Pull::Watermark(at) => tail.watermark(cx, at)?,
+            // Skeleton: snapshot and acknowledgement come with the coordinator (helper A).
+            Pull::Barrier(_) => {}
             Pull::End => return tail.finish(cx),
         }
     }

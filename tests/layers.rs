@@ -3,7 +3,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream, private_dir, dead_letter |
+//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream, private_dir, dead_letter, checkpoint |
 //! | 1 | sandbox |
 //! | 2 | exec |
 //! | 3 | plugin |
@@ -37,6 +37,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("operator", 0),
     ("runtime", 0),
     ("channel", 0),
+    ("checkpoint", 0),
     ("source", 0),
     ("sink", 0),
     ("window", 0),

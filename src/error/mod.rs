@@ -146,6 +146,63 @@ pub enum Error {
         /// The stage whose letter crossed the limit.
         stage: String,
     },
+    /// A stage's state cannot be checkpointed, or its input cannot be replayed: a run with
+    /// checkpoints refuses to start.
+    #[error("stage `{stage}`: cannot checkpoint: {reason}")]
+    CheckpointUnsupported {
+        /// The stage.
+        stage: String,
+        /// Why, and what to change.
+        reason: String,
+    },
+    /// The checkpoint directory holds checkpoints of an unfinished run and the run was asked
+    /// neither to resume nor to start afresh.
+    #[error("{dir} holds checkpoints of an unfinished run (newest: {newest}): pass --resume to continue it, or --fresh to discard them")]
+    CheckpointsExist {
+        /// The checkpoint directory.
+        dir: String,
+        /// The newest checkpoint found there.
+        newest: String,
+    },
+    /// Another run holds the checkpoint directory's lock.
+    #[error("{dir} is in use by another run (its lock is held)")]
+    CheckpointDirLocked {
+        /// The checkpoint directory.
+        dir: String,
+    },
+    /// Writing or reading a checkpoint failed at the file system: fatal (an fsync error is
+    /// never retried as if it had succeeded).
+    #[error("checkpoint store: {op} {path}: {source}")]
+    CheckpointIo {
+        /// What was being done (`fsync`, `rename`, …).
+        op: &'static str,
+        /// The file or directory.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// More checkpoints failed in a row than `tolerable_failures` allows.
+    #[error(
+        "checkpoint {id} failed ({failures} in a row, tolerable_failures = {tolerable}): {reason}"
+    )]
+    CheckpointFailed {
+        /// The last failed checkpoint.
+        id: u64,
+        /// Consecutive failures.
+        failures: u32,
+        /// The configured tolerance.
+        tolerable: u32,
+        /// Why the last one failed.
+        reason: String,
+    },
+    /// Any other checkpoint or recovery error (a state that does not decode, a resume whose
+    /// pipeline changed a stateful stage, …).
+    #[error("checkpoint: {message}")]
+    Checkpoint {
+        /// What went wrong, naming the stage and the checkpoint where known.
+        message: String,
+    },
     /// The run was cancelled through a [`CancelHandle`](crate::CancelHandle).
     #[error("run cancelled")]
     Cancelled,
@@ -168,7 +225,8 @@ impl Error {
             | Error::Io { stage, .. }
             | Error::Record { stage, .. }
             | Error::Protocol { stage, .. }
-            | Error::TooManyDeadLetters { stage, .. } => Some(stage),
+            | Error::TooManyDeadLetters { stage, .. }
+            | Error::CheckpointUnsupported { stage, .. } => Some(stage),
             Error::Spawn { stage, .. } => stage.as_deref(),
             Error::Config(e) => e.stage(),
             Error::Build(_)
@@ -178,6 +236,11 @@ impl Error {
             | Error::Random { .. }
             | Error::ShutdownTimeout { .. }
             | Error::BuildPanicked { .. }
+            | Error::CheckpointsExist { .. }
+            | Error::CheckpointDirLocked { .. }
+            | Error::CheckpointIo { .. }
+            | Error::CheckpointFailed { .. }
+            | Error::Checkpoint { .. }
             | Error::Cancelled
             | Error::ShuttingDown => None,
         }

@@ -1,0 +1,1 @@
+//! The checkpoint coordinator (to be written: see the brief).
