@@ -730,3 +730,20 @@ fn listing_a_missing_directory_is_an_error_naming_it() {
     // A read-only look never creates it.
     assert!(!Path::new("/nonexistent/millrace-ckpt").exists());
 }
+
+#[test]
+fn list_never_removes_a_temporary_file_of_a_checkpoint_in_progress() {
+    let fs = SimFs::new();
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    store.begin(1).unwrap();
+    let tmp = Path::new(DIR).join("chk-00000001/a#0.state.tmp-0123456789abcdef0123456789abcdef");
+    // A writer between its write and its fsync.
+    fs.write(&tmp, b"in flight").unwrap();
+    let l = store.list().unwrap();
+    assert!(l[0].problem.as_deref().unwrap().contains("in progress"));
+    assert_eq!(fs.read(&tmp).unwrap(), b"in flight");
+    store.complete(&manifest(1, Vec::new())).unwrap();
+    // Finished: a temporary file left there is stale now.
+    assert_eq!(store.list().unwrap()[0].problem, None);
+    assert!(fs.read(&tmp).is_err());
+}

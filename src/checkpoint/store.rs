@@ -360,6 +360,23 @@ struct Inspection {
     problem: Option<String>,
 }
 
+/// Which checkpoints a store's writers are at work on.
+#[derive(Debug, Default, Clone)]
+struct Progress {
+    /// Begun, neither completed nor discarded.
+    active: BTreeSet<CheckpointId>,
+    /// The highest checkpoint completed or discarded (ids only grow: one begun later is
+    /// higher).
+    finished_max: Option<CheckpointId>,
+}
+
+impl Progress {
+    fn finish(&mut self, id: CheckpointId) {
+        self.active.remove(&id);
+        self.finished_max = self.finished_max.max(Some(id));
+    }
+}
+
 /// The checkpoint store on a local directory (see the module docs and `README.md` beside
 /// this file for the format and the commit protocol).
 ///
@@ -372,9 +389,9 @@ pub struct FsStore {
     fs: Arc<dyn Fs>,
     /// `None` for a read-only store (`checkpoint list` / `verify` of a running job's dir).
     _lock: Option<super::fs::LockGuard>,
-    /// Checkpoints begun and neither completed nor discarded: their temporary files belong to
-    /// writers at work, so `list` leaves them.
-    active: Mutex<BTreeSet<CheckpointId>>,
+    /// Which checkpoints writers of this store are at work on: `list` leaves their
+    /// temporary files alone.
+    progress: Mutex<Progress>,
     /// The first fsync error, after which the store refuses writes.
     poisoned: Mutex<Option<String>>,
 }
@@ -417,10 +434,10 @@ impl FsStore {
             dir,
             fs,
             _lock: Some(lock),
-            active: Mutex::new(BTreeSet::new()),
+            progress: Mutex::new(Progress::default()),
             poisoned: Mutex::new(None),
         };
-        store.remove_stale()?;
+        store.remove_stale(true)?;
         Ok(Arc::new(store))
     }
 
@@ -435,7 +452,7 @@ impl FsStore {
             dir,
             fs,
             _lock: None,
-            active: Mutex::new(BTreeSet::new()),
+            progress: Mutex::new(Progress::default()),
             poisoned: Mutex::new(None),
         }))
     }
@@ -478,9 +495,11 @@ impl FsStore {
             .map_err(|e| self.fsync_failed(path, e))
     }
 
-    /// Removes temporary files left by a crashed writer: in the directory itself and in every
-    /// checkpoint no writer of this store is at work on. Only the lock's holder does this.
-    fn remove_stale(&self) -> Result<(), Error> {
+    /// Removes temporary files left by a crashed writer. Only the lock's holder does this: at
+    /// open (`all`), everywhere; from `list`, only in checkpoints this store finished (or a
+    /// crashed run left, numbered below them) and is not at work on, so that a writer's
+    /// temporary file is never removed under it.
+    fn remove_stale(&self, all: bool) -> Result<(), Error> {
         if self._lock.is_none() {
             return Ok(());
         }
@@ -488,13 +507,14 @@ impl FsStore {
             .fs
             .read_dir(&self.dir)
             .map_err(|e| io_error("read_dir", &self.dir, e))?;
-        let active = self.active.lock().clone();
+        let progress = self.progress.lock().clone();
         for name in names {
             let path = self.dir.join(&name);
-            if is_temp(&name) {
+            if is_temp(&name) && all {
                 self.remove_if_present(&path)?;
             } else if let Some(id) = parse_checkpoint_dir_name(&name) {
-                if active.contains(&id) {
+                let finished = progress.finished_max.is_some_and(|max| id <= max);
+                if progress.active.contains(&id) || !(all || finished) {
                     continue;
                 }
                 let Ok(inner) = self.fs.read_dir(&path) else {
@@ -585,7 +605,7 @@ impl FsStore {
             }
         }
         let Some(raw) = manifest_bytes else {
-            let why = if self.active.lock().contains(&id) {
+            let why = if self.progress.lock().active.contains(&id) {
                 "in progress (no MANIFEST yet)"
             } else {
                 "incomplete: no MANIFEST (the run stopped, or the checkpoint failed, before it \
@@ -693,7 +713,7 @@ impl Store for FsStore {
     fn begin(&self, id: CheckpointId) -> Result<(), Error> {
         self.check_poisoned()?;
         let dir = self.chk_dir(id);
-        self.active.lock().insert(id);
+        self.progress.lock().active.insert(id);
         let result = self
             .fs
             .create_dir(&dir)
@@ -702,7 +722,7 @@ impl Store for FsStore {
             // can be: a durable MANIFEST under a lost directory entry is no checkpoint.
             .and_then(|()| self.fsync_dir(&self.dir));
         if result.is_err() {
-            self.active.lock().remove(&id);
+            self.progress.lock().finish(id);
         }
         result
     }
@@ -745,12 +765,12 @@ impl Store for FsStore {
         }
         let bytes = encode_manifest(manifest)?;
         self.write_durably(id, &self.chk_dir(id), MANIFEST, &bytes)?;
-        self.active.lock().remove(&id);
+        self.progress.lock().finish(id);
         Ok(bytes.len() as u64)
     }
 
     fn discard(&self, id: CheckpointId) -> Result<(), Error> {
-        self.active.lock().remove(&id);
+        self.progress.lock().finish(id);
         let dir = self.chk_dir(id);
         // The manifest goes first, durably: a checkpoint half removed by a crash is then
         // incomplete, never complete with files missing.
@@ -799,7 +819,7 @@ impl Store for FsStore {
     }
 
     fn list(&self) -> Result<Vec<Listing>, Error> {
-        self.remove_stale()?;
+        self.remove_stale(false)?;
         let names = self
             .fs
             .read_dir(&self.dir)
