@@ -2,18 +2,24 @@
 //!
 //! [`Store`] is the interface the coordinator and recovery use; [`FsStore`] is the default,
 //! on a local directory, over the [`Fs`] trait so that tests can put a fault-injecting file
-//! system under it.
+//! system under it (`SimFs`, in [`super::fs`]).
 //!
 //! On disk (format 1, see docs/checkpoints.md):
 //! ```text
 //! DIR/LOCK                      flock(2)ed for the run's life
+//! DIR/stdin.spool               the stdin spool, with `spool_stdin` (see `spool`)
 //! DIR/chk-00000007/             one directory per checkpoint
-//!     <stage>#<i>.state         one file per stage instance (encoded `InstanceState`)
-//!     MANIFEST                  written last: lists every file with size and CRC32C, and
-//!                               carries its own CRC32C; its presence makes the checkpoint
-//!                               complete
+//!     <stage>#<i>.state         one file per stage instance (encoded `InstanceState`); the
+//!                               stage name percent-escaped (`escape_name`)
+//!     MANIFEST                  written last: `MILLRACE-MANIFEST v1`, the manifest as one
+//!                               line of JSON (every file with size and CRC32C), and
+//!                               `crc32c <hex>` of the bytes before it; its presence makes
+//!                               the checkpoint complete
+//!     *.tmp-<32 hex>            a write in progress (or a crashed one's leftover)
 //! ```
-//! Every file is written under a temporary name, fsynced, renamed, and its directory fsynced.
+//! Every file is written under a temporary name, fsynced, renamed, and its directory fsynced;
+//! the design note `store.md` beside this file gives the protocol step by step, what each
+//! failure leaves behind and how recovery treats it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -377,8 +383,8 @@ impl Progress {
     }
 }
 
-/// The checkpoint store on a local directory (see the module docs and `README.md` beside
-/// this file for the format and the commit protocol).
+/// The checkpoint store on a local directory (see the module docs and `store.md` beside this
+/// file for the format and the commit protocol).
 ///
 /// Opened with [`FsStore::open`], it holds the directory's lock until dropped. Every fsync
 /// error is fatal: it is returned as [`Error::CheckpointIo`] with `op: "fsync"`, and the store
@@ -409,6 +415,29 @@ impl FsStore {
     /// Opens (creating it if missing) the checkpoint directory `dir` on the real file system
     /// and takes its lock; [`Error::CheckpointDirLocked`] when another store (in this process
     /// or another) holds it. Stale temporary files of a crashed run are removed.
+    ///
+    /// ```
+    /// use millrace::checkpoint::store::{FsStore, Manifest, Store, FORMAT};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let store = FsStore::open(dir.path().join("ckpt"))?;
+    /// store.begin(1)?;
+    /// let file = store.put(1, "count#0.state", b"state bytes")?;
+    /// let manifest = Manifest {
+    ///     format: FORMAT,
+    ///     id: 1,
+    ///     created_ms: 0,
+    ///     max_parallelism: 128,
+    ///     instances: Vec::new(),
+    /// };
+    /// store.complete(&manifest)?;
+    /// assert_eq!(store.list()?[0].problem, None);
+    /// assert_eq!(store.load(1)?, manifest);
+    /// assert_eq!(store.read(1, &file)?, b"state bytes");
+    /// // A second run on the same directory is refused.
+    /// assert!(FsStore::open(dir.path().join("ckpt")).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(dir: impl AsRef<Path>) -> Result<Arc<Self>, Error> {
         Self::open_with(dir, Arc::new(super::fs::RealFs))
     }
