@@ -152,7 +152,7 @@ fn the_commit_protocol_orders_fsyncs_before_the_manifest_and_retention_after_it(
     assert!(ops.iter().all(|o| o.ok), "{ops:?}");
     let chk2 = PathBuf::from(DIR).join("chk-00000002");
     let pos = |pred: &dyn Fn(&millrace::checkpoint::fs::Op) -> bool| {
-        ops.iter().position(|o| pred(o)).expect("op present")
+        ops.iter().position(pred).expect("op present")
     };
     // begin: mkdir, then the store's directory fsynced, before anything is written in it.
     assert_eq!(ops[0].kind, OpKind::CreateDir);
@@ -505,7 +505,8 @@ fn corrupted(file: &str, change: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDi
 fn torn_and_bit_flipped_files_fail_to_load_naming_the_file_and_the_reason() {
     let state = store::state_file_name(&inst("count", 1));
     let state = state.as_str();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, &str)> = vec![
+    type Change = Box<dyn FnOnce(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
         (
             state,
             Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2)),

@@ -94,7 +94,9 @@ pub fn verify_store(store: &dyn Store) -> Result<Vec<Problem>, Error> {
 
 /// Each keyed stage's instances' ranges must tile `0..max_parallelism`.
 fn key_group_problems(m: &Manifest, out: &mut Vec<String>) {
-    let mut stages: BTreeMap<&str, Vec<(String, Option<(u16, u16)>)>> = BTreeMap::new();
+    /// Per stage: each instance's name and key-group range.
+    type Groups = Vec<(String, Option<(u16, u16)>)>;
+    let mut stages: BTreeMap<&str, Groups> = BTreeMap::new();
     for inst in &m.instances {
         stages
             .entry(&inst.instance.stage)
