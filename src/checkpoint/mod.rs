@@ -16,9 +16,13 @@
 //! before it; a stage with several inputs aligns. See docs/checkpoints.md.
 
 pub(crate) mod coordinator;
+pub mod fs;
+#[doc(hidden)]
+pub mod spool;
 #[doc(hidden)]
 pub mod state;
 pub mod store;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::time::Duration;
