@@ -190,7 +190,7 @@ fn precommit_problems(m: &Manifest, out: &mut Vec<String>) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
