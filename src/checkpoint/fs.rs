@@ -592,7 +592,7 @@ impl Drop for SimLock {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::super::store::Fs;
     use super::*;

@@ -514,7 +514,7 @@ impl Read for SpoolReader {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -28,7 +28,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckpointId, InstanceId};
 use crate::error::Error;
-use crate::sync::{Arc, Mutex};
+// std's `Arc`, not the loom shim's: the store's API hands out `Arc<FsStore>` and takes
+// `Arc<dyn Fs>` (an unsized coercion loom's `Arc` cannot do), and no modelled protocol lives
+// in it. Its lock is the shim's.
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 
 /// The on-disk format version the manifest carries.
 pub const FORMAT: u32 = 1;
