@@ -15,7 +15,8 @@
 //! `channel.rs`): a source records its position and sends `Barrier(n)` after the records
 //! before it; a stage with several inputs aligns. See docs/checkpoints.md.
 
-pub(crate) mod coordinator;
+#[doc(hidden)]
+pub mod coordinator;
 #[doc(hidden)]
 pub mod state;
 pub mod store;
