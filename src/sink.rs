@@ -262,6 +262,9 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
 /// (helper C owns it): there is nothing pre-committed yet, so anything asked of it is an error.
 pub(crate) fn commit_part(path: &std::path::Path) -> Result<(), crate::Error> {
     Err(crate::Error::Checkpoint {
-        message: format!("cannot commit {}: sink commits are not implemented", path.display()),
+        message: format!(
+            "cannot commit {}: sink commits are not implemented",
+            path.display()
+        ),
     })
 }

@@ -234,6 +234,7 @@ pub struct Coordinator {
     commit: Box<dyn Fn(&str) -> Result<(), Error> + Send + Sync>,
     /// Loom demonstration: skip the "still pending?" check in `ack`.
     seed_bug_accept_stale: bool,
+    base: CheckpointId,
 }
 
 impl fmt::Debug for Coordinator {
@@ -281,11 +282,15 @@ impl Coordinator {
             index,
             commit: Box::new(|p| crate::sink::commit_part(std::path::Path::new(p))),
             seed_bug_accept_stale: false,
+            base: after,
         }
     }
 
     /// Replaces how pre-committed sink files are committed (tests).
-    pub fn with_commit(mut self, f: impl Fn(&str) -> Result<(), Error> + Send + Sync + 'static) -> Self {
+    pub fn with_commit(
+        mut self,
+        f: impl Fn(&str) -> Result<(), Error> + Send + Sync + 'static,
+    ) -> Self {
         self.commit = Box::new(f);
         self
     }
@@ -297,10 +302,15 @@ impl Coordinator {
         self
     }
 
-    /// The newest triggered checkpoint (0: none yet): one relaxed load.
+    /// The id after which this run's checkpoints are numbered (the newest found in the store).
+    pub fn base(&self) -> CheckpointId {
+        self.base
+    }
+
+    /// The newest triggered checkpoint (`base()` while none is): one load.
     #[inline]
     pub fn triggered(&self) -> CheckpointId {
-        self.triggered.load(Ordering::Acquire)
+        self.triggered.load(Ordering::Acquire).max(self.base)
     }
 
     /// Whether checkpoint `id` is pending (triggered, not complete, failed or abandoned).
@@ -418,9 +428,11 @@ impl Coordinator {
         let g = self.inner.lock();
         match g.pending.get(&id) {
             None => true,
-            Some(p) => self.expected.iter().enumerate().all(|(i, e)| {
-                e.dead_letter_side || p.acks[i].is_some() || g.finished[i].is_some()
-            }),
+            Some(p) => {
+                self.expected.iter().enumerate().all(|(i, e)| {
+                    e.dead_letter_side || p.acks[i].is_some() || g.finished[i].is_some()
+                })
+            }
         }
     }
 
@@ -532,7 +544,9 @@ impl Coordinator {
         if g.stopping || g.error.is_some() || g.pending.len() >= self.cfg.max_concurrent {
             return false;
         }
-        let after_trigger = g.last_trigger.map_or(true, |t| now >= t + self.cfg.interval);
+        let after_trigger = g
+            .last_trigger
+            .map_or(true, |t| now >= t + self.cfg.interval);
         let after_end = g.last_end.map_or(true, |t| now >= t + self.cfg.min_pause);
         after_trigger && after_end
     }
@@ -585,7 +599,9 @@ impl Coordinator {
                     }
                 }
                 (None, Some(f)) => {
-                    let file = self.store.put(id, &state_file_name(&e.instance), &f.bytes)?;
+                    let file = self
+                        .store
+                        .put(id, &state_file_name(&e.instance), &f.bytes)?;
                     InstanceEntry {
                         instance: e.instance.clone(),
                         fingerprint: e.fingerprint.clone(),
@@ -596,7 +612,9 @@ impl Coordinator {
                         precommitted: f.precommitted.clone(),
                     }
                 }
-                (None, None) => unreachable!("checkpoint {id} taken for completion while incomplete"),
+                (None, None) => {
+                    unreachable!("checkpoint {id} taken for completion while incomplete")
+                }
             };
             bytes += entry.file.size;
             instances.push(entry);

@@ -178,3 +178,64 @@ pub enum StateSupport {
     /// to start, naming the stage and this reason.
     Unsupported(String),
 }
+
+/// What the running workers share of checkpointing (present only when it is on).
+pub(crate) struct CheckpointRun {
+    /// The coordinator.
+    pub coord: std::sync::Arc<coordinator::Coordinator>,
+    /// Where instances write their state files.
+    pub store: std::sync::Arc<dyn store::Store>,
+    /// Aligned or not.
+    pub mode: Mode,
+    /// Each instance's restored state, when the run resumes.
+    pub restored: std::collections::BTreeMap<InstanceId, state::InstanceState>,
+    /// Keep the checkpoints when the run succeeds.
+    pub retain_on_success: bool,
+    /// The checkpoint the run resumed from.
+    pub resumed_from: Option<CheckpointId>,
+    /// Checkpoints skipped at resume, with why.
+    pub skipped: Vec<(CheckpointId, String)>,
+    /// Test hook: this instance's acknowledgement of this checkpoint is dropped.
+    pub drop_ack: Option<(InstanceId, CheckpointId)>,
+}
+
+impl CheckpointRun {
+    /// Writes instance `who`'s state for checkpoint `id` and acknowledges it (on the worker
+    /// thread, no lock held during the write). A write that fails while `id` is still pending
+    /// fails the run; one that fails because `id` was removed meanwhile is ignored. An ack
+    /// refused as stale discards the file, so that a late file never outlives its checkpoint.
+    pub(crate) fn write_and_ack(
+        &self,
+        who: &InstanceId,
+        id: CheckpointId,
+        state: &state::InstanceState,
+        align_ns: u64,
+    ) -> Result<(), crate::Error> {
+        let bytes = state.encode()?;
+        let name = coordinator::state_file_name(who);
+        let file = match self.store.put(id, &name, &bytes) {
+            Ok(f) => f,
+            Err(_) if !self.coord.is_pending(id) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if self.drop_ack.as_ref() == Some(&(who.clone(), id)) {
+            log::debug!("test hook: dropping {who}'s ack of checkpoint {id}");
+            return Ok(());
+        }
+        let ack = coordinator::Ack {
+            file,
+            key_groups: state.key_groups,
+            positions: state.positions.clone(),
+            precommitted: state.precommitted.clone(),
+            align_ns,
+        };
+        if self.coord.ack(id, who, ack).is_err() {
+            self.store.discard(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// The id `Tail::barrier` is called with once more after `Tail::finish`, to collect an ended
+/// instance's final state (a sink's final committed length and parts).
+pub(crate) const FINAL: CheckpointId = u64::MAX;

@@ -174,13 +174,17 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                     let mk = tails(&names, i)?;
                     let stage = Arc::clone(&names.stage);
                     let chain = chain.clone();
+                    let mut support = vec![(Arc::clone(&head_name), head.state_support())];
+                    chain.state_support(&mut support);
                     workers.push(Worker {
                         stage,
                         instance: i,
                         source,
                         dead_letter_side: false,
+                        support,
                         body: Box::new(move |cx: &Cx| {
                             let tail = mk(cx)?;
+                            runtime::tail_ready(cx, tail.state_support())?;
                             runtime::drive(cx, head, chain, tail)
                         }),
                     });
