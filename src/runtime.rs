@@ -545,6 +545,9 @@ where
     }
 }
 
+/// The state part holding the records an instance's chain took before a barrier.
+pub(crate) const RECORDS_PART: &str = "runtime.records";
+
 /// Checkpoint `id` at this instance, after every record before its barrier: snapshot the head
 /// and the chain, hand the barrier on (a sink makes its output durable), write the state file
 /// and acknowledge. A checkpoint no longer pending (failed, declined) is not snapshotted, but
@@ -567,6 +570,12 @@ where
     let pending = cp.coord.is_pending(id);
     let mut state = crate::checkpoint::state::InstanceState::default();
     if pending {
+        // A diagnostic part: the records this instance's chain took before the barrier (since
+        // this run started). Summed over a stage's instances it equals the same sum over the
+        // upstream stage's output at the same barrier: what the protocol tests check.
+        state
+            .put(RECORDS_PART, &cx.metrics.chain_in.load(Ordering::Relaxed))
+            .map_err(Halt::Failed)?;
         head.snapshot(cx, &mut state)?;
         chain.snapshot(&mut state).map_err(Halt::Failed)?;
     }

@@ -54,7 +54,9 @@ use super::state::InstanceState;
 use super::store::{FileEntry, InstanceEntry, Manifest, Store};
 use super::{CheckpointId, CheckpointStats, InstanceId, Outcome};
 use crate::error::Error;
-use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
+use std::sync::Arc;
+
+use crate::sync::{AtomicU64, Condvar, Mutex, Ordering};
 
 /// Where the coordinator reads the time (since its start).
 pub trait Clock: Send + Sync + 'static {

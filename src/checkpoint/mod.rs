@@ -17,9 +17,12 @@
 
 #[doc(hidden)]
 pub mod coordinator;
+mod start;
 #[doc(hidden)]
 pub mod state;
 pub mod store;
+
+pub(crate) use start::{start, StartInstance};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,7 +63,19 @@ pub enum Start {
 
 /// Checkpointing options (the TOML `[checkpoint]` table; `Pipeline::checkpoints` in the typed
 /// API).
-#[derive(Debug, Clone)]
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use millrace::checkpoint::CheckpointOptions;
+/// let mut opts = CheckpointOptions::new("/tmp/my-job-checkpoints");
+/// opts.interval = Duration::from_millis(500);
+/// opts.tolerable_failures = 2;
+/// assert_eq!(opts.max_concurrent, 1);
+/// assert_eq!(opts.retain, 3);
+/// ```
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct CheckpointOptions {
     /// The checkpoint directory (locked for the run's life: a second run on it is refused).
@@ -91,6 +106,33 @@ pub struct CheckpointOptions {
     pub max_parallelism: u16,
     /// What to do with existing checkpoints.
     pub start: Start,
+    /// The store to use instead of the file-system store on `dir` (tests).
+    #[doc(hidden)]
+    pub store: Option<std::sync::Arc<dyn store::Store>>,
+    /// Test hook: drop this instance's acknowledgement of this checkpoint (the real
+    /// coordinator path then times it out).
+    #[doc(hidden)]
+    pub drop_ack: Option<(InstanceId, CheckpointId)>,
+}
+
+impl std::fmt::Debug for CheckpointOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointOptions")
+            .field("dir", &self.dir)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("min_pause", &self.min_pause)
+            .field("tolerable_failures", &self.tolerable_failures)
+            .field("retain", &self.retain)
+            .field("retain_on_success", &self.retain_on_success)
+            .field("mode", &self.mode)
+            .field("spool_stdin", &self.spool_stdin)
+            .field("max_parallelism", &self.max_parallelism)
+            .field("start", &self.start)
+            .field("store", &self.store.as_ref().map(|_| "<custom>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl CheckpointOptions {
@@ -109,6 +151,8 @@ impl CheckpointOptions {
             spool_stdin: false,
             max_parallelism: state::DEFAULT_MAX_PARALLELISM,
             start: Start::RefuseExisting,
+            store: None,
+            drop_ack: None,
         }
     }
 }
