@@ -863,4 +863,178 @@ mod tests {
             other => panic!("expected a protocol error, got {other:?}"),
         }
     }
+
+    use crate::checkpoint::coordinator::{mem::MemStore, Config, Coordinator, Expected, ManualClock};
+    use crate::checkpoint::{CheckpointRun, InstanceId, Mode, Outcome};
+
+    /// A run whose checkpointing expects one instance, `sink#0`, with checkpoint 1 triggered.
+    fn checkpointing(mode: Mode) -> Cx {
+        let run = RunShared::new(crate::Options::default());
+        let cfg = Config {
+            interval: std::time::Duration::ZERO,
+            timeout: std::time::Duration::from_secs(60),
+            max_concurrent: 1,
+            min_pause: std::time::Duration::ZERO,
+            tolerable_failures: 5,
+            retain: 3,
+            max_parallelism: 128,
+        };
+        let who = InstanceId {
+            stage: "sink".into(),
+            instance: 0,
+        };
+        let coord = Coordinator::new(
+            cfg,
+            Arc::new(MemStore::default()),
+            Arc::new(ManualClock::new()),
+            vec![Expected {
+                instance: who,
+                fingerprint: "sink p=1".into(),
+                stateful: false,
+                dead_letter_side: false,
+            }],
+            0,
+            Vec::new(),
+            Vec::new(),
+        );
+        coord.step();
+        assert_eq!(coord.triggered(), 1);
+        let store: Arc<dyn crate::checkpoint::store::Store> = Arc::new(MemStore::default());
+        *run.checkpoint.lock() = Some(Arc::new(CheckpointRun {
+            coord: Arc::new(coord),
+            store,
+            mode,
+            restored: Default::default(),
+            retain_on_success: false,
+            resumed_from: None,
+            skipped: Vec::new(),
+            drop_ack: None,
+        }));
+        Cx {
+            run,
+            stage: "sink".into(),
+            instance: 0,
+            source: false,
+            metrics: Arc::new(InstanceMetrics::default()),
+        }
+    }
+
+    /// What the head returns, as text, until its input ends.
+    fn drain(cx: &Cx, head: &mut InputHead<u32>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            let p = head.pull(cx, &mut buf, None).unwrap();
+            match p {
+                Pull::Data => out.push(format!("{:?}", buf)),
+                Pull::Barrier(n) => out.push(format!("B{n}")),
+                Pull::End => return out,
+                Pull::Watermark(w) => out.push(format!("W{w:?}")),
+                Pull::Idle => {}
+            }
+            buf.clear();
+        }
+    }
+
+    fn data(from: usize, x: u32) -> Message<u32> {
+        Message::Data {
+            from,
+            batch: vec![x],
+        }
+    }
+
+    /// Exactly-once: after slot 0's barrier its data is held while slot 1 is read; the barrier
+    /// is returned once slot 1 delivers it, and the held data follows it.
+    #[test]
+    fn exactly_once_alignment_holds_the_barriered_slot() {
+        let cx = checkpointing(Mode::ExactlyOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        for m in [
+            data(0, 1),
+            Message::Barrier { from: 0, id: 1 },
+            data(0, 2),
+            data(1, 10),
+            Message::Barrier { from: 1, id: 1 },
+            data(1, 11),
+            Message::End { from: 0 },
+            Message::End { from: 1 },
+        ] {
+            tx.send(m).unwrap();
+        }
+        assert_eq!(drain(&cx, &mut head), ["[1]", "[10]", "B1", "[2]", "[11]"]);
+        let ns = cx.metrics.align_ns.load(crate::sync::Ordering::Relaxed);
+        assert!(ns > 0, "alignment time is measured");
+    }
+
+    /// At-least-once: nothing is held; the barrier comes when the last slot delivers it.
+    #[test]
+    fn at_least_once_alignment_holds_nothing() {
+        let cx = checkpointing(Mode::AtLeastOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        for m in [
+            Message::Barrier { from: 0, id: 1 },
+            data(0, 2),
+            data(1, 10),
+            Message::Barrier { from: 1, id: 1 },
+            Message::End { from: 0 },
+            Message::End { from: 1 },
+        ] {
+            tx.send(m).unwrap();
+        }
+        assert_eq!(drain(&cx, &mut head), ["[2]", "[10]", "B1"]);
+    }
+
+    /// An ended slot counts as having delivered every barrier.
+    #[test]
+    fn an_ended_slot_completes_the_alignment() {
+        let cx = checkpointing(Mode::ExactlyOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        for m in [
+            Message::Barrier { from: 0, id: 1 },
+            data(0, 2),
+            data(1, 10),
+            Message::End { from: 1 },
+            Message::End { from: 0 },
+        ] {
+            tx.send(m).unwrap();
+        }
+        assert_eq!(drain(&cx, &mut head), ["[10]", "B1", "[2]"]);
+    }
+
+    /// More held messages than the bound (16 here): the instance declines the checkpoint (it
+    /// fails at the coordinator), releases what it held in order, and still returns the
+    /// barrier once every slot delivered it.
+    #[test]
+    fn alignment_overflow_declines_and_releases_in_order() {
+        let cx = checkpointing(Mode::ExactlyOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        tx.send(Message::Barrier { from: 0, id: 1 }).unwrap();
+        for x in 0..20 {
+            tx.send(data(0, x)).unwrap();
+        }
+        tx.send(data(1, 100)).unwrap();
+        tx.send(Message::Barrier { from: 1, id: 1 }).unwrap();
+        tx.send(Message::End { from: 0 }).unwrap();
+        tx.send(Message::End { from: 1 }).unwrap();
+        let got = drain(&cx, &mut head);
+        let mut want: Vec<String> = (0..20).map(|x| format!("[{x}]")).collect();
+        want.push("[100]".into());
+        want.push("B1".into());
+        assert_eq!(got, want);
+        let cp = cx.run.checkpoint.lock().clone().unwrap();
+        assert!(!cp.coord.is_pending(1));
+        let stats = cp.coord.stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].outcome, Outcome::Failed);
+        let why = stats[0].error.as_deref().unwrap();
+        assert!(why.contains("declined by sink#0") && why.contains("alignment buffer full"), "{why}");
+    }
 }

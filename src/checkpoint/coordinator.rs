@@ -817,3 +817,80 @@ impl Coordinator {
 pub fn state_file_name(who: &InstanceId) -> String {
     format!("{who}.state")
 }
+
+/// A store in memory, for the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod mem {
+    use std::collections::BTreeMap;
+
+    use super::super::store::{FileEntry, Listing, Manifest, Store};
+    use super::super::CheckpointId;
+    use crate::error::Error;
+    use crate::sync::Mutex;
+
+    /// Checkpoint id → (files, manifest).
+    #[derive(Default)]
+    pub(crate) struct MemStore {
+        pub(crate) cps: Mutex<BTreeMap<CheckpointId, (BTreeMap<String, Vec<u8>>, Option<Manifest>)>>,
+    }
+
+    fn gone(id: CheckpointId) -> Error {
+        Error::Checkpoint {
+            message: format!("checkpoint {id} is not there"),
+        }
+    }
+
+    impl Store for MemStore {
+        fn begin(&self, id: CheckpointId) -> Result<(), Error> {
+            self.cps.lock().entry(id).or_default();
+            Ok(())
+        }
+        fn put(&self, id: CheckpointId, name: &str, bytes: &[u8]) -> Result<FileEntry, Error> {
+            let mut g = self.cps.lock();
+            let c = g.get_mut(&id).ok_or_else(|| gone(id))?;
+            c.0.insert(name.to_string(), bytes.to_vec());
+            Ok(FileEntry {
+                name: name.to_string(),
+                size: bytes.len() as u64,
+                crc32c: crc32c::crc32c(bytes),
+            })
+        }
+        fn complete(&self, m: &Manifest) -> Result<u64, Error> {
+            let mut g = self.cps.lock();
+            let c = g.get_mut(&m.id).ok_or_else(|| gone(m.id))?;
+            c.1 = Some(m.clone());
+            Ok(1)
+        }
+        fn discard(&self, id: CheckpointId) -> Result<(), Error> {
+            self.cps.lock().remove(&id);
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<Listing>, Error> {
+            Ok(self
+                .cps
+                .lock()
+                .iter()
+                .map(|(id, (files, m))| Listing {
+                    id: *id,
+                    created_ms: m.as_ref().map(|m| m.created_ms),
+                    bytes: files.values().map(|f| f.len() as u64).sum(),
+                    problem: m.is_none().then(|| "no manifest".to_string()),
+                })
+                .collect())
+        }
+        fn load(&self, id: CheckpointId) -> Result<Manifest, Error> {
+            self.cps
+                .lock()
+                .get(&id)
+                .and_then(|c| c.1.clone())
+                .ok_or_else(|| gone(id))
+        }
+        fn read(&self, id: CheckpointId, entry: &FileEntry) -> Result<Vec<u8>, Error> {
+            self.cps
+                .lock()
+                .get(&id)
+                .and_then(|c| c.0.get(&entry.name).cloned())
+                .ok_or_else(|| gone(id))
+        }
+    }
+}
