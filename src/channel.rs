@@ -864,7 +864,9 @@ mod tests {
         }
     }
 
-    use crate::checkpoint::coordinator::{mem::MemStore, Config, Coordinator, Expected, ManualClock};
+    use crate::checkpoint::coordinator::{
+        mem::MemStore, Config, Coordinator, Expected, ManualClock,
+    };
     use crate::checkpoint::{CheckpointRun, InstanceId, Mode, Outcome};
 
     /// A run whose checkpointing expects one instance, `sink#0`, with checkpoint 1 triggered.
@@ -1035,6 +1037,9 @@ mod tests {
         assert_eq!(stats.len(), 1);
         assert_eq!(stats[0].outcome, Outcome::Failed);
         let why = stats[0].error.as_deref().unwrap();
-        assert!(why.contains("declined by sink#0") && why.contains("alignment buffer full"), "{why}");
+        assert!(
+            why.contains("declined by sink#0") && why.contains("alignment buffer full"),
+            "{why}"
+        );
     }
 }

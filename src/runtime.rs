@@ -260,6 +260,21 @@ impl CancelHandle {
     }
 }
 
+impl CancelHandle {
+    /// The running coordinator, for tests' introspection (`None` before the run starts or
+    /// without checkpoints).
+    #[doc(hidden)]
+    pub fn checkpoint_coordinator(
+        &self,
+    ) -> Option<Arc<crate::checkpoint::coordinator::Coordinator>> {
+        self.shared
+            .checkpoint
+            .lock()
+            .as_ref()
+            .map(|c| Arc::clone(&c.coord))
+    }
+}
+
 impl std::fmt::Debug for CancelHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CancelHandle")
@@ -607,6 +622,9 @@ where
     tail.finish(cx)?;
     if let Some((c, who)) = cp {
         let mut state = crate::checkpoint::state::InstanceState::default();
+        state
+            .put(RECORDS_PART, &cx.metrics.chain_in.load(Ordering::Relaxed))
+            .map_err(Halt::Failed)?;
         head.snapshot(cx, &mut state)?;
         chain.snapshot(&mut state).map_err(Halt::Failed)?;
         tail.barrier(cx, crate::checkpoint::FINAL, &mut state)?;

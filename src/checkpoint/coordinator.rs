@@ -831,7 +831,8 @@ pub(crate) mod mem {
     /// Checkpoint id → (files, manifest).
     #[derive(Default)]
     pub(crate) struct MemStore {
-        pub(crate) cps: Mutex<BTreeMap<CheckpointId, (BTreeMap<String, Vec<u8>>, Option<Manifest>)>>,
+        pub(crate) cps:
+            Mutex<BTreeMap<CheckpointId, (BTreeMap<String, Vec<u8>>, Option<Manifest>)>>,
     }
 
     fn gone(id: CheckpointId) -> Error {
