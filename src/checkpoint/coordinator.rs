@@ -483,6 +483,15 @@ impl Coordinator {
         let mut actions;
         {
             let mut g = self.inner.lock();
+            // Ready ones first: a checkpoint whose last ack was recorded is complete in
+            // substance, whatever the clock says now; only the others can time out.
+            let inner = &mut *g;
+            for (id, p) in inner.pending.iter_mut() {
+                if !p.completing && Self::ready(p, &inner.finished) {
+                    p.completing = true;
+                    inner.actions.push(Action::Complete(*id));
+                }
+            }
             let expired: Vec<CheckpointId> = g
                 .pending
                 .iter()
@@ -492,13 +501,6 @@ impl Coordinator {
             for id in expired {
                 let reason = format!("timed out after {:?}", self.cfg.timeout);
                 self.fail_locked(&mut g, id, now, reason);
-            }
-            let inner = &mut *g;
-            for (id, p) in inner.pending.iter_mut() {
-                if !p.completing && Self::ready(p, &inner.finished) {
-                    p.completing = true;
-                    inner.actions.push(Action::Complete(*id));
-                }
             }
             if self.due(&g, now) {
                 g.last_id += 1;
