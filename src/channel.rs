@@ -691,7 +691,7 @@ impl<T> InputHead<T> {
                 .checkpoint
                 .lock()
                 .as_ref()
-                .map_or(false, |c| c.mode == crate::checkpoint::Mode::ExactlyOnce);
+                .is_some_and(|c| c.mode == crate::checkpoint::Mode::ExactlyOnce);
             a.exactly_once = Some(exactly);
             a.bound = (cx.run.opts.channel_capacity * a.delivered.len()).max(16);
         }

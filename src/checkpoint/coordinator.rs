@@ -221,6 +221,9 @@ struct Inner {
     error: Option<Error>,
 }
 
+/// Commits one pre-committed sink file.
+type CommitFn = Box<dyn Fn(&str) -> Result<(), Error> + Send + Sync>;
+
 /// The checkpoint coordinator of one run (see the module docs).
 pub struct Coordinator {
     inner: Mutex<Inner>,
@@ -233,7 +236,7 @@ pub struct Coordinator {
     expected: Vec<Expected>,
     index: BTreeMap<InstanceId, usize>,
     /// Test hook: commits pre-committed sink files (the default is `crate::sink::commit_part`).
-    commit: Box<dyn Fn(&str) -> Result<(), Error> + Send + Sync>,
+    commit: CommitFn,
     /// Loom demonstration: skip the "still pending?" check in `ack`.
     seed_bug_accept_stale: bool,
     base: CheckpointId,
@@ -589,7 +592,7 @@ impl Coordinator {
         for (i, e) in self.expected.iter().enumerate() {
             let entry = match (&acks[i], &finished[i]) {
                 (Some(a), _) => {
-                    if a.align_ns > 0 && slowest.as_ref().is_none_or(|(n, _)| a.align_ns > *n) {
+                    if a.align_ns > 0 && slowest.as_ref().map_or(true, |(n, _)| a.align_ns > *n) {
                         slowest = Some((a.align_ns, e.instance.to_string()));
                     }
                     InstanceEntry {
@@ -830,11 +833,13 @@ pub(crate) mod mem {
     use crate::error::Error;
     use crate::sync::Mutex;
 
+    /// A checkpoint's files and manifest.
+    type Cp = (BTreeMap<String, Vec<u8>>, Option<Manifest>);
+
     /// Checkpoint id → (files, manifest).
     #[derive(Default)]
     pub(crate) struct MemStore {
-        pub(crate) cps:
-            Mutex<BTreeMap<CheckpointId, (BTreeMap<String, Vec<u8>>, Option<Manifest>)>>,
+        pub(crate) cps: Mutex<BTreeMap<CheckpointId, Cp>>,
     }
 
     fn gone(id: CheckpointId) -> Error {

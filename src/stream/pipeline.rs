@@ -423,13 +423,17 @@ impl Pipeline {
     ///
     /// ```
     /// use millrace::checkpoint::CheckpointOptions;
-    /// let p = millrace::Pipeline::new();
     /// # let dir = tempfile::tempdir().unwrap();
-    /// p.checkpoints(CheckpointOptions::new(dir.path().join("checkpoints")));
-    /// // An iterator cannot be replayed after a crash: refused before anything runs.
-    /// p.source("numbers", 0..10u32).for_each(|_| {});
+    /// let mut opts = CheckpointOptions::new(dir.path().join("checkpoints"));
+    /// opts.interval = std::time::Duration::from_millis(200);
+    /// opts.max_parallelism = 2; // the number of key groups: no stage may be wider
+    /// let p = millrace::Pipeline::new();
+    /// p.checkpoints(opts);
+    /// p.read_lines("Cargo.toml").rebalance(4).map(|l| l.len()).name("wide").for_each(|_| {});
+    /// // Refused before anything runs, naming the stage.
     /// let err = p.run().unwrap_err();
     /// assert!(matches!(err, millrace::Error::CheckpointUnsupported { .. }), "{err}");
+    /// assert_eq!(err.stage(), Some("wide"));
     /// ```
     pub fn checkpoints(&self, opts: crate::checkpoint::CheckpointOptions) -> &Self {
         *self.shared.checkpoint_opts.lock() = Some(opts);
