@@ -128,8 +128,12 @@ fn setup(
     (store, clock, loom::sync::Arc::new(c))
 }
 
-/// What a worker does: write its file, acknowledge, and discard on a stale refusal.
+/// What a worker does (`runtime::checkpoint_at`, `CheckpointRun::write_and_ack`): snapshot
+/// only a pending checkpoint, write its file, acknowledge, and discard on a stale refusal.
 fn write_and_ack(store: &Mem, c: &Coordinator, id: CheckpointId, i: usize) -> bool {
+    if !c.is_pending(id) {
+        return false;
+    }
     let Ok(file) = store.put(id, &format!("s#{i}.state"), b"x") else {
         return false;
     };

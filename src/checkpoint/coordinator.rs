@@ -18,7 +18,7 @@
 //! - **Every other I/O is done by the coordinator's own thread outside the lock**: `begin`, the
 //!   files of finished instances, the manifest (`complete`), `discard` of failed and superseded
 //!   checkpoints, retention and the sinks' commits. [`Coordinator::step`] decides under the
-//!   lock what to do (a list of [`Action`]s), releases it, and does it.
+//!   lock what to do (a list of `Action`s), releases it, and does it.
 //! - **A timeout is decided under the lock, by the same critical section that would accept the
 //!   last ack**: so a checkpoint either completes or is removed, never both. A removed one is
 //!   gone from `pending` at once (nothing of it stays in memory), and its directory is
