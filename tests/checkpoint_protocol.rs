@@ -749,3 +749,72 @@ fn coordinator_io_does_not_block_acknowledgements() {
     c.step();
     assert_eq!(store.complete_ids(), vec![1, 2]);
 }
+
+/// A pipeline with a dead-letter stream: the dead-letter side's barriers follow the main
+/// side's acknowledgements, so checkpoints complete (none times out waiting for the letters'
+/// sink), and every letter arrives.
+#[test]
+fn checkpoints_complete_with_a_dead_letter_stream() {
+    no_leak(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.txt");
+        let mut s = String::new();
+        for i in 0..40_000u64 {
+            if i % 1000 == 7 {
+                s.push_str("bad\n");
+            } else {
+                s.push_str(&format!("{i}\n"));
+            }
+        }
+        std::fs::write(&path, s).unwrap();
+        let store = MemStore::new();
+        let p = Pipeline::with_options(small_batches());
+        let mut o = opts(&store);
+        o.timeout = Duration::from_secs(10);
+        p.checkpoints(o);
+        let (dl, letters) = p.dead_letters("bad");
+        let count = Arc::new(Mutex::new(0usize));
+        let c2 = Arc::clone(&count);
+        letters
+            .for_each(move |_| *c2.lock().unwrap() += 1)
+            .name("letters");
+        p.read_lines(&path)
+            .map(|l| {
+                if let Ok(x) = l.parse::<u64>() {
+                    pace(x.to_string());
+                }
+                l
+            })
+            .try_map(|l: String| l.parse::<u64>())
+            .on_error(millrace::OnError::DeadLetter(dl))
+            .name("parse")
+            .rebalance(1)
+            .for_each(|_| {})
+            .name("sink");
+        let report = p.run().unwrap();
+        assert_eq!(*count.lock().unwrap(), 40);
+        let done = report
+            .checkpoints
+            .iter()
+            .filter(|c| c.outcome == Outcome::Completed)
+            .count();
+        assert!(done >= 3, "{:?}", report.checkpoints);
+        assert!(
+            report
+                .checkpoints
+                .iter()
+                .all(|c| c.outcome == Outcome::Completed),
+            "{:?}",
+            report.checkpoints
+        );
+        let last = *store.complete_ids().last().unwrap();
+        let m = store.load(last).unwrap();
+        assert!(
+            m.instances
+                .iter()
+                .any(|e| e.instance.stage == "bad+letters"),
+            "{:?}",
+            m.instances
+        );
+    });
+}
