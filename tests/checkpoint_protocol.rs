@@ -839,3 +839,42 @@ fn an_iterator_source_is_refused() {
     assert!(!*ran.lock().unwrap(), "nothing ran");
     assert!(store.ids().is_empty(), "nothing written");
 }
+
+/// At-least-once: nothing is held, so a downstream instance's cut may include records sent
+/// after the barrier on its faster inputs — never fewer than upstream's, never more than all.
+#[test]
+fn at_least_once_cuts_are_never_behind_upstream() {
+    no_leak(|| {
+        let n = 40_000;
+        let (_dir, path) = numbers(n);
+        let store = MemStore::new();
+        let p = Pipeline::with_options(small_batches());
+        let mut o = opts(&store);
+        o.mode = millrace::checkpoint::Mode::AtLeastOnce;
+        p.checkpoints(o);
+        p.read_lines(&path)
+            .map(pace)
+            .rebalance(2)
+            .map(|x| x + 1)
+            .name("two")
+            .rebalance(1)
+            .for_each(|_| {})
+            .name("sink");
+        let report = p.run().unwrap();
+        assert!(report
+            .checkpoints
+            .iter()
+            .all(|c| c.outcome == Outcome::Completed));
+        let complete = store.complete_ids();
+        assert!(complete.len() >= 3, "{complete:?}");
+        for id in &complete {
+            let r = store.records(*id);
+            let source = r["lines.read+map"];
+            assert!(
+                r["two"] >= source && r["sink"] >= r["two"],
+                "checkpoint {id}: {r:?}"
+            );
+            assert!(r["sink"] <= n);
+        }
+    });
+}
