@@ -40,6 +40,8 @@ struct MemStore {
     cv: Condvar,
     /// `(checkpoint, file)` of every put, in order.
     puts: Mutex<Vec<(CheckpointId, String)>>,
+    /// A put of this file fails as an fsync error would.
+    fail: Mutex<Option<(CheckpointId, String)>>,
 }
 
 impl MemStore {
@@ -98,6 +100,13 @@ impl Store for MemStore {
     }
     fn put(&self, id: CheckpointId, name: &str, bytes: &[u8]) -> Result<FileEntry, Error> {
         self.puts.lock().unwrap().push((id, name.to_string()));
+        if self.fail.lock().unwrap().as_ref() == Some(&(id, name.to_string())) {
+            return Err(Error::CheckpointIo {
+                op: "fsync",
+                path: format!("chk-{id}/{name}"),
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
         {
             let mut b = self.block.lock().unwrap();
             if b.as_ref() == Some(&(id, name.to_string())) {
@@ -876,5 +885,30 @@ fn at_least_once_cuts_are_never_behind_upstream() {
             );
             assert!(r["sink"] <= n);
         }
+    });
+}
+
+/// A state write that fails while its checkpoint is pending fails the run with the store's
+/// error (never retried, never taken for a success); the threads are joined.
+#[test]
+fn a_failed_state_write_fails_the_run() {
+    no_leak(|| {
+        let (_dir, path) = numbers(40_000);
+        let store = MemStore::new();
+        *store.fail.lock().unwrap() = Some((2, "sink#0.state".into()));
+        let p = Pipeline::with_options(small_batches());
+        p.checkpoints(opts(&store));
+        p.read_lines(&path)
+            .map(pace)
+            .rebalance(1)
+            .for_each(|_| {})
+            .name("sink");
+        match p.run() {
+            Err(Error::CheckpointIo { op, path, .. }) => {
+                assert_eq!((op, path.as_str()), ("fsync", "chk-2/sink#0.state"))
+            }
+            other => panic!("expected the write's error, got {other:?}"),
+        }
+        assert!(!store.complete_ids().contains(&2));
     });
 }
