@@ -912,3 +912,39 @@ fn a_failed_state_write_fails_the_run() {
         assert!(!store.complete_ids().contains(&2));
     });
 }
+
+/// The default store (the file system): a run's checkpoints verify; a successful run without
+/// `retain_on_success` leaves none.
+#[test]
+fn checkpoints_on_the_file_system_store() {
+    let (dir, path) = numbers(20_000);
+    let cps = dir.path().join("checkpoints");
+    for keep in [true, false] {
+        let p = Pipeline::with_options(small_batches());
+        let mut o = CheckpointOptions::new(&cps);
+        o.interval = Duration::from_millis(5);
+        o.retain_on_success = keep;
+        o.retain = 2;
+        o.start = Start::Fresh;
+        p.checkpoints(o);
+        p.read_lines(&path)
+            .map(pace)
+            .rebalance(2)
+            .map(|x| x + 1)
+            .rebalance(1)
+            .for_each(|_| {});
+        let report = p.run().unwrap();
+        assert!(report
+            .checkpoints
+            .iter()
+            .any(|c| c.outcome == Outcome::Completed));
+        let store = millrace::checkpoint::store::FsStore::open(&cps).unwrap();
+        let listed = store.list().unwrap();
+        if keep {
+            assert!(!listed.is_empty() && listed.len() <= 2, "{listed:?}");
+            assert!(listed.iter().all(|l| l.problem.is_none()), "{listed:?}");
+        } else {
+            assert!(listed.is_empty(), "{listed:?}");
+        }
+    }
+}

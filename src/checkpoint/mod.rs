@@ -17,10 +17,14 @@
 
 #[doc(hidden)]
 pub mod coordinator;
+pub mod fs;
+#[doc(hidden)]
+pub mod spool;
 mod start;
 #[doc(hidden)]
 pub mod state;
 pub mod store;
+pub mod verify;
 
 pub(crate) use start::{start, StartInstance};
 

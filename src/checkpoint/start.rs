@@ -22,15 +22,11 @@ pub(crate) struct StartInstance {
     pub parallelism: usize,
 }
 
-/// The file-system store on `dir` (helper B's `FsStore`, which also takes the directory's
-/// lock).
+/// The file-system store on `dir` (which also takes the directory's lock: a second run on it
+/// is refused with `Error::CheckpointDirLocked`).
 fn default_store(opts: &CheckpointOptions) -> Result<Arc<dyn Store>, Error> {
-    Err(Error::Checkpoint {
-        message: format!(
-            "no checkpoint store for {}: the file-system store is not built in yet",
-            opts.dir.display()
-        ),
-    })
+    let store: Arc<dyn Store> = super::store::FsStore::open(&opts.dir)?;
+    Ok(store)
 }
 
 /// Opens the store, deals with what it holds as `opts.start` says, and makes the run's
