@@ -818,9 +818,15 @@ impl Coordinator {
     }
 }
 
-/// The name of an instance's state file in a checkpoint.
+/// The name of an instance's state file in a checkpoint: `<stage>#<i>.state`, the stage name
+/// escaped (`store::escape_name`: `+` and anything else outside `[A-Za-z0-9._-]` become
+/// `%XX`), so that no stage name can leave the directory or collide with another's.
 pub fn state_file_name(who: &InstanceId) -> String {
-    format!("{who}.state")
+    format!(
+        "{}#{}.state",
+        super::store::escape_name(&who.stage),
+        who.instance
+    )
 }
 
 /// A store in memory, for the crate's unit tests.
