@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckpointId, InstanceId};
 use crate::error::Error;
-use crate::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 
 /// The on-disk format version the manifest carries.
 pub const FORMAT: u32 = 1;

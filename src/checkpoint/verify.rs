@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use super::store::{FsStore, Listing, Manifest, Store};
 use super::CheckpointId;
 use crate::error::Error;
-use crate::sync::Arc;
+use std::sync::Arc;
 
 /// One thing wrong with a checkpoint directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
