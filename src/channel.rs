@@ -328,26 +328,40 @@ impl<T: Send> Tail<T> for ChannelTail<T> {
     fn watermark(&mut self, _cx: &Cx, at: Timestamp) -> Result<(), Halt> {
         self.send_watermark(at)
     }
+
+    fn barrier(
+        &mut self,
+        _cx: &Cx,
+        id: crate::checkpoint::CheckpointId,
+        _state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        self.send_barrier(id)
+    }
 }
 
 impl<T: Send> ChannelTail<T> {
     /// Sends what is buffered (records older than the watermark must not overtake it), then the
     /// watermark to every consumer: each combines the watermarks of all its inputs.
     pub(crate) fn send_watermark(&mut self, at: Timestamp) -> Result<(), Halt> {
+        let from = self.slot;
+        self.send_control(|| Message::Watermark { from, at })
+    }
+
+    /// Sends what is buffered (a batch never straddles a barrier, and no record overtakes
+    /// one), then barrier `id` to every live consumer.
+    pub(crate) fn send_barrier(&mut self, id: crate::checkpoint::CheckpointId) -> Result<(), Halt> {
+        let from = self.slot;
+        self.send_control(|| Message::Barrier { from, id })
+    }
+
+    /// Sends every buffered batch, then the message `make` builds to every live consumer.
+    fn send_control(&mut self, make: impl Fn() -> Message<T>) -> Result<(), Halt> {
         for b in 0..self.bufs.len().max(1) {
             self.send_buf(b)?;
         }
-        let from = self.slot;
         for tx in self.senders.iter_mut() {
             let Some(sender) = tx else { continue };
-            if send_blocking(
-                &self.run,
-                &self.metrics,
-                sender,
-                Message::Watermark { from, at },
-            )
-            .is_err()
-            {
+            if send_blocking(&self.run, &self.metrics, sender, make()).is_err() {
                 if self.run.is_cancelled() {
                     return Err(Halt::Done);
                 }
@@ -440,12 +454,34 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
         }
         Ok(())
     }
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        id: crate::checkpoint::CheckpointId,
+        state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        for (i, out) in self.outs.iter_mut().enumerate() {
+            if self.live[i] {
+                match out.barrier(cx, id, state) {
+                    Ok(()) => {}
+                    Err(Halt::Done) if !cx.run.is_cancelled() => self.live[i] = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if self.live.iter().any(|l| *l) {
+            Ok(())
+        } else {
+            Err(Halt::Done)
+        }
+    }
 }
 
 /// A stage instance's input: one channel fed by every upstream instance.
 ///
 /// It also combines the upstream watermarks (one input slot per upstream instance) in a
-/// [`WatermarkTracker`], and reports a rise of their minimum as [`Pull::Watermark`].
+/// [`WatermarkTracker`], and reports a rise of their minimum as [`Pull::Watermark`], and it
+/// aligns checkpoint barriers over its slots (see [`Align`]).
 pub(crate) struct InputHead<T> {
     rx: Receiver<Message<T>>,
     /// Where drained batches go back to the producers (dropped when that channel is full).
@@ -455,6 +491,98 @@ pub(crate) struct InputHead<T> {
     tracker: WatermarkTracker,
     /// How long a silent input may hold the watermark back (`None`: for ever).
     idle_after: Option<std::time::Duration>,
+    align: Align<T>,
+}
+
+/// Barrier alignment over an input's slots.
+///
+/// # Design note
+///
+/// Slot `s` has *delivered* barrier `n` once `Barrier(n)` from it was read; an ended slot
+/// counts as having delivered every barrier. When every slot has delivered `n`, the head
+/// returns [`Pull::Barrier`]`(n)` and the instance snapshots.
+///
+/// Exactly-once: from the moment slot `s` delivers `n` until every slot has, every later
+/// message from `s` (data, watermarks, its next barrier, its end) is *held*, in arrival order,
+/// in `held`, while the other slots are read; so the snapshot holds exactly the records before
+/// the barrier on every slot. When the barrier is returned, the held messages are moved in
+/// front of `replay` and read before the channel again (per slot, order is kept: a held message
+/// of a slot is always older than that slot's messages still in `replay`). Nothing is read
+/// from the channel while `replay` is non-empty, so `held` and `replay` together never hold
+/// more than `bound` messages (`channel_capacity × slots`, at least 16). When `held` would
+/// exceed it, the instance *declines* the checkpoint (the coordinator fails it), releases what
+/// it held in order, stops holding for it, and still returns `Pull::Barrier(n)` once every slot
+/// delivered `n` — the runtime then sees that `n` is no longer pending, takes no snapshot and
+/// only forwards the barrier, so downstream never waits for ever.
+///
+/// At-least-once: nothing is held; `Pull::Barrier(n)` is returned when the last slot delivers
+/// `n` (records after the barrier on faster slots are then in the snapshot).
+///
+/// Cost: a barrier costs a lock (the first one reads the run's checkpoint settings) and a
+/// scan of the slots; the data path checks one `Option` per message.
+struct Align<T> {
+    /// The latest barrier each slot delivered.
+    delivered: Vec<u64>,
+    ended: Vec<bool>,
+    /// Barriers seen but not yet returned, with when the first slot delivered each.
+    seen: std::collections::BTreeMap<u64, Instant>,
+    /// The last barrier returned.
+    emitted: u64,
+    /// Exactly-once and aligning on this barrier: messages of slots that delivered it are held.
+    holding: Option<u64>,
+    held: std::collections::VecDeque<Message<T>>,
+    replay: std::collections::VecDeque<Message<T>>,
+    bound: usize,
+    /// The run's mode, read at the first barrier.
+    exactly_once: Option<bool>,
+    /// A pull to return before reading more (a watermark that came with an end marker that
+    /// also completed an alignment).
+    deferred: Option<Pull>,
+}
+
+impl<T> Align<T> {
+    fn new(slots: usize) -> Self {
+        Align {
+            delivered: vec![0; slots],
+            ended: vec![false; slots],
+            seen: std::collections::BTreeMap::new(),
+            emitted: 0,
+            holding: None,
+            held: std::collections::VecDeque::new(),
+            replay: std::collections::VecDeque::new(),
+            bound: 16,
+            exactly_once: None,
+            deferred: None,
+        }
+    }
+
+    /// Whether a message from `from` must be held.
+    #[inline]
+    fn holds(&self, from: usize) -> bool {
+        match self.holding {
+            None => false,
+            Some(n) => self.delivered.get(from).is_some_and(|d| *d >= n),
+        }
+    }
+
+    /// The smallest barrier seen that every slot has delivered, if any.
+    fn complete(&self) -> Option<u64> {
+        let (&n, _) = self.seen.iter().next()?;
+        self.delivered
+            .iter()
+            .zip(&self.ended)
+            .all(|(d, e)| *e || *d >= n)
+            .then_some(n)
+    }
+}
+
+fn from_of<T>(m: &Message<T>) -> usize {
+    match m {
+        Message::Data { from, .. }
+        | Message::Watermark { from, .. }
+        | Message::End { from }
+        | Message::Barrier { from, .. } => *from,
+    }
 }
 
 impl<T> InputHead<T> {
@@ -471,9 +599,9 @@ impl<T> InputHead<T> {
             ends_seen: 0,
             tracker: WatermarkTracker::new(ends_expected, idle_after, Instant::now()),
             idle_after,
+            align: Align::new(ends_expected),
         }
     }
-
     /// Receives the next message, blocking (timed as idle) at most until `flush_at`.
     /// `Ok(None)` means "idle: flush now".
     pub(crate) fn recv(
@@ -552,18 +680,105 @@ impl<T> InputHead<T> {
     }
 }
 
+impl<T> InputHead<T> {
+    /// Slot `from` delivered barrier `id`: returns the barrier to hand on if that completed an
+    /// alignment.
+    fn on_barrier(&mut self, cx: &Cx, from: usize, id: u64) -> Option<Pull> {
+        let a = &mut self.align;
+        if a.exactly_once.is_none() {
+            let exactly = cx
+                .run
+                .checkpoint
+                .lock()
+                .as_ref()
+                .is_some_and(|c| c.mode == crate::checkpoint::Mode::ExactlyOnce);
+            a.exactly_once = Some(exactly);
+            a.bound = (cx.run.opts.channel_capacity * a.delivered.len()).max(16);
+        }
+        if let Some(d) = a.delivered.get_mut(from) {
+            *d = (*d).max(id);
+        }
+        if id > a.emitted {
+            a.seen.entry(id).or_insert_with(Instant::now);
+            if a.exactly_once == Some(true) && a.holding.is_none() {
+                a.holding = a.seen.keys().next().copied();
+            }
+        }
+        self.try_emit(cx)
+    }
+
+    /// Returns the oldest barrier every slot has delivered, if any, releasing what was held.
+    fn try_emit(&mut self, cx: &Cx) -> Option<Pull> {
+        let a = &mut self.align;
+        let n = a.complete()?;
+        let since = a.seen.remove(&n).unwrap_or_else(Instant::now);
+        let ns = since.elapsed().as_nanos() as u64;
+        InstanceMetrics::add(&cx.metrics.align_ns, ns);
+        cx.metrics
+            .last_align_ns
+            .store(ns, crate::sync::Ordering::Relaxed);
+        a.emitted = n;
+        // Release: held messages go first (they are older than their slots' replayed ones).
+        let mut held = std::mem::take(&mut a.held);
+        held.append(&mut a.replay);
+        a.replay = held;
+        a.holding = match a.exactly_once {
+            Some(true) => a.seen.keys().next().copied(),
+            _ => None,
+        };
+        Some(Pull::Barrier(n))
+    }
+
+    /// The hold buffer is full: decline the barrier being aligned and release what is held.
+    #[cold]
+    fn overflow(&mut self, cx: &Cx) {
+        let a = &mut self.align;
+        let Some(n) = a.holding.take() else { return };
+        if let Some(cp) = cx.run.checkpoint.lock().clone() {
+            let who = crate::checkpoint::InstanceId {
+                stage: cx.stage.to_string(),
+                instance: cx.instance,
+            };
+            cp.coord.decline(
+                n,
+                &who,
+                &format!("alignment buffer full ({} messages held)", a.held.len()),
+            );
+        }
+        let mut held = std::mem::take(&mut a.held);
+        held.append(&mut a.replay);
+        a.replay = held;
+    }
+}
+
 impl<T: Send> Head<T> for InputHead<T> {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         loop {
-            match self.recv(cx, flush_at)? {
-                None => {
-                    // Woken without input: releasing idle inputs may advance the watermark.
-                    return Ok(match self.tracker.advance(Instant::now()) {
-                        Some(wm) => Pull::Watermark(wm),
-                        None => Pull::Idle,
-                    });
+            if let Some(p) = self.align.deferred.take() {
+                return Ok(p);
+            }
+            let msg = match self.align.replay.pop_front() {
+                Some(m) => m,
+                None => match self.recv(cx, flush_at)? {
+                    Some(m) => m,
+                    None => {
+                        // Woken without input: releasing idle inputs may advance the watermark.
+                        return Ok(match self.tracker.advance(Instant::now()) {
+                            Some(wm) => Pull::Watermark(wm),
+                            None => Pull::Idle,
+                        });
+                    }
+                },
+            };
+            if self.align.holding.is_some() && self.align.holds(from_of(&msg)) {
+                self.align.held.push_back(msg);
+                if self.align.held.len() > self.align.bound {
+                    self.overflow(cx);
                 }
-                Some(Message::Data { from, mut batch }) => {
+                continue;
+            }
+            match msg {
+                Message::Data { from, mut batch } => {
                     if self.idle_after.is_some() {
                         self.tracker.heard(from, Instant::now());
                     }
@@ -575,18 +790,36 @@ impl<T: Send> Head<T> for InputHead<T> {
                     }
                     return Ok(Pull::Data);
                 }
-                Some(Message::Watermark { from, at }) => {
+                Message::Watermark { from, at } => {
                     if let Some(wm) = self.tracker.update(from, at, Instant::now()) {
                         return Ok(Pull::Watermark(wm));
                     }
                 }
-                // Skeleton: alignment comes with the coordinator (helper A).
-                Some(Message::Barrier { .. }) => {}
-                Some(Message::End { from }) => match self.end(from) {
-                    (true, _) => return Ok(Pull::End),
-                    (false, Some(wm)) => return Ok(Pull::Watermark(wm)),
-                    (false, None) => {}
-                },
+                Message::Barrier { from, id } => {
+                    if let Some(p) = self.on_barrier(cx, from, id) {
+                        return Ok(p);
+                    }
+                }
+                Message::End { from } => {
+                    if let Some(e) = self.align.ended.get_mut(from) {
+                        *e = true;
+                    }
+                    match self.end(from) {
+                        // Every input ended: the instance finishes (its final snapshot covers
+                        // any barrier still being aligned).
+                        (true, _) => return Ok(Pull::End),
+                        (false, wm) => {
+                            let wm = wm.map(Pull::Watermark);
+                            if let Some(p) = self.try_emit(cx) {
+                                self.align.deferred = wm;
+                                return Ok(p);
+                            }
+                            if let Some(p) = wm {
+                                return Ok(p);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -608,6 +841,7 @@ mod tests {
             run: RunShared::new(crate::Options::default()),
             stage: "sink".into(),
             instance: 0,
+            source: false,
             metrics: Arc::new(InstanceMetrics::default()),
         };
         tx.send(Message::End { from: 0 }).unwrap();
@@ -628,5 +862,184 @@ mod tests {
             }
             other => panic!("expected a protocol error, got {other:?}"),
         }
+    }
+
+    use crate::checkpoint::coordinator::{
+        mem::MemStore, Config, Coordinator, Expected, ManualClock,
+    };
+    use crate::checkpoint::{CheckpointRun, InstanceId, Mode, Outcome};
+
+    /// A run whose checkpointing expects one instance, `sink#0`, with checkpoint 1 triggered.
+    fn checkpointing(mode: Mode) -> Cx {
+        let run = RunShared::new(crate::Options::default());
+        let cfg = Config {
+            interval: std::time::Duration::ZERO,
+            timeout: std::time::Duration::from_secs(60),
+            max_concurrent: 1,
+            min_pause: std::time::Duration::ZERO,
+            tolerable_failures: 5,
+            retain: 3,
+            max_parallelism: 128,
+        };
+        let who = InstanceId {
+            stage: "sink".into(),
+            instance: 0,
+        };
+        let coord = Coordinator::new(
+            cfg,
+            Arc::new(MemStore::default()),
+            Arc::new(ManualClock::new()),
+            vec![Expected {
+                instance: who,
+                fingerprint: "sink p=1".into(),
+                stateful: false,
+                dead_letter_side: false,
+            }],
+            0,
+            Vec::new(),
+            Vec::new(),
+        );
+        coord.step();
+        assert_eq!(coord.triggered(), 1);
+        let store: Arc<dyn crate::checkpoint::store::Store> = Arc::new(MemStore::default());
+        *run.checkpoint.lock() = Some(Arc::new(CheckpointRun {
+            coord: Arc::new(coord),
+            store,
+            mode,
+            restored: Default::default(),
+            retain_on_success: false,
+            resumed_from: None,
+            skipped: Vec::new(),
+            drop_ack: None,
+        }));
+        Cx {
+            run,
+            stage: "sink".into(),
+            instance: 0,
+            source: false,
+            metrics: Arc::new(InstanceMetrics::default()),
+        }
+    }
+
+    /// What the head returns, as text, until its input ends.
+    fn drain(cx: &Cx, head: &mut InputHead<u32>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            let p = head.pull(cx, &mut buf, None).unwrap();
+            match p {
+                Pull::Data => out.push(format!("{:?}", buf)),
+                Pull::Barrier(n) => out.push(format!("B{n}")),
+                Pull::End => return out,
+                Pull::Watermark(w) => out.push(format!("W{w:?}")),
+                Pull::Idle => {}
+            }
+            buf.clear();
+        }
+    }
+
+    fn data(from: usize, x: u32) -> Message<u32> {
+        Message::Data {
+            from,
+            batch: vec![x],
+        }
+    }
+
+    /// Exactly-once: after slot 0's barrier its data is held while slot 1 is read; the barrier
+    /// is returned once slot 1 delivers it, and the held data follows it.
+    #[test]
+    fn exactly_once_alignment_holds_the_barriered_slot() {
+        let cx = checkpointing(Mode::ExactlyOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        for m in [
+            data(0, 1),
+            Message::Barrier { from: 0, id: 1 },
+            data(0, 2),
+            data(1, 10),
+            Message::Barrier { from: 1, id: 1 },
+            data(1, 11),
+            Message::End { from: 0 },
+            Message::End { from: 1 },
+        ] {
+            tx.send(m).unwrap();
+        }
+        assert_eq!(drain(&cx, &mut head), ["[1]", "[10]", "B1", "[2]", "[11]"]);
+        let ns = cx.metrics.align_ns.load(crate::sync::Ordering::Relaxed);
+        assert!(ns > 0, "alignment time is measured");
+    }
+
+    /// At-least-once: nothing is held; the barrier comes when the last slot delivers it.
+    #[test]
+    fn at_least_once_alignment_holds_nothing() {
+        let cx = checkpointing(Mode::AtLeastOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        for m in [
+            Message::Barrier { from: 0, id: 1 },
+            data(0, 2),
+            data(1, 10),
+            Message::Barrier { from: 1, id: 1 },
+            Message::End { from: 0 },
+            Message::End { from: 1 },
+        ] {
+            tx.send(m).unwrap();
+        }
+        assert_eq!(drain(&cx, &mut head), ["[2]", "[10]", "B1"]);
+    }
+
+    /// An ended slot counts as having delivered every barrier.
+    #[test]
+    fn an_ended_slot_completes_the_alignment() {
+        let cx = checkpointing(Mode::ExactlyOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        for m in [
+            Message::Barrier { from: 0, id: 1 },
+            data(0, 2),
+            data(1, 10),
+            Message::End { from: 1 },
+            Message::End { from: 0 },
+        ] {
+            tx.send(m).unwrap();
+        }
+        assert_eq!(drain(&cx, &mut head), ["[10]", "B1", "[2]"]);
+    }
+
+    /// More held messages than the bound (16 here): the instance declines the checkpoint (it
+    /// fails at the coordinator), releases what it held in order, and still returns the
+    /// barrier once every slot delivered it.
+    #[test]
+    fn alignment_overflow_declines_and_releases_in_order() {
+        let cx = checkpointing(Mode::ExactlyOnce);
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (recycle, _r) = crossbeam_channel::bounded(64);
+        let mut head = InputHead::new(rx, 2, recycle, None);
+        tx.send(Message::Barrier { from: 0, id: 1 }).unwrap();
+        for x in 0..20 {
+            tx.send(data(0, x)).unwrap();
+        }
+        tx.send(data(1, 100)).unwrap();
+        tx.send(Message::Barrier { from: 1, id: 1 }).unwrap();
+        tx.send(Message::End { from: 0 }).unwrap();
+        tx.send(Message::End { from: 1 }).unwrap();
+        let got = drain(&cx, &mut head);
+        let mut want: Vec<String> = (0..20).map(|x| format!("[{x}]")).collect();
+        want.push("[100]".into());
+        want.push("B1".into());
+        assert_eq!(got, want);
+        let cp = cx.run.checkpoint.lock().clone().unwrap();
+        assert!(!cp.coord.is_pending(1));
+        let stats = cp.coord.stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].outcome, Outcome::Failed);
+        let why = stats[0].error.as_deref().unwrap();
+        assert!(
+            why.contains("declined by sink#0") && why.contains("alignment buffer full"),
+            "{why}"
+        );
     }
 }

@@ -301,7 +301,16 @@ pub(crate) struct DeadLetterHead {
     rx: Receiver<DeadLetter>,
     main: Receiver<()>,
     main_done: bool,
+    /// Checkpointing, read at the first pull (`None` inside when it is off).
+    cp: Option<Option<Arc<crate::checkpoint::CheckpointRun>>>,
+    /// The next checkpoint to cut.
+    next: u64,
+    /// The checkpoint being cut, and how many letters are still to be sent before its barrier.
+    cut: Option<(u64, usize)>,
 }
+
+/// How often a dead-letter head with nothing to read checks whether it may send a barrier.
+const CUT_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl DeadLetterHead {
     pub(crate) fn new(rx: Receiver<DeadLetter>, main: Receiver<()>) -> Self {
@@ -309,6 +318,53 @@ impl DeadLetterHead {
             rx,
             main,
             main_done: false,
+            cp: None,
+            next: 0,
+            cut: None,
+        }
+    }
+
+    /// Checkpoints on the dead-letter side.
+    ///
+    /// # Design note
+    ///
+    /// Letters are not replayed: the dead-letter source has no position to rewind to. Its
+    /// barrier `n` is sent once every instance off the dead-letter side has acknowledged `n`
+    /// (or ended), after the letters queued at that moment (`rx.len()`): every letter caused by
+    /// a record before the cut was sent before the sender's snapshot, so it is before the
+    /// barrier and is not lost on resume. Letters sent after the cut by records that the resumed
+    /// run reprocesses may be sent again: dead letters are at-least-once.
+    ///
+    /// Returns the barrier to send now, if any.
+    fn barrier_due(&mut self, cx: &Cx) -> Option<u64> {
+        let cp = self
+            .cp
+            .get_or_insert_with(|| cx.run.checkpoint.lock().clone())
+            .as_ref()?;
+        if self.next == 0 {
+            self.next = cp.coord.base() + 1;
+        }
+        if self.cut.is_none()
+            && self.next <= cp.coord.triggered()
+            && cp.coord.main_side_done(self.next)
+        {
+            self.cut = Some((self.next, self.rx.len()));
+        }
+        match self.cut {
+            Some((id, 0)) => {
+                self.cut = None;
+                self.next = id + 1;
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a checkpoint is waiting for this head (it must not block for long).
+    fn checkpoint_waiting(&self) -> bool {
+        match &self.cp {
+            Some(Some(cp)) => self.cut.is_some() || self.next <= cp.coord.triggered(),
+            _ => false,
         }
     }
 }
@@ -321,10 +377,20 @@ impl Head<DeadLetter> for DeadLetterHead {
         flush_at: Option<u64>,
     ) -> Result<Pull, Halt> {
         let cap = cx.batch_size();
+        if let Some(id) = self.barrier_due(cx) {
+            return Ok(Pull::Barrier(id));
+        }
         while buf.len() < cap {
+            if let Some((_, 0)) = self.cut {
+                // The letters before the cut are in the buffer: the barrier follows them.
+                return Ok(Pull::Data);
+            }
             match self.rx.try_recv() {
                 Ok(l) => {
                     buf.push(l);
+                    if let Some((_, left)) = &mut self.cut {
+                        *left -= 1;
+                    }
                     continue;
                 }
                 Err(TryRecvError::Empty) if !self.main_done => {}
@@ -353,6 +419,11 @@ impl Head<DeadLetter> for DeadLetterHead {
                     t0.elapsed().as_nanos() as u64,
                 )
             };
+            let flush_at = match (flush_at, self.checkpoint_waiting()) {
+                (f, false) => f,
+                (None, true) => Some(cx.run.now_ms() + CUT_POLL.as_millis() as u64),
+                (Some(f), true) => Some(f.min(cx.run.now_ms() + CUT_POLL.as_millis() as u64)),
+            };
             let got = match flush_at {
                 Some(at) => {
                     let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
@@ -375,6 +446,9 @@ impl Head<DeadLetter> for DeadLetterHead {
             waited(cx);
             if let Some(l) = got {
                 buf.push(l);
+                if let Some((_, left)) = &mut self.cut {
+                    *left = left.saturating_sub(1);
+                }
             }
         }
         Ok(Pull::Data)

@@ -37,6 +37,11 @@ pub(crate) struct InstanceMetrics {
     pub dead_lettered: AtomicU64,
     /// Window stages: windows currently held (a gauge).
     pub open_windows: AtomicU64,
+    /// Nanoseconds spent aligning checkpoint barriers (first barrier of a checkpoint seen to
+    /// the last), summed over checkpoints.
+    pub align_ns: AtomicU64,
+    /// The latest alignment's nanoseconds (what the instance's acknowledgement reports).
+    pub last_align_ns: AtomicU64,
 }
 
 impl InstanceMetrics {
@@ -296,6 +301,7 @@ impl MetricsEntry {
             dead_lettered: m.dead_lettered.load(Relaxed),
             chain_in: m.chain_in.load(Relaxed),
             open_windows: m.open_windows.load(Relaxed),
+            aligning: Duration::from_nanos(m.align_ns.load(Relaxed)),
         }
     }
 }
@@ -336,6 +342,10 @@ pub struct StageMetrics {
     pub(crate) chain_in: u64,
     /// Window stages: windows held at the time of the snapshot (0 at the end of a run).
     pub open_windows: u64,
+    /// Time spent aligning checkpoint barriers over its inputs (from the first input's barrier
+    /// to the last one's), summed over checkpoints: grows under backpressure, when a barrier
+    /// waits behind queued batches.
+    pub aligning: Duration,
 }
 
 /// The result of a successful run: elapsed time and per-instance metrics. `Display` prints it as
@@ -357,6 +367,12 @@ pub struct RunReport {
     pub(crate) links: Vec<(Vec<usize>, usize)>,
     /// Whether a stage stopped before its input ended (records in flight were dropped).
     pub(crate) stopped_early: bool,
+    /// One row per checkpoint triggered (empty without checkpoints), in the order they ended.
+    pub checkpoints: Vec<crate::checkpoint::CheckpointStats>,
+    /// The checkpoint the run resumed from, if it resumed.
+    pub resumed_from: Option<crate::checkpoint::CheckpointId>,
+    /// Checkpoints skipped at resume because they did not verify, with why.
+    pub skipped_checkpoints: Vec<(crate::checkpoint::CheckpointId, String)>,
 }
 
 impl RunReport {
@@ -381,6 +397,7 @@ impl RunReport {
             total.dead_lettered += r.dead_lettered;
             total.chain_in += r.chain_in;
             total.open_windows += r.open_windows;
+            total.aligning += r.aligning;
         }
         Some(total)
     }

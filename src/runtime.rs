@@ -91,6 +91,15 @@ pub(crate) struct RunShared {
     main_alive_tx: Mutex<Option<Sender<()>>>,
     /// Disconnects when every worker off the dead-letter side has ended.
     pub main_alive_rx: Receiver<()>,
+    /// The checkpoint options the pipeline was given (`Pipeline::checkpoints`).
+    pub checkpoint_opts: Mutex<Option<crate::checkpoint::CheckpointOptions>>,
+    /// Checkpointing's shared part, set before the workers start when it is on. Workers read it
+    /// once when they start.
+    pub checkpoint: Mutex<Option<Arc<crate::checkpoint::CheckpointRun>>>,
+    /// The start gate of a run with checkpoints: how many workers have checked their tail's
+    /// state support, of how many (see [`tail_ready`]).
+    gate: Mutex<(usize, usize)>,
+    gate_cv: crate::sync::Condvar,
 }
 
 /// Reads one pool's metrics.
@@ -118,13 +127,22 @@ impl RunShared {
             source_rejected: AtomicU64::new(0),
             main_alive_tx: Mutex::new(Some(alive_tx)),
             main_alive_rx: alive_rx,
+            checkpoint_opts: Mutex::new(None),
+            checkpoint: Mutex::new(None),
+            gate: Mutex::new((0, 0)),
+            gate_cv: crate::sync::Condvar::new(),
         })
     }
 
     /// The number of key groups hash partitioning routes by (the checkpoint options' value;
     /// the default without checkpoints).
     pub(crate) fn max_parallelism(&self) -> u16 {
-        crate::checkpoint::state::DEFAULT_MAX_PARALLELISM
+        self.checkpoint_opts
+            .lock()
+            .as_ref()
+            .map_or(crate::checkpoint::state::DEFAULT_MAX_PARALLELISM, |o| {
+                o.max_parallelism.max(1)
+            })
     }
 
     /// Records the sources read so far, counting the lines they rejected.
@@ -169,6 +187,7 @@ impl RunShared {
     /// A report of these instance rows, with the per-step accounts derived from them.
     fn report(&self, elapsed: Duration, stages: Vec<crate::StageMetrics>) -> RunReport {
         let (accounts, links) = crate::metrics::derive_accounts(&self.plan.lock(), &stages);
+        let cp = self.checkpoint.lock().clone();
         RunReport {
             elapsed,
             stages,
@@ -176,6 +195,9 @@ impl RunShared {
             accounts,
             links,
             stopped_early: self.stopped_early.load(Ordering::Relaxed),
+            checkpoints: cp.as_ref().map(|c| c.coord.stats()).unwrap_or_default(),
+            resumed_from: cp.as_ref().and_then(|c| c.resumed_from),
+            skipped_checkpoints: cp.map(|c| c.skipped.clone()).unwrap_or_default(),
         }
     }
 
@@ -238,6 +260,21 @@ impl CancelHandle {
     }
 }
 
+impl CancelHandle {
+    /// The running coordinator, for tests' introspection (`None` before the run starts or
+    /// without checkpoints).
+    #[doc(hidden)]
+    pub fn checkpoint_coordinator(
+        &self,
+    ) -> Option<Arc<crate::checkpoint::coordinator::Coordinator>> {
+        self.shared
+            .checkpoint
+            .lock()
+            .as_ref()
+            .map(|c| Arc::clone(&c.coord))
+    }
+}
+
 impl std::fmt::Debug for CancelHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CancelHandle")
@@ -252,6 +289,8 @@ pub(crate) struct Cx {
     pub stage: Arc<str>,
     /// Which instance of the stage this worker runs (0-based).
     pub instance: usize,
+    /// Whether the worker runs a source (which injects checkpoint barriers).
+    pub source: bool,
     pub metrics: Arc<InstanceMetrics>,
 }
 
@@ -262,6 +301,7 @@ impl Cx {
             run: Arc::clone(&self.run),
             stage: Arc::clone(&self.stage),
             instance: self.instance,
+            source: self.source,
             metrics: Arc::clone(&self.metrics),
         }
     }
@@ -428,9 +468,38 @@ where
     let mut buf: Vec<I> = Vec::with_capacity(cx.batch_size());
     let linger = cx.linger_ms();
     let count_in = !head.counts_input();
+    // Checkpointing: read once; `None` when it is off (then nothing below costs anything).
+    let cp = cx.run.checkpoint.lock().clone();
+    let cp = cp.as_deref().map(|c| {
+        let who = crate::checkpoint::InstanceId {
+            stage: cx.stage.to_string(),
+            instance: cx.instance,
+        };
+        (c, who)
+    });
+    let mut injected = 0;
+    if let Some((c, who)) = &cp {
+        if let Some(state) = c.restored.get(who) {
+            head.restore(cx, state)?;
+            chain.restore(state).map_err(Halt::Failed)?;
+            tail.restore(cx, state)?;
+        }
+        injected = c.coord.base();
+    }
     loop {
         if cx.run.is_cancelled() {
             return Err(Halt::Done);
+        }
+        // A source injects every checkpoint triggered since its last batch, after the records
+        // it already pushed: one load per batch.
+        if cx.source {
+            if let Some((c, who)) = &cp {
+                let t = c.coord.triggered();
+                while injected < t {
+                    injected += 1;
+                    checkpoint_at(cx, c, who, injected, 0, head, chain, tail)?;
+                }
+            }
         }
         let flush_at = tail.pending_since().map(|t| t + linger);
         let pull = head.pull(cx, &mut buf, flush_at)?;
@@ -469,7 +538,7 @@ where
             // A limit was reached or every consumer is gone: end cleanly.
             Some(Halt::Done) => {
                 cx.run.stopped_early.store(true, Ordering::Relaxed);
-                return tail.finish(cx);
+                return finish(cx, &cp, head, chain, tail);
             }
             Some(e) => return Err(e),
         }
@@ -478,11 +547,125 @@ where
             Pull::Data => {}
             Pull::Idle => tail.flush(cx)?,
             Pull::Watermark(at) => tail.watermark(cx, at)?,
-            // Skeleton: snapshot and acknowledgement come with the coordinator (helper A).
-            Pull::Barrier(_) => {}
-            Pull::End => return tail.finish(cx),
+            Pull::Barrier(n) => match &cp {
+                Some((c, who)) => {
+                    let align = cx.metrics.last_align_ns.load(Ordering::Relaxed);
+                    checkpoint_at(cx, c, who, n, align, head, chain, tail)?;
+                }
+                // Barriers come only from checkpointing sources: pass one on regardless.
+                None => tail.barrier(cx, n, &mut Default::default())?,
+            },
+            Pull::End => return finish(cx, &cp, head, chain, tail),
         }
     }
+}
+
+/// The state part holding the records an instance's chain took before a barrier.
+pub(crate) const RECORDS_PART: &str = "runtime.records";
+
+/// Checkpoint `id` at this instance, after every record before its barrier: snapshot the head
+/// and the chain, hand the barrier on (a sink makes its output durable), write the state file
+/// and acknowledge. A checkpoint no longer pending (failed, declined) is not snapshotted, but
+/// its barrier is still handed on, so that no downstream instance waits for it for ever.
+#[allow(clippy::too_many_arguments)]
+fn checkpoint_at<I, C, T>(
+    cx: &Cx,
+    cp: &crate::checkpoint::CheckpointRun,
+    who: &crate::checkpoint::InstanceId,
+    id: crate::checkpoint::CheckpointId,
+    align_ns: u64,
+    head: &mut dyn Head<I>,
+    chain: &mut C,
+    tail: &mut T,
+) -> Result<(), Halt>
+where
+    C: Chain<I>,
+    T: Tail<C::Out>,
+{
+    let pending = cp.coord.is_pending(id);
+    let mut state = crate::checkpoint::state::InstanceState::default();
+    if pending {
+        // A diagnostic part: the records this instance's chain took before the barrier (since
+        // this run started). Summed over a stage's instances it equals the same sum over the
+        // upstream stage's output at the same barrier: what the protocol tests check.
+        state
+            .put(RECORDS_PART, &cx.metrics.chain_in.load(Ordering::Relaxed))
+            .map_err(Halt::Failed)?;
+        head.snapshot(cx, &mut state)?;
+        chain.snapshot(&mut state).map_err(Halt::Failed)?;
+    }
+    tail.barrier(cx, id, &mut state)?;
+    if pending {
+        cp.write_and_ack(who, id, &state, align_ns)
+            .map_err(Halt::Failed)?;
+    }
+    Ok(())
+}
+
+/// The instance ends normally: finish the tail, then hand the coordinator the final snapshot
+/// (head, chain, and the tail's state through one last `barrier(FINAL)`), which counts as the
+/// instance's ack of every pending and later checkpoint.
+fn finish<I, C, T>(
+    cx: &Cx,
+    cp: &Option<(
+        &crate::checkpoint::CheckpointRun,
+        crate::checkpoint::InstanceId,
+    )>,
+    head: &mut dyn Head<I>,
+    chain: &mut C,
+    tail: &mut T,
+) -> Result<(), Halt>
+where
+    C: Chain<I>,
+    T: Tail<C::Out>,
+{
+    tail.finish(cx)?;
+    if let Some((c, who)) = cp {
+        let mut state = crate::checkpoint::state::InstanceState::default();
+        state
+            .put(RECORDS_PART, &cx.metrics.chain_in.load(Ordering::Relaxed))
+            .map_err(Halt::Failed)?;
+        head.snapshot(cx, &mut state)?;
+        chain.snapshot(&mut state).map_err(Halt::Failed)?;
+        tail.barrier(cx, crate::checkpoint::FINAL, &mut state)?;
+        let bytes = state.encode().map_err(Halt::Failed)?;
+        c.coord.finish(who, &state, bytes);
+    }
+    Ok(())
+}
+
+/// Called by each worker once its tail is made, before its first pull: with checkpoints on,
+/// refuses a tail whose state cannot be checkpointed (naming the stage), then waits until every
+/// worker of the run has checked its own, so that no record moves before the run is known to be
+/// checkpointable. Without checkpoints it returns at once.
+pub(crate) fn tail_ready(cx: &Cx, support: crate::checkpoint::StateSupport) -> Result<(), Halt> {
+    use crate::checkpoint::{Mode, StateSupport};
+    let Some(mode) = cx.run.checkpoint.lock().as_ref().map(|c| c.mode) else {
+        return Ok(());
+    };
+    let refused = match support {
+        StateSupport::Unsupported(r) => Some(r),
+        StateSupport::AtLeastOnce(r) if mode == Mode::ExactlyOnce => Some(r),
+        _ => None,
+    };
+    if let Some(reason) = refused {
+        cx.run.fail(Error::CheckpointUnsupported {
+            stage: cx.stage.to_string(),
+            reason,
+        });
+        return Err(Halt::Done);
+    }
+    let mut g = cx.run.gate.lock();
+    g.0 += 1;
+    cx.run.gate_cv.notify_all();
+    while g.0 < g.1 {
+        if cx.run.is_cancelled() {
+            return Err(Halt::Done);
+        }
+        let deadline = Instant::now() + Duration::from_millis(20);
+        cx.run.gate_cv.wait_until(&mut g, deadline);
+    }
+    Ok(())
 }
 
 /// What a worker thread runs.
@@ -496,6 +679,9 @@ pub(crate) struct Worker {
     /// Whether the worker is on the dead-letter side (a dead-letter source or downstream of
     /// one): such workers hold no "main alive" token.
     pub dead_letter_side: bool,
+    /// What the worker's head and chain steps say of their state (checked before a run with
+    /// checkpoints starts; the tail is checked by [`tail_ready`]).
+    pub support: Vec<(Arc<str>, crate::checkpoint::StateSupport)>,
     pub body: WorkerBody,
 }
 
@@ -527,6 +713,9 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         jobs.push((w, metrics));
     }
     *shared.metrics.lock() = entries;
+    shared.gate.lock().1 = jobs.len();
+    let cp = shared.checkpoint.lock().clone();
+    let cp_stop = AtomicBool::new(false);
 
     // Every worker holds a clone of `alive_tx`; when the last one ends the main thread's
     // `recv_timeout` sees the channel disconnect and stops ticking the clock.
@@ -541,6 +730,7 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
                 run: Arc::clone(&shared),
                 stage: Arc::clone(&w.stage),
                 instance: w.instance,
+                source: w.source,
                 metrics,
             };
             let alive = alive_tx.clone();
@@ -584,6 +774,32 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         }
         drop(alive_tx);
         shared.main_alive_tx.lock().take();
+        let coordinator = cp.as_ref().and_then(|c| {
+            let (c, stop, run) = (Arc::clone(c), &cp_stop, &shared);
+            let spawned = thread::Builder::new()
+                .name("millrace:checkpoint".into())
+                .spawn_scoped(scope, move || {
+                    let fail = |e: Error| run.fail(e);
+                    if let Err(p) =
+                        catch_unwind(AssertUnwindSafe(|| c.coord.run_thread(stop, &fail)))
+                    {
+                        run.fail(Error::Checkpoint {
+                            message: format!("the coordinator panicked: {}", panic_message(&*p)),
+                        });
+                    }
+                });
+            match spawned {
+                Ok(h) => Some(h),
+                Err(source) => {
+                    shared.fail(Error::Spawn {
+                        what: "the checkpoint coordinator's thread".into(),
+                        stage: None,
+                        source,
+                    });
+                    None
+                }
+            }
+        });
         // Nobody sends on `alive`: this waits for the last worker, ticking the clock meanwhile.
         while let Err(RecvTimeoutError::Timeout) = alive_rx.recv_timeout(TICK) {
             shared
@@ -594,7 +810,29 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             // A worker's panic was caught inside it: joining cannot fail but by a bug.
             let _ = h.join();
         }
+        if let Some(c) = &cp {
+            c.coord.stop_thread(&cp_stop);
+        }
+        if let Some(h) = coordinator {
+            let _ = h.join();
+        }
     });
+    if let Some(c) = &cp {
+        // Every worker has ended: complete what can be completed (on success, a final
+        // checkpoint commits the sinks' last files), abandon the rest, and on success remove
+        // the directory's checkpoints unless asked to keep them.
+        let success = !shared.has_failed() && !shared.is_cancelled();
+        let r = c.coord.shutdown(success).and_then(|()| {
+            if success && !c.retain_on_success {
+                c.coord.remove_all()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = r {
+            shared.fail(e);
+        }
+    }
 
     let elapsed = start.elapsed();
     if let Some(e) = shared.first_error.lock().take() {

@@ -256,3 +256,15 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
         Ok(())
     }
 }
+
+/// Commits a sink file pre-committed at a barrier, once its checkpoint is complete: an
+/// idempotent rename plus a directory fsync. Stub until the sinks' exactly-once side lands
+/// (helper C owns it): there is nothing pre-committed yet, so anything asked of it is an error.
+pub(crate) fn commit_part(path: &std::path::Path) -> Result<(), crate::Error> {
+    Err(crate::Error::Checkpoint {
+        message: format!(
+            "cannot commit {}: sink commits are not implemented",
+            path.display()
+        ),
+    })
+}

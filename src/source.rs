@@ -856,6 +856,7 @@ mod tests {
             run: RunShared::new(crate::Options::default()),
             stage: "read".into(),
             instance: 0,
+            source: false,
             metrics: Arc::new(InstanceMetrics::default()),
         }
     }

@@ -36,7 +36,9 @@ use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use crate::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 
 /// What [`Fs::lock_exclusive`](super::store::Fs::lock_exclusive) returns: the lock is held
 /// until this is dropped.

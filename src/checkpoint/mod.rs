@@ -15,14 +15,18 @@
 //! `channel.rs`): a source records its position and sends `Barrier(n)` after the records
 //! before it; a stage with several inputs aligns. See docs/checkpoints.md.
 
-pub(crate) mod coordinator;
+#[doc(hidden)]
+pub mod coordinator;
 pub mod fs;
 #[doc(hidden)]
 pub mod spool;
+mod start;
 #[doc(hidden)]
 pub mod state;
 pub mod store;
 pub mod verify;
+
+pub(crate) use start::{start, StartInstance};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,7 +67,19 @@ pub enum Start {
 
 /// Checkpointing options (the TOML `[checkpoint]` table; `Pipeline::checkpoints` in the typed
 /// API).
-#[derive(Debug, Clone)]
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use millrace::checkpoint::CheckpointOptions;
+/// let mut opts = CheckpointOptions::new("/tmp/my-job-checkpoints");
+/// opts.interval = Duration::from_millis(500);
+/// opts.tolerable_failures = 2;
+/// assert_eq!(opts.max_concurrent, 1);
+/// assert_eq!(opts.retain, 3);
+/// ```
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct CheckpointOptions {
     /// The checkpoint directory (locked for the run's life: a second run on it is refused).
@@ -94,6 +110,33 @@ pub struct CheckpointOptions {
     pub max_parallelism: u16,
     /// What to do with existing checkpoints.
     pub start: Start,
+    /// The store to use instead of the file-system store on `dir` (tests).
+    #[doc(hidden)]
+    pub store: Option<std::sync::Arc<dyn store::Store>>,
+    /// Test hook: drop this instance's acknowledgement of this checkpoint (the real
+    /// coordinator path then times it out).
+    #[doc(hidden)]
+    pub drop_ack: Option<(InstanceId, CheckpointId)>,
+}
+
+impl std::fmt::Debug for CheckpointOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointOptions")
+            .field("dir", &self.dir)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("min_pause", &self.min_pause)
+            .field("tolerable_failures", &self.tolerable_failures)
+            .field("retain", &self.retain)
+            .field("retain_on_success", &self.retain_on_success)
+            .field("mode", &self.mode)
+            .field("spool_stdin", &self.spool_stdin)
+            .field("max_parallelism", &self.max_parallelism)
+            .field("start", &self.start)
+            .field("store", &self.store.as_ref().map(|_| "<custom>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl CheckpointOptions {
@@ -112,6 +155,8 @@ impl CheckpointOptions {
             spool_stdin: false,
             max_parallelism: state::DEFAULT_MAX_PARALLELISM,
             start: Start::RefuseExisting,
+            store: None,
+            drop_ack: None,
         }
     }
 }
@@ -181,3 +226,64 @@ pub enum StateSupport {
     /// to start, naming the stage and this reason.
     Unsupported(String),
 }
+
+/// What the running workers share of checkpointing (present only when it is on).
+pub(crate) struct CheckpointRun {
+    /// The coordinator.
+    pub coord: std::sync::Arc<coordinator::Coordinator>,
+    /// Where instances write their state files.
+    pub store: std::sync::Arc<dyn store::Store>,
+    /// Aligned or not.
+    pub mode: Mode,
+    /// Each instance's restored state, when the run resumes.
+    pub restored: std::collections::BTreeMap<InstanceId, state::InstanceState>,
+    /// Keep the checkpoints when the run succeeds.
+    pub retain_on_success: bool,
+    /// The checkpoint the run resumed from.
+    pub resumed_from: Option<CheckpointId>,
+    /// Checkpoints skipped at resume, with why.
+    pub skipped: Vec<(CheckpointId, String)>,
+    /// Test hook: this instance's acknowledgement of this checkpoint is dropped.
+    pub drop_ack: Option<(InstanceId, CheckpointId)>,
+}
+
+impl CheckpointRun {
+    /// Writes instance `who`'s state for checkpoint `id` and acknowledges it (on the worker
+    /// thread, no lock held during the write). A write that fails while `id` is still pending
+    /// fails the run; one that fails because `id` was removed meanwhile is ignored. An ack
+    /// refused as stale discards the file, so that a late file never outlives its checkpoint.
+    pub(crate) fn write_and_ack(
+        &self,
+        who: &InstanceId,
+        id: CheckpointId,
+        state: &state::InstanceState,
+        align_ns: u64,
+    ) -> Result<(), crate::Error> {
+        let bytes = state.encode()?;
+        let name = coordinator::state_file_name(who);
+        let file = match self.store.put(id, &name, &bytes) {
+            Ok(f) => f,
+            Err(_) if !self.coord.is_pending(id) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if self.drop_ack.as_ref() == Some(&(who.clone(), id)) {
+            log::debug!("test hook: dropping {who}'s ack of checkpoint {id}");
+            return Ok(());
+        }
+        let ack = coordinator::Ack {
+            file,
+            key_groups: state.key_groups,
+            positions: state.positions.clone(),
+            precommitted: state.precommitted.clone(),
+            align_ns,
+        };
+        if self.coord.ack(id, who, ack).is_err() {
+            self.store.discard(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// The id `Tail::barrier` is called with once more after `Tail::finish`, to collect an ended
+/// instance's final state (a sink's final committed length and parts).
+pub(crate) const FINAL: CheckpointId = u64::MAX;

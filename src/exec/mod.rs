@@ -1137,6 +1137,7 @@ mod tests {
             instance: 0,
             source: false,
             dead_letter_side: false,
+            support: Vec::new(),
             body: Box::new(move |cx: &Cx| {
                 let mut head = make(input);
                 let mut buf = Vec::new();
@@ -1214,6 +1215,7 @@ mod tests {
                 run: RunShared::new(Options::default()),
                 stage: "child".into(),
                 instance: 0,
+                source: false,
                 metrics: Arc::new(InstanceMetrics::default()),
             };
             fault::FAIL_SPAWN.with(|f| f.set(Some(which)));

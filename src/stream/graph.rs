@@ -75,6 +75,9 @@ pub(super) struct Builder {
     pub(super) errors: Vec<String>,
     /// The dead-letter handles this pipeline made (their identities), to refuse another's.
     pub(super) dead_letter_handles: HashSet<usize>,
+    /// Checkpoint fingerprints set by the TOML layer (stage name → its kind and parameters);
+    /// a stage without one gets `"<stage> p=<parallelism>"`.
+    pub(super) fingerprints: std::collections::HashMap<String, String>,
 }
 
 impl Builder {

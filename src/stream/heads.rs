@@ -66,6 +66,15 @@ impl<X: Send, L: Send, R: Send> Tail<X> for RouteTail<X, L, R> {
         self.left.finish(cx)?;
         self.right.finish(cx)
     }
+    /// Both outputs are channels: each sends what it buffered, then the barrier.
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        id: crate::checkpoint::CheckpointId,
+        _state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        self.each(cx, |t, _| t.send_barrier(id), |t, _| t.send_barrier(id))
+    }
 }
 
 impl<X, L: Send, R: Send> RouteTail<X, L, R> {

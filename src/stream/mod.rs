@@ -174,13 +174,17 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                     let mk = tails(&names, i)?;
                     let stage = Arc::clone(&names.stage);
                     let chain = chain.clone();
+                    let mut support = vec![(Arc::clone(&head_name), head.state_support())];
+                    chain.state_support(&mut support);
                     workers.push(Worker {
                         stage,
                         instance: i,
                         source,
                         dead_letter_side: false,
+                        support,
                         body: Box::new(move |cx: &Cx| {
                             let tail = mk(cx)?;
+                            runtime::tail_ready(cx, tail.state_support())?;
                             runtime::drive(cx, head, chain, tail)
                         }),
                     });
@@ -268,13 +272,76 @@ fn build_and_run(
         side[i] = slot.dead_letter || slot.inputs.iter().any(|&u| side.get(u) == Some(&true));
     }
     let mut workers = Vec::new();
+    let mut stage_of = Vec::new();
     for (i, p) in phase2.into_iter().enumerate() {
         for mut w in p()? {
             w.dead_letter_side = side[i];
             // Letters are not records read: a dead-letter source does not count as a source.
             w.source &= !b.stages[i].dead_letter;
             workers.push(w);
+            stage_of.push(i);
         }
     }
+    let cp_opts = shared.checkpoint_opts.lock().clone();
+    if let Some(opts) = cp_opts {
+        let run = start_checkpoints(&b, &opts, &workers, &stage_of)?;
+        *shared.checkpoint.lock() = Some(Arc::new(run));
+    }
     runtime::run(shared, workers)
+}
+
+/// Before any thread is spawned: refuses a pipeline that cannot be checkpointed (a step whose
+/// state cannot be snapshotted or whose input cannot be replayed; a step fine only at least
+/// once, in exactly-once mode; a stage wider than `max_parallelism`), then opens the store and
+/// handles the checkpoints found there (see `checkpoint::start`).
+fn start_checkpoints(
+    b: &Builder,
+    opts: &crate::checkpoint::CheckpointOptions,
+    workers: &[Worker],
+    stage_of: &[usize],
+) -> Result<crate::checkpoint::CheckpointRun, Error> {
+    use crate::checkpoint::{InstanceId, Mode, StartInstance, StateSupport};
+    let mut instances = Vec::with_capacity(workers.len());
+    for (w, &i) in workers.iter().zip(stage_of) {
+        let slot = &b.stages[i];
+        let mut stateful = slot.sink.is_some();
+        for (step, support) in &w.support {
+            match support {
+                StateSupport::Stateless => {}
+                StateSupport::Snapshots => stateful = true,
+                StateSupport::AtLeastOnce(_) if opts.mode == Mode::AtLeastOnce => stateful = true,
+                StateSupport::AtLeastOnce(reason) | StateSupport::Unsupported(reason) => {
+                    return Err(Error::CheckpointUnsupported {
+                        stage: step.to_string(),
+                        reason: reason.clone(),
+                    })
+                }
+            }
+        }
+        if slot.parallelism > opts.max_parallelism as usize {
+            return Err(Error::CheckpointUnsupported {
+                stage: w.stage.to_string(),
+                reason: format!(
+                    "its parallelism {} is above max_parallelism = {}",
+                    slot.parallelism, opts.max_parallelism
+                ),
+            });
+        }
+        let fingerprint = b
+            .fingerprints
+            .get(&*w.stage)
+            .cloned()
+            .unwrap_or_else(|| format!("{} p={}", w.stage, slot.parallelism));
+        instances.push(StartInstance {
+            id: InstanceId {
+                stage: w.stage.to_string(),
+                instance: w.instance,
+            },
+            fingerprint,
+            stateful,
+            dead_letter_side: w.dead_letter_side,
+            parallelism: slot.parallelism,
+        });
+    }
+    crate::checkpoint::start(opts, &instances)
 }

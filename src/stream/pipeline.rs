@@ -411,6 +411,46 @@ impl Pipeline {
             .push(Box::new(move || pool.metrics()));
     }
 
+    /// Turns checkpoints on: every `opts.interval` the sources record their positions and send
+    /// a barrier through the pipeline; each stage instance snapshots its state when the barrier
+    /// reaches it (aligned over its inputs in exactly-once mode), and a checkpoint is complete
+    /// once every instance's state is durable in `opts.dir`. A run with
+    /// [`Start::Resume`](crate::checkpoint::Start::Resume) restores every stage from the newest
+    /// checkpoint that verifies. The run refuses to start if a step cannot be checkpointed (an
+    /// iterator source cannot be replayed), naming it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use millrace::checkpoint::CheckpointOptions;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let mut opts = CheckpointOptions::new(dir.path().join("checkpoints"));
+    /// opts.interval = std::time::Duration::from_millis(200);
+    /// opts.max_parallelism = 2; // the number of key groups: no stage may be wider
+    /// let p = millrace::Pipeline::new();
+    /// p.checkpoints(opts);
+    /// p.read_lines("Cargo.toml").rebalance(4).map(|l| l.len()).name("wide").for_each(|_| {});
+    /// // Refused before anything runs, naming the stage.
+    /// let err = p.run().unwrap_err();
+    /// assert!(matches!(err, millrace::Error::CheckpointUnsupported { .. }), "{err}");
+    /// assert_eq!(err.stage(), Some("wide"));
+    /// ```
+    pub fn checkpoints(&self, opts: crate::checkpoint::CheckpointOptions) -> &Self {
+        *self.shared.checkpoint_opts.lock() = Some(opts);
+        self
+    }
+
+    /// Sets the checkpoint fingerprint of stage `name` (its kind and parameters): a resume
+    /// whose stateful stage of this name has another fingerprint is refused. Called by the
+    /// TOML layer.
+    #[doc(hidden)]
+    pub fn set_stage_fingerprint(&self, name: &str, fingerprint: &str) {
+        self.b
+            .borrow_mut()
+            .fingerprints
+            .insert(name.to_string(), fingerprint.to_string());
+    }
+
     /// Names of the stages registered so far, in the order they run.
     ///
     /// # Examples

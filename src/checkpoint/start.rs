@@ -1,0 +1,209 @@
+//! Starting a run with checkpoints: opening the store, handling the checkpoints found there
+//! (refuse, discard, or resume from the newest that verifies), matching the restored instances
+//! to the pipeline's, and making the coordinator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::coordinator::{Config, Coordinator, Expected, SystemClock};
+use super::state::InstanceState;
+use super::store::{Manifest, Store};
+use super::{CheckpointId, CheckpointOptions, CheckpointRun, InstanceId, Start};
+use crate::error::Error;
+
+/// One stage instance of the pipeline about to run.
+#[derive(Debug, Clone)]
+pub(crate) struct StartInstance {
+    pub id: InstanceId,
+    pub fingerprint: String,
+    pub stateful: bool,
+    pub dead_letter_side: bool,
+    /// Its stage's instance count.
+    pub parallelism: usize,
+}
+
+/// The file-system store on `dir` (which also takes the directory's lock: a second run on it
+/// is refused with `Error::CheckpointDirLocked`).
+fn default_store(opts: &CheckpointOptions) -> Result<Arc<dyn Store>, Error> {
+    let store: Arc<dyn Store> = super::store::FsStore::open(&opts.dir)?;
+    Ok(store)
+}
+
+/// Opens the store, deals with what it holds as `opts.start` says, and makes the run's
+/// checkpointing part.
+pub(crate) fn start(
+    opts: &CheckpointOptions,
+    instances: &[StartInstance],
+) -> Result<CheckpointRun, Error> {
+    let store = match &opts.store {
+        Some(s) => Arc::clone(s),
+        None => default_store(opts)?,
+    };
+    let listings = store.list()?;
+    let newest_present = listings.iter().map(|l| l.id).max().unwrap_or(0);
+    let mut restored = BTreeMap::new();
+    let mut resumed_from = None;
+    let mut skipped = Vec::new();
+    let mut complete = Vec::new();
+    let mut leftovers = Vec::new();
+    match opts.start {
+        Start::RefuseExisting => {
+            if let Some(l) = listings.last() {
+                return Err(Error::CheckpointsExist {
+                    dir: opts.dir.display().to_string(),
+                    newest: format!("checkpoint {}", l.id),
+                });
+            }
+        }
+        Start::Fresh => {
+            for l in &listings {
+                store.discard(l.id)?;
+            }
+        }
+        Start::Resume => {
+            for l in listings.iter().rev() {
+                if resumed_from.is_some() {
+                    match &l.problem {
+                        None => complete.push(l.id),
+                        Some(_) => leftovers.push(l.id),
+                    }
+                    continue;
+                }
+                let attempt = match &l.problem {
+                    Some(p) => Err(p.clone()),
+                    None => load(&*store, l.id),
+                };
+                match attempt {
+                    Ok((manifest, states)) => {
+                        check_compatible(&manifest, instances, opts)?;
+                        restored = states;
+                        resumed_from = Some(l.id);
+                        complete.push(l.id);
+                    }
+                    Err(problem) => {
+                        log::warn!("skipping checkpoint {}: {problem}", l.id);
+                        skipped.push((l.id, problem));
+                        leftovers.push(l.id);
+                    }
+                }
+            }
+            complete.sort_unstable();
+            leftovers.sort_unstable();
+            match resumed_from {
+                Some(id) => log::info!("resuming from checkpoint {id}"),
+                None => log::info!("no checkpoint verifies: starting from the beginning"),
+            }
+        }
+    }
+    let expected = instances
+        .iter()
+        .map(|i| Expected {
+            instance: i.id.clone(),
+            fingerprint: i.fingerprint.clone(),
+            stateful: i.stateful,
+            dead_letter_side: i.dead_letter_side,
+        })
+        .collect();
+    let coord = Coordinator::new(
+        Config::from(opts),
+        Arc::clone(&store),
+        Arc::new(SystemClock::new()),
+        expected,
+        newest_present,
+        complete,
+        leftovers,
+    );
+    Ok(CheckpointRun {
+        coord: Arc::new(coord),
+        store,
+        mode: opts.mode,
+        restored,
+        retain_on_success: opts.retain_on_success,
+        resumed_from,
+        skipped,
+        drop_ack: opts.drop_ack.clone(),
+    })
+}
+
+/// Checkpoint `id`'s manifest and every instance's decoded state, or why not.
+type Loaded = (Manifest, BTreeMap<InstanceId, InstanceState>);
+
+fn load(store: &dyn Store, id: CheckpointId) -> Result<Loaded, String> {
+    let manifest = store.load(id).map_err(|e| e.to_string())?;
+    if manifest.format != super::store::FORMAT {
+        return Err(format!(
+            "format {} (this build reads format {})",
+            manifest.format,
+            super::store::FORMAT
+        ));
+    }
+    let mut states = BTreeMap::new();
+    for e in &manifest.instances {
+        let bytes = store.read(id, &e.file).map_err(|e| e.to_string())?;
+        let state =
+            InstanceState::decode(&bytes).map_err(|err| format!("{}: {err}", e.instance))?;
+        states.insert(e.instance.clone(), state);
+    }
+    Ok((manifest, states))
+}
+
+/// Refuses a resume whose pipeline changed a stateful stage (its fingerprint or its instance
+/// count), or changed `max_parallelism`.
+fn check_compatible(
+    manifest: &Manifest,
+    instances: &[StartInstance],
+    opts: &CheckpointOptions,
+) -> Result<(), Error> {
+    if manifest.max_parallelism != opts.max_parallelism {
+        return Err(Error::Checkpoint {
+            message: format!(
+                "checkpoint {} was taken with max_parallelism = {}, this run has {}: it is fixed for the life of a checkpoint directory",
+                manifest.id, manifest.max_parallelism, opts.max_parallelism
+            ),
+        });
+    }
+    let mut old: BTreeMap<&str, (usize, &str, bool)> = BTreeMap::new();
+    for e in &manifest.instances {
+        let o = old
+            .entry(&e.instance.stage)
+            .or_insert((0, &e.fingerprint, e.stateful));
+        o.0 += 1;
+    }
+    let mut new: BTreeMap<&str, &StartInstance> = BTreeMap::new();
+    for i in instances {
+        new.entry(&i.id.stage).or_insert(i);
+    }
+    for (stage, i) in &new {
+        let Some((count, fp, was_stateful)) = old.get(stage) else {
+            continue;
+        };
+        if !(i.stateful || *was_stateful) {
+            continue;
+        }
+        if *fp != i.fingerprint {
+            return Err(Error::Checkpoint {
+                message: format!(
+                    "cannot resume from checkpoint {}: stateful stage `{stage}` changed (was `{fp}`, now `{}`)",
+                    manifest.id, i.fingerprint
+                ),
+            });
+        }
+        if *count != i.parallelism {
+            return Err(Error::Checkpoint {
+                message: format!(
+                    "cannot resume from checkpoint {}: stateful stage `{stage}` had {count} instances, now {}",
+                    manifest.id, i.parallelism
+                ),
+            });
+        }
+    }
+    for stage in old.keys() {
+        if !new.contains_key(stage) {
+            log::warn!(
+                "checkpoint {}: stage `{stage}` is no longer in the pipeline; its state is dropped",
+                manifest.id
+            );
+        }
+    }
+    Ok(())
+}
