@@ -7,8 +7,6 @@ use std::hash::Hash;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
-
 use super::graph::{channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail};
 use super::heads::{KeyGroups, KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
 use super::{Fresh, Out, Stream};

@@ -31,6 +31,8 @@ use crate::error::Error;
 use crate::operator::{Chain, Identity};
 use crate::runtime::{self, Cx, Tail, Worker};
 
+#[cfg(test)]
+mod checkpoint_tests;
 mod graph;
 mod heads;
 mod hooks;
