@@ -16,6 +16,7 @@
 //! before it; a stage with several inputs aligns. See docs/checkpoints.md.
 
 pub(crate) mod coordinator;
+pub(crate) mod keyed;
 #[doc(hidden)]
 pub mod state;
 pub mod store;

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use crossbeam_channel::{bounded, Sender};
 
 use super::graph::partition_hash;
-use super::heads::{KeyGroups, KeyedCodec, KeyedHead, SortCodec, SortHead};
+use super::heads::{KeyedCodec, KeyedHead, SortCodec, SortHead};
 use crate::channel::{InputHead, Message};
+use crate::checkpoint::keyed::KeyGroups;
 use crate::checkpoint::state::{group_range, instance_of_group, key_group, InstanceState};
 use crate::checkpoint::StateSupport;
 use crate::metrics::InstanceMetrics;

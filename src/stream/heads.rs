@@ -16,7 +16,8 @@ use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::checkpoint::state::{group_range, key_group, InstanceState, KeyedPart};
+use crate::checkpoint::keyed::{check_groups, key_groups_of, keyed_part, KeyGroups};
+use crate::checkpoint::state::{group_range, InstanceState, KeyedPart};
 use crate::checkpoint::{CheckpointId, StateSupport};
 use crate::error::Error;
 
@@ -78,6 +79,38 @@ impl<X: Send, L: Send, R: Send> Tail<X> for RouteTail<X, L, R> {
     fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
         self.left.finish(cx)?;
         self.right.finish(cx)
+    }
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        id: CheckpointId,
+        state: &mut InstanceState,
+    ) -> Result<(), Halt> {
+        // As `each`, with `state` lent to one side at a time.
+        for side in 0..2 {
+            let r = match (self.live[side], side) {
+                (false, _) => Ok(()),
+                (true, 0) => self.left.barrier(cx, id, state),
+                (true, _) => self.right.barrier(cx, id, state),
+            };
+            match r {
+                Ok(()) => {}
+                Err(Halt::Done) if !cx.run.is_cancelled() => self.live[side] = false,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.live == [false, false] {
+            Err(Halt::Done)
+        } else {
+            Ok(())
+        }
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.left.restore(cx, state)?;
+        self.right.restore(cx, state)
+    }
+    fn state_support(&self) -> StateSupport {
+        weaker(self.left.state_support(), self.right.state_support())
     }
 }
 
@@ -162,71 +195,6 @@ impl<K: Serialize + DeserializeOwned, A: Serialize + DeserializeOwned> KeyedCode
             get: get_keyed::<K, A>,
         }
     }
-}
-
-/// How a keyed head finds its key groups.
-pub(crate) struct KeyGroups<K> {
-    /// The hash the router partitions by.
-    pub hash: fn(&K) -> u64,
-    /// The stage's parallelism.
-    pub parallelism: usize,
-}
-
-impl<K> Clone for KeyGroups<K> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<K> Copy for KeyGroups<K> {}
-
-/// The key groups a keyed stage's instances route by: the run's `max_parallelism`, or more
-/// when there are more instances (as `ChannelTail` does).
-pub(crate) fn key_groups_of(cx: &Cx, parallelism: usize) -> u16 {
-    cx.run
-        .max_parallelism()
-        .max(parallelism.min(u16::MAX as usize) as u16)
-}
-
-/// Keyed state of an instance as a [`KeyedPart`]: entries by key group, groups ascending.
-pub(crate) fn keyed_part<'a, K, A>(
-    entries: impl Iterator<Item = (&'a K, &'a A)>,
-    hash: fn(&K) -> u64,
-    groups: u16,
-) -> KeyedPart<&'a K, &'a A>
-where
-    K: 'a,
-    A: 'a,
-{
-    let mut by_group: std::collections::BTreeMap<u16, Vec<(&K, &A)>> = Default::default();
-    for (k, a) in entries {
-        by_group
-            .entry(key_group(hash(k), groups))
-            .or_default()
-            .push((k, a));
-    }
-    KeyedPart {
-        groups: by_group.into_iter().collect(),
-    }
-}
-
-/// Checks that every group of a restored keyed part is this instance's.
-pub(crate) fn check_groups<K, A>(
-    cx: &Cx,
-    part: &KeyedPart<K, A>,
-    mine: std::ops::Range<u16>,
-) -> Result<(), Error> {
-    for (g, _) in &part.groups {
-        if !mine.contains(g) {
-            return Err(Error::Checkpoint {
-                message: format!(
-                    "stage `{}`: instance {} was handed state of key group {g}, outside its \
-                     groups {}..{}: the checkpoint was taken at another parallelism or is corrupt",
-                    cx.stage, cx.instance, mine.start, mine.end
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Head of a keyed aggregation: folds all input, then emits the state in batches.

@@ -8,13 +8,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::graph::{channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail};
-use super::heads::{KeyGroups, KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
+use super::heads::{KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
 use super::{Fresh, Out, Stream};
 use crate::channel::Partition;
+use crate::checkpoint::keyed::KeyGroups;
 use crate::operator::{Chain, FlatMap, Identity, Map};
 use crate::runtime::{Cx, Head};
 use crate::time::Timestamp;
-use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowHead};
+use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowCodec, WindowHead};
 use crate::window::{
     Aggregate, EventTime, LateRecord, TimeError, WindowOutput, WindowResult, WindowSpec,
 };
@@ -386,6 +387,25 @@ where
         A::Out: 'static,
         E: EventTime<T>,
     {
+        self.window_with(spec, agg, None)
+    }
+
+    fn window_with<A, E>(
+        self,
+        spec: WindowSpec<E>,
+        agg: A,
+        codec: Option<WindowCodec<K, A::Acc>>,
+    ) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        let groups = KeyGroups {
+            hash: partition_hash::<K>,
+            parallelism: self.parallelism,
+        };
         let name = self.b.borrow_mut().default_name("window");
         let time = spec.time.clone();
         let generator = DynTime(Arc::new(move |x: &T| time.time(x)));
@@ -397,6 +417,8 @@ where
                 input,
                 &spec,
                 Arc::clone(&agg),
+                groups,
+                codec,
             )) as Box<dyn Head<WindowOutput<K, T, A::Out>>>
         });
         head.name = Some(name);
@@ -467,6 +489,37 @@ where
             |a| a,
             Some(KeyedCodec::new()),
         )
+    }
+
+    /// As [`KeyedStream::window`], with a serde key and accumulator: every open window, its
+    /// accumulator, the stage's watermark and the generator's state are checkpointed, and a
+    /// resumed run gives the same results and late records as an uninterrupted one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use millrace::window::{Count, Tumbling, WindowSpec};
+    /// let p = millrace::Pipeline::new();
+    /// let spec = WindowSpec::new(Tumbling::new(10, 0).unwrap(), |t: &i64| millrace::Timestamp(*t));
+    /// let out = p.source("t", vec![1i64, 2, 11])
+    ///     .key_by(|_| "all".to_string())
+    ///     .checkpointed()
+    ///     .window(spec, Count)
+    ///     .results()
+    ///     .map(|r| r.value)
+    ///     .collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![2, 1]);
+    /// ```
+    pub fn window<A, E>(self, spec: WindowSpec<E>, agg: A) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Acc: serde::Serialize + serde::de::DeserializeOwned,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        self.keyed.window_with(spec, agg, Some(WindowCodec::new()))
     }
 
     /// As [`KeyedStream::count`].
