@@ -642,3 +642,169 @@ fn a_directory_sink_recovers_committing_precommitted_parts_and_deleting_later_on
     assert_eq!(names, ["part-00000-000000.txt", "part-00000-000001.txt"]);
     assert_eq!(got, want);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Windows
+
+type Ev = (i64, u32);
+type WinOut = crate::window::WindowOutput<String, Ev, u64>;
+
+/// A checkpointed counting window over `assigner`, fed through a channel.
+fn window_head(
+    assigner: crate::window::Assigner,
+    lateness_ms: u64,
+) -> (Sender<Message<(String, Ev)>>, Box<dyn Head<WinOut>>) {
+    use crate::window::stage::{WindowCodec, WindowHead, WindowSpec};
+    let (tx, rx) = bounded(4096);
+    let (recycle, _) = bounded(64);
+    let spec = WindowSpec::new(assigner, |e: &Ev| crate::Timestamp(e.0))
+        .allowed_lateness(std::time::Duration::from_millis(lateness_ms));
+    let head = WindowHead::new(
+        "win".into(),
+        InputHead::new(rx, 1, recycle, None),
+        &spec,
+        crate::window::Count,
+        crate::checkpoint::keyed::KeyGroups {
+            hash: partition_hash::<String>,
+            parallelism: 1,
+        },
+        Some(WindowCodec::<String, u64>::new()),
+    );
+    (tx, Box::new(head))
+}
+
+/// Events of three keys, out of order by up to 3 ms, a watermark (newest - 3) after every 5,
+/// and some records far too late.
+fn window_messages() -> Vec<Message<(String, Ev)>> {
+    let mut msgs = Vec::new();
+    let mut newest = i64::MIN;
+    for i in 0..400u32 {
+        let mut t = i64::from(i) * 2 - i64::from(i % 4) * 3;
+        if i % 37 == 0 && i > 40 {
+            t -= 30; // late
+        }
+        newest = newest.max(t);
+        let key = ["a", "b", "c"][(i % 3) as usize].to_string();
+        msgs.push(Message::Data {
+            from: 0,
+            batch: vec![(key, (t, i))],
+        });
+        if i % 5 == 4 {
+            msgs.push(Message::Watermark {
+                from: 0,
+                at: crate::Timestamp(newest - 3),
+            });
+        }
+    }
+    msgs.push(Message::End { from: 0 });
+    msgs
+}
+
+/// Sends `msgs` and pulls until the head has taken them in (or ended): the outputs of each
+/// pull (one per message), each sorted — the results one watermark fires come in the order of
+/// a hash map, which is not part of the contract (and differs between maps that grew
+/// differently); which results and late records each message brings, and in what order the
+/// messages bring them, is.
+fn run_window(
+    tx: &Sender<Message<(String, Ev)>>,
+    head: &mut dyn Head<WinOut>,
+    cx: &Cx,
+    msgs: Vec<Message<(String, Ev)>>,
+) -> Vec<WinOut> {
+    let end = msgs.iter().any(|m| matches!(m, Message::End { .. }));
+    for m in msgs {
+        tx.send(m).unwrap();
+    }
+    let mut out = Vec::new();
+    loop {
+        let mut buf = Vec::new();
+        let p = head
+            .pull(cx, &mut buf, if end { None } else { Some(0) })
+            .unwrap();
+        buf.sort_by_cached_key(|o| format!("{o:?}"));
+        out.append(&mut buf);
+        match p {
+            Pull::End => return out,
+            Pull::Idle if !end => return out,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_window_restored_gives_the_same_results_and_late_records() {
+    use crate::window::{Assigner, Session, Sliding, Tumbling};
+    let cx = cx("win", 0);
+    for (assigner, lateness) in [
+        (Assigner::Tumbling(Tumbling::new(10, 0).unwrap()), 0),
+        (Assigner::Tumbling(Tumbling::new(10, 0).unwrap()), 6),
+        (Assigner::Sliding(Sliding::new(12, 4, 0).unwrap()), 3),
+        (Assigner::Session(Session::new(3).unwrap()), 0),
+        (Assigner::Session(Session::new(5).unwrap()), 8),
+    ] {
+        let (tx, mut head) = window_head(assigner, lateness);
+        let want = run_window(&tx, &mut *head, &cx, window_messages());
+        assert!(
+            want.iter().any(|o| matches!(o, WinOut::Late { .. })),
+            "{assigner:?}"
+        );
+        for cut in [1, 50, 123, 301] {
+            let mut msgs = window_messages();
+            let rest = msgs.split_off(cut);
+            let (tx, mut head) = window_head(assigner, lateness);
+            let mut got = run_window(&tx, &mut *head, &cx, msgs);
+            let mut s = InstanceState::default();
+            head.snapshot(&cx, &mut s).unwrap();
+            assert_eq!(s.key_groups, Some((0, 128)));
+            drop((tx, head));
+            let (tx, mut head) = window_head(assigner, lateness);
+            head.restore(&cx, &round_trip(&s)).unwrap();
+            got.extend(run_window(&tx, &mut *head, &cx, rest));
+            assert_eq!(got, want, "{assigner:?} lateness {lateness}, cut at {cut}");
+        }
+    }
+}
+
+#[test]
+fn a_watermark_generator_resumes_sending_the_same_watermarks() {
+    use crate::channel::{ChannelTail, Partition};
+    use crate::window::stage::WatermarkTail;
+    let cx = cx("feed", 0);
+    let make = || {
+        let (tx, rx) = bounded::<Message<(u8, i64)>>(4096);
+        let inner = ChannelTail::new(&cx, 0, 0, vec![tx], Partition::Forward, None);
+        let time = |x: &i64| crate::Timestamp(*x);
+        (rx, WatermarkTail::new(inner, time, 2, 3))
+    };
+    let times: Vec<i64> = (0..50).map(|i| (i * 7) % 23 + i).collect();
+    let watermarks = |rx: &crossbeam_channel::Receiver<Message<(u8, i64)>>| -> Vec<i64> {
+        rx.try_iter()
+            .filter_map(|m| match m {
+                Message::Watermark { at, .. } => Some(at.0),
+                _ => None,
+            })
+            .collect()
+    };
+    let (rx, mut t) = make();
+    for &x in &times {
+        t.emit((0, x)).unwrap();
+    }
+    let want = watermarks(&rx);
+    assert!(want.len() > 5);
+    for cut in [1, 10, 31] {
+        let (rx, mut t) = make();
+        for &x in &times[..cut] {
+            t.emit((0, x)).unwrap();
+        }
+        let mut s = InstanceState::default();
+        t.barrier(&cx, 1, &mut s).unwrap();
+        let mut got = watermarks(&rx);
+        let (rx, mut t) = make();
+        t.restore(&cx, &round_trip(&s)).unwrap();
+        for &x in &times[cut..] {
+            t.emit((0, x)).unwrap();
+        }
+        got.extend(watermarks(&rx));
+        assert_eq!(got, want, "cut at {cut}");
+    }
+}
