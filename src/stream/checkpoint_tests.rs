@@ -650,6 +650,7 @@ type Ev = (i64, u32);
 type WinOut = crate::window::WindowOutput<String, Ev, u64>;
 
 /// A checkpointed counting window over `assigner`, fed through a channel.
+#[allow(clippy::type_complexity)]
 fn window_head(
     assigner: crate::window::Assigner,
     lateness_ms: u64,

@@ -165,8 +165,11 @@ impl<X, L: Send, R: Send> RouteTail<X, L, R> {
 /// types are serde (plain fn pointers, so the head itself needs no serde bounds).
 pub(crate) struct KeyedCodec<K, A> {
     put: fn(&mut InstanceState, &KeyedPart<&K, &A>) -> Result<(), Error>,
-    get: fn(&InstanceState) -> Result<Option<KeyedPart<K, A>>, Error>,
+    get: GetKeyed<K, A>,
 }
+
+/// Decodes a keyed head's part `head`.
+type GetKeyed<K, A> = fn(&InstanceState) -> Result<Option<KeyedPart<K, A>>, Error>;
 
 impl<K, A> Clone for KeyedCodec<K, A> {
     fn clone(&self) -> Self {

@@ -417,6 +417,7 @@ where
     /// session timers are derived from the windows and the watermark, so they are not stored:
     /// [`import`](Self::import) schedules them again, as a lateness change does), and the
     /// watermark and counters.
+    #[allow(clippy::type_complexity)]
     pub(crate) fn export(&self) -> (Vec<(K, KeyWindows<A::Acc>)>, WindowMeta) {
         let mut by_key: FxHashMap<K, KeyWindows<A::Acc>> = FxHashMap::default();
         let empty = || KeyWindows {
@@ -484,7 +485,7 @@ where
                     replaces: s.replaces.into_iter().map(from_ms).collect(),
                 })
                 .collect();
-            slots.sort_by(|a, b| a.window.cmp(&b.window));
+            slots.sort_by_key(|s| s.window);
             for s in &slots {
                 let at = Self::due(&s.window, wm, lateness);
                 self.timers.entry(at).or_default().push(key.clone());

@@ -356,6 +356,7 @@ pub(crate) type WindowPart<K, Acc> = KeyedPart<K, KeyWindows<Acc>>;
 
 /// How a window head encodes its state: fn pointers set by the checkpointed API, whose key and
 /// accumulator types are serde (the head itself needs no serde bounds).
+#[allow(clippy::type_complexity)]
 pub(crate) struct WindowCodec<K, Acc> {
     put: fn(&mut InstanceState, &WindowPart<K, Acc>, &WindowHeadMeta) -> Result<(), Error>,
     #[allow(clippy::type_complexity)]
