@@ -447,9 +447,39 @@ pub(crate) fn op_error(name: &str, e: impl Into<BoxError>) -> Halt {
     }
 }
 
+/// The checkpoint methods of a `Chain` impl for a stateless step with a `prev` field: they
+/// forward to the steps before it (which may hold state, as a `limit` does).
+macro_rules! forward_state {
+    () => {
+        fn state_support(
+            &self,
+            out: &mut Vec<(std::sync::Arc<str>, $crate::checkpoint::StateSupport)>,
+        ) {
+            self.prev.state_support(out)
+        }
+        fn snapshot(
+            &self,
+            state: &mut $crate::checkpoint::state::InstanceState,
+        ) -> Result<(), $crate::Error> {
+            self.prev.snapshot(state)
+        }
+        fn restore(
+            &mut self,
+            state: &$crate::checkpoint::state::InstanceState,
+        ) -> Result<(), $crate::Error> {
+            self.prev.restore(state)
+        }
+    };
+}
+pub(crate) use forward_state;
+
 /// The naming methods of a `Chain` impl for an operator with `prev` and `name` fields.
 macro_rules! named_step {
     ($shape:expr) => {
+        named_step!(@names $shape);
+        forward_state!();
+    };
+    (@names $shape:expr) => {
         #[inline]
         fn begin_batch(&mut self, records: usize) {
             self.prev.begin_batch(records);
@@ -694,11 +724,17 @@ where
 
 /// `limit(n)`: passes the first `n` records (counted across all instances of the stage), then
 /// stops the stage, which stops everything upstream of it.
+///
+/// Checkpointed: each instance snapshots how many records *it* passed (part `chain.<name>`);
+/// a restore takes that many out of the stage's shared budget again, so that over all
+/// restored instances the budget is what it was at the barrier.
 pub struct Limit<C> {
     prev: C,
     remaining: Arc<AtomicU64>,
     name: Arc<str>,
     acc: Acc,
+    /// Records this instance passed (a clone, which is a new instance, starts at 0).
+    passed: u64,
 }
 
 impl<C> std::fmt::Debug for Limit<C> {
@@ -717,6 +753,7 @@ impl<C: Clone> Clone for Limit<C> {
             remaining: Arc::clone(&self.remaining),
             name: Arc::clone(&self.name),
             acc: self.acc.clone(),
+            passed: 0,
         }
     }
 }
@@ -728,13 +765,19 @@ impl<C> Limit<C> {
             remaining: Arc::new(AtomicU64::new(n)),
             name,
             acc: Acc::new(),
+            passed: 0,
         }
+    }
+
+    fn part(&self) -> String {
+        format!("chain.{}", self.name)
     }
 }
 
 struct LimitEmit<'a, E> {
     remaining: &'a AtomicU64,
     acc: &'a mut Local,
+    passed: &'a mut u64,
     out: &'a mut E,
 }
 
@@ -750,10 +793,14 @@ impl<A, E: Emit<A>> Emit<A> for LimitEmit<'_, E> {
                 Err(Halt::Done)
             }
             Ok(1) => {
+                *self.passed += 1;
                 self.out.emit(x)?;
                 Err(Halt::Done)
             }
-            Ok(_) => self.out.emit(x),
+            Ok(_) => {
+                *self.passed += 1;
+                self.out.emit(x)
+            }
         }
     }
 }
@@ -770,11 +817,36 @@ impl<In, C: Chain<In>> Chain<In> for Limit<C> {
             &mut LimitEmit {
                 remaining: &self.remaining,
                 acc: &mut self.acc.local,
+                passed: &mut self.passed,
                 out,
             },
         )
     }
-    named_step!(Shape::Filtering);
+    named_step!(@names Shape::Filtering);
+    fn state_support(&self, out: &mut Vec<(Arc<str>, crate::checkpoint::StateSupport)>) {
+        self.prev.state_support(out);
+        out.push((
+            Arc::clone(&self.name),
+            crate::checkpoint::StateSupport::Snapshots,
+        ));
+    }
+    fn snapshot(&self, state: &mut crate::checkpoint::state::InstanceState) -> Result<(), Error> {
+        self.prev.snapshot(state)?;
+        state.put(&self.part(), &self.passed)
+    }
+    fn restore(&mut self, state: &crate::checkpoint::state::InstanceState) -> Result<(), Error> {
+        self.prev.restore(state)?;
+        let passed: u64 = state.get(&self.part())?.unwrap_or(0);
+        self.passed = passed;
+        // Take this instance's records out of the shared budget again (saturating: the
+        // budget never goes below 0, as `emit` never takes past it).
+        let _ = self
+            .remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                Some(r.saturating_sub(passed))
+            });
+        Ok(())
+    }
 }
 
 /// The object-safe face of a chain, for pipelines assembled at run time (the TOML layer).
@@ -786,6 +858,13 @@ trait DynChain<In, Out>: Send {
     fn begin_batch_dyn(&mut self, records: usize);
     fn end_batch_dyn(&mut self);
     fn steps_dyn(&self, steps: &mut Vec<StepInfo>);
+    fn state_support_dyn(&self, out: &mut Vec<(Arc<str>, crate::checkpoint::StateSupport)>);
+    fn snapshot_dyn(
+        &self,
+        state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Error>;
+    fn restore_dyn(&mut self, state: &crate::checkpoint::state::InstanceState)
+        -> Result<(), Error>;
 }
 
 impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
@@ -809,6 +888,21 @@ impl<In, C: Chain<In>> DynChain<In, C::Out> for C {
     }
     fn steps_dyn(&self, steps: &mut Vec<StepInfo>) {
         self.steps(steps)
+    }
+    fn state_support_dyn(&self, out: &mut Vec<(Arc<str>, crate::checkpoint::StateSupport)>) {
+        self.state_support(out)
+    }
+    fn snapshot_dyn(
+        &self,
+        state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Error> {
+        self.snapshot(state)
+    }
+    fn restore_dyn(
+        &mut self,
+        state: &crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Error> {
+        self.restore(state)
     }
 }
 
@@ -856,5 +950,14 @@ impl<In: 'static, Out: Send + 'static> Chain<In> for Boxed<In, Out> {
     }
     fn steps(&self, steps: &mut Vec<StepInfo>) {
         self.0.steps_dyn(steps)
+    }
+    fn state_support(&self, out: &mut Vec<(Arc<str>, crate::checkpoint::StateSupport)>) {
+        self.0.state_support_dyn(out)
+    }
+    fn snapshot(&self, state: &mut crate::checkpoint::state::InstanceState) -> Result<(), Error> {
+        self.0.snapshot_dyn(state)
+    }
+    fn restore(&mut self, state: &crate::checkpoint::state::InstanceState) -> Result<(), Error> {
+        self.0.restore_dyn(state)
     }
 }

@@ -3,11 +3,24 @@
 //!
 //! A writer treats a closed stdout (`EPIPE`, as when piped into `head`) as a normal end: the sink
 //! stops, its producers see it gone and stop too, and the run succeeds.
+//!
+//! Checkpoints (see `docs/checkpoints.md` and the design note in `dir_sink`): a writer to a
+//! regular file is exactly once — at each barrier it flushes, fsyncs and records the file's
+//! length, and a restore truncates the file back to it; a writer to a directory writes part
+//! files that are pre-committed at the barrier and committed when the checkpoint completes
+//! ([`commit_part`]); stdout and caller-given writers cannot be rolled back (at least once);
+//! `for_each` and `collect` keep nothing (a resumed run hands them the replayed records again).
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
+
+use crate::checkpoint::state::InstanceState;
+use crate::checkpoint::StateSupport;
+
+mod dir_sink;
+pub(crate) use dir_sink::{commit_part, DirWriteTail};
 
 use crate::error::{BoxError, Error};
 use crate::metrics::InstanceMetrics;
@@ -141,43 +154,88 @@ impl<T: Send> Tail<T> for CollectTail<T> {
     }
 }
 
+/// Where a writer sink's bytes go, as far as checkpoints care.
+pub(crate) enum Target {
+    /// A regular file: made durable at each barrier and truncated back on restore.
+    File {
+        /// A duplicate of the written file's descriptor (same offset), for `fsync`,
+        /// truncation and the position.
+        file: File,
+        /// The file was truncated (a fresh run) or restored: writing may start.
+        started: bool,
+    },
+    /// Anything that cannot be rolled back, with the reason (stdout, a pipe, a writer).
+    Stream(&'static str),
+}
+
 /// Opens an output file, or stdout for `-`, behind a large buffer.
+///
+/// A regular file is opened *without* truncating it: a resumed run truncates it to the
+/// length committed at its checkpoint instead, and a fresh run truncates it before the first
+/// byte is written (see [`WriteTail`]).
 pub(crate) fn open_output(
     stage: &str,
     path: &Path,
-) -> Result<BufWriter<Box<dyn Write + Send>>, Error> {
+) -> Result<(BufWriter<Box<dyn Write + Send>>, Target), Error> {
     let shown = path.display().to_string();
     let io_err = |source| Error::Io {
         stage: stage.to_string(),
         path: shown.clone(),
         source,
     };
-    let w: Box<dyn Write + Send> = if shown == "-" {
+    let (w, target): (Box<dyn Write + Send>, Target) = if shown == "-" {
         #[cfg(unix)]
-        {
+        let w: Box<dyn Write + Send> = {
             use std::os::fd::AsFd;
             // A duplicate of fd 1: unbuffered by std, so our BufWriter decides when to write.
             Box::new(File::from(
                 io::stdout().as_fd().try_clone_to_owned().map_err(io_err)?,
             ))
-        }
+        };
         #[cfg(not(unix))]
-        {
-            Box::new(io::stdout())
-        }
+        let w: Box<dyn Write + Send> = Box::new(io::stdout());
+        (
+            w,
+            Target::Stream(
+                "stdout cannot be rolled back: write to a file or a directory for exactly-once",
+            ),
+        )
     } else {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
-        Box::new(File::create(path).map_err(io_err)?)
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
+        let regular = file.metadata().map_err(io_err)?.file_type().is_file();
+        let target = if regular {
+            Target::File {
+                file: file.try_clone().map_err(io_err)?,
+                started: false,
+            }
+        } else {
+            Target::Stream("the output is not a regular file and cannot be rolled back")
+        };
+        (Box::new(file), target)
     };
-    Ok(BufWriter::with_capacity(256 * 1024, w))
+    Ok((BufWriter::with_capacity(256 * 1024, w), target))
+}
+
+/// The state a file writer records at a barrier (part `tail`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FileSinkState {
+    /// The file's length once every record before the barrier was written and fsynced.
+    committed: u64,
 }
 
 /// Writes each record as one line, formatted by `format`, which returns how many records it
 /// wrote (1, or a block's count on the byte path).
 pub(crate) struct WriteTail<F> {
     out: Option<BufWriter<Box<dyn Write + Send>>>,
+    target: Target,
     path: String,
     stage: Arc<str>,
     format: F,
@@ -188,12 +246,14 @@ impl<F> WriteTail<F> {
     pub(crate) fn new(
         cx: &Cx,
         out: BufWriter<Box<dyn Write + Send>>,
+        target: Target,
         path: String,
         stage: Arc<str>,
         format: F,
     ) -> Self {
         WriteTail {
             out: Some(out),
+            target,
             path,
             stage,
             format,
@@ -215,11 +275,59 @@ impl<F> WriteTail<F> {
             })
         }
     }
+
+    /// A fresh run's first write: truncate the file (opened without truncating, in case the
+    /// run resumed and restored it instead).
+    #[cold]
+    fn start(&mut self) -> Result<(), Halt> {
+        if let Target::File { file, started } = &mut self.target {
+            let r = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0)));
+            *started = true;
+            if let Err(e) = r {
+                return Err(self.io_halt(e));
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn ensure_started(&mut self) -> Result<(), Halt> {
+        match self.target {
+            Target::File { started: false, .. } => self.start(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Flushes the buffer into the file and fsyncs it: the file's length after.
+    fn sync(&mut self) -> Result<u64, Halt> {
+        if let Some(out) = self.out.as_mut() {
+            if let Err(e) = out.flush() {
+                return Err(self.io_halt(e));
+            }
+        }
+        let Target::File { file, .. } = &mut self.target else {
+            return Ok(0);
+        };
+        let shown = format!("{} (sink `{}`)", self.path, self.stage);
+        file.sync_data().map_err(|source| Error::CheckpointIo {
+            op: "fsync",
+            path: shown.clone(),
+            source,
+        })?;
+        Ok(file
+            .stream_position()
+            .map_err(|source| Error::CheckpointIo {
+                op: "position of",
+                path: shown,
+                source,
+            })?)
+    }
 }
 
 impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Emit<T> for WriteTail<F> {
     #[inline]
     fn emit(&mut self, item: T) -> Result<(), Halt> {
+        self.ensure_started()?;
         let Some(out) = self.out.as_mut() else {
             return Err(Halt::Done);
         };
@@ -242,6 +350,7 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
         }
     }
     fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        self.ensure_started()?;
         self.flush(cx)?;
         if let Some(out) = self.out.take() {
             // Surface errors the final flush inside `into_inner` would otherwise swallow.
@@ -253,18 +362,74 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
                 return Err(self.io_halt(e));
             }
         }
+        if let Target::File { file, .. } = &self.target {
+            // Durable before the run reports success.
+            file.sync_data().map_err(|source| Error::CheckpointIo {
+                op: "fsync",
+                path: format!("{} (sink `{}`)", self.path, self.stage),
+                source,
+            })?;
+        }
         Ok(())
     }
-}
-
-/// Commits a sink file pre-committed at a barrier, once its checkpoint is complete: an
-/// idempotent rename plus a directory fsync. Stub until the sinks' exactly-once side lands
-/// (helper C owns it): there is nothing pre-committed yet, so anything asked of it is an error.
-pub(crate) fn commit_part(path: &std::path::Path) -> Result<(), crate::Error> {
-    Err(crate::Error::Checkpoint {
-        message: format!(
-            "cannot commit {}: sink commits are not implemented",
-            path.display()
-        ),
-    })
+    fn barrier(
+        &mut self,
+        _cx: &Cx,
+        _id: crate::checkpoint::CheckpointId,
+        state: &mut InstanceState,
+    ) -> Result<(), Halt> {
+        self.ensure_started()?;
+        self.count.publish();
+        let committed = self.sync()?;
+        if matches!(self.target, Target::File { .. }) {
+            state.put("tail", &FileSinkState { committed })?;
+            state.positions.push(("tail".into(), committed));
+        }
+        Ok(())
+    }
+    fn restore(&mut self, _cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        let Target::File { file, started } = &mut self.target else {
+            return Ok(());
+        };
+        let Some(FileSinkState { committed }) = state.get("tail")? else {
+            return Err(Error::Checkpoint {
+                message: format!(
+                    "stage `{}`: the checkpoint holds no committed length for {}",
+                    self.stage, self.path
+                ),
+            }
+            .into());
+        };
+        let shown = format!("{} (sink `{}`)", self.path, self.stage);
+        let io = |op, source| Error::CheckpointIo {
+            op,
+            path: shown.clone(),
+            source,
+        };
+        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        if len < committed {
+            return Err(Error::Checkpoint {
+                message: format!(
+                    "stage `{}`: {} is {len} bytes, shorter than the {committed} bytes \
+                     committed at the checkpoint: it was changed outside the run; refusing to \
+                     resume onto it",
+                    self.stage, self.path
+                ),
+            }
+            .into());
+        }
+        // Bytes after the committed length were written after the barrier: the resumed run
+        // writes them again.
+        file.set_len(committed).map_err(|e| io("truncate", e))?;
+        file.seek(SeekFrom::End(0)).map_err(|e| io("seek", e))?;
+        file.sync_data().map_err(|e| io("fsync", e))?;
+        *started = true;
+        Ok(())
+    }
+    fn state_support(&self) -> StateSupport {
+        match self.target {
+            Target::File { .. } => StateSupport::Snapshots,
+            Target::Stream(why) => StateSupport::AtLeastOnce(why.to_string()),
+        }
+    }
 }

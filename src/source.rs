@@ -6,14 +6,23 @@
 //! shorter at its end than the bytes read fails as truncated (see "Input files" in
 //! `docs/semantics.md`).
 //!
+//! Checkpoints: a source on a regular file snapshots the byte offset of its next unread line
+//! and that line's number (so dead letters name the right line after a resume too), and its
+//! restore reopens the file and seeks there. Stdin, pipes, readers and iterators cannot be
+//! replayed: their heads say so in `state_support`, which makes checkpointing refuse to start,
+//! naming the stage. [`Replayable`](crate::Replayable) sources (`Pipeline::replayable_source`)
+//! snapshot their own position.
+//!
 //! A source fills one batch at a time. It returns a partly filled batch early when the batch has
 //! waited longer than the run's linger time, and a source reading a pipe or terminal also does so
 //! before a read that would block (checked with `poll`), so a slow trickle still flows.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
+use crate::checkpoint::state::InstanceState;
+use crate::checkpoint::StateSupport;
 use crate::error::{Error, Location};
 use crate::operator::Halt;
 use crate::runtime::{Cx, Head, Pull};
@@ -35,6 +44,11 @@ impl<It> Head<It::Item> for IterHead<It>
 where
     It: Iterator + Send,
 {
+    fn state_support(&self) -> StateSupport {
+        StateSupport::Unsupported(
+            "an iterator cannot be replayed: use Pipeline::replayable_source".into(),
+        )
+    }
     fn pull(
         &mut self,
         cx: &Cx,
@@ -83,6 +97,75 @@ pub(crate) struct Input {
     pub path: String,
     /// The longest line accepted, not counting its `\r\n` or `\n` (`max_line_bytes`).
     pub max_line: usize,
+    /// Whether (and how) the input can be read again from a position.
+    pub replay: Replay,
+}
+
+/// Whether an input can be replayed from a byte offset after a resume.
+#[derive(Debug, Clone)]
+pub(crate) enum Replay {
+    /// A regular file at this path: reopened and sought to the checkpoint's offset.
+    File(PathBuf),
+    /// Not replayable, with the reason (stdin, a pipe, a reader given by the caller).
+    No(&'static str),
+}
+
+impl Replay {
+    /// The support a source on this input declares.
+    fn support(&self) -> StateSupport {
+        match self {
+            Replay::File(_) => StateSupport::Snapshots,
+            Replay::No(why) => StateSupport::Unsupported((*why).to_string()),
+        }
+    }
+
+    /// Reopens the file at `offset`, with the truncation check of a fresh open.
+    fn reopen(&self, stage: &str, shown: &str, offset: u64) -> Result<Box<dyn Read + Send>, Error> {
+        let Replay::File(path) = self else {
+            return Err(Error::CheckpointUnsupported {
+                stage: stage.to_string(),
+                reason: format!("{shown} cannot be replayed"),
+            });
+        };
+        let io_err = |source| Error::Io {
+            stage: stage.to_string(),
+            path: shown.to_string(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        if len < offset {
+            return Err(Error::Checkpoint {
+                message: format!(
+                    "stage `{stage}`: {shown} is {len} bytes, shorter than the position {offset} \
+                     of the checkpoint: the input changed since; refusing to resume"
+                ),
+            });
+        }
+        file.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+        Ok(Box::new(TruncationCheck { file, read: offset }))
+    }
+}
+
+/// Where a line source is in its file (part `head`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LinePosition {
+    /// Byte offset of the next unread line (or of the rest of a line over the cap).
+    offset: u64,
+    /// Lines read so far (the next line's number is one more).
+    line: u64,
+    /// The bytes at `offset` are the rest of a line over the cap, to be dropped.
+    skip_rest: bool,
+}
+
+/// Where a block source is in its file (part `head`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BlockPosition {
+    offset: u64,
+    /// The number of the line at `offset`.
+    next_line: u64,
+    skipping: bool,
+    bom_checked: bool,
 }
 
 impl Input {
@@ -111,6 +194,7 @@ impl Input {
                     reader: Box::new(std::io::stdin()),
                     path: shown,
                     max_line: MAX_LINE_BYTES,
+                    replay: Replay::No(STDIN),
                 });
             }
         } else {
@@ -132,12 +216,22 @@ impl Input {
         } else {
             Box::new(file)
         };
+        let replay = if shown == "-" {
+            Replay::No(STDIN)
+        } else if regular {
+            Replay::File(path.to_path_buf())
+        } else {
+            Replay::No(
+                "the input is not a regular file (a pipe or a device) and cannot be replayed",
+            )
+        };
         Ok(Input {
             reader,
             #[cfg(unix)]
             poll_fd,
             path: shown,
             max_line: MAX_LINE_BYTES,
+            replay,
         })
     }
 
@@ -147,6 +241,13 @@ impl Input {
         self
     }
 }
+
+/// Why stdin cannot be checkpointed.
+pub(crate) const STDIN: &str = "stdin cannot be replayed: set spool_stdin = true in [checkpoint]";
+
+/// Why a reader given by the caller cannot be checkpointed.
+pub(crate) const READER: &str =
+    "a reader cannot be replayed: read a file, or use Pipeline::replayable_source";
 
 /// A regular file's reader that, at each end of file, checks the file was not truncated under
 /// it: a file now shorter than the bytes already read fails the read. (A file that grows is
@@ -287,6 +388,9 @@ pub(crate) struct ChunkHead {
     /// The start of the input was looked at for a byte-order mark.
     bom_checked: bool,
     eof: bool,
+    /// Bytes read from the input so far (the file offset of the reader).
+    read: u64,
+    replay: Replay,
 }
 
 impl ChunkHead {
@@ -306,6 +410,8 @@ impl ChunkHead {
             skipping: false,
             bom_checked: false,
             eof: false,
+            read: 0,
+            replay: input.replay,
         }
     }
 }
@@ -355,6 +461,7 @@ impl Head<Chunk> for ChunkHead {
                 }
             };
             data.truncate(start + n);
+            self.read += n as u64;
             if n == 0 {
                 self.eof = true;
                 break;
@@ -411,6 +518,40 @@ impl Head<Chunk> for ChunkHead {
         }
         Ok(if self.eof { Pull::End } else { Pull::Idle })
     }
+
+    fn state_support(&self) -> StateSupport {
+        self.replay.support()
+    }
+
+    fn snapshot(&mut self, _cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        // Everything read but the partial last line kept for the next block was emitted.
+        let offset = self.read - self.carry.len() as u64;
+        state.put(
+            "head",
+            &BlockPosition {
+                offset,
+                next_line: self.next_line,
+                skipping: self.skipping,
+                bom_checked: self.bom_checked,
+            },
+        )?;
+        state.positions.push(("head".into(), offset));
+        Ok(())
+    }
+
+    fn restore(&mut self, _cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        let Some(p) = state.get::<BlockPosition>("head")? else {
+            return Ok(());
+        };
+        self.reader = self.replay.reopen(&self.name, &self.path, p.offset)?;
+        self.read = p.offset;
+        self.next_line = p.next_line;
+        self.skipping = p.skipping;
+        self.bom_checked = p.bom_checked;
+        self.carry.clear();
+        self.eof = false;
+        Ok(())
+    }
 }
 
 /// The blocks of a [`ChunkHead`] for a stage that parses them: the chain after it counts their
@@ -428,6 +569,16 @@ impl Head<Chunk> for LinesOf {
             crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, c.records.saturating_sub(1));
         }
         Ok(pulled)
+    }
+
+    fn state_support(&self) -> StateSupport {
+        self.0.state_support()
+    }
+    fn snapshot(&mut self, cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        self.0.snapshot(cx, state)
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.0.restore(cx, state)
     }
 }
 
@@ -540,6 +691,16 @@ impl Head<Chunk> for NdjsonBlockHead {
         buf.retain(|c| c.records > 0);
         Ok(pulled)
     }
+
+    fn state_support(&self) -> StateSupport {
+        self.inner.state_support()
+    }
+    fn snapshot(&mut self, cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        self.inner.snapshot(cx, state)
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.inner.restore(cx, state)
+    }
 }
 
 /// The input of a stage that takes blocks: counts the records in them, not the blocks.
@@ -582,7 +743,7 @@ pub(crate) const MAX_LINE_BYTES: usize = 16 << 20;
 
 /// Reads and drops the rest of a line, up to and with its newline, without buffering it; false
 /// when the input ended first.
-fn skip_line(r: &mut impl BufRead) -> std::io::Result<bool> {
+fn skip_line(r: &mut impl BufRead, consumed: &mut u64) -> std::io::Result<bool> {
     loop {
         let got = match r.fill_buf() {
             Ok(b) => b,
@@ -595,11 +756,13 @@ fn skip_line(r: &mut impl BufRead) -> std::io::Result<bool> {
         match memchr::memchr(b'\n', got) {
             Some(i) => {
                 r.consume(i + 1);
+                *consumed += i as u64 + 1;
                 return Ok(true);
             }
             None => {
                 let n = got.len();
                 r.consume(n);
+                *consumed += n as u64;
             }
         }
     }
@@ -623,6 +786,9 @@ pub(crate) struct LineHead<T, P> {
     on_error: crate::dead_letter::OnError,
     skipped: u64,
     dead_lettered: u64,
+    /// Byte offset of the next unread byte (lines consumed so far).
+    offset: u64,
+    replay: Replay,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -648,6 +814,8 @@ where
             on_error: crate::dead_letter::OnError::Fail,
             skipped: 0,
             dead_lettered: 0,
+            offset: 0,
+            replay: input.replay,
             _t: std::marker::PhantomData,
         }
     }
@@ -710,7 +878,7 @@ where
             };
             if self.skip_rest {
                 self.skip_rest = false;
-                if !skip_line(&mut self.reader).map_err(io_err)? {
+                if !skip_line(&mut self.reader, &mut self.offset).map_err(io_err)? {
                     return Ok(Pull::End);
                 }
                 continue;
@@ -721,6 +889,7 @@ where
             if n == 0 {
                 return Ok(Pull::End);
             }
+            self.offset += n as u64;
             self.line += 1;
             let mut line = &self.raw[..];
             let whole = line.ends_with(b"\n") || n < limit;
@@ -763,6 +932,35 @@ where
         }
         Ok(Pull::Data)
     }
+
+    fn state_support(&self) -> StateSupport {
+        self.replay.support()
+    }
+
+    fn snapshot(&mut self, _cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        state.put(
+            "head",
+            &LinePosition {
+                offset: self.offset,
+                line: self.line,
+                skip_rest: self.skip_rest,
+            },
+        )?;
+        state.positions.push(("head".into(), self.offset));
+        Ok(())
+    }
+
+    fn restore(&mut self, _cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        let Some(p) = state.get::<LinePosition>("head")? else {
+            return Ok(());
+        };
+        let reader = self.replay.reopen(&self.name, &self.path, p.offset)?;
+        self.reader = BufReader::with_capacity(256 * 1024, reader);
+        self.offset = p.offset;
+        self.line = p.line;
+        self.skip_rest = p.skip_rest;
+        Ok(())
+    }
 }
 
 /// Parses a line as UTF-8 text.
@@ -797,6 +995,11 @@ impl<T> ChannelSourceHead<T> {
 }
 
 impl<T: Send> Head<T> for ChannelSourceHead<T> {
+    fn state_support(&self) -> StateSupport {
+        StateSupport::Unsupported(
+            "a channel source cannot be replayed: use Pipeline::replayable_source".into(),
+        )
+    }
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         use crossbeam_channel::{select, TryRecvError};
         let cap = cx.batch_size();
@@ -841,6 +1044,210 @@ impl<T: Send> Head<T> for ChannelSourceHead<T> {
             }
         }
         Ok(Pull::Data)
+    }
+}
+
+/// A source that can be read again from a position: what a pipeline with checkpoints needs
+/// of a source, so that a resumed run reads on from where its checkpoint was taken.
+///
+/// At every checkpoint the engine asks for [`position`](Replayable::position) (after every
+/// item it took from [`next`](Replayable::next) is in), stores it, and on `--resume` hands it
+/// back to [`seek`](Replayable::seek) before the first `next`. `Position` must be serde; it
+/// should be small (an offset, an id, a cursor), not the data.
+///
+/// Ready-made: integer ranges (`0..n`, position = the next value) and [`ReplayVec`].
+///
+/// # Examples
+///
+/// A source over a `Vec` (what [`ReplayVec`] does), in a pipeline:
+///
+/// ```
+/// use millrace::{BoxError, Pipeline, Replayable};
+///
+/// struct Lines { lines: Vec<String>, next: usize }
+///
+/// impl Replayable for Lines {
+///     type Item = String;
+///     type Position = usize;
+///     fn position(&self) -> usize { self.next }
+///     fn seek(&mut self, to: usize) -> Result<(), BoxError> {
+///         if to > self.lines.len() {
+///             return Err(format!("position {to} is past the end").into());
+///         }
+///         self.next = to;
+///         Ok(())
+///     }
+///     fn next(&mut self) -> Option<String> {
+///         let line = self.lines.get(self.next).cloned();
+///         self.next += line.is_some() as usize;
+///         line
+///     }
+///     fn offset(position: &usize) -> Option<u64> { Some(*position as u64) }
+/// }
+///
+/// let p = Pipeline::new();
+/// let src = Lines { lines: vec!["a".into(), "b".into()], next: 0 };
+/// let out = p.replayable_source("lines", src).collect();
+/// p.run().unwrap();
+/// assert_eq!(out.take(), vec!["a", "b"]);
+/// ```
+pub trait Replayable: Send + 'static {
+    /// What the source yields.
+    type Item: Send + 'static;
+    /// Where the source is: enough to [`seek`](Replayable::seek) back there in a new process.
+    type Position: serde::Serialize + serde::de::DeserializeOwned;
+    /// The position of the item the next [`next`](Replayable::next) returns.
+    fn position(&self) -> Self::Position;
+    /// Goes to `position` (one [`position`](Replayable::position) returned, maybe in an
+    /// earlier process). An error fails the resume, naming the stage.
+    fn seek(&mut self, position: Self::Position) -> Result<(), crate::BoxError>;
+    /// The next item; `None` at the end.
+    fn next(&mut self) -> Option<Self::Item>;
+    /// A number that grows with the position (a byte offset, an index), for
+    /// `millrace checkpoint verify`'s check that positions never go back; `None` (the
+    /// default) when there is none.
+    fn offset(_position: &Self::Position) -> Option<u64> {
+        None
+    }
+}
+
+macro_rules! replayable_range {
+    ($($t:ty),*) => {$(
+        /// The range's values in order; the position is the next value.
+        impl Replayable for std::ops::Range<$t> {
+            type Item = $t;
+            type Position = $t;
+            fn position(&self) -> $t {
+                self.start
+            }
+            fn seek(&mut self, position: $t) -> Result<(), crate::BoxError> {
+                self.start = position;
+                Ok(())
+            }
+            fn next(&mut self) -> Option<$t> {
+                Iterator::next(self)
+            }
+            fn offset(position: &$t) -> Option<u64> {
+                u64::try_from(*position).ok()
+            }
+        }
+    )*};
+}
+replayable_range!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+
+/// A `Vec` as a [`Replayable`] source: yields clones of its items in order; the position is
+/// the index of the next one.
+///
+/// ```
+/// let p = millrace::Pipeline::new();
+/// let out = p.replayable_source("v", millrace::ReplayVec::from(vec!["a", "b"])).collect();
+/// p.run().unwrap();
+/// assert_eq!(out.take(), vec!["a", "b"]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ReplayVec<T> {
+    items: Vec<T>,
+    next: usize,
+}
+
+impl<T> From<Vec<T>> for ReplayVec<T> {
+    fn from(items: Vec<T>) -> Self {
+        ReplayVec { items, next: 0 }
+    }
+}
+
+impl<T: Clone + Send + 'static> Replayable for ReplayVec<T> {
+    type Item = T;
+    type Position = usize;
+    fn position(&self) -> usize {
+        self.next
+    }
+    fn seek(&mut self, position: usize) -> Result<(), crate::BoxError> {
+        if position > self.items.len() {
+            return Err(format!(
+                "position {position} is past the end ({} items)",
+                self.items.len()
+            )
+            .into());
+        }
+        self.next = position;
+        Ok(())
+    }
+    fn next(&mut self) -> Option<T> {
+        let x = self.items.get(self.next).cloned();
+        self.next += usize::from(x.is_some());
+        x
+    }
+    fn offset(position: &usize) -> Option<u64> {
+        Some(*position as u64)
+    }
+}
+
+/// The head of a [`Replayable`] source.
+pub(crate) struct ReplayHead<R> {
+    src: R,
+    /// The source ended.
+    done: bool,
+}
+
+impl<R> ReplayHead<R> {
+    pub(crate) fn new(src: R) -> Self {
+        ReplayHead { src, done: false }
+    }
+}
+
+impl<R: Replayable> Head<R::Item> for ReplayHead<R> {
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<R::Item>,
+        flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        if self.done {
+            return Ok(Pull::End);
+        }
+        let cap = cx.batch_size();
+        let deadline = flush_at.unwrap_or_else(|| cx.clock_ms() + cx.linger_ms());
+        while buf.len() < cap {
+            match self.src.next() {
+                Some(x) => buf.push(x),
+                None => {
+                    self.done = true;
+                    return Ok(Pull::End);
+                }
+            }
+            // A look at the (coarse, relaxed) clock now and then: a slow source still
+            // flushes partial batches on time.
+            if buf.len() % 64 == 0 && cx.clock_ms() >= deadline {
+                return Ok(Pull::Idle);
+            }
+        }
+        Ok(Pull::Data)
+    }
+
+    fn state_support(&self) -> StateSupport {
+        StateSupport::Snapshots
+    }
+
+    fn snapshot(&mut self, _cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        let p = self.src.position();
+        if let Some(o) = R::offset(&p) {
+            state.positions.push(("head".into(), o));
+        }
+        Ok(state.put("head", &p)?)
+    }
+
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        if let Some(p) = state.get::<R::Position>("head")? {
+            self.src.seek(p).map_err(|e| Error::Checkpoint {
+                message: format!(
+                    "stage `{}`: cannot seek the source to the checkpoint's position: {e}",
+                    cx.stage
+                ),
+            })?;
+            self.done = false;
+        }
+        Ok(())
     }
 }
 
@@ -900,6 +1307,7 @@ mod tests {
             poll_fd: None,
             path: "in".into(),
             max_line,
+            replay: Replay::No(READER),
         }
     }
 

@@ -832,7 +832,6 @@ fn checkpoints_complete_with_a_dead_letter_stream() {
 /// refused before anything runs, naming the source. Needs the sources' `state_support` (helper
 /// C's `IterHead` declares `Unsupported`): un-ignore at merge.
 #[test]
-#[ignore = "needs IterHead::state_support = Unsupported (helper C)"]
 fn an_iterator_source_is_refused() {
     let store = MemStore::new();
     let p = Pipeline::new();

@@ -21,6 +21,7 @@ pub mod fs;
 #[doc(hidden)]
 pub mod spool;
 mod start;
+pub(crate) mod keyed;
 #[doc(hidden)]
 pub mod state;
 pub mod store;

@@ -148,7 +148,7 @@ impl PipelineSpec {
         if st[1..].iter().any(|s| s.on_error != PolicySpec::Fail)
             || targets
                 .iter()
-                .any(|t| !matches!(t.params, Kind::NdjsonWrite { .. }))
+                .any(|t| !matches!(t.params, Kind::NdjsonWrite { dir: false, .. }))
             || self
                 .stages
                 .iter()
@@ -174,7 +174,10 @@ impl PipelineSpec {
                 path,
                 max_line_bytes,
             },
-            Kind::NdjsonWrite { path: out },
+            Kind::NdjsonWrite {
+                path: out,
+                dir: false,
+            },
         ) = (&st[0].params, &st[st.len() - 1].params)
         else {
             return None;
@@ -186,7 +189,7 @@ impl PipelineSpec {
         let p = Pipeline::with_options(self.options.clone());
         let mut policy = crate::OnError::Fail;
         for t in &targets {
-            let Kind::NdjsonWrite { path } = &t.params else {
+            let Kind::NdjsonWrite { path, .. } = &t.params else {
                 unreachable!("checked above")
             };
             let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
@@ -370,6 +373,7 @@ fn build_stage(
                 })
                 .name(&format!("{name}.key"))
                 .parallelism(st.parallelism)
+                .checkpointed()
                 .count()
                 .name(name)
                 .map(move |(KeyValue(v), n)| {
@@ -382,7 +386,7 @@ fn build_stage(
             let key = key.clone();
             Some(
                 counted
-                    .sort_by(move |a: &Value, b: &Value| {
+                    .checkpointed_sort_by(move |a: &Value, b: &Value| {
                         let count = |v: &Value| v.get("count").and_then(Value::as_u64).unwrap_or(0);
                         count(b).cmp(&count(a)).then_with(|| {
                             kinds::cmp_values(
@@ -412,8 +416,12 @@ fn build_stage(
             )
             .boxed(),
         ),
-        (Kind::NdjsonWrite { path }, Some(s)) => {
+        (Kind::NdjsonWrite { path, dir: false }, Some(s)) => {
             s.write_ndjson(path).name(name);
+            None
+        }
+        (Kind::NdjsonWrite { path, dir: true }, Some(s)) => {
+            s.write_ndjson_dir(path).name(name);
             None
         }
     })
@@ -458,6 +466,7 @@ fn build_window(
         })
         .name(&format!("{name}.key"))
         .parallelism(st.parallelism)
+        .checkpointed()
         .window(spec, w.aggregate())
         .name(name);
     let params = Arc::new(w.clone());
@@ -507,7 +516,9 @@ fn build_window(
 const CHUNK_BYTES: usize = 64 * 1024;
 
 /// A JSON value used as a grouping key: hashed and compared by its canonical text.
-#[derive(Debug, Clone)]
+/// Serde (as the value itself), so that keyed state is checkpointed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub(crate) struct KeyValue(pub Value);
 
 impl PartialEq for KeyValue {

@@ -23,7 +23,7 @@ pub const KINDS: &[(&str, &str)] = &[
     ("limit", "passes the first `n` records, then stops everything upstream"),
     ("exec", "runs `command`: records as NDJSON on its stdin, its stdout's NDJSON lines as records"),
     ("window", "event-time windows per `key_field` over `time_field`: tumbling, sliding or session, with `aggregate` outputs"),
-    ("ndjson.write", "sink: one JSON object per line to `path` (`-` is stdout)"),
+    ("ndjson.write", "sink: one JSON object per line to `path` (`-` is stdout), or into part files of `dir`"),
 ];
 
 /// A comparison of the `filter` kind.
@@ -88,7 +88,10 @@ pub(crate) enum Kind {
     #[cfg(feature = "plugin")]
     Native(Box<crate::plugin::native::NativeSpec>),
     NdjsonWrite {
+        /// The file (`-`: stdout), or with `dir` the directory of part files.
         path: PathBuf,
+        /// `dir = "out/"` was given instead of `path`: part files committed at checkpoints.
+        dir: bool,
     },
 }
 
@@ -173,8 +176,22 @@ impl Kind {
             },
             "window" => Kind::Window(Box::new(super::window_kind::WindowParams::parse(p)?)),
             "exec" => Kind::Exec(Box::new(parse_exec(p)?)),
-            "ndjson.write" => Kind::NdjsonWrite {
-                path: p.output_path("path")?,
+            "ndjson.write" => match (p.has("path"), p.has("dir")) {
+                (true, true) => {
+                    return Err(p.error_at(
+                        "dir",
+                        ConfigErrorKind::BadValue,
+                        "give one of `path` (a file, `-` for stdout) and `dir` (a directory of part files), not both".into(),
+                    ))
+                }
+                (false, true) => Kind::NdjsonWrite {
+                    path: p.output_path("dir")?,
+                    dir: true,
+                },
+                _ => Kind::NdjsonWrite {
+                    path: p.output_path("path")?,
+                    dir: false,
+                },
             },
             other => return other_kind(p, other),
         })

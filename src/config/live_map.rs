@@ -195,6 +195,8 @@ impl<C> crate::operator::sealed::Sealed for LiveMap<C> {}
 
 impl<In, C: Chain<In, Out = Value>> Chain<In> for LiveMap<C> {
     type Out = Value;
+    // Stateless itself (a reload swaps logic, not state): the steps before it may not be.
+    crate::operator::forward_state!();
 
     fn begin_batch(&mut self, records: usize) {
         self.prev.begin_batch(records);
@@ -337,6 +339,7 @@ impl<C> crate::operator::sealed::Sealed for ParseChunks<C> {}
 
 impl<In, C: Chain<In, Out = crate::source::Chunk>> Chain<In> for ParseChunks<C> {
     type Out = Value;
+    crate::operator::forward_state!();
 
     fn begin_batch(&mut self, records: usize) {
         self.prev.begin_batch(records);

@@ -342,8 +342,8 @@ pub(crate) struct JsonAggs {
     outputs: Vec<JsonAgg>,
 }
 
-/// The running state of one output.
-#[derive(Debug, Clone)]
+/// The running state of one output (serde: checkpointed with its window).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Acc {
     Count(u64),
     /// The sum, and whether every value added was an integer (then it prints as one).

@@ -1,11 +1,25 @@
 //! The heads of the stateful stages — a keyed fold (emitting at end of input), a sort, a head
 //! followed by a chain acting as one head — and the tail that routes each record to one of two
 //! channels.
+//!
+//! Checkpoints: a keyed fold snapshots its map by key group (the group of a key comes from the
+//! same hash the router used, so a key's state is where its group says; see
+//! `checkpoint::state`), a sort its gathered records — each only when built through the
+//! checkpointed API (`.key_by(..).checkpointed()`, `checkpointed_sort_by`), whose types are
+//! serde; otherwise it declares its state unsupported, naming the fix. Both stop gathering at
+//! a barrier and return [`Pull::Barrier`] with an empty buffer, so the worker snapshots them.
 
 use std::hash::Hash;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::checkpoint::keyed::{check_groups, key_groups_of, keyed_part, KeyGroups};
+use crate::checkpoint::state::{group_range, InstanceState, KeyedPart};
+use crate::checkpoint::{CheckpointId, StateSupport};
+use crate::error::Error;
 
 use crate::channel::{ChannelTail, InputHead};
 use crate::metrics::InstanceMetrics;
@@ -66,14 +80,37 @@ impl<X: Send, L: Send, R: Send> Tail<X> for RouteTail<X, L, R> {
         self.left.finish(cx)?;
         self.right.finish(cx)
     }
-    /// Both outputs are channels: each sends what it buffered, then the barrier.
     fn barrier(
         &mut self,
         cx: &Cx,
-        id: crate::checkpoint::CheckpointId,
-        _state: &mut crate::checkpoint::state::InstanceState,
+        id: CheckpointId,
+        state: &mut InstanceState,
     ) -> Result<(), Halt> {
-        self.each(cx, |t, _| t.send_barrier(id), |t, _| t.send_barrier(id))
+        // As `each`, with `state` lent to one side at a time.
+        for side in 0..2 {
+            let r = match (self.live[side], side) {
+                (false, _) => Ok(()),
+                (true, 0) => self.left.barrier(cx, id, state),
+                (true, _) => self.right.barrier(cx, id, state),
+            };
+            match r {
+                Ok(()) => {}
+                Err(Halt::Done) if !cx.run.is_cancelled() => self.live[side] = false,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.live == [false, false] {
+            Err(Halt::Done)
+        } else {
+            Ok(())
+        }
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.left.restore(cx, state)?;
+        self.right.restore(cx, state)
+    }
+    fn state_support(&self) -> StateSupport {
+        weaker(self.left.state_support(), self.right.state_support())
     }
 }
 
@@ -124,6 +161,45 @@ impl<X, L: Send, R: Send> RouteTail<X, L, R> {
     }
 }
 
+/// How a keyed head encodes its map: set only by the checkpointed API, whose key and state
+/// types are serde (plain fn pointers, so the head itself needs no serde bounds).
+pub(crate) struct KeyedCodec<K, A> {
+    put: fn(&mut InstanceState, &KeyedPart<&K, &A>) -> Result<(), Error>,
+    get: GetKeyed<K, A>,
+}
+
+/// Decodes a keyed head's part `head`.
+type GetKeyed<K, A> = fn(&InstanceState) -> Result<Option<KeyedPart<K, A>>, Error>;
+
+impl<K, A> Clone for KeyedCodec<K, A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, A> Copy for KeyedCodec<K, A> {}
+
+fn put_keyed<K: Serialize, A: Serialize>(
+    s: &mut InstanceState,
+    v: &KeyedPart<&K, &A>,
+) -> Result<(), Error> {
+    s.put("head", v)
+}
+
+fn get_keyed<K: DeserializeOwned, A: DeserializeOwned>(
+    s: &InstanceState,
+) -> Result<Option<KeyedPart<K, A>>, Error> {
+    s.get("head")
+}
+
+impl<K: Serialize + DeserializeOwned, A: Serialize + DeserializeOwned> KeyedCodec<K, A> {
+    pub(crate) fn new() -> Self {
+        KeyedCodec {
+            put: put_keyed::<K, A>,
+            get: get_keyed::<K, A>,
+        }
+    }
+}
+
 /// Head of a keyed aggregation: folds all input, then emits the state in batches.
 pub(super) struct KeyedHead<K, T, A, N, F, G> {
     input: InputHead<(K, T)>,
@@ -133,23 +209,33 @@ pub(super) struct KeyedHead<K, T, A, N, F, G> {
     finish: Arc<G>,
     state: FxHashMap<K, A>,
     drain: Option<std::collections::hash_map::IntoIter<K, A>>,
+    /// `count`, `fold`, `reduce` (for the unsupported-state message).
+    kind: &'static str,
+    groups: KeyGroups<K>,
+    codec: Option<KeyedCodec<K, A>>,
 }
 
 impl<K, T, A, N, F, G> KeyedHead<K, T, A, N, F, G> {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         input: InputHead<(K, T)>,
         init: Arc<N>,
         fold: Arc<F>,
         finish: Arc<G>,
-        state: FxHashMap<K, A>,
+        kind: &'static str,
+        groups: KeyGroups<K>,
+        codec: Option<KeyedCodec<K, A>>,
     ) -> Self {
         KeyedHead {
             input,
             init,
             fold,
             finish,
-            state,
+            state: FxHashMap::default(),
             drain: None,
+            kind,
+            groups,
+            codec,
         }
     }
 }
@@ -175,13 +261,14 @@ where
     ) -> Result<Pull, Halt> {
         if self.drain.is_none() {
             let (state, init, fold) = (&mut self.state, &self.init, &self.fold);
-            let ended = gather(&mut self.input, cx, flush_at, |batch| {
+            match gather(&mut self.input, cx, flush_at, |batch| {
                 for (k, x) in batch.drain(..) {
                     fold(state.entry(k).or_insert_with(|| init()), x);
                 }
-            })?;
-            if !ended {
-                return Ok(Pull::Idle);
+            })? {
+                Gathered::Ended => {}
+                Gathered::Idle => return Ok(Pull::Idle),
+                Gathered::Barrier(id) => return Ok(Pull::Barrier(id)),
             }
             self.drain = Some(std::mem::take(&mut self.state).into_iter());
         }
@@ -194,6 +281,97 @@ where
             Pull::Data
         })
     }
+
+    fn state_support(&self) -> StateSupport {
+        match self.codec {
+            Some(_) => StateSupport::Snapshots,
+            None => StateSupport::Unsupported(format!(
+                "it keeps keyed state that is not serde: build it with \
+                 `.key_by(..).checkpointed().{}(..)`, whose key and state types are \
+                 Serialize + DeserializeOwned",
+                self.kind
+            )),
+        }
+    }
+
+    fn snapshot(&mut self, cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        let Some(codec) = self.codec else {
+            return Err(unsupported(cx, self.state_support()));
+        };
+        let groups = key_groups_of(cx, self.groups.parallelism);
+        let part = keyed_part(self.state.iter(), self.groups.hash, groups);
+        (codec.put)(state, &part)?;
+        let mine = group_range(cx.instance, self.groups.parallelism, groups);
+        state.key_groups = Some((mine.start, mine.end));
+        Ok(())
+    }
+
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        let Some(codec) = self.codec else {
+            return Err(unsupported(cx, self.state_support()));
+        };
+        let Some(part) = (codec.get)(state)? else {
+            return Ok(());
+        };
+        let groups = key_groups_of(cx, self.groups.parallelism);
+        check_groups(
+            cx,
+            &part,
+            group_range(cx.instance, self.groups.parallelism, groups),
+        )?;
+        for (_, entries) in part.groups {
+            self.state.extend(entries);
+        }
+        Ok(())
+    }
+}
+
+/// The error of a snapshot or restore asked of a head that declared its state unsupported.
+fn unsupported(cx: &Cx, support: StateSupport) -> Halt {
+    let reason = match support {
+        StateSupport::Unsupported(r) | StateSupport::AtLeastOnce(r) => r,
+        _ => "its state cannot be checkpointed".into(),
+    };
+    Halt::Failed(Error::CheckpointUnsupported {
+        stage: cx.stage.to_string(),
+        reason,
+    })
+}
+
+/// The weaker of two supports (for a head made of parts): unsupported, then at least once,
+/// then snapshots, then stateless.
+pub(crate) fn weaker(a: StateSupport, b: StateSupport) -> StateSupport {
+    fn rank(s: &StateSupport) -> u8 {
+        match s {
+            StateSupport::Unsupported(_) => 3,
+            StateSupport::AtLeastOnce(_) => 2,
+            StateSupport::Snapshots => 1,
+            StateSupport::Stateless => 0,
+        }
+    }
+    if rank(&b) > rank(&a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// One support for the steps of a chain, naming the step of an unsupported one.
+pub(crate) fn chain_support<I, C: Chain<I>>(chain: &C) -> StateSupport {
+    let mut steps = Vec::new();
+    chain.state_support(&mut steps);
+    steps
+        .into_iter()
+        .map(|(name, s)| match s {
+            StateSupport::Unsupported(r) => {
+                StateSupport::Unsupported(format!("step `{name}`: {r}"))
+            }
+            StateSupport::AtLeastOnce(r) => {
+                StateSupport::AtLeastOnce(format!("step `{name}`: {r}"))
+            }
+            other => other,
+        })
+        .fold(StateSupport::Stateless, weaker)
 }
 
 /// A head followed by a chain, acting as one head.
@@ -270,6 +448,48 @@ impl<I: Send, C: Chain<I>> Head<C::Out> for ChainedHead<I, C> {
             Some(e) => Err(e),
         }
     }
+
+    fn state_support(&self) -> StateSupport {
+        weaker(self.inner.state_support(), chain_support(&self.chain))
+    }
+    fn snapshot(&mut self, cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        self.inner.snapshot(cx, state)?;
+        Ok(self.chain.snapshot(state)?)
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.inner.restore(cx, state)?;
+        Ok(self.chain.restore(state)?)
+    }
+}
+
+/// How a sort encodes its gathered records (set by `checkpointed_sort_by`).
+pub(crate) struct SortCodec<T> {
+    put: fn(&mut InstanceState, &[T]) -> Result<(), Error>,
+    get: fn(&InstanceState) -> Result<Option<Vec<T>>, Error>,
+}
+
+impl<T> Clone for SortCodec<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SortCodec<T> {}
+
+fn put_items<T: Serialize>(s: &mut InstanceState, v: &[T]) -> Result<(), Error> {
+    s.put("head", v)
+}
+
+fn get_items<T: DeserializeOwned>(s: &InstanceState) -> Result<Option<Vec<T>>, Error> {
+    s.get("head")
+}
+
+impl<T: Serialize + DeserializeOwned> SortCodec<T> {
+    pub(crate) fn new() -> Self {
+        SortCodec {
+            put: put_items::<T>,
+            get: get_items::<T>,
+        }
+    }
 }
 
 /// Head of `sort_by`: gathers all input, then emits it sorted.
@@ -278,15 +498,17 @@ pub(super) struct SortHead<T, F> {
     cmp: Arc<F>,
     items: Vec<T>,
     sorted: Option<std::vec::IntoIter<T>>,
+    codec: Option<SortCodec<T>>,
 }
 
 impl<T, F> SortHead<T, F> {
-    pub(super) fn new(input: InputHead<T>, cmp: Arc<F>) -> Self {
+    pub(super) fn new(input: InputHead<T>, cmp: Arc<F>, codec: Option<SortCodec<T>>) -> Self {
         SortHead {
             input,
             cmp,
             items: Vec::new(),
             sorted: None,
+            codec,
         }
     }
 }
@@ -298,8 +520,10 @@ impl<T: Send, F: Fn(&T, &T) -> std::cmp::Ordering + Send + Sync> Head<T> for Sor
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         if self.sorted.is_none() {
             let items = &mut self.items;
-            if !gather(&mut self.input, cx, flush_at, |batch| items.append(batch))? {
-                return Ok(Pull::Idle);
+            match gather(&mut self.input, cx, flush_at, |batch| items.append(batch))? {
+                Gathered::Ended => {}
+                Gathered::Idle => return Ok(Pull::Idle),
+                Gathered::Barrier(id) => return Ok(Pull::Barrier(id)),
             }
             let mut items = std::mem::take(&mut self.items);
             let cmp = Arc::clone(&self.cmp);
@@ -310,6 +534,34 @@ impl<T: Send, F: Fn(&T, &T) -> std::cmp::Ordering + Send + Sync> Head<T> for Sor
         buf.extend(it.take(cx.batch_size()));
         Ok(if it.len() == 0 { Pull::End } else { Pull::Data })
     }
+
+    fn state_support(&self) -> StateSupport {
+        match self.codec {
+            Some(_) => StateSupport::Snapshots,
+            None => StateSupport::Unsupported(
+                "it keeps the records it sorts, which are not serde: build it with \
+                 `.checkpointed_sort_by(..)`, whose records are Serialize + DeserializeOwned"
+                    .into(),
+            ),
+        }
+    }
+
+    fn snapshot(&mut self, cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        let Some(codec) = self.codec else {
+            return Err(unsupported(cx, self.state_support()));
+        };
+        Ok((codec.put)(state, &self.items)?)
+    }
+
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        let Some(codec) = self.codec else {
+            return Err(unsupported(cx, self.state_support()));
+        };
+        if let Some(items) = (codec.get)(state)? {
+            self.items = items;
+        }
+        Ok(())
+    }
 }
 
 /// Counts one input batch of `records` records in the instance's metrics.
@@ -318,30 +570,43 @@ fn count_in(cx: &Cx, records: usize) {
     InstanceMetrics::add(&cx.metrics.batches_in, 1);
 }
 
+/// Why [`gather`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gathered {
+    /// The input ended: everything is in.
+    Ended,
+    /// The input went idle first: call again once the tail has flushed.
+    Idle,
+    /// Checkpoint barrier `n` arrived (every record before it is in): snapshot, then call
+    /// again.
+    Barrier(CheckpointId),
+}
+
 /// The loop of a head that consumes its whole input before emitting (a keyed fold, a sort):
-/// pulls batches from `input` until its end, counting each and handing it to `each` (which
-/// empties it). `Ok(false)` when the input went idle first (call again once the tail has
-/// flushed); `Halt::Done` once the run is cancelled.
-fn gather<T: Send>(
+/// pulls batches from `input` until its end, a barrier or idleness, counting each batch and
+/// handing it to `each` (which empties it); `Halt::Done` once the run is cancelled.
+pub(crate) fn gather<T: Send>(
     input: &mut InputHead<T>,
     cx: &Cx,
     flush_at: Option<u64>,
     mut each: impl FnMut(&mut Vec<T>),
-) -> Result<bool, Halt> {
+) -> Result<Gathered, Halt> {
     let mut batch = Vec::new();
     loop {
         if cx.run.is_cancelled() {
             return Err(Halt::Done);
         }
         match input.pull(cx, &mut batch, flush_at)? {
-            Pull::Idle if batch.is_empty() => return Ok(false),
+            Pull::Idle if batch.is_empty() => return Ok(Gathered::Idle),
             pull => {
                 if !batch.is_empty() {
                     count_in(cx, batch.len());
                     each(&mut batch);
                 }
-                if pull == Pull::End {
-                    return Ok(true);
+                match pull {
+                    Pull::End => return Ok(Gathered::Ended),
+                    Pull::Barrier(id) => return Ok(Gathered::Barrier(id)),
+                    _ => {}
                 }
             }
         }

@@ -7,16 +7,15 @@ use std::hash::Hash;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
-
 use super::graph::{channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail};
-use super::heads::{KeyedHead, RouteTail, SortHead};
+use super::heads::{KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
 use super::{Fresh, Out, Stream};
 use crate::channel::Partition;
+use crate::checkpoint::keyed::KeyGroups;
 use crate::operator::{Chain, FlatMap, Identity, Map};
 use crate::runtime::{Cx, Head};
 use crate::time::Timestamp;
-use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowHead};
+use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowCodec, WindowHead};
 use crate::window::{
     Aggregate, EventTime, LateRecord, TimeError, WindowOutput, WindowResult, WindowSpec,
 };
@@ -73,12 +72,38 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     where
         F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
     {
+        self.sort_with(cmp, None)
+    }
+
+    /// [`sort_by`](Stream::sort_by) whose gathered records are checkpointed (they must be
+    /// serde): a resumed run restores them instead of needing the whole input again.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", vec![3u32, 1, 2]).checkpointed_sort_by(|a, b| a.cmp(b)).collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![1, 2, 3]);
+    /// ```
+    pub fn checkpointed_sort_by<F>(self, cmp: F) -> Fresh<Out<I, C>>
+    where
+        F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
+        Out<I, C>: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.sort_with(cmp, Some(SortCodec::new()))
+    }
+
+    fn sort_with<F>(self, cmp: F, codec: Option<SortCodec<Out<I, C>>>) -> Fresh<Out<I, C>>
+    where
+        F: Fn(&Out<I, C>, &Out<I, C>) -> std::cmp::Ordering + Send + Sync + 'static,
+    {
         let b = Rc::clone(&self.b);
         let name = self.default_name("sort");
         let edge = self.connect(Partition::Forward);
         let cmp = Arc::new(cmp);
         let mut head = input_head(vec![edge], move |_, input| {
-            Box::new(SortHead::new(input, Arc::clone(&cmp))) as Box<dyn Head<_>>
+            Box::new(SortHead::new(input, Arc::clone(&cmp), codec)) as Box<dyn Head<_>>
         });
         head.name = Some(name);
         head.shape = Some(crate::metrics::Shape::Aggregate);
@@ -238,9 +263,59 @@ where
         )
     }
 
+    /// Makes the state of the aggregation that follows checkpointable: its `count`, `fold`,
+    /// `reduce` and `window` require serde key and state types, and snapshot the state by key
+    /// group at every checkpoint. (The aggregations of a plain keyed stream work with any
+    /// types, and a pipeline with checkpoints holding one is refused, naming it.)
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("w", vec!["a", "b", "a"])
+    ///     .key_by(|w| w.to_string())
+    ///     .checkpointed()
+    ///     .count()
+    ///     .collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
+    /// ```
+    pub fn checkpointed(self) -> CheckpointedKeyed<K, T>
+    where
+        K: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        CheckpointedKeyed { keyed: self }
+    }
+
     /// A keyed aggregation of kind `kind`: each key's state starts at `init()`, every record is
     /// folded in with `fold`, and at end of input `finish` turns each state into the output.
-    fn aggregate<A, O, N, F, G>(self, kind: &str, init: N, fold: F, finish: G) -> Fresh<(K, O)>
+    fn aggregate<A, O, N, F, G>(
+        self,
+        kind: &'static str,
+        init: N,
+        fold: F,
+        finish: G,
+    ) -> Fresh<(K, O)>
+    where
+        A: Send + 'static,
+        O: Send + 'static,
+        N: Fn() -> A + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+        G: Fn(A) -> O + Send + Sync + 'static,
+    {
+        self.aggregate_with(kind, init, fold, finish, None)
+    }
+
+    fn aggregate_with<A, O, N, F, G>(
+        self,
+        kind: &'static str,
+        init: N,
+        fold: F,
+        finish: G,
+        codec: Option<KeyedCodec<K, A>>,
+    ) -> Fresh<(K, O)>
     where
         A: Send + 'static,
         O: Send + 'static,
@@ -251,13 +326,19 @@ where
         let name = self.b.borrow_mut().default_name(kind);
         let (fold, init, finish) = (Arc::new(fold), Arc::new(init), Arc::new(finish));
         let edge = (self.connect)(self.key_name, None);
+        let groups = KeyGroups {
+            hash: partition_hash::<K>,
+            parallelism: self.parallelism,
+        };
         let mut head = input_head(vec![edge], move |_, input| {
             Box::new(KeyedHead::new(
                 input,
                 Arc::clone(&init),
                 Arc::clone(&fold),
                 Arc::clone(&finish),
-                FxHashMap::default(),
+                kind,
+                groups,
+                codec,
             )) as Box<dyn Head<(K, O)>>
         });
         head.name = Some(name);
@@ -306,6 +387,25 @@ where
         A::Out: 'static,
         E: EventTime<T>,
     {
+        self.window_with(spec, agg, None)
+    }
+
+    fn window_with<A, E>(
+        self,
+        spec: WindowSpec<E>,
+        agg: A,
+        codec: Option<WindowCodec<K, A::Acc>>,
+    ) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        let groups = KeyGroups {
+            hash: partition_hash::<K>,
+            parallelism: self.parallelism,
+        };
         let name = self.b.borrow_mut().default_name("window");
         let time = spec.time.clone();
         let generator = DynTime(Arc::new(move |x: &T| time.time(x)));
@@ -317,6 +417,8 @@ where
                 input,
                 &spec,
                 Arc::clone(&agg),
+                groups,
+                codec,
             )) as Box<dyn Head<WindowOutput<K, T, A::Out>>>
         });
         head.name = Some(name);
@@ -324,6 +426,131 @@ where
         Windowed {
             stream: Stream::open(&self.b, head, self.parallelism),
         }
+    }
+}
+
+/// A keyed stream whose aggregation is checkpointed: made by
+/// [`KeyedStream::checkpointed`]. Its aggregations are those of [`KeyedStream`], with serde
+/// key and state types.
+#[must_use = "a keyed stream does nothing until it is aggregated"]
+pub struct CheckpointedKeyed<K, T> {
+    keyed: KeyedStream<K, T>,
+}
+
+impl<K, T> fmt::Debug for CheckpointedKeyed<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CheckpointedKeyed")
+            .field(&self.keyed)
+            .finish()
+    }
+}
+
+impl<K, T> CheckpointedKeyed<K, T>
+where
+    K: Hash + Eq + Send + serde::Serialize + serde::de::DeserializeOwned + 'static,
+    T: Send + 'static,
+{
+    /// As [`KeyedStream::name`].
+    pub fn name(self, name: &str) -> Self {
+        CheckpointedKeyed {
+            keyed: self.keyed.name(name),
+        }
+    }
+
+    /// As [`KeyedStream::parallelism`].
+    pub fn parallelism(self, n: usize) -> Self {
+        CheckpointedKeyed {
+            keyed: self.keyed.parallelism(n),
+        }
+    }
+
+    /// As [`KeyedStream::fold`], with a serde accumulator.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p.source("n", 1..=6u32).key_by(|x| x % 2).checkpointed()
+    ///     .fold(0u32, |acc, x| *acc += x).collect();
+    /// p.run().unwrap();
+    /// let mut v = out.take();
+    /// v.sort();
+    /// assert_eq!(v, vec![(0, 12), (1, 9)]);
+    /// ```
+    pub fn fold<A, F>(self, init: A, f: F) -> Fresh<(K, A)>
+    where
+        A: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+    {
+        self.keyed.aggregate_with(
+            "fold",
+            move || init.clone(),
+            f,
+            |a| a,
+            Some(KeyedCodec::new()),
+        )
+    }
+
+    /// As [`KeyedStream::window`], with a serde key and accumulator: every open window, its
+    /// accumulator, the stage's watermark and the generator's state are checkpointed, and a
+    /// resumed run gives the same results and late records as an uninterrupted one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use millrace::window::{Count, Tumbling, WindowSpec};
+    /// let p = millrace::Pipeline::new();
+    /// let spec = WindowSpec::new(Tumbling::new(10, 0).unwrap(), |t: &i64| millrace::Timestamp(*t));
+    /// let out = p.source("t", vec![1i64, 2, 11])
+    ///     .key_by(|_| "all".to_string())
+    ///     .checkpointed()
+    ///     .window(spec, Count)
+    ///     .results()
+    ///     .map(|r| r.value)
+    ///     .collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take(), vec![2, 1]);
+    /// ```
+    pub fn window<A, E>(self, spec: WindowSpec<E>, agg: A) -> Windowed<K, T, A::Out>
+    where
+        K: Clone,
+        A: Aggregate<T>,
+        A::Acc: serde::Serialize + serde::de::DeserializeOwned,
+        A::Out: 'static,
+        E: EventTime<T>,
+    {
+        self.keyed.window_with(spec, agg, Some(WindowCodec::new()))
+    }
+
+    /// As [`KeyedStream::count`].
+    pub fn count(self) -> Fresh<(K, u64)> {
+        self.keyed.aggregate_with(
+            "count",
+            || 0u64,
+            |n, _| *n += 1,
+            |n| n,
+            Some(KeyedCodec::new()),
+        )
+    }
+
+    /// As [`KeyedStream::reduce`], with serde records.
+    pub fn reduce<F>(self, f: F) -> Fresh<(K, T)>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        F: Fn(T, T) -> T + Send + Sync + 'static,
+    {
+        self.keyed.aggregate_with(
+            "reduce",
+            || None,
+            move |acc: &mut Option<T>, x| {
+                *acc = Some(match acc.take() {
+                    None => x,
+                    Some(prev) => f(prev, x),
+                })
+            },
+            |v| v.expect("a key exists only once a record has set its value"),
+            Some(KeyedCodec::new()),
+        )
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `sinks.rs` | the sinks and their [`Sink`] handle |
 //! | `keyed.rs` | [`KeyedStream`] (fold, count, reduce, window), [`Windowed`], `sort_by` |
 //! | `heads.rs` | the heads of the stateful stages (keyed fold, sort, a chain as a head) and the routing tail |
+//! | `replayable.rs` | [`Pipeline::replayable_source`] |
 //! | `hooks.rs` | the few extension points the TOML layer builds its stage kinds on |
 //!
 //! The naming rule and how to return a stream from a function are documented on [`Stream`],
@@ -30,18 +31,21 @@ use crate::error::Error;
 use crate::operator::{Chain, Identity};
 use crate::runtime::{self, Cx, Tail, Worker};
 
+#[cfg(test)]
+mod checkpoint_tests;
 mod graph;
 mod heads;
 mod hooks;
 mod keyed;
 mod operators;
 mod pipeline;
+mod replayable;
 mod sinks;
 
 use graph::{channel_tail, edge, input_head, plain, Builder, Edge, HeadSpec, Names, Phase1};
 use graph::{Phase2, StageSlot, TailFactory};
 
-pub use keyed::{KeyedStream, Windowed};
+pub use keyed::{CheckpointedKeyed, KeyedStream, Windowed};
 pub use pipeline::Pipeline;
 pub use sinks::Sink;
 

@@ -502,6 +502,7 @@ impl Pipeline {
                 poll_fd: None,
                 path: "<reader>".to_string(),
                 max_line: crate::source::MAX_LINE_BYTES,
+                replay: crate::source::Replay::No(crate::source::READER),
             };
             Ok(Box::new(LineHead::new(Arc::clone(stage), input, |l, _| {
                 parse_text(l)

@@ -13,7 +13,9 @@ use super::{Out, Stream};
 use crate::error::BoxError;
 use crate::operator::Chain;
 use crate::runtime::Cx;
-use crate::sink::{open_output, CollectTail, Collected, ForEachTail, WriteTail};
+use crate::sink::{
+    open_output, CollectTail, Collected, DirWriteTail, ForEachTail, Target, WriteTail,
+};
 
 /// A sink that ends a stream. Its only use is to [`name`](Sink::name) it; dropping it is fine.
 pub struct Sink {
@@ -150,12 +152,13 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             name,
             Box::new(move |names, _| {
                 let sink = names.sink.clone().expect("a sink stage has a sink name");
-                let out = open_output(&sink, &path)?;
+                let (out, target) = open_output(&sink, &path)?;
                 let shown = path.display().to_string();
                 let format = format.take().expect("a writer sink has one instance");
                 Ok(
-                    Box::new(move |cx: &Cx| Ok(WriteTail::new(cx, out, shown, sink, format)))
-                        as MakeTail<_>,
+                    Box::new(move |cx: &Cx| {
+                        Ok(WriteTail::new(cx, out, target, shown, sink, format))
+                    }) as MakeTail<_>,
                 )
             }),
         )
@@ -206,6 +209,92 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         })
     }
 
+    /// Writes each record, formatted by `format`, into part files `part-<instance>-<seq>.<ext>`
+    /// of the directory `dir`, one writer per instance of this stage, in a sink of kind
+    /// `kind` (see [`write_ndjson_dir`](Stream::write_ndjson_dir)).
+    pub(crate) fn write_dir_with<F>(
+        self,
+        kind: &str,
+        dir: &Path,
+        ext: &'static str,
+        format: F,
+    ) -> Sink
+    where
+        F: FnMut(&mut dyn std::io::Write, &Out<I, C>) -> std::io::Result<u64>
+            + Clone
+            + Send
+            + 'static,
+    {
+        let name = self.default_name(kind);
+        let dir = dir.to_path_buf();
+        self.sink(
+            name,
+            Box::new(move |names, _| {
+                let sink = names.sink.clone().expect("a sink stage has a sink name");
+                let (dir, format) = (dir.clone(), format.clone());
+                Ok(
+                    Box::new(move |cx: &Cx| Ok(DirWriteTail::new(cx, &dir, ext, sink, format)?))
+                        as MakeTail<_>,
+                )
+            }),
+        )
+    }
+
+    /// Writes each record as one line of JSON into part files of the directory `dir`
+    /// (created if missing): each instance of this stage writes its own parts,
+    /// `part-<instance:05>-<seq:06>.ndjson`.
+    ///
+    /// With checkpoints this sink is exactly once: a part is written under a hidden
+    /// in-progress name, pre-committed at each checkpoint's barrier and renamed to its final
+    /// name when the checkpoint completes; a resumed run deletes what was written after the
+    /// checkpoint. Without checkpoints each instance writes one part, named when it finishes.
+    /// A directory holding parts of an earlier run is refused (empty it first, or resume).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let out = dir.path().join("out");
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", vec![1u32, 2]).write_ndjson_dir(&out);
+    /// p.run().unwrap();
+    /// let part = std::fs::read_to_string(out.join("part-00000-000000.ndjson")).unwrap();
+    /// assert_eq!(part, "1\n2\n");
+    /// ```
+    pub fn write_ndjson_dir(self, dir: impl AsRef<Path>) -> Sink
+    where
+        Out<I, C>: serde::Serialize,
+    {
+        self.write_dir_with("ndjson.write", dir.as_ref(), "ndjson", |w, x| {
+            serde_json::to_writer(&mut *w, x)
+                .map(|()| 1)
+                .map_err(std::io::Error::from)
+        })
+    }
+
+    /// Writes each record as a line of text into part files `part-<instance:05>-<seq:06>.txt`
+    /// of the directory `dir`; as [`write_ndjson_dir`](Stream::write_ndjson_dir) otherwise.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let out = dir.path().join("out");
+    /// let p = millrace::Pipeline::new();
+    /// p.source("n", 1..=2u32).write_lines_dir(&out);
+    /// p.run().unwrap();
+    /// let part = std::fs::read_to_string(out.join("part-00000-000000.txt")).unwrap();
+    /// assert_eq!(part, "1\n2\n");
+    /// ```
+    pub fn write_lines_dir(self, dir: impl AsRef<Path>) -> Sink
+    where
+        Out<I, C>: std::fmt::Display,
+    {
+        self.write_dir_with("lines.write", dir.as_ref(), "txt", |w, x| {
+            write!(w, "{x}").map(|()| 1)
+        })
+    }
+
     /// Closes the stage into a sink named `name` (renamable through the returned handle).
     fn sink<T>(self, name: Arc<str>, tails: super::graph::TailFactory<T>) -> Sink
     where
@@ -237,8 +326,18 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                 let (w, format) = parts.take().expect("a writer sink has one instance");
                 let out: Box<dyn std::io::Write + Send> = Box::new(w);
                 let out = std::io::BufWriter::with_capacity(256 * 1024, out);
+                let target = Target::Stream(
+                    "a writer cannot be rolled back: write to a file or a directory for exactly-once",
+                );
                 Ok(Box::new(move |cx: &Cx| {
-                    Ok(WriteTail::new(cx, out, "<writer>".into(), sink, format))
+                    Ok(WriteTail::new(
+                        cx,
+                        out,
+                        target,
+                        "<writer>".into(),
+                        sink,
+                        format,
+                    ))
                 }) as MakeTail<_>)
             }),
         )

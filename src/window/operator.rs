@@ -72,6 +72,45 @@ struct Slot<Acc> {
     replaces: Vec<Window>,
 }
 
+/// A window as checkpoints store it: `(start, end)` in ms.
+pub(crate) type WindowMs = (i64, i64);
+
+fn to_ms(w: &Window) -> WindowMs {
+    (w.start.0, w.end.0)
+}
+
+fn from_ms((start, end): WindowMs) -> Window {
+    Window::new(Timestamp(start), Timestamp(end.max(start)))
+}
+
+/// One key's windows, as a checkpoint stores them (see [`WindowState::export`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct KeyWindows<Acc> {
+    /// Tumbling or sliding windows holding this key, with its accumulator.
+    pub fixed: Vec<(WindowMs, Acc)>,
+    /// Session windows of this key, sorted.
+    pub sessions: Vec<SessionSlot<Acc>>,
+}
+
+/// A session window of one key, as a checkpoint stores it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SessionSlot<Acc> {
+    pub window: WindowMs,
+    pub acc: Acc,
+    pub fired: bool,
+    pub replaces: Vec<WindowMs>,
+}
+
+/// What a window state holds besides its keys' windows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct WindowMeta {
+    /// The watermark (ms; `i64::MIN` before the first).
+    pub watermark: i64,
+    pub late: u64,
+    pub missed: u64,
+    pub outside: u64,
+}
+
 /// How many emptied key maps a window state keeps for reuse.
 const SPARE_MAPS: usize = 2;
 
@@ -371,6 +410,88 @@ where
                 update,
                 replaces: std::mem::take(&mut slot.replaces),
             }));
+        }
+    }
+
+    /// The state, key by key, for a checkpoint: every open window with its accumulator (the
+    /// session timers are derived from the windows and the watermark, so they are not stored:
+    /// [`import`](Self::import) schedules them again, as a lateness change does), and the
+    /// watermark and counters.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn export(&self) -> (Vec<(K, KeyWindows<A::Acc>)>, WindowMeta) {
+        let mut by_key: FxHashMap<K, KeyWindows<A::Acc>> = FxHashMap::default();
+        let empty = || KeyWindows {
+            fixed: Vec::new(),
+            sessions: Vec::new(),
+        };
+        for (w, keys) in &self.fixed {
+            for (k, acc) in keys {
+                by_key
+                    .entry(k.clone())
+                    .or_insert_with(empty)
+                    .fixed
+                    .push((to_ms(w), acc.clone()));
+            }
+        }
+        for (k, slots) in &self.keys {
+            by_key.entry(k.clone()).or_insert_with(empty).sessions = slots
+                .iter()
+                .map(|s| SessionSlot {
+                    window: to_ms(&s.window),
+                    acc: s.acc.clone(),
+                    fired: s.fired,
+                    replaces: s.replaces.iter().map(to_ms).collect(),
+                })
+                .collect();
+        }
+        let meta = WindowMeta {
+            watermark: self.watermark.0,
+            late: self.late,
+            missed: self.missed,
+            outside: self.outside,
+        };
+        (by_key.into_iter().collect(), meta)
+    }
+
+    /// Restores what [`export`](Self::export) returned (into an empty state; the entries of
+    /// several exports may be imported one after the other, with one `meta`).
+    pub(crate) fn import(
+        &mut self,
+        entries: impl IntoIterator<Item = (K, KeyWindows<A::Acc>)>,
+        meta: WindowMeta,
+    ) {
+        self.watermark = Timestamp(meta.watermark);
+        self.late = meta.late;
+        self.missed = meta.missed;
+        self.outside = meta.outside;
+        let (wm, lateness) = (self.watermark, self.lateness);
+        for (key, kw) in entries {
+            for (w, acc) in kw.fixed {
+                let i = self.fixed_index(from_ms(w));
+                if self.fixed[i].1.insert(key.clone(), acc).is_none() {
+                    self.live += 1;
+                }
+            }
+            if kw.sessions.is_empty() {
+                continue;
+            }
+            let mut slots: Vec<Slot<A::Acc>> = kw
+                .sessions
+                .into_iter()
+                .map(|s| Slot {
+                    window: from_ms(s.window),
+                    acc: s.acc,
+                    fired: s.fired,
+                    replaces: s.replaces.into_iter().map(from_ms).collect(),
+                })
+                .collect();
+            slots.sort_by_key(|s| s.window);
+            for s in &slots {
+                let at = Self::due(&s.window, wm, lateness);
+                self.timers.entry(at).or_default().push(key.clone());
+            }
+            self.live += slots.len();
+            self.keys.insert(key, slots);
         }
     }
 

@@ -2,14 +2,25 @@
 //! a window (one per instance), the window stage's head that drives a [`WindowState`], and the
 //! typed API around them ([`WindowSpec`]; the builder type [`Windowed`](crate::Windowed) lives with the other streams).
 //!
+//! Checkpoints: the generator snapshots the newest event time it saw, the last watermark it
+//! sent and its count towards the next one (part `tail.watermark` of the feeding stage), so a
+//! resumed run sends the same watermarks after the same records; the window head snapshots
+//! every open window of every key with its accumulator, by key group, and the stage's
+//! watermark and counters (parts `head`, `head.meta`) — only when built with
+//! `.key_by(..).checkpointed().window(..)`, whose key and accumulator types are serde.
+//!
 //! Watermarks travel as channel messages after the records they follow. A stage combines the
 //! watermarks of all its input slots (one per upstream instance) and forwards their minimum;
 //! end of input counts as +∞, so the last window always fires.
 
 use std::time::Duration;
 
+use super::operator::{KeyWindows, WindowMeta};
 use super::{Aggregate, Assigner, BoundedOutOfOrderness, WindowOutput, WindowResult, WindowState};
 use crate::channel::{ChannelTail, InputHead};
+use crate::checkpoint::keyed::{check_groups, key_groups_of, keyed_part_owned, KeyGroups};
+use crate::checkpoint::state::{group_range, InstanceState, KeyedPart};
+use crate::checkpoint::StateSupport;
 use crate::error::Error;
 use crate::metrics::InstanceMetrics;
 use crate::operator::{Emit, Halt};
@@ -243,9 +254,54 @@ impl<K: Send, T: Send, E: EventTime<T>> Emit<(K, T)> for WatermarkTail<K, T, E> 
     }
 }
 
+/// What a watermark generator records at a barrier (part `tail.watermark`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GeneratorState {
+    /// The newest event time seen and the last watermark computed (ms).
+    gen: (Option<i64>, i64),
+    /// The last watermark sent (ms).
+    sent: i64,
+    /// Records emitted since the last send.
+    since: usize,
+}
+
 impl<K: Send, T: Send, E: EventTime<T>> Tail<(K, T)> for WatermarkTail<K, T, E> {
     fn before_batch(&mut self, now: u64) {
         self.inner.before_batch(now)
+    }
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        id: crate::checkpoint::CheckpointId,
+        state: &mut InstanceState,
+    ) -> Result<(), Halt> {
+        // No watermark is sent here: which records are late must not depend on when
+        // checkpoints happen.
+        self.inner.barrier(cx, id, state)?;
+        state.put(
+            "tail.watermark",
+            &GeneratorState {
+                gen: self.gen.save(),
+                sent: self.sent.0,
+                since: self.since,
+            },
+        )?;
+        Ok(())
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.inner.restore(cx, state)?;
+        if let Some(g) = state.get::<GeneratorState>("tail.watermark")? {
+            self.gen.load(g.gen);
+            self.sent = Timestamp(g.sent);
+            self.since = g.since;
+        }
+        Ok(())
+    }
+    fn state_support(&self) -> StateSupport {
+        match self.inner.state_support() {
+            StateSupport::Stateless => StateSupport::Snapshots,
+            other => other,
+        }
     }
     fn watermark(&mut self, _cx: &Cx, _at: Timestamp) -> Result<(), Halt> {
         Ok(())
@@ -280,6 +336,70 @@ pub(crate) struct WindowHead<K, T, A: Aggregate<T>, E> {
     pub skipped: u64,
     pub dead_lettered: u64,
     pub done: bool,
+    /// The key groups of the stage (its router's hash and parallelism).
+    pub groups: KeyGroups<K>,
+    /// How the state is encoded: set by `.checkpointed().window(..)`.
+    pub codec: Option<WindowCodec<K, A::Acc>>,
+}
+
+/// A window head's counters and its state's watermark (part `head.meta`).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct WindowHeadMeta {
+    window: WindowMeta,
+    seen: u64,
+    skipped: u64,
+    dead_lettered: u64,
+}
+
+/// A window stage's keyed state, by key group.
+pub(crate) type WindowPart<K, Acc> = KeyedPart<K, KeyWindows<Acc>>;
+
+/// How a window head encodes its state: fn pointers set by the checkpointed API, whose key and
+/// accumulator types are serde (the head itself needs no serde bounds).
+#[allow(clippy::type_complexity)]
+pub(crate) struct WindowCodec<K, Acc> {
+    put: fn(&mut InstanceState, &WindowPart<K, Acc>, &WindowHeadMeta) -> Result<(), Error>,
+    #[allow(clippy::type_complexity)]
+    get: fn(&InstanceState) -> Result<Option<(WindowPart<K, Acc>, WindowHeadMeta)>, Error>,
+}
+
+impl<K, Acc> Clone for WindowCodec<K, Acc> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, Acc> Copy for WindowCodec<K, Acc> {}
+
+fn put_window<K: serde::Serialize, Acc: serde::Serialize>(
+    s: &mut InstanceState,
+    part: &WindowPart<K, Acc>,
+    meta: &WindowHeadMeta,
+) -> Result<(), Error> {
+    s.put("head", part)?;
+    s.put("head.meta", meta)
+}
+
+#[allow(clippy::type_complexity)]
+fn get_window<K: serde::de::DeserializeOwned, Acc: serde::de::DeserializeOwned>(
+    s: &InstanceState,
+) -> Result<Option<(WindowPart<K, Acc>, WindowHeadMeta)>, Error> {
+    match (s.get("head")?, s.get("head.meta")?) {
+        (Some(p), Some(m)) => Ok(Some((p, m))),
+        _ => Ok(None),
+    }
+}
+
+impl<K, Acc> WindowCodec<K, Acc>
+where
+    K: serde::Serialize + serde::de::DeserializeOwned,
+    Acc: serde::Serialize + serde::de::DeserializeOwned,
+{
+    pub(crate) fn new() -> Self {
+        WindowCodec {
+            put: put_window::<K, Acc>,
+            get: get_window::<K, Acc>,
+        }
+    }
 }
 
 impl<K, T, A, E> WindowHead<K, T, A, E>
@@ -292,6 +412,8 @@ where
         input: InputHead<(K, T)>,
         spec: &WindowSpec<E>,
         agg: A,
+        groups: KeyGroups<K>,
+        codec: Option<WindowCodec<K, A::Acc>>,
     ) -> Self
     where
         E: Clone,
@@ -308,6 +430,8 @@ where
             seen: 0,
             skipped: 0,
             done: false,
+            groups,
+            codec,
         }
     }
 }
@@ -405,6 +529,63 @@ where
             std::sync::atomic::Ordering::Relaxed,
         );
         Ok(pull)
+    }
+
+    fn state_support(&self) -> StateSupport {
+        match self.codec {
+            Some(_) => StateSupport::Snapshots,
+            None => StateSupport::Unsupported(
+                "it keeps keyed window state that is not serde: build it with \
+                 `.key_by(..).checkpointed().window(..)`, whose key and accumulator types are \
+                 Serialize + DeserializeOwned"
+                    .into(),
+            ),
+        }
+    }
+
+    fn snapshot(&mut self, cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        let codec = self.codec.ok_or_else(|| self.unsupported(cx))?;
+        let (entries, window) = self.state.export();
+        let groups = key_groups_of(cx, self.groups.parallelism);
+        let part = keyed_part_owned(entries, self.groups.hash, groups);
+        let meta = WindowHeadMeta {
+            window,
+            seen: self.seen,
+            skipped: self.skipped,
+            dead_lettered: self.dead_lettered,
+        };
+        (codec.put)(state, &part, &meta)?;
+        let mine = group_range(cx.instance, self.groups.parallelism, groups);
+        state.key_groups = Some((mine.start, mine.end));
+        Ok(())
+    }
+
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        let codec = self.codec.ok_or_else(|| self.unsupported(cx))?;
+        let Some((part, meta)) = (codec.get)(state)? else {
+            return Ok(());
+        };
+        let groups = key_groups_of(cx, self.groups.parallelism);
+        check_groups(
+            cx,
+            &part,
+            group_range(cx.instance, self.groups.parallelism, groups),
+        )?;
+        self.state
+            .import(part.groups.into_iter().flat_map(|(_, e)| e), meta.window);
+        self.seen = meta.seen;
+        self.skipped = meta.skipped;
+        self.dead_lettered = meta.dead_lettered;
+        Ok(())
+    }
+}
+
+impl<K, T, A: Aggregate<T>, E> WindowHead<K, T, A, E> {
+    fn unsupported(&self, cx: &Cx) -> Halt {
+        Halt::Failed(Error::CheckpointUnsupported {
+            stage: cx.stage.to_string(),
+            reason: "its keyed window state is not serde".into(),
+        })
     }
 }
 

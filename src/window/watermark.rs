@@ -50,6 +50,17 @@ impl BoundedOutOfOrderness {
     pub fn current(&self) -> Timestamp {
         self.emitted
     }
+
+    /// The newest event time seen and the last watermark returned, in ms (for a checkpoint).
+    pub(crate) fn save(&self) -> (Option<i64>, i64) {
+        (self.max.map(|t| t.0), self.emitted.0)
+    }
+
+    /// Restores what [`save`](Self::save) returned.
+    pub(crate) fn load(&mut self, (max, emitted): (Option<i64>, i64)) {
+        self.max = max.map(Timestamp);
+        self.emitted = Timestamp(emitted);
+    }
 }
 
 /// Combines the watermarks of a stage's inputs (one per upstream instance): the stage's
