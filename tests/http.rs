@@ -278,6 +278,8 @@ fn end_to_end() {
         case["params"]["mode"]["enum"],
         serde_json::json!(["upper", "lower", "title"])
     );
+    // The bundled textops nodes declare that they hold no state (checkpoints accept them).
+    assert_eq!(case["stateless"], serde_json::json!(true), "{body}");
 
     // Submit a pipeline that runs until cancelled: it reads a FIFO that a thread keeps
     // feeding until the reader goes away.
