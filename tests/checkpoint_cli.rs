@@ -378,6 +378,12 @@ fn kill_loop(parallelism: usize, kills: usize, seed: u64) {
                 let err = std::fs::read_to_string(d.join(format!("stderr.{round}"))).unwrap();
                 assert!(status.success(), "round {round}: {status}: {err}");
                 finished += 1; // it completed first; the next round starts afresh
+                               // A round waits for a new checkpoint, which a ~1 s run reaches long before
+                               // its end: many runs completing first means checkpoints do not complete.
+                assert!(
+                    finished <= kills / 5,
+                    "{finished} runs completed before their kill ({killed} kills): are checkpoints completing? {err}"
+                );
             }
             None => {
                 child.kill().unwrap();

@@ -101,7 +101,10 @@ fn a_node_is_stateful_unless_its_manifest_says_stateless() {
     let reg = PluginRegistry::discover(&search_path(&[dir.path().to_path_buf()]));
     // A mistyped `stateless` breaks the manifest, at its line.
     let (_, why) = reg.broken.iter().next().expect("the manifest is refused");
-    assert!(why.contains("line 15"), "{why}");
+    assert!(
+        why.contains("line 16") && why.contains("expected a boolean"),
+        "{why}"
+    );
     std::fs::write(
         plug.join("plugin.toml"),
         "name = \"cat\"\nversion = \"0.1.0\"\nkind = \"process\"\nentry = [\"cat\"]\nengine = \">=0.1\"\n\n[[nodes]]\nname = \"keep\"\n\n[[nodes]]\nname = \"pass\"\nstateless = true\n",
