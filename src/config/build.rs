@@ -239,14 +239,14 @@ impl PipelineSpec {
 }
 
 /// Turns checkpointing on with the `[checkpoint]` table's options.
-// merge: helper A's `Pipeline::checkpoints(opts)` (the call below is the whole body once it
-// lands); until then the options reach the pipeline only through this call site.
+// merge: the body becomes `p.checkpoints(opts);` (helper A's `Pipeline::checkpoints`); until
+// then the options reach the pipeline only through this call site.
 fn apply_checkpoints(p: &Pipeline, opts: crate::checkpoint::CheckpointOptions) {
     let _ = (p, opts);
 }
 
 /// Records a stage's fingerprint for the checkpoint manifest.
-// merge: helper A's `Pipeline::set_stage_fingerprint(stage, fingerprint)`.
+// merge: the body becomes `p.set_stage_fingerprint(stage, fingerprint);` (helper A's).
 fn set_stage_fingerprint(p: &Pipeline, stage: &str, fingerprint: &str) {
     let _ = (p, stage, fingerprint);
 }

@@ -38,8 +38,13 @@ pub(crate) struct Record {
 }
 
 /// The report's checkpoints; `None` for a run without checkpoints.
-// merge: read helper A's `RunReport::checkpoints` into a `Record` (its per-checkpoint stats, and
-// what the resume used and skipped). Until then no report has any.
+// merge: the body becomes (helper A's `RunReport` fields)
+//     (!r.checkpoints.is_empty() || r.resumed_from.is_some()).then(|| Record {
+//         history: r.checkpoints.clone(),
+//         resumed_from: r.resumed_from,
+//         skipped: r.skipped_checkpoints.clone(),
+//     })
+// Until then no report has any.
 pub(crate) fn record(r: &RunReport) -> Option<Record> {
     let _ = r;
     None

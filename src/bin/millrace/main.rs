@@ -577,7 +577,7 @@ fn checkpoint(command: CheckpointCommand) -> ExitCode {
 }
 
 /// Every checkpoint in `dir`, each verified.
-// merge: helper B's `millrace::checkpoint::verify::list(dir)`.
+// merge: the body becomes `millrace::checkpoint::verify::list(dir)` (helper B's).
 fn list_checkpoints(dir: &Path) -> Result<Vec<Listing>, Error> {
     let _ = dir;
     Err(Error::Checkpoint {
@@ -586,7 +586,10 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<Listing>, Error> {
 }
 
 /// How many checkpoints `dir` holds, and every problem found in them.
-// merge: helper B's `millrace::checkpoint::verify::verify(dir)` (its problems, as text).
+// merge: the body becomes (helper B's `verify::{list, verify}`)
+//     let checked = millrace::checkpoint::verify::list(dir)?.len();
+//     let problems = millrace::checkpoint::verify::verify(dir)?;
+//     Ok((checked, problems.iter().map(ToString::to_string).collect()))
 fn verify_checkpoints(dir: &Path) -> Result<(usize, Vec<String>), Error> {
     let _ = dir;
     Err(Error::Checkpoint {
