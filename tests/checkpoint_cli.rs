@@ -377,7 +377,11 @@ fn kill_loop(parallelism: usize, kills: usize, seed: u64) {
             Some(status) => {
                 let err = std::fs::read_to_string(d.join(format!("stderr.{round}"))).unwrap();
                 assert!(status.success(), "round {round}: {status}: {err}");
-                finished += 1; // it completed first; the next round starts afresh
+                // It completed first: its checkpoints are gone and its output is complete. A
+                // directory sink refuses to write over a finished run's parts, so clear the
+                // output as a user starting over would: the next round starts afresh.
+                finished += 1;
+                std::fs::remove_dir_all(d.join("out")).unwrap();
                                // A round waits for a new checkpoint, which a ~1 s run reaches long before
                                // its end: many runs completing first means checkpoints do not complete.
                 assert!(
