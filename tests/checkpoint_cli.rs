@@ -382,8 +382,8 @@ fn kill_loop(parallelism: usize, kills: usize, seed: u64) {
                 // output as a user starting over would: the next round starts afresh.
                 finished += 1;
                 std::fs::remove_dir_all(d.join("out")).unwrap();
-                               // A round waits for a new checkpoint, which a ~1 s run reaches long before
-                               // its end: many runs completing first means checkpoints do not complete.
+                // A round waits for a new checkpoint, which a ~1 s run reaches long before
+                // its end: many runs completing first means checkpoints do not complete.
                 assert!(
                     finished <= kills / 5,
                     "{finished} runs completed before their kill ({killed} kills): are checkpoints completing? {err}"
