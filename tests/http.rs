@@ -278,6 +278,8 @@ fn end_to_end() {
         case["params"]["mode"]["enum"],
         serde_json::json!(["upper", "lower", "title"])
     );
+    // The bundled textops nodes declare that they hold no state (checkpoints accept them).
+    assert_eq!(case["stateless"], serde_json::json!(true), "{body}");
 
     // Submit a pipeline that runs until cancelled: it reads a FIFO that a thread keeps
     // feeding until the reader goes away.
@@ -376,6 +378,22 @@ fn end_to_end() {
     assert_eq!(r.status, 201, "{}", r.body);
     let id = JobId(json(&r.body)["id"].as_u64().unwrap());
     assert_eq!(engine.wait(id).unwrap().status, JobStatus::Succeeded);
+    // Its report carries `checkpoints`: null, since it has no [checkpoint] table.
+    let (status, body) = call(addr, "GET", &format!("/jobs/{id}"), "");
+    assert_eq!(status, 200);
+    let report = &json(&body)["report"];
+    assert!(report.get("checkpoints").is_some(), "{body}");
+    assert_eq!(report["checkpoints"], Value::Null, "{body}");
+    // A bad [checkpoint] table is refused at submission, at its line.
+    let (status, body) = call(
+        addr,
+        "POST",
+        "/jobs",
+        "[checkpoint]\ndir = \"cp\"\ninterval = \"often\"\n\n[stages.read]\nkind = \"lines.read\"\npath = \"/dev/null\"\n\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = \"/dev/null\"\n",
+    );
+    assert_eq!(status, 400, "{body}");
+    let e = json(&body)["error"].as_str().unwrap().to_string();
+    assert!(e.contains(":3: [checkpoint] interval"), "{e}");
 
     server.shutdown();
     engine.shutdown(Duration::from_secs(5)).unwrap();

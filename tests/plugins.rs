@@ -72,6 +72,53 @@ fn the_bundled_plugin_is_discovered_with_its_node_specs() {
         kinds.contains(&"textops.case") && kinds.contains(&"textops.length"),
         "{kinds:?}"
     );
+    // Each node says whether it holds state: the stateless ones say so, the counter does not.
+    let stateless = |kind: &str| {
+        palette
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["kind"] == kind)
+            .unwrap_or_else(|| panic!("{kind} in {palette}"))["stateless"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(stateless("textops.case") && stateless("textops.length"));
+    assert!(stateless("casefold.upper") && stateless("tagger.tag"));
+    assert!(!stateless("counter.count") && !stateless("tagger.explode"));
+}
+
+#[test]
+fn a_node_is_stateful_unless_its_manifest_says_stateless() {
+    let dir = tempfile::tempdir().unwrap();
+    let plug = dir.path().join("cat");
+    std::fs::create_dir(&plug).unwrap();
+    std::fs::write(
+        plug.join("plugin.toml"),
+        "name = \"cat\"\nversion = \"0.1.0\"\nkind = \"process\"\nentry = [\"cat\"]\nengine = \">=0.1\"\n\n[[nodes]]\nname = \"keep\"\n\n[[nodes]]\nname = \"pass\"\nstateless = true\n\n[[nodes]]\nname = \"bad\"\nstateless = \"yes\"\n",
+    )
+    .unwrap();
+    let reg = PluginRegistry::discover(&search_path(&[dir.path().to_path_buf()]));
+    // A mistyped `stateless` breaks the manifest, at its line.
+    let (_, why) = reg.broken.iter().next().expect("the manifest is refused");
+    assert!(
+        why.contains("line 16") && why.contains("expected a boolean"),
+        "{why}"
+    );
+    std::fs::write(
+        plug.join("plugin.toml"),
+        "name = \"cat\"\nversion = \"0.1.0\"\nkind = \"process\"\nentry = [\"cat\"]\nengine = \">=0.1\"\n\n[[nodes]]\nname = \"keep\"\n\n[[nodes]]\nname = \"pass\"\nstateless = true\n",
+    )
+    .unwrap();
+    let reg = PluginRegistry::discover(&search_path(&[dir.path().to_path_buf()]));
+    let nodes = &reg.get("cat").expect("found").manifest.nodes;
+    assert_eq!(
+        nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.stateless))
+            .collect::<Vec<_>>(),
+        [("keep", false), ("pass", true)]
+    );
 }
 
 #[test]

@@ -673,6 +673,7 @@ fn parse_plugin_node(
                 node: node.to_string(),
                 params: serde_json::Value::Object(params),
                 log_level,
+                checkpoint_refusal: spec.checkpoint_refusal(plugin),
             })));
         }
         Entry::Command(entry) => entry,
@@ -704,6 +705,7 @@ fn parse_plugin_node(
         log_level,
         plugin_copy: None,
         on_error: crate::OnError::Fail,
+        checkpoint_refusal: spec.checkpoint_refusal(plugin),
     })))
 }
 
@@ -778,6 +780,9 @@ fn parse_exec(p: &mut Params<'_>) -> Result<crate::exec::ExecSpec, ConfigError> 
         log_level: log::LevelFilter::Trace,
         plugin_copy: None,
         on_error: crate::OnError::Fail,
+        // A plain `exec` stage is stateless: its program sees a stream of records, and after a
+        // resume it is started afresh on the records after the checkpoint.
+        checkpoint_refusal: None,
     })
 }
 

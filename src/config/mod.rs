@@ -27,6 +27,7 @@
 //! ```
 
 mod build;
+mod checkpoint;
 pub(crate) mod kinds;
 mod limits;
 mod live_map;

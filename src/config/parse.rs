@@ -22,6 +22,8 @@ struct RawPipeline {
     #[serde(default)]
     plugin_dirs: Vec<String>,
     options: Option<Spanned<RawTable>>,
+    /// Checkpointing (see `checkpoint.rs`).
+    checkpoint: Option<Spanned<RawTable>>,
     #[serde(default)]
     stages: BTreeMap<Spanned<String>, Spanned<RawTable>>,
 }
@@ -75,6 +77,9 @@ pub struct StageSpec {
     /// Files the stage depends on besides the pipeline file (a plugin's manifest, program or
     /// library), for a reload to watch.
     pub(crate) files: Vec<PathBuf>,
+    /// Its kind and the parameters that shape its state, canonical (see
+    /// `checkpoint::fingerprint`): a resume refuses a changed stateful stage.
+    pub(crate) fingerprint: String,
 }
 
 /// A stage's error policy as written: `on_error = "fail" | "skip" | "dead_letter"` with
@@ -104,6 +109,11 @@ pub struct PipelineSpec {
     /// docs/config.md, "The byte path"). `[options] byte_path = false` (or setting this field
     /// to false) forces the value path.
     pub byte_path: bool,
+    /// Checkpointing, from the `[checkpoint]` table (`None` without one). Its `dir` is
+    /// resolved against the file's directory; its `start` is the default (refuse a directory
+    /// holding checkpoints of an unfinished run) until the caller sets it (`run --resume`,
+    /// `--fresh`).
+    pub checkpoint: Option<crate::checkpoint::CheckpointOptions>,
     /// When reading began (before the pipeline file, manifests or libraries were read): a
     /// file changed since may not be what was read (see `reload.rs`, stamps).
     pub(crate) read_at: std::time::SystemTime,
@@ -195,6 +205,7 @@ impl PipelineSpec {
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let ctx = Ctx {
             file,
+            text,
             lines: &lines,
             base: &base,
             plugin_dirs: raw.plugin_dirs.iter().map(|d| base.join(d)).collect(),
@@ -212,6 +223,10 @@ impl PipelineSpec {
         let (options, byte_path) = match &raw.options {
             None => (Options::default(), true),
             Some(t) => parse_options(&ctx, t)?,
+        };
+        let checkpoint = match &raw.checkpoint {
+            None => None,
+            Some(t) => Some(super::checkpoint::parse_checkpoint(&ctx, t)?),
         };
 
         if raw.stages.is_empty() {
@@ -251,6 +266,7 @@ impl PipelineSpec {
             options,
             stages,
             byte_path,
+            checkpoint,
             read_at,
         })
     }
@@ -301,6 +317,8 @@ fn stage_at_line(text: &str, line: usize) -> Option<String> {
 #[cfg_attr(not(feature = "plugin"), allow(dead_code))]
 pub(crate) struct Ctx<'a> {
     pub file: &'a Path,
+    /// The pipeline file's text.
+    pub text: &'a str,
     pub lines: &'a Lines,
     pub base: &'a Path,
     /// The pipeline's `plugin_dirs`, resolved.
@@ -694,6 +712,7 @@ fn parse_stage(
     }
     Ok(StageSpec {
         name: name.to_string(),
+        fingerprint: super::checkpoint::fingerprint(&kind, table),
         kind,
         inputs,
         parallelism,

@@ -288,7 +288,20 @@ impl PipelineSpec {
     /// Builds the pipeline so that it can be reloaded while it runs: its `filter`, `select`,
     /// `words`, `exec` and plugin stages read their logic once per batch from a versioned cell
     /// (they do not fuse with their neighbours). The handle re-reads [`file`](Self::file).
+    ///
+    /// A pipeline with a `[checkpoint]` table is refused: a reload changes stages under a run
+    /// whose checkpoints record their fingerprints, and a resume would meet a pipeline that no
+    /// file describes.
     pub fn build_reloadable(&self) -> Result<(Pipeline, ReloadHandle), ConfigError> {
+        if self.checkpoint.is_some() {
+            return Err(ConfigError::new(
+                &self.file,
+                None,
+                None,
+                ConfigErrorKind::BadValue,
+                "[checkpoint]: a pipeline with checkpoints cannot be reloaded while it runs (--watch); remove the [checkpoint] table or run without --watch",
+            ));
+        }
         // Every version runs from a private copy of its plugin's code (a native library copy, a
         // process plugin's directory), so that edits on disk never reach a running version.
         let mut versioned = self.clone();

@@ -83,6 +83,9 @@ pub(crate) struct ExecSpec {
     /// `max_line_bytes` bytes when too long — and `line` its number in stdout). A non-zero exit
     /// and a timeout still fail the stage.
     pub on_error: crate::dead_letter::OnError,
+    /// Why the stage cannot be checkpointed (a process plugin node whose manifest does not
+    /// declare `stateless = true`); `None` for a plain `exec` stage and stateless nodes.
+    pub checkpoint_refusal: Option<String>,
 }
 
 /// A private copy of a process plugin's directory: the code of one version, immune to edits of
@@ -144,6 +147,16 @@ impl ExecSpec {
 impl ExecSpec {
     fn shown(&self) -> String {
         self.command.join(" ")
+    }
+
+    /// Whether the stage can be checkpointed: an `exec` stage and a stateless plugin node hold
+    /// no state (after a resume the child starts afresh on the records after the checkpoint);
+    /// a node whose manifest does not say `stateless = true` is refused.
+    pub(crate) fn state_support(&self) -> crate::checkpoint::StateSupport {
+        match &self.checkpoint_refusal {
+            None => crate::checkpoint::StateSupport::Stateless,
+            Some(why) => crate::checkpoint::StateSupport::Unsupported(why.clone()),
+        }
     }
 }
 
@@ -625,6 +638,10 @@ impl Head<Value> for ExecHead<Value> {
         true // records in are counted by the writer; out are the child's records
     }
 
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        self.spec.state_support()
+    }
+
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Value>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         if self.running.is_none() {
             self.start(cx)?;
@@ -725,6 +742,10 @@ const BLOCK_BYTES: usize = 256 * 1024;
 impl Head<Chunk> for ExecHead<Chunk> {
     fn counts_input(&self) -> bool {
         true // records in are counted by the writer; out are the child's records
+    }
+
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        self.spec.state_support()
     }
 
     /// The byte path: reads what stdout has, cuts it after the last whole line, checks every
@@ -1110,6 +1131,7 @@ mod tests {
             plugin: None,
             log_level: log::LevelFilter::Off,
             plugin_copy: None,
+            checkpoint_refusal: None,
         }
     }
 

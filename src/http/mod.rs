@@ -79,7 +79,8 @@ pub struct ServeOptions {
     /// The largest request body accepted (default 1 MiB).
     pub max_body: usize,
     /// Directory that relative paths in submitted pipelines resolve against (default: the
-    /// current directory).
+    /// current directory), a `[checkpoint]` table's `dir` among them. `millrace serve` sets
+    /// it to its working directory.
     pub base_dir: std::path::PathBuf,
     /// Directories searched for plugins before the standard search path (`GET /plugins/nodes`).
     pub plugin_dirs: Vec<std::path::PathBuf>,

@@ -26,6 +26,7 @@
 //! engine.shutdown(std::time::Duration::from_secs(5)).unwrap();
 //! ```
 
+mod checkpoints;
 pub mod hub;
 pub mod registry;
 mod supervisor;
@@ -205,7 +206,10 @@ impl Event {
     }
 }
 
-/// A run report as JSON: elapsed seconds, records read, and one object per stage instance.
+/// A run report as JSON: elapsed seconds, records read, one object per stage instance, where
+/// the records went, and `checkpoints` (null without a `[checkpoint]` table; otherwise counts,
+/// bytes, the longest alignment, what a resume used and skipped, and the latest checkpoints'
+/// stats).
 pub fn report_json(r: &RunReport) -> Value {
     let stages: Vec<Value> = r
         .stages
@@ -235,6 +239,7 @@ pub fn report_json(r: &RunReport) -> Value {
         // Where the records went, per step: {stage, shape, records_in, records_out, filtered,
         // skipped, dead_lettered, late}.
         "accounts": serde_json::to_value(&r.accounts).unwrap_or(Value::Null),
+        "checkpoints": checkpoints::to_json(r),
     })
 }
 

@@ -111,6 +111,27 @@ pub struct NodeSpec {
     /// Its parameters by name.
     #[serde(default)]
     pub params: BTreeMap<String, ParamSpec>,
+    /// Whether the node holds no state across records (each output depends only on the
+    /// records of one batch and the parameters). Default false: a pipeline with checkpoints
+    /// refuses to start with a stage of a node that does not declare `stateless = true`,
+    /// since its state cannot be snapshotted.
+    #[serde(default)]
+    pub stateless: bool,
+}
+
+impl NodeSpec {
+    /// Why a stage `kind = "<plugin>.<node>"` of this node cannot be checkpointed; `None` when
+    /// it is stateless.
+    pub(crate) fn checkpoint_refusal(&self, plugin: &Plugin) -> Option<String> {
+        (!self.stateless).then(|| {
+            format!(
+                "plugin `{}` node `{}` may hold state it cannot snapshot: its manifest ({}) does not declare `stateless = true` for it",
+                plugin.manifest.name,
+                self.name,
+                plugin.dir.join("plugin.toml").display()
+            )
+        })
+    }
 }
 
 /// A `plugin.toml`.
@@ -296,6 +317,7 @@ impl PluginRegistry {
                         "emits": n.emits,
                         "params": params,
                         "permissions": p.manifest.permissions,
+                        "stateless": n.stateless,
                     })
                 })
             })

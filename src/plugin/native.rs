@@ -754,6 +754,9 @@ pub(crate) struct NativeSpec {
     pub params: Value,
     /// The stage's `log_level`.
     pub log_level: LevelFilter,
+    /// Why the stage cannot be checkpointed (its node's manifest does not declare `stateless
+    /// = true`); `None` for a stateless node.
+    pub checkpoint_refusal: Option<String>,
 }
 
 /// The head of a native node stage instance: pulls a batch, has the node process it.
@@ -829,6 +832,15 @@ impl NativeHead {
 impl crate::runtime::Head<Value> for NativeHead {
     fn counts_input(&self) -> bool {
         true // a node's output is not its input
+    }
+
+    /// A stateless node has nothing to snapshot; any other is refused (the native ABI has no
+    /// snapshot call yet).
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        match &self.spec.load().1.checkpoint_refusal {
+            None => crate::checkpoint::StateSupport::Stateless,
+            Some(why) => crate::checkpoint::StateSupport::Unsupported(why.clone()),
+        }
     }
 
     fn pull(
