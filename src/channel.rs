@@ -509,7 +509,9 @@ pub(crate) struct InputHead<T> {
 /// front of `replay` and read before the channel again (per slot, order is kept: a held message
 /// of a slot is always older than that slot's messages still in `replay`). Nothing is read
 /// from the channel while `replay` is non-empty, so `held` and `replay` together never hold
-/// more than `bound` messages (`channel_capacity × slots`, at least 16). When `held` would
+/// more than `bound` messages (`4 × channel_capacity × slots`, at least 64: a held slot is no
+/// longer backpressured by this consumer, so its burst can be several channels' worth before
+/// the slowest slot's barrier arrives; still a fixed bound). When `held` would
 /// exceed it, the instance *declines* the checkpoint (the coordinator fails it), releases what
 /// it held in order, stops holding for it, and still returns `Pull::Barrier(n)` once every slot
 /// delivered `n` — the runtime then sees that `n` is no longer pending, takes no snapshot and
@@ -693,7 +695,7 @@ impl<T> InputHead<T> {
                 .as_ref()
                 .is_some_and(|c| c.mode == crate::checkpoint::Mode::ExactlyOnce);
             a.exactly_once = Some(exactly);
-            a.bound = (cx.run.opts.channel_capacity * a.delivered.len()).max(16);
+            a.bound = (4 * cx.run.opts.channel_capacity * a.delivered.len()).max(64);
         }
         if let Some(d) = a.delivered.get_mut(from) {
             *d = (*d).max(id);

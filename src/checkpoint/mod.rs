@@ -18,10 +18,10 @@
 #[doc(hidden)]
 pub mod coordinator;
 pub mod fs;
+pub(crate) mod keyed;
 #[doc(hidden)]
 pub mod spool;
 mod start;
-pub(crate) mod keyed;
 #[doc(hidden)]
 pub mod state;
 pub mod store;

@@ -242,16 +242,13 @@ impl PipelineSpec {
 }
 
 /// Turns checkpointing on with the `[checkpoint]` table's options.
-// merge: the body becomes `p.checkpoints(opts);` (helper A's `Pipeline::checkpoints`); until
-// then the options reach the pipeline only through this call site.
 fn apply_checkpoints(p: &Pipeline, opts: crate::checkpoint::CheckpointOptions) {
-    let _ = (p, opts);
+    p.checkpoints(opts);
 }
 
 /// Records a stage's fingerprint for the checkpoint manifest.
-// merge: the body becomes `p.set_stage_fingerprint(stage, fingerprint);` (helper A's).
 fn set_stage_fingerprint(p: &Pipeline, stage: &str, fingerprint: &str) {
-    let _ = (p, stage, fingerprint);
+    p.set_stage_fingerprint(stage, fingerprint);
 }
 
 /// Blocks read by `ndjson.read` on the byte path.

@@ -577,24 +577,15 @@ fn checkpoint(command: CheckpointCommand) -> ExitCode {
 }
 
 /// Every checkpoint in `dir`, each verified.
-// merge: the body becomes `millrace::checkpoint::verify::list(dir)` (helper B's).
 fn list_checkpoints(dir: &Path) -> Result<Vec<Listing>, Error> {
-    let _ = dir;
-    Err(Error::Checkpoint {
-        message: "checkpoint listing is not in this build".into(),
-    })
+    millrace::checkpoint::verify::list(dir)
 }
 
 /// How many checkpoints `dir` holds, and every problem found in them.
-// merge: the body becomes (helper B's `verify::{list, verify}`)
-//     let checked = millrace::checkpoint::verify::list(dir)?.len();
-//     let problems = millrace::checkpoint::verify::verify(dir)?;
-//     Ok((checked, problems.iter().map(ToString::to_string).collect()))
 fn verify_checkpoints(dir: &Path) -> Result<(usize, Vec<String>), Error> {
-    let _ = dir;
-    Err(Error::Checkpoint {
-        message: "checkpoint verification is not in this build".into(),
-    })
+    let checked = millrace::checkpoint::verify::list(dir)?.len();
+    let problems = millrace::checkpoint::verify::verify(dir)?;
+    Ok((checked, problems.iter().map(ToString::to_string).collect()))
 }
 
 /// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
