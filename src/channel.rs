@@ -1017,11 +1017,14 @@ mod tests {
     #[test]
     fn alignment_overflow_declines_and_releases_in_order() {
         let cx = checkpointing(Mode::ExactlyOnce);
-        let (tx, rx) = crossbeam_channel::bounded(64);
-        let (recycle, _r) = crossbeam_channel::bounded(64);
+        // One more than the hold bound (at least 64 messages) from the slot that delivered
+        // the barrier, before the other slot's barrier.
+        let over = 65;
+        let (tx, rx) = crossbeam_channel::bounded(over + 8);
+        let (recycle, _r) = crossbeam_channel::bounded(over + 8);
         let mut head = InputHead::new(rx, 2, recycle, None);
         tx.send(Message::Barrier { from: 0, id: 1 }).unwrap();
-        for x in 0..20 {
+        for x in 0..over as u32 {
             tx.send(data(0, x)).unwrap();
         }
         tx.send(data(1, 100)).unwrap();
@@ -1029,7 +1032,7 @@ mod tests {
         tx.send(Message::End { from: 0 }).unwrap();
         tx.send(Message::End { from: 1 }).unwrap();
         let got = drain(&cx, &mut head);
-        let mut want: Vec<String> = (0..20).map(|x| format!("[{x}]")).collect();
+        let mut want: Vec<String> = (0..over).map(|x| format!("[{x}]")).collect();
         want.push("[100]".into());
         want.push("B1".into());
         assert_eq!(got, want);

@@ -243,7 +243,7 @@ impl Input {
 }
 
 /// Why stdin cannot be checkpointed.
-pub(crate) const STDIN: &str = "stdin cannot be replayed: set spool_stdin = true in [checkpoint]";
+pub(crate) const STDIN: &str = "stdin cannot be replayed: read the input from a file (spool_stdin, which will make stdin replayable, is not available yet)";
 
 /// Why a reader given by the caller cannot be checkpointed.
 pub(crate) const READER: &str =

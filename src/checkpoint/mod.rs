@@ -104,7 +104,9 @@ pub struct CheckpointOptions {
     /// Exactly-once (aligned, default) or at-least-once.
     pub mode: Mode,
     /// Append stdin to a CRC-framed log in the checkpoint directory and read it from there,
-    /// so that a pipeline reading stdin can be resumed (default false).
+    /// so that a pipeline reading stdin can be resumed (default false). **Not available
+    /// yet:** the log (`checkpoint::spool`) exists but no source reads from it, so a run with
+    /// this set is refused.
     pub spool_stdin: bool,
     /// The number of key groups keyed state is stored by (default 128): fixed for the life of
     /// a checkpoint directory, so that a later restore can change the parallelism.

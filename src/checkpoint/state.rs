@@ -6,9 +6,9 @@
 //! ([`KeyedPart`]), so that a restore at another parallelism can pick groups by range.
 //!
 //! Key groups: every key's routing hash maps to one of `max_parallelism` groups
-//! ([`key_group`]); instance `i` of `p` owns the contiguous range [`group_range`]`(i, p, max)`,
+//! (`key_group`); instance `i` of `p` owns the contiguous range `group_range(i, p, max)`,
 //! and hash partitioning routes group `g` to the instance whose range holds it
-//! ([`instance_of_group`]), so a key's state is always where its group says.
+//! (`instance_of_group`), so a key's state is always where its group says.
 
 use std::ops::Range;
 

@@ -31,7 +31,9 @@
 //!   part still pending is committed: at the end of input every record is in.
 //! - **A fresh run** (no restore) refuses a directory that holds part files (any state) of
 //!   its instance: they belong to an earlier run, and mixing them would duplicate output.
-//!   Empty the directory, or resume the earlier run.
+//!   Empty the directory, or resume the earlier run — or start with `--fresh`
+//!   ([`Start::Fresh`](crate::checkpoint::Start)), which removes them, as a file sink replaces
+//!   its file.
 //!
 //! Every rename is followed by an `fsync` of the directory; an `fsync` error is fatal
 //! ([`Error::CheckpointIo`]), never retried as if it had succeeded.
@@ -166,6 +168,10 @@ pub(crate) struct DirWriteTail<F> {
     uncommitted: Vec<PathBuf>,
     /// Restored, or checked to be a fresh directory: writing may start.
     started: bool,
+    /// The run was started with `--fresh` ([`Start::Fresh`](crate::checkpoint::Start)): the
+    /// earlier run's parts of this instance are removed instead of refused, as a file sink
+    /// replaces its file.
+    replace_earlier: bool,
     format: F,
     count: Counter,
 }
@@ -195,6 +201,12 @@ impl<F> DirWriteTail<F> {
             cur: None,
             uncommitted: Vec::new(),
             started: false,
+            replace_earlier: cx
+                .run
+                .checkpoint_opts
+                .lock()
+                .as_ref()
+                .is_some_and(|o| o.start == crate::checkpoint::Start::Fresh),
             format,
             count: Counter::new(cx),
         })
@@ -223,10 +235,18 @@ impl<F> DirWriteTail<F> {
         Ok(out)
     }
 
-    /// A fresh run's first use: refuse parts of an earlier run.
+    /// A fresh run's first use: refuse parts of an earlier run (remove them under `--fresh`).
     #[cold]
     fn start(&mut self) -> Result<(), Halt> {
         let parts = self.own_parts()?;
+        if self.replace_earlier && !parts.is_empty() {
+            for (_, _, path) in &parts {
+                fs::remove_file(path).map_err(|e| self.io_halt(path, e))?;
+            }
+            sync_dir(&self.dir)?;
+            self.started = true;
+            return Ok(());
+        }
         if let Some((_, _, path)) = parts.first() {
             return Err(Error::Io {
                 stage: self.stage.to_string(),

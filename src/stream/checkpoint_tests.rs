@@ -443,7 +443,7 @@ fn sources_that_cannot_be_replayed_say_so() {
     assert_eq!(
         head.state_support(),
         StateSupport::Unsupported(
-            "stdin cannot be replayed: set spool_stdin = true in [checkpoint]".into()
+            "stdin cannot be replayed: read the input from a file (spool_stdin, which will make stdin replayable, is not available yet)".into()
         )
     );
     let it = crate::source::IterHead::new(0..3u32);
