@@ -527,7 +527,7 @@ impl ReloadHandle {
                     })?;
                     // The policy did not change (checked above): keep the running handle.
                     e.on_error = v.load().1.on_error.clone();
-                    Next::Exec(e)
+                    Next::Exec(Box::new(e))
                 }
                 #[cfg(feature = "plugin")]
                 (LiveStage::Native(_), super::kinds::Kind::Native(s)) => {
@@ -553,7 +553,7 @@ impl ReloadHandle {
                     v.store(m);
                 }
                 (Some(LiveStage::Exec(v)), Next::Exec(e)) => {
-                    v.store(e);
+                    v.store(*e);
                 }
                 #[cfg(feature = "plugin")]
                 (Some(LiveStage::Native(v)), Next::Native(s)) => {
@@ -708,7 +708,8 @@ pub enum WatchError {
 /// A stage's next version, built before anything is published.
 enum Next {
     Map(MapLogic),
-    Exec(crate::exec::ExecSpec),
+    // Boxed: without the `plugin` feature it would be four times the other variants.
+    Exec(Box<crate::exec::ExecSpec>),
     #[cfg(feature = "plugin")]
     Native(crate::plugin::native::NativeSpec),
     Window(crate::window::WindowLive),
