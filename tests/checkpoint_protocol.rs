@@ -532,6 +532,8 @@ fn panics_and_cancels_join_the_coordinator() {
 /// A successful run removes its checkpoints unless asked to keep them.
 #[test]
 fn a_successful_run_removes_its_checkpoints() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let (_dir, path) = numbers(5_000);
     let store = MemStore::new();
     let p = Pipeline::new();
@@ -551,6 +553,8 @@ fn a_successful_run_removes_its_checkpoints() {
 /// `--resume`/`--fresh`; a resume whose stateful stage changed.
 #[test]
 fn start_up_refusals() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let (_dir, path) = numbers(100);
     // Too wide.
     let store = MemStore::new();
@@ -620,6 +624,8 @@ fn start_up_refusals() {
 /// previous complete one, and reports it.
 #[test]
 fn resume_skips_a_checkpoint_that_does_not_verify() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let (_dir, path) = numbers(100);
     let store = MemStore::new();
     let build = |start: Start| {
@@ -701,6 +707,8 @@ fn ack(store: &MemStore, id: CheckpointId, w: &InstanceId) -> Ack {
 /// a late ack is refused as stale; the next checkpoint completes.
 #[test]
 fn coordinator_timeout_removes_everything_and_refuses_late_acks() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let store = MemStore::new();
     let clock = Arc::new(ManualClock::new());
     let c = coordinator(Arc::clone(&store), Arc::clone(&clock), 2, 1);
@@ -731,6 +739,8 @@ fn coordinator_timeout_removes_everything_and_refuses_late_acks() {
 /// acknowledgements of the next checkpoint are recorded meanwhile.
 #[test]
 fn coordinator_io_does_not_block_acknowledgements() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let store = MemStore::blocking(1, "s#1.state");
     let clock = Arc::new(ManualClock::new());
     let c = Arc::new(coordinator(Arc::clone(&store), Arc::clone(&clock), 2, 2));
@@ -833,6 +843,8 @@ fn checkpoints_complete_with_a_dead_letter_stream() {
 /// C's `IterHead` declares `Unsupported`): un-ignore at merge.
 #[test]
 fn an_iterator_source_is_refused() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let store = MemStore::new();
     let p = Pipeline::new();
     p.checkpoints(opts(&store));
@@ -916,6 +928,8 @@ fn a_failed_state_write_fails_the_run() {
 /// `retain_on_success` leaves none.
 #[test]
 fn checkpoints_on_the_file_system_store() {
+    // Engine threads of this test must not show in another's leak check.
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let (dir, path) = numbers(20_000);
     let cps = dir.path().join("checkpoints");
     for keep in [true, false] {
