@@ -839,8 +839,7 @@ fn checkpoints_complete_with_a_dead_letter_stream() {
 }
 
 /// An iterator cannot be replayed after a crash: with checkpoints on, a pipeline reading one is
-/// refused before anything runs, naming the source. Needs the sources' `state_support` (helper
-/// C's `IterHead` declares `Unsupported`): un-ignore at merge.
+/// refused before anything runs, naming the source (`IterHead` declares `Unsupported`).
 #[test]
 fn an_iterator_source_is_refused() {
     // Engine threads of this test must not show in another's leak check.
