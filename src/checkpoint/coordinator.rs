@@ -191,6 +191,21 @@ struct Pending {
     completing: bool,
 }
 
+impl Pending {
+    /// The stats of checkpoint `id`, failed at `now` for `error`.
+    fn failed(&self, id: CheckpointId, now: Duration, error: String) -> CheckpointStats {
+        CheckpointStats {
+            id,
+            outcome: Outcome::Failed,
+            duration_ms: now.saturating_sub(self.started).as_millis() as u64,
+            bytes: 0,
+            max_alignment_ms: 0,
+            slowest_alignment: None,
+            error: Some(error),
+        }
+    }
+}
+
 /// What the thread does outside the lock.
 #[derive(Debug)]
 enum Action {
@@ -458,15 +473,7 @@ impl Coordinator {
         g.actions.push(Action::Discard(id));
         g.last_end = Some(now);
         g.consecutive_failures += 1;
-        g.stats.push(CheckpointStats {
-            id,
-            outcome: Outcome::Failed,
-            duration_ms: now.saturating_sub(p.started).as_millis() as u64,
-            bytes: 0,
-            max_alignment_ms: 0,
-            slowest_alignment: None,
-            error: Some(reason.clone()),
-        });
+        g.stats.push(p.failed(id, now, reason.clone()));
         if g.consecutive_failures > self.cfg.tolerable_failures && g.error.is_none() {
             g.error = Some(Error::CheckpointFailed {
                 id,
@@ -672,15 +679,8 @@ impl Coordinator {
                 .collect();
             for s in &superseded {
                 if let Some(p) = g.pending.remove(s) {
-                    g.stats.push(CheckpointStats {
-                        id: *s,
-                        outcome: Outcome::Failed,
-                        duration_ms: now.saturating_sub(p.started).as_millis() as u64,
-                        bytes: 0,
-                        max_alignment_ms: 0,
-                        slowest_alignment: None,
-                        error: Some(format!("superseded by checkpoint {id}")),
-                    });
+                    g.stats
+                        .push(p.failed(*s, now, format!("superseded by checkpoint {id}")));
                 }
             }
             (gone, superseded)
@@ -742,15 +742,8 @@ impl Coordinator {
             let now = self.clock.now();
             for id in &ids {
                 if let Some(p) = g.pending.remove(id) {
-                    g.stats.push(CheckpointStats {
-                        id: *id,
-                        outcome: Outcome::Failed,
-                        duration_ms: now.saturating_sub(p.started).as_millis() as u64,
-                        bytes: 0,
-                        max_alignment_ms: 0,
-                        slowest_alignment: None,
-                        error: Some("abandoned: the run ended".into()),
-                    });
+                    g.stats
+                        .push(p.failed(*id, now, "abandoned: the run ended".into()));
                 }
             }
             ids
