@@ -110,9 +110,13 @@ impl Drop for PrivateDir {
 }
 
 /// 128 bits no other user can predict, as hex: SipHash under std's per-process random keys
-/// (`RandomState`, seeded by the OS's random source), of the time and the process id.
-fn random_hex() -> String {
+/// (`RandomState`, seeded by the OS's random source), of the time, the process id and a
+/// per-process counter (so two calls in one process never collide). Also names the checkpoint
+/// store's temporary files.
+pub(crate) fn random_hex() -> String {
     use std::hash::{BuildHasher, Hasher};
+    static COUNTER: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, crate::sync::Ordering::Relaxed);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -121,6 +125,7 @@ fn random_hex() -> String {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u128(now);
         h.write_u32(std::process::id());
+        h.write_u64(n);
         h.write_u8(half);
         out.push_str(&format!("{:016x}", h.finish()));
     }

@@ -265,27 +265,6 @@ fn bad_name(name: &str) -> Option<&'static str> {
     }
 }
 
-/// 128 bits for a temporary name no concurrent writer draws too: SipHash under std's
-/// per-process random keys of the time, the process id and a counter.
-fn random_hex() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: crate::sync::statics::AtomicU64 = crate::sync::statics::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, crate::sync::Ordering::Relaxed);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mut out = String::with_capacity(32);
-    for half in 0u8..2 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(now);
-        h.write_u32(std::process::id());
-        h.write_u64(n);
-        h.write_u8(half);
-        out.push_str(&format!("{:016x}", h.finish()));
-    }
-    out
-}
-
 fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> Error {
     Error::CheckpointIo {
         op,
@@ -577,7 +556,7 @@ impl FsStore {
         name: &str,
         bytes: &[u8],
     ) -> Result<(), Error> {
-        let tmp = dir.join(format!("{name}.tmp-{}", random_hex()));
+        let tmp = dir.join(format!("{name}.tmp-{}", crate::private_dir::random_hex()));
         let target = dir.join(name);
         if let Err(e) = self.fs.write(&tmp, bytes) {
             // Never create the checkpoint's directory here: a checkpoint discarded (timed
