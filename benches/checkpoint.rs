@@ -17,7 +17,7 @@ use std::hint::black_box;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -25,35 +25,12 @@ use millrace::checkpoint::CheckpointOptions;
 use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
 use millrace::{Pipeline, Timestamp};
 
-const EVENTS: u64 = 10_000_000;
-const KEYS: u64 = 10_000;
-const SIZE_MS: i64 = 10_000;
-const DISORDER_MS: i64 = 2_000;
+#[path = "common/window_events.rs"]
+mod window_events;
+use window_events::{events, mix, Ev, DISORDER_MS, SIZE_MS};
 
-type Ev = (u32, i64, f64);
-
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
-fn events() -> Arc<Vec<Ev>> {
-    static DATA: OnceLock<Arc<Vec<Ev>>> = OnceLock::new();
-    Arc::clone(DATA.get_or_init(|| {
-        Arc::new(
-            (0..EVENTS)
-                .map(|i| {
-                    let h = mix(i);
-                    let t = (i / 10) as i64 - (h >> 40) as i64 % DISORDER_MS;
-                    ((h % KEYS) as u32, t, (h & 0xff) as f64)
-                })
-                .collect(),
-        )
-    }))
-}
+/// The workload's events, as the count a replayable range reads.
+const EVENTS: u64 = window_events::EVENTS as u64;
 
 /// The window pipeline, checkpointing every `every` into `dir` (none: no checkpoints).
 /// Returns (windows fired, checksum).

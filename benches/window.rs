@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -20,37 +20,9 @@ use millrace::window::{Aggregate, Sum, Tumbling, WindowSpec};
 use millrace::{Options, Pipeline, Timestamp};
 use rustc_hash::FxHashMap;
 
-const EVENTS: usize = 10_000_000;
-const KEYS: u64 = 10_000;
-const SIZE_MS: i64 = 10_000;
-const DISORDER_MS: i64 = 2_000;
-
-/// (key, event time ms, value)
-type Ev = (u32, i64, f64);
-
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
-/// Ten events per millisecond of event time, each up to 2 s older than the newest.
-fn events() -> Arc<Vec<Ev>> {
-    static DATA: OnceLock<Arc<Vec<Ev>>> = OnceLock::new();
-    Arc::clone(DATA.get_or_init(|| {
-        Arc::new(
-            (0..EVENTS as u64)
-                .map(|i| {
-                    let h = mix(i);
-                    let t = (i / 10) as i64 - (h >> 40) as i64 % DISORDER_MS;
-                    ((h % KEYS) as u32, t, (h & 0xff) as f64)
-                })
-                .collect(),
-        )
-    }))
-}
+#[path = "common/window_events.rs"]
+mod window_events;
+use window_events::{events, Ev, DISORDER_MS, EVENTS, SIZE_MS};
 
 /// The hand-written loop: what a careful programmer would write for this one job.
 fn hand_loop(data: &[Ev]) -> (u64, f64) {
