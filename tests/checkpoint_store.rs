@@ -562,7 +562,7 @@ fn torn_and_bit_flipped_files_fail_to_load_naming_the_file_and_the_reason() {
         );
         // The previous one loads, and the tool says the same, read-only, lock held or not.
         assert_eq!(check_recovered(&store, file), Some(1));
-        let problems = verify::verify(dir.path()).unwrap();
+        let problems = verify::verify(dir.path()).unwrap().problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].checkpoint, 2);
         assert!(problems[0].message.contains(reason));
@@ -603,7 +603,7 @@ fn read_verifies_against_the_entry() {
         "{l:?}"
     );
     // Another reader sees it as incomplete, and verify reports it.
-    let p = verify::verify(dir.path()).unwrap();
+    let p = verify::verify(dir.path()).unwrap().problems;
     assert!(p[0].message.contains("no MANIFEST"), "{p:?}");
 }
 
@@ -680,7 +680,7 @@ fn verify_checks_key_groups_positions_and_precommitted_files() {
         &[("a.txt", 150)],
         &[s(&committed)],
     );
-    assert_eq!(verify::verify(dir.path()).unwrap(), vec![]);
+    assert_eq!(verify::verify(dir.path()).unwrap().problems, vec![]);
     keyed(
         &store,
         3,
@@ -699,6 +699,7 @@ fn verify_checks_key_groups_positions_and_precommitted_files() {
     );
     let problems: Vec<String> = verify::verify(dir.path())
         .unwrap()
+        .problems
         .iter()
         .map(|p| p.to_string())
         .collect();

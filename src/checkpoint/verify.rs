@@ -35,6 +35,16 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Verification {
+    /// How many checkpoints the directory holds (complete or not).
+    pub checkpoints: usize,
+    /// Every problem found (none: all verify).
+    pub problems: Vec<Problem>,
+}
+
 fn open(dir: &Path) -> Result<Arc<FsStore>, Error> {
     FsStore::open_read_only(dir, Arc::new(super::fs::RealFs))
 }
@@ -47,17 +57,19 @@ pub fn list(dir: impl AsRef<Path>) -> Result<Vec<Listing>, Error> {
 
 /// Every problem of every checkpoint in `dir` (none: all verify); see the module docs for
 /// what is checked.
-pub fn verify(dir: impl AsRef<Path>) -> Result<Vec<Problem>, Error> {
+pub fn verify(dir: impl AsRef<Path>) -> Result<Verification, Error> {
     let store = open(dir.as_ref())?;
     verify_store(&*store)
 }
 
 /// [`verify`] over any store.
 #[doc(hidden)]
-pub fn verify_store(store: &dyn Store) -> Result<Vec<Problem>, Error> {
+pub fn verify_store(store: &dyn Store) -> Result<Verification, Error> {
     let mut problems = Vec::new();
     let mut previous: Option<Manifest> = None;
-    for listing in store.list()? {
+    let listings = store.list()?;
+    let checkpoints = listings.len();
+    for listing in listings {
         let id = listing.id;
         if let Some(message) = listing.problem {
             problems.push(Problem {
@@ -89,7 +101,10 @@ pub fn verify_store(store: &dyn Store) -> Result<Vec<Problem>, Error> {
         }));
         previous = Some(manifest);
     }
-    Ok(problems)
+    Ok(Verification {
+        checkpoints,
+        problems,
+    })
 }
 
 /// Each keyed stage's instances' ranges must tile `0..max_parallelism`.

@@ -583,9 +583,12 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<Listing>, Error> {
 
 /// How many checkpoints `dir` holds, and every problem found in them.
 fn verify_checkpoints(dir: &Path) -> Result<(usize, Vec<String>), Error> {
-    let checked = millrace::checkpoint::verify::list(dir)?.len();
-    let problems = millrace::checkpoint::verify::verify(dir)?;
-    Ok((checked, problems.iter().map(ToString::to_string).collect()))
+    // One pass: `verify` lists (and so checks) every checkpoint itself.
+    let v = millrace::checkpoint::verify::verify(dir)?;
+    Ok((
+        v.checkpoints,
+        v.problems.iter().map(ToString::to_string).collect(),
+    ))
 }
 
 /// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
