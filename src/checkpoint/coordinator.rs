@@ -613,9 +613,11 @@ impl Coordinator {
                     }
                 }
                 (None, Some(f)) => {
-                    let file = self
-                        .store
-                        .put(id, &state_file_name(&e.instance), &f.bytes)?;
+                    let file = self.store.put(
+                        id,
+                        &super::store::state_file_name(&e.instance),
+                        &f.bytes,
+                    )?;
                     InstanceEntry {
                         instance: e.instance.clone(),
                         fingerprint: e.fingerprint.clone(),
@@ -809,17 +811,6 @@ impl Coordinator {
         stop.store(true, Ordering::Release);
         self.wake.notify_all();
     }
-}
-
-/// The name of an instance's state file in a checkpoint: `<stage>#<i>.state`, the stage name
-/// escaped (`store::escape_name`: `+` and anything else outside `[A-Za-z0-9._-]` become
-/// `%XX`), so that no stage name can leave the directory or collide with another's.
-pub fn state_file_name(who: &InstanceId) -> String {
-    format!(
-        "{}#{}.state",
-        super::store::escape_name(&who.stage),
-        who.instance
-    )
 }
 
 /// A store in memory, for the crate's unit tests.

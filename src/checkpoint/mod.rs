@@ -263,7 +263,7 @@ impl CheckpointRun {
         align_ns: u64,
     ) -> Result<(), crate::Error> {
         let bytes = state.encode()?;
-        let name = coordinator::state_file_name(who);
+        let name = store::state_file_name(who);
         let file = match self.store.put(id, &name, &bytes) {
             Ok(f) => f,
             Err(_) if !self.coord.is_pending(id) => return Ok(()),
