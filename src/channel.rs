@@ -913,6 +913,10 @@ mod tests {
             resumed_from: None,
             skipped: Vec::new(),
             drop_ack: None,
+            fresh_discards: None,
+            dir: std::path::PathBuf::new(),
+            spool_stdin: false,
+            spool_taken: crate::sync::AtomicBool::new(false),
         }));
         Cx {
             run,

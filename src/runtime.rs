@@ -96,10 +96,18 @@ pub(crate) struct RunShared {
     /// Checkpointing's shared part, set before the workers start when it is on. Workers read it
     /// once when they start.
     pub checkpoint: Mutex<Option<Arc<crate::checkpoint::CheckpointRun>>>,
-    /// The start gate of a run with checkpoints: how many workers have checked their tail's
-    /// state support, of how many (see [`tail_ready`]).
-    gate: Mutex<(usize, usize)>,
+    /// The start gate of a run with checkpoints (see [`tail_ready`]).
+    gate: Mutex<Gate>,
     gate_cv: crate::sync::Condvar,
+}
+
+/// The start gate's state: how many workers have checked their tail's state support, of how
+/// many, and whether the gate is open (the last one to arrive opens it).
+#[derive(Debug, Default)]
+struct Gate {
+    arrived: usize,
+    expected: usize,
+    open: bool,
 }
 
 /// Reads one pool's metrics.
@@ -129,7 +137,7 @@ impl RunShared {
             main_alive_rx: alive_rx,
             checkpoint_opts: Mutex::new(None),
             checkpoint: Mutex::new(None),
-            gate: Mutex::new((0, 0)),
+            gate: Mutex::new(Gate::default()),
             gate_cv: crate::sync::Condvar::new(),
         })
     }
@@ -637,14 +645,18 @@ where
 /// Called by each worker once its tail is made, before its first pull: with checkpoints on,
 /// refuses a tail whose state cannot be checkpointed (naming the stage), then waits until every
 /// worker of the run has checked its own, so that no record moves before the run is known to be
-/// checkpointable. Without checkpoints it returns at once.
+/// checkpointable. The last worker to arrive opens the gate: it first does what must wait until
+/// the run is known to start (`CheckpointRun::open_gate`: `--fresh` discards the earlier run's
+/// checkpoints there), outside the gate's lock. Without checkpoints it returns at once.
 pub(crate) fn tail_ready(cx: &Cx, support: crate::checkpoint::StateSupport) -> Result<(), Halt> {
     use crate::checkpoint::{Mode, StateSupport};
-    let Some(mode) = cx.run.checkpoint.lock().as_ref().map(|c| c.mode) else {
+    let Some(c) = cx.run.checkpoint.lock().clone() else {
         return Ok(());
     };
+    let mode = c.mode;
     let refused = match support {
         StateSupport::Unsupported(r) => Some(r),
+        StateSupport::StdinSpool => Some(crate::source::STDIN.into()),
         StateSupport::AtLeastOnce(r) if mode == Mode::ExactlyOnce => Some(r),
         _ => None,
     };
@@ -656,14 +668,29 @@ pub(crate) fn tail_ready(cx: &Cx, support: crate::checkpoint::StateSupport) -> R
         return Err(Halt::Done);
     }
     let mut g = cx.run.gate.lock();
-    g.0 += 1;
-    cx.run.gate_cv.notify_all();
-    while g.0 < g.1 {
+    g.arrived += 1;
+    if g.arrived == g.expected {
+        drop(g);
+        // A failure is recorded before the others are let through: they see the run cancelled.
+        let opened = c.open_gate().map_err(|e| cx.run.fail(e));
+        g = cx.run.gate.lock();
+        g.open = true;
+        cx.run.gate_cv.notify_all();
+        drop(g);
+        return opened.map_err(|()| Halt::Done);
+    }
+    while !g.open {
+        // A worker that failed (or a thread that could not be spawned) fails the run, which
+        // cancels it: the gate never opens then.
         if cx.run.is_cancelled() {
             return Err(Halt::Done);
         }
         let deadline = Instant::now() + Duration::from_millis(20);
         cx.run.gate_cv.wait_until(&mut g, deadline);
+    }
+    drop(g);
+    if cx.run.is_cancelled() {
+        return Err(Halt::Done);
     }
     Ok(())
 }
@@ -713,7 +740,7 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         jobs.push((w, metrics));
     }
     *shared.metrics.lock() = entries;
-    shared.gate.lock().1 = jobs.len();
+    shared.gate.lock().expected = jobs.len();
     let cp = shared.checkpoint.lock().clone();
     let cp_stop = AtomicBool::new(false);
 
@@ -824,7 +851,9 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         let success = !shared.has_failed() && !shared.is_cancelled();
         let r = c.coord.shutdown(success).and_then(|()| {
             if success && !c.retain_on_success {
-                c.coord.remove_all()
+                // The spool after the checkpoints: a spool without checkpoints is refused
+                // until --resume or --fresh, never read as the start of a new input.
+                c.coord.remove_all().and_then(|()| c.remove_spool())
             } else {
                 Ok(())
             }

@@ -106,6 +106,9 @@ pub(crate) struct Input {
 pub(crate) enum Replay {
     /// A regular file at this path: reopened and sought to the checkpoint's offset.
     File(PathBuf),
+    /// Stdin: replayable through the stdin spool (`spool_stdin`), which the source attaches
+    /// to before its first read ([`attach_spool`]).
+    Stdin,
     /// Not replayable, with the reason (stdin, a pipe, a reader given by the caller).
     No(&'static str),
 }
@@ -115,6 +118,7 @@ impl Replay {
     fn support(&self) -> StateSupport {
         match self {
             Replay::File(_) => StateSupport::Snapshots,
+            Replay::Stdin => StateSupport::StdinSpool,
             Replay::No(why) => StateSupport::Unsupported((*why).to_string()),
         }
     }
@@ -217,7 +221,7 @@ impl Input {
             Box::new(file)
         };
         let replay = if shown == "-" {
-            Replay::No(STDIN)
+            Replay::Stdin
         } else if regular {
             Replay::File(path.to_path_buf())
         } else {
@@ -243,7 +247,7 @@ impl Input {
 }
 
 /// Why stdin cannot be checkpointed.
-pub(crate) const STDIN: &str = "stdin cannot be replayed: read the input from a file (spool_stdin, which will make stdin replayable, is not available yet)";
+pub(crate) const STDIN: &str = "stdin cannot be replayed: set spool_stdin = true in [checkpoint] (stdin is then logged in the checkpoint directory and read back from there), or read the input from a file";
 
 /// Why a reader given by the caller cannot be checkpointed.
 pub(crate) const READER: &str =
@@ -292,16 +296,136 @@ pub(crate) fn poll_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: u64) -> 
     n != 0
 }
 
-/// Before a read that could block: waits until `fd` has data or the clock passes `deadline`
-/// (false then). Polls in short slices so that cancellation is seen; `None` (a regular file,
-/// which never blocks) is always ready.
+/// A source on stdin reading through the stdin spool (`spool_stdin`): the spool's writer
+/// thread (cancelled and joined when this is dropped, that is when the source's worker ends),
+/// and the watch that says whether a read of the spool would block.
 #[cfg(unix)]
-fn wait_for_data(
-    fd: Option<&std::os::fd::OwnedFd>,
+pub(crate) struct Spooled {
+    writer: crate::checkpoint::spool::SpoolWriter,
+    watch: crate::checkpoint::spool::SpoolWatch,
+}
+
+#[cfg(unix)]
+impl Spooled {
+    /// Makes every byte spooled so far durable: a snapshot calls it before it records its
+    /// position, so that a checkpointed position is always within the durable log.
+    fn sync(&self) -> Result<(), Halt> {
+        self.writer.sync().map_err(Halt::Failed)
+    }
+}
+#[cfg(not(unix))]
+pub(crate) struct Spooled;
+#[cfg(not(unix))]
+impl Spooled {
+    fn sync(&self) -> Result<(), Halt> {
+        Ok(())
+    }
+}
+
+/// A reader of the stdin spool, with its writer and watch.
+type SpooledReader = (Box<dyn Read + Send>, Spooled);
+
+/// For a source on stdin (`replay` is [`Replay::Stdin`]) in a run whose checkpoints spool
+/// stdin: opens the spool (recovering a torn tail), starts its writer on stdin, and returns a
+/// reader of the spool at payload `offset` (0 on a fresh start, the checkpoint's position on a
+/// resume). `None` when stdin is read directly (no checkpoints, or no spool).
+#[cfg(unix)]
+fn attach_spool(
     cx: &Cx,
-    deadline: Option<u64>,
-) -> Result<bool, Halt> {
-    let Some(fd) = fd else { return Ok(true) };
+    stage: &str,
+    replay: &Replay,
+    offset: u64,
+) -> Result<Option<SpooledReader>, Halt> {
+    use crate::checkpoint::spool::SpoolLog;
+    use std::os::fd::AsFd;
+    if !matches!(replay, Replay::Stdin) {
+        return Ok(None);
+    }
+    let Some(c) = cx.run.checkpoint.lock().clone() else {
+        return Ok(None);
+    };
+    if !c.spool_stdin {
+        return Ok(None);
+    }
+    if c.spool_taken.swap(true, crate::sync::Ordering::AcqRel) {
+        return Err(Halt::Failed(Error::CheckpointUnsupported {
+            stage: stage.to_string(),
+            reason: "another source reads stdin: with spool_stdin, only one source may".into(),
+        }));
+    }
+    let (mut writer, mut reader) = SpoolLog::open(&c.dir)?;
+    if offset > 0 {
+        reader.seek_payload(offset)?;
+    }
+    log::info!(
+        "stage `{stage}`: reading stdin through {} (it held {} bytes; reading from byte \
+         {offset})",
+        c.dir.join(crate::checkpoint::spool::SPOOL_FILE).display(),
+        reader.recovered_len()
+    );
+    let run = std::sync::Arc::clone(&cx.run);
+    reader.set_cancel(move || run.is_cancelled());
+    let stdin = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::Io {
+            stage: stage.to_string(),
+            path: "-".into(),
+            source,
+        })?;
+    writer.start_fd(File::from(stdin))?;
+    let watch = reader.watch();
+    Ok(Some((Box::new(reader), Spooled { writer, watch })))
+}
+
+#[cfg(not(unix))]
+fn attach_spool(
+    _cx: &Cx,
+    _stage: &str,
+    _replay: &Replay,
+    _offset: u64,
+) -> Result<Option<SpooledReader>, Halt> {
+    Ok(None)
+}
+
+/// What a read may wait for: nothing (a regular file never blocks), a pipe's or terminal's
+/// descriptor, or the stdin spool.
+#[derive(Clone, Copy)]
+enum Wait<'a> {
+    Never,
+    #[cfg(unix)]
+    Fd(&'a std::os::fd::OwnedFd),
+    #[cfg(unix)]
+    Spool(&'a crate::checkpoint::spool::SpoolWatch),
+    #[cfg(not(unix))]
+    #[allow(dead_code)]
+    Phantom(std::marker::PhantomData<&'a ()>),
+}
+
+impl<'a> Wait<'a> {
+    fn of(fd: Option<&'a PollFd>, spooled: Option<&'a Spooled>) -> Wait<'a> {
+        #[cfg(unix)]
+        {
+            if let Some(s) = spooled {
+                return Wait::Spool(&s.watch);
+            }
+            if let Some(fd) = fd {
+                return Wait::Fd(fd);
+            }
+        }
+        let _ = (fd, spooled);
+        Wait::Never
+    }
+}
+
+/// Before a read that could block: waits until the input has data or the clock passes
+/// `deadline` (false then). Waits in short slices so that cancellation is seen; a regular
+/// file, which never blocks, is always ready.
+#[cfg(unix)]
+fn wait_for_data(wait: Wait<'_>, cx: &Cx, deadline: Option<u64>) -> Result<bool, Halt> {
+    if let Wait::Never = wait {
+        return Ok(true);
+    }
     loop {
         if cx.run.is_cancelled() {
             return Err(Halt::Done);
@@ -313,7 +437,11 @@ fn wait_for_data(
             None => 100,
         };
         let t0 = std::time::Instant::now();
-        let ready = poll_readable(fd, slice);
+        let ready = match wait {
+            Wait::Fd(fd) => poll_readable(fd, slice),
+            Wait::Spool(w) => w.wait(std::time::Duration::from_millis(slice)),
+            Wait::Never => true,
+        };
         crate::metrics::InstanceMetrics::add(
             &cx.metrics.recv_wait_ns,
             t0.elapsed().as_nanos() as u64,
@@ -325,7 +453,7 @@ fn wait_for_data(
 }
 
 #[cfg(not(unix))]
-fn wait_for_data(_fd: Option<&()>, _cx: &Cx, _deadline: Option<u64>) -> Result<bool, Halt> {
+fn wait_for_data(_wait: Wait<'_>, _cx: &Cx, _deadline: Option<u64>) -> Result<bool, Halt> {
     Ok(true)
 }
 
@@ -391,6 +519,10 @@ pub(crate) struct ChunkHead {
     /// Bytes read from the input so far (the file offset of the reader).
     read: u64,
     replay: Replay,
+    /// Stdin read through the spool, once attached.
+    spooled: Option<Spooled>,
+    /// The spool was looked for (at the first pull, or by a restore).
+    attached: bool,
 }
 
 impl ChunkHead {
@@ -412,7 +544,21 @@ impl ChunkHead {
             eof: false,
             read: 0,
             replay: input.replay,
+            spooled: None,
+            attached: false,
         }
+    }
+
+    /// Reads stdin through the spool from payload `offset` when the run spools it (see
+    /// [`attach_spool`]); looked at once, before the first read.
+    fn attach(&mut self, cx: &Cx, offset: u64) -> Result<(), Halt> {
+        self.attached = true;
+        if let Some((reader, spooled)) = attach_spool(cx, &self.name, &self.replay, offset)? {
+            self.reader = reader;
+            self.poll_fd = None;
+            self.spooled = Some(spooled);
+        }
+        Ok(())
     }
 }
 
@@ -431,6 +577,9 @@ impl Head<Chunk> for ChunkHead {
         if self.eof {
             return Ok(Pull::End);
         }
+        if !self.attached {
+            self.attach(cx, 0)?;
+        }
         let mut data = std::mem::take(&mut self.carry);
         data.reserve(self.chunk_size.saturating_sub(data.len()));
         // Read until the block holds at least one whole line and is full, or the input idles.
@@ -443,7 +592,8 @@ impl Head<Chunk> for ChunkHead {
                 start + self.chunk_size
             };
             data.resize(want, 0);
-            if !wait_for_data(self.poll_fd.as_ref(), cx, None)? {
+            let wait = Wait::of(self.poll_fd.as_ref(), self.spooled.as_ref());
+            if !wait_for_data(wait, cx, None)? {
                 data.truncate(start);
                 break;
             }
@@ -488,7 +638,9 @@ impl Head<Chunk> for ChunkHead {
                 self.skipping = true;
                 break;
             }
-            let full = data.len() >= self.chunk_size || self.poll_fd.is_some();
+            // A stream (a pipe, the spool) sends what it has: it may not fill a block soon.
+            let stream = self.poll_fd.is_some() || self.spooled.is_some();
+            let full = data.len() >= self.chunk_size || stream;
             if full && memchr::memrchr(b'\n', &data).is_some() {
                 break;
             }
@@ -524,6 +676,9 @@ impl Head<Chunk> for ChunkHead {
     }
 
     fn snapshot(&mut self, _cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        if let Some(s) = &self.spooled {
+            s.sync()?;
+        }
         // Everything read but the partial last line kept for the next block was emitted.
         let offset = self.read - self.carry.len() as u64;
         state.put(
@@ -539,11 +694,15 @@ impl Head<Chunk> for ChunkHead {
         Ok(())
     }
 
-    fn restore(&mut self, _cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
         let Some(p) = state.get::<BlockPosition>("head")? else {
             return Ok(());
         };
-        self.reader = self.replay.reopen(&self.name, &self.path, p.offset)?;
+        if matches!(self.replay, Replay::Stdin) {
+            self.attach(cx, p.offset)?;
+        } else {
+            self.reader = self.replay.reopen(&self.name, &self.path, p.offset)?;
+        }
         self.read = p.offset;
         self.next_line = p.next_line;
         self.skipping = p.skipping;
@@ -789,6 +948,10 @@ pub(crate) struct LineHead<T, P> {
     /// Byte offset of the next unread byte (lines consumed so far).
     offset: u64,
     replay: Replay,
+    /// Stdin read through the spool, once attached.
+    spooled: Option<Spooled>,
+    /// The spool was looked for (at the first pull, or by a restore).
+    attached: bool,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -816,6 +979,8 @@ where
             dead_lettered: 0,
             offset: 0,
             replay: input.replay,
+            spooled: None,
+            attached: false,
             _t: std::marker::PhantomData,
         }
     }
@@ -852,6 +1017,21 @@ impl<T, P> LineHead<T, P> {
         #[cfg(not(unix))]
         None
     }
+
+    /// Reads stdin through the spool from payload `offset` when the run spools it (see
+    /// [`attach_spool`]); looked at once, before the first read.
+    fn attach(&mut self, cx: &Cx, offset: u64) -> Result<(), Halt> {
+        self.attached = true;
+        if let Some((reader, spooled)) = attach_spool(cx, &self.name, &self.replay, offset)? {
+            self.reader = BufReader::with_capacity(256 * 1024, reader);
+            #[cfg(unix)]
+            {
+                self.poll_fd = None;
+            }
+            self.spooled = Some(spooled);
+        }
+        Ok(())
+    }
 }
 
 impl<T, P> Head<T> for LineHead<T, P>
@@ -860,13 +1040,22 @@ where
     P: FnMut(&[u8], u64) -> ParseResult<T> + Send,
 {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        if !self.attached {
+            self.attach(cx, 0)?;
+        }
         let cap = cx.batch_size();
         let mut deadline = flush_at;
         while buf.len() < cap {
             if !buf.is_empty() && deadline.is_none() {
                 deadline = Some(cx.clock_ms() + cx.linger_ms());
             }
-            if self.reader.buffer().is_empty() && !wait_for_data(self.poll_fd(), cx, deadline)? {
+            if self.reader.buffer().is_empty()
+                && !wait_for_data(
+                    Wait::of(self.poll_fd(), self.spooled.as_ref()),
+                    cx,
+                    deadline,
+                )?
+            {
                 return Ok(Pull::Idle);
             }
             let io_err = |source| {
@@ -938,6 +1127,9 @@ where
     }
 
     fn snapshot(&mut self, _cx: &Cx, state: &mut InstanceState) -> Result<(), Halt> {
+        if let Some(s) = &self.spooled {
+            s.sync()?;
+        }
         state.put(
             "head",
             &LinePosition {
@@ -950,12 +1142,16 @@ where
         Ok(())
     }
 
-    fn restore(&mut self, _cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
         let Some(p) = state.get::<LinePosition>("head")? else {
             return Ok(());
         };
-        let reader = self.replay.reopen(&self.name, &self.path, p.offset)?;
-        self.reader = BufReader::with_capacity(256 * 1024, reader);
+        if matches!(self.replay, Replay::Stdin) {
+            self.attach(cx, p.offset)?;
+        } else {
+            let reader = self.replay.reopen(&self.name, &self.path, p.offset)?;
+            self.reader = BufReader::with_capacity(256 * 1024, reader);
+        }
         self.offset = p.offset;
         self.line = p.line;
         self.skip_rest = p.skip_rest;

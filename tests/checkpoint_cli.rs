@@ -577,7 +577,7 @@ fn read_write(from: &str, to: &str) -> String {
 }
 
 #[test]
-fn exactly_once_refuses_stdin_without_spool_and_stdout() {
+fn stdin_needs_spool_stdin_and_stdout_needs_at_least_once() {
     let dir = small("", &read_write("-", "out.ndjson"));
     let out = run(dir.path(), &["run", "p.toml"]);
     let err = text(&out.stderr);
@@ -588,26 +588,28 @@ fn exactly_once_refuses_stdin_without_spool_and_stdout() {
         "{err}"
     );
 
-    // spool_stdin is not wired to the stdin source yet: asking for it is refused, saying so,
-    // rather than pretending stdin is replayable.
+    // With spool_stdin, stdin is logged in the checkpoint directory and read from there; a
+    // completed run removes the log with its checkpoints.
     let dir = small("spool_stdin = true", &read_write("-", "out.ndjson"));
     let mut child = millrace(dir.path(), &["run", "-q", "p.toml"])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    drop(child.stdin.take());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"{\"a\":1}\n{\"a\":2}\n").unwrap();
+    drop(stdin);
     let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    // The stdin source's refusal or the start-up check's, whichever comes first.
-    assert!(
-        err.contains("spool_stdin")
-            && (err.contains("is not supported yet") || err.contains("is not available yet")),
-        "{err}"
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap(),
+        "{\"a\":1}\n{\"a\":2}\n"
     );
-    let written = std::fs::read(dir.path().join("out.ndjson")).unwrap_or_default();
-    assert!(written.is_empty(), "nothing ran: {err}");
+    assert!(
+        !dir.path().join("cp/stdin.spool").exists(),
+        "the spool outlived a completed run"
+    );
 
     let dir = small("", &read_write("in.ndjson", "-"));
     let out = run(dir.path(), &["run", "p.toml"]);
@@ -737,4 +739,181 @@ fn progress_json_and_the_final_report_carry_checkpoints() {
         assert!(e["report"].get("checkpoints").is_some(), "{e}");
     }
     assert_exact(dir.path(), 1);
+}
+
+/// The pipeline of [`pipeline`] reading its input from stdin, through the spool.
+fn stdin_pipeline() -> String {
+    pipeline(1, "spool_stdin = true").replace("path = \"input.ndjson\"", "path = \"-\"")
+}
+
+/// The bytes of stdin the spool in `dir/cp` holds, as `checkpoint list` reports them (0
+/// without a spool).
+fn spooled(dir: &Path) -> usize {
+    let out = run(dir, &["checkpoint", "list", "cp"]);
+    let listing = text(&out.stdout);
+    listing
+        .lines()
+        .find_map(|l| l.strip_prefix("stdin spool: "))
+        .map_or(0, |rest| {
+            rest.split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{listing}"))
+        })
+}
+
+/// Starts a run of `p.toml` whose stdin is `input` (from a file, as `< file` would give it).
+fn spawn_with_stdin(dir: &Path, args: &[&str], n: usize, input: &[u8]) -> Child {
+    let path = dir.join(format!("stdin.{n}"));
+    std::fs::write(&path, input).unwrap();
+    let err = std::fs::File::create(dir.join(format!("stderr.{n}"))).unwrap();
+    millrace(dir, args)
+        .stdin(Stdio::from(std::fs::File::open(&path).unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap()
+}
+
+/// `kill -9` loop over a pipeline reading stdin with `spool_stdin`: each resume is given the
+/// rest of the input — what the spool does not hold yet, by `checkpoint list`'s count — as a
+/// user re-piping it would; the output is the failure-free run's, byte for byte.
+#[test]
+fn kill_9_loop_over_spooled_stdin_is_byte_identical() {
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("p.toml"), stdin_pipeline()).unwrap();
+    let bytes = &input().bytes;
+    let mut rng = Rng(0x5eed_0003);
+    let (mut killed, mut round) = (0, 0);
+    while killed < 12 {
+        round += 1;
+        let args: &[&str] = if round == 1 {
+            &["run", "-q", "p.toml"]
+        } else {
+            &["run", "-q", "--resume", "p.toml"]
+        };
+        let have = spooled(d);
+        assert!(have <= bytes.len(), "the spool holds more than the input");
+        let before = complete(d).last().copied().unwrap_or(0);
+        let mut child = spawn_with_stdin(d, args, round, &bytes[have..]);
+        if rng.below(4) > 0 {
+            wait_for(&mut child, "new checkpoint", || {
+                complete(d).last().copied().unwrap_or(0) > before
+            });
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(100))); // the kill time
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                let err = std::fs::read_to_string(d.join(format!("stderr.{round}"))).unwrap();
+                panic!("round {round} ended before its kill ({status}): {err}");
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed += 1;
+            }
+        }
+    }
+    let have = spooled(d);
+    let mut child = spawn_with_stdin(d, &["run", "--resume", "p.toml"], 0, &bytes[have..]);
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(d.join("stderr.0")).unwrap();
+    assert!(status.success(), "the last resume failed: {err}");
+    assert!(err.contains("resumed from checkpoint"), "{err}");
+    assert_exact(d, 1);
+    assert_eq!(checkpoints(d), [], "checkpoints left after success");
+    assert!(
+        !d.join("cp/stdin.spool").exists(),
+        "the spool left after success"
+    );
+}
+
+/// A spool left by a run that died before its first checkpoint holds the start of that run's
+/// input: a new run is refused (naming it) until `--resume` (which reads it first) or
+/// `--fresh` (which removes it).
+#[test]
+fn a_spool_without_checkpoints_needs_resume_or_fresh() {
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // No periodic checkpoint within the test's time.
+    std::fs::write(
+        d.join("p.toml"),
+        stdin_pipeline().replace("interval = \"100ms\"", "interval = \"1h\""),
+    )
+    .unwrap();
+    let bytes = &input().bytes;
+    let mut child = spawn_with_stdin(d, &["run", "-q", "p.toml"], 1, bytes);
+    let spool = d.join("cp/stdin.spool");
+    let grew = wait_for(&mut child, "a spooled byte", || {
+        spool.metadata().is_ok_and(|m| m.len() > 0)
+    });
+    let _ = child.kill();
+    child.wait().unwrap();
+    assert!(
+        grew,
+        "{}",
+        std::fs::read_to_string(d.join("stderr.1")).unwrap()
+    );
+    // The first checkpoint is triggered at the start: remove what it left, as if the run had
+    // died before it (the spool's writer starts first).
+    for (id, _) in checkpoints(d) {
+        std::fs::remove_dir_all(d.join(format!("cp/chk-{id:08}"))).unwrap();
+    }
+
+    let mut child = spawn_with_stdin(d, &["run", "-q", "p.toml"], 2, bytes);
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(d.join("stderr.2")).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("stdin spool") && err.contains("--resume") && err.contains("--fresh"),
+        "{err}"
+    );
+    assert!(spool.exists(), "the refusal removed the spool");
+
+    let mut child = spawn_with_stdin(d, &["run", "-q", "--fresh", "p.toml"], 3, bytes);
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(d.join("stderr.3")).unwrap();
+    assert!(status.success(), "{err}");
+    assert_exact(d, 1);
+    assert!(!spool.exists(), "the spool left after success");
+}
+
+/// `--fresh` discards the earlier run's checkpoints only once the run is known to start: a
+/// run refused at the start gate (here: a stdout sink in exactly-once mode, found when the
+/// sinks are made) leaves them, and the earlier run can still be resumed.
+#[test]
+fn a_fresh_run_refused_at_the_gate_keeps_the_earlier_checkpoints() {
+    let _g = heavy();
+    let dir = setup(1);
+    let d = dir.path();
+    let done = run_until_checkpoints(d, 1);
+    std::fs::write(
+        d.join("stdout.toml"),
+        format!(
+            "{}\n[stages.echo]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = \"-\"\n",
+            pipeline(1, "")
+        ),
+    )
+    .unwrap();
+    let out = run(d, &["run", "--fresh", "stdout.toml"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stdout"), "{err}");
+    assert_eq!(
+        complete(d),
+        done,
+        "a refused --fresh run discarded the checkpoints: {err}"
+    );
+    let out = run(d, &["run", "--resume", "p.toml"]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("resumed from checkpoint {}", done.last().unwrap())),
+        "{err}"
+    );
+    assert_exact(d, 1);
 }

@@ -103,10 +103,10 @@ pub struct CheckpointOptions {
     pub retain_on_success: bool,
     /// Exactly-once (aligned, default) or at-least-once.
     pub mode: Mode,
-    /// Append stdin to a CRC-framed log in the checkpoint directory and read it from there,
-    /// so that a pipeline reading stdin can be resumed (default false). **Not available
-    /// yet:** the log (`checkpoint::spool`) exists but no source reads from it, so a run with
-    /// this set is refused.
+    /// Append stdin to a CRC-framed log in the checkpoint directory (`stdin.spool`, see
+    /// [`spool`]) and read it from there, so that a pipeline reading stdin can be resumed
+    /// (default false). A resumed run appends its own stdin after the log: give it the rest
+    /// of the input, or nothing (`< /dev/null`) when the log already holds all of it.
     pub spool_stdin: bool,
     /// The number of key groups keyed state is stored by (default 128): fixed for the life of
     /// a checkpoint directory, so that a later restore can change the parallelism.
@@ -228,6 +228,9 @@ pub enum StateSupport {
     /// Holds state it cannot snapshot, or reads input it cannot replay: checkpointing refuses
     /// to start, naming the stage and this reason.
     Unsupported(String),
+    /// Reads stdin: replayable through the stdin spool when `spool_stdin` is on (it then
+    /// snapshots its position in the spool), refused otherwise.
+    StdinSpool,
 }
 
 /// What the running workers share of checkpointing (present only when it is on).
@@ -248,9 +251,37 @@ pub(crate) struct CheckpointRun {
     pub skipped: Vec<(CheckpointId, String)>,
     /// Test hook: this instance's acknowledgement of this checkpoint is dropped.
     pub drop_ack: Option<(InstanceId, CheckpointId)>,
+    /// Under `Start::Fresh`: the checkpoints of an earlier run to discard, with its stdin
+    /// spool, when the start gate opens ([`open_gate`](Self::open_gate)).
+    pub fresh_discards: Option<Vec<CheckpointId>>,
+    /// The checkpoint directory (where `stdin.spool` lives).
+    pub dir: std::path::PathBuf,
+    /// Whether stdin is read through the spool (`spool_stdin`).
+    pub spool_stdin: bool,
+    /// Whether a source has taken the spool (only one source may read stdin).
+    pub spool_taken: crate::sync::AtomicBool,
 }
 
 impl CheckpointRun {
+    /// What the start gate does once every worker has checked its tail, before any record
+    /// moves: under `Start::Fresh`, discards the earlier run's checkpoints and stdin spool.
+    /// (Done here rather than when the store is opened, so that a run refused at the gate —
+    /// a stdout sink in exactly-once mode, say — leaves them as they were.)
+    pub(crate) fn open_gate(&self) -> Result<(), crate::Error> {
+        let Some(ids) = &self.fresh_discards else {
+            return Ok(());
+        };
+        for &id in ids {
+            self.store.discard(id)?;
+        }
+        spool::remove(&self.dir)
+    }
+
+    /// After a successful run that does not keep its checkpoints: removes the stdin spool.
+    pub(crate) fn remove_spool(&self) -> Result<(), crate::Error> {
+        spool::remove(&self.dir)
+    }
+
     /// Writes instance `who`'s state for checkpoint `id` and acknowledges it (on the worker
     /// thread, no lock held during the write). A write that fails while `id` is still pending
     /// fails the run; one that fails because `id` was removed meanwhile is ignored. An ack

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::sync::{thread, Arc, Condvar, Mutex};
+use crate::sync::{thread, Arc, AtomicU64, Condvar, Mutex, Ordering};
 
 /// The log's file name in the checkpoint directory.
 pub const SPOOL_FILE: &str = "stdin.spool";
@@ -125,6 +125,7 @@ impl SpoolLog {
                 frame: Vec::new(),
                 frame_off: 0,
                 cancel: None,
+                consumed: Arc::new(AtomicU64::new(0)),
             },
         ))
     }
@@ -152,9 +153,17 @@ fn frame_len(header: &[u8; HEADER]) -> Result<usize, String> {
     }
 }
 
-/// Scans the log; truncates a torn tail; returns (file bytes, payload bytes) of its complete
-/// frames.
-fn recover(file: &File, path: &Path) -> Result<(u64, u64), Error> {
+/// What a scan of the log found: the file and payload bytes of its complete frames, and the
+/// first bad frame after them, if any (whether it can be a torn append, and why it is bad).
+struct Scan {
+    file_len: u64,
+    payload_len: u64,
+    bad: Option<(bool, String)>,
+    len: u64,
+}
+
+/// Reads the log's frames from the start (changing nothing).
+fn scan(file: &File, path: &Path) -> Result<Scan, Error> {
     let io_err = |op: &'static str| {
         let path = path.display().to_string();
         move |source| Error::CheckpointIo { op, path, source }
@@ -190,24 +199,96 @@ fn recover(file: &File, path: &Path) -> Result<(u64, u64), Error> {
         pos += (HEADER + n) as u64;
         payload += n as u64;
     };
-    if let Some((torn, why)) = bad {
-        if !torn && !zeros_from(file, pos, len).map_err(io_err("read"))? {
-            return Err(Error::Checkpoint {
-                message: format!(
-                    "{}: frame at byte {pos}: {why}, and data follows it: the spool is corrupt",
-                    path.display()
-                ),
-            });
+    let bad = match bad {
+        Some((false, why)) if zeros_from(file, pos, len).map_err(io_err("read"))? => {
+            Some((true, why))
         }
+        other => other,
+    };
+    Ok(Scan {
+        file_len: pos,
+        payload_len: payload,
+        bad,
+        len,
+    })
+}
+
+impl Scan {
+    /// Fails on corruption (a bad frame followed by data that is not a crash's zeros).
+    fn check(&self, path: &Path) -> Result<(), Error> {
+        match &self.bad {
+            Some((false, why)) => Err(Error::Checkpoint {
+                message: format!(
+                    "{}: frame at byte {}: {why}, and data follows it: the spool is corrupt",
+                    path.display(),
+                    self.file_len
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Scans the log; truncates a torn tail; returns (file bytes, payload bytes) of its complete
+/// frames.
+fn recover(file: &File, path: &Path) -> Result<(u64, u64), Error> {
+    let found = scan(file, path)?;
+    found.check(path)?;
+    if let Some((_, why)) = &found.bad {
         log::warn!(
-            "{}: dropping a torn last frame at byte {pos} ({why}; {} bytes)",
+            "{}: dropping a torn last frame at byte {} ({why}; {} bytes)",
             path.display(),
-            len - pos
+            found.file_len,
+            found.len - found.file_len
         );
-        file.set_len(pos).map_err(io_err("truncate"))?;
+        let io_err = |op: &'static str| {
+            let path = path.display().to_string();
+            move |source| Error::CheckpointIo { op, path, source }
+        };
+        file.set_len(found.file_len).map_err(io_err("truncate"))?;
         file.sync_data().map_err(io_err("fsync"))?;
     }
-    Ok((pos, payload))
+    Ok((found.file_len, found.payload_len))
+}
+
+/// The bytes of stdin the spool in `dir` holds (its complete frames; a torn last frame does
+/// not count), or `None` when there is no spool. Reads only: `checkpoint list` and the start
+/// of a run use it.
+pub fn spooled_len(dir: impl AsRef<Path>) -> Result<Option<u64>, Error> {
+    let path = dir.as_ref().join(SPOOL_FILE);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::CheckpointIo {
+                op: "open",
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    let found = scan(&file, &path)?;
+    found.check(&path)?;
+    Ok(Some(found.payload_len))
+}
+
+/// Removes the spool in `dir`, if there is one, and makes the removal durable (a run that
+/// succeeded, or a fresh start).
+pub fn remove(dir: impl AsRef<Path>) -> Result<(), Error> {
+    let dir = dir.as_ref();
+    let path = dir.join(SPOOL_FILE);
+    let io_err = |op: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| Error::CheckpointIo { op, path, source }
+    };
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("remove", &path)(e)),
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
 }
 
 /// Whether the file holds only zero bytes from `pos` to `len` (a crash's zero-filled tail).
@@ -375,6 +456,8 @@ pub struct SpoolReader {
     frame: Vec<u8>,
     frame_off: usize,
     cancel: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// The payload offset of the next byte [`read`](Read::read) returns (for [`SpoolWatch`]).
+    consumed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SpoolReader {
@@ -428,13 +511,24 @@ impl SpoolReader {
             if payload + len > offset {
                 self.load_frame(pos).map_err(|e| self.read_error(e))?;
                 self.frame_off = (offset - payload) as usize;
+                self.consumed.store(offset, Ordering::Relaxed);
                 return Ok(());
             }
             pos += HEADER as u64 + len;
             payload += len;
         }
         self.next_frame = pos;
+        self.consumed.store(offset, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A handle that waits until this reader has bytes to read without blocking (for a source
+    /// that flushes its records when its input idles).
+    pub fn watch(&self) -> SpoolWatch {
+        SpoolWatch {
+            shared: Arc::clone(&self.shared),
+            consumed: Arc::clone(&self.consumed),
+        }
     }
 
     fn read_error(&self, e: io::Error) -> Error {
@@ -496,6 +590,36 @@ impl SpoolReader {
     }
 }
 
+/// Waits for a [`SpoolReader`] to have something to read (see [`SpoolReader::watch`]).
+#[derive(Debug, Clone)]
+pub struct SpoolWatch {
+    shared: Arc<Shared>,
+    consumed: Arc<AtomicU64>,
+}
+
+impl SpoolWatch {
+    /// Waits at most `timeout` until the reader's next read would not block: the log holds
+    /// bytes it has not read, or the input ended, failed or was cancelled. Returns whether
+    /// that happened.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.state.lock();
+        loop {
+            if s.payload_len > self.consumed.load(Ordering::Relaxed)
+                || s.eof
+                || s.error.is_some()
+                || s.cancelled
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.shared.cond.wait_until(&mut s, deadline);
+        }
+    }
+}
+
 impl Read for SpoolReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -510,6 +634,7 @@ impl Read for SpoolReader {
         let n = buf.len().min(self.frame.len() - self.frame_off);
         buf[..n].copy_from_slice(&self.frame[self.frame_off..self.frame_off + n]);
         self.frame_off += n;
+        self.consumed.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -685,6 +810,69 @@ mod tests {
         assert_eq!(got_rx.recv_timeout(deadline).unwrap(), b"");
         reader.join().unwrap();
         w.join().unwrap();
+    }
+
+    #[test]
+    fn the_watch_says_when_a_read_would_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(1);
+        let (mut w, mut r) = SpoolLog::open(dir.path()).unwrap();
+        let watch = r.watch();
+        assert!(
+            !watch.wait(Duration::from_millis(20)),
+            "nothing spooled yet"
+        );
+        w.start(Feed(rx, Vec::new())).unwrap();
+        tx.send(b"abc".to_vec()).unwrap();
+        assert!(watch.wait(Duration::from_secs(10)), "3 bytes spooled");
+        let mut buf = [0u8; 2];
+        assert_eq!(r.read(&mut buf).unwrap(), 2);
+        assert!(watch.wait(Duration::ZERO), "1 byte left of the frame");
+        assert_eq!(r.read(&mut buf).unwrap(), 1);
+        assert!(
+            !watch.wait(Duration::from_millis(20)),
+            "all read, input open"
+        );
+        drop(tx);
+        assert!(
+            watch.wait(Duration::from_secs(10)),
+            "end of input: a read returns 0"
+        );
+        assert_eq!(r.read(&mut buf).unwrap(), 0);
+        // A seek moves what the watch compares with.
+        r.seek_payload(1).unwrap();
+        assert!(watch.wait(Duration::ZERO));
+        w.join().unwrap();
+    }
+
+    #[test]
+    fn spooled_len_reads_without_changing_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(spooled_len(dir.path()).unwrap(), None, "no spool");
+        {
+            let (mut w, _r) = SpoolLog::open(dir.path()).unwrap();
+            w.start(std::io::Cursor::new(data(100_000))).unwrap();
+            w.join().unwrap();
+        }
+        let path = dir.path().join(SPOOL_FILE);
+        let full = std::fs::metadata(&path).unwrap().len();
+        // A torn last frame (a crash mid-append): not counted, and not truncated by a read.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(full - 10).unwrap();
+        assert_eq!(spooled_len(dir.path()).unwrap(), Some(MAX_FRAME as u64));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), full - 10);
+        // Corruption before the end is an error naming the offset.
+        let mut b = std::fs::read(&path).unwrap();
+        b[HEADER + 5] ^= 1;
+        std::fs::write(&path, b).unwrap();
+        let e = spooled_len(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("frame at byte 0") && e.contains("corrupt"),
+            "{e}"
+        );
+        remove(dir.path()).unwrap();
+        assert!(!path.exists());
+        remove(dir.path()).unwrap();
     }
 
     #[test]

@@ -35,15 +35,6 @@ pub(crate) fn start(
     opts: &CheckpointOptions,
     instances: &[StartInstance],
 ) -> Result<CheckpointRun, Error> {
-    if opts.spool_stdin {
-        // The spool itself (`checkpoint::spool`) is built and tested, but no source reads
-        // from it yet: refuse rather than pretend stdin is replayable.
-        return Err(Error::Checkpoint {
-            message: "spool_stdin = true is not supported yet: stdin cannot be checkpointed in \
-                      this version; read the input from a file"
-                .into(),
-        });
-    }
     let store = match &opts.store {
         Some(s) => Arc::clone(s),
         None => default_store(opts)?,
@@ -55,6 +46,9 @@ pub(crate) fn start(
     let mut skipped = Vec::new();
     let mut complete = Vec::new();
     let mut leftovers = Vec::new();
+    let mut fresh_discards = None;
+    // Read under the directory's lock (taken by opening the store): no other run appends.
+    let spooled = super::spool::spooled_len(&opts.dir)?;
     match opts.start {
         Start::RefuseExisting => {
             if let Some(l) = listings.last() {
@@ -63,11 +57,19 @@ pub(crate) fn start(
                     newest: format!("checkpoint {}", l.id),
                 });
             }
+            // A run that spooled stdin but crashed before its first checkpoint: its input is
+            // in the spool, and a new run would read it as the start of its own.
+            if let Some(n) = spooled {
+                return Err(Error::CheckpointsExist {
+                    dir: opts.dir.display().to_string(),
+                    newest: format!("a stdin spool of {n} bytes ({})", super::spool::SPOOL_FILE),
+                });
+            }
         }
         Start::Fresh => {
-            for l in &listings {
-                store.discard(l.id)?;
-            }
+            // Discarded when the start gate opens (`CheckpointRun::open_gate`), not here: a
+            // run refused before it starts must leave them as they were.
+            fresh_discards = Some(listings.iter().map(|l| l.id).collect());
         }
         Start::Resume => {
             for l in listings.iter().rev() {
@@ -102,6 +104,12 @@ pub(crate) fn start(
                 Some(id) => log::info!("resuming from checkpoint {id}"),
                 None => log::info!("no checkpoint verifies: starting from the beginning"),
             }
+            if let (true, Some(n)) = (opts.spool_stdin, spooled) {
+                log::info!(
+                    "the stdin spool holds {n} bytes of the input: this run's stdin is \
+                     appended after them (give it the rest of the input, or none)"
+                );
+            }
         }
     }
     let expected = instances
@@ -131,6 +139,10 @@ pub(crate) fn start(
         resumed_from,
         skipped,
         drop_ack: opts.drop_ack.clone(),
+        fresh_discards,
+        dir: opts.dir.clone(),
+        spool_stdin: opts.spool_stdin,
+        spool_taken: crate::sync::AtomicBool::new(false),
     })
 }
 

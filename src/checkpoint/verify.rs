@@ -9,7 +9,9 @@
 //!   that part in the previous complete checkpoint;
 //! - that every sink file pre-committed is present, either under its pre-commit name or under
 //!   its committed one (the name with its leading `.` and trailing `.pending` removed). A
-//!   relative path is taken relative to the current directory: sinks record absolute paths.
+//!   relative path is taken relative to the current directory: sinks record absolute paths;
+//! - that the stdin spool, if there is one, reads: every frame's checksum (a torn last frame
+//!   is what a crash leaves, and is not a problem).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,9 @@ pub struct Verification {
     pub checkpoints: usize,
     /// Every problem found (none: all verify).
     pub problems: Vec<Problem>,
+    /// The stdin spool's payload bytes, or why it does not read (a frame that fails its
+    /// checksum with data after it); `None` when the directory has no spool.
+    pub spool: Option<Result<u64, String>>,
 }
 
 fn open(dir: &Path) -> Result<Arc<FsStore>, Error> {
@@ -59,7 +64,11 @@ pub fn list(dir: impl AsRef<Path>) -> Result<Vec<Listing>, Error> {
 /// what is checked.
 pub fn verify(dir: impl AsRef<Path>) -> Result<Verification, Error> {
     let store = open(dir.as_ref())?;
-    verify_store(&*store)
+    let mut v = verify_store(&*store)?;
+    v.spool = super::spool::spooled_len(dir.as_ref())
+        .map_err(|e| e.to_string())
+        .transpose();
+    Ok(v)
 }
 
 /// [`verify`] over any store.
@@ -104,6 +113,7 @@ pub fn verify_store(store: &dyn Store) -> Result<Verification, Error> {
     Ok(Verification {
         checkpoints,
         problems,
+        spool: None,
     })
 }
 

@@ -436,16 +436,14 @@ fn a_block_source_resumes_at_its_next_line() {
 
 #[test]
 fn sources_that_cannot_be_replayed_say_so() {
+    // Stdin is replayable only through the spool: the start-up check refuses it without
+    // spool_stdin (tests/checkpoint_cli.rs runs both cases through the binary).
     let stdin = crate::source::Input::open("read", Path::new("-")).unwrap();
     let head = crate::source::LineHead::new("read".into(), stdin, |l: &[u8], _| {
         crate::source::parse_text(l)
     });
-    assert_eq!(
-        head.state_support(),
-        StateSupport::Unsupported(
-            "stdin cannot be replayed: read the input from a file (spool_stdin, which will make stdin replayable, is not available yet)".into()
-        )
-    );
+    assert_eq!(head.state_support(), StateSupport::StdinSpool);
+    assert!(crate::source::STDIN.contains("spool_stdin = true"));
     let it = crate::source::IterHead::new(0..3u32);
     assert!(matches!(Head::<u32>::state_support(&it),
         StateSupport::Unsupported(r) if r.contains("Pipeline::replayable_source")));

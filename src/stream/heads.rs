@@ -330,6 +330,7 @@ where
 fn unsupported(cx: &Cx, support: StateSupport) -> Halt {
     let reason = match support {
         StateSupport::Unsupported(r) | StateSupport::AtLeastOnce(r) => r,
+        StateSupport::StdinSpool => crate::source::STDIN.into(),
         _ => "its state cannot be checkpointed".into(),
     };
     Halt::Failed(Error::CheckpointUnsupported {
@@ -338,12 +339,13 @@ fn unsupported(cx: &Cx, support: StateSupport) -> Halt {
     })
 }
 
-/// The weaker of two supports (for a head made of parts): unsupported, then at least once,
-/// then snapshots, then stateless.
+/// The weaker of two supports (for a head made of parts): unsupported, then stdin (replayable
+/// only through the spool), then at least once, then snapshots, then stateless.
 pub(crate) fn weaker(a: StateSupport, b: StateSupport) -> StateSupport {
     fn rank(s: &StateSupport) -> u8 {
         match s {
-            StateSupport::Unsupported(_) => 3,
+            StateSupport::Unsupported(_) => 4,
+            StateSupport::StdinSpool => 3,
             StateSupport::AtLeastOnce(_) => 2,
             StateSupport::Snapshots => 1,
             StateSupport::Stateless => 0,

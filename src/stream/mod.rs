@@ -306,6 +306,7 @@ fn start_checkpoints(
 ) -> Result<crate::checkpoint::CheckpointRun, Error> {
     use crate::checkpoint::{InstanceId, Mode, StartInstance, StateSupport};
     let mut instances = Vec::with_capacity(workers.len());
+    let mut stdin_reader: Option<&Arc<str>> = None;
     for (w, &i) in workers.iter().zip(stage_of) {
         let slot = &b.stages[i];
         let mut stateful = slot.sink.is_some();
@@ -314,6 +315,24 @@ fn start_checkpoints(
                 StateSupport::Stateless => {}
                 StateSupport::Snapshots => stateful = true,
                 StateSupport::AtLeastOnce(_) if opts.mode == Mode::AtLeastOnce => stateful = true,
+                StateSupport::StdinSpool if opts.spool_stdin => {
+                    if let Some(other) = stdin_reader.replace(step) {
+                        return Err(Error::CheckpointUnsupported {
+                            stage: step.to_string(),
+                            reason: format!(
+                                "`{other}` reads stdin too: with spool_stdin, only one source \
+                                 may read stdin"
+                            ),
+                        });
+                    }
+                    stateful = true;
+                }
+                StateSupport::StdinSpool => {
+                    return Err(Error::CheckpointUnsupported {
+                        stage: step.to_string(),
+                        reason: crate::source::STDIN.into(),
+                    })
+                }
                 StateSupport::AtLeastOnce(reason) | StateSupport::Unsupported(reason) => {
                     return Err(Error::CheckpointUnsupported {
                         stage: step.to_string(),

@@ -523,6 +523,21 @@ fn checkpoint(command: CheckpointCommand) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // The stdin spool's size is what a resumed run's stdin is appended to: a user who
+            // re-pipes the rest of the input starts it after that many bytes.
+            match millrace::checkpoint::spool::spooled_len(&dir) {
+                Ok(None) => {}
+                Ok(Some(n)) => {
+                    let _ = writeln!(
+                        out,
+                        "stdin spool: {n} bytes ({})",
+                        millrace::checkpoint::spool::SPOOL_FILE
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "stdin spool: not readable: {e}");
+                }
+            }
             if listed.is_empty() {
                 let _ = writeln!(out, "no checkpoints in {}", dir.display());
                 return ExitCode::SUCCESS;
@@ -585,10 +600,11 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<Listing>, Error> {
 fn verify_checkpoints(dir: &Path) -> Result<(usize, Vec<String>), Error> {
     // One pass: `verify` lists (and so checks) every checkpoint itself.
     let v = millrace::checkpoint::verify::verify(dir)?;
-    Ok((
-        v.checkpoints,
-        v.problems.iter().map(ToString::to_string).collect(),
-    ))
+    let mut problems: Vec<String> = v.problems.iter().map(ToString::to_string).collect();
+    if let Some(Err(e)) = v.spool {
+        problems.push(format!("stdin spool: {e}"));
+    }
+    Ok((v.checkpoints, problems))
 }
 
 /// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
