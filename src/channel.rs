@@ -917,6 +917,7 @@ mod tests {
             dir: std::path::PathBuf::new(),
             spool_stdin: false,
             spool_taken: crate::sync::AtomicBool::new(false),
+            already_completed: None,
         }));
         Cx {
             run,

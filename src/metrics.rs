@@ -373,6 +373,9 @@ pub struct RunReport {
     pub resumed_from: Option<crate::checkpoint::CheckpointId>,
     /// Checkpoints skipped at resume because they did not verify, with why.
     pub skipped_checkpoints: Vec<(crate::checkpoint::CheckpointId, String)>,
+    /// A resume found that the checkpoint directory's run had completed (when, in
+    /// milliseconds since the Unix epoch; 0 if unknown): nothing ran.
+    pub already_completed: Option<u64>,
 }
 
 impl RunReport {

@@ -205,7 +205,8 @@ impl RunShared {
             stopped_early: self.stopped_early.load(Ordering::Relaxed),
             checkpoints: cp.as_ref().map(|c| c.coord.stats()).unwrap_or_default(),
             resumed_from: cp.as_ref().and_then(|c| c.resumed_from),
-            skipped_checkpoints: cp.map(|c| c.skipped.clone()).unwrap_or_default(),
+            skipped_checkpoints: cp.as_ref().map(|c| c.skipped.clone()).unwrap_or_default(),
+            already_completed: cp.and_then(|c| c.already_completed),
         }
     }
 
@@ -215,6 +216,11 @@ impl RunShared {
 
     fn elapsed(&self) -> Duration {
         self.started.lock().map(|s| s.elapsed()).unwrap_or_default()
+    }
+
+    /// The report of a run that did not run: a resume found its directory's run completed.
+    pub(crate) fn report_without_running(&self) -> RunReport {
+        self.report(Duration::ZERO, Vec::new())
     }
 
     /// Precise milliseconds since the start (the clock the coarse `clock_ms` approximates).
@@ -850,13 +856,17 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
         // the directory's checkpoints unless asked to keep them.
         let success = !shared.has_failed() && !shared.is_cancelled();
         let r = c.coord.shutdown(success).and_then(|()| {
-            if success && !c.retain_on_success {
-                // The spool after the checkpoints: a spool without checkpoints is refused
-                // until --resume or --fresh, never read as the start of a new input.
-                c.coord.remove_all().and_then(|()| c.remove_spool())
-            } else {
-                Ok(())
+            if !success {
+                return Ok(());
             }
+            // Marked completed first, so that a crash while the checkpoints are removed still
+            // leaves a completed run (which a --resume has nothing to do for), never a
+            // directory of half-removed checkpoints that a resume would start over from.
+            c.store.mark_completed()?;
+            if c.retain_on_success {
+                return Ok(());
+            }
+            c.coord.remove_all().and_then(|()| c.remove_spool())
         });
         if let Err(e) = r {
             shared.fail(e);

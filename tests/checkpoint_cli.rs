@@ -357,10 +357,11 @@ fn kill_loop(parallelism: usize, kills: usize, seed: u64) {
     let d = dir.path();
     let mut rng = Rng(seed);
     let (mut killed, mut finished, mut round) = (0, 0, 0);
+    let mut fresh = true;
     let started = Instant::now();
     while killed < kills {
         round += 1;
-        let args: &[&str] = if round == 1 {
+        let args: &[&str] = if std::mem::take(&mut fresh) {
             &["run", "-q", "p.toml"]
         } else {
             &["run", "-q", "--resume", "p.toml"]
@@ -377,10 +378,13 @@ fn kill_loop(parallelism: usize, kills: usize, seed: u64) {
             Some(status) => {
                 let err = std::fs::read_to_string(d.join(format!("stderr.{round}"))).unwrap();
                 assert!(status.success(), "round {round}: {status}: {err}");
-                // It completed first: its checkpoints are gone and its output is complete. A
+                // It completed first (or, killed while it removed its checkpoints after it
+                // completed, the resume found nothing to do): its output is complete. A
                 // directory sink refuses to write over a finished run's parts, so clear the
                 // output as a user starting over would: the next round starts afresh.
+                assert_exact(d, parallelism);
                 finished += 1;
+                fresh = true;
                 std::fs::remove_dir_all(d.join("out")).unwrap();
                 // A round waits for a new checkpoint, which a ~1 s run reaches long before
                 // its end: many runs completing first means checkpoints do not complete.
@@ -400,7 +404,11 @@ fn kill_loop(parallelism: usize, kills: usize, seed: u64) {
     let err = text(&out.stderr);
     assert!(out.status.success(), "the last resume failed: {err}");
     assert_exact(d, parallelism);
-    assert!(err.contains("checkpoints: "), "{err}");
+    // (Nothing to resume when the last kill came after the run had completed.)
+    assert!(
+        err.contains("checkpoints: ") || err.contains("nothing to resume"),
+        "{err}"
+    );
     assert_eq!(checkpoints(d), [], "checkpoints left after success");
     eprintln!(
         "parallelism {parallelism}: {killed} kills, {finished} runs completed on their own, {:?}",
@@ -738,6 +746,10 @@ fn progress_json_and_the_final_report_carry_checkpoints() {
     for e in events.iter().filter(|e| e["event"] == "progress") {
         assert!(e["report"].get("checkpoints").is_some(), "{e}");
     }
+    // Each stage instance's barrier alignment time.
+    for s in last["report"]["stages"].as_array().unwrap() {
+        assert!(s["aligning_ms"].as_f64().is_some(), "{s}");
+    }
     assert_exact(dir.path(), 1);
 }
 
@@ -787,15 +799,18 @@ fn kill_9_loop_over_spooled_stdin_is_byte_identical() {
     std::fs::write(d.join("p.toml"), stdin_pipeline()).unwrap();
     let bytes = &input().bytes;
     let mut rng = Rng(0x5eed_0003);
-    let (mut killed, mut round) = (0, 0);
+    let (mut killed, mut round, mut finished) = (0, 0, 0);
+    let mut fresh = true;
     while killed < 12 {
         round += 1;
-        let args: &[&str] = if round == 1 {
+        let fresh_round = std::mem::take(&mut fresh);
+        let args: &[&str] = if fresh_round {
             &["run", "-q", "p.toml"]
         } else {
             &["run", "-q", "--resume", "p.toml"]
         };
-        let have = spooled(d);
+        // A new run reads all of its input; a resume the rest of what the spool holds.
+        let have = if fresh_round { 0 } else { spooled(d) };
         assert!(have <= bytes.len(), "the spool holds more than the input");
         let before = complete(d).last().copied().unwrap_or(0);
         let mut child = spawn_with_stdin(d, args, round, &bytes[have..]);
@@ -807,8 +822,18 @@ fn kill_9_loop_over_spooled_stdin_is_byte_identical() {
         std::thread::sleep(Duration::from_millis(rng.below(100))); // the kill time
         match child.try_wait().unwrap() {
             Some(status) => {
+                // It completed before its kill, or a kill after it had completed left nothing
+                // to resume: start over, as in `kill_loop`.
                 let err = std::fs::read_to_string(d.join(format!("stderr.{round}"))).unwrap();
-                panic!("round {round} ended before its kill ({status}): {err}");
+                assert!(status.success(), "round {round}: {status}: {err}");
+                assert_exact(d, 1);
+                finished += 1;
+                assert!(
+                    finished <= 3,
+                    "{finished} runs completed before their kill: {err}"
+                );
+                fresh = true;
+                std::fs::remove_dir_all(d.join("out")).unwrap();
             }
             None => {
                 child.kill().unwrap();
@@ -822,7 +847,10 @@ fn kill_9_loop_over_spooled_stdin_is_byte_identical() {
     let status = child.wait().unwrap();
     let err = std::fs::read_to_string(d.join("stderr.0")).unwrap();
     assert!(status.success(), "the last resume failed: {err}");
-    assert!(err.contains("resumed from checkpoint"), "{err}");
+    assert!(
+        err.contains("resumed from checkpoint") || err.contains("nothing to resume"),
+        "{err}"
+    );
     assert_exact(d, 1);
     assert_eq!(checkpoints(d), [], "checkpoints left after success");
     assert!(
@@ -915,5 +943,51 @@ fn a_fresh_run_refused_at_the_gate_keeps_the_earlier_checkpoints() {
         err.contains(&format!("resumed from checkpoint {}", done.last().unwrap())),
         "{err}"
     );
+    assert_exact(d, 1);
+}
+
+/// A completed run marks its directory (`COMPLETED`) before it removes its checkpoints, so a
+/// crash during the removal leaves a completed run: `--resume` then does nothing (exit 0,
+/// saying so) and finishes the removal, rather than starting over from the beginning — which
+/// would refuse the directory sink's parts, or rewrite the files.
+#[test]
+fn a_resume_after_the_run_completed_does_nothing() {
+    let _g = heavy();
+    let dir = setup(1);
+    let d = dir.path();
+    // Keep the checkpoints, then damage the newest as an interrupted removal does (its
+    // MANIFEST goes first).
+    std::fs::write(d.join("keep.toml"), pipeline(1, "retain_on_success = true")).unwrap();
+    let out = run(d, &["run", "-q", "keep.toml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(d.join("cp/COMPLETED").exists());
+    let kept = complete(d);
+    assert!(!kept.is_empty());
+    std::fs::remove_file(d.join(format!("cp/chk-{:08}/MANIFEST", kept.last().unwrap()))).unwrap();
+    let listing = text(&run(d, &["checkpoint", "list", "cp"]).stdout);
+    assert!(listing.contains("the run completed at 20"), "{listing}");
+
+    let before = outputs(d);
+    let out = run(d, &["run", "--resume", "p.toml"]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("nothing to resume: the run of this checkpoint directory completed at 20"),
+        "{err}"
+    );
+    assert_exact(d, 1);
+    assert_eq!(outputs(d).all, before.all, "the output was rewritten");
+    assert_eq!(checkpoints(d), [], "the interrupted removal was finished");
+
+    // A plain run starts a new run (here refused by the directory sink, as after any
+    // completed run: its parts are there), and a fresh one replaces everything.
+    let out = run(d, &["run", "p.toml"]);
+    assert!(
+        text(&out.stderr).contains("holds part files of an earlier run"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(d, &["run", "-q", "--fresh", "p.toml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     assert_exact(d, 1);
 }

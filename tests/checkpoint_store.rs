@@ -749,3 +749,46 @@ fn list_never_removes_a_temporary_file_of_a_checkpoint_in_progress() {
     assert_eq!(store.list().unwrap()[0].problem, None);
     assert!(fs.read(&tmp).is_err());
 }
+
+/// The completion mark: durable once written (a crash right after keeps it), at every crash
+/// point of its write either there or not (never half), invisible to `list`, and cleared
+/// durably.
+#[test]
+fn the_completion_mark_is_durable_and_never_a_checkpoint() {
+    let fs = SimFs::new();
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    commit(&store, 1).unwrap();
+    assert_eq!(store.completed().unwrap(), None);
+    let base = fs.op_count();
+    store.mark_completed().unwrap();
+    let ops = fs.op_count() - base;
+    assert!(store.completed().unwrap().is_some_and(|ms| ms > 0));
+    drop(store);
+    fs.crash();
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    assert!(store.completed().unwrap().is_some(), "lost by a crash");
+    let ids: Vec<_> = store.list().unwrap().iter().map(|l| l.id).collect();
+    assert_eq!(ids, [1], "the mark is no checkpoint");
+    store.clear_completed().unwrap();
+    drop(store);
+    fs.crash();
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    assert_eq!(store.completed().unwrap(), None, "the clearing was lost");
+    drop(store);
+
+    // Every crash point of the write.
+    for k in 1..=ops {
+        let fs = SimFs::new();
+        let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+        commit(&store, 1).unwrap();
+        fs.fail_at(fs.op_count() + k, FaultKind::Crash);
+        let written = store.mark_completed().is_ok();
+        drop(store);
+        fs.crash();
+        let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+        let mark = store.completed().unwrap();
+        assert!(!written, "k = {k}: the write went through a crash");
+        assert!(mark.is_none() || mark.is_some_and(|ms| ms > 0), "k = {k}: {mark:?}");
+        store.load(1).unwrap();
+    }
+}

@@ -99,7 +99,8 @@ pub struct CheckpointOptions {
     pub tolerable_failures: u32,
     /// How many complete checkpoints to keep (default 3, at least 1).
     pub retain: usize,
-    /// Keep the checkpoints when the run succeeds (default: removed).
+    /// Keep the checkpoints when the run succeeds (default: removed). Either way the directory
+    /// is marked completed: a resume then does nothing, and the next run discards them.
     pub retain_on_success: bool,
     /// Exactly-once (aligned, default) or at-least-once.
     pub mode: Mode,
@@ -251,8 +252,9 @@ pub(crate) struct CheckpointRun {
     pub skipped: Vec<(CheckpointId, String)>,
     /// Test hook: this instance's acknowledgement of this checkpoint is dropped.
     pub drop_ack: Option<(InstanceId, CheckpointId)>,
-    /// Under `Start::Fresh`: the checkpoints of an earlier run to discard, with its stdin
-    /// spool, when the start gate opens ([`open_gate`](Self::open_gate)).
+    /// Under `Start::Fresh`, or a plain start on the directory of a completed run: the
+    /// earlier run's checkpoints to discard, with its stdin spool and completion mark, when
+    /// the start gate opens ([`open_gate`](Self::open_gate)).
     pub fresh_discards: Option<Vec<CheckpointId>>,
     /// The checkpoint directory (where `stdin.spool` lives).
     pub dir: std::path::PathBuf,
@@ -260,11 +262,15 @@ pub(crate) struct CheckpointRun {
     pub spool_stdin: bool,
     /// Whether a source has taken the spool (only one source may read stdin).
     pub spool_taken: crate::sync::AtomicBool,
+    /// A resume found the directory's run completed (when, ms since the epoch): the run does
+    /// nothing.
+    pub already_completed: Option<u64>,
 }
 
 impl CheckpointRun {
     /// What the start gate does once every worker has checked its tail, before any record
-    /// moves: under `Start::Fresh`, discards the earlier run's checkpoints and stdin spool.
+    /// moves: under `Start::Fresh` (or a plain start after a completed run), discards the
+    /// earlier run's checkpoints, stdin spool and completion mark.
     /// (Done here rather than when the store is opened, so that a run refused at the gate —
     /// a stdout sink in exactly-once mode, say — leaves them as they were.)
     pub(crate) fn open_gate(&self) -> Result<(), crate::Error> {
@@ -274,7 +280,8 @@ impl CheckpointRun {
         for &id in ids {
             self.store.discard(id)?;
         }
-        spool::remove(&self.dir)
+        spool::remove(&self.dir)?;
+        self.store.clear_completed()
     }
 
     /// After a successful run that does not keep its checkpoints: removes the stdin spool.

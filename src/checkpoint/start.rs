@@ -49,7 +49,29 @@ pub(crate) fn start(
     let mut fresh_discards = None;
     // Read under the directory's lock (taken by opening the store): no other run appends.
     let spooled = super::spool::spooled_len(&opts.dir)?;
+    let completed = store.completed()?;
+    let mut already_completed = None;
     match opts.start {
+        // The directory's run completed: what is left of it (checkpoints kept by
+        // retain_on_success, or a removal a crash interrupted) is discarded at the gate.
+        Start::RefuseExisting if completed.is_some() => {
+            fresh_discards = Some(listings.iter().map(|l| l.id).collect());
+        }
+        // Nothing to resume: the run does nothing, and says so — after finishing the removal
+        // a crash interrupted (unless the checkpoints are to be kept).
+        Start::Resume if completed.is_some() => {
+            log::info!(
+                "{}: the run completed: nothing to resume",
+                opts.dir.display()
+            );
+            if !opts.retain_on_success {
+                for l in &listings {
+                    store.discard(l.id)?;
+                }
+                super::spool::remove(&opts.dir)?;
+            }
+            already_completed = completed;
+        }
         Start::RefuseExisting => {
             if let Some(l) = listings.last() {
                 return Err(Error::CheckpointsExist {
@@ -143,6 +165,7 @@ pub(crate) fn start(
         dir: opts.dir.clone(),
         spool_stdin: opts.spool_stdin,
         spool_taken: crate::sync::AtomicBool::new(false),
+        already_completed,
     })
 }
 

@@ -7,6 +7,8 @@
 //! On disk (format 1, see docs/checkpoints.md):
 //! ```text
 //! DIR/LOCK                      flock(2)ed for the run's life
+//! DIR/COMPLETED                 the run completed (the time, ms since the epoch): written
+//!                               before its checkpoints are removed, kept until a new run
 //! DIR/stdin.spool               the stdin spool, with `spool_stdin` (see `spool`)
 //! DIR/chk-00000007/             one directory per checkpoint
 //!     <stage>#<i>.state         one file per stage instance (encoded `InstanceState`); the
@@ -119,6 +121,21 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self, id: CheckpointId) -> Result<Manifest, Error>;
     /// File `name` of checkpoint `id`, verified against `entry`.
     fn read(&self, id: CheckpointId, entry: &FileEntry) -> Result<Vec<u8>, Error>;
+    /// Records durably that the run using the store completed, before its checkpoints are
+    /// removed: a crash during the removal still leaves a completed run, which a later
+    /// `--resume` has nothing to do for. The default (a store without it) records nothing.
+    fn mark_completed(&self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Whether the store's run completed ([`mark_completed`](Self::mark_completed)), with
+    /// when (milliseconds since the Unix epoch; 0 if unknown).
+    fn completed(&self) -> Result<Option<u64>, Error> {
+        Ok(None)
+    }
+    /// Clears the mark, durably: a new run starts on the store.
+    fn clear_completed(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// The file-system operations [`FsStore`] uses, so that a test can fail or "crash" any one of
@@ -151,6 +168,8 @@ pub trait Fs: Send + Sync + 'static {
 pub const MANIFEST: &str = "MANIFEST";
 /// The lock file's name in the checkpoint directory.
 pub const LOCK: &str = "LOCK";
+/// The file that says the directory's run completed ([`Store::mark_completed`]).
+pub const COMPLETED: &str = "COMPLETED";
 /// The manifest's first line, before the format version.
 const HEADER: &str = "MILLRACE-MANIFEST v";
 /// The manifest's last line, before its CRC32C in hex.
@@ -723,6 +742,36 @@ fn ensure_dir(fs: &dyn Fs, dir: &Path) -> Result<(), Error> {
 }
 
 impl Store for FsStore {
+    fn mark_completed(&self) -> Result<(), Error> {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.write_durably(0, &self.dir, COMPLETED, format!("{ms}\n").as_bytes())
+    }
+
+    fn completed(&self) -> Result<Option<u64>, Error> {
+        let path = self.dir.join(COMPLETED);
+        match self.fs.read(&path) {
+            Ok(b) => Ok(Some(
+                std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0),
+            )),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(io_error("read", &path, e)),
+        }
+    }
+
+    fn clear_completed(&self) -> Result<(), Error> {
+        let path = self.dir.join(COMPLETED);
+        match self.fs.remove_file(&path) {
+            Ok(()) => self.fsync_dir(&self.dir),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(io_error("unlink", &path, e)),
+        }
+    }
+
     fn begin(&self, id: CheckpointId) -> Result<(), Error> {
         self.check_poisoned()?;
         let dir = self.chk_dir(id);

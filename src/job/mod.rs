@@ -229,6 +229,8 @@ pub fn report_json(r: &RunReport) -> Value {
                 "skipped": s.skipped,
                 "dead_lettered": s.dead_lettered,
                 "open_windows": s.open_windows,
+                // Checkpoint barrier alignment, summed over checkpoints (0 without them).
+                "aligning_ms": s.aligning.as_secs_f64() * 1e3,
             })
         })
         .collect();

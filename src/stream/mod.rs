@@ -289,7 +289,12 @@ fn build_and_run(
     let cp_opts = shared.checkpoint_opts.lock().clone();
     if let Some(opts) = cp_opts {
         let run = start_checkpoints(&b, &opts, &workers, &stage_of)?;
+        let done = run.already_completed.is_some();
         *shared.checkpoint.lock() = Some(Arc::new(run));
+        if done {
+            // A resume of a run that completed: no worker starts.
+            return Ok(shared.report_without_running());
+        }
     }
     runtime::run(shared, workers)
 }

@@ -442,6 +442,16 @@ fn run(spec: PipelineSpec, quiet: bool, show_progress: bool, watch: Option<Durat
     });
     drop(watcher);
     match result {
+        Ok(report) if report.already_completed.is_some() => {
+            if !quiet {
+                let at = report.already_completed.filter(|&ms| ms > 0);
+                eprintln!(
+                    "nothing to resume: the run of this checkpoint directory completed{} (run it again with --fresh)",
+                    at.map(|ms| format!(" at {} UTC", utc(ms))).unwrap_or_default()
+                );
+            }
+            ExitCode::SUCCESS
+        }
         Ok(report) => {
             if !quiet {
                 eprintln!("{report}");
@@ -537,6 +547,12 @@ fn checkpoint(command: CheckpointCommand) -> ExitCode {
                 Err(e) => {
                     let _ = writeln!(out, "stdin spool: not readable: {e}");
                 }
+            }
+            if let Ok(ms) =
+                std::fs::read_to_string(dir.join(millrace::checkpoint::store::COMPLETED))
+            {
+                let at = ms.trim().parse().map(utc).unwrap_or_else(|_| "?".into());
+                let _ = writeln!(out, "the run completed at {at} UTC");
             }
             if listed.is_empty() {
                 let _ = writeln!(out, "no checkpoints in {}", dir.display());
