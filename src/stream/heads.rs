@@ -12,7 +12,6 @@
 use std::hash::Hash;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -207,8 +206,10 @@ pub(super) struct KeyedHead<K, T, A, N, F, G> {
     fold: Arc<F>,
     /// Turns a key's final state into its output.
     finish: Arc<G>,
-    state: FxHashMap<K, A>,
-    drain: Option<std::collections::hash_map::IntoIter<K, A>>,
+    /// In the order keys were first seen: the order results are emitted in, which a snapshot
+    /// records (part `head.order`) so that a resumed run emits them in the same order.
+    state: FxIndexMap<K, A>,
+    drain: Option<indexmap::map::IntoIter<K, A>>,
     /// `count`, `fold`, `reduce` (for the unsupported-state message).
     kind: &'static str,
     groups: KeyGroups<K>,
@@ -231,7 +232,7 @@ impl<K, T, A, N, F, G> KeyedHead<K, T, A, N, F, G> {
             init,
             fold,
             finish,
-            state: FxHashMap::default(),
+            state: FxIndexMap::default(),
             drain: None,
             kind,
             groups,
@@ -301,6 +302,7 @@ where
         let groups = key_groups_of(cx, self.groups.parallelism);
         let part = keyed_part(self.state.iter(), self.groups.hash, groups);
         (codec.put)(state, &part)?;
+        state.put("head.order", &first_seen_order(&self.state, &part))?;
         let mine = group_range(cx.instance, self.groups.parallelism, groups);
         state.key_groups = Some((mine.start, mine.end));
         Ok(())
@@ -319,10 +321,46 @@ where
             &part,
             group_range(cx.instance, self.groups.parallelism, groups),
         )?;
-        for (_, entries) in part.groups {
-            self.state.extend(entries);
-        }
+        let order: Option<Vec<u32>> = state.get("head.order")?;
+        self.state.extend(in_first_seen_order(
+            part.groups.into_iter().flat_map(|g| g.1),
+            order,
+        ));
         Ok(())
+    }
+}
+
+/// A map that iterates in insertion order, with the hash the rest of the engine uses.
+pub(crate) type FxIndexMap<K, V> = indexmap::IndexMap<K, V, rustc_hash::FxBuildHasher>;
+
+/// For a snapshot's keyed part: the position in `map` (first-seen order) of each of its
+/// entries, in the part's order (by key group).
+pub(crate) fn first_seen_order<K: Hash + Eq, A>(
+    map: &FxIndexMap<K, A>,
+    part: &KeyedPart<&K, &A>,
+) -> Vec<u32> {
+    part.groups
+        .iter()
+        .flat_map(|(_, entries)| entries.iter())
+        .map(|(k, _)| map.get_index_of(*k).expect("a key of the map") as u32)
+        .collect()
+}
+
+/// A restored part's entries (in the part's order) put back in first-seen order by the
+/// positions [`first_seen_order`] recorded; in the part's order when there are none (or they
+/// do not fit, which a corrupt checkpoint could cause: the checksums make it unlikely).
+pub(crate) fn in_first_seen_order<E>(
+    entries: impl Iterator<Item = E>,
+    order: Option<Vec<u32>>,
+) -> Vec<E> {
+    let entries: Vec<E> = entries.collect();
+    match order {
+        Some(order) if order.len() == entries.len() => {
+            let mut v: Vec<(u32, E)> = order.into_iter().zip(entries).collect();
+            v.sort_unstable_by_key(|(i, _)| *i);
+            v.into_iter().map(|(_, e)| e).collect()
+        }
+        _ => entries,
     }
 }
 
