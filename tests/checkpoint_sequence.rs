@@ -736,6 +736,8 @@ struct Tally {
     damaged: usize,
     torn: usize,
     flipped: usize,
+    /// Which of the four damages were done.
+    damage_kinds: BTreeSet<String>,
     /// Damaged checkpoints whose skipping a later resume reported.
     damage_seen_skipped: usize,
     attempts: usize,
@@ -813,6 +815,7 @@ fn scenario(parallelism: usize) {
     let mut damaged: BTreeSet<u64> = BTreeSet::new();
     let mut seen_skipped: BTreeSet<u64> = BTreeSet::new();
     let mut deck: Vec<Card> = Vec::new();
+    let mut deferred: Vec<Damage> = Vec::new();
     let mut last_damage = false;
     let started = Instant::now();
 
@@ -852,13 +855,20 @@ fn scenario(parallelism: usize) {
                     deck.swap(i, rng.below(i as u64 + 1) as usize);
                 }
             }
-            Some(deck.pop().unwrap())
+            // A damage put off (below) comes first once it can be done.
+            match deferred.pop() {
+                Some(how) if good.len() >= 2 => Some(Card::Damage(how)),
+                other => {
+                    deferred.extend(other);
+                    Some(deck.pop().unwrap())
+                }
+            }
         };
         // A damage needs two good checkpoints (the resume must have one to fall back on):
-        // without them, it waits at the bottom of the deck while an attempt makes some.
+        // without them it is put off, and an attempt makes some.
         let card = match card {
             Some(Card::Damage(how)) if good.len() < 2 => {
-                deck.insert(0, Card::Damage(how));
+                deferred.push(how);
                 Some(Card::End(Ending::KillAfterCheckpoint))
             }
             c => c,
@@ -874,6 +884,7 @@ fn scenario(parallelism: usize) {
                     Damage::TornManifest | Damage::TornState => tally.torn += 1,
                     Damage::FlippedManifest | Damage::FlippedState => tally.flipped += 1,
                 }
+                tally.damage_kinds.insert(format!("{how:?}"));
                 last_damage = true;
             }
             continue;
@@ -1180,9 +1191,9 @@ fn scenario(parallelism: usize) {
         ctx(&format!("no kill landed during a checkpoint: {tally:?}"))
     );
     assert!(
-        tally.torn >= 1 && tally.flipped >= 1,
+        tally.torn >= 1 && tally.flipped >= 1 && tally.damage_kinds.len() == 4,
         "{}",
-        ctx(&format!("{tally:?}"))
+        ctx(&format!("every kind of damage: {tally:?}"))
     );
     assert_eq!(
         tally.damage_seen_skipped,
