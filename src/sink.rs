@@ -245,6 +245,10 @@ pub(crate) fn open_output(
         }
         let file = fs.open_append(path).map_err(io_err)?;
         let target = if file.is_regular() {
+            // The file's entry must be durable before anything committed in it counts: a
+            // file created now (or by a run that crashed) is gone after a crash until its
+            // directory is fsynced (found by `tests/checkpoint_crash.rs`).
+            crate::checkpoint::fs::sync_entry_of(&**fs, path).map_err(io_err)?;
             Target::File {
                 fs: Arc::clone(fs),
                 path: path.to_path_buf(),

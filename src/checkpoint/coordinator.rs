@@ -613,7 +613,13 @@ impl Coordinator {
         if !g.stopping && g.error.is_none() && g.pending.len() < self.cfg.max_concurrent {
             let t = g.last_trigger.map_or(now, |t| t + self.cfg.interval);
             let e = g.last_end.map_or(now, |t| t + self.cfg.min_pause);
-            consider(t.max(e));
+            // A trigger the hook holds back is polled every millisecond, not spun on.
+            let poll = if self.hook.is_some() {
+                now + Duration::from_millis(1)
+            } else {
+                now
+            };
+            consider(t.max(e).max(poll));
         }
         at.map(|t| t.saturating_sub(now))
     }

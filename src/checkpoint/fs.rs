@@ -122,6 +122,12 @@ fn parent_of(path: &Path) -> &Path {
 
 /// `create_dir_all` through `fs`'s own operations: the missing directories from the top
 /// down, each followed by an fsync of its parent. `exists` tells whether a directory is there.
+///
+/// The leaf's parent is fsynced even when the leaf existed: an earlier run may have created
+/// it and failed (or crashed) before its entry was durable — a directory that is there now
+/// need not survive a crash (found by `tests/checkpoint_crash.rs`: an `EIO` on that fsync,
+/// then a resume that found the directory and wrote its output into it, lost everything at
+/// the reboot). Without read access to the parent that fsync is skipped (as before).
 fn create_dir_all_durably(
     fs: &dyn super::store::Fs,
     path: &Path,
@@ -136,6 +142,7 @@ fn create_dir_all_durably(
             None => break,
         }
     }
+    let leaf_created = !missing.is_empty();
     for d in missing.into_iter().rev() {
         match fs.create_dir(d) {
             Ok(()) => {}
@@ -145,7 +152,19 @@ fn create_dir_all_durably(
         }
         fs.fsync_dir(parent_of(d))?;
     }
+    if !leaf_created && path.parent().is_some() {
+        sync_entry_of(fs, path)?;
+    }
     Ok(())
+}
+
+/// Fsyncs the directory holding `path`, so that `path`'s entry is durable; skipped when the
+/// directory cannot be opened for reading (`EACCES`: nothing this process made).
+pub(crate) fn sync_entry_of(fs: &dyn super::store::Fs, path: &Path) -> io::Result<()> {
+    match fs.fsync_dir(parent_of(path)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        r => r,
+    }
 }
 
 impl super::store::Fs for RealFs {

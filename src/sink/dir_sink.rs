@@ -34,6 +34,12 @@
 //!   Empty the directory, or resume the earlier run — or start with `--fresh`
 //!   ([`Start::Fresh`](crate::checkpoint::Start)), which removes them, as a file sink replaces
 //!   its file.
+//! - **A resumed run with nothing to restore** (the earlier run crashed before its first
+//!   checkpoint completed) removes this instance's in-progress and pending parts: none was
+//!   committed, and their records are replayed from the start. Final parts are still refused
+//!   (they come from a run that completed or whose checkpoints are gone). Before this rule a
+//!   crash between a barrier's pre-commit and the first checkpoint's manifest left a pending
+//!   part that made every `--resume` fail (found by `tests/checkpoint_crash.rs`).
 //!
 //! Every rename is followed by an `fsync` of the directory; an `fsync` error is fatal
 //! ([`Error::CheckpointIo`]), never retried as if it had succeeded.
@@ -187,6 +193,10 @@ pub(crate) struct DirWriteTail<F> {
     /// earlier run's parts of this instance are removed instead of refused, as a file sink
     /// replaces its file.
     replace_earlier: bool,
+    /// The run was started with `--resume`: when no checkpoint is restored (none completed
+    /// before the crash), the crashed run's in-progress and pending parts are removed (their
+    /// records are replayed from the start); final parts are still refused.
+    resuming: bool,
     format: F,
     count: Counter,
 }
@@ -221,6 +231,9 @@ impl<F> DirWriteTail<F> {
             replace_earlier: opts
                 .as_ref()
                 .is_some_and(|o| o.start == crate::checkpoint::Start::Fresh),
+            resuming: opts
+                .as_ref()
+                .is_some_and(|o| o.start == crate::checkpoint::Start::Resume),
             fs,
             format,
             count: Counter::new(cx),
@@ -254,7 +267,11 @@ impl<F> DirWriteTail<F> {
     #[cold]
     fn start(&mut self) -> Result<(), Halt> {
         let parts = self.own_parts()?;
-        if self.replace_earlier && !parts.is_empty() {
+        // Resuming a run that crashed before its first checkpoint completed: what it left
+        // is not committed (a part becomes final only once a checkpoint that covers it is
+        // durable, or at the end of a successful run), and its records are replayed.
+        let uncommitted_only = parts.iter().all(|(_, st, _)| *st != PartState::Final);
+        if (self.replace_earlier || (self.resuming && uncommitted_only)) && !parts.is_empty() {
             for (_, _, path) in &parts {
                 self.fs
                     .remove_file(path)
