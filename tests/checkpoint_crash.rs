@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use millrace::checkpoint::coordinator::TriggerHook;
-use millrace::checkpoint::fs::{FaultKind, SimFs};
+use millrace::checkpoint::fs::{FaultKind, Op, OpKind, SimFs};
 use millrace::checkpoint::store::{Fs, MANIFEST};
 use millrace::checkpoint::{CheckpointId, CheckpointOptions, Start};
 use millrace::{Options, Pipeline, Replayable};
@@ -309,31 +309,55 @@ struct Tally {
     cleanup_refusals: u64,
 }
 
-/// The failure-free run: the set-up's operation count, the run's, its checkpoints, and the
-/// (run-relative) number of its last operation on the output.
-fn baseline(sink: SinkKind) -> (u64, u64, usize, u64) {
+/// What the failure-free run did.
+struct Baseline {
+    /// The set-up's operations (the run's are numbered after them).
+    base: u64,
+    /// The run's operations.
+    n: u64,
+    /// Its checkpoints.
+    completed: usize,
+    /// The (run-relative) number of its last operation on the output.
+    last_output_op: u64,
+    /// The run's operations.
+    ops: Vec<Op>,
+}
+
+impl Baseline {
+    /// The (run-relative) number of the first operation matching `pred`.
+    fn find(&self, what: &str, pred: impl Fn(&Op) -> bool) -> u64 {
+        let i = self
+            .ops
+            .iter()
+            .position(pred)
+            .unwrap_or_else(|| panic!("no operation {what}"));
+        i as u64 + 1
+    }
+}
+
+/// The failure-free run, checked: exactly once, durable, and deterministic.
+fn baseline(sink: SinkKind) -> Baseline {
     let sim = fresh_sim();
     let base = sim.op_count();
     let report = run(&sim, sink, false, None).expect("the failure-free run");
     let n = sim.op_count() - base;
-    let completed = report.checkpoints.len();
     let out = match sink {
         SinkKind::Dir => OUT_DIR,
         SinkKind::File => OUT_FILE,
     };
-    let last_output_op = sim
-        .ops()
+    let ops: Vec<Op> = sim.ops().split_off(base as usize);
+    let last_output_op = ops
         .iter()
         .rposition(|o| o.path.starts_with(out))
-        .map_or(0, |i| i as u64 + 1 - base);
+        .map_or(0, |i| i as u64 + 1);
     assert_exactly_once(&sim, sink, "failure-free run");
     // A run that reported success has made all of its output durable.
     sim.crash();
     assert_exactly_once(&sim, sink, "failure-free run, after a reboot");
-    // Deterministic: a second run does the same operations.
+    // Deterministic: a second run does the same operations. (Temporary names end in a
+    // random suffix: compared without it.)
     let again = fresh_sim();
     run(&again, sink, false, None).unwrap();
-    // (Temporary names end in a random suffix: compared without it.)
     let plain = |p: &Path| {
         let s = p.display().to_string();
         match s.find(".tmp-") {
@@ -341,102 +365,123 @@ fn baseline(sink: SinkKind) -> (u64, u64, usize, u64) {
             None => s,
         }
     };
-    let kinds = |s: &SimFs| {
-        s.ops()
-            .iter()
+    let kinds = |ops: &[Op]| {
+        ops.iter()
             .map(|o| (o.kind, plain(&o.path), o.to.as_deref().map(plain)))
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        kinds(&sim)[..(base + n) as usize],
-        kinds(&again)[..],
+        kinds(&ops),
+        kinds(&again.ops()[base as usize..]),
         "two failure-free runs did different operations: the enumeration would not be exhaustive"
     );
-    (base, n, completed, last_output_op)
+    Baseline {
+        base,
+        n,
+        completed: report.checkpoints.len(),
+        last_output_op,
+        ops,
+    }
+}
+
+/// Faults op `k` of the run as `kind`, reboots (after a crash), resumes, and checks the
+/// recovery and the output.
+fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mut Tally) {
+    let Baseline { base, n, .. } = *b;
+    let sim = fresh_sim();
+    sim.fail_at(base + k, kind);
+    let first = run(&sim, sink, false, Some(base + k));
+    let what = format!("{sink:?}, {kind:?} at op {k} of {n}");
+    let failed_op = sim
+        .ops()
+        .get((base + k - 1) as usize)
+        .map(|o| o.to_string());
+    tally.points += 1;
+    match (&first, kind) {
+        (Ok(_), FaultKind::Crash) => panic!("{what}: the run succeeded on a crashed machine"),
+        (Ok(_), FaultKind::Error) => {
+            // The failed op was one the run can do without: everything must be there, and
+            // durable.
+            tally.survived += 1;
+            assert_exactly_once(&sim, sink, &format!("{what} ({failed_op:?}), survived"));
+            sim.crash();
+            assert_exactly_once(&sim, sink, &format!("{what}, survived, after a reboot"));
+            return;
+        }
+        (Err(_), _) => {}
+    }
+    if kind == FaultKind::Crash {
+        sim.crash();
+    } else {
+        // The process died, not the machine.
+        sim.clear_fault();
+    }
+    let durable = with_manifest(&sim);
+    let report = match run(&sim, sink, true, None) {
+        Ok(r) => r,
+        // A crash while the successful run removed its checkpoints, after its output was
+        // complete: no checkpoint is left to resume from, and the directory sink refuses the
+        // (complete, exactly-once) output as an earlier run's. A known limitation: the
+        // output is right, but the resume needs `--fresh`.
+        Err(e)
+            if sink == SinkKind::Dir
+                && k > b.last_output_op
+                && durable.is_empty()
+                && e.to_string().contains("holds part files of an earlier run") =>
+        {
+            assert_exactly_once(&sim, sink, &format!("{what}, crashed in the clean-up"));
+            tally.cleanup_refusals += 1;
+            return;
+        }
+        Err(e) => panic!("{what} ({failed_op:?}): the resumed run failed: {e}"),
+    };
+    // Recovery used the newest checkpoint whose manifest is durable — the new one if its
+    // manifest made it, the previous one if not — and never skipped one that has a manifest
+    // (which would mean a corrupt checkpoint).
+    let newest = durable.last().copied();
+    assert_eq!(
+        report.resumed_from, newest,
+        "{what} ({failed_op:?}): resumed from {:?}, the newest checkpoint with a manifest is \
+         {newest:?} (skipped: {:?})",
+        report.resumed_from, report.skipped_checkpoints
+    );
+    for (id, why) in &report.skipped_checkpoints {
+        assert!(
+            !durable.contains(id),
+            "{what}: checkpoint {id} has a durable manifest but did not verify: {why}"
+        );
+    }
+    assert_exactly_once(&sim, sink, &format!("{what} ({failed_op:?})"));
+    sim.crash();
+    assert_exactly_once(&sim, sink, &format!("{what}, resumed, after a reboot"));
+    *tally
+        .resumed_from
+        .entry(report.resumed_from.unwrap_or(0))
+        .or_default() += 1;
 }
 
 fn enumerate(sink: SinkKind, kind: FaultKind) -> Tally {
-    let (base, n, completed, last_output_op) = baseline(sink);
-    assert!(completed >= 5, "only {completed} checkpoints: {n} ops");
+    let b = baseline(sink);
+    assert!(
+        b.completed >= 5,
+        "only {} checkpoints: {} ops",
+        b.completed,
+        b.n
+    );
     let mut tally = Tally::default();
-    for k in 1..=n {
-        let sim = fresh_sim();
-        sim.fail_at(base + k, kind);
-        let first = run(&sim, sink, false, Some(base + k));
-        let what = format!("{sink:?}, {kind:?} at op {k} of {n}");
-        let failed_op = sim
-            .ops()
-            .get((base + k - 1) as usize)
-            .map(|o| o.to_string());
-        match (&first, kind) {
-            (Ok(_), FaultKind::Crash) => panic!("{what}: the run succeeded on a crashed machine"),
-            (Ok(_), FaultKind::Error) => {
-                // The failed op was one the run can do without (or retried): everything
-                // must be there, and durable.
-                tally.survived += 1;
-                assert_exactly_once(&sim, sink, &format!("{what} ({failed_op:?}), survived"));
-                sim.crash();
-                assert_exactly_once(&sim, sink, &format!("{what}, survived, after a reboot"));
-                tally.points += 1;
-                continue;
-            }
-            (Err(_), _) => {}
-        }
-        if kind == FaultKind::Crash {
-            sim.crash();
-        } else {
-            sim.clear_fault();
-        }
-        let durable = with_manifest(&sim);
-        let report = match run(&sim, sink, true, None) {
-            Ok(r) => r,
-            // A crash while the successful run removed its checkpoints, after its output was
-            // complete: no checkpoint is left to resume from, and the directory sink refuses
-            // the (complete, exactly-once) output as an earlier run's. A known limitation: the
-            // output is right, but the resume needs `--fresh` (see the report).
-            Err(e)
-                if sink == SinkKind::Dir
-                    && k > last_output_op
-                    && durable.is_empty()
-                    && e.to_string().contains("holds part files of an earlier run") =>
-            {
-                assert_exactly_once(&sim, sink, &format!("{what}, crashed in the clean-up"));
-                tally.cleanup_refusals += 1;
-                tally.points += 1;
-                continue;
-            }
-            Err(e) => panic!("{what} ({failed_op:?}): the resumed run failed: {e}"),
-        };
-        let newest = durable.last().copied();
-        assert_eq!(
-            report.resumed_from, newest,
-            "{what} ({failed_op:?}): resumed from {:?}, the newest checkpoint with a manifest \
-             is {newest:?} (skipped: {:?})",
-            report.resumed_from, report.skipped_checkpoints
-        );
-        for (id, why) in &report.skipped_checkpoints {
-            assert!(
-                !durable.contains(id),
-                "{what}: checkpoint {id} has a durable manifest but did not verify: {why}"
-            );
-        }
-        assert_exactly_once(&sim, sink, &what);
-        sim.crash();
-        assert_exactly_once(&sim, sink, &format!("{what}, resumed, after a reboot"));
-        *tally
-            .resumed_from
-            .entry(report.resumed_from.unwrap_or(0))
-            .or_default() += 1;
-        tally.points += 1;
+    for k in 1..=b.n {
+        check_point(sink, kind, &b, k, &mut tally);
     }
-    eprintln!("{sink:?} {kind:?}: {n} crash points, {tally:?}");
+    eprintln!("{sink:?} {kind:?}: {} fault points, {tally:?}", b.n);
+    assert_eq!(tally.points, b.n);
     tally
 }
 
 #[test]
 fn every_crash_point_of_the_dir_sink_recovers_exactly_once() {
     let t = enumerate(SinkKind::Dir, FaultKind::Crash);
-    assert!(t.resumed_from.len() > 2, "{t:?}");
+    // Both the previous and the new checkpoint were recovered from, at many points.
+    assert!(t.resumed_from.len() >= 6, "{t:?}");
 }
 
 #[test]
@@ -447,10 +492,59 @@ fn every_failed_op_of_the_dir_sink_recovers_exactly_once() {
 #[test]
 fn every_crash_point_of_the_file_sink_recovers_exactly_once() {
     let t = enumerate(SinkKind::File, FaultKind::Crash);
-    assert!(t.resumed_from.len() > 2, "{t:?}");
+    assert!(t.resumed_from.len() >= 6, "{t:?}");
+    assert_eq!(t.cleanup_refusals, 0, "{t:?}");
 }
 
 #[test]
 fn every_failed_op_of_the_file_sink_recovers_exactly_once() {
     enumerate(SinkKind::File, FaultKind::Error);
+}
+
+// Regressions: the bugs the enumeration found, each at its crash point.
+
+/// A crash after the dir sink pre-committed its first part (pending, durable) but before the
+/// first checkpoint's manifest: `--resume` finds no checkpoint and starts from the beginning.
+/// It used to refuse its own pending part as "an earlier run's", so every resume failed.
+#[test]
+fn a_resume_with_no_checkpoint_removes_the_crashed_runs_pending_parts() {
+    let b = baseline(SinkKind::Dir);
+    let k = b.find("writing checkpoint 1's state", |o| {
+        o.kind == OpKind::Write && o.path.starts_with(format!("{CKPT}/chk-00000001"))
+    });
+    assert!(
+        b.ops[..k as usize].iter().any(|o| o
+            .to
+            .as_ref()
+            .is_some_and(|t| t.display().to_string().ends_with(".pending"))),
+        "the part is pending before op {k}"
+    );
+    let mut t = Tally::default();
+    check_point(SinkKind::Dir, FaultKind::Crash, &b, k, &mut t);
+    assert_eq!(t.resumed_from.get(&0), Some(&1), "{t:?}");
+}
+
+/// A successful run with a file sink: its new file's directory entry was never fsynced, so
+/// a crash after the run reported success could take the whole output away. (The
+/// failure-free baseline reboots and checks; this names it.)
+#[test]
+fn a_successful_runs_output_survives_a_crash() {
+    for sink in [SinkKind::File, SinkKind::Dir] {
+        baseline(sink);
+    }
+}
+
+/// `EIO` on the fsync that makes a new output directory's entry durable: the run fails; the
+/// resumed run found the directory there and used to skip that fsync, so its whole output
+/// went at the next crash.
+#[test]
+fn a_resume_makes_an_existing_output_directory_durable() {
+    let b = baseline(SinkKind::Dir);
+    let made = b.find("creating the output directory", |o| {
+        o.kind == OpKind::CreateDir && o.path == Path::new(OUT_DIR)
+    });
+    assert_eq!(b.ops[made as usize].kind, OpKind::FsyncDir);
+    let mut t = Tally::default();
+    check_point(SinkKind::Dir, FaultKind::Error, &b, made + 1, &mut t);
+    assert_eq!(t.resumed_from.get(&0), Some(&1), "{t:?}");
 }
