@@ -391,11 +391,11 @@ fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mu
     let sim = fresh_sim();
     sim.fail_at(base + k, kind);
     let first = run(&sim, sink, false, Some(base + k));
-    let what = format!("{sink:?}, {kind:?} at op {k} of {n}");
     let failed_op = sim
         .ops()
         .get((base + k - 1) as usize)
-        .map(|o| o.to_string());
+        .map_or_else(String::new, |o| o.to_string());
+    let what = format!("{sink:?}, {kind:?} at op {k} of {n} ({failed_op})");
     tally.points += 1;
     match (&first, kind) {
         (Ok(_), FaultKind::Crash) => panic!("{what}: the run succeeded on a crashed machine"),
@@ -403,7 +403,7 @@ fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mu
             // The failed op was one the run can do without: everything must be there, and
             // durable.
             tally.survived += 1;
-            assert_exactly_once(&sim, sink, &format!("{what} ({failed_op:?}), survived"));
+            assert_exactly_once(&sim, sink, &format!("{what}, survived"));
             sim.crash();
             assert_exactly_once(&sim, sink, &format!("{what}, survived, after a reboot"));
             return;
@@ -416,8 +416,23 @@ fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mu
         // The process died, not the machine.
         sim.clear_fault();
     }
-    let durable = with_manifest(&sim);
-    let report = match run(&sim, sink, true, None) {
+    let output_was_complete = k > b.last_output_op;
+    resume_and_check(&sim, sink, &what, output_was_complete, tally);
+}
+
+/// Resumes on `sim` (after the fault and, for a crash, the reboot) and checks: recovery from
+/// the newest checkpoint whose MANIFEST is durable, none with a MANIFEST skipped, the output
+/// exactly once and durable. `output_was_complete`: the fault struck after the run's last
+/// operation on the output (see the clean-up case below).
+fn resume_and_check(
+    sim: &SimFs,
+    sink: SinkKind,
+    what: &str,
+    output_was_complete: bool,
+    tally: &mut Tally,
+) {
+    let durable = with_manifest(sim);
+    let report = match run(sim, sink, true, None) {
         Ok(r) => r,
         // A crash while the successful run removed its checkpoints, after its output was
         // complete: no checkpoint is left to resume from, and the directory sink refuses the
@@ -425,15 +440,15 @@ fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mu
         // output is right, but the resume needs `--fresh`.
         Err(e)
             if sink == SinkKind::Dir
-                && k > b.last_output_op
+                && output_was_complete
                 && durable.is_empty()
                 && e.to_string().contains("holds part files of an earlier run") =>
         {
-            assert_exactly_once(&sim, sink, &format!("{what}, crashed in the clean-up"));
+            assert_exactly_once(sim, sink, &format!("{what}, crashed in the clean-up"));
             tally.cleanup_refusals += 1;
             return;
         }
-        Err(e) => panic!("{what} ({failed_op:?}): the resumed run failed: {e}"),
+        Err(e) => panic!("{what}: the resumed run failed: {e}"),
     };
     // Recovery used the newest checkpoint whose manifest is durable — the new one if its
     // manifest made it, the previous one if not — and never skipped one that has a manifest
@@ -441,8 +456,8 @@ fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mu
     let newest = durable.last().copied();
     assert_eq!(
         report.resumed_from, newest,
-        "{what} ({failed_op:?}): resumed from {:?}, the newest checkpoint with a manifest is \
-         {newest:?} (skipped: {:?})",
+        "{what}: resumed from {:?}, the newest checkpoint with a manifest is {newest:?} \
+         (skipped: {:?})",
         report.resumed_from, report.skipped_checkpoints
     );
     for (id, why) in &report.skipped_checkpoints {
@@ -451,9 +466,9 @@ fn check_point(sink: SinkKind, kind: FaultKind, b: &Baseline, k: u64, tally: &mu
             "{what}: checkpoint {id} has a durable manifest but did not verify: {why}"
         );
     }
-    assert_exactly_once(&sim, sink, &format!("{what} ({failed_op:?})"));
+    assert_exactly_once(sim, sink, what);
     sim.crash();
-    assert_exactly_once(&sim, sink, &format!("{what}, resumed, after a reboot"));
+    assert_exactly_once(sim, sink, &format!("{what}, resumed, after a reboot"));
     *tally
         .resumed_from
         .entry(report.resumed_from.unwrap_or(0))
@@ -547,4 +562,39 @@ fn a_resume_makes_an_existing_output_directory_durable() {
     let mut t = Tally::default();
     check_point(SinkKind::Dir, FaultKind::Error, &b, made + 1, &mut t);
     assert_eq!(t.resumed_from.get(&0), Some(&1), "{t:?}");
+}
+
+/// Recovery crashes too: for every first crash point k, the resumed run crashes at each of
+/// its first `SECOND` operations (its restore: commits, removals, directory fsyncs, and its
+/// first writes), and a second resume must still end exactly once — restoring twice is
+/// harmless.
+#[test]
+fn a_crash_during_recovery_still_recovers_exactly_once() {
+    const SECOND: u64 = 6;
+    let sink = SinkKind::Dir;
+    let b = baseline(sink);
+    let mut tally = Tally::default();
+    let mut finished_first = 0;
+    for k in 1..=b.n {
+        for j in 1..=SECOND {
+            let sim = fresh_sim();
+            sim.fail_at(b.base + k, FaultKind::Crash);
+            assert!(run(&sim, sink, false, Some(b.base + k)).is_err());
+            sim.crash();
+            let base2 = sim.op_count();
+            sim.fail_at(base2 + j, FaultKind::Crash);
+            let what = format!("{sink:?}, crash at op {k}, then at op {j} of the resume");
+            tally.points += 1;
+            if run(&sim, sink, true, Some(base2 + j)).is_ok() {
+                // The resume had fewer operations: nothing was faulted.
+                finished_first += 1;
+                assert_exactly_once(&sim, sink, &what);
+                continue;
+            }
+            sim.crash();
+            resume_and_check(&sim, sink, &what, k > b.last_output_op, &mut tally);
+        }
+    }
+    eprintln!("second crashes: {tally:?}, {finished_first} resumes ended before the fault");
+    assert!(tally.resumed_from.len() >= 6, "{tally:?}");
 }
