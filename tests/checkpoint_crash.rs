@@ -18,6 +18,15 @@
 //! - `FaultKind::Error` at op k (only that op fails): a run that still succeeds must have
 //!   written the whole output, durably (checked after a reboot); a run that fails is resumed
 //!   (without a reboot: the process died, not the machine) and must then have.
+//! - A crash during recovery: after each first crash, the resumed run crashes at each of its
+//!   first operations, and a second resume must still end exactly once.
+//!
+//! Found by this enumeration and kept as named regressions: a directory sink that refused its
+//! own pending part on a resume with no checkpoint, a file sink whose new file's directory
+//! entry was never fsynced, and an output directory left non-durable by a failed fsync.
+//! Known limitation (tolerated, counted as `cleanup_refusals`): a crash while a successful run
+//! removes its checkpoints leaves the complete output and no checkpoint; a directory sink then
+//! refuses `--resume` (use `--fresh`).
 
 // A test drives the engine from outside with std's threads and locks: the `crate::sync` rule is
 // for engine code.
