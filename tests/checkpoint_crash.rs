@@ -24,9 +24,8 @@
 //! Found by this enumeration and kept as named regressions: a directory sink that refused its
 //! own pending part on a resume with no checkpoint, a file sink whose new file's directory
 //! entry was never fsynced, and an output directory left non-durable by a failed fsync.
-//! Known limitation (tolerated, counted as `cleanup_refusals`): a crash while a successful run
-//! removes its checkpoints leaves the complete output and no checkpoint; a directory sink then
-//! refuses `--resume` (use `--fresh`).
+//! A fault after the run marked its directory COMPLETED (while it removes its checkpoints)
+//! leaves a resume with nothing to do: counted as `already_completed`, output checked.
 
 // A test drives the engine from outside with std's threads and locks: the `crate::sync` rule is
 // for engine code.
@@ -313,9 +312,8 @@ struct Tally {
     resumed_from: BTreeMap<CheckpointId, u64>,
     /// Error faults the run survived (and still wrote everything).
     survived: u64,
-    /// Crashes in the successful run's removal of its checkpoints, after which the
-    /// directory sink refused the resume (the output being complete).
-    cleanup_refusals: u64,
+    /// Faults after the run marked its directory COMPLETED: the resume did nothing.
+    already_completed: u64,
 }
 
 /// What the failure-free run did.
@@ -441,24 +439,25 @@ fn resume_and_check(
     tally: &mut Tally,
 ) {
     let durable = with_manifest(sim);
-    let report = match run(sim, sink, true, None) {
-        Ok(r) => r,
-        // A crash while the successful run removed its checkpoints, after its output was
-        // complete: no checkpoint is left to resume from, and the directory sink refuses the
-        // (complete, exactly-once) output as an earlier run's. A known limitation: the
-        // output is right, but the resume needs `--fresh`.
-        Err(e)
-            if sink == SinkKind::Dir
-                && output_was_complete
-                && durable.is_empty()
-                && e.to_string().contains("holds part files of an earlier run") =>
-        {
-            assert_exactly_once(sim, sink, &format!("{what}, crashed in the clean-up"));
-            tally.cleanup_refusals += 1;
-            return;
-        }
-        Err(e) => panic!("{what}: the resumed run failed: {e}"),
-    };
+    let report = run(sim, sink, true, None)
+        .unwrap_or_else(|e| panic!("{what}: the resumed run failed: {e}"));
+    if report.already_completed.is_some() {
+        // The crash came after the run marked its directory COMPLETED (its output complete
+        // and durable), while it removed its checkpoints: the resume does nothing.
+        assert!(
+            output_was_complete,
+            "{what}: COMPLETED before the output was"
+        );
+        assert_exactly_once(sim, sink, &format!("{what}, already completed"));
+        sim.crash();
+        assert_exactly_once(
+            sim,
+            sink,
+            &format!("{what}, already completed, after a reboot"),
+        );
+        tally.already_completed += 1;
+        return;
+    }
     // Recovery used the newest checkpoint whose manifest is durable — the new one if its
     // manifest made it, the previous one if not — and never skipped one that has a manifest
     // (which would mean a corrupt checkpoint).
@@ -517,7 +516,6 @@ fn every_failed_op_of_the_dir_sink_recovers_exactly_once() {
 fn every_crash_point_of_the_file_sink_recovers_exactly_once() {
     let t = enumerate(SinkKind::File, FaultKind::Crash);
     assert!(t.resumed_from.len() >= 6, "{t:?}");
-    assert_eq!(t.cleanup_refusals, 0, "{t:?}");
 }
 
 #[test]
