@@ -10,13 +10,19 @@
 //! files that are pre-committed at the barrier and committed when the checkpoint completes
 //! ([`commit_part`]); stdout and caller-given writers cannot be rolled back (at least once);
 //! `for_each` and `collect` keep nothing (a resumed run hands them the replayed records again).
+//!
+//! The file writer does its file-system work (create, write, fsync, truncate, length) through
+//! the run's [`Fs`] (see `dir_sink`'s design note): the file is opened for appending, so that
+//! after a truncation back to the committed length the next write lands there.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::checkpoint::fs::FsWriter;
 use crate::checkpoint::state::InstanceState;
+use crate::checkpoint::store::Fs;
 use crate::checkpoint::StateSupport;
 
 mod dir_sink;
@@ -158,9 +164,10 @@ impl<T: Send> Tail<T> for CollectTail<T> {
 pub(crate) enum Target {
     /// A regular file: made durable at each barrier and truncated back on restore.
     File {
-        /// A duplicate of the written file's descriptor (same offset), for `fsync`,
-        /// truncation and the position.
-        file: File,
+        /// The file system it is on (the run's).
+        fs: Arc<dyn Fs>,
+        /// The file.
+        path: PathBuf,
         /// The file was truncated (a fresh run) or restored: writing may start.
         started: bool,
     },
@@ -168,22 +175,54 @@ pub(crate) enum Target {
     Stream(&'static str),
 }
 
-/// Opens an output file, or stdout for `-`, behind a large buffer.
+/// What a writer sink's buffer writes into.
+pub(crate) enum Output {
+    /// Stdout (or a caller's writer).
+    Stream(Box<dyn Write + Send>),
+    /// A file opened through the run's file system (regular or not).
+    File(FsWriter),
+}
+
+impl Write for Output {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Stream(w) => w.write(buf),
+            Output::File(w) => w.write(buf),
+        }
+    }
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Output::Stream(w) => w.write_all(buf),
+            Output::File(w) => w.write_all(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Stream(w) => w.flush(),
+            Output::File(w) => w.flush(),
+        }
+    }
+}
+
+/// Opens an output file (through `fs`), or stdout for `-`, behind a large buffer.
 ///
-/// A regular file is opened *without* truncating it: a resumed run truncates it to the
-/// length committed at its checkpoint instead, and a fresh run truncates it before the first
-/// byte is written (see [`WriteTail`]).
+/// A regular file is opened for appending and *without* truncating it: a resumed run
+/// truncates it to the length committed at its checkpoint instead, and a fresh run truncates
+/// it before the first byte is written (see [`WriteTail`]).
 pub(crate) fn open_output(
     stage: &str,
     path: &Path,
-) -> Result<(BufWriter<Box<dyn Write + Send>>, Target), Error> {
+    fs: &Arc<dyn Fs>,
+) -> Result<(BufWriter<Output>, Target), Error> {
     let shown = path.display().to_string();
     let io_err = |source| Error::Io {
         stage: stage.to_string(),
         path: shown.clone(),
         source,
     };
-    let (w, target): (Box<dyn Write + Send>, Target) = if shown == "-" {
+    let (w, target): (Output, Target) = if shown == "-" {
         #[cfg(unix)]
         let w: Box<dyn Write + Send> = {
             use std::os::fd::AsFd;
@@ -195,31 +234,30 @@ pub(crate) fn open_output(
         #[cfg(not(unix))]
         let w: Box<dyn Write + Send> = Box::new(io::stdout());
         (
-            w,
+            Output::Stream(w),
             Target::Stream(
                 "stdout cannot be rolled back: write to a file or a directory for exactly-once",
             ),
         )
     } else {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
+            fs.create_dir_all(dir).map_err(io_err)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err)?;
-        let regular = file.metadata().map_err(io_err)?.file_type().is_file();
-        let target = if regular {
+        let file = fs.open_append(path).map_err(io_err)?;
+        let target = if file.is_regular() {
+            // The file's entry must be durable before anything committed in it counts: a
+            // file created now (or by a run that crashed) is gone after a crash until its
+            // directory is fsynced (found by `tests/checkpoint_crash.rs`).
+            crate::checkpoint::fs::sync_entry_of(&**fs, path).map_err(io_err)?;
             Target::File {
-                file: file.try_clone().map_err(io_err)?,
+                fs: Arc::clone(fs),
+                path: path.to_path_buf(),
                 started: false,
             }
         } else {
             Target::Stream("the output is not a regular file and cannot be rolled back")
         };
-        (Box::new(file), target)
+        (Output::File(FsWriter(file)), target)
     };
     Ok((BufWriter::with_capacity(256 * 1024, w), target))
 }
@@ -234,7 +272,7 @@ struct FileSinkState {
 /// Writes each record as one line, formatted by `format`, which returns how many records it
 /// wrote (1, or a block's count on the byte path).
 pub(crate) struct WriteTail<F> {
-    out: Option<BufWriter<Box<dyn Write + Send>>>,
+    out: Option<BufWriter<Output>>,
     target: Target,
     path: String,
     stage: Arc<str>,
@@ -245,7 +283,7 @@ pub(crate) struct WriteTail<F> {
 impl<F> WriteTail<F> {
     pub(crate) fn new(
         cx: &Cx,
-        out: BufWriter<Box<dyn Write + Send>>,
+        out: BufWriter<Output>,
         target: Target,
         path: String,
         stage: Arc<str>,
@@ -280,8 +318,8 @@ impl<F> WriteTail<F> {
     /// run resumed and restored it instead).
     #[cold]
     fn start(&mut self) -> Result<(), Halt> {
-        if let Target::File { file, started } = &mut self.target {
-            let r = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0)));
+        if let Target::File { fs, path, started } = &mut self.target {
+            let r = fs.truncate(path, 0);
             *started = true;
             if let Err(e) = r {
                 return Err(self.io_halt(e));
@@ -298,6 +336,18 @@ impl<F> WriteTail<F> {
         }
     }
 
+    /// `fsync` of the file being written (through its own handle).
+    fn sync_file(&mut self) -> Result<(), Error> {
+        if let Some(Output::File(FsWriter(file))) = self.out.as_mut().map(BufWriter::get_mut) {
+            file.sync_data().map_err(|source| Error::CheckpointIo {
+                op: "fsync",
+                path: format!("{} (sink `{}`)", self.path, self.stage),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Flushes the buffer into the file and fsyncs it: the file's length after.
     fn sync(&mut self) -> Result<u64, Halt> {
         if let Some(out) = self.out.as_mut() {
@@ -305,22 +355,16 @@ impl<F> WriteTail<F> {
                 return Err(self.io_halt(e));
             }
         }
-        let Target::File { file, .. } = &mut self.target else {
+        let Target::File { fs, path, .. } = &self.target else {
             return Ok(0);
         };
-        let shown = format!("{} (sink `{}`)", self.path, self.stage);
-        file.sync_data().map_err(|source| Error::CheckpointIo {
-            op: "fsync",
-            path: shown.clone(),
+        let len = fs.file_len(path).map_err(|source| Error::CheckpointIo {
+            op: "length of",
+            path: format!("{} (sink `{}`)", self.path, self.stage),
             source,
         })?;
-        Ok(file
-            .stream_position()
-            .map_err(|source| Error::CheckpointIo {
-                op: "position of",
-                path: shown,
-                source,
-            })?)
+        self.sync_file()?;
+        Ok(len)
     }
 }
 
@@ -354,21 +398,21 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
         self.flush(cx)?;
         if let Some(out) = self.out.take() {
             // Surface errors the final flush inside `into_inner` would otherwise swallow.
-            if let Err(e) = out
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .and_then(|mut w| w.flush())
-            {
+            let mut w = match out.into_inner().map_err(|e| e.into_error()) {
+                Ok(w) => w,
+                Err(e) => return Err(self.io_halt(e)),
+            };
+            if let Err(e) = w.flush() {
                 return Err(self.io_halt(e));
             }
-        }
-        if let Target::File { file, .. } = &self.target {
-            // Durable before the run reports success.
-            file.sync_data().map_err(|source| Error::CheckpointIo {
-                op: "fsync",
-                path: format!("{} (sink `{}`)", self.path, self.stage),
-                source,
-            })?;
+            if let (Target::File { .. }, Output::File(FsWriter(file))) = (&self.target, &mut w) {
+                // Durable before the run reports success.
+                file.sync_data().map_err(|source| Error::CheckpointIo {
+                    op: "fsync",
+                    path: format!("{} (sink `{}`)", self.path, self.stage),
+                    source,
+                })?;
+            }
         }
         Ok(())
     }
@@ -388,7 +432,7 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
         Ok(())
     }
     fn restore(&mut self, _cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
-        let Target::File { file, started } = &mut self.target else {
+        let Target::File { fs, path, started } = &mut self.target else {
             return Ok(());
         };
         let Some(FileSinkState { committed }) = state.get("tail")? else {
@@ -406,7 +450,7 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
             path: shown.clone(),
             source,
         };
-        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        let len = fs.file_len(path).map_err(|e| io("stat", e))?;
         if len < committed {
             return Err(Error::Checkpoint {
                 message: format!(
@@ -419,11 +463,11 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
             .into());
         }
         // Bytes after the committed length were written after the barrier: the resumed run
-        // writes them again.
-        file.set_len(committed).map_err(|e| io("truncate", e))?;
-        file.seek(SeekFrom::End(0)).map_err(|e| io("seek", e))?;
-        file.sync_data().map_err(|e| io("fsync", e))?;
+        // writes them again (appending: after the truncation, at the committed length).
+        fs.truncate(path, committed)
+            .map_err(|e| io("truncate", e))?;
         *started = true;
+        self.sync_file()?;
         Ok(())
     }
     fn state_support(&self) -> StateSupport {

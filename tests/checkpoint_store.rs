@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use millrace::checkpoint::fs::{FaultKind, LockGuard, OpKind, SimFs};
+use millrace::checkpoint::fs::{FaultKind, FsFile, LockGuard, OpKind, SimFs};
 use millrace::checkpoint::store::{
     self, FileEntry, Fs, FsStore, InstanceEntry, Manifest, Store, FORMAT, MANIFEST,
 };
@@ -347,6 +347,24 @@ impl Fs for RacingFs {
     }
     fn lock_exclusive(&self, p: &Path) -> std::io::Result<LockGuard> {
         self.inner.lock_exclusive(p)
+    }
+    fn create(&self, p: &Path) -> std::io::Result<Box<dyn FsFile>> {
+        self.inner.create(p)
+    }
+    fn open_append(&self, p: &Path) -> std::io::Result<Box<dyn FsFile>> {
+        self.inner.open_append(p)
+    }
+    fn truncate(&self, p: &Path, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(p, len)
+    }
+    fn file_len(&self, p: &Path) -> std::io::Result<u64> {
+        self.inner.file_len(p)
+    }
+    fn create_dir_all(&self, p: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(p)
+    }
+    fn canonicalize(&self, p: &Path) -> std::io::Result<PathBuf> {
+        self.inner.canonicalize(p)
     }
 }
 

@@ -141,6 +141,22 @@ impl From<&super::CheckpointOptions> for Config {
     }
 }
 
+/// Test hook (the hidden `CheckpointOptions::trigger_hook`): gates the triggers and hears
+/// when each checkpoint was triggered and completed, so that a test can place every
+/// checkpoint at a known point of its input and keep the file-system operations of a run in
+/// one deterministic order (the crash-point enumeration of `tests/checkpoint_crash.rs`).
+#[doc(hidden)]
+pub trait TriggerHook: Send + Sync + 'static {
+    /// Whether checkpoint `id` may be triggered now (on top of the interval and the other
+    /// settings). Called under the coordinator's lock: it must not call the coordinator.
+    fn may_trigger(&self, id: CheckpointId) -> bool;
+    /// Checkpoint `id` was triggered (sources inject its barrier from their next batch on).
+    fn triggered(&self, id: CheckpointId);
+    /// Checkpoint `id` completed: its manifest is durable, its sinks' files are committed and
+    /// retention is done.
+    fn completed(&self, id: CheckpointId);
+}
+
 /// A stage instance the coordinator expects an acknowledgement from.
 #[derive(Debug, Clone)]
 pub struct Expected {
@@ -254,6 +270,8 @@ pub struct Coordinator {
     commit: CommitFn,
     /// Loom demonstration: skip the "still pending?" check in `ack`.
     seed_bug_accept_stale: bool,
+    /// Test hook: gates triggers (see [`TriggerHook`]).
+    hook: Option<Arc<dyn TriggerHook>>,
     base: CheckpointId,
 }
 
@@ -300,8 +318,11 @@ impl Coordinator {
             cfg,
             expected,
             index,
-            commit: Box::new(|p| crate::sink::commit_part(std::path::Path::new(p))),
+            commit: Box::new(|p| {
+                crate::sink::commit_part(&super::fs::RealFs, std::path::Path::new(p))
+            }),
             seed_bug_accept_stale: false,
+            hook: None,
             base: after,
         }
     }
@@ -312,6 +333,12 @@ impl Coordinator {
         f: impl Fn(&str) -> Result<(), Error> + Send + Sync + 'static,
     ) -> Self {
         self.commit = Box::new(f);
+        self
+    }
+
+    /// Gates triggers with `hook` (tests).
+    pub fn with_trigger_hook(mut self, hook: Option<Arc<dyn TriggerHook>>) -> Self {
+        self.hook = hook;
         self
     }
 
@@ -540,6 +567,9 @@ impl Coordinator {
             let r = match a {
                 Action::Begin(id) => self.store.begin(id).map(|()| {
                     self.triggered.store(id, Ordering::Release);
+                    if let Some(h) = &self.hook {
+                        h.triggered(id);
+                    }
                 }),
                 Action::Discard(id) => self.store.discard(id),
                 Action::Complete(id) => self.complete(id),
@@ -562,7 +592,12 @@ impl Coordinator {
             .last_trigger
             .map_or(true, |t| now >= t + self.cfg.interval);
         let after_end = g.last_end.map_or(true, |t| now >= t + self.cfg.min_pause);
-        after_trigger && after_end
+        after_trigger
+            && after_end
+            && self
+                .hook
+                .as_ref()
+                .map_or(true, |h| h.may_trigger(g.last_id + 1))
     }
 
     fn next_wake(&self) -> Option<Duration> {
@@ -578,7 +613,13 @@ impl Coordinator {
         if !g.stopping && g.error.is_none() && g.pending.len() < self.cfg.max_concurrent {
             let t = g.last_trigger.map_or(now, |t| t + self.cfg.interval);
             let e = g.last_end.map_or(now, |t| t + self.cfg.min_pause);
-            consider(t.max(e));
+            // A trigger the hook holds back is polled every millisecond, not spun on.
+            let poll = if self.hook.is_some() {
+                now + Duration::from_millis(1)
+            } else {
+                now
+            };
+            consider(t.max(e).max(poll));
         }
         at.map(|t| t.saturating_sub(now))
     }
@@ -695,6 +736,9 @@ impl Coordinator {
         }
         for old in to_discard.into_iter().chain(superseded) {
             self.store.discard(old)?;
+        }
+        if let Some(h) = &self.hook {
+            h.completed(id);
         }
         Ok(())
     }

@@ -25,7 +25,9 @@
 //! # Fault injection
 //!
 //! Every mutating operation (`create_dir`, `write`, `fsync`, `rename`, `fsync_dir`,
-//! `remove_file`, `remove_dir`) is numbered from 1 and logged ([`SimFs::ops`]).
+//! `remove_file`, `remove_dir`, and for the sinks' streaming writes `create`/`open_append`, a
+//! handle's `write_all` and `sync_data`, and `truncate`) is numbered from 1 and logged
+//! ([`SimFs::ops`]); `create_dir_all` counts as the `create_dir` and `fsync_dir` it does.
 //! [`SimFs::fail_at`]`(k, kind)` makes the k-th one fail: with [`FaultKind::Error`] that one
 //! returns `EIO` and changes nothing, and later ones run normally; with [`FaultKind::Crash`]
 //! that one and every later one return `EIO` (the machine is down), until [`SimFs::crash`]
@@ -44,9 +46,126 @@ use crate::sync::Mutex;
 /// until this is dropped.
 pub type LockGuard = Box<dyn std::any::Any + Send + Sync>;
 
+/// A file open for writing, from [`Fs::create`](super::store::Fs::create) or
+/// [`Fs::open_append`](super::store::Fs::open_append). The sinks buffer in front of it: one
+/// `write_all` per buffer flush.
+pub trait FsFile: Send {
+    /// Writes all of `buf` (not yet durable).
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes the file's data durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Whether it is a regular file (not a pipe, a terminal or a device): only a regular file
+    /// can be truncated back to a checkpoint.
+    fn is_regular(&self) -> bool;
+}
+
+/// An [`FsFile`] as an [`io::Write`] (for a `BufWriter` in front of it): `write` writes all.
+pub struct FsWriter(pub Box<dyn FsFile>);
+
+impl io::Write for FsWriter {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        Ok(buf.len())
+    }
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    #[inline]
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for FsWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FsWriter")
+    }
+}
+
 /// The operating system's file system.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RealFs;
+
+/// A real file: writes go straight to the descriptor (the caller buffers).
+struct RealFile {
+    file: std::fs::File,
+    regular: bool,
+}
+
+impl FsFile for RealFile {
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        io::Write::write_all(&mut self.file, buf)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn is_regular(&self) -> bool {
+        self.regular
+    }
+}
+
+fn real_file(file: std::fs::File) -> io::Result<Box<dyn FsFile>> {
+    let regular = file.metadata()?.file_type().is_file();
+    Ok(Box::new(RealFile { file, regular }))
+}
+
+/// The directory holding `path` (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `create_dir_all` through `fs`'s own operations: the missing directories from the top
+/// down, each followed by an fsync of its parent. `exists` tells whether a directory is there.
+///
+/// The leaf's parent is fsynced even when the leaf existed: an earlier run may have created
+/// it and failed (or crashed) before its entry was durable — a directory that is there now
+/// need not survive a crash (found by `tests/checkpoint_crash.rs`: an `EIO` on that fsync,
+/// then a resume that found the directory and wrote its output into it, lost everything at
+/// the reboot). Without read access to the parent that fsync is skipped (as before).
+fn create_dir_all_durably(
+    fs: &dyn super::store::Fs,
+    path: &Path,
+    exists: impl Fn(&Path) -> io::Result<bool>,
+) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = path;
+    while !p.as_os_str().is_empty() && !exists(p)? {
+        missing.push(p);
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
+        }
+    }
+    let leaf_created = !missing.is_empty();
+    for d in missing.into_iter().rev() {
+        match fs.create_dir(d) {
+            Ok(()) => {}
+            // Another instance of the same sink made it meanwhile: still make it durable.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        fs.fsync_dir(parent_of(d))?;
+    }
+    if !leaf_created && path.parent().is_some() {
+        sync_entry_of(fs, path)?;
+    }
+    Ok(())
+}
+
+/// Fsyncs the directory holding `path`, so that `path`'s entry is durable; skipped when the
+/// directory cannot be opened for reading (`EACCES`: nothing this process made).
+pub(crate) fn sync_entry_of(fs: &dyn super::store::Fs, path: &Path) -> io::Result<()> {
+    match fs.fsync_dir(parent_of(path)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        r => r,
+    }
+}
 
 impl super::store::Fs for RealFs {
     fn create_dir(&self, path: &Path) -> io::Result<()> {
@@ -124,6 +243,48 @@ impl super::store::Fs for RealFs {
         // another, conflicts with it.
         Ok(Box::new(file))
     }
+
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        real_file(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)?,
+        )
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        real_file(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)?,
+        )
+    }
+
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(len)
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        Ok(std::fs::metadata(path)?.len())
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        create_dir_all_durably(self, path, |p| match std::fs::metadata(p) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
 }
 
 /// How an injected fault behaves (see [`SimFs::fail_at`]).
@@ -154,6 +315,12 @@ pub enum OpKind {
     RemoveFile,
     /// `remove_dir` (rmdir).
     RemoveDir,
+    /// `create` or `open_append` (a file opened for writing, created if missing).
+    Create,
+    /// A handle's `write_all`.
+    Append,
+    /// `truncate` (set a file's length).
+    Truncate,
 }
 
 /// One logged operation.
@@ -207,6 +374,8 @@ struct Sim {
     /// Locked paths, with the token of the guard holding each.
     locks: HashMap<PathBuf, u64>,
     next_token: u64,
+    /// Counts crashes: a file handle opened before one is dead after it.
+    boot: u64,
 }
 
 const ROOT: u64 = 0;
@@ -319,6 +488,30 @@ impl Sim {
         Ok(())
     }
 
+    /// Opens file `path` for writing (created if missing; emptied with `truncate`): its node.
+    fn open_file(&mut self, path: &Path, truncate: bool) -> io::Result<u64> {
+        let (parent, name) = self.parent(path)?;
+        match self.entries_mut(parent).get(&name).copied() {
+            Some(node) => match self.nodes.get_mut(&node) {
+                Some(Node::File { current, .. }) => {
+                    if truncate {
+                        current.clear();
+                    }
+                    Ok(node)
+                }
+                _ => Err(errno(libc::EISDIR)),
+            },
+            None => {
+                let node = self.new_node(Node::File {
+                    durable: Vec::new(),
+                    current: Vec::new(),
+                });
+                self.entries_mut(parent).insert(name, node);
+                Ok(node)
+            }
+        }
+    }
+
     fn new_node(&mut self, node: Node) -> u64 {
         self.next_node += 1;
         self.nodes.insert(self.next_node, node);
@@ -346,6 +539,7 @@ impl SimFs {
                 crashed: false,
                 locks: HashMap::new(),
                 next_token: 0,
+                boot: 0,
             })),
         }
     }
@@ -401,6 +595,7 @@ impl SimFs {
         sim.crashed = false;
         sim.fault = None;
         sim.locks.clear();
+        sim.boot += 1;
     }
 
     /// Changes file `path`'s bytes, durably and in place (a test's bit flip or truncation on
@@ -561,6 +756,58 @@ impl super::store::Fs for SimFs {
         }
     }
 
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        self.open_handle(path, true)
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        self.open_handle(path, false)
+    }
+
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
+        self.sim.lock().mutate(OpKind::Truncate, path, None, |sim| {
+            let node = sim.lookup(path)?;
+            match sim.nodes.get_mut(&node) {
+                Some(Node::File { current, .. }) => {
+                    current.resize(len as usize, 0);
+                    Ok(())
+                }
+                _ => Err(errno(libc::EISDIR)),
+            }
+        })
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        let sim = self.sim.lock();
+        let node = sim.lookup(path)?;
+        match sim.nodes.get(&node) {
+            Some(Node::File { current, .. }) => Ok(current.len() as u64),
+            _ => Err(errno(libc::EISDIR)),
+        }
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        create_dir_all_durably(self, path, |p| {
+            let sim = self.sim.lock();
+            match sim.lookup(p) {
+                Ok(node) => match sim.nodes.get(&node) {
+                    Some(Node::Dir { .. }) => Ok(true),
+                    _ => Err(errno(libc::ENOTDIR)),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        let names = components(path)?;
+        self.sim.lock().lookup(path)?;
+        let mut out = PathBuf::from("/");
+        out.extend(names);
+        Ok(out)
+    }
+
     fn lock_exclusive(&self, path: &Path) -> io::Result<LockGuard> {
         let mut sim = self.sim.lock();
         if sim.locks.contains_key(path) {
@@ -574,6 +821,72 @@ impl super::store::Fs for SimFs {
             path: path.to_path_buf(),
             token,
         }))
+    }
+}
+
+impl SimFs {
+    fn open_handle(&self, path: &Path, truncate: bool) -> io::Result<Box<dyn FsFile>> {
+        let mut sim = self.sim.lock();
+        let mut node = 0;
+        sim.mutate(OpKind::Create, path, None, |sim| {
+            node = sim.open_file(path, truncate)?;
+            Ok(())
+        })?;
+        Ok(Box::new(SimFile {
+            sim: Arc::clone(&self.sim),
+            node,
+            boot: sim.boot,
+            path: path.to_path_buf(),
+        }))
+    }
+}
+
+/// A [`SimFs`] file handle. Its writes go to the file's end (the sinks write their files
+/// sequentially, and nothing else writes them), also if it was unlinked or renamed meanwhile
+/// (the handle holds the file, not the name). A crash kills it: every later call is `EIO`.
+struct SimFile {
+    sim: Arc<Mutex<Sim>>,
+    node: u64,
+    boot: u64,
+    path: PathBuf,
+}
+
+impl SimFile {
+    fn with_data(
+        &self,
+        kind: OpKind,
+        f: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>),
+    ) -> io::Result<()> {
+        let mut sim = self.sim.lock();
+        let (boot, node) = (self.boot, self.node);
+        sim.mutate(kind, &self.path, None, |sim| {
+            if sim.boot != boot {
+                return Err(eio("a handle opened before the crash"));
+            }
+            match sim.nodes.get_mut(&node) {
+                Some(Node::File { durable, current }) => {
+                    f(durable, current);
+                    Ok(())
+                }
+                _ => Err(eio("the file is gone")),
+            }
+        })
+    }
+}
+
+impl FsFile for SimFile {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.with_data(OpKind::Append, |_, current| current.extend_from_slice(buf))
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.with_data(OpKind::Fsync, |durable, current| {
+            durable.clone_from(current)
+        })
+    }
+
+    fn is_regular(&self) -> bool {
+        true
     }
 }
 
@@ -685,6 +998,47 @@ mod tests {
                 (4, OpKind::Fsync, true),
                 (5, OpKind::FsyncDir, false),
                 (6, OpKind::FsyncDir, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn streaming_writes_survive_only_when_synced() {
+        let fs = SimFs::new();
+        fs.create_dir_all(p("/a/b")).unwrap();
+        let mut f = fs.create(p("/a/b/f")).unwrap();
+        f.write_all(b"one ").unwrap();
+        f.sync_data().unwrap();
+        f.write_all(b"two").unwrap();
+        assert_eq!(fs.file_len(p("/a/b/f")).unwrap(), 7);
+        fs.fsync_dir(p("/a/b")).unwrap();
+        fs.crash();
+        // create_dir_all made both directories durable; the unsynced write is gone.
+        assert_eq!(fs.read(p("/a/b/f")).unwrap(), b"one ");
+        assert!(f.write_all(b"x").is_err(), "a handle dies with the crash");
+        let mut g = fs.open_append(p("/a/b/f")).unwrap();
+        fs.truncate(p("/a/b/f"), 2).unwrap();
+        g.write_all(b"!").unwrap();
+        assert_eq!(fs.read(p("/a/b/f")).unwrap(), b"on!");
+        fs.crash();
+        assert_eq!(
+            fs.read(p("/a/b/f")).unwrap(),
+            b"one ",
+            "truncation not synced"
+        );
+        assert_eq!(fs.canonicalize(p("/a/./b")).unwrap(), PathBuf::from("/a/b"));
+        let kinds: Vec<OpKind> = fs.ops().iter().map(|o| o.kind).collect();
+        assert_eq!(
+            &kinds[..8],
+            &[
+                OpKind::CreateDir,
+                OpKind::FsyncDir,
+                OpKind::CreateDir,
+                OpKind::FsyncDir,
+                OpKind::Create,
+                OpKind::Append,
+                OpKind::Fsync,
+                OpKind::Append,
             ]
         );
     }

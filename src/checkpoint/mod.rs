@@ -121,6 +121,24 @@ pub struct CheckpointOptions {
     /// coordinator path then times it out).
     #[doc(hidden)]
     pub drop_ack: Option<(InstanceId, CheckpointId)>,
+    /// The file system the run's checkpoint store *and* its file and directory sinks use
+    /// (tests: one `SimFs` under both, so that a simulated crash hits them together); `None`:
+    /// the operating system's ([`fs::RealFs`]).
+    #[doc(hidden)]
+    pub fs: Option<std::sync::Arc<dyn store::Fs>>,
+    /// Test hook: when checkpoints may be triggered, and who hears when each was triggered
+    /// and completed (see [`coordinator::TriggerHook`]).
+    #[doc(hidden)]
+    pub trigger_hook: Option<std::sync::Arc<dyn coordinator::TriggerHook>>,
+}
+
+/// The file system a run's sinks and store use: the hidden [`CheckpointOptions::fs`], or
+/// [`fs::RealFs`] (also without checkpoints).
+pub(crate) fn run_fs(opts: Option<&CheckpointOptions>) -> std::sync::Arc<dyn store::Fs> {
+    match opts.and_then(|o| o.fs.as_ref()) {
+        Some(fs) => std::sync::Arc::clone(fs),
+        None => std::sync::Arc::new(fs::RealFs),
+    }
 }
 
 impl std::fmt::Debug for CheckpointOptions {
@@ -139,6 +157,7 @@ impl std::fmt::Debug for CheckpointOptions {
             .field("max_parallelism", &self.max_parallelism)
             .field("start", &self.start)
             .field("store", &self.store.as_ref().map(|_| "<custom>"))
+            .field("fs", &self.fs.as_ref().map(|_| "<custom>"))
             .finish_non_exhaustive()
     }
 }
@@ -161,6 +180,8 @@ impl CheckpointOptions {
             start: Start::RefuseExisting,
             store: None,
             drop_ack: None,
+            fs: None,
+            trigger_hook: None,
         }
     }
 }

@@ -25,7 +25,8 @@ pub(crate) struct StartInstance {
 /// The file-system store on `dir` (which also takes the directory's lock: a second run on it
 /// is refused with `Error::CheckpointDirLocked`).
 fn default_store(opts: &CheckpointOptions) -> Result<Arc<dyn Store>, Error> {
-    let store: Arc<dyn Store> = super::store::FsStore::open(&opts.dir)?;
+    let store: Arc<dyn Store> =
+        super::store::FsStore::open_with(&opts.dir, super::run_fs(Some(opts)))?;
     Ok(store)
 }
 
@@ -151,7 +152,12 @@ pub(crate) fn start(
         newest_present,
         complete,
         leftovers,
-    );
+    )
+    .with_trigger_hook(opts.trigger_hook.clone());
+    // The sinks' pre-committed files are committed through the file system they were
+    // written on.
+    let fs = super::run_fs(Some(opts));
+    let coord = coord.with_commit(move |p| crate::sink::commit_part(&*fs, std::path::Path::new(p)));
     Ok(CheckpointRun {
         coord: Arc::new(coord),
         store,

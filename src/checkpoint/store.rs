@@ -162,6 +162,26 @@ pub trait Fs: Send + Sync + 'static {
     /// Takes an exclusive, non-blocking lock on `path` (created if missing), held until the
     /// guard is dropped; `EWOULDBLOCK` when another holder has it.
     fn lock_exclusive(&self, path: &Path) -> std::io::Result<super::fs::LockGuard>;
+
+    // Streaming writes, for the sinks (which write their output through the run's `Fs`, so
+    // that a simulated crash drops their unsynced data and undoes their unsynced renames
+    // together with the store's).
+
+    /// Creates (or truncates) a file and opens it for writing at its start.
+    fn create(&self, path: &Path) -> std::io::Result<Box<dyn super::fs::FsFile>>;
+    /// Opens a file for appending (created empty if missing, never truncated): every write
+    /// goes to the file's end at the time of the write, also after a `truncate`.
+    fn open_append(&self, path: &Path) -> std::io::Result<Box<dyn super::fs::FsFile>>;
+    /// Sets a file's length (not yet durable: `fsync` it).
+    fn truncate(&self, path: &Path, len: u64) -> std::io::Result<()>;
+    /// A file's length (what was written, durable or not).
+    fn file_len(&self, path: &Path) -> std::io::Result<u64>;
+    /// Creates a directory and its missing parents, making each created entry durable (the
+    /// parent of every created directory is fsynced): a directory that a crash can take away
+    /// would take its durable files with it.
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()>;
+    /// The absolute path without `.`, `..` or symbolic links (the directory must exist).
+    fn canonicalize(&self, path: &Path) -> std::io::Result<std::path::PathBuf>;
 }
 
 /// The manifest's file name in a checkpoint's directory.

@@ -34,17 +34,37 @@
 //!   Empty the directory, or resume the earlier run — or start with `--fresh`
 //!   ([`Start::Fresh`](crate::checkpoint::Start)), which removes them, as a file sink replaces
 //!   its file.
+//! - **A resumed run with nothing to restore** (the earlier run crashed before its first
+//!   checkpoint completed) removes this instance's in-progress and pending parts: none was
+//!   committed, and their records are replayed from the start. Final parts are still refused
+//!   (they come from a run that completed or whose checkpoints are gone). Before this rule a
+//!   crash between a barrier's pre-commit and the first checkpoint's manifest left a pending
+//!   part that made every `--resume` fail (found by `tests/checkpoint_crash.rs`).
 //!
 //! Every rename is followed by an `fsync` of the directory; an `fsync` error is fatal
 //! ([`Error::CheckpointIo`]), never retried as if it had succeeded.
+//!
+//! **Durability of the directory itself.** The sink creates its directory (and missing
+//! parents) with `Fs::create_dir_all`, which fsyncs the parent of every directory it creates:
+//! otherwise a crash could take away a new output directory with every part committed in it
+//! (found by the crash-point enumeration, `tests/checkpoint_crash.rs`).
+//!
+//! **Where the I/O goes.** Every file-system operation (create, write, fsync, rename,
+//! directory fsync, remove, list) goes through the run's [`Fs`]: the operating system's
+//! ([`RealFs`](crate::checkpoint::fs::RealFs)) unless the hidden `CheckpointOptions::fs`
+//! gives another — the tests' `SimFs`, shared with the checkpoint store, so that a simulated
+//! crash drops the sink's unsynced data and undoes its unsynced renames together with the
+//! store's. A `BufWriter` sits in front of the part's handle: one handle write per 256 KiB,
+//! as before.
 
-use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Counter;
+use crate::checkpoint::fs::FsWriter;
 use crate::checkpoint::state::InstanceState;
+use crate::checkpoint::store::Fs;
 use crate::checkpoint::StateSupport;
 use crate::error::Error;
 use crate::operator::{Emit, Halt};
@@ -101,9 +121,8 @@ fn io_error(op: &'static str, path: &Path, source: io::Error) -> Error {
 }
 
 /// `fsync` of a directory, so that the renames in it are durable.
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+fn sync_dir(fs: &dyn Fs, dir: &Path) -> Result<(), Error> {
+    fs.fsync_dir(dir)
         .map_err(|e| io_error("fsync directory", dir, e))
 }
 
@@ -112,7 +131,7 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 /// Idempotent: when `X` already exists and the pending file does not (committed before), it
 /// fsyncs the directory again and succeeds. Neither existing is an error: the part is lost
 /// (someone deleted it), and the output would miss records.
-pub(crate) fn commit_part(pending: &Path) -> Result<(), Error> {
+pub(crate) fn commit_part(fs: &dyn Fs, pending: &Path) -> Result<(), Error> {
     let name = pending.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let Some(final_name) = name
         .strip_prefix('.')
@@ -124,12 +143,12 @@ pub(crate) fn commit_part(pending: &Path) -> Result<(), Error> {
     };
     let dir = pending.parent().unwrap_or(Path::new("."));
     let target = dir.join(final_name);
-    match fs::rename(pending, &target) {
-        Ok(()) => sync_dir(dir),
+    match fs.rename(pending, &target) {
+        Ok(()) => sync_dir(fs, dir),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if target.exists() {
+            if fs.file_len(&target).is_ok() {
                 // Committed before (maybe just before a crash): make sure it is durable.
-                sync_dir(dir)
+                sync_dir(fs, dir)
             } else {
                 Err(Error::Checkpoint {
                     message: format!(
@@ -163,7 +182,9 @@ pub(crate) struct DirWriteTail<F> {
     /// The sequence number of the part being written, or of the next one.
     seq: u64,
     /// The part being written.
-    cur: Option<BufWriter<File>>,
+    cur: Option<BufWriter<FsWriter>>,
+    /// The run's file system (see the module docs).
+    fs: Arc<dyn Fs>,
     /// Pending parts not yet seen committed.
     uncommitted: Vec<PathBuf>,
     /// Restored, or checked to be a fresh directory: writing may start.
@@ -172,6 +193,10 @@ pub(crate) struct DirWriteTail<F> {
     /// earlier run's parts of this instance are removed instead of refused, as a file sink
     /// replaces its file.
     replace_earlier: bool,
+    /// The run was started with `--resume`: when no checkpoint is restored (none completed
+    /// before the crash), the crashed run's in-progress and pending parts are removed (their
+    /// records are replayed from the start); final parts are still refused.
+    resuming: bool,
     format: F,
     count: Counter,
 }
@@ -190,8 +215,10 @@ impl<F> DirWriteTail<F> {
             path: dir.display().to_string(),
             source,
         };
-        fs::create_dir_all(dir).map_err(io_err)?;
-        let dir = fs::canonicalize(dir).map_err(io_err)?;
+        let opts = cx.run.checkpoint_opts.lock().clone();
+        let fs = crate::checkpoint::run_fs(opts.as_ref());
+        fs.create_dir_all(dir).map_err(io_err)?;
+        let dir = fs.canonicalize(dir).map_err(io_err)?;
         Ok(DirWriteTail {
             dir,
             ext,
@@ -201,12 +228,13 @@ impl<F> DirWriteTail<F> {
             cur: None,
             uncommitted: Vec::new(),
             started: false,
-            replace_earlier: cx
-                .run
-                .checkpoint_opts
-                .lock()
+            replace_earlier: opts
                 .as_ref()
                 .is_some_and(|o| o.start == crate::checkpoint::Start::Fresh),
+            resuming: opts
+                .as_ref()
+                .is_some_and(|o| o.start == crate::checkpoint::Start::Resume),
+            fs,
             format,
             count: Counter::new(cx),
         })
@@ -220,14 +248,14 @@ impl<F> DirWriteTail<F> {
     /// This instance's part files in the directory: `(seq, state, path)`.
     fn own_parts(&self) -> Result<Vec<(u64, PartState, PathBuf)>, Error> {
         let mut out = Vec::new();
-        let entries = fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("list", &self.dir, e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some((i, seq, state)) = parse_part(name, self.ext) {
+        let names = self
+            .fs
+            .read_dir(&self.dir)
+            .map_err(|e| io_error("list", &self.dir, e))?;
+        for name in names {
+            if let Some((i, seq, state)) = parse_part(&name, self.ext) {
                 if i == self.instance {
-                    out.push((seq, state, entry.path()));
+                    out.push((seq, state, self.dir.join(&name)));
                 }
             }
         }
@@ -239,11 +267,17 @@ impl<F> DirWriteTail<F> {
     #[cold]
     fn start(&mut self) -> Result<(), Halt> {
         let parts = self.own_parts()?;
-        if self.replace_earlier && !parts.is_empty() {
+        // Resuming a run that crashed before its first checkpoint completed: what it left
+        // is not committed (a part becomes final only once a checkpoint that covers it is
+        // durable, or at the end of a successful run), and its records are replayed.
+        let uncommitted_only = parts.iter().all(|(_, st, _)| *st != PartState::Final);
+        if (self.replace_earlier || (self.resuming && uncommitted_only)) && !parts.is_empty() {
             for (_, _, path) in &parts {
-                fs::remove_file(path).map_err(|e| self.io_halt(path, e))?;
+                self.fs
+                    .remove_file(path)
+                    .map_err(|e| self.io_halt(path, e))?;
             }
-            sync_dir(&self.dir)?;
+            sync_dir(&*self.fs, &self.dir)?;
             self.started = true;
             return Ok(());
         }
@@ -282,13 +316,8 @@ impl<F> DirWriteTail<F> {
             self.start()?;
         }
         let path = self.path(self.seq, PartState::InProgress);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| self.io_halt(&path, e))?;
-        self.cur = Some(BufWriter::with_capacity(256 * 1024, file));
+        let file = self.fs.create(&path).map_err(|e| self.io_halt(&path, e))?;
+        self.cur = Some(BufWriter::with_capacity(256 * 1024, FsWriter(file)));
         Ok(())
     }
 
@@ -299,14 +328,16 @@ impl<F> DirWriteTail<F> {
             return Ok(None);
         };
         let from = self.path(self.seq, PartState::InProgress);
-        let file = w
+        let FsWriter(mut file) = w
             .into_inner()
             .map_err(|e| self.io_halt(&from, e.into_error()))?;
         file.sync_data().map_err(|e| io_error("fsync", &from, e))?;
         drop(file);
         let to = self.path(self.seq, state);
-        fs::rename(&from, &to).map_err(|e| io_error("rename", &from, e))?;
-        sync_dir(&self.dir)?;
+        self.fs
+            .rename(&from, &to)
+            .map_err(|e| io_error("rename", &from, e))?;
+        sync_dir(&*self.fs, &self.dir)?;
         self.seq += 1;
         Ok(Some(to))
     }
@@ -342,7 +373,7 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for DirW
         }
         self.close_part(PartState::Final)?;
         for p in std::mem::take(&mut self.uncommitted) {
-            commit_part(&p)?;
+            commit_part(&*self.fs, &p)?;
         }
         Ok(())
     }
@@ -361,7 +392,17 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for DirW
             self.uncommitted.push(p);
         }
         // Those the coordinator committed since are gone from their pending names.
-        self.uncommitted.retain(|p| p.exists());
+        if !self.uncommitted.is_empty() {
+            let names = self
+                .fs
+                .read_dir(&self.dir)
+                .map_err(|e| io_error("list", &self.dir, e))?;
+            self.uncommitted.retain(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok())
+            });
+        }
         state.put("tail", &DirSinkState { next_seq: self.seq })?;
         state.positions.push(("tail".into(), self.seq));
         state
@@ -382,22 +423,24 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for DirW
             .into());
         };
         for p in &state.precommitted {
-            commit_part(Path::new(p))?;
+            commit_part(&*self.fs, Path::new(p))?;
         }
         let mut deleted = false;
         for (seq, part, path) in self.own_parts()? {
             if seq >= next_seq || part == PartState::InProgress {
                 // Written after the checkpoint's barrier: its records are replayed.
-                fs::remove_file(&path).map_err(|e| io_error("remove", &path, e))?;
+                self.fs
+                    .remove_file(&path)
+                    .map_err(|e| io_error("remove", &path, e))?;
                 deleted = true;
             } else if part == PartState::Pending {
                 // Pre-committed at an earlier barrier whose checkpoint failed or was never
                 // committed: its records are before this checkpoint's barrier.
-                commit_part(&path)?;
+                commit_part(&*self.fs, &path)?;
             }
         }
         if deleted {
-            sync_dir(&self.dir)?;
+            sync_dir(&*self.fs, &self.dir)?;
         }
         self.seq = next_seq;
         self.started = true;
@@ -434,6 +477,9 @@ mod tests {
 
     #[test]
     fn commit_part_is_idempotent_and_reports_a_lost_part() {
+        use std::fs;
+        let real = crate::checkpoint::fs::RealFs;
+        let commit_part = |p: &Path| super::commit_part(&real, p);
         let dir = tempfile::tempdir().unwrap();
         let pending = dir
             .path()

@@ -544,7 +544,8 @@ fn fmt_line(w: &mut dyn Write, x: &u32) -> std::io::Result<u64> {
 }
 
 fn file_sink(cx: &Cx, path: &Path) -> crate::sink::WriteTail<Fmt> {
-    let (out, target) = crate::sink::open_output("out", path).unwrap();
+    let fs: Arc<dyn crate::checkpoint::store::Fs> = Arc::new(crate::checkpoint::fs::RealFs);
+    let (out, target) = crate::sink::open_output("out", path, &fs).unwrap();
     crate::sink::WriteTail::new(
         cx,
         out,
@@ -663,7 +664,11 @@ fn a_directory_sink_recovers_committing_precommitted_parts_and_deleting_later_on
     // pending part and an in-progress one, both after the checkpoint we restore from.
     emit_all(&mut t, 100..150);
     t.barrier(&cx, 3, &mut InstanceState::default()).unwrap();
-    crate::sink::commit_part(&dir.join(".part-00000-000001.txt.pending")).unwrap();
+    crate::sink::commit_part(
+        &crate::checkpoint::fs::RealFs,
+        &dir.join(".part-00000-000001.txt.pending"),
+    )
+    .unwrap();
     emit_all(&mut t, 150..200);
     Tail::<u32>::flush(&mut t, &cx).unwrap();
     drop(t);

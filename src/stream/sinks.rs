@@ -152,14 +152,17 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             name,
             Box::new(move |names, _| {
                 let sink = names.sink.clone().expect("a sink stage has a sink name");
-                let (out, target) = open_output(&sink, &path)?;
                 let shown = path.display().to_string();
                 let format = format.take().expect("a writer sink has one instance");
-                Ok(
-                    Box::new(move |cx: &Cx| {
-                        Ok(WriteTail::new(cx, out, target, shown, sink, format))
-                    }) as MakeTail<_>,
-                )
+                // Opened when the instance is made: a file through the run's file system
+                // (the checkpoint options' hidden `fs`, known once the run starts).
+                let path = path.clone();
+                Ok(Box::new(move |cx: &Cx| {
+                    let opts = cx.run.checkpoint_opts.lock().clone();
+                    let fs = crate::checkpoint::run_fs(opts.as_ref());
+                    let (out, target) = open_output(&sink, &path, &fs)?;
+                    Ok(WriteTail::new(cx, out, target, shown, sink, format))
+                }) as MakeTail<_>)
             }),
         )
     }
@@ -324,7 +327,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             Box::new(move |names, _| {
                 let sink = names.sink.clone().expect("a sink stage has a sink name");
                 let (w, format) = parts.take().expect("a writer sink has one instance");
-                let out: Box<dyn std::io::Write + Send> = Box::new(w);
+                let out = crate::sink::Output::Stream(Box::new(w));
                 let out = std::io::BufWriter::with_capacity(256 * 1024, out);
                 let target = Target::Stream(
                     "a writer cannot be rolled back: write to a file or a directory for exactly-once",
