@@ -813,3 +813,20 @@ fn the_completion_mark_is_durable_and_never_a_checkpoint() {
         store.load(1).unwrap();
     }
 }
+
+/// A checkpoint directory that exists only in the page cache (an earlier run created it and
+/// failed, fatally, on its parent's fsync) is made durable when a store opens on it, so that
+/// the checkpoints written into it survive a crash.
+#[test]
+fn opening_an_existing_directory_makes_its_entry_durable() {
+    let fs = SimFs::new();
+    fs.create_dir(Path::new(DIR)).unwrap(); // never fsynced into its parent
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    commit(&store, 1).unwrap();
+    drop(store);
+    fs.crash();
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    store
+        .load(1)
+        .expect("checkpoint 1 survives the crash with its directory");
+}

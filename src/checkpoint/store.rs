@@ -741,13 +741,34 @@ fn entry_problem(entry: &FileEntry, size: u64, crc: u32) -> Option<String> {
 /// Makes sure `dir` exists (creating its missing ancestors, each made durable in its parent).
 fn ensure_dir(fs: &dyn Fs, dir: &Path) -> Result<(), Error> {
     match fs.read_dir(dir) {
+        // It may be there only in the page cache: an earlier run that created it could have
+        // failed (fatally) on the parent's fsync. Made durable again before anything in it is
+        // trusted to be.
+        Ok(_) => {
+            let parent = parent_of(dir);
+            fs.fsync_dir(&parent)
+                .map_err(|e| io_error("fsync", &parent, e))
+        }
+        Err(e) if is_not_found(&e) => create_dirs(fs, dir),
+        Err(e) => Err(io_error("read_dir", dir, e)),
+    }
+}
+
+/// `dir`'s parent (`.` for a bare name).
+fn parent_of(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Creates `dir` and its missing ancestors, each made durable in its parent.
+fn create_dirs(fs: &dyn Fs, dir: &Path) -> Result<(), Error> {
+    match fs.read_dir(dir) {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => {
-            let parent = match dir.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            ensure_dir(fs, &parent)?;
+            let parent = parent_of(dir);
+            create_dirs(fs, &parent)?;
             match fs.create_dir(dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                     return Err(io_error("mkdir", dir, e))
