@@ -100,6 +100,16 @@ impl SpoolLog {
             .create(true)
             .open(&path)
             .map_err(io_err("open"))?;
+        // The file's entry must be as durable as the bytes a snapshot fsyncs into it: a crash
+        // could otherwise take the whole log (created here, never in the directory's fsync)
+        // while checkpoints hold positions in it.
+        std::fs::File::open(dir.as_ref())
+            .and_then(|d| d.sync_all())
+            .map_err(|source| Error::CheckpointIo {
+                op: "fsync",
+                path: dir.as_ref().display().to_string(),
+                source,
+            })?;
         let (file_len, payload_len) = recover(&file, &path)?;
         let reader_file = File::open(&path).map_err(io_err("open"))?;
         let shared = Arc::new(Shared {
