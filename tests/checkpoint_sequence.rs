@@ -1278,13 +1278,12 @@ fn sequence_check_over_mixed_failures_at_parallelism_4_is_the_same_multiset() {
     scenario(4);
 }
 
-/// Known bug (not fixed on this branch): a checkpointed tumbling window fires each window's
-/// keys in the order of its hash map, which a restore changes, so at parallelism 1 a resumed
-/// run writes the same results (asserted) in another order among the keys of one firing. The
-/// same holds, by reading the code, for sliding windows and for sessions whose timers are due
-/// together (the timer lists are rebuilt in map order at restore). Un-ignore once fixed.
+/// A checkpointed tumbling window fires each window's keys in first-seen order, which a
+/// snapshot records and a restore rebuilds, so at parallelism 1 a resumed run writes the same
+/// results in the same order (it used to emit one firing's keys in hash-map order, which a
+/// restore changed). Sliding and session windows: `a_window_restored_gives_the_same_results_
+/// and_late_records` in the library's tests.
 #[test]
-#[ignore = "known bug: a resumed checkpointed window emits one firing's keys in another order"]
 fn a_resumed_window_emits_in_the_failure_free_order() {
     use millrace::window::{Count, Tumbling, WindowSpec};
     let _g = heavy();

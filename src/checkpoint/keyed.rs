@@ -3,6 +3,11 @@
 //! restored part belongs to it. The group of a key is computed with the *same hash the router
 //! partitions by* (passed in as [`KeyGroups::hash`]), so a key's state is always stored under
 //! the group that routes the key to its instance.
+//!
+//! It also owns the *order* of keyed state: heads keep their keys in first-seen order
+//! ([`FxIndexMap`]), which is the order they emit results in, and a snapshot records each
+//! entry's position so that a restore rebuilds it — a resumed run at parallelism 1 then emits
+//! exactly what an uninterrupted one does, in the same order.
 
 use std::collections::BTreeMap;
 
@@ -90,5 +95,39 @@ pub(crate) fn keyed_part_owned<K, A>(
     }
     KeyedPart {
         groups: by_group.into_iter().collect(),
+    }
+}
+
+/// A map that iterates in insertion order, with the hash the rest of the engine uses.
+pub(crate) type FxIndexMap<K, V> = indexmap::IndexMap<K, V, rustc_hash::FxBuildHasher>;
+
+/// For a snapshot's keyed part: the position in `map` (first-seen order) of each of its
+/// entries, in the part's order (by key group).
+pub(crate) fn first_seen_order<K: std::hash::Hash + Eq, A>(
+    map: &FxIndexMap<K, A>,
+    part: &KeyedPart<&K, &A>,
+) -> Vec<u32> {
+    part.groups
+        .iter()
+        .flat_map(|(_, entries)| entries.iter())
+        .map(|(k, _)| map.get_index_of(*k).expect("a key of the map") as u32)
+        .collect()
+}
+
+/// A restored part's entries (in the part's order) put back in first-seen order by the
+/// positions [`first_seen_order`] recorded; in the part's order when there are none (or they
+/// do not fit, which a corrupt checkpoint could cause: the checksums make it unlikely).
+pub(crate) fn in_first_seen_order<E>(
+    entries: impl Iterator<Item = E>,
+    order: Option<Vec<u32>>,
+) -> Vec<E> {
+    let entries: Vec<E> = entries.collect();
+    match order {
+        Some(order) if order.len() == entries.len() => {
+            let mut v: Vec<(u32, E)> = order.into_iter().zip(entries).collect();
+            v.sort_unstable_by_key(|(i, _)| *i);
+            v.into_iter().map(|(_, e)| e).collect()
+        }
+        _ => entries,
     }
 }

@@ -15,7 +15,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::checkpoint::keyed::{check_groups, key_groups_of, keyed_part, KeyGroups};
+use crate::checkpoint::keyed::{
+    check_groups, first_seen_order, in_first_seen_order, key_groups_of, keyed_part, FxIndexMap,
+    KeyGroups,
+};
 use crate::checkpoint::state::{group_range, InstanceState, KeyedPart};
 use crate::checkpoint::{CheckpointId, StateSupport};
 use crate::error::Error;
@@ -327,40 +330,6 @@ where
             order,
         ));
         Ok(())
-    }
-}
-
-/// A map that iterates in insertion order, with the hash the rest of the engine uses.
-pub(crate) type FxIndexMap<K, V> = indexmap::IndexMap<K, V, rustc_hash::FxBuildHasher>;
-
-/// For a snapshot's keyed part: the position in `map` (first-seen order) of each of its
-/// entries, in the part's order (by key group).
-pub(crate) fn first_seen_order<K: Hash + Eq, A>(
-    map: &FxIndexMap<K, A>,
-    part: &KeyedPart<&K, &A>,
-) -> Vec<u32> {
-    part.groups
-        .iter()
-        .flat_map(|(_, entries)| entries.iter())
-        .map(|(k, _)| map.get_index_of(*k).expect("a key of the map") as u32)
-        .collect()
-}
-
-/// A restored part's entries (in the part's order) put back in first-seen order by the
-/// positions [`first_seen_order`] recorded; in the part's order when there are none (or they
-/// do not fit, which a corrupt checkpoint could cause: the checksums make it unlikely).
-pub(crate) fn in_first_seen_order<E>(
-    entries: impl Iterator<Item = E>,
-    order: Option<Vec<u32>>,
-) -> Vec<E> {
-    let entries: Vec<E> = entries.collect();
-    match order {
-        Some(order) if order.len() == entries.len() => {
-            let mut v: Vec<(u32, E)> = order.into_iter().zip(entries).collect();
-            v.sort_unstable_by_key(|(i, _)| *i);
-            v.into_iter().map(|(_, e)| e).collect()
-        }
-        _ => entries,
     }
 }
 

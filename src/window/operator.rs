@@ -17,6 +17,8 @@ use std::hash::Hash;
 
 use rustc_hash::FxHashMap;
 
+use crate::checkpoint::keyed::FxIndexMap;
+
 use super::{Aggregate, Session, Sliding, Tumbling};
 use crate::time::{Timestamp, Window};
 
@@ -84,12 +86,19 @@ fn from_ms((start, end): WindowMs) -> Window {
 }
 
 /// One key's windows, as a checkpoint stores them (see [`WindowState::export`]).
+///
+/// With each window and timer goes the key's position among the window's keys (or the
+/// timer's keys): the order results are emitted in, which a restore rebuilds.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct KeyWindows<Acc> {
-    /// Tumbling or sliding windows holding this key, with its accumulator.
-    pub fixed: Vec<(WindowMs, Acc)>,
+    /// Tumbling or sliding windows holding this key: the window, the key's position among its
+    /// keys, the key's accumulator.
+    pub fixed: Vec<(WindowMs, u32, Acc)>,
     /// Session windows of this key, sorted.
     pub sessions: Vec<SessionSlot<Acc>>,
+    /// The session timers naming this key: when due (ms), and the key's position among the
+    /// keys due then.
+    pub timers: Vec<(i64, u32)>,
 }
 
 /// A session window of one key, as a checkpoint stores it.
@@ -135,10 +144,14 @@ pub struct WindowState<K, T, A: Aggregate<T>> {
     ///
     /// A fixed window has fired exactly when the watermark has reached its end (the watermark
     /// only rises and firing happens as it passes), so its keys need no flag of their own.
-    fixed: VecDeque<(Window, FxHashMap<K, A::Acc>)>,
+    ///
+    /// Each window's keys are in first-seen order (the order its results are emitted in, which
+    /// a checkpoint records): a hash map's order would depend on its history, and a restored
+    /// run at parallelism 1 would emit one firing's results in another order.
+    fixed: VecDeque<(Window, FxIndexMap<K, A::Acc>)>,
     /// Emptied key maps of freed windows, kept (at most [`SPARE_MAPS`]) so that the next
     /// window starts at the size the last one reached instead of growing and rehashing again.
-    spare: Vec<FxHashMap<K, A::Acc>>,
+    spare: Vec<FxIndexMap<K, A::Acc>>,
     /// The tumbling window of the last record (empty at first).
     last_tumbling: Window,
     keys: FxHashMap<K, Vec<Slot<A::Acc>>>,
@@ -413,9 +426,8 @@ where
         }
     }
 
-    /// The state, key by key, for a checkpoint: every open window with its accumulator (the
-    /// session timers are derived from the windows and the watermark, so they are not stored:
-    /// [`import`](Self::import) schedules them again, as a lateness change does), and the
+    /// The state, key by key, for a checkpoint: every open window with its accumulator and the
+    /// key's position in it, the session timers with the key's position in each, and the
     /// watermark and counters.
     #[allow(clippy::type_complexity)]
     pub(crate) fn export(&self) -> (Vec<(K, KeyWindows<A::Acc>)>, WindowMeta) {
@@ -423,14 +435,24 @@ where
         let empty = || KeyWindows {
             fixed: Vec::new(),
             sessions: Vec::new(),
+            timers: Vec::new(),
         };
         for (w, keys) in &self.fixed {
-            for (k, acc) in keys {
+            for (pos, (k, acc)) in keys.iter().enumerate() {
+                by_key.entry(k.clone()).or_insert_with(empty).fixed.push((
+                    to_ms(w),
+                    pos as u32,
+                    acc.clone(),
+                ));
+            }
+        }
+        for (at, keys) in &self.timers {
+            for (pos, k) in keys.iter().enumerate() {
                 by_key
                     .entry(k.clone())
                     .or_insert_with(empty)
-                    .fixed
-                    .push((to_ms(w), acc.clone()));
+                    .timers
+                    .push((at.0, pos as u32));
             }
         }
         for (k, slots) in &self.keys {
@@ -464,13 +486,16 @@ where
         self.late = meta.late;
         self.missed = meta.missed;
         self.outside = meta.outside;
-        let (wm, lateness) = (self.watermark, self.lateness);
+        // Windows' keys and timers' keys are put back in the order they were in: by window (or
+        // time), then by the position recorded.
+        let mut fixed = Vec::new();
+        let mut timers = Vec::new();
         for (key, kw) in entries {
-            for (w, acc) in kw.fixed {
-                let i = self.fixed_index(from_ms(w));
-                if self.fixed[i].1.insert(key.clone(), acc).is_none() {
-                    self.live += 1;
-                }
+            for (w, pos, acc) in kw.fixed {
+                fixed.push((w, pos, key.clone(), acc));
+            }
+            for (at, pos) in kw.timers {
+                timers.push((at, pos, key.clone()));
             }
             if kw.sessions.is_empty() {
                 continue;
@@ -486,12 +511,19 @@ where
                 })
                 .collect();
             slots.sort_by_key(|s| s.window);
-            for s in &slots {
-                let at = Self::due(&s.window, wm, lateness);
-                self.timers.entry(at).or_default().push(key.clone());
-            }
             self.live += slots.len();
             self.keys.insert(key, slots);
+        }
+        fixed.sort_unstable_by_key(|(w, pos, _, _)| (*w, *pos));
+        for (w, _, key, acc) in fixed {
+            let i = self.fixed_index(from_ms(w));
+            if self.fixed[i].1.insert(key, acc).is_none() {
+                self.live += 1;
+            }
+        }
+        timers.sort_unstable_by_key(|(at, pos, _)| (*at, *pos));
+        for (at, _, key) in timers {
+            self.timers.entry(Timestamp(at)).or_default().push(key);
         }
     }
 
