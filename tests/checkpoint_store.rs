@@ -788,7 +788,10 @@ fn the_completion_mark_is_durable_and_never_a_checkpoint() {
         let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
         let mark = store.completed().unwrap();
         assert!(!written, "k = {k}: the write went through a crash");
-        assert!(mark.is_none() || mark.is_some_and(|ms| ms > 0), "k = {k}: {mark:?}");
+        assert!(
+            mark.is_none() || mark.is_some_and(|ms| ms > 0),
+            "k = {k}: {mark:?}"
+        );
         store.load(1).unwrap();
     }
 }
