@@ -23,18 +23,16 @@ pub(crate) fn mix(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
+/// The `i`th event of the workload (also past `EVENTS`: a longer run continues the pattern,
+/// event time advancing one millisecond per ten events).
+pub(crate) fn event(i: u64) -> Ev {
+    let h = mix(i);
+    let t = (i / 10) as i64 - (h >> 40) as i64 % DISORDER_MS;
+    ((h % KEYS) as u32, t, (h & 0xff) as f64)
+}
+
 /// The events, generated once per process.
 pub(crate) fn events() -> Arc<Vec<Ev>> {
     static DATA: OnceLock<Arc<Vec<Ev>>> = OnceLock::new();
-    Arc::clone(DATA.get_or_init(|| {
-        Arc::new(
-            (0..EVENTS as u64)
-                .map(|i| {
-                    let h = mix(i);
-                    let t = (i / 10) as i64 - (h >> 40) as i64 % DISORDER_MS;
-                    ((h % KEYS) as u32, t, (h & 0xff) as f64)
-                })
-                .collect(),
-        )
-    }))
+    Arc::clone(DATA.get_or_init(|| Arc::new((0..EVENTS as u64).map(event).collect())))
 }
