@@ -830,3 +830,28 @@ fn opening_an_existing_directory_makes_its_entry_durable() {
         .load(1)
         .expect("checkpoint 1 survives the crash with its directory");
 }
+
+/// A start-up lists checkpoint ids without reading their files (`ids`), and a resume reads the
+/// one it restores once (`load_files`, verified on the bytes it returns): a damaged file is
+/// not seen by `ids`, and fails `load_files` naming it.
+#[test]
+fn ids_read_no_file_and_load_files_verifies_what_it_returns() {
+    let fs = SimFs::new();
+    let store = FsStore::open_with(DIR, Arc::new(fs.clone())).unwrap();
+    commit(&store, 1).unwrap();
+    commit(&store, 2).unwrap();
+    let (m, files) = store.load_files(2).unwrap();
+    assert_eq!(files.len(), m.instances.len());
+    for (e, bytes) in m.instances.iter().zip(&files) {
+        assert_eq!(bytes, &store.read(2, &e.file).unwrap());
+    }
+    let name = &m.instances[0].file.name;
+    fs.corrupt(&Path::new(DIR).join("chk-00000002").join(name), |b| {
+        b[0] ^= 1
+    })
+    .unwrap();
+    assert_eq!(store.ids().unwrap(), [(1, true), (2, true)]);
+    let e = store.load_files(2).unwrap_err().to_string();
+    assert!(e.contains(name.as_str()) && e.contains("checksum"), "{e}");
+    store.load_files(1).unwrap();
+}

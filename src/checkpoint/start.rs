@@ -40,8 +40,10 @@ pub(crate) fn start(
         Some(s) => Arc::clone(s),
         None => default_store(opts)?,
     };
-    let listings = store.list()?;
-    let newest_present = listings.iter().map(|l| l.id).max().unwrap_or(0);
+    // Names only: a checkpoint's files are read (and verified) once, by the resume that
+    // restores from it, and not at all when nothing resumes.
+    let listings = store.ids()?;
+    let newest_present = listings.iter().map(|l| l.0).max().unwrap_or(0);
     let mut restored = BTreeMap::new();
     let mut resumed_from = None;
     let mut skipped = Vec::new();
@@ -56,7 +58,7 @@ pub(crate) fn start(
         // The directory's run completed: what is left of it (checkpoints kept by
         // retain_on_success, or a removal a crash interrupted) is discarded at the gate.
         Start::RefuseExisting if completed.is_some() => {
-            fresh_discards = Some(listings.iter().map(|l| l.id).collect());
+            fresh_discards = Some(listings.iter().map(|l| l.0).collect());
         }
         // Nothing to resume: the run does nothing, and says so — after finishing the removal
         // a crash interrupted (unless the checkpoints are to be kept).
@@ -67,7 +69,7 @@ pub(crate) fn start(
             );
             if !opts.retain_on_success {
                 for l in &listings {
-                    store.discard(l.id)?;
+                    store.discard(l.0)?;
                 }
                 super::spool::remove(&opts.dir)?;
             }
@@ -77,7 +79,7 @@ pub(crate) fn start(
             if let Some(l) = listings.last() {
                 return Err(Error::CheckpointsExist {
                     dir: opts.dir.display().to_string(),
-                    newest: format!("checkpoint {}", l.id),
+                    newest: format!("checkpoint {}", l.0),
                 });
             }
             // A run that spooled stdin but crashed before its first checkpoint: its input is
@@ -92,32 +94,38 @@ pub(crate) fn start(
         Start::Fresh => {
             // Discarded when the start gate opens (`CheckpointRun::open_gate`), not here: a
             // run refused before it starts must leave them as they were.
-            fresh_discards = Some(listings.iter().map(|l| l.id).collect());
+            fresh_discards = Some(listings.iter().map(|l| l.0).collect());
         }
         Start::Resume => {
-            for l in listings.iter().rev() {
+            for &(id, has_manifest) in listings.iter().rev() {
                 if resumed_from.is_some() {
-                    match &l.problem {
-                        None => complete.push(l.id),
-                        Some(_) => leftovers.push(l.id),
+                    // Older than the one resumed from: not read. Retention treats one with a
+                    // manifest as complete, and removes it once newer ones are.
+                    match has_manifest {
+                        true => complete.push(id),
+                        false => leftovers.push(id),
                     }
                     continue;
                 }
-                let attempt = match &l.problem {
-                    Some(p) => Err(p.clone()),
-                    None => load(&*store, l.id),
+                let attempt = match has_manifest {
+                    false => Err(
+                        "incomplete: no MANIFEST (the run stopped, or the checkpoint \
+                                  failed, before it completed)"
+                            .to_string(),
+                    ),
+                    true => load(&*store, id),
                 };
                 match attempt {
                     Ok((manifest, states)) => {
                         check_compatible(&manifest, instances, opts)?;
                         restored = states;
-                        resumed_from = Some(l.id);
-                        complete.push(l.id);
+                        resumed_from = Some(id);
+                        complete.push(id);
                     }
                     Err(problem) => {
-                        log::warn!("skipping checkpoint {}: {problem}", l.id);
-                        skipped.push((l.id, problem));
-                        leftovers.push(l.id);
+                        log::warn!("skipping checkpoint {id}: {problem}");
+                        skipped.push((id, problem));
+                        leftovers.push(id);
                     }
                 }
             }
@@ -178,8 +186,12 @@ pub(crate) fn start(
 /// Checkpoint `id`'s manifest and every instance's decoded state, or why not.
 type Loaded = (Manifest, BTreeMap<InstanceId, InstanceState>);
 
+/// Reads each file once (`Store::load_files` verifies it on the bytes it returns).
 fn load(store: &dyn Store, id: CheckpointId) -> Result<Loaded, String> {
-    let manifest = store.load(id).map_err(|e| e.to_string())?;
+    let (manifest, files) = store.load_files(id).map_err(|e| match e {
+        Error::Checkpoint { message } => message,
+        e => e.to_string(),
+    })?;
     if manifest.format != super::store::FORMAT {
         return Err(format!(
             "format {} (this build reads format {})",
@@ -188,8 +200,7 @@ fn load(store: &dyn Store, id: CheckpointId) -> Result<Loaded, String> {
         ));
     }
     let mut states = BTreeMap::new();
-    for e in &manifest.instances {
-        let bytes = store.read(id, &e.file).map_err(|e| e.to_string())?;
+    for (e, bytes) in manifest.instances.iter().zip(files) {
         let state =
             InstanceState::decode(&bytes).map_err(|err| format!("{}: {err}", e.instance))?;
         states.insert(e.instance.clone(), state);

@@ -121,6 +121,28 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self, id: CheckpointId) -> Result<Manifest, Error>;
     /// File `name` of checkpoint `id`, verified against `entry`.
     fn read(&self, id: CheckpointId, entry: &FileEntry) -> Result<Vec<u8>, Error>;
+    /// The checkpoints present, ascending, each with whether its manifest is there — without
+    /// reading or verifying their files (what a start-up needs to number the next checkpoint
+    /// and to find the newest candidate). The default lists (and so verifies) them all.
+    fn ids(&self) -> Result<Vec<(CheckpointId, bool)>, Error> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .map(|l| (l.id, l.problem.is_none()))
+            .collect())
+    }
+    /// Checkpoint `id`'s manifest and the bytes of every file it lists (in its order), each
+    /// verified against its entry: what a resume restores, reading each file once. The default
+    /// is [`load`](Self::load) and a [`read`](Self::read) per file.
+    fn load_files(&self, id: CheckpointId) -> Result<(Manifest, Vec<Vec<u8>>), Error> {
+        let manifest = self.load(id)?;
+        let files = manifest
+            .instances
+            .iter()
+            .map(|e| self.read(id, &e.file))
+            .collect::<Result<_, _>>()?;
+        Ok((manifest, files))
+    }
     /// Records durably that the run using the store completed, before its checkpoints are
     /// removed: a crash during the removal still leaves a completed run, which a later
     /// `--resume` has nothing to do for. The default (a store without it) records nothing.
@@ -953,6 +975,61 @@ impl Store for FsStore {
             out.push(listing);
         }
         Ok(out)
+    }
+
+    fn ids(&self) -> Result<Vec<(CheckpointId, bool)>, Error> {
+        self.remove_stale(false)?;
+        let names = self
+            .fs
+            .read_dir(&self.dir)
+            .map_err(|e| io_error("read_dir", &self.dir, e))?;
+        let mut ids = Vec::new();
+        for id in names.iter().filter_map(|n| parse_checkpoint_dir_name(n)) {
+            let dir = self.chk_dir(id);
+            let has_manifest = match self.fs.read_dir(&dir) {
+                Ok(names) => names.iter().any(|n| n == MANIFEST),
+                // Discarded between the listing and now.
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(io_error("read_dir", &dir, e)),
+            };
+            ids.push((id, has_manifest));
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn load_files(&self, id: CheckpointId) -> Result<(Manifest, Vec<Vec<u8>>), Error> {
+        let dir = self.chk_dir(id);
+        let fail = |why: String| Error::Checkpoint {
+            message: format!("checkpoint {id} ({}): {why}", dir.display()),
+        };
+        let path = dir.join(MANIFEST);
+        let raw =
+            match self.fs.read(&path) {
+                Ok(b) => b,
+                Err(e) if is_not_found(&e) => return Err(fail(
+                    "incomplete: no MANIFEST (the run stopped, or the checkpoint failed, before \
+                     it completed)"
+                        .into(),
+                )),
+                Err(e) => return Err(io_error("read", &path, e)),
+            };
+        let manifest = decode_manifest(&raw).map_err(|why| fail(format!("{MANIFEST}: {why}")))?;
+        if manifest.id != id {
+            return Err(fail(format!(
+                "{MANIFEST}: belongs to checkpoint {}, found in {}",
+                manifest.id,
+                checkpoint_dir_name(id)
+            )));
+        }
+        // Each file read once: `read` checks its name, size and checksum on the bytes it
+        // returns.
+        let files = manifest
+            .instances
+            .iter()
+            .map(|e| self.read(id, &e.file))
+            .collect::<Result<_, _>>()?;
+        Ok((manifest, files))
     }
 
     fn load(&self, id: CheckpointId) -> Result<Manifest, Error> {
