@@ -339,11 +339,8 @@ impl<F> WriteTail<F> {
     /// `fsync` of the file being written (through its own handle).
     fn sync_file(&mut self) -> Result<(), Error> {
         if let Some(Output::File(FsWriter(file))) = self.out.as_mut().map(BufWriter::get_mut) {
-            file.sync_data().map_err(|source| Error::CheckpointIo {
-                op: "fsync",
-                path: format!("{} (sink `{}`)", self.path, self.stage),
-                source,
-            })?;
+            file.sync_data()
+                .map_err(|source| fsync_error(&self.path, &self.stage, source))?;
         }
         Ok(())
     }
@@ -407,11 +404,8 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
             }
             if let (Target::File { .. }, Output::File(FsWriter(file))) = (&self.target, &mut w) {
                 // Durable before the run reports success.
-                file.sync_data().map_err(|source| Error::CheckpointIo {
-                    op: "fsync",
-                    path: format!("{} (sink `{}`)", self.path, self.stage),
-                    source,
-                })?;
+                file.sync_data()
+                    .map_err(|source| fsync_error(&self.path, &self.stage, source))?;
             }
         }
         Ok(())
@@ -475,5 +469,14 @@ impl<T, F: FnMut(&mut dyn Write, &T) -> io::Result<u64> + Send> Tail<T> for Writ
             Target::File { .. } => StateSupport::Snapshots,
             Target::Stream(why) => StateSupport::AtLeastOnce(why.to_string()),
         }
+    }
+}
+
+/// A file sink's failed fsync: fatal, never retried as if it had succeeded.
+fn fsync_error(path: &str, stage: &str, source: std::io::Error) -> Error {
+    Error::CheckpointIo {
+        op: "fsync",
+        path: format!("{path} (sink `{stage}`)"),
+        source,
     }
 }

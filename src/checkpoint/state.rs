@@ -46,7 +46,7 @@ pub(crate) fn instance_of_group(group: u16, parallelism: usize, max_parallelism:
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceState {
     /// `(part name, MessagePack bytes)`, in the order they were put. Each part's bytes are
-    /// one MessagePack `bin` (see [`parts_bin`]), not an array of integers.
+    /// one MessagePack `bin` (see `parts_bin`), not an array of integers.
     #[serde(with = "parts_bin")]
     pub parts: Vec<(String, Vec<u8>)>,
     /// The key groups this instance's keyed parts cover (for `checkpoint verify`).

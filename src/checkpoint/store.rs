@@ -136,11 +136,7 @@ pub trait Store: Send + Sync + 'static {
     /// is [`load`](Self::load) and a [`read`](Self::read) per file.
     fn load_files(&self, id: CheckpointId) -> Result<(Manifest, Vec<Vec<u8>>), Error> {
         let manifest = self.load(id)?;
-        let files = manifest
-            .instances
-            .iter()
-            .map(|e| self.read(id, &e.file))
-            .collect::<Result<_, _>>()?;
+        let files = read_listed(self, id, &manifest)?;
         Ok((manifest, files))
     }
     /// Records durably that the run using the store completed, before its checkpoints are
@@ -158,6 +154,19 @@ pub trait Store: Send + Sync + 'static {
     fn clear_completed(&self) -> Result<(), Error> {
         Ok(())
     }
+}
+
+/// Every file `manifest` lists, in its order, each read once and verified by [`Store::read`].
+fn read_listed<S: Store + ?Sized>(
+    store: &S,
+    id: CheckpointId,
+    manifest: &Manifest,
+) -> Result<Vec<Vec<u8>>, Error> {
+    manifest
+        .instances
+        .iter()
+        .map(|e| store.read(id, &e.file))
+        .collect()
 }
 
 /// The file-system operations [`FsStore`] uses, so that a test can fail or "crash" any one of
@@ -1024,11 +1033,7 @@ impl Store for FsStore {
         }
         // Each file read once: `read` checks its name, size and checksum on the bytes it
         // returns.
-        let files = manifest
-            .instances
-            .iter()
-            .map(|e| self.read(id, &e.file))
-            .collect::<Result<_, _>>()?;
+        let files = read_listed(self, id, &manifest)?;
         Ok((manifest, files))
     }
 
