@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::checkpoint::state::{key_group, KeyedPart};
+use crate::checkpoint::state::{group_range, key_group, KeyedPart};
 use crate::error::Error;
 use crate::runtime::Cx;
 
@@ -60,12 +60,25 @@ where
     }
 }
 
-/// Checks that every group of a restored keyed part is this instance's.
+/// Records in a snapshot the key groups this instance of a `parallelism`-wide keyed stage
+/// owns (for the manifest, and `checkpoint verify`'s coverage check).
+pub(crate) fn record_key_groups(
+    cx: &Cx,
+    state: &mut crate::checkpoint::state::InstanceState,
+    parallelism: usize,
+) {
+    let mine = group_range(cx.instance, parallelism, key_groups_of(cx, parallelism));
+    state.key_groups = Some((mine.start, mine.end));
+}
+
+/// Checks that every group of a restored keyed part is this instance's (of a
+/// `parallelism`-wide keyed stage).
 pub(crate) fn check_groups<K, A>(
     cx: &Cx,
     part: &KeyedPart<K, A>,
-    mine: std::ops::Range<u16>,
+    parallelism: usize,
 ) -> Result<(), Error> {
+    let mine = group_range(cx.instance, parallelism, key_groups_of(cx, parallelism));
     for (g, _) in &part.groups {
         if !mine.contains(g) {
             return Err(Error::Checkpoint {

@@ -16,10 +16,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::checkpoint::keyed::{
-    check_groups, first_seen_order, in_first_seen_order, key_groups_of, keyed_part, FxIndexMap,
-    KeyGroups,
+    check_groups, first_seen_order, in_first_seen_order, key_groups_of, keyed_part,
+    record_key_groups, FxIndexMap, KeyGroups,
 };
-use crate::checkpoint::state::{group_range, InstanceState, KeyedPart};
+use crate::checkpoint::state::{InstanceState, KeyedPart};
 use crate::checkpoint::{CheckpointId, StateSupport};
 use crate::error::Error;
 
@@ -306,8 +306,7 @@ where
         let part = keyed_part(self.state.iter(), self.groups.hash, groups);
         (codec.put)(state, &part)?;
         state.put("head.order", &first_seen_order(&self.state, &part))?;
-        let mine = group_range(cx.instance, self.groups.parallelism, groups);
-        state.key_groups = Some((mine.start, mine.end));
+        record_key_groups(cx, state, self.groups.parallelism);
         Ok(())
     }
 
@@ -318,12 +317,7 @@ where
         let Some(part) = (codec.get)(state)? else {
             return Ok(());
         };
-        let groups = key_groups_of(cx, self.groups.parallelism);
-        check_groups(
-            cx,
-            &part,
-            group_range(cx.instance, self.groups.parallelism, groups),
-        )?;
+        check_groups(cx, &part, self.groups.parallelism)?;
         let order: Option<Vec<u32>> = state.get("head.order")?;
         self.state.extend(in_first_seen_order(
             part.groups.into_iter().flat_map(|g| g.1),

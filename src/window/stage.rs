@@ -18,8 +18,10 @@ use std::time::Duration;
 use super::operator::{KeyWindows, WindowMeta};
 use super::{Aggregate, Assigner, BoundedOutOfOrderness, WindowOutput, WindowResult, WindowState};
 use crate::channel::{ChannelTail, InputHead};
-use crate::checkpoint::keyed::{check_groups, key_groups_of, keyed_part_owned, KeyGroups};
-use crate::checkpoint::state::{group_range, InstanceState, KeyedPart};
+use crate::checkpoint::keyed::{
+    check_groups, key_groups_of, keyed_part_owned, record_key_groups, KeyGroups,
+};
+use crate::checkpoint::state::{InstanceState, KeyedPart};
 use crate::checkpoint::StateSupport;
 use crate::error::Error;
 use crate::metrics::InstanceMetrics;
@@ -555,8 +557,7 @@ where
             dead_lettered: self.dead_lettered,
         };
         (codec.put)(state, &part, &meta)?;
-        let mine = group_range(cx.instance, self.groups.parallelism, groups);
-        state.key_groups = Some((mine.start, mine.end));
+        record_key_groups(cx, state, self.groups.parallelism);
         Ok(())
     }
 
@@ -565,12 +566,7 @@ where
         let Some((part, meta)) = (codec.get)(state)? else {
             return Ok(());
         };
-        let groups = key_groups_of(cx, self.groups.parallelism);
-        check_groups(
-            cx,
-            &part,
-            group_range(cx.instance, self.groups.parallelism, groups),
-        )?;
+        check_groups(cx, &part, self.groups.parallelism)?;
         self.state
             .import(part.groups.into_iter().flat_map(|(_, e)| e), meta.window);
         self.seen = meta.seen;
