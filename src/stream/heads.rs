@@ -95,17 +95,9 @@ impl<X: Send, L: Send, R: Send> Tail<X> for RouteTail<X, L, R> {
                 (true, 0) => self.left.barrier(cx, id, state),
                 (true, _) => self.right.barrier(cx, id, state),
             };
-            match r {
-                Ok(()) => {}
-                Err(Halt::Done) if !cx.run.is_cancelled() => self.live[side] = false,
-                Err(e) => return Err(e),
-            }
+            self.settle(cx, side, r)?;
         }
-        if self.live == [false, false] {
-            Err(Halt::Done)
-        } else {
-            Ok(())
-        }
+        self.any_live()
     }
     fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
         self.left.restore(cx, state)?;
@@ -149,12 +141,26 @@ impl<X, L: Send, R: Send> RouteTail<X, L, R> {
             },
         ];
         for (side, res) in results.into_iter().enumerate() {
-            match res {
-                Ok(()) => {}
-                Err(Halt::Done) if !cx.run.is_cancelled() => self.live[side] = false,
-                Err(e) => return Err(e),
-            }
+            self.settle(cx, side, res)?;
         }
+        self.any_live()
+    }
+
+    /// One side's result: `Done` (its consumers are gone, the run is not cancelled) retires
+    /// that side; any other error is the tail's.
+    fn settle(&mut self, cx: &Cx, side: usize, r: Result<(), Halt>) -> Result<(), Halt> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(Halt::Done) if !cx.run.is_cancelled() => {
+                self.live[side] = false;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `Done` once both sides are retired.
+    fn any_live(&self) -> Result<(), Halt> {
         if self.live == [false, false] {
             Err(Halt::Done)
         } else {
