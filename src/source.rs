@@ -85,6 +85,54 @@ where
     }
 }
 
+/// A head reading part `part` of `parts` of shared data, in stripes of one batch: stripe `k`
+/// (records `k * batch .. (k + 1) * batch`) belongs to part `k % parts`. Each pull clones one
+/// stripe (or what is left of it) into the batch with `extend_from_slice`.
+pub(crate) struct StripeHead<S, T> {
+    data: std::sync::Arc<S>,
+    parts: usize,
+    /// The next stripe of this part to read.
+    stripe: usize,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<S, T> StripeHead<S, T> {
+    pub(crate) fn new(data: std::sync::Arc<S>, part: usize, parts: usize) -> Self {
+        StripeHead {
+            data,
+            parts: parts.max(1),
+            stripe: part,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S, T> Head<T> for StripeHead<S, T>
+where
+    S: AsRef<[T]> + Send + Sync,
+    T: Clone + Send,
+{
+    fn state_support(&self) -> StateSupport {
+        StateSupport::Unsupported(
+            "a split source is not checkpointed: use Pipeline::replayable_source".into(),
+        )
+    }
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, _flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let data = (*self.data).as_ref();
+        let size = cx.batch_size().max(1);
+        let start = self.stripe.saturating_mul(size);
+        if start >= data.len() {
+            return Ok(Pull::End);
+        }
+        let end = start.saturating_add(size).min(data.len());
+        // The batch comes in empty or partly filled (after an early flush); a stripe goes in
+        // whole, so a batch may briefly hold more than `batch_size` records.
+        buf.extend_from_slice(&data[start..end]);
+        self.stripe += self.parts;
+        Ok(Pull::Data)
+    }
+}
+
 /// The most records an iterator source pulls between two looks at the clock.
 const MAX_STEP: usize = 256;
 

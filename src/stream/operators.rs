@@ -203,7 +203,10 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// Sets how many instances (threads) run this stage. Only a stage that reads from a channel
-    /// can have more than one; a source stage needs [`rebalance`](Stream::rebalance) first.
+    /// can choose; a source stage runs as many instances as it has parts (one, unless it is a
+    /// [`parallel_source`](crate::Pipeline::parallel_source) or
+    /// [`source_split`](crate::Pipeline::source_split)): call
+    /// [`rebalance`](Stream::rebalance) first to spread its operators over another number.
     ///
     /// # Examples
     ///
@@ -214,10 +217,16 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// assert_eq!(out.take().len(), 100);
     /// ```
     pub fn parallelism(mut self, n: usize) -> Self {
-        if self.head.source && n != 1 {
+        if self.head.source && n.max(1) != self.parallelism {
             let name = self.stage_name();
+            let parts = self.parallelism;
+            let threads = if parts == 1 {
+                "one thread".to_string()
+            } else {
+                format!("{parts} threads (one per part)")
+            };
             self.b.borrow_mut().errors.push(format!(
-                "stage `{name}` reads a source and runs on one thread; call .rebalance({n}) before the operators to parallelise"
+                "stage `{name}` reads a source and runs on {threads}; call .rebalance({n}) before the operators to parallelise"
             ));
         } else {
             self.parallelism = n.max(1);

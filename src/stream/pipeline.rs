@@ -108,6 +108,97 @@ impl Pipeline {
         Stream::open(&self.b, head, 1)
     }
 
+    /// A source stage of kind `kind` running `parts` instances (threads): instance `part` of
+    /// `parts` pulls from the head `make(name, part, parts)` returns. Stateless operators chained
+    /// on it run in every instance (the stream's parallelism is `parts`).
+    pub(crate) fn source_stage_parts<T: Send + 'static>(
+        &self,
+        kind: &str,
+        parts: usize,
+        mut make: impl FnMut(&Arc<str>, usize, usize) -> Result<Box<dyn Head<T>>, Error> + 'static,
+    ) -> Fresh<T> {
+        let parts = parts.max(1);
+        let name = self.b.borrow_mut().default_name(kind);
+        let head = HeadSpec {
+            name: Some(name),
+            source: true,
+            dead_letter: false,
+            shape: Some(crate::metrics::Shape::Source),
+            steps: Vec::new(),
+            inputs: Vec::new(),
+            make: Box::new(move |name, n, _| (0..n).map(|part| make(name, part, n)).collect()),
+        };
+        Stream::open(&self.b, head, parts)
+    }
+
+    /// A parallel source stage named `name`: `parts` instances, each on its own thread, where
+    /// instance `part` pulls the records of `make(part, parts)`. The operators chained on it run
+    /// in every instance, so `parts` is also their parallelism; a keyed stage after it routes
+    /// every instance's records by key. Records of one part keep their order; parts interleave
+    /// (see [`source_split`](Self::source_split) for input that must advance evenly).
+    ///
+    /// `make` runs when the run starts, once per part, on the thread that calls
+    /// [`run`](Self::run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// // Part `i` of 4 yields the numbers below 1,000 that are `i` modulo 4.
+    /// let sum = p
+    ///     .parallel_source("numbers", 4, |part, parts| (part as u64..1_000).step_by(parts))
+    ///     .map(|x| x * 2)
+    ///     .collect();
+    /// p.run().unwrap();
+    /// assert_eq!(sum.take().iter().sum::<u64>(), 999 * 1_000);
+    /// ```
+    pub fn parallel_source<It, F>(&self, name: &str, parts: usize, make: F) -> Fresh<It::Item>
+    where
+        F: Fn(usize, usize) -> It + 'static,
+        It: IntoIterator,
+        It::IntoIter: Send + 'static,
+        It::Item: Send + 'static,
+    {
+        let s = self.source_stage_parts(name, parts, move |_, part, parts| {
+            Ok(Box::new(IterHead::new(make(part, parts).into_iter())) as Box<dyn Head<_>>)
+        });
+        s
+    }
+
+    /// A parallel source stage named `name` over a slice, a `Vec`, or anything that derefs to
+    /// one, read by `parts` instances. The data is dealt in *stripes* of one batch
+    /// ([`Options::batch_size`] records): stripe `k` goes to part `k % parts`. So every part
+    /// advances through the data at the same pace — event-time watermarks of the parts stay
+    /// close together (a window stage after them keeps few windows open), which N contiguous
+    /// ranges would not do — and the records are cloned out of the shared data one stripe at a
+    /// time, never copied up front.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let data: Vec<u32> = (0..10_000).collect();
+    /// let evens = p.source_split("data", data, 2).filter(|x| x % 2 == 0).collect();
+    /// p.run().unwrap();
+    /// let mut evens = evens.take();
+    /// evens.sort_unstable();
+    /// assert_eq!(evens, (0..10_000).step_by(2).collect::<Vec<u32>>());
+    /// ```
+    pub fn source_split<S, T>(&self, name: &str, data: S, parts: usize) -> Fresh<T>
+    where
+        S: AsRef<[T]> + Send + Sync + 'static,
+        T: Clone + Send + 'static,
+    {
+        let data = Arc::new(data);
+        self.source_stage_parts(name, parts, move |_, part, parts| {
+            Ok(Box::new(crate::source::StripeHead::new(
+                Arc::clone(&data),
+                part,
+                parts,
+            )) as Box<dyn Head<T>>)
+        })
+    }
+
     /// A dead-letter stream named `name`: a handle to give to [`OnError::DeadLetter`] (clone it
     /// for several stages) and a source stage of the letters, which the caller ends in any
     /// sink. The stream ends once every stage that is not downstream of it has ended (see
