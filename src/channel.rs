@@ -268,6 +268,27 @@ impl<T: Send> ChannelTail<T> {
         Ok(())
     }
 
+    /// `emit` with the record's partition hash computed by the caller (a tail that knows the
+    /// key's type, instead of the edge's boxed hash function).
+    #[inline]
+    pub(crate) fn emit_hashed_by(&mut self, hash: u64, item: T) -> Result<(), Halt> {
+        let b = if self.bufs.is_empty() {
+            usize::MAX
+        } else {
+            let g = crate::checkpoint::state::key_group(hash, self.key_groups);
+            crate::checkpoint::state::instance_of_group(g, self.bufs.len(), self.key_groups)
+        };
+        let (buf, at) = match b {
+            usize::MAX => (&mut self.cur, 0),
+            b => (&mut self.bufs[b], b),
+        };
+        buf.push(item);
+        if buf.len() >= self.batch_size {
+            return self.full(at);
+        }
+        Ok(())
+    }
+
     fn is_empty(&self) -> bool {
         self.cur.is_empty() && self.bufs.iter().all(Vec::is_empty)
     }

@@ -431,6 +431,54 @@ pub(crate) trait Tail<T>: Emit<T> + Send {
     }
 }
 
+/// A tail chosen at run time (a combiner in front of a channel): one virtual call per record,
+/// in exchange for whatever the boxed tail saves downstream.
+impl<T> Emit<T> for Box<dyn Tail<T>> {
+    #[inline]
+    fn emit(&mut self, item: T) -> Result<(), Halt> {
+        (**self).emit(item)
+    }
+}
+
+impl<T> Tail<T> for Box<dyn Tail<T>> {
+    fn before_batch(&mut self, now: u64) {
+        (**self).before_batch(now)
+    }
+    fn pending_since(&self) -> Option<u64> {
+        (**self).pending_since()
+    }
+    fn after_batch(&mut self, cx: &Cx) -> Result<(), Halt> {
+        (**self).after_batch(cx)
+    }
+    fn watermark(&mut self, cx: &Cx, at: crate::time::Timestamp) -> Result<(), Halt> {
+        (**self).watermark(cx, at)
+    }
+    fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
+        (**self).flush(cx)
+    }
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        (**self).finish(cx)
+    }
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        id: crate::checkpoint::CheckpointId,
+        state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        (**self).barrier(cx, id, state)
+    }
+    fn restore(
+        &mut self,
+        cx: &Cx,
+        state: &crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        (**self).restore(cx, state)
+    }
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        (**self).state_support()
+    }
+}
+
 /// The loop every stage instance runs.
 ///
 /// Failures are recorded *before* the tail (and so the senders to downstream stages) is dropped:

@@ -710,13 +710,14 @@ fn a_directory_sink_recovers_committing_precommitted_parts_and_deleting_later_on
 
 type Ev = (i64, u32);
 type WinOut = crate::window::WindowOutput<String, Ev, u64>;
+type WinIn = crate::window::combine::WindowIn<String, Ev, u64>;
 
 /// A checkpointed counting window over `assigner`, fed through a channel.
 #[allow(clippy::type_complexity)]
 fn window_head(
     assigner: crate::window::Assigner,
     lateness_ms: u64,
-) -> (Sender<Message<(String, Ev)>>, Box<dyn Head<WinOut>>) {
+) -> (Sender<Message<WinIn>>, Box<dyn Head<WinOut>>) {
     use crate::window::stage::{WindowCodec, WindowHead, WindowSpec};
     let (tx, rx) = bounded(4096);
     let (recycle, _) = bounded(64);
@@ -738,7 +739,7 @@ fn window_head(
 
 /// Events of three keys, out of order by up to 3 ms, a watermark (newest - 3) after every 5,
 /// and some records far too late.
-fn window_messages() -> Vec<Message<(String, Ev)>> {
+fn window_messages() -> Vec<Message<WinIn>> {
     let mut msgs = Vec::new();
     let mut newest = i64::MIN;
     // Many keys per window (and per session timer), with string keys: the order a firing
@@ -752,7 +753,7 @@ fn window_messages() -> Vec<Message<(String, Ev)>> {
         let key = format!("key-{}", (i * 7) % 23);
         msgs.push(Message::Data {
             from: 0,
-            batch: vec![(key, (t, i))],
+            batch: vec![WinIn::Record(key, (t, i))],
         });
         if i % 5 == 4 {
             msgs.push(Message::Watermark {
@@ -771,10 +772,10 @@ fn window_messages() -> Vec<Message<(String, Ev)>> {
 /// differently); which results and late records each message brings, and in what order the
 /// messages bring them, is.
 fn run_window(
-    tx: &Sender<Message<(String, Ev)>>,
+    tx: &Sender<Message<WinIn>>,
     head: &mut dyn Head<WinOut>,
     cx: &Cx,
-    msgs: Vec<Message<(String, Ev)>>,
+    msgs: Vec<Message<WinIn>>,
 ) -> Vec<WinOut> {
     let end = msgs.iter().any(|m| matches!(m, Message::End { .. }));
     for m in msgs {
@@ -832,16 +833,30 @@ fn a_window_restored_gives_the_same_results_and_late_records() {
 #[test]
 fn a_watermark_generator_resumes_sending_the_same_watermarks() {
     use crate::channel::{ChannelTail, Partition};
-    use crate::window::stage::WatermarkTail;
+    use crate::window::combine::{CombineTail, WindowIn};
+    type Item = WindowIn<u8, i64, u64>;
     let cx = cx("feed", 0);
     let make = || {
-        let (tx, rx) = bounded::<Message<(u8, i64)>>(4096);
+        let (tx, rx) = bounded::<Message<Item>>(4096);
         let inner = ChannelTail::new(&cx, 0, 0, vec![tx], Partition::Forward, None);
         let time = |x: &i64| crate::Timestamp(*x);
-        (rx, WatermarkTail::new(inner, time, 2, 3))
+        let assigner = crate::window::Tumbling::new(10, 0).unwrap().into();
+        let agg = Arc::new(crate::window::Count);
+        // Not combined, as for a checkpointed window: every record goes on.
+        let t = CombineTail::new(
+            &cx,
+            inner,
+            time,
+            agg,
+            assigner,
+            false,
+            |k: &u8| *k as u64,
+            2,
+        );
+        (rx, t.every(3))
     };
     let times: Vec<i64> = (0..50).map(|i| (i * 7) % 23 + i).collect();
-    let watermarks = |rx: &crossbeam_channel::Receiver<Message<(u8, i64)>>| -> Vec<i64> {
+    let watermarks = |rx: &crossbeam_channel::Receiver<Message<Item>>| -> Vec<i64> {
         rx.try_iter()
             .filter_map(|m| match m {
                 Message::Watermark { at, .. } => Some(at.0),

@@ -223,9 +223,19 @@ pub(super) struct KeyedHead<K, T, A, N, F, G> {
     kind: &'static str,
     groups: KeyGroups<K>,
     codec: Option<KeyedCodec<K, A>>,
+    /// How many records an input item stands for beyond the one the channel counted (a
+    /// combiner's partial count stands for `n`); `None`: one each.
+    weight: Option<fn(&T) -> u64>,
 }
 
 impl<K, T, A, N, F, G> KeyedHead<K, T, A, N, F, G> {
+    /// The same head, over the partials of a combiner: `weight(x)` is how many records item
+    /// `x` stands for.
+    pub(super) fn weighted(mut self, weight: fn(&T) -> u64) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         input: InputHead<(K, T)>,
@@ -246,6 +256,7 @@ impl<K, T, A, N, F, G> KeyedHead<K, T, A, N, F, G> {
             kind,
             groups,
             codec,
+            weight: None,
         }
     }
 }
@@ -271,7 +282,12 @@ where
     ) -> Result<Pull, Halt> {
         if self.drain.is_none() {
             let (state, init, fold) = (&mut self.state, &self.init, &self.fold);
+            let weight = self.weight;
             match gather(&mut self.input, cx, flush_at, |batch| {
+                if let Some(w) = weight {
+                    let more: u64 = batch.iter().map(|(_, x)| w(x).saturating_sub(1)).sum();
+                    count_in(cx, more as usize);
+                }
                 for (k, x) in batch.drain(..) {
                     fold(state.entry(k).or_insert_with(|| init()), x);
                 }
@@ -619,5 +635,91 @@ pub(crate) fn gather<T: Send>(
                 }
             }
         }
+    }
+}
+
+/// The tail of the stage feeding a keyed `count`: counts each key's records locally and sends
+/// one `(key, n)` per key — at the end of input, at a checkpoint barrier, and whenever it holds
+/// more than [`MAX_COUNTED`] keys — instead of every record. Keys go out in the order they were
+/// first seen, so the count stage (which emits in first-seen order) emits in the same order as
+/// without the combiner, and a barrier leaves nothing here to snapshot. Counts are integers:
+/// the result is exactly the same.
+pub(super) struct CountTail<K, T> {
+    inner: ChannelTail<(K, u64)>,
+    counts: FxIndexMap<K, u64>,
+    hash: fn(&K) -> u64,
+    metrics: Arc<InstanceMetrics>,
+    _record: std::marker::PhantomData<fn(T)>,
+}
+
+/// The most keys a count combiner holds before it sends their counts (memory stays bounded).
+pub(super) const MAX_COUNTED: usize = 1 << 18;
+
+impl<K: Hash + Eq + Send, T> CountTail<K, T> {
+    pub(super) fn new(cx: &Cx, inner: ChannelTail<(K, u64)>, hash: fn(&K) -> u64) -> Self {
+        CountTail {
+            inner,
+            counts: FxIndexMap::default(),
+            hash,
+            metrics: Arc::clone(&cx.metrics),
+            _record: std::marker::PhantomData,
+        }
+    }
+
+    /// Sends every count held, in first-seen order.
+    fn send_counts(&mut self) -> Result<(), Halt> {
+        for (k, n) in self.counts.drain(..) {
+            // The channel counts one record per message: this one stands for `n`.
+            InstanceMetrics::add(&self.metrics.records_out, n - 1);
+            let h = (self.hash)(&k);
+            self.inner.emit_hashed_by(h, (k, n))?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: Hash + Eq + Send, T> Emit<(K, T)> for CountTail<K, T> {
+    #[inline]
+    fn emit(&mut self, (k, _): (K, T)) -> Result<(), Halt> {
+        *self.counts.entry(k).or_insert(0) += 1;
+        if self.counts.len() > MAX_COUNTED {
+            self.send_counts()?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: Hash + Eq + Send, T> Tail<(K, T)> for CountTail<K, T> {
+    fn before_batch(&mut self, now: u64) {
+        self.inner.before_batch(now)
+    }
+    fn pending_since(&self) -> Option<u64> {
+        self.inner.pending_since()
+    }
+    fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
+        // Counts are only needed at the end: holding them is the point.
+        self.inner.flush(cx)
+    }
+    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
+        match self.send_counts() {
+            Ok(()) | Err(Halt::Done) => {}
+            Err(e) => return Err(e),
+        }
+        self.inner.finish(cx)
+    }
+    fn barrier(
+        &mut self,
+        cx: &Cx,
+        id: CheckpointId,
+        state: &mut InstanceState,
+    ) -> Result<(), Halt> {
+        self.send_counts()?;
+        self.inner.barrier(cx, id, state)
+    }
+    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
+        self.inner.restore(cx, state)
+    }
+    fn state_support(&self) -> StateSupport {
+        self.inner.state_support()
     }
 }

@@ -7,18 +7,18 @@ use std::hash::Hash;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::graph::{channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail};
-use super::heads::{KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
+use super::graph::{
+    channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail, TailFactory,
+};
+use super::heads::{CountTail, KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
 use super::{Fresh, Out, Stream};
 use crate::channel::Partition;
 use crate::checkpoint::keyed::KeyGroups;
 use crate::operator::{Chain, FlatMap, Identity, Map};
-use crate::runtime::{Cx, Head};
-use crate::time::Timestamp;
-use crate::window::stage::{result_only, result_or_late, WatermarkTail, WindowCodec, WindowHead};
-use crate::window::{
-    Aggregate, EventTime, LateRecord, TimeError, WindowOutput, WindowResult, WindowSpec,
-};
+use crate::runtime::{Cx, Head, Tail};
+use crate::window::combine::{CombineTail, WindowIn};
+use crate::window::stage::{result_only, result_or_late, WindowCodec, WindowHead};
+use crate::window::{Aggregate, EventTime, LateRecord, WindowOutput, WindowResult, WindowSpec};
 
 impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Partitions records by key for a keyed aggregation. The key is computed once per record,
@@ -44,13 +44,18 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         KeyedStream {
             b,
             key_name: name,
-            connect: Box::new(move |name, gen| {
+            connect: Box::new(move |name, end| {
                 let chain = Map::new(self.chain.clone(), move |x| (key(&x), x), name);
                 let keyed = self.with(chain);
-                let hash = Partition::Hash(Arc::new(|(k, _): &(K, _)| partition_hash(k)));
-                match gen {
-                    None => keyed.connect(hash),
-                    Some((time, bound)) => connect_with_watermarks(keyed, hash, time, bound),
+                match end {
+                    KeyedEnd::Channel => {
+                        let hash = Partition::Hash(Arc::new(|(k, _): &(K, _)| partition_hash(k)));
+                        Connected::Edge(keyed.connect(hash))
+                    }
+                    KeyedEnd::Tail(make) => {
+                        let tails = make(keyed.stage_name(), keyed.parallelism);
+                        Connected::Stage(keyed.close(None, tails))
+                    }
                 }
             }),
             parallelism: 1,
@@ -138,9 +143,77 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 }
 
-/// Closes the stage feeding a keyed stream (given the `key_by` step's final name), with an
-/// optional watermark generator (event time and bound in ms).
-type ConnectKeyed<K, T> = Box<dyn FnOnce(Arc<str>, Option<(DynTime<T>, i64)>) -> Edge<(K, T)>>;
+/// How the stage feeding a keyed stream ends.
+enum KeyedEnd<K, T> {
+    /// In a channel partitioned by the key.
+    Channel,
+    /// In a tail of its own (a combiner before its own channel): the function gets the stage's
+    /// name and parallelism and returns the factory of its instances' tails.
+    Tail(MakeKeyedTails<K, T>),
+}
+
+/// Makes the tails of the stage feeding a keyed stream, given its name and parallelism.
+type MakeKeyedTails<K, T> = Box<dyn FnOnce(String, usize) -> TailFactory<Box<dyn Tail<(K, T)>>>>;
+
+/// Closes the stage feeding a keyed stream (`connect`, with the `key_by` step's name) with a
+/// tail of its own: each instance's tail is `wrap(cx, channel)` around its channel into a new
+/// edge partitioned by `partition`, which is returned.
+fn connect_tail<K, T, X, W>(
+    connect: ConnectKeyed<K, T>,
+    key_name: Arc<str>,
+    partition: Partition<X>,
+    wrap: W,
+) -> Edge<X>
+where
+    K: 'static,
+    T: 'static,
+    X: Send + 'static,
+    W: Fn(&Cx, crate::channel::ChannelTail<X>) -> Box<dyn Tail<(K, T)>> + Clone + Send + 'static,
+{
+    let slot: Rc<RefCell<Option<Edge<X>>>> = Rc::default();
+    let make: MakeKeyedTails<K, T> = {
+        let slot = Rc::clone(&slot);
+        Box::new(move |stage, parallelism| {
+            let out = edge(partition, stage, parallelism);
+            *slot.borrow_mut() = Some(Rc::clone(&out));
+            Box::new(move |_, i| {
+                let make = channel_tail(&out, i)?;
+                let wrap = wrap.clone();
+                Ok(Box::new(move |cx: &Cx| Ok(wrap(cx, make(cx)?))) as MakeTail<_>)
+            })
+        })
+    };
+    let id = connect(key_name, KeyedEnd::Tail(make)).stage();
+    let edge = slot.borrow_mut().take().expect("the tail made its edge");
+    edge.borrow_mut().from_stage = id;
+    edge
+}
+
+/// What closing the stage feeding a keyed stream gave.
+enum Connected<K, T> {
+    /// The keyed channel ([`KeyedEnd::Channel`]).
+    Edge(Edge<(K, T)>),
+    /// The stage's id ([`KeyedEnd::Tail`]: the tail made its own edge).
+    Stage(usize),
+}
+
+impl<K, T> Connected<K, T> {
+    fn edge(self) -> Edge<(K, T)> {
+        match self {
+            Connected::Edge(e) => e,
+            Connected::Stage(_) => unreachable!("asked for a channel"),
+        }
+    }
+    fn stage(self) -> usize {
+        match self {
+            Connected::Stage(id) => id,
+            Connected::Edge(_) => unreachable!("asked for a tail"),
+        }
+    }
+}
+
+/// Closes the stage feeding a keyed stream (given the `key_by` step's final name).
+type ConnectKeyed<K, T> = Box<dyn FnOnce(Arc<str>, KeyedEnd<K, T>) -> Connected<K, T>>;
 
 /// Records partitioned by key, ready for a per-key aggregation emitted at end of input.
 #[must_use = "a keyed stream does nothing until it is aggregated"]
@@ -231,7 +304,43 @@ where
     /// assert_eq!(v, vec![(1, 2), (2, 1)]);
     /// ```
     pub fn count(self) -> Fresh<(K, u64)> {
-        self.aggregate("count", || 0u64, |n, _| *n += 1, |n| n)
+        self.count_with(None)
+    }
+
+    /// A keyed count whose producing stage counts locally (a [`CountTail`] at the end of each
+    /// instance) and sends one `(key, n)` per key: the count stage adds them up.
+    fn count_with(self, codec: Option<KeyedCodec<K, u64>>) -> Fresh<(K, u64)> {
+        let name = self.b.borrow_mut().default_name("count");
+        let hash = Partition::Hash(Arc::new(|(k, _): &(K, u64)| partition_hash(k)));
+        let edge = connect_tail(self.connect, self.key_name, hash, |cx, inner| {
+            Box::new(CountTail::<K, T>::new(cx, inner, partition_hash::<K>))
+        });
+        let groups = KeyGroups {
+            hash: partition_hash::<K>,
+            parallelism: self.parallelism,
+        };
+        let (init, fold, finish) = (
+            Arc::new(|| 0u64),
+            Arc::new(|n: &mut u64, m: u64| *n += m),
+            Arc::new(|n: u64| n),
+        );
+        let mut head = input_head(vec![edge], move |_, input| {
+            Box::new(
+                KeyedHead::new(
+                    input,
+                    Arc::clone(&init),
+                    Arc::clone(&fold),
+                    Arc::clone(&finish),
+                    "count",
+                    groups,
+                    codec,
+                )
+                .weighted(|n: &u64| *n),
+            ) as Box<dyn Head<(K, u64)>>
+        });
+        head.name = Some(name);
+        head.shape = Some(crate::metrics::Shape::Aggregate);
+        Stream::open(&self.b, head, self.parallelism)
     }
 
     /// Combines each key's records pairwise with `f`; emits `(key, result)` at end of input.
@@ -325,7 +434,7 @@ where
     {
         let name = self.b.borrow_mut().default_name(kind);
         let (fold, init, finish) = (Arc::new(fold), Arc::new(init), Arc::new(finish));
-        let edge = (self.connect)(self.key_name, None);
+        let edge = (self.connect)(self.key_name, KeyedEnd::Channel).edge();
         let groups = KeyGroups {
             hash: partition_hash::<K>,
             parallelism: self.parallelism,
@@ -407,10 +516,25 @@ where
             parallelism: self.parallelism,
         };
         let name = self.b.borrow_mut().default_name("window");
-        let time = spec.time.clone();
-        let generator = DynTime(Arc::new(move |x: &T| time.time(x)));
-        let edge = (self.connect)(self.key_name, Some((generator, spec.max_out_of_orderness)));
         let agg = Arc::new(agg);
+        // Checkpointed windows are not combined: a combiner sends what it holds at each
+        // barrier, and a float sum's grouping (so its rounding) would then depend on when
+        // checkpoints happen (see src/window/combine.rs).
+        let combine = codec.is_none();
+        let hash = Partition::Hash(Arc::new(|x: &WindowIn<K, T, A::Acc>| {
+            partition_hash(x.key())
+        }));
+        let edge = {
+            let (agg, time) = (Arc::clone(&agg), spec.time.clone());
+            let (assigner, bound) = (spec.assigner, spec.max_out_of_orderness);
+            connect_tail(self.connect, self.key_name, hash, move |cx, inner| {
+                let (time, agg) = (time.clone(), Arc::clone(&agg));
+                let hash = partition_hash::<K>;
+                Box::new(CombineTail::new(
+                    cx, inner, time, agg, assigner, combine, hash, bound,
+                ))
+            })
+        };
         let mut head = input_head(vec![edge], move |op: &Arc<str>, input| {
             Box::new(WindowHead::new(
                 Arc::clone(op),
@@ -524,13 +648,7 @@ where
 
     /// As [`KeyedStream::count`].
     pub fn count(self) -> Fresh<(K, u64)> {
-        self.keyed.aggregate_with(
-            "count",
-            || 0u64,
-            |n, _| *n += 1,
-            |n| n,
-            Some(KeyedCodec::new()),
-        )
+        self.keyed.count_with(Some(KeyedCodec::new()))
     }
 
     /// As [`KeyedStream::reduce`], with serde records.
@@ -649,57 +767,4 @@ where
     pub fn outputs(self) -> Fresh<WindowOutput<K, T, O>> {
         self.stream
     }
-}
-
-/// An event-time extractor behind a pointer, for the watermark generator of a keyed edge.
-pub(crate) struct DynTime<T>(Arc<TimeFn<T>>);
-
-type TimeFn<T> = dyn Fn(&T) -> Result<Timestamp, TimeError> + Send + Sync;
-
-impl<T> Clone for DynTime<T> {
-    fn clone(&self) -> Self {
-        DynTime(Arc::clone(&self.0))
-    }
-}
-
-impl<T: 'static> EventTime<T> for DynTime<T> {
-    #[inline]
-    fn time(&self, record: &T) -> Result<Timestamp, TimeError> {
-        (self.0)(record)
-    }
-}
-
-/// Closes a keyed stage into its edge with a watermark generator at the end of each instance.
-fn connect_with_watermarks<I, C, K, T>(
-    s: Stream<I, C>,
-    partition: Partition<(K, T)>,
-    time: DynTime<T>,
-    bound_ms: i64,
-) -> Edge<(K, T)>
-where
-    I: Send + 'static,
-    C: Chain<I, Out = (K, T)>,
-    K: Send + 'static,
-    T: Send + 'static,
-{
-    let edge = edge(partition, s.stage_name(), s.parallelism);
-    let out = Rc::clone(&edge);
-    let id = s.close(
-        None,
-        Box::new(move |_, i| {
-            let make = channel_tail(&out, i)?;
-            let time = time.clone();
-            Ok(Box::new(move |cx: &Cx| {
-                let inner = make(cx)?;
-                Ok(WatermarkTail::new(
-                    inner,
-                    time,
-                    bound_ms,
-                    cx.run.opts.watermark_every,
-                ))
-            }) as MakeTail<_>)
-        }),
-    );
-    edge.borrow_mut().from_stage = id;
-    edge
 }

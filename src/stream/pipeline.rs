@@ -159,10 +159,9 @@ impl Pipeline {
         It::IntoIter: Send + 'static,
         It::Item: Send + 'static,
     {
-        let s = self.source_stage_parts(name, parts, move |_, part, parts| {
+        self.source_stage_parts(name, parts, move |_, part, parts| {
             Ok(Box::new(IterHead::new(make(part, parts).into_iter())) as Box<dyn Head<_>>)
-        });
-        s
+        })
     }
 
     /// A parallel source stage named `name` over a slice, a `Vec`, or anything that derefs to

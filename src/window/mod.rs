@@ -16,6 +16,7 @@
 
 mod aggregate;
 mod assign;
+pub(crate) mod combine;
 mod operator;
 pub(crate) mod stage;
 mod watermark;

@@ -17,8 +17,6 @@ use std::hash::Hash;
 
 use rustc_hash::FxHashMap;
 
-use crate::checkpoint::keyed::FxIndexMap;
-
 use super::{Aggregate, Session, Sliding, Tumbling};
 use crate::time::{Timestamp, Window};
 
@@ -120,6 +118,80 @@ pub(crate) struct WindowMeta {
     pub outside: u64,
 }
 
+/// One fixed window's keys: their accumulators in a hash map (one probe per record, as a hand
+/// loop's map) and, beside it, the keys in first-seen order (the order results are emitted and
+/// checkpoints record). An `IndexMap` keeps the same order but costs two dependent memory
+/// accesses per lookup (its index table, then the entry); the order vector is only appended
+/// to when a key is new and read once per firing.
+pub(crate) struct FixedKeys<K, Acc> {
+    accs: FxHashMap<K, Acc>,
+    order: Vec<K>,
+}
+
+impl<K, Acc> Default for FixedKeys<K, Acc> {
+    fn default() -> Self {
+        FixedKeys {
+            accs: FxHashMap::default(),
+            order: Vec::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, Acc> FixedKeys<K, Acc> {
+    pub(crate) fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.accs.clear();
+        self.order.clear();
+    }
+
+    /// Runs `f` on the key's accumulator, made with `create` (and the key appended to the
+    /// order) if the key is new, telling it whether it was. One probe when the key is there
+    /// (most records); a new key probes again to insert.
+    #[inline]
+    pub(crate) fn update<R>(
+        &mut self,
+        key: &K,
+        create: impl FnOnce() -> Acc,
+        f: impl FnOnce(&mut Acc, bool) -> R,
+    ) -> R {
+        if let Some(acc) = self.accs.get_mut(key) {
+            return f(acc, false);
+        }
+        self.order.push(key.clone());
+        f(self.accs.entry(key.clone()).or_insert_with(create), true)
+    }
+
+    /// Inserts a key that is not there yet (a restore); false if it was.
+    pub(crate) fn insert(&mut self, key: K, acc: Acc) -> bool {
+        match self.accs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.order.push(v.key().clone());
+                v.insert(acc);
+                true
+            }
+        }
+    }
+
+    /// Takes every key and accumulator out, in first-seen order (the map keeps its capacity).
+    pub(crate) fn drain_ordered(&mut self, mut f: impl FnMut(K, Acc)) {
+        for k in self.order.drain(..) {
+            let acc = self.accs.remove(&k).expect("every ordered key has a value");
+            f(k, acc);
+        }
+    }
+
+    /// Keys and accumulators in first-seen order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &Acc)> {
+        self.order
+            .iter()
+            .map(|k| (k, self.accs.get(k).expect("every ordered key has a value")))
+    }
+}
+
 /// How many emptied key maps a window state keeps for reuse.
 const SPARE_MAPS: usize = 2;
 
@@ -148,10 +220,10 @@ pub struct WindowState<K, T, A: Aggregate<T>> {
     /// Each window's keys are in first-seen order (the order its results are emitted in, which
     /// a checkpoint records): a hash map's order would depend on its history, and a restored
     /// run at parallelism 1 would emit one firing's results in another order.
-    fixed: VecDeque<(Window, FxIndexMap<K, A::Acc>)>,
+    fixed: VecDeque<(Window, FixedKeys<K, A::Acc>)>,
     /// Emptied key maps of freed windows, kept (at most [`SPARE_MAPS`]) so that the next
     /// window starts at the size the last one reached instead of growing and rehashing again.
-    spare: Vec<FxIndexMap<K, A::Acc>>,
+    spare: Vec<FixedKeys<K, A::Acc>>,
     /// The tumbling window of the last record (empty at first).
     last_tumbling: Window,
     keys: FxHashMap<K, Vec<Slot<A::Acc>>>,
@@ -321,26 +393,72 @@ where
                 continue;
             }
             let i = self.fixed_index(*w);
-            let keys = &mut self.fixed[i].1;
-            let (acc, new) = match keys.get_mut(&key) {
-                Some(acc) => (acc, false),
-                None => {
-                    self.live += 1;
-                    let acc = keys.entry(key.clone()).or_insert(self.agg.create());
-                    (acc, true)
-                }
-            };
-            self.agg.add(acc, &record);
-            if w.end <= wm {
-                // The window already fired: emit now, as an update if this key was emitted.
-                out.push(WindowOutput::Result(WindowResult {
-                    key: key.clone(),
-                    window: *w,
-                    value: self.agg.result(acc),
-                    update: !new,
-                    replaces: Vec::new(),
-                }));
+            let agg = &self.agg;
+            let new = self.fixed[i].1.update(
+                &key,
+                || agg.create(),
+                |acc, new| {
+                    agg.add(acc, &record);
+                    if w.end <= wm {
+                        // The window already fired: emit now, as an update if this key was
+                        // emitted.
+                        out.push(WindowOutput::Result(WindowResult {
+                            key: key.clone(),
+                            window: *w,
+                            value: agg.result(acc),
+                            update: !new,
+                            replaces: Vec::new(),
+                        }));
+                    }
+                    new
+                },
+            );
+            if new {
+                self.live += 1;
             }
+        }
+    }
+
+    /// Merges a combiner's partial: what `records` records of `key` in the fixed window
+    /// `window` added up to (see `combine.rs`). A partial arrives before the watermark that
+    /// fires its window; should its window be gone anyway, its records are counted as late
+    /// (they cannot be returned one by one).
+    pub(crate) fn on_partial(
+        &mut self,
+        key: K,
+        window: Window,
+        acc: A::Acc,
+        records: u32,
+        out: &mut Vec<WindowOutput<K, T, A::Out>>,
+    ) {
+        if self.freed(&window) {
+            debug_assert!(false, "a partial arrived after its window was freed");
+            log::warn!("{records} pre-aggregated records arrived after their window {window:?} was freed; counted as late");
+            self.late += u64::from(records);
+            return;
+        }
+        let wm = self.watermark;
+        let i = self.fixed_index(window);
+        let agg = &self.agg;
+        let new = self.fixed[i].1.update(
+            &key,
+            || agg.create(),
+            |into, new| {
+                agg.merge(into, acc);
+                if window.end <= wm {
+                    out.push(WindowOutput::Result(WindowResult {
+                        key: key.clone(),
+                        window,
+                        value: agg.result(into),
+                        update: !new,
+                        replaces: Vec::new(),
+                    }));
+                }
+                new
+            },
+        );
+        if new {
+            self.live += 1;
         }
     }
 
@@ -517,7 +635,7 @@ where
         fixed.sort_unstable_by_key(|(w, pos, _, _)| (*w, *pos));
         for (w, _, key, acc) in fixed {
             let i = self.fixed_index(from_ms(w));
-            if self.fixed[i].1.insert(key, acc).is_none() {
+            if self.fixed[i].1.insert(key, acc) {
                 self.live += 1;
             }
         }

@@ -1,5 +1,4 @@
-//! Event time in the runtime: the watermark generator that sits at the end of the stage feeding
-//! a window (one per instance), the window stage's head that drives a [`WindowState`], and the
+//! Event time in the runtime: the window stage's head that drives a [`WindowState`], and the
 //! typed API around them ([`WindowSpec`]; the builder type [`Windowed`](crate::Windowed) lives with the other streams).
 //!
 //! Checkpoints: the generator snapshots the newest event time it saw, the last watermark it
@@ -15,9 +14,10 @@
 
 use std::time::Duration;
 
+use super::combine::WindowIn;
 use super::operator::{KeyWindows, WindowMeta};
-use super::{Aggregate, Assigner, BoundedOutOfOrderness, WindowOutput, WindowResult, WindowState};
-use crate::channel::{ChannelTail, InputHead};
+use super::{Aggregate, Assigner, WindowOutput, WindowResult, WindowState};
+use crate::channel::InputHead;
 use crate::checkpoint::keyed::{
     check_groups, key_groups_of, keyed_part_owned, record_key_groups, KeyGroups,
 };
@@ -25,8 +25,8 @@ use crate::checkpoint::state::{InstanceState, KeyedPart};
 use crate::checkpoint::StateSupport;
 use crate::error::Error;
 use crate::metrics::InstanceMetrics;
-use crate::operator::{Emit, Halt};
-use crate::runtime::{Cx, Head, Pull, Tail};
+use crate::operator::Halt;
+use crate::runtime::{Cx, Head, Pull};
 use crate::time::Timestamp;
 
 /// How a window stage reads a record's event time.
@@ -201,136 +201,16 @@ pub struct LateRecord<K, T> {
     pub record: T,
 }
 
-/// The watermark generator of one producing instance, wrapped around its output channel: it
-/// notes the event time of every record emitted and, every `every` records, sends the
-/// watermark on if it has risen (and at once when the input goes idle). Upstream watermarks
-/// reaching this stage are dropped: this generator replaces them.
-pub(crate) struct WatermarkTail<K, T, E> {
-    inner: ChannelTail<(K, T)>,
-    time: E,
-    gen: BoundedOutOfOrderness,
-    /// The last watermark sent.
-    sent: Timestamp,
-    /// Records emitted since the last check.
-    since: usize,
-    every: usize,
-}
-
-impl<K: Send, T: Send, E: EventTime<T>> WatermarkTail<K, T, E> {
-    pub(crate) fn new(inner: ChannelTail<(K, T)>, time: E, bound_ms: i64, every: usize) -> Self {
-        WatermarkTail {
-            inner,
-            time,
-            gen: BoundedOutOfOrderness::new(bound_ms),
-            sent: Timestamp::MIN,
-            since: 0,
-            every: every.max(1),
-        }
-    }
-
-    fn send(&mut self) -> Result<(), Halt> {
-        self.since = 0;
-        let wm = self.gen.current();
-        if wm > self.sent {
-            self.sent = wm;
-            self.inner.send_watermark(wm)?;
-        }
-        Ok(())
-    }
-}
-
-impl<K: Send, T: Send, E: EventTime<T>> Emit<(K, T)> for WatermarkTail<K, T, E> {
-    #[inline]
-    fn emit(&mut self, item: (K, T)) -> Result<(), Halt> {
-        // A record without a readable time does not move the watermark; the window stage
-        // applies its error policy to it.
-        if let Ok(t) = self.time.time(&item.1) {
-            self.gen.observe(t);
-        }
-        self.inner.emit(item)?;
-        self.since += 1;
-        if self.since >= self.every {
-            self.send()?;
-        }
-        Ok(())
-    }
-}
-
-/// What a watermark generator records at a barrier (part `tail.watermark`).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct GeneratorState {
-    /// The newest event time seen and the last watermark computed (ms).
-    gen: (Option<i64>, i64),
-    /// The last watermark sent (ms).
-    sent: i64,
-    /// Records emitted since the last send.
-    since: usize,
-}
-
-impl<K: Send, T: Send, E: EventTime<T>> Tail<(K, T)> for WatermarkTail<K, T, E> {
-    fn before_batch(&mut self, now: u64) {
-        self.inner.before_batch(now)
-    }
-    fn barrier(
-        &mut self,
-        cx: &Cx,
-        id: crate::checkpoint::CheckpointId,
-        state: &mut InstanceState,
-    ) -> Result<(), Halt> {
-        // No watermark is sent here: which records are late must not depend on when
-        // checkpoints happen.
-        self.inner.barrier(cx, id, state)?;
-        state.put(
-            "tail.watermark",
-            &GeneratorState {
-                gen: self.gen.save(),
-                sent: self.sent.0,
-                since: self.since,
-            },
-        )?;
-        Ok(())
-    }
-    fn restore(&mut self, cx: &Cx, state: &InstanceState) -> Result<(), Halt> {
-        self.inner.restore(cx, state)?;
-        if let Some(g) = state.get::<GeneratorState>("tail.watermark")? {
-            self.gen.load(g.gen);
-            self.sent = Timestamp(g.sent);
-            self.since = g.since;
-        }
-        Ok(())
-    }
-    fn state_support(&self) -> StateSupport {
-        match self.inner.state_support() {
-            StateSupport::Stateless => StateSupport::Snapshots,
-            other => other,
-        }
-    }
-    fn watermark(&mut self, _cx: &Cx, _at: Timestamp) -> Result<(), Halt> {
-        Ok(())
-    }
-    fn pending_since(&self) -> Option<u64> {
-        self.inner.pending_since()
-    }
-    fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
-        self.inner.flush(cx)?;
-        self.send()
-    }
-    fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
-        // End of stream is a watermark of +∞ at the consumer.
-        self.inner.finish(cx)
-    }
-}
-
 /// The head of a window stage: reads `(key, record)` batches and watermarks from its input,
 /// drives the [`WindowState`], and yields results and late records.
 pub(crate) struct WindowHead<K, T, A: Aggregate<T>, E> {
     /// The window operator's own name (errors name it, not the fused stage).
     pub name: std::sync::Arc<str>,
-    pub input: InputHead<(K, T)>,
+    pub input: InputHead<WindowIn<K, T, A::Acc>>,
     pub state: WindowState<K, T, A>,
     pub time: E,
     pub on_error: OnError,
-    pub tmp: Vec<(K, T)>,
+    pub tmp: Vec<WindowIn<K, T, A::Acc>>,
     /// A reloadable window's changeable parameters, and the version applied.
     pub live: Option<(std::sync::Arc<crate::versioned::Versioned<WindowLive>>, u64)>,
     /// Records received by this instance (the position reported for a bad record).
@@ -411,7 +291,7 @@ where
 {
     pub(crate) fn new(
         name: std::sync::Arc<str>,
-        input: InputHead<(K, T)>,
+        input: InputHead<WindowIn<K, T, A::Acc>>,
         spec: &WindowSpec<E>,
         agg: A,
         groups: KeyGroups<K>,
@@ -475,7 +355,23 @@ where
                 live.count(version, self.tmp.len() as u64);
             }
         }
-        for (k, x) in self.tmp.drain(..) {
+        let mut partials_in = 0u64;
+        for item in self.tmp.drain(..) {
+            let (k, x) = match item {
+                WindowIn::Record(k, x) => (k, x),
+                WindowIn::Partial {
+                    key,
+                    window,
+                    acc,
+                    records,
+                } => {
+                    // The channel counted one record for the partial: it stands for `records`.
+                    partials_in += u64::from(records) - 1;
+                    self.seen += u64::from(records);
+                    self.state.on_partial(key, window, acc, records, buf);
+                    continue;
+                }
+            };
             self.seen += 1;
             match self.time.time(&x) {
                 Ok(t) => self.state.on_record(k, t, x, buf),
@@ -504,6 +400,9 @@ where
                     }
                 }
             }
+        }
+        if partials_in > 0 {
+            InstanceMetrics::add(&cx.metrics.records_in, partials_in);
         }
         let pull = match pull {
             Pull::Watermark(wm) => {
