@@ -209,6 +209,26 @@ fn wordcount(c: &mut Criterion) {
             })
         });
     }
+    // A parallel source: two readers, each over every other line, so the tokenising runs on
+    // both threads without a rebalance hop.
+    g.bench_function("engine_parallel_source/2", |b| {
+        let (lines, expect) = text();
+        let expect = *expect;
+        b.iter(|| {
+            let p = Pipeline::new();
+            let out = p
+                .parallel_source("lines", 2, move |part, parts| {
+                    lines.iter().copied().skip(part).step_by(parts)
+                })
+                .flat_map(|l: &'static str| l.split_whitespace())
+                .key_by(|w| *w)
+                .parallelism(2)
+                .count()
+                .collect();
+            p.run().unwrap();
+            assert_eq!(out.len(), expect);
+        })
+    });
     g.finish();
 }
 

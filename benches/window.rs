@@ -1,5 +1,6 @@
 //! Keyed 10 s tumbling sum over 10 million events (10,000 keys, up to 2 s of disorder), through
-//! the window stage at parallelism 1 and 2, next to a hand-written single-threaded loop over the
+//! the window stage at parallelism 1 and 2 (fed by one source thread, by a rebalance, or by a
+//! parallel source over the shared events), next to a hand-written single-threaded loop over the
 //! same events that does the same work: per-(window, key) sums, a watermark trailing the newest
 //! time by 2 s, and windows emitted (and freed) as the watermark passes their end.
 //!
@@ -52,9 +53,30 @@ fn hand_loop(data: &[Ev]) -> (u64, f64) {
     (fired, checksum)
 }
 
-/// The pipeline at `parallelism`; `spread` also runs the keying (and the watermark generator)
-/// on `parallelism` threads behind a rebalance, leaving the source thread only the iteration.
-fn pipeline(data: Arc<Vec<Ev>>, parallelism: usize, spread: bool) -> (u64, f64) {
+/// How the events reach the keyed stage.
+#[derive(Clone, Copy, PartialEq)]
+enum Feed {
+    /// One source thread iterates, keys and pre-aggregates.
+    Source,
+    /// One source thread iterates; `parallelism` threads behind a rebalance key and
+    /// pre-aggregate.
+    Rebalanced,
+    /// A parallel source of `parallelism` instances over the shared events
+    /// (`Pipeline::source_split`): iteration, keying and pre-aggregation on every thread.
+    Split,
+}
+
+/// The shared events as a slice, for `Pipeline::source_split`.
+struct Shared(Arc<Vec<Ev>>);
+
+impl AsRef<[Ev]> for Shared {
+    fn as_ref(&self) -> &[Ev] {
+        &self.0
+    }
+}
+
+/// The pipeline at `parallelism`, fed as `feed` says.
+fn pipeline(data: Arc<Vec<Ev>>, parallelism: usize, feed: Feed) -> (u64, f64) {
     let p = Pipeline::with_options(Options::default());
     let total = Arc::new(parking_lot::Mutex::new((0u64, 0.0f64)));
     // The sink sums locally, as the hand loop does, and publishes when it is dropped at the
@@ -67,32 +89,43 @@ fn pipeline(data: Arc<Vec<Ev>>, parallelism: usize, spread: bool) -> (u64, f64) 
     let n = data.len();
     let spec = WindowSpec::new(Tumbling::new(SIZE_MS, 0).unwrap(), |e: &Ev| Timestamp(e.1))
         .max_out_of_orderness(Duration::from_millis(DISORDER_MS as u64));
-    let source = p.source("events", (0..n).map(move |i| data[i]));
     let sink = move |v: f64| {
         let l = &mut local; // the whole struct moves into the sink, not just its fields
         l.fired += 1;
         l.sum += v;
     };
     let agg = Sum.on(|e: &Ev| e.2);
-    // Two arms rather than one boxed stream: boxing would add a dynamic call per record to
-    // the pipeline being measured.
-    if spread {
-        source
-            .rebalance(parallelism)
-            .key_by(|e: &Ev| e.0)
-            .parallelism(parallelism)
-            .window(spec, agg)
-            .results()
-            .map(|r| r.value)
-            .for_each(sink);
-    } else {
-        source
-            .key_by(|e: &Ev| e.0)
-            .parallelism(parallelism)
-            .window(spec, agg)
-            .results()
-            .map(|r| r.value)
-            .for_each(sink);
+    // One arm per feed rather than one boxed stream: boxing would add a dynamic call per
+    // record to the pipeline being measured.
+    match feed {
+        Feed::Split => {
+            p.source_split("events", Shared(data), parallelism)
+                .key_by(|e: &Ev| e.0)
+                .parallelism(parallelism)
+                .window(spec, agg)
+                .results()
+                .map(|r| r.value)
+                .for_each(sink);
+        }
+        Feed::Rebalanced => {
+            p.source("events", (0..n).map(move |i| data[i]))
+                .rebalance(parallelism)
+                .key_by(|e: &Ev| e.0)
+                .parallelism(parallelism)
+                .window(spec, agg)
+                .results()
+                .map(|r| r.value)
+                .for_each(sink);
+        }
+        Feed::Source => {
+            p.source("events", (0..n).map(move |i| data[i]))
+                .key_by(|e: &Ev| e.0)
+                .parallelism(parallelism)
+                .window(spec, agg)
+                .results()
+                .map(|r| r.value)
+                .for_each(sink);
+        }
     }
     p.run().expect("the window pipeline runs");
     let total = *total.lock();
@@ -117,8 +150,14 @@ impl Drop for Published {
 fn window(c: &mut Criterion) {
     let data = events();
     let expect = hand_loop(&data);
-    for (p, spread) in [(1, false), (2, false), (2, true)] {
-        let got = pipeline(Arc::clone(&data), p, spread);
+    const RUNS: [(usize, Feed); 4] = [
+        (1, Feed::Source),
+        (2, Feed::Source),
+        (2, Feed::Rebalanced),
+        (2, Feed::Split),
+    ];
+    for (p, feed) in RUNS {
+        let got = pipeline(Arc::clone(&data), p, feed);
         assert_eq!(got.0, expect.0, "same windows at parallelism {p}");
         assert!(
             (got.1 - expect.1).abs() < 1e-6 * expect.1.abs(),
@@ -132,14 +171,14 @@ fn window(c: &mut Criterion) {
     g.bench_function("hand_loop", |b| {
         b.iter(|| black_box(hand_loop(black_box(&data))))
     });
-    for (p, spread) in [(1, false), (2, false), (2, true)] {
-        let name = if spread {
-            format!("pipeline_p{p}_rebalanced")
-        } else {
-            format!("pipeline_p{p}")
+    for (p, feed) in RUNS {
+        let name = match feed {
+            Feed::Source => format!("pipeline_p{p}"),
+            Feed::Rebalanced => format!("pipeline_p{p}_rebalanced"),
+            Feed::Split => format!("pipeline_p{p}_source_split"),
         };
         g.bench_function(name, |b| {
-            b.iter(|| black_box(pipeline(Arc::clone(&data), p, spread)))
+            b.iter(|| black_box(pipeline(Arc::clone(&data), p, feed)))
         });
     }
     g.finish();

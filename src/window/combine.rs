@@ -95,8 +95,6 @@ pub(crate) struct CombineTail<K, T, A: Aggregate<T>, E> {
     entries: usize,
     /// A partial's record count is near its limit: send them all after this record.
     must_send: bool,
-    /// The tumbling window of the last combined record.
-    last_tumbling: Window,
     metrics: Arc<InstanceMetrics>,
 }
 
@@ -145,7 +143,6 @@ where
             spare: Vec::new(),
             entries: 0,
             must_send: false,
-            last_tumbling: Window::new(Timestamp(0), Timestamp(0)),
             metrics: Arc::clone(&cx.metrics),
         }
     }
@@ -265,13 +262,53 @@ where
             return self.raw(key, record);
         };
         self.gen.observe(t);
+        // The common case, kept small so that it stays fast: the record falls in the newest
+        // open window. (Every open window is on time: it is dropped from `open` when the
+        // watermark sent passes its end.)
+        let agg = &*self.agg;
+        let hit = match self.open.back_mut() {
+            Some((w, keys)) if self.combine && w.contains(t) => Some(keys.update(
+                &key,
+                || (agg.create(), 0),
+                |(acc, n), new| {
+                    agg.add(acc, &record);
+                    *n += 1;
+                    (new, *n >= u32::MAX / 2)
+                },
+            )),
+            _ => None,
+        };
+        match hit {
+            Some((new, full)) => {
+                self.entries += usize::from(new);
+                // A record count near its limit: send everything after this record.
+                self.must_send |= full;
+            }
+            None => self.emit_other(key, record, t)?,
+        }
+        self.since += 1;
+        if self.since >= self.every || self.entries > MAX_ENTRIES || self.must_send {
+            self.tick()?;
+        }
+        Ok(())
+    }
+}
+
+impl<K, T, A, E> CombineTail<K, T, A, E>
+where
+    K: Hash + Eq + Clone + Send,
+    T: Send,
+    A: Aggregate<T>,
+    E: EventTime<T>,
+{
+    /// A record outside the newest open window: combined into an older or a new window, or
+    /// (not combined, or late for this combiner) sent as it is.
+    #[inline(never)]
+    fn emit_other(&mut self, key: K, record: T, t: Timestamp) -> Result<(), Halt> {
         let combined = self.combine
             && match self.assigner {
                 Assigner::Tumbling(a) => {
-                    if !self.last_tumbling.contains(t) {
-                        self.last_tumbling = a.assign(t);
-                    }
-                    let w = self.last_tumbling;
+                    let w = a.assign(t);
                     let on_time = w.end > self.sent;
                     if on_time {
                         self.add(&key, w, &record);
@@ -282,10 +319,16 @@ where
                 // each, and the accounts count records.
                 Assigner::Sliding(_) | Assigner::Session(_) => false,
             };
-        if !combined {
-            self.raw(key, record)?;
+        if combined {
+            Ok(())
+        } else {
+            self.raw(key, record)
         }
-        self.since += 1;
+    }
+
+    /// Every `every` records: the watermark; at the cap: every partial.
+    #[inline(never)]
+    fn tick(&mut self) -> Result<(), Halt> {
         if self.since >= self.every {
             self.send_watermark()?;
         }
