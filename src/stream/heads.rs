@@ -28,6 +28,7 @@ use crate::metrics::InstanceMetrics;
 use crate::operator::{Chain, Emit, Halt};
 use crate::runtime::{Cx, Head, Pull, Tail};
 use crate::time::Timestamp;
+use crate::window::FixedKeys;
 
 /// Sends each record to one of two channel tails.
 pub(super) struct RouteTail<X, L, R> {
@@ -646,7 +647,8 @@ pub(crate) fn gather<T: Send>(
 /// the result is exactly the same.
 pub(super) struct CountTail<K, T> {
     inner: ChannelTail<(K, u64)>,
-    counts: FxIndexMap<K, u64>,
+    /// One probe per record (see `FixedKeys`: an `IndexMap` costs two dependent accesses).
+    counts: FixedKeys<K, u64>,
     hash: fn(&K) -> u64,
     metrics: Arc<InstanceMetrics>,
     _record: std::marker::PhantomData<fn(T)>,
@@ -655,11 +657,11 @@ pub(super) struct CountTail<K, T> {
 /// The most keys a count combiner holds before it sends their counts (memory stays bounded).
 pub(super) const MAX_COUNTED: usize = 1 << 18;
 
-impl<K: Hash + Eq + Send, T> CountTail<K, T> {
+impl<K: Hash + Eq + Clone + Send, T> CountTail<K, T> {
     pub(super) fn new(cx: &Cx, inner: ChannelTail<(K, u64)>, hash: fn(&K) -> u64) -> Self {
         CountTail {
             inner,
-            counts: FxIndexMap::default(),
+            counts: FixedKeys::default(),
             hash,
             metrics: Arc::clone(&cx.metrics),
             _record: std::marker::PhantomData,
@@ -668,20 +670,23 @@ impl<K: Hash + Eq + Send, T> CountTail<K, T> {
 
     /// Sends every count held, in first-seen order.
     fn send_counts(&mut self) -> Result<(), Halt> {
-        for (k, n) in self.counts.drain(..) {
-            // The channel counts one record per message: this one stands for `n`.
-            InstanceMetrics::add(&self.metrics.records_out, n - 1);
-            let h = (self.hash)(&k);
-            self.inner.emit_hashed_by(h, (k, n))?;
-        }
-        Ok(())
+        let (hash, inner, metrics) = (self.hash, &mut self.inner, &self.metrics);
+        let mut result = Ok(());
+        self.counts.drain_ordered(|k, n| {
+            if result.is_ok() {
+                // The channel counts one record per message: this one stands for `n`.
+                InstanceMetrics::add(&metrics.records_out, n - 1);
+                result = inner.emit_hashed_by(hash(&k), (k, n));
+            }
+        });
+        result
     }
 }
 
-impl<K: Hash + Eq + Send, T> Emit<(K, T)> for CountTail<K, T> {
+impl<K: Hash + Eq + Clone + Send, T> Emit<(K, T)> for CountTail<K, T> {
     #[inline]
     fn emit(&mut self, (k, _): (K, T)) -> Result<(), Halt> {
-        *self.counts.entry(k).or_insert(0) += 1;
+        self.counts.update(&k, || 0, |n, _| *n += 1);
         if self.counts.len() > MAX_COUNTED {
             self.send_counts()?;
         }
@@ -689,7 +694,7 @@ impl<K: Hash + Eq + Send, T> Emit<(K, T)> for CountTail<K, T> {
     }
 }
 
-impl<K: Hash + Eq + Send, T> Tail<(K, T)> for CountTail<K, T> {
+impl<K: Hash + Eq + Clone + Send, T> Tail<(K, T)> for CountTail<K, T> {
     fn before_batch(&mut self, now: u64) {
         self.inner.before_batch(now)
     }

@@ -303,13 +303,19 @@ where
     /// v.sort();
     /// assert_eq!(v, vec![(1, 2), (2, 1)]);
     /// ```
-    pub fn count(self) -> Fresh<(K, u64)> {
+    pub fn count(self) -> Fresh<(K, u64)>
+    where
+        K: Clone,
+    {
         self.count_with(None)
     }
 
     /// A keyed count whose producing stage counts locally (a [`CountTail`] at the end of each
     /// instance) and sends one `(key, n)` per key: the count stage adds them up.
-    fn count_with(self, codec: Option<KeyedCodec<K, u64>>) -> Fresh<(K, u64)> {
+    fn count_with(self, codec: Option<KeyedCodec<K, u64>>) -> Fresh<(K, u64)>
+    where
+        K: Clone,
+    {
         let name = self.b.borrow_mut().default_name("count");
         let hash = Partition::Hash(Arc::new(|(k, _): &(K, u64)| partition_hash(k)));
         let edge = connect_tail(self.connect, self.key_name, hash, |cx, inner| {
@@ -647,7 +653,10 @@ where
     }
 
     /// As [`KeyedStream::count`].
-    pub fn count(self) -> Fresh<(K, u64)> {
+    pub fn count(self) -> Fresh<(K, u64)>
+    where
+        K: Clone,
+    {
         self.keyed.count_with(Some(KeyedCodec::new()))
     }
 

@@ -23,6 +23,7 @@ mod watermark;
 
 pub use aggregate::{Aggregate, Count, Max, Mean, Min, On, Sum};
 pub use assign::{AssignerError, Session, Sliding, Tumbling};
+pub(crate) use operator::FixedKeys;
 pub use operator::{Assigner, WindowOutput, WindowResult, WindowState};
 pub(crate) use stage::WindowLive;
 pub use stage::{EventTime, LateRecord, OnError, TimeError, WindowSpec};
