@@ -58,9 +58,11 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// are gone, stop the stage after the batch in hand, as for any stage. The step's account
     /// (`map_par`, renamed by [`name`](Stream::name)) is one record out per record in.
     ///
-    /// When the work is cheap (nanoseconds per record), [`map`](Stream::map) in more stage
-    /// instances (`rebalance(n)...parallelism(n)`) is cheaper than a pool hand-off per batch,
-    /// but it does not keep the order; `docs/performance.md` measures both.
+    /// Each batch costs a hand-off to the pool and back (tens of microseconds): for cheap work
+    /// (nanoseconds per record) use [`map`](Stream::map). Against more instances of a `map`
+    /// (`rebalance(n)...parallelism(n)`, which do not keep the order), `docs/performance.md`
+    /// measures both; a larger [`Options::batch_size`](crate::Options::batch_size) narrows the
+    /// per-batch cost.
     ///
     /// [`Pipeline::run`]: crate::Pipeline::run
     /// [`Error::Panic`]: crate::Error::Panic
