@@ -8,6 +8,11 @@
 //!   `on_error = "dead_letter"` on every stage (issue #14: the policy must cost nothing on clean
 //!   input, ≥ 0.98×).
 //!
+//! - `map_par`: about 1 µs of integer mixing per record (issue #16, item 7): a hand loop on one
+//!   thread, rayon's `par_iter` over the whole input (what the machine allows), `map` in one
+//!   stage, `map` in two stage instances (`rebalance(2)`, the engine's other way to use more
+//!   cores) and `map_par` on the run's rayon pool.
+//!
 //! Run: `cargo bench --bench engine` (or name one group: `cargo bench --bench engine -- wordcount`).
 //! Results and their ratios are recorded in docs/performance.md.
 // A bench drives the engine from outside with std's threads and atomics: the `crate::sync`
@@ -22,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use millrace::{Options, Pipeline};
 use rustc_hash::FxHashMap;
 
@@ -91,6 +98,96 @@ fn fused_chain(c: &mut Criterion) {
                 .map(f3)
                 .new_stage()
                 .map(f4)
+                .for_each(|x| {
+                    black_box(x);
+                });
+            p.run().unwrap()
+        })
+    });
+    g.finish();
+}
+
+/// About a microsecond of integer mixing on this machine: 768 dependent rounds of
+/// xor, multiply and rotate, which LLVM can neither vectorise nor shorten.
+#[inline(never)]
+fn expensive(x: u64) -> u64 {
+    let mut h = x;
+    for i in 0..768u64 {
+        h = (h ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(23);
+    }
+    h
+}
+
+fn map_par(c: &mut Criterion) {
+    const N: u64 = 100_000;
+    let data: Vec<u64> = (0..N).collect();
+    // Every way computes the same sum of results (checked once, outside the timing).
+    let expect = data.iter().fold(0u64, |s, &x| s.wrapping_add(expensive(x)));
+    let sum =
+        |out: &millrace::Collected<u64>| out.take().iter().fold(0u64, |s, &x| s.wrapping_add(x));
+    let engine = |how: &str| -> u64 {
+        let p = Pipeline::new();
+        let src = p.source("n", 0..black_box(N));
+        let out = match how {
+            "map" => src.map(expensive).collect(),
+            "rebalance_2" => src.rebalance(2).map(expensive).parallelism(2).collect(),
+            "map_par" => src.map_par(expensive).collect(),
+            _ => unreachable!(),
+        };
+        p.run().unwrap();
+        sum(&out)
+    };
+    for how in ["map", "rebalance_2", "map_par"] {
+        assert_eq!(engine(how), expect, "{how}");
+    }
+    let mut g = c.benchmark_group("map_par");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(10);
+    g.sampling_mode(SamplingMode::Flat);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(4));
+    g.bench_function("hand_loop", |b| {
+        b.iter(|| {
+            for &x in black_box(&data) {
+                black_box(expensive(x));
+            }
+        })
+    });
+    g.bench_function("rayon_par_iter", |b| {
+        use rayon::prelude::*;
+        b.iter(|| {
+            black_box(&data).par_iter().for_each(|&x| {
+                black_box(expensive(x));
+            })
+        })
+    });
+    g.bench_function("engine_map_p1", |b| {
+        b.iter(|| {
+            let p = Pipeline::new();
+            p.source("n", 0..black_box(N)).map(expensive).for_each(|x| {
+                black_box(x);
+            });
+            p.run().unwrap()
+        })
+    });
+    g.bench_function("engine_rebalance_2", |b| {
+        b.iter(|| {
+            let p = Pipeline::new();
+            p.source("n", 0..black_box(N))
+                .rebalance(2)
+                .map(expensive)
+                .parallelism(2)
+                .for_each(|x| {
+                    black_box(x);
+                });
+            p.run().unwrap()
+        })
+    });
+    g.bench_function("engine_map_par", |b| {
+        b.iter(|| {
+            let p = Pipeline::new();
+            p.source("n", 0..black_box(N))
+                .map_par(expensive)
                 .for_each(|x| {
                     black_box(x);
                 });
@@ -453,6 +550,7 @@ fn exec_cat(c: &mut Criterion) {
 criterion_group!(
     benches,
     fused_chain,
+    map_par,
     channel_hop,
     wordcount,
     ndjson_cli,

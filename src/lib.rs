@@ -54,6 +54,7 @@ pub mod job;
 mod metrics;
 mod ndjson;
 pub mod operator;
+mod par;
 #[cfg(feature = "plugin")]
 pub mod plugin;
 pub mod pool;

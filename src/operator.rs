@@ -338,6 +338,7 @@ impl<C, F> sealed::Sealed for TryFlatMap<C, F> {}
 impl<C, F> sealed::Sealed for Inspect<C, F> {}
 impl<C> sealed::Sealed for Limit<C> {}
 impl<In, Out> sealed::Sealed for Boxed<In, Out> {}
+impl<T> sealed::Sealed for MapPar<T> {}
 
 /// The empty chain: emits its input unchanged.
 #[derive(Debug)]
@@ -846,6 +847,62 @@ impl<In, C: Chain<In>> Chain<In> for Limit<C> {
                 Some(r.saturating_sub(passed))
             });
         Ok(())
+    }
+}
+
+/// `map_par`: the step a [`Stream::map_par`](crate::Stream::map_par) adds. Its records were
+/// mapped by the stage's head on the run's rayon pool (a batch at a time, in order); the step
+/// itself passes them on, and holds the step's name and account (one record out per record
+/// in).
+pub struct MapPar<T> {
+    name: Arc<str>,
+    acc: Acc,
+    out: PhantomData<fn(T) -> T>,
+}
+
+impl<T> std::fmt::Debug for MapPar<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapPar")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Clone for MapPar<T> {
+    fn clone(&self) -> Self {
+        MapPar {
+            name: Arc::clone(&self.name),
+            acc: self.acc.clone(),
+            out: PhantomData,
+        }
+    }
+}
+
+impl<T> MapPar<T> {
+    pub(crate) fn new(name: Arc<str>) -> Self {
+        MapPar {
+            name,
+            acc: Acc::new(),
+            out: PhantomData,
+        }
+    }
+}
+
+impl<T: Send + 'static> Chain<T> for MapPar<T> {
+    type Out = T;
+    #[inline]
+    fn push<E: Emit<T>>(&mut self, item: T, out: &mut E) -> Result<(), Halt> {
+        out.emit(item)
+    }
+    fn steps(&self, steps: &mut Vec<StepInfo>) {
+        steps.push(self.acc.info(&self.name, Shape::OneToOne));
+    }
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        names.push(Arc::clone(&self.name));
+    }
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
     }
 }
 

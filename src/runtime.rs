@@ -39,6 +39,12 @@ pub struct Options {
     /// How many dead letters the run may send before it fails with
     /// [`Error::TooManyDeadLetters`] (default `None`: no limit).
     pub max_dead_letters: Option<crate::dead_letter::DeadLetterLimit>,
+    /// Threads of the run's rayon pool, which every
+    /// [`map_par`](crate::Stream::map_par) step of the run shares (default `None`: rayon's
+    /// default, the `RAYON_NUM_THREADS` environment variable or one thread per CPU). The pool
+    /// is made when the first batch reaches a `map_par` step, so a run without one starts no
+    /// pool, and its threads are joined before `run` returns.
+    pub par_threads: Option<usize>,
 }
 
 impl Default for Options {
@@ -50,6 +56,7 @@ impl Default for Options {
             watermark_every: 8192,
             idle_timeout: None,
             max_dead_letters: None,
+            par_threads: None,
         }
     }
 }
@@ -99,6 +106,9 @@ pub(crate) struct RunShared {
     /// The start gate of a run with checkpoints (see [`tail_ready`]).
     gate: Mutex<Gate>,
     gate_cv: crate::sync::Condvar,
+    /// The run's rayon pool (see [`crate::par`]), made by the first `map_par` batch; taken and
+    /// dropped (which joins its threads) by [`run`] once every worker has ended.
+    par_pool: Mutex<Option<Arc<crate::par::ParPool>>>,
 }
 
 /// The start gate's state: how many workers have checked their tail's state support, of how
@@ -139,6 +149,7 @@ impl RunShared {
             checkpoint: Mutex::new(None),
             gate: Mutex::new(Gate::default()),
             gate_cv: crate::sync::Condvar::new(),
+            par_pool: Mutex::new(None),
         })
     }
 
@@ -221,6 +232,18 @@ impl RunShared {
     /// The report of a run that did not run: a resume found its directory's run completed.
     pub(crate) fn report_without_running(&self) -> RunReport {
         self.report(Duration::ZERO, Vec::new())
+    }
+
+    /// The run's rayon pool, made on first use (by the instance of stage `stage`, which a
+    /// spawn error names).
+    pub(crate) fn par_pool(&self, stage: &str) -> Result<Arc<crate::par::ParPool>, Error> {
+        let mut slot = self.par_pool.lock();
+        if let Some(p) = &*slot {
+            return Ok(Arc::clone(p));
+        }
+        let pool = Arc::new(crate::par::ParPool::new(self.opts.par_threads, stage)?);
+        *slot = Some(Arc::clone(&pool));
+        Ok(pool)
     }
 
     /// Precise milliseconds since the start (the clock the coarse `clock_ms` approximates).
@@ -898,6 +921,10 @@ pub(crate) fn run(shared: Arc<RunShared>, workers: Vec<Worker>) -> Result<RunRep
             let _ = h.join();
         }
     });
+    // Every worker has ended, and with it every `map_par` head's reference: this is the
+    // pool's last, and dropping it joins the pool's threads.
+    let par_pool = shared.par_pool.lock().take();
+    drop(par_pool);
     if let Some(c) = &cp {
         // Every worker has ended: complete what can be completed (on success, a final
         // checkpoint commits the sinks' last files), abandon the rest, and on success remove

@@ -3,7 +3,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, runtime, channel, source, sink, window, stream, private_dir, dead_letter, checkpoint |
+//! | 0 core | error, sync, time, describe, metrics, snapshot, versioned, ndjson, pool, operator, par, runtime, channel, source, sink, window, stream, private_dir, dead_letter, checkpoint |
 //! | 1 | sandbox |
 //! | 2 | exec |
 //! | 3 | plugin |
@@ -35,6 +35,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("ndjson", 0),
     ("pool", 0),
     ("operator", 0),
+    ("par", 0),
     ("runtime", 0),
     ("channel", 0),
     ("checkpoint", 0),

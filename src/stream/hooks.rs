@@ -8,7 +8,7 @@
 //!   children, native plugin nodes, the byte path);
 //! - [`Stream::step`]: one more step of the fused chain (reloadable record operations);
 //! - [`Stream::into_head`]: a stream's chain moved into its head, so that streams of different
-//!   chains share one type;
+//!   chains share one type (`into_head_with` also wraps that head: `map_par` is built on it);
 //! - [`Stream::write_with`](Stream): a sink writing records formatted by a closure;
 //! - [`Stream::current_parallelism`] and [`Stream::is_fresh_channel_stage`]: what the TOML layer
 //!   needs to decide whether a stage fuses with its input.
@@ -67,6 +67,17 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Moves the chain into the head, so that the stream's head type is its output type (used
     /// where streams of different heads must share one type). Still one stage, no hop.
     pub(crate) fn into_head(self) -> Fresh<Out<I, C>> {
+        self.into_head_with(|head| head)
+    }
+
+    /// [`into_head`](Self::into_head), with each instance's head (the old head and the chain)
+    /// wrapped by `wrap` (`map_par` wraps it in the head that maps batches on the run's pool).
+    /// The new head is named after the steps it took in (none when there were none).
+    pub(crate) fn into_head_with<O, W>(self, wrap: W) -> Fresh<O>
+    where
+        O: Send + 'static,
+        W: Fn(Box<dyn Head<Out<I, C>>>) -> Box<dyn Head<O>> + 'static,
+    {
         let name = self.stage_name();
         let Stream {
             b,
@@ -92,7 +103,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         chain.steps(&mut ops);
         steps.extend(ops.into_iter().map(crate::metrics::StepEntry::Op));
         let head = HeadSpec {
-            name: Some(Arc::from(name)),
+            name: (!name.is_empty()).then(|| Arc::from(name)),
             source,
             dead_letter,
             shape: None,
@@ -104,11 +115,11 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                 Ok(heads
                     .into_iter()
                     .map(|inner| {
-                        Box::new(ChainedHead::new(
+                        wrap(Box::new(ChainedHead::new(
                             inner,
                             chain.clone(),
                             Some(Arc::clone(&pushed)),
-                        )) as Box<dyn Head<Out<I, C>>>
+                        )))
                     })
                     .collect())
             }),

@@ -7,8 +7,11 @@ use super::graph::{channel_tail, edge, input_head, plain, Edge, MakeTail};
 use super::{Fresh, Out, Stream};
 use crate::channel::{Partition, TeeTail};
 use crate::error::BoxError;
-use crate::operator::{Boxed, Chain, Filter, FlatMap, Inspect, Limit, Map, TryFlatMap, TryMap};
-use crate::runtime::Cx;
+use crate::operator::{
+    Boxed, Chain, Filter, FlatMap, Inspect, Limit, Map, MapPar, TryFlatMap, TryMap,
+};
+use crate::par::ParMapHead;
+use crate::runtime::{Cx, Head};
 
 impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Applies `f` to every record.
@@ -29,6 +32,70 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         let name = self.default_name("map");
         let chain = Map::new(self.chain.clone(), f, name);
         self.with(chain)
+    }
+
+    /// Applies `f` to every record on the run's rayon pool, a batch at a time: for expensive
+    /// per-record work (parsing, hashing, scoring: microseconds per record or more), where it
+    /// uses every core from one stage instance without a channel hop or a rebalance.
+    ///
+    /// **Order.** The records of each batch are mapped in parallel and come out in the batch's
+    /// order, and batches keep theirs: in a stage of one instance (a source, or after
+    /// [`new_stage`](Stream::new_stage)) the output is in input order, record for record, like
+    /// [`map`](Stream::map)'s. With several instances, each instance's output is in its input's
+    /// order, as for `map`.
+    ///
+    /// **Where it runs.** The step takes in the stage's head and the operators before it (still
+    /// one stage, no hop): each batch they produce goes to the pool while the stage's thread
+    /// waits; the operators after the step and the tail then run on the stage's thread. Every
+    /// `map_par` of a run shares one pool, made for the run when the first batch arrives, of
+    /// [`Options::par_threads`](crate::Options::par_threads) threads (default: one per CPU,
+    /// or `RAYON_NUM_THREADS`); its threads are joined before [`Pipeline::run`] returns, as every
+    /// thread of the run is. rayon's global pool is not used.
+    ///
+    /// **Failures and stopping.** A panic in `f` fails the run with [`Error::Panic`] naming the
+    /// stage (after the batch's other records finish). A cancelled or failing run stops
+    /// mapping at the next record; a [`limit`](Stream::limit) after the step, or consumers that
+    /// are gone, stop the stage after the batch in hand, as for any stage. The step's account
+    /// (`map_par`, renamed by [`name`](Stream::name)) is one record out per record in.
+    ///
+    /// Each batch costs a hand-off to the pool and back (tens of microseconds): for cheap work
+    /// (nanoseconds per record) use [`map`](Stream::map). Against more instances of a `map`
+    /// (`rebalance(n)...parallelism(n)`, which do not keep the order), `docs/performance.md`
+    /// measures both; a larger [`Options::batch_size`](crate::Options::batch_size) narrows the
+    /// per-batch cost.
+    ///
+    /// [`Pipeline::run`]: crate::Pipeline::run
+    /// [`Error::Panic`]: crate::Error::Panic
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// // Expensive per record: a thousand rounds of integer mixing.
+    /// fn score(x: u64) -> u64 {
+    ///     (0..1_000).fold(x, |h, i| (h ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(7))
+    /// }
+    ///
+    /// let mut opts = millrace::Options::default();
+    /// opts.par_threads = Some(2); // the run's rayon pool
+    /// let p = millrace::Pipeline::with_options(opts);
+    /// let out = p.source("n", 0..10_000u64).map_par(score).name("score").collect();
+    /// let report = p.run()?;
+    /// // Same records, same order, as `map(score)`.
+    /// assert_eq!(out.take(), (0..10_000u64).map(score).collect::<Vec<_>>());
+    /// assert_eq!(report.account("score").unwrap().records_out, 10_000);
+    /// # Ok::<(), millrace::Error>(())
+    /// ```
+    pub fn map_par<U, F>(self, f: F) -> Stream<U, MapPar<U>>
+    where
+        U: Send + 'static,
+        F: Fn(Out<I, C>) -> U + Send + Sync + 'static,
+    {
+        let name = self.default_name("map_par");
+        let f = std::sync::Arc::new(f);
+        let fresh = self.into_head_with(move |head| {
+            Box::new(ParMapHead::new(head, std::sync::Arc::clone(&f))) as Box<dyn Head<U>>
+        });
+        fresh.with(MapPar::new(name))
     }
 
     /// Applies a fallible `f`; an `Err` fails the run with an error naming this operator.
