@@ -95,17 +95,11 @@ impl Pipeline {
         kind: &str,
         make: impl FnOnce(&Arc<str>) -> Result<Box<dyn Head<T>>, Error> + 'static,
     ) -> Fresh<T> {
-        let name = self.b.borrow_mut().default_name(kind);
-        let head = HeadSpec {
-            name: Some(name),
-            source: true,
-            dead_letter: false,
-            shape: Some(crate::metrics::Shape::Source),
-            steps: Vec::new(),
-            inputs: Vec::new(),
-            make: Box::new(move |name, _, _| Ok(vec![make(name)?])),
-        };
-        Stream::open(&self.b, head, 1)
+        // One part: `make` is called once.
+        let mut make = Some(make);
+        self.source_stage_parts(kind, 1, move |name, _, _| {
+            (make.take().expect("a one-part source makes one head"))(name)
+        })
     }
 
     /// A source stage of kind `kind` running `parts` instances (threads): instance `part` of
