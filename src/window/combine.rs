@@ -1,9 +1,9 @@
 //! The window combiner: the tail of the stage that feeds a window stage. It generates that
-//! instance's watermarks (as [`WatermarkTail`](super::stage::WatermarkTail) did) and, for
-//! tumbling windows, pre-aggregates each `(key, window)` locally, sending one
-//! partial accumulator per key and window instead of every record.
+//! instance's watermarks and, for tumbling windows, pre-aggregates each `(key, window)`
+//! locally, sending one partial accumulator per key and window instead of every record.
 //!
-//! See `src/window/README.md` ("The combiner") for why this is exact. In short:
+//! See `src/window/README.md` ("Why the combiner changes no result") for the invariants. In
+//! short:
 //!
 //! - A record is combined only while every window it belongs to ends after the last watermark
 //!   this instance sent; otherwise it goes on as it is, and the window stage decides, as
