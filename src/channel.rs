@@ -250,41 +250,40 @@ impl<T: Send> ChannelTail<T> {
     #[inline(never)]
     fn emit_hashed(&mut self, item: T) -> Result<(), Halt> {
         let b = match &self.partition {
-            // By key group (see `checkpoint::state`): the hash picks one of `key_groups` groups
-            // (multiply-shift instead of `%`: a 64-bit division would cost more than the rest
-            // of this function, and the hash is well mixed), and each instance owns a
-            // contiguous range of groups, so keyed state is stored and restored by group.
-            Partition::Hash(h) => {
-                let g = crate::checkpoint::state::key_group(h(&item), self.key_groups);
-                crate::checkpoint::state::instance_of_group(g, self.bufs.len(), self.key_groups)
-            }
+            Partition::Hash(h) => self.instance_of(h(&item)),
             _ => 0,
         };
-        let buf = &mut self.bufs[b];
-        buf.push(item);
-        if buf.len() >= self.batch_size {
-            return self.full(b);
-        }
-        Ok(())
+        self.push_to(b, item)
     }
 
     /// `emit` with the record's partition hash computed by the caller (a tail that knows the
     /// key's type, instead of the edge's boxed hash function).
     #[inline]
     pub(crate) fn emit_hashed_by(&mut self, hash: u64, item: T) -> Result<(), Halt> {
-        let b = if self.bufs.is_empty() {
-            usize::MAX
-        } else {
-            let g = crate::checkpoint::state::key_group(hash, self.key_groups);
-            crate::checkpoint::state::instance_of_group(g, self.bufs.len(), self.key_groups)
-        };
-        let (buf, at) = match b {
-            usize::MAX => (&mut self.cur, 0),
-            b => (&mut self.bufs[b], b),
-        };
+        if self.bufs.is_empty() {
+            return self.emit(item);
+        }
+        self.push_to(self.instance_of(hash), item)
+    }
+
+    /// The consumer instance of a record with partition hash `hash`: by key group (see
+    /// `checkpoint::state`), the hash picks one of `key_groups` groups (multiply-shift instead
+    /// of `%`: a 64-bit division would cost more than the rest of the send, and the hash is
+    /// well mixed), and each instance owns a contiguous range of groups, so keyed state is
+    /// stored and restored by group.
+    #[inline]
+    fn instance_of(&self, hash: u64) -> usize {
+        let g = crate::checkpoint::state::key_group(hash, self.key_groups);
+        crate::checkpoint::state::instance_of_group(g, self.bufs.len(), self.key_groups)
+    }
+
+    /// Buffers `item` for consumer instance `b`, sending the batch when it is full.
+    #[inline]
+    fn push_to(&mut self, b: usize, item: T) -> Result<(), Halt> {
+        let buf = &mut self.bufs[b];
         buf.push(item);
         if buf.len() >= self.batch_size {
-            return self.full(at);
+            return self.full(b);
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use crate::checkpoint::state::{InstanceState, KeyedPart};
 use crate::checkpoint::{CheckpointId, StateSupport};
 use crate::error::Error;
 
+use super::graph::partition_hash;
 use crate::channel::{ChannelTail, InputHead};
 use crate::metrics::InstanceMetrics;
 use crate::operator::{Chain, Emit, Halt};
@@ -649,7 +650,6 @@ pub(super) struct CountTail<K, T> {
     inner: ChannelTail<(K, u64)>,
     /// One probe per record (see `FixedKeys`: an `IndexMap` costs two dependent accesses).
     counts: FixedKeys<K, u64>,
-    hash: fn(&K) -> u64,
     metrics: Arc<InstanceMetrics>,
     _record: std::marker::PhantomData<fn(T)>,
 }
@@ -658,11 +658,10 @@ pub(super) struct CountTail<K, T> {
 pub(super) const MAX_COUNTED: usize = 1 << 18;
 
 impl<K: Hash + Eq + Clone + Send, T> CountTail<K, T> {
-    pub(super) fn new(cx: &Cx, inner: ChannelTail<(K, u64)>, hash: fn(&K) -> u64) -> Self {
+    pub(super) fn new(cx: &Cx, inner: ChannelTail<(K, u64)>) -> Self {
         CountTail {
             inner,
             counts: FixedKeys::default(),
-            hash,
             metrics: Arc::clone(&cx.metrics),
             _record: std::marker::PhantomData,
         }
@@ -670,16 +669,12 @@ impl<K: Hash + Eq + Clone + Send, T> CountTail<K, T> {
 
     /// Sends every count held, in first-seen order.
     fn send_counts(&mut self) -> Result<(), Halt> {
-        let (hash, inner, metrics) = (self.hash, &mut self.inner, &self.metrics);
-        let mut result = Ok(());
+        let (inner, metrics) = (&mut self.inner, &self.metrics);
         self.counts.drain_ordered(|k, n| {
-            if result.is_ok() {
-                // The channel counts one record per message: this one stands for `n`.
-                InstanceMetrics::add(&metrics.records_out, n - 1);
-                result = inner.emit_hashed_by(hash(&k), (k, n));
-            }
-        });
-        result
+            // The channel counts one record per message: this one stands for `n`.
+            InstanceMetrics::add(&metrics.records_out, n - 1);
+            inner.emit_hashed_by(partition_hash(&k), (k, n))
+        })
     }
 }
 

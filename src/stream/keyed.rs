@@ -319,7 +319,7 @@ where
         let name = self.b.borrow_mut().default_name("count");
         let hash = Partition::Hash(Arc::new(|(k, _): &(K, u64)| partition_hash(k)));
         let edge = connect_tail(self.connect, self.key_name, hash, |cx, inner| {
-            Box::new(CountTail::<K, T>::new(cx, inner, partition_hash::<K>))
+            Box::new(CountTail::<K, T>::new(cx, inner))
         });
         let groups = KeyGroups {
             hash: partition_hash::<K>,

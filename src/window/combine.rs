@@ -160,10 +160,9 @@ where
         self.inner.emit_hashed_by(h, WindowIn::Record(key, record))
     }
 
-    /// Adds `record` to the partial of `(key, w)`.
-    #[inline]
-    fn add(&mut self, key: &K, w: Window, record: &T) {
-        let i = self.index(w);
+    /// Adds `record` to the partial of `key` in open window `i`.
+    #[inline(always)]
+    fn add(&mut self, i: usize, key: &K, record: &T) {
         let agg = &*self.agg;
         let (new, full) = self.open[i].1.update(
             key,
@@ -180,12 +179,7 @@ where
     }
 
     /// The position of open window `w`, inserted if absent.
-    #[inline]
     fn index(&mut self, w: Window) -> usize {
-        let n = self.open.len();
-        if n > 0 && self.open[n - 1].0 == w {
-            return n - 1;
-        }
         match self.open.binary_search_by(|(x, _)| x.cmp(&w)) {
             Ok(i) => i,
             Err(i) => {
@@ -202,16 +196,12 @@ where
             let (window, mut keys) = self.open.pop_front().expect("front exists");
             self.entries -= keys.len();
             let (hash, inner, metrics) = (self.hash, &mut self.inner, &self.metrics);
-            let mut result = Ok(());
-            keys.drain_ordered(|key, (acc, records)| {
-                if result.is_err() {
-                    return;
-                }
+            let result = keys.drain_ordered(|key, (acc, records)| {
                 // The channel counts one record per message: the partial stands for
                 // `records`.
                 InstanceMetrics::add(&metrics.records_out, u64::from(records) - 1);
                 let h = hash(&key);
-                result = inner.emit_hashed_by(
+                inner.emit_hashed_by(
                     h,
                     WindowIn::Partial {
                         key,
@@ -219,10 +209,9 @@ where
                         acc,
                         records,
                     },
-                );
+                )
             });
             if self.spare.len() < SPARE_MAPS {
-                keys.clear();
                 self.spare.push(keys);
             }
             result?;
@@ -265,26 +254,9 @@ where
         // The common case, kept small so that it stays fast: the record falls in the newest
         // open window. (Every open window is on time: it is dropped from `open` when the
         // watermark sent passes its end.)
-        let agg = &*self.agg;
-        let hit = match self.open.back_mut() {
-            Some((w, keys)) if self.combine && w.contains(t) => Some(keys.update(
-                &key,
-                || (agg.create(), 0),
-                |(acc, n), new| {
-                    agg.add(acc, &record);
-                    *n += 1;
-                    (new, *n >= u32::MAX / 2)
-                },
-            )),
-            _ => None,
-        };
-        match hit {
-            Some((new, full)) => {
-                self.entries += usize::from(new);
-                // A record count near its limit: send everything after this record.
-                self.must_send |= full;
-            }
-            None => self.emit_other(key, record, t)?,
+        match self.open.len().checked_sub(1) {
+            Some(i) if self.combine && self.open[i].0.contains(t) => self.add(i, &key, &record),
+            _ => self.emit_other(key, record, t)?,
         }
         self.since += 1;
         if self.since >= self.every || self.entries > MAX_ENTRIES || self.must_send {
@@ -310,16 +282,17 @@ where
                 Assigner::Tumbling(a) => {
                     // Most records outside the newest window are in the one before it (the
                     // disorder is shorter than a window): no division for those.
-                    let n = self.open.len();
-                    let w = match n.checked_sub(2).map(|i| self.open[i].0) {
-                        Some(w) if w.contains(t) => w,
-                        _ => a.assign(t),
+                    let i = match self.open.len().checked_sub(2) {
+                        Some(i) if self.open[i].0.contains(t) => Some(i),
+                        _ => {
+                            let w = a.assign(t);
+                            (w.end > self.sent).then(|| self.index(w))
+                        }
                     };
-                    let on_time = w.end > self.sent;
-                    if on_time {
-                        self.add(&key, w, &record);
+                    if let Some(i) = i {
+                        self.add(i, &key, &record);
                     }
-                    on_time
+                    i.is_some()
                 }
                 // A sliding record is in several windows: its partials would count it once
                 // each, and the accounts count records.
