@@ -247,7 +247,7 @@ fn key(s: &[u8], i: usize) -> Option<usize> {
 
 /// A string starting at the `"` at `i`; the position after its closing quote.
 #[inline]
-fn string(s: &[u8], mut i: usize) -> Option<usize> {
+pub(crate) fn string(s: &[u8], mut i: usize) -> Option<usize> {
     i += 1;
     loop {
         i += plain_run(&s[i..]);

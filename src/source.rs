@@ -27,6 +27,8 @@ use crate::error::{Error, Location};
 use crate::operator::Halt;
 use crate::runtime::{Cx, Head, Pull};
 
+pub(crate) mod ranges;
+
 /// A head that pulls from an iterator.
 pub(crate) struct IterHead<It> {
     iter: It,
@@ -521,9 +523,21 @@ pub(crate) struct Chunk {
     /// non-blank lines. Channels count a block as one record; the stage that makes a block adds
     /// `records - 1` to its `records_out` so that reports count records.
     pub records: u64,
+    /// Set when the block comes from one part of a file read by several readers: `first_line`
+    /// then counts from the part's start, and [`Chunk::line_number`] gives the file's number.
+    pub origin: Option<std::sync::Arc<ranges::LineBase>>,
 }
 
 impl Chunk {
+    /// The file's number of the line numbered `line` in this block's numbering (the same unless
+    /// the block comes from a part of a file read by several readers; see [`ranges`]).
+    #[cold]
+    pub(crate) fn line_number(&self, line: u64) -> u64 {
+        self.origin
+            .as_ref()
+            .map_or(line, |o| o.lines_before() + line)
+    }
+
     /// The chunk's lines without their endings, with their line numbers.
     pub(crate) fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
         let data = self.data.strip_suffix(b"\n").unwrap_or(&self.data);
@@ -571,6 +585,8 @@ pub(crate) struct ChunkHead {
     spooled: Option<Spooled>,
     /// The spool was looked for (at the first pull, or by a restore).
     attached: bool,
+    /// The part of the file this head reads, when several read it (see [`ranges`]).
+    origin: Option<std::sync::Arc<ranges::LineBase>>,
 }
 
 impl ChunkHead {
@@ -594,7 +610,48 @@ impl ChunkHead {
             replay: input.replay,
             spooled: None,
             attached: false,
+            origin: None,
         }
+    }
+
+    /// A head reading part `part` of `parts` of the regular file at `path`: the lines that
+    /// start in its byte range (see [`ranges`]). Its line numbers count from the part's start
+    /// (its blocks' [`Chunk::line_number`] gives the file's); it cannot be checkpointed.
+    pub(crate) fn part(
+        name: std::sync::Arc<str>,
+        path: &Path,
+        max_line: usize,
+        chunk_size: usize,
+        part: usize,
+        parts: usize,
+    ) -> Result<Self, Error> {
+        let shown = path.display().to_string();
+        let reader =
+            ranges::RangeReader::open(path.to_path_buf(), part, parts).map_err(|source| {
+                Error::Io {
+                    stage: name.to_string(),
+                    path: shown.clone(),
+                    source,
+                }
+            })?;
+        let start = reader.start();
+        let input = Input {
+            reader: Box::new(reader),
+            #[cfg(unix)]
+            poll_fd: None,
+            path: shown,
+            max_line,
+            replay: Replay::No(
+                "a file read by several readers (parallelism > 1) cannot be replayed: \
+                 checkpointed runs read it with one reader",
+            ),
+        };
+        let mut head = ChunkHead::new(name, input, chunk_size);
+        // Only the file's start can hold a byte-order mark.
+        head.bom_checked = start > 0;
+        head.origin = (start > 0)
+            .then(|| std::sync::Arc::new(ranges::LineBase::new(path.to_path_buf(), start)));
+        Ok(head)
     }
 
     /// Reads stdin through the spool from payload `offset` when the run spools it (see
@@ -711,6 +768,7 @@ impl Head<Chunk> for ChunkHead {
                 first_line: self.next_line,
                 data,
                 records: lines,
+                origin: self.origin.clone(),
             });
             self.next_line += lines;
             crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, lines);
@@ -829,6 +887,82 @@ fn line_range(data: &[u8], first: u64, line: u64) -> std::ops::Range<usize> {
     start..end
 }
 
+impl NdjsonBlockHead {
+    /// Checks every line of `c` to be a JSON object (blank lines dropped), cutting out a bad
+    /// line by the policy (or failing the run): `c.records` is then its records.
+    pub(crate) fn check(&mut self, cx: &Cx, c: &mut Chunk) -> Result<(), Halt> {
+        loop {
+            let bad =
+                match crate::ndjson::check_block(&mut c.data, c.first_line, self.inner.max_line) {
+                    Ok(n) => {
+                        c.records = n;
+                        return Ok(());
+                    }
+                    Err(bad) => bad,
+                };
+            let range = line_range(&c.data, c.first_line, bad.line);
+            let text = &c.data[range.clone()];
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            let line = c.line_number(bad.line);
+            self.reject(cx, bad.message, text, line)?;
+            // Cut the line out, keeping its newline so later lines keep their numbers: the
+            // check drops the blank line it leaves.
+            c.data.drain(range);
+        }
+    }
+
+    /// Applies the source's policy to the bad line `text` (number `line` of the file): fails
+    /// the run naming the file and line, or counts it skipped or dead-lettered.
+    pub(crate) fn reject(
+        &mut self,
+        cx: &Cx,
+        message: String,
+        text: &[u8],
+        line: u64,
+    ) -> Result<(), Halt> {
+        let name = &self.inner.name;
+        let path = &self.inner.path;
+        let r = self.on_error.reject(
+            name,
+            message,
+            || crate::dead_letter::Bad::Raw(String::from_utf8_lossy(text).into_owned()),
+            Some(path),
+            Some(line),
+            |message| Error::Record {
+                stage: name.to_string(),
+                location: crate::error::Location {
+                    path: path.clone(),
+                    line,
+                },
+                message,
+            },
+        )?;
+        use crate::sync::Ordering::Relaxed;
+        match r {
+            crate::dead_letter::Rejected::Skipped => {
+                self.skipped += 1;
+                cx.metrics.skipped.store(self.skipped, Relaxed);
+            }
+            crate::dead_letter::Rejected::DeadLettered => {
+                self.dead_lettered += 1;
+                cx.metrics.dead_lettered.store(self.dead_lettered, Relaxed);
+            }
+        }
+        cx.run.source_rejected.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// The blocks of the file, unchecked (for a head that checks them itself).
+    pub(crate) fn pull_raw(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<Chunk>,
+        flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        self.inner.pull(cx, buf, flush_at)
+    }
+}
+
 impl Head<Chunk> for NdjsonBlockHead {
     fn counts_input(&self) -> bool {
         true
@@ -837,56 +971,7 @@ impl Head<Chunk> for NdjsonBlockHead {
     fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
         let pulled = self.inner.pull(cx, buf, flush_at)?;
         for c in buf.iter_mut() {
-            loop {
-                let bad = match crate::ndjson::check_block(
-                    &mut c.data,
-                    c.first_line,
-                    self.inner.max_line,
-                ) {
-                    Ok(n) => {
-                        c.records = n;
-                        break;
-                    }
-                    Err(bad) => bad,
-                };
-                let name = &self.inner.name;
-                let path = &self.inner.path;
-                let range = line_range(&c.data, c.first_line, bad.line);
-                let text = &c.data[range.clone()];
-                let r = self.on_error.reject(
-                    name,
-                    bad.message,
-                    || {
-                        let t = text.strip_suffix(b"\r").unwrap_or(text);
-                        crate::dead_letter::Bad::Raw(String::from_utf8_lossy(t).into_owned())
-                    },
-                    Some(path),
-                    Some(bad.line),
-                    |message| Error::Record {
-                        stage: name.to_string(),
-                        location: crate::error::Location {
-                            path: path.clone(),
-                            line: bad.line,
-                        },
-                        message,
-                    },
-                )?;
-                // Cut the line out, keeping its newline so later lines keep their numbers:
-                // the check drops the blank line it leaves.
-                c.data.drain(range);
-                use crate::sync::Ordering::Relaxed;
-                match r {
-                    crate::dead_letter::Rejected::Skipped => {
-                        self.skipped += 1;
-                        cx.metrics.skipped.store(self.skipped, Relaxed);
-                    }
-                    crate::dead_letter::Rejected::DeadLettered => {
-                        self.dead_lettered += 1;
-                        cx.metrics.dead_lettered.store(self.dead_lettered, Relaxed);
-                    }
-                }
-                cx.run.source_rejected.fetch_add(1, Relaxed);
-            }
+            self.check(cx, c)?;
             // The channel counts a block as one record (see `Chunk::records`).
             crate::metrics::InstanceMetrics::add(
                 &cx.metrics.records_out,

@@ -54,6 +54,9 @@ impl PipelineSpec {
         if let Some(p) = self.build_byte_path(live.as_deref_mut()) {
             return Ok(p);
         }
+        if let Some(p) = super::project::build(self, live.is_some()) {
+            return Ok(p);
+        }
         let p = Pipeline::with_options(self.options.clone());
         // One dead-letter stream per stage named in a `dead_letter`, made before any stage
         // that sends to it; the stage itself reads the letters as JSON objects.

@@ -857,7 +857,16 @@ pub(crate) fn filter(
     op: FilterOp,
     value: &Value,
 ) -> Result<bool, String> {
-    let got = rec.get(field);
+    filter_got(rec.get(field), field, op, value)
+}
+
+/// [`filter`] on the record's field `field` (`None`: the record has no such field).
+pub(crate) fn filter_got(
+    got: Option<&Value>,
+    field: &str,
+    op: FilterOp,
+    value: &Value,
+) -> Result<bool, String> {
     let v = got.unwrap_or(&Value::Null);
     let ordered = |want: fn(Ordering) -> bool| match got {
         None => Err(format!("record has no field `{field}` to compare")),

@@ -317,12 +317,12 @@ impl<E: Emit<Value>> Emit<crate::source::Chunk> for ParseEmit<'_, E> {
                         message,
                         || Bad::Raw(String::from_utf8_lossy(text).into_owned()),
                         Some(path),
-                        Some(line),
+                        Some(chunk.line_number(line)),
                         |message| Error::Record {
                             stage: name.to_string(),
                             location: crate::Location {
                                 path: path.to_string(),
-                                line,
+                                line: chunk.line_number(line),
                             },
                             message,
                         },

@@ -32,6 +32,7 @@ pub(crate) mod kinds;
 mod limits;
 mod live_map;
 mod parse;
+mod project;
 mod reload;
 mod stages;
 mod window_kind;

@@ -820,6 +820,7 @@ impl Head<Chunk> for ExecHead<Chunk> {
                 // And so does the chain after this head (the accounts count records).
                 crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, records - 1);
                 buf.push(Chunk {
+                    origin: None,
                     first_line,
                     data,
                     records,

@@ -1,0 +1,1119 @@
+//! The projected byte path: `ndjson.read → filter / select … → ndjson.write` without building
+//! a `serde_json::Value` per record. It owns the scanner that finds a line's top-level fields
+//! in its raw bytes, the evaluation of `filter` and `select` on those bytes, the writing of the
+//! result as the value path would print it, and the accounts of those stages.
+//!
+//! # Same output as the value path, byte for byte
+//!
+//! The value path parses each line into a `Value` (objects keep their keys sorted, the last of
+//! two equal keys wins), applies each stage, and prints the result with `serde_json`. This path
+//! prints the same bytes:
+//!
+//! - It reads only the top level of a line: each key and the byte span of its value. Nested
+//!   objects and arrays are skipped, never parsed, unless a stage outputs them.
+//! - A `filter` looks up its field (the last of equal keys) and compares the raw value: a string
+//!   without escapes is compared as bytes, anything else is parsed alone (a small value) and
+//!   compared with the value path's own function.
+//! - The output is written field by field, in sorted key order, one field per key. A value is
+//!   copied when its bytes are what `serde_json` would print (a string without a backslash, an
+//!   integer of up to 18 digits not starting with `-0`, `true`, `false`, `null`); any other
+//!   value (floats, escapes, objects, arrays) is parsed alone and printed by `serde_json`.
+//! - Anything the scanner is unsure of sends the line down the value path, whole: a key with a
+//!   backslash (its decoded form could be a field's name), an integer of 19 digits or more
+//!   anywhere in the line (the value path refuses those outside 64 bits), a stage that fails on
+//!   the record (its error message shows the record). That path is the value path's code, so
+//!   errors, dead letters and counts are the same.
+//!
+//! A property test holds the two paths to the same output on random and adversarial records
+//! (`tests/config.rs`, `projected_path_prints_what_the_value_path_prints`).
+//!
+//! # Parallelism
+//!
+//! With `parallelism = N` on the `ndjson.read`, the file is read by N readers, each over a
+//! byte range of it cut at line boundaries (`source::ranges`), each running the stages on its
+//! own lines; one writer writes their blocks. Output lines then interleave by block, as the
+//! value path's parallel stages interleave them.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::kinds::{self, FilterOp, SelectMissing};
+use crate::dead_letter::{Bad, OnError};
+use crate::error::Error;
+use crate::metrics::{InstanceMetrics, Shape};
+use crate::operator::{Acc, Chain, Emit, Halt, Local, StepCounts, StepInfo};
+use crate::runtime::{Cx, Head, Pull};
+use crate::source::{Chunk, NdjsonBlockHead};
+
+/// One stage of the projected path, as the builder gives it.
+#[derive(Debug, Clone)]
+pub(crate) enum ProjectOp {
+    Filter {
+        field: String,
+        op: FilterOp,
+        value: Value,
+    },
+    Select {
+        fields: Vec<String>,
+        missing: SelectMissing,
+    },
+}
+
+impl ProjectOp {
+    /// Whether this path can run the stage exactly as the value path does: a `select` that
+    /// names a field twice with `missing = "null"` sets it to null the second time (an oddity
+    /// left to the value path).
+    pub(crate) fn supported(&self) -> bool {
+        match self {
+            ProjectOp::Filter { .. } => true,
+            ProjectOp::Select { fields, missing } => {
+                let mut sorted = fields.clone();
+                sorted.sort();
+                sorted.dedup();
+                sorted.len() == fields.len() || *missing != SelectMissing::Null
+            }
+        }
+    }
+}
+
+/// A stage of the path with its name, policy and counts.
+struct Op {
+    name: Arc<str>,
+    policy: Arc<OnError>,
+    counts: Arc<StepCounts>,
+    local: Local,
+    kind: OpKind,
+}
+
+enum OpKind {
+    Filter {
+        field: String,
+        op: FilterOp,
+        value: Value,
+    },
+    Select {
+        /// The original list (for the value path).
+        fields: Vec<String>,
+        missing: SelectMissing,
+        /// The fields sorted and deduplicated, each with `"name":` as `serde_json` prints it.
+        sorted: Vec<(String, Vec<u8>)>,
+    },
+}
+
+/// A field of the record being projected: its key and value, as spans of the line or as names
+/// of a `select`.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    key: Key,
+    val: Val,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    /// `line[a..b]`: the key's bytes inside its quotes (no backslash in them).
+    Raw(usize, usize),
+    /// Field `f` of the `sorted` list of op `op` (a `select`).
+    Named(usize, usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Val {
+    /// `line[a..b]`: the value's bytes.
+    Raw(usize, usize),
+    /// `null`, set by `select` with `missing = "null"`.
+    Null,
+}
+
+/// The head of the projected path: one part of the file (or the whole file), its lines checked
+/// as `ndjson.read` checks them, then each stage applied on the raw bytes. Its blocks hold the
+/// output lines.
+pub(crate) struct ProjectHead {
+    inner: NdjsonBlockHead,
+    proj: Projector,
+    pulled: Vec<Chunk>,
+}
+
+/// The stages of the path on one line's bytes.
+struct Projector {
+    ops: Vec<Op>,
+    /// The current record's fields (reused).
+    fields: Vec<Field>,
+    scratch: Vec<Field>,
+}
+
+/// The counts of one stage of the path, shared by the head (which counts) and the marker step
+/// (which shows them in the report).
+pub(crate) struct OpCounts {
+    pub name: Arc<str>,
+    pub policy: Arc<OnError>,
+    pub counts: Arc<StepCounts>,
+    pub op: ProjectOp,
+}
+
+impl ProjectHead {
+    pub(crate) fn new(inner: NdjsonBlockHead, ops: &[OpCounts]) -> Self {
+        ProjectHead {
+            inner,
+            proj: Projector::new(ops),
+            pulled: Vec::new(),
+        }
+    }
+
+    /// Projects the checked block `c` into `out` (its output lines); the records out.
+    fn project(&mut self, cx: &Cx, c: &Chunk, out: &mut Vec<u8>) -> Result<u64, Halt> {
+        let mut records = 0;
+        let data = c.data.strip_suffix(b"\n").unwrap_or(&c.data);
+        for (rel, line) in (c.first_line..).zip(data.split(|&b| b == b'\n')) {
+            let mark = out.len();
+            match self.proj.fast(line, out) {
+                Some(true) => records += 1,
+                Some(false) => {}
+                None => {
+                    out.truncate(mark);
+                    records += self.slow(cx, c, rel, line, out)?;
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
+impl Projector {
+    fn new(ops: &[OpCounts]) -> Self {
+        let ops = ops
+            .iter()
+            .map(|o| Op {
+                name: Arc::clone(&o.name),
+                policy: Arc::clone(&o.policy),
+                counts: Arc::clone(&o.counts),
+                local: Local::default(),
+                kind: match &o.op {
+                    ProjectOp::Filter { field, op, value } => OpKind::Filter {
+                        field: field.clone(),
+                        op: *op,
+                        value: value.clone(),
+                    },
+                    ProjectOp::Select { fields, missing } => {
+                        let mut sorted: Vec<String> = fields.clone();
+                        sorted.sort();
+                        sorted.dedup();
+                        OpKind::Select {
+                            fields: fields.clone(),
+                            missing: *missing,
+                            sorted: sorted
+                                .into_iter()
+                                .map(|f| {
+                                    let mut k = serde_json::to_vec(&f).expect("a string prints");
+                                    k.push(b':');
+                                    (f, k)
+                                })
+                                .collect(),
+                        }
+                    }
+                },
+            })
+            .collect();
+        Projector {
+            ops,
+            fields: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The line through every stage on its bytes: `Some(true)` with its output line written,
+    /// `Some(false)` when a filter dropped it (counted), `None` when unsure (nothing counted:
+    /// the value path decides).
+    fn fast(&mut self, line: &[u8], out: &mut Vec<u8>) -> Option<bool> {
+        scan(line, &mut self.fields)?;
+        let mut selected = false;
+        for i in 0..self.ops.len() {
+            match &self.ops[i].kind {
+                OpKind::Filter { field, op, value } => {
+                    let got = lookup(line, &self.ops, &self.fields, field.as_bytes());
+                    if !filter_raw(line, got, field, *op, value)? {
+                        self.ops[i].local.filtered += 1;
+                        return Some(false);
+                    }
+                }
+                OpKind::Select {
+                    missing, sorted, ..
+                } => {
+                    self.scratch.clear();
+                    for (f, (name, _)) in sorted.iter().enumerate() {
+                        let val = match lookup(line, &self.ops, &self.fields, name.as_bytes()) {
+                            Some(v) => v,
+                            None => match missing {
+                                SelectMissing::Omit => continue,
+                                SelectMissing::Null => Val::Null,
+                                // The error shows the record: the value path says it.
+                                SelectMissing::Error => return None,
+                            },
+                        };
+                        self.scratch.push(Field {
+                            key: Key::Named(i, f),
+                            val,
+                        });
+                    }
+                    std::mem::swap(&mut self.fields, &mut self.scratch);
+                    selected = true;
+                }
+            }
+        }
+        if !selected {
+            // The whole record, as the value path prints it: sorted keys, the last of equal
+            // keys (a stable sort keeps their order).
+            self.fields.sort_by(|a, b| {
+                key_bytes(line, &self.ops, a.key).cmp(key_bytes(line, &self.ops, b.key))
+            });
+            let fields = &mut self.fields;
+            let mut w = 0;
+            for r in 0..fields.len() {
+                if w > 0
+                    && key_bytes(line, &self.ops, fields[w - 1].key)
+                        == key_bytes(line, &self.ops, fields[r].key)
+                {
+                    fields[w - 1] = fields[r];
+                } else {
+                    fields[w] = fields[r];
+                    w += 1;
+                }
+            }
+            fields.truncate(w);
+        }
+        out.push(b'{');
+        for (n, f) in self.fields.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            match f.key {
+                Key::Raw(a, b) => {
+                    out.push(b'"');
+                    out.extend_from_slice(&line[a..b]);
+                    out.extend_from_slice(b"\":");
+                }
+                Key::Named(op, i) => {
+                    let OpKind::Select { sorted, .. } = &self.ops[op].kind else {
+                        unreachable!("named keys come from a select")
+                    };
+                    out.extend_from_slice(&sorted[i].1);
+                }
+            }
+            match f.val {
+                Val::Null => out.extend_from_slice(b"null"),
+                Val::Raw(a, b) => write_value(&line[a..b], out),
+            }
+        }
+        out.extend_from_slice(b"}\n");
+        Some(true)
+    }
+}
+
+impl ProjectHead {
+    /// The line through the value path's code: parsed (a line it refuses meets the source's
+    /// policy), each stage applied with its policy, printed by `serde_json`. The records out.
+    #[cold]
+    fn slow(
+        &mut self,
+        cx: &Cx,
+        c: &Chunk,
+        rel: u64,
+        line: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Halt> {
+        let mut rec = match crate::ndjson::parse_object(line) {
+            Ok(v) => v,
+            Err(message) => {
+                self.inner.reject(cx, message, line, c.line_number(rel))?;
+                return Ok(0);
+            }
+        };
+        for op in &mut self.proj.ops {
+            let failed = match &op.kind {
+                OpKind::Filter {
+                    field,
+                    op: f,
+                    value,
+                } => match kinds::filter(&rec, field, *f, value) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        op.local.filtered += 1;
+                        return Ok(0);
+                    }
+                    Err(m) => format!("{m}: {rec}"),
+                },
+                OpKind::Select {
+                    fields, missing, ..
+                } => match kinds::select(rec, fields, *missing) {
+                    Ok(v) => {
+                        rec = v;
+                        continue;
+                    }
+                    Err((back, m)) => {
+                        rec = back;
+                        format!("{m}: {rec}")
+                    }
+                },
+            };
+            let name = &op.name;
+            let r = op.policy.reject(
+                name,
+                failed,
+                || Bad::Record(rec),
+                None,
+                None,
+                |m| Error::Operator {
+                    stage: name.to_string(),
+                    source: m.into(),
+                },
+            )?;
+            Acc::count(&mut op.local, r);
+            return Ok(0);
+        }
+        serde_json::to_writer(&mut *out, &rec).expect("a Value prints to a Vec");
+        out.push(b'\n');
+        Ok(1)
+    }
+
+    /// Adds the stages' counts since the last call to their shared counts.
+    fn flush_counts(&mut self) {
+        use crate::sync::Ordering::Relaxed;
+        for op in &mut self.proj.ops {
+            let l = std::mem::take(&mut op.local);
+            for (n, c) in [
+                (l.filtered, &op.counts.filtered),
+                (l.skipped, &op.counts.skipped),
+                (l.dead_lettered, &op.counts.dead_lettered),
+            ] {
+                if n > 0 {
+                    c.fetch_add(n, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl Head<Chunk> for ProjectHead {
+    fn counts_input(&self) -> bool {
+        true
+    }
+
+    fn pull(&mut self, cx: &Cx, buf: &mut Vec<Chunk>, flush_at: Option<u64>) -> Result<Pull, Halt> {
+        let mut pulled = std::mem::take(&mut self.pulled);
+        let result = self.inner.pull_raw(cx, &mut pulled, flush_at);
+        let mut checked = 0u64;
+        let mut made = 0u64;
+        let mut out_records = 0u64;
+        for mut c in pulled.drain(..) {
+            self.inner.check(cx, &mut c)?;
+            checked += c.records;
+            if c.records == 0 {
+                continue;
+            }
+            let mut data = Vec::with_capacity(c.data.len() / 2);
+            let n = self.project(cx, &c, &mut data)?;
+            if n > 0 {
+                made += 1;
+                out_records += n;
+                buf.push(Chunk {
+                    first_line: c.first_line,
+                    data,
+                    records: n,
+                    origin: c.origin.clone(),
+                });
+            }
+        }
+        self.pulled = pulled;
+        self.flush_counts();
+        // The chain after this head counts one record per block pushed, the channel one per
+        // block sent: both count records (see `Chunk::records`).
+        InstanceMetrics::add(&cx.metrics.chain_in, checked - made);
+        InstanceMetrics::add(&cx.metrics.records_out, out_records - made);
+        result
+    }
+
+    fn state_support(&self) -> crate::checkpoint::StateSupport {
+        self.inner.state_support()
+    }
+    fn snapshot(
+        &mut self,
+        cx: &Cx,
+        state: &mut crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        self.inner.snapshot(cx, state)
+    }
+    fn restore(
+        &mut self,
+        cx: &Cx,
+        state: &crate::checkpoint::state::InstanceState,
+    ) -> Result<(), Halt> {
+        self.inner.restore(cx, state)
+    }
+}
+
+/// The bytes of a key.
+#[inline]
+fn key_bytes<'a>(line: &'a [u8], ops: &'a [Op], key: Key) -> &'a [u8] {
+    match key {
+        Key::Raw(a, b) => &line[a..b],
+        Key::Named(op, i) => match &ops[op].kind {
+            OpKind::Select { sorted, .. } => sorted[i].0.as_bytes(),
+            OpKind::Filter { .. } => unreachable!("named keys come from a select"),
+        },
+    }
+}
+
+/// The value of the last field named `name`.
+#[inline]
+fn lookup(line: &[u8], ops: &[Op], fields: &[Field], name: &[u8]) -> Option<Val> {
+    fields
+        .iter()
+        .rev()
+        .find(|f| key_bytes(line, ops, f.key) == name)
+        .map(|f| f.val)
+}
+
+/// `filter` on a raw value: `None` when the value path must decide (the record fails the
+/// test, whose message shows the record).
+#[inline]
+fn filter_raw(
+    line: &[u8],
+    got: Option<Val>,
+    field: &str,
+    op: FilterOp,
+    value: &Value,
+) -> Option<bool> {
+    let raw = match got {
+        None => return kinds::filter_got(None, field, op, value).ok(),
+        Some(Val::Null) => b"null".as_slice(),
+        Some(Val::Raw(a, b)) => &line[a..b],
+    };
+    match (op, value) {
+        (FilterOp::Exists, _) => Some(true),
+        (FilterOp::Eq | FilterOp::Ne, Value::String(s))
+            if raw[0] == b'"' && memchr::memchr(b'\\', raw).is_none() =>
+        {
+            Some((&raw[1..raw.len() - 1] == s.as_bytes()) == (op == FilterOp::Eq))
+        }
+        (FilterOp::Eq | FilterOp::Ne, Value::String(_)) if raw[0] != b'"' => {
+            // Another type: never equal.
+            Some(op == FilterOp::Ne)
+        }
+        _ => {
+            let v: Value = serde_json::from_slice(raw).ok()?;
+            kinds::filter_got(Some(&v), field, op, value).ok()
+        }
+    }
+}
+
+/// Writes a raw value as `serde_json` prints it.
+#[inline]
+fn write_value(raw: &[u8], out: &mut Vec<u8>) {
+    let plain = match raw[0] {
+        b'"' => memchr::memchr(b'\\', raw).is_none(),
+        b't' | b'f' | b'n' => true,
+        b'-' | b'0'..=b'9' => {
+            let digits = raw.strip_prefix(b"-").unwrap_or(raw);
+            digits.len() <= 18
+                && digits.iter().all(u8::is_ascii_digit)
+                && !(raw[0] == b'-' && digits[0] == b'0')
+        }
+        _ => false,
+    };
+    if plain {
+        out.extend_from_slice(raw);
+    } else {
+        let v: Value = serde_json::from_slice(raw).expect("a checked line's value parses");
+        serde_json::to_writer(&mut *out, &v).expect("a Value prints to a Vec");
+    }
+}
+
+#[inline]
+fn skip_ws(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && matches!(s[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
+/// The top-level fields of the checked line `s` (a valid JSON object) into `out`; `None` when
+/// unsure (see the module doc).
+fn scan(s: &[u8], out: &mut Vec<Field>) -> Option<()> {
+    out.clear();
+    let mut i = skip_ws(s, 0);
+    if s.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(s, i + 1);
+    if s.get(i) == Some(&b'}') {
+        return Some(());
+    }
+    loop {
+        if s.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = crate::ndjson::string(s, i)?;
+        let key = (i + 1, end - 1);
+        if memchr::memchr(b'\\', &s[key.0..key.1]).is_some() {
+            return None;
+        }
+        i = skip_ws(s, end);
+        if s.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(s, i + 1);
+        let start = i;
+        i = value_end(s, i)?;
+        out.push(Field {
+            key: Key::Raw(key.0, key.1),
+            val: Val::Raw(start, i),
+        });
+        i = skip_ws(s, i);
+        match s.get(i) {
+            Some(b',') => i = skip_ws(s, i + 1),
+            Some(b'}') => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// The end of the value starting at `i` of a valid line; `None` for an integer of 19 digits or
+/// more (it may be outside 64 bits).
+fn value_end(s: &[u8], i: usize) -> Option<usize> {
+    match *s.get(i)? {
+        b'"' => crate::ndjson::string(s, i),
+        b'{' | b'[' => container_end(s, i),
+        b't' | b'n' => Some(i + 4),
+        b'f' => Some(i + 5),
+        _ => number_end(s, i),
+    }
+}
+
+fn number_end(s: &[u8], mut i: usize) -> Option<usize> {
+    let start = i;
+    let mut integer = true;
+    while i < s.len() {
+        match s[i] {
+            b'0'..=b'9' | b'-' => {}
+            b'.' | b'e' | b'E' | b'+' => integer = false,
+            _ => break,
+        }
+        i += 1;
+    }
+    if integer && i - start >= 19 {
+        return None;
+    }
+    Some(i)
+}
+
+/// The end of the object or array at `i`, skipped over (nesting counted, strings and numbers
+/// stepped over).
+fn container_end(s: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    while i < s.len() {
+        match s[i] {
+            b'"' => {
+                i = crate::ndjson::string(s, i)?;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                i = number_end(s, i)?;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A stage of the projected path in the chain after its head: passes the head's blocks on and
+/// shows the stage's counts (which the head keeps) in the report.
+pub(crate) struct Counted<C> {
+    prev: C,
+    name: Arc<str>,
+    shape: Shape,
+    counts: Arc<StepCounts>,
+}
+
+impl<C: Clone> Clone for Counted<C> {
+    fn clone(&self) -> Self {
+        Counted {
+            prev: self.prev.clone(),
+            name: Arc::clone(&self.name),
+            shape: self.shape,
+            counts: Arc::clone(&self.counts),
+        }
+    }
+}
+
+impl<C> Counted<C> {
+    pub(crate) fn new(prev: C, name: Arc<str>, shape: Shape, counts: Arc<StepCounts>) -> Self {
+        Counted {
+            prev,
+            name,
+            shape,
+            counts,
+        }
+    }
+}
+
+impl<C> crate::operator::sealed::Sealed for Counted<C> {}
+
+impl<In, C: Chain<In, Out = Chunk>> Chain<In> for Counted<C> {
+    type Out = Chunk;
+    crate::operator::forward_state!();
+
+    fn begin_batch(&mut self, records: usize) {
+        self.prev.begin_batch(records);
+    }
+
+    fn end_batch(&mut self) {
+        self.prev.end_batch();
+    }
+
+    fn steps(&self, steps: &mut Vec<StepInfo>) {
+        self.prev.steps(steps);
+        steps.push(StepInfo {
+            name: Arc::clone(&self.name),
+            shape: self.shape,
+            counts: Arc::clone(&self.counts),
+            counted_in: false,
+        });
+    }
+
+    #[inline]
+    fn push<E: Emit<Chunk>>(&mut self, item: In, out: &mut E) -> Result<(), Halt> {
+        self.prev.push(item, out)
+    }
+
+    fn names(&self, names: &mut Vec<Arc<str>>) {
+        self.prev.names(names);
+        names.push(Arc::clone(&self.name));
+    }
+
+    fn rename_last(&mut self, name: Arc<str>) -> bool {
+        self.name = name;
+        true
+    }
+}
+
+/// Blocks read by the projected path (each part reads its range in blocks of this size).
+const BLOCK_BYTES: usize = 256 * 1024;
+
+/// Builds the projected path when the pipeline is exactly `ndjson.read → (filter | select)* →
+/// ndjson.write` (to a file), linear, each stage read by the next only, the middle stages on
+/// the source's parallelism, fixed (not reloadable), and every dead-letter target an
+/// `ndjson.write` to a file read by no stage. `None`: build the value path.
+pub(super) fn build(
+    spec: &super::parse::PipelineSpec,
+    reloadable: bool,
+) -> Option<crate::Pipeline> {
+    use super::kinds::Kind;
+    use super::parse::{PolicySpec, StageSpec};
+    if !spec.byte_path || reloadable {
+        return None;
+    }
+    let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =
+        spec.stages.iter().partition(|s| s.dead_letter_target);
+    if st.len() < 2
+        || targets
+            .iter()
+            .any(|t| !matches!(t.params, Kind::NdjsonWrite { dir: false, .. }))
+        || spec
+            .stages
+            .iter()
+            .any(|s| targets.iter().any(|t| s.inputs.contains(&t.name)))
+    {
+        return None;
+    }
+    let (
+        Kind::NdjsonRead {
+            path,
+            max_line_bytes,
+        },
+        Kind::NdjsonWrite {
+            path: out,
+            dir: false,
+        },
+    ) = (&st[0].params, &st[st.len() - 1].params)
+    else {
+        return None;
+    };
+    let parallelism = st[0].parallelism;
+    let linear = st.iter().enumerate().all(|(i, s)| {
+        s.late_of.is_none()
+            && if i == 0 {
+                s.inputs.is_empty()
+            } else {
+                s.inputs.len() == 1 && s.inputs[0] == st[i - 1].name
+            }
+    });
+    let read_once = st
+        .iter()
+        .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
+    let last = st[st.len() - 1];
+    if !linear || !read_once || (last.explicit_parallelism && last.parallelism != 1) {
+        return None;
+    }
+    let middle = &st[1..st.len() - 1];
+    let mut ops = Vec::with_capacity(middle.len());
+    for m in middle {
+        let op = match &m.params {
+            Kind::Filter { field, op, value } => ProjectOp::Filter {
+                field: field.clone(),
+                op: *op,
+                value: value.clone(),
+            },
+            Kind::Select { fields, missing } => ProjectOp::Select {
+                fields: fields.clone(),
+                missing: *missing,
+            },
+            _ => return None,
+        };
+        if !op.supported() || (m.explicit_parallelism && m.parallelism != parallelism) {
+            return None;
+        }
+        ops.push((m, op));
+    }
+    let p = crate::Pipeline::with_options(spec.options.clone());
+    let mut handles = std::collections::HashMap::new();
+    for t in &targets {
+        let Kind::NdjsonWrite { path, .. } = &t.params else {
+            unreachable!("checked above")
+        };
+        let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
+        letters
+            .map(|l: crate::DeadLetter| l.to_json())
+            .name(&format!("{}.letters.json", t.name))
+            .write_ndjson(path)
+            .name(&t.name);
+        handles.insert(t.name.as_str(), h);
+    }
+    let policy = |s: &StageSpec| match &s.on_error {
+        PolicySpec::Fail => OnError::Fail,
+        PolicySpec::Skip => OnError::Skip,
+        PolicySpec::DeadLetter(t) => OnError::DeadLetter(
+            handles
+                .get(t.as_str())
+                .cloned()
+                .expect("validation checks every dead_letter names a stage"),
+        ),
+    };
+    let counts: Arc<Vec<OpCounts>> = Arc::new(
+        ops.iter()
+            .map(|(m, op)| OpCounts {
+                name: Arc::from(m.name.as_str()),
+                policy: Arc::new(policy(m)),
+                counts: Arc::new(StepCounts::default()),
+                op: op.clone(),
+            })
+            .collect(),
+    );
+    let source_policy = policy(st[0]);
+    // N readers over byte ranges of a regular file; one reader for stdin, a pipe, or a run
+    // with checkpoints (a part cannot be replayed).
+    let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    let parts = if regular && spec.checkpoint.is_none() {
+        parallelism
+    } else {
+        1
+    };
+    let (path, max_line) = (path.clone(), *max_line_bytes);
+    let heads = Arc::clone(&counts);
+    let mut s = p
+        .source_stage_parts("blocks.read", parts, move |stage, part, parts| {
+            let reader = if parts == 1 {
+                let input = crate::source::Input::open(stage, &path)?.with_max_line(max_line);
+                crate::source::ChunkHead::new(Arc::clone(stage), input, BLOCK_BYTES)
+            } else {
+                crate::source::ChunkHead::part(
+                    Arc::clone(stage),
+                    &path,
+                    max_line,
+                    BLOCK_BYTES,
+                    part,
+                    parts,
+                )?
+            };
+            let inner = NdjsonBlockHead::new(reader).with_policy(source_policy.clone());
+            Ok(Box::new(ProjectHead::new(inner, &heads)) as Box<dyn Head<Chunk>>)
+        })
+        .name(&st[0].name)
+        .boxed();
+    for c in counts.iter() {
+        let shape = match c.op {
+            ProjectOp::Filter { .. } => Shape::Filtering,
+            ProjectOp::Select { .. } => Shape::OneToOne,
+        };
+        let shared = Arc::clone(&c.counts);
+        s = s
+            .step("op", move |prev, name| {
+                Counted::new(prev, name, shape, shared)
+            })
+            .name(&c.name)
+            .boxed();
+    }
+    super::stages::write_blocks(s, &last.name, out);
+    Some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the value path makes of `line` through `ops`: `Ok(Some(bytes))` printed,
+    /// `Ok(None)` filtered out, `Err(())` an error (the line or a stage fails).
+    fn reference(line: &[u8], ops: &[ProjectOp]) -> Result<Option<Vec<u8>>, ()> {
+        let mut rec = crate::ndjson::parse_object(line).map_err(|_| ())?;
+        for op in ops {
+            match op {
+                ProjectOp::Filter { field, op, value } => {
+                    if !kinds::filter(&rec, field, *op, value).map_err(|_| ())? {
+                        return Ok(None);
+                    }
+                }
+                ProjectOp::Select { fields, missing } => {
+                    rec = kinds::select(rec, fields, *missing).map_err(|_| ())?;
+                }
+            }
+        }
+        let mut out = serde_json::to_vec(&rec).unwrap();
+        out.push(b'\n');
+        Ok(Some(out))
+    }
+
+    fn projector(ops: &[ProjectOp]) -> Projector {
+        let counts: Vec<OpCounts> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| OpCounts {
+                name: Arc::from(format!("op{i}")),
+                policy: Arc::new(OnError::Fail),
+                counts: Arc::new(StepCounts::default()),
+                op: op.clone(),
+            })
+            .collect();
+        Projector::new(&counts)
+    }
+
+    /// Checks the fast path against the reference; whether it decided (did not fall back).
+    fn agrees(line: &[u8], ops: &[ProjectOp]) -> bool {
+        let want = reference(line, ops);
+        let mut p = projector(ops);
+        let mut out = Vec::new();
+        let got = p.fast(line, &mut out);
+        let shown = String::from_utf8_lossy(line);
+        match (got, &want) {
+            (None, _) => return false,
+            (Some(_), Err(())) => {
+                panic!("fast path decided a line the value path fails: {shown} {ops:?}")
+            }
+            (Some(true), Ok(Some(w))) => assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(w),
+                "{shown} {ops:?}"
+            ),
+            (Some(false), Ok(None)) => assert!(out.is_empty()),
+            (g, w) => panic!("fast {g:?}, value path {w:?}: {shown} {ops:?}"),
+        }
+        true
+    }
+
+    fn purchase() -> ProjectOp {
+        ProjectOp::Filter {
+            field: "kind".into(),
+            op: FilterOp::Eq,
+            value: Value::String("purchase".into()),
+        }
+    }
+
+    fn pick(fields: &[&str], missing: SelectMissing) -> ProjectOp {
+        ProjectOp::Select {
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+            missing,
+        }
+    }
+
+    #[test]
+    fn common_records_are_projected_without_the_value_path() {
+        let ops = [
+            purchase(),
+            pick(&["user", "amount", "id"], SelectMissing::Omit),
+        ];
+        for line in [
+            &br#"{"id":1,"kind":"purchase","user":"u1","amount":12.5,"tags":["a"],"geo":{"kind":"x"}}"#[..],
+            br#"{"kind":"view","id":2}"#,
+            br#" { "kind" : "purchase" , "id" : -3 , "user" : "caf\u00e9" } "#,
+            br#"{"kind":"purchase","id":1,"kind":"view"}"#,
+            br#"{"kind":"view","id":1,"kind":"purchase","user":"\"q\"","amount":1e2}"#,
+            br#"{}"#,
+        ] {
+            assert!(agrees(line, &ops), "{}", String::from_utf8_lossy(line));
+        }
+        // No select: the whole record, keys sorted, the last of equal keys kept.
+        assert!(agrees(
+            br#"{"z":1,"a":[1, 2],"m":{"b":1,"a":2},"a":"x"}"#,
+            &[]
+        ));
+    }
+
+    #[test]
+    fn what_the_scanner_is_unsure_of_goes_to_the_value_path() {
+        let ops = [purchase()];
+        for line in [
+            // An escaped key may be the field's name.
+            &br#"{"ki\u006ed":"purchase"}"#[..],
+            // 19 digits may be outside 64 bits (the value path refuses 2^64).
+            br#"{"kind":"purchase","n":18446744073709551616}"#,
+            br#"{"kind":"purchase","n":[1,{"m":99999999999999999999}]}"#,
+        ] {
+            assert!(!agrees(line, &ops), "{}", String::from_utf8_lossy(line));
+        }
+        // A failing stage (no field to compare): its message shows the record.
+        let lt = ProjectOp::Filter {
+            field: "amount".into(),
+            op: FilterOp::Lt,
+            value: serde_json::json!(3),
+        };
+        assert!(!agrees(br#"{"id":1}"#, &[lt]));
+        assert!(!agrees(
+            br#"{"id":1}"#,
+            &[pick(&["x"], SelectMissing::Error)]
+        ));
+    }
+
+    const KEYS: [&str; 6] = ["kind", "id", "user", "a", "é", "k\"q"];
+
+    /// A JSON text for one value, from plain to adversarial (escapes, unicode, big and odd
+    /// numbers, nested objects that reuse the top level's keys, white space).
+    fn value(depth: u32) -> BoxedStrategy<String> {
+        let leaf = prop_oneof![
+            Just("\"purchase\"".to_string()),
+            Just("\"pur\\u0063hase\"".to_string()),
+            Just("\"view\"".to_string()),
+            Just("\"caf\u{e9} \\\"q\\\" \\n \\/ \\ud83d\\ude00\"".to_string()),
+            Just("\"\"".to_string()),
+            Just("true".to_string()),
+            Just("null".to_string()),
+            Just("-0".to_string()),
+            Just("-0.0".to_string()),
+            Just("1.50".to_string()),
+            Just("1e5".to_string()),
+            Just("1E-7".to_string()),
+            Just("12345678901234567890".to_string()),
+            Just("9223372036854775807".to_string()),
+            Just("-9223372036854775808".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| f.to_string()),
+            (0u32..1000).prop_map(|n| n.to_string()),
+        ];
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        prop_oneof![
+            4 => leaf,
+            1 => prop::collection::vec(value(depth - 1), 0..3).prop_map(|v| format!("[{}]", v.join(" , "))),
+            1 => object(depth - 1),
+        ]
+        .boxed()
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => prop::sample::select(KEYS.to_vec()).prop_map(|k| serde_json::to_string(k).unwrap()),
+            1 => Just("\"ki\\u006ed\"".to_string()),
+        ]
+    }
+
+    fn object(depth: u32) -> BoxedStrategy<String> {
+        (
+            prop::collection::vec((key(), value(depth)), 0..6),
+            prop::bool::ANY,
+        )
+            .prop_map(|(fields, spaced)| {
+                let sep = if spaced { " , " } else { "," };
+                let colon = if spaced { " : " } else { ":" };
+                let body: Vec<String> = fields
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}{colon}{v}"))
+                    .collect();
+                format!("{{{}}}", body.join(sep))
+            })
+            .boxed()
+    }
+
+    fn op() -> impl Strategy<Value = ProjectOp> {
+        let field = prop::sample::select(KEYS.to_vec()).prop_map(str::to_string);
+        let filter = (
+            field.clone(),
+            prop::sample::select(vec![
+                FilterOp::Eq,
+                FilterOp::Ne,
+                FilterOp::Lt,
+                FilterOp::Ge,
+                FilterOp::Exists,
+                FilterOp::Contains,
+            ]),
+            prop::sample::select(vec![
+                serde_json::json!("purchase"),
+                serde_json::json!(""),
+                serde_json::json!(1.5),
+                serde_json::json!(0),
+                serde_json::json!(null),
+                serde_json::json!(true),
+            ]),
+        )
+            .prop_map(|(field, op, value)| ProjectOp::Filter { field, op, value });
+        let select = (
+            prop::collection::vec(field, 0..4),
+            prop::sample::select(vec![
+                SelectMissing::Omit,
+                SelectMissing::Null,
+                SelectMissing::Error,
+            ]),
+        )
+            .prop_map(|(fields, missing)| ProjectOp::Select { fields, missing })
+            .prop_filter("supported", ProjectOp::supported);
+        prop_oneof![filter, select]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        #[test]
+        fn the_fast_path_prints_what_the_value_path_prints(
+            line in object(2),
+            ops in prop::collection::vec(op(), 0..4),
+        ) {
+            // Only lines `ndjson.read` accepts reach the path.
+            prop_assume!(crate::ndjson::serde_object(line.as_bytes()).is_ok());
+            agrees(line.as_bytes(), &ops);
+        }
+    }
+
+    /// The generator is not so adversarial that the fast path never decides.
+    #[test]
+    fn the_generator_exercises_the_fast_path() {
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut decided, mut total) = (0, 0);
+        for _ in 0..2000 {
+            let line = object(2).new_tree(&mut runner).unwrap().current();
+            if crate::ndjson::serde_object(line.as_bytes()).is_err() {
+                continue;
+            }
+            total += 1;
+            decided += usize::from(agrees(line.as_bytes(), &[purchase()]));
+        }
+        assert!(decided * 4 > total, "{decided} of {total}");
+    }
+}
