@@ -952,6 +952,11 @@ impl NdjsonBlockHead {
         Ok(())
     }
 
+    /// The lines rejected so far (skipped or dead-lettered).
+    pub(crate) fn rejected(&self) -> u64 {
+        self.skipped + self.dead_lettered
+    }
+
     /// The blocks of the file, unchecked (for a head that checks them itself).
     pub(crate) fn pull_raw(
         &mut self,

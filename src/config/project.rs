@@ -404,9 +404,12 @@ impl Head<Chunk> for ProjectHead {
         let mut checked = 0u64;
         let mut made = 0u64;
         let mut out_records = 0u64;
+        let mut blank = 0u64;
         for mut c in pulled.drain(..) {
+            let (lines, rejected) = (c.records, self.inner.rejected());
             self.inner.check(cx, &mut c)?;
             checked += c.records;
+            blank += lines - c.records - (self.inner.rejected() - rejected);
             if c.records == 0 {
                 continue;
             }
@@ -429,6 +432,10 @@ impl Head<Chunk> for ProjectHead {
         // block sent: both count records (see `Chunk::records`).
         InstanceMetrics::add(&cx.metrics.chain_in, checked - made);
         InstanceMetrics::add(&cx.metrics.records_out, out_records - made);
+        // Blank lines are not records (as on the value path, which skips them).
+        cx.metrics
+            .records_in
+            .fetch_sub(blank, crate::sync::Ordering::Relaxed);
         result
     }
 
