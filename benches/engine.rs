@@ -3,7 +3,8 @@
 //! - `fused_chain`: four maps over u64, fused on one thread and forced onto four threads.
 //! - `wordcount`: Zipf-like text of 10 million words, parallelism 1 and 2.
 //! - `channel_hop`: one record per message against batches of 1,024.
-//! - `ndjson_cli`: `millrace run` over 1 GiB of NDJSON (read → filter → select → write).
+//! - `ndjson_cli`: `millrace run` over 1 GiB of NDJSON (read → filter → select → write), on the
+//!   projected byte path and on the value path, beside DuckDB (and jq) when installed.
 //! - `ndjson_policy`: the same pipeline on clean input with `on_error = "fail"` against
 //!   `on_error = "dead_letter"` on every stage (issue #14: the policy must cost nothing on clean
 //!   input, ≥ 0.98×).
@@ -462,6 +463,45 @@ fn ndjson_cli(c: &mut Criterion) {
         .unwrap();
         g.bench_with_input(BenchmarkId::new("cli", par), &par, |b, _| {
             b.iter(|| run_cli(&toml))
+        });
+        // The same pipeline on the value path (every record parsed into a `Value`): the
+        // projected byte path's before.
+        let value = dir.path().join(format!("v{par}.toml"));
+        let text = std::fs::read_to_string(&toml).unwrap();
+        std::fs::write(&value, format!("[options]\nbyte_path=false\n{text}")).unwrap();
+        g.bench_with_input(BenchmarkId::new("cli_value_path", par), &par, |b, _| {
+            b.iter(|| run_cli(&value))
+        });
+    }
+    // The peers, when installed: DuckDB (Python package) with two threads, and jq (single
+    // threaded, about 40 s a run here, so only with MILLRACE_BENCH_JQ=1).
+    let duckdb = dir.path().join("duckdb.py");
+    std::fs::write(
+        &duckdb,
+        format!(
+            "import duckdb\nduckdb.sql('SET threads=2')\nduckdb.sql(\"COPY (SELECT amount, id, \\\"user\\\" FROM read_ndjson('{}') WHERE kind = 'purchase') TO '/dev/null' (FORMAT json)\")\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let has = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
+    if has(Command::new("python3").args(["-c", "import duckdb"])) {
+        g.bench_function(BenchmarkId::new("duckdb", 2), |b| {
+            b.iter(|| assert!(has(Command::new("python3").arg(&duckdb))))
+        });
+    }
+    if std::env::var_os("MILLRACE_BENCH_JQ").is_some() && has(Command::new("jq").arg("--version")) {
+        g.bench_function(BenchmarkId::new("jq", 1), |b| {
+            b.iter(|| {
+                let out = std::fs::File::create("/dev/null").unwrap();
+                let st = Command::new("jq")
+                    .args(["-c", r#"select(.kind == "purchase") | {id, user, amount}"#])
+                    .arg(&data)
+                    .stdout(out)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            })
         });
     }
     g.finish();
