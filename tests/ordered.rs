@@ -411,3 +411,78 @@ fn ordering_what_has_no_order_is_a_build_error() {
     let e = p.run().unwrap_err().to_string();
     assert!(e.contains("is ordered, but only a stage fed by"), "{e}");
 }
+
+/// Runs a TOML pipeline reading `n` NDJSON records `{"i": i, "v": i % 7}` through `middle`
+/// (whose last stage is `last`); returns the `i` of every output record, in output order.
+fn run_toml(n: u64, read_extra: &str, middle: &str) -> Vec<u64> {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let inp = dir.path().join("in.ndjson");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&inp).unwrap());
+    for i in 0..n {
+        writeln!(f, "{{\"i\": {i}, \"v\": {}}}", i % 7).unwrap();
+    }
+    drop(f);
+    let out = dir.path().join("out.ndjson");
+    let text = format!(
+        "[options]\nbatch_size = 16\n[stages.read]\nkind = \"ndjson.read\"\npath = {:?}\n{read_extra}\n{middle}\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"last\"\npath = {:?}\n",
+        inp.display().to_string(),
+        out.display().to_string()
+    );
+    let spec = millrace::config::PipelineSpec::from_str(&text, dir.path().join("p.toml")).unwrap();
+    within(move || spec.build().unwrap().run().map(|_| ()).unwrap());
+    std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["i"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `ordered = true` in a pipeline file: a filter on four threads (and a select fused with it)
+/// keeps the file's order; so does an ordered `ndjson.read` parsing on four threads.
+#[test]
+fn toml_ordered_stages_keep_the_file_order() {
+    let n = 20_000;
+    let want: Vec<u64> = (0..n).filter(|i| i % 7 != 3).collect();
+    let middle = "[stages.f]\nkind = \"filter\"\ninput = \"read\"\nfield = \"v\"\nop = \"ne\"\nvalue = 3\nparallelism = 4\nordered = true\n[stages.last]\nkind = \"select\"\ninput = \"f\"\nfields = [\"i\"]\nparallelism = 4\n";
+    assert_eq!(run_toml(n, "", middle), want);
+    let middle = "[stages.last]\nkind = \"filter\"\ninput = \"read\"\nfield = \"v\"\nop = \"ne\"\nvalue = 3\n";
+    let got = run_toml(n, "parallelism = 4\nordered = true\n", middle);
+    assert_eq!(got, want);
+}
+
+/// `ordered` where it means nothing is an error naming the stage, the file and the line.
+#[test]
+fn toml_ordered_elsewhere_is_an_error_naming_stage_and_line() {
+    let text = |stage: &str| {
+        format!(
+            "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n{stage}\n[stages.out]\nkind = \"ndjson.write\"\ninput = \"s\"\npath = \"-\"\n"
+        )
+    };
+    for (stage, says) in [
+        (
+            "[stages.s]\nkind = \"filter\"\ninput = \"read\"\nfield = \"line\"\nop = \"exists\"\nordered = true\n",
+            "needs parallelism > 1",
+        ),
+        (
+            "[stages.s]\nkind = \"count\"\ninput = \"read\"\nkey = \"line\"\nparallelism = 2\nordered = true\n",
+            "not to a `count` stage",
+        ),
+        (
+            "[stages.s]\nkind = \"filter\"\ninput = \"read\"\nfield = \"line\"\nop = \"exists\"\nparallelism = 2\nordered = \"yes\"\n",
+            "boolean",
+        ),
+    ] {
+        let e = millrace::config::PipelineSpec::from_str(&text(stage), "/tmp/p.toml").unwrap_err();
+        assert_eq!(e.stage(), Some("s"), "{e}");
+        // The `[stages.s]` header is line 4; `ordered` is its table's last line.
+        let ordered_line = 4 + stage.lines().count() - 1;
+        assert_eq!(e.line, Some(ordered_line), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(says) && msg.contains("/tmp/p.toml"), "{msg}");
+    }
+}
