@@ -14,6 +14,10 @@
 //!   stage, `map` in two stage instances (`rebalance(2)`, the engine's other way to use more
 //!   cores) and `map_par` on the run's rayon pool.
 //!
+//! - `ordered`: the same ~1 µs map at parallelism 2, unordered (`rebalance(2)`) against ordered
+//!   (`rebalance(2).ordered()`, issue item 5: ≥ 0.9× the unordered throughput), next to a hand
+//!   loop; both runs end in a one-instance sink, so both pay the merge into it.
+//!
 //! Run: `cargo bench --bench engine` (or name one group: `cargo bench --bench engine -- wordcount`).
 //! Results and their ratios are recorded in docs/performance.md.
 // A bench drives the engine from outside with std's threads and atomics: the `crate::sync`
@@ -195,6 +199,55 @@ fn map_par(c: &mut Criterion) {
             p.run().unwrap()
         })
     });
+    g.finish();
+}
+
+fn ordered(c: &mut Criterion) {
+    const N: u64 = 100_000;
+    let data: Vec<u64> = (0..N).collect();
+    let want: Vec<u64> = data.iter().map(|&x| expensive(x)).collect();
+    let engine = |ordered: bool| -> Vec<u64> {
+        let p = Pipeline::new();
+        let s = p.source("n", 0..black_box(N)).rebalance(2);
+        let s = if ordered { s.ordered() } else { s };
+        let out = s.map(expensive).new_stage().collect();
+        p.run().unwrap();
+        out.take()
+    };
+    // Checked once, outside the timing: ordered gives the sequential output; unordered the
+    // same records.
+    assert_eq!(engine(true), want);
+    let mut unordered = engine(false);
+    unordered.sort_unstable();
+    let mut sorted = want.clone();
+    sorted.sort_unstable();
+    assert_eq!(unordered, sorted);
+    let mut g = c.benchmark_group("ordered");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(10);
+    g.sampling_mode(SamplingMode::Flat);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(4));
+    g.bench_function("hand_loop", |b| {
+        b.iter(|| {
+            for &x in black_box(&data) {
+                black_box(expensive(x));
+            }
+        })
+    });
+    for (id, ordered) in [("unordered_p2", false), ("ordered_p2", true)] {
+        g.bench_function(id, |b| {
+            b.iter(|| {
+                let p = Pipeline::new();
+                let s = p.source("n", 0..black_box(N)).rebalance(2);
+                let s = if ordered { s.ordered() } else { s };
+                s.map(expensive).new_stage().for_each(|x| {
+                    black_box(x);
+                });
+                p.run().unwrap()
+            })
+        });
+    }
     g.finish();
 }
 
@@ -591,6 +644,7 @@ criterion_group!(
     benches,
     fused_chain,
     map_par,
+    ordered,
     channel_hop,
     wordcount,
     ndjson_cli,

@@ -7,6 +7,11 @@
 //! one per upstream instance; a channel that disconnects before all of them arrived means the
 //! upstream stopped abnormally (the run is failing or cancelled). When a consumer finishes early
 //! it drops its receiver, senders see the disconnect, and producers with no consumer left stop.
+//!
+//! An *ordered* edge (out of a stage that asked for [`ordered`](crate::Stream::ordered)) is
+//! different in two ways: each consumer instance has one channel per upstream instance, which
+//! it reads in turn ([`InputHead::in_turns`]), and each upstream instance ends the output of
+//! every input batch with a [`Message::BatchEnd`] marker; see the design note on `Turns`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +40,10 @@ pub(crate) enum Message<T> {
         from: usize,
         id: crate::checkpoint::CheckpointId,
     },
+    /// On an ordered edge only: the sender has sent everything it made of one input batch (a
+    /// filter may have made nothing of it, a flat_map several batches). The consumer then reads
+    /// the next upstream instance.
+    BatchEnd { from: usize },
 }
 
 /// How an upstream instance picks the downstream instance for a record.
@@ -44,6 +53,10 @@ pub(crate) enum Partition<T> {
     Forward,
     /// Whole batches round-robin, preferring an instance whose channel has room.
     Rebalance,
+    /// Whole batches strictly round-robin: batch `k` goes to instance `k % n`, waiting for
+    /// room if need be (what an ordered stage is fed by: its merge reads the instances in the
+    /// same turn).
+    RoundRobin,
     /// By a hash of the record's key: all records of a key reach the same instance.
     Hash(Arc<dyn Fn(&T) -> u64 + Send + Sync>),
 }
@@ -53,6 +66,7 @@ impl<T> Clone for Partition<T> {
         match self {
             Partition::Forward => Partition::Forward,
             Partition::Rebalance => Partition::Rebalance,
+            Partition::RoundRobin => Partition::RoundRobin,
             Partition::Hash(h) => Partition::Hash(Arc::clone(h)),
         }
     }
@@ -124,6 +138,8 @@ pub(crate) struct ChannelTail<T> {
     stopped: bool,
     /// Key groups hash partitioning routes by (at least the number of consumers).
     key_groups: u16,
+    /// On an ordered edge: end the output of each input batch with a [`Message::BatchEnd`].
+    ordered: bool,
 }
 
 impl<T: Send> ChannelTail<T> {
@@ -158,7 +174,15 @@ impl<T: Send> ChannelTail<T> {
                 .run
                 .max_parallelism()
                 .max(n.min(u16::MAX as usize) as u16),
+            ordered: false,
         }
+    }
+
+    /// This tail feeds an ordered edge: it sends a [`Message::BatchEnd`] to every consumer
+    /// after what it made of each input batch.
+    pub(crate) fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
     }
 
     /// Sends buffer `b` (a full or flushed batch) to its destination.
@@ -178,6 +202,11 @@ impl<T: Send> ChannelTail<T> {
         let dest = match self.partition {
             Partition::Hash(_) if !self.bufs.is_empty() => b,
             Partition::Forward => self.next,
+            Partition::RoundRobin => {
+                let d = self.next;
+                self.next = (d + 1) % self.senders.len();
+                d
+            }
             _ => self.pick_rebalance(),
         };
         let Some(tx) = &self.senders[dest] else {
@@ -349,6 +378,14 @@ impl<T: Send> Tail<T> for ChannelTail<T> {
         self.send_watermark(at)
     }
 
+    fn end_input_batch(&mut self, _cx: &Cx) -> Result<(), Halt> {
+        if !self.ordered {
+            return Ok(());
+        }
+        let from = self.slot;
+        self.send_control(|| Message::BatchEnd { from })
+    }
+
     fn barrier(
         &mut self,
         _cx: &Cx,
@@ -474,6 +511,22 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
         }
         Ok(())
     }
+    fn end_input_batch(&mut self, cx: &Cx) -> Result<(), Halt> {
+        for (i, out) in self.outs.iter_mut().enumerate() {
+            if self.live[i] {
+                match out.end_input_batch(cx) {
+                    Ok(()) => {}
+                    Err(Halt::Done) if !cx.run.is_cancelled() => self.live[i] = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if self.live.iter().any(|l| *l) {
+            Ok(())
+        } else {
+            Err(Halt::Done)
+        }
+    }
     fn barrier(
         &mut self,
         cx: &Cx,
@@ -503,7 +556,7 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
 /// [`WatermarkTracker`], and reports a rise of their minimum as [`Pull::Watermark`], and it
 /// aligns checkpoint barriers over its slots (see [`Align`]).
 pub(crate) struct InputHead<T> {
-    rx: Receiver<Message<T>>,
+    src: Src<T>,
     /// Where drained batches go back to the producers (dropped when that channel is full).
     recycle: Sender<Vec<T>>,
     ends_expected: usize,
@@ -603,7 +656,64 @@ fn from_of<T>(m: &Message<T>) -> usize {
         Message::Data { from, .. }
         | Message::Watermark { from, .. }
         | Message::End { from }
+        | Message::BatchEnd { from }
         | Message::Barrier { from, .. } => *from,
+    }
+}
+
+/// Where an input head reads its messages.
+enum Src<T> {
+    /// One channel every upstream instance sends to, read in arrival order.
+    Shared(Receiver<Message<T>>),
+    /// One channel per upstream instance, read in turn.
+    Turns(Turns<T>),
+}
+
+/// The merge of an ordered edge: upstream instance `i`'s messages on `rxs[i]`, read in turn.
+///
+/// # Design note
+///
+/// The stage feeding an ordered stage deals its batches strictly round-robin
+/// ([`Partition::RoundRobin`]): batch `k` goes to instance `k % n`. Each instance ends what it
+/// made of an input batch with [`Message::BatchEnd`] — also when a filter made nothing of it,
+/// and after all the batches a flat_map made of it. So the merge reads `rxs[turn]` until that
+/// marker and then moves to the next instance: batch `k`'s output is read before batch
+/// `k + 1`'s, which is input order. The marker never reaches [`InputHead::pull`].
+///
+/// No reorder buffer: an instance that is ahead fills its own bounded channel and blocks
+/// (backpressure), and the dealer blocks on that instance's input in turn. This cannot
+/// deadlock: the instance whose batch the merge waits for has that batch in hand (it was dealt
+/// before every later one), and what it makes of it goes to the channel being read.
+///
+/// Control messages stay in each instance's stream: watermarks are combined per slot as on a
+/// shared channel, and a barrier from one dealer sits at the same batch boundary in every
+/// instance's stream, so turn `k` meets it first and the next turns meet it at the head of
+/// theirs (exactly-once alignment then holds at most one round of batches). An instance's
+/// [`Message::End`] takes it out of the turn; a channel closing without it is the same
+/// protocol error or failing run as on a shared channel; cancellation wakes the blocked read.
+/// Several independent producers (an ordered parallel source, whose parts inject barriers at
+/// their own pace) can deliver a barrier at different batches: keeping the order would then put
+/// records after a held slot's barrier before records of a slot not yet aligned, so the head
+/// declines that checkpoint instead (`InputHead::pull`) and keeps the order.
+struct Turns<T> {
+    rxs: Vec<Receiver<Message<T>>>,
+    /// The instance whose batch comes next.
+    turn: usize,
+    /// Instances whose end marker was read: out of the turn.
+    ended: Vec<bool>,
+}
+
+impl<T> Turns<T> {
+    /// Moves the turn to the next instance that has not ended (stays put when all have).
+    fn advance(&mut self) {
+        let n = self.rxs.len();
+        for k in 1..=n {
+            let i = (self.turn + k) % n;
+            if !self.ended[i] {
+                self.turn = i;
+                return;
+            }
+        }
     }
 }
 
@@ -614,8 +724,33 @@ impl<T> InputHead<T> {
         recycle: Sender<Vec<T>>,
         idle_after: Option<std::time::Duration>,
     ) -> Self {
+        Self::with_src(Src::Shared(rx), ends_expected, recycle, idle_after)
+    }
+
+    /// The input of a consumer of an ordered edge: `rxs[i]` carries upstream instance `i`'s
+    /// messages (its input slot is `i`), read in turn (see [`Turns`]).
+    pub(crate) fn in_turns(
+        rxs: Vec<Receiver<Message<T>>>,
+        recycle: Sender<Vec<T>>,
+        idle_after: Option<std::time::Duration>,
+    ) -> Self {
+        let n = rxs.len();
+        let turns = Turns {
+            rxs,
+            turn: 0,
+            ended: vec![false; n],
+        };
+        Self::with_src(Src::Turns(turns), n, recycle, idle_after)
+    }
+
+    fn with_src(
+        src: Src<T>,
+        ends_expected: usize,
+        recycle: Sender<Vec<T>>,
+        idle_after: Option<std::time::Duration>,
+    ) -> Self {
         InputHead {
-            rx,
+            src,
             recycle,
             ends_expected,
             ends_seen: 0,
@@ -625,13 +760,46 @@ impl<T> InputHead<T> {
         }
     }
     /// Receives the next message, blocking (timed as idle) at most until `flush_at`.
-    /// `Ok(None)` means "idle: flush now".
+    /// `Ok(None)` means "idle: flush now". On an ordered edge, the next message in turn (batch
+    /// end markers are consumed here).
     pub(crate) fn recv(
         &mut self,
         cx: &Cx,
         flush_at: Option<u64>,
     ) -> Result<Option<Message<T>>, Halt> {
-        match self.rx.try_recv() {
+        loop {
+            let m = self.recv_raw(cx, flush_at)?;
+            let Src::Turns(t) = &mut self.src else {
+                return Ok(m);
+            };
+            match m {
+                Some(Message::BatchEnd { from }) => {
+                    debug_assert_eq!(from, t.turn, "a batch end out of turn");
+                    t.advance();
+                }
+                Some(Message::End { from }) => {
+                    if let Some(e) = t.ended.get_mut(from) {
+                        *e = true;
+                    }
+                    t.advance();
+                    return Ok(Some(Message::End { from }));
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The channel to read now: the shared one, or the one whose turn it is.
+    fn current(&self) -> &Receiver<Message<T>> {
+        match &self.src {
+            Src::Shared(rx) => rx,
+            Src::Turns(t) => &t.rxs[t.turn],
+        }
+    }
+
+    fn recv_raw(&self, cx: &Cx, flush_at: Option<u64>) -> Result<Option<Message<T>>, Halt> {
+        let rx = self.current();
+        match rx.try_recv() {
             Ok(m) => return Ok(Some(m)),
             Err(TryRecvError::Disconnected) => return Err(self.disconnected(cx)),
             Err(TryRecvError::Empty) => {}
@@ -640,7 +808,7 @@ impl<T> InputHead<T> {
         // Yield before parking (see `send_blocking`).
         for _ in 0..YIELDS {
             std::thread::yield_now();
-            match self.rx.try_recv() {
+            match rx.try_recv() {
                 Ok(m) => {
                     InstanceMetrics::add(&cx.metrics.recv_wait_ns, t0.elapsed().as_nanos() as u64);
                     return Ok(Some(m));
@@ -665,13 +833,13 @@ impl<T> InputHead<T> {
             Some(at) => {
                 let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
                 select! {
-                    recv(self.rx) -> m => m.map(Some).map_err(|_| ()),
+                    recv(rx) -> m => m.map(Some).map_err(|_| ()),
                     recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
                     default(wait) => Ok(None),
                 }
             }
             None => select! {
-                recv(self.rx) -> m => m.map(Some).map_err(|_| ()),
+                recv(rx) -> m => m.map(Some).map_err(|_| ()),
                 recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
             },
         };
@@ -754,6 +922,17 @@ impl<T> InputHead<T> {
     /// The hold buffer is full: decline the barrier being aligned and release what is held.
     #[cold]
     fn overflow(&mut self, cx: &Cx) {
+        let why = format!(
+            "alignment buffer full ({} messages held)",
+            self.align.held.len()
+        );
+        self.decline(cx, &why);
+    }
+
+    /// Declines the barrier being aligned (the coordinator fails it) and releases what is held,
+    /// in order.
+    #[cold]
+    fn decline(&mut self, cx: &Cx, why: &str) {
         let a = &mut self.align;
         let Some(n) = a.holding.take() else { return };
         if let Some(cp) = cx.run.checkpoint.lock().clone() {
@@ -761,11 +940,7 @@ impl<T> InputHead<T> {
                 stage: cx.stage.to_string(),
                 instance: cx.instance,
             };
-            cp.coord.decline(
-                n,
-                &who,
-                &format!("alignment buffer full ({} messages held)", a.held.len()),
-            );
+            cp.coord.decline(n, &who, why);
         }
         let mut held = std::mem::take(&mut a.held);
         held.append(&mut a.replay);
@@ -799,6 +974,20 @@ impl<T: Send> Head<T> for InputHead<T> {
                 }
                 continue;
             }
+            if self.align.holding.is_some()
+                && matches!(self.src, Src::Turns(_))
+                && matches!(msg, Message::Data { .. })
+            {
+                // Ordered input, data of a slot not yet aligned after data held: delivering it
+                // now would break the order (see `Turns`). Release the held data first, then
+                // this message, then whatever was still to replay.
+                self.align.replay.push_front(msg);
+                self.decline(
+                    cx,
+                    "ordered input: the barrier came at different batches of the upstream instances",
+                );
+                continue;
+            }
             match msg {
                 Message::Data { from, mut batch } => {
                     if self.idle_after.is_some() {
@@ -822,6 +1011,8 @@ impl<T: Send> Head<T> for InputHead<T> {
                         return Ok(p);
                     }
                 }
+                // Consumed by `recv` on an ordered edge; never sent on a shared channel.
+                Message::BatchEnd { .. } => {}
                 Message::End { from } => {
                     if let Some(e) = self.align.ended.get_mut(from) {
                         *e = true;

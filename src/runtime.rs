@@ -419,6 +419,14 @@ pub(crate) trait Tail<T>: Emit<T> + Send {
     fn after_batch(&mut self, _cx: &Cx) -> Result<(), Halt> {
         Ok(())
     }
+    /// Called once the records of an input batch were pushed (a pull that returned records, or
+    /// `Pull::Data`, which a filter in the head may have emptied): a channel tail of an ordered
+    /// edge marks the end of what it made of that batch. Only for pulls that took one input
+    /// batch; not after a `limit` or a gone consumer stopped the batch midway.
+    #[inline]
+    fn end_input_batch(&mut self, _cx: &Cx) -> Result<(), Halt> {
+        Ok(())
+    }
     /// The stage's watermark rose: pass it on after the records already emitted. Sinks
     /// ignore it.
     fn watermark(&mut self, _cx: &Cx, _at: crate::time::Timestamp) -> Result<(), Halt> {
@@ -472,6 +480,9 @@ impl<T> Tail<T> for Box<dyn Tail<T>> {
     }
     fn after_batch(&mut self, cx: &Cx) -> Result<(), Halt> {
         (**self).after_batch(cx)
+    }
+    fn end_input_batch(&mut self, cx: &Cx) -> Result<(), Halt> {
+        (**self).end_input_batch(cx)
     }
     fn watermark(&mut self, cx: &Cx, at: crate::time::Timestamp) -> Result<(), Halt> {
         (**self).watermark(cx, at)
@@ -628,6 +639,9 @@ where
             Some(e) => return Err(e),
         }
         tail.after_batch(cx)?;
+        if batch > 0 || pull == Pull::Data {
+            tail.end_input_batch(cx)?;
+        }
         match pull {
             Pull::Data => {}
             Pull::Idle => tail.flush(cx)?,

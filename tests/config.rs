@@ -309,7 +309,7 @@ fn unknown_parameter_is_reported_as_a_typo() {
     let text = "[stages.read]\nkind = \"lines.read\"\npath = \"-\"\n[stages.w]\nkind = \"words\"\ninput = \"read\"\nlowercas = true\n[stages.out]\nkind = \"ndjson.write\"\npath = \"-\"\ninput = \"w\"\n";
     assert_eq!(config_error(text).kind(), ConfigErrorKind::UnknownParameter);
     let e = err(text);
-    assert_eq!(e, format!("{F}:7: stage `w`: unknown parameter `lowercas` for kind `words` (known: dead_letter, field, input, kind, lowercase, on_error, parallelism)"));
+    assert_eq!(e, format!("{F}:7: stage `w`: unknown parameter `lowercas` for kind `words` (known: dead_letter, field, input, kind, lowercase, on_error, ordered, parallelism)"));
 }
 
 #[test]

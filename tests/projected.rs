@@ -248,3 +248,21 @@ path = OUT
         (3, 1, 1, 1)
     );
 }
+
+/// `ordered = true` keeps input order: the projected path (whose readers interleave) steps
+/// aside for the value path's ordered merge.
+#[test]
+fn ordered_reads_keep_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(40_000);
+    let stages = PIPELINE
+        .replace("PAR", "2")
+        .replace("parallelism = 2", "parallelism = 2\nordered = true");
+    let (ordered, _) = run(dir.path(), &data, &stages, true).unwrap();
+    let one = PIPELINE.replace("PAR", "1");
+    let (sequential, _) = run(dir.path(), &data, &one, true).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ordered),
+        String::from_utf8_lossy(&sequential)
+    );
+}

@@ -258,15 +258,25 @@ fn set_stage_fingerprint(p: &Pipeline, stage: &str, fingerprint: &str) {
 const BLOCK_BYTES: usize = 256 * 1024;
 
 /// Adapts the input's parallelism to a stateless stage's: fuse when equal (or unspecified),
-/// else rebalance.
+/// else rebalance; `ordered = true` makes the stage it runs in keep input order.
 fn with_parallelism(s: JsonStream, st: &StageSpec) -> JsonStream {
     let n = st.parallelism;
-    if !st.explicit_parallelism || s.current_parallelism() == n {
+    let s = if !st.explicit_parallelism || s.current_parallelism() == n {
         s
     } else if s.is_fresh_channel_stage() {
         s.parallelism(n)
     } else {
         s.rebalance(n).boxed()
+    };
+    with_order(s, st)
+}
+
+/// The stream, ordered if the stage says `ordered = true`.
+fn with_order(s: JsonStream, st: &StageSpec) -> JsonStream {
+    if st.ordered {
+        s.ordered()
+    } else {
+        s
     }
 }
 
@@ -286,13 +296,14 @@ pub(crate) enum LiveStage {
 /// The reloadable stages of a pipeline, by name.
 pub(crate) type LiveStages = std::collections::BTreeMap<String, LiveStage>;
 
-/// A reloadable stage, if `live` is set and the stage's kind can reload.
+/// A reloadable stage, if `live` is set and the stage's kind can reload; the input back
+/// (boxed: a stream is large) when it cannot.
 fn build_live_stage(
     st: &StageSpec,
     input: JsonStream,
     live: &mut LiveStages,
     policy: &crate::OnError,
-) -> Result<Option<JsonStream>, JsonStream> {
+) -> Result<Option<JsonStream>, Box<JsonStream>> {
     let name = st.name.as_str();
     let par = st.parallelism;
     Ok(Some(match &st.params {
@@ -315,7 +326,7 @@ fn build_live_stage(
                 live.insert(st.name.clone(), LiveStage::Map(Arc::clone(&v)));
                 stages::live_map(with_parallelism(input, st), name, v, policy.clone()).boxed()
             }
-            None => return Err(input),
+            None => return Err(Box::new(input)),
         },
     }))
 }
@@ -333,7 +344,7 @@ fn build_stage(
     let input = match (input, live.as_deref_mut()) {
         (Some(s), Some(live)) => match build_live_stage(st, s, live, &policy) {
             Ok(out) => return Ok(out),
-            Err(s) => Some(s),
+            Err(s) => Some(*s),
         },
         (input, _) => input,
     };
@@ -347,7 +358,7 @@ fn build_stage(
         ) => {
             let s = stages::lines(p, name, path, *max_line_bytes, policy);
             Some(if st.parallelism > 1 {
-                s.rebalance(st.parallelism).boxed()
+                with_order(s.rebalance(st.parallelism).boxed(), st)
             } else {
                 s.boxed()
             })
@@ -366,9 +377,10 @@ fn build_stage(
                 let chunks =
                     stages::chunks(p, &format!("{name}.lines"), path, CHUNK_BYTES, max_line);
                 let shown: Arc<str> = Arc::from(path.display().to_string());
+                let chunks = chunks.rebalance(st.parallelism);
+                let chunks = if st.ordered { chunks.ordered() } else { chunks };
                 Some(
                     chunks
-                        .rebalance(st.parallelism)
                         .step("parse", move |prev, op| {
                             super::live_map::ParseChunks::new(prev, op, shown, policy, max_line)
                         })

@@ -59,6 +59,9 @@ pub struct StageSpec {
     pub parallelism: usize,
     /// Whether `parallelism` was written in the file.
     pub(crate) explicit_parallelism: bool,
+    /// `ordered = true`: the stage's instances keep input order (a stateless stage or a source
+    /// with `parallelism > 1`; see `Stream::ordered`).
+    pub(crate) ordered: bool,
     /// Line of the stage's table header.
     pub line: usize,
     /// Line of its `input` parameter (the header's when absent).
@@ -649,6 +652,9 @@ fn parse_stage(
     let input_line = params.line_of("input");
     let declared = params.opt_u64("parallelism", 1, 1024)?;
     let parallelism = declared.unwrap_or(1) as usize;
+    let ordered = params.opt_bool("ordered")?.unwrap_or(false);
+    let ordered_line_err =
+        |p: &Params<'_>, m: String| p.error_at("ordered", ConfigErrorKind::BadValue, m);
     let mut spec = Kind::parse(&kind, &mut params)?;
     let on_error = parse_policy(&mut params, &spec, &kind)?;
     if let Kind::Window(w) = &mut spec {
@@ -710,6 +716,36 @@ fn parse_stage(
             format!("a `{kind}` stage runs on one thread; remove `parallelism`"),
         ));
     }
+    if ordered {
+        let keeps_order = matches!(
+            spec,
+            Kind::LinesRead { .. }
+                | Kind::NdjsonRead { .. }
+                | Kind::Filter { .. }
+                | Kind::Select { .. }
+                | Kind::Words { .. }
+        );
+        if !keeps_order {
+            return Err(ordered_line_err(
+                &params,
+                format!(
+                    "`ordered` applies to a stateless stage (filter, select, words) or a source \
+                     (lines.read, ndjson.read) with parallelism > 1, not to a `{kind}` stage{}",
+                    if matches!(spec, Kind::Exec(_)) {
+                        " (a child process does not keep batch boundaries)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if parallelism < 2 {
+            return Err(ordered_line_err(
+                &params,
+                "`ordered = true` needs parallelism > 1 (one instance keeps order anyway)".into(),
+            ));
+        }
+    }
     Ok(StageSpec {
         name: name.to_string(),
         fingerprint: super::checkpoint::fingerprint(&kind, table),
@@ -717,6 +753,7 @@ fn parse_stage(
         inputs,
         parallelism,
         explicit_parallelism: declared.is_some(),
+        ordered,
         line,
         input_line,
         late_of: late_of.map(str::to_string),

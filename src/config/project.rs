@@ -717,7 +717,7 @@ const BLOCK_BYTES: usize = 256 * 1024;
 
 /// Builds the projected path when the pipeline is exactly `ndjson.read → (filter | select)* →
 /// ndjson.write` (to a file), linear, each stage read by the next only, the middle stages on
-/// the source's parallelism, fixed (not reloadable), and every dead-letter target an
+/// the source's parallelism, fixed (not reloadable), none `ordered`, and every dead-letter target an
 /// `ndjson.write` to a file read by no stage. `None`: build the value path.
 pub(super) fn build(
     spec: &super::parse::PipelineSpec,
@@ -725,7 +725,8 @@ pub(super) fn build(
 ) -> Option<crate::Pipeline> {
     use super::kinds::Kind;
     use super::parse::{PolicySpec, StageSpec};
-    if !spec.byte_path || reloadable {
+    // Order across readers is the value path's (`ordered = true`, `Stream::ordered`).
+    if !spec.byte_path || reloadable || spec.stages.iter().any(|s| s.ordered) {
         return None;
     }
     let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =

@@ -483,6 +483,9 @@ impl ReloadHandle {
             if o.parallelism != n.parallelism {
                 return Err(what("parallelism"));
             }
+            if o.ordered != n.ordered {
+                return Err(what("ordered"));
+            }
             // The error policy is fixed for the run, but for a window's fail/skip.
             let window_flip = matches!(n.params, super::kinds::Kind::Window(_))
                 && !matches!(o.on_error, super::parse::PolicySpec::DeadLetter(_))

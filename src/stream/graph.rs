@@ -126,6 +126,13 @@ pub(super) struct EdgeCell<T> {
     /// The input slot of the producer's instance 0 at the consumer (edges into one stage
     /// number their producers' instances one after another).
     pub(super) slot_base: usize,
+    /// The producer asked for order ([`Stream::ordered`](super::Stream::ordered), with more
+    /// than one instance): its tails mark the end of each input batch, and the consumer reads
+    /// one channel per producer instance in turn (see `channel::Turns`).
+    pub(super) ordered: bool,
+    /// On an ordered edge, the senders by producer instance, then consumer instance (each pair
+    /// has its own channel); `senders` is then unused.
+    pub(super) turn_senders: Option<Vec<Vec<Sender<Message<T>>>>>,
 }
 
 /// An edge, shared by the producing stage (which sends on it) and the consuming one (which
@@ -147,6 +154,8 @@ pub(super) fn edge<T>(
         from_name,
         from_parallelism,
         slot_base: 0,
+        ordered: false,
+        turn_senders: None,
     }))
 }
 
@@ -177,6 +186,30 @@ pub(super) struct HeadSpec<I> {
     pub(super) steps: Vec<crate::metrics::StepEntry>,
     pub(super) inputs: Vec<usize>,
     pub(super) make: MakeHeads<I>,
+    /// For a stage fed by one edge out of a partitioning step: makes that edge deal strictly
+    /// round-robin, as an ordered stage needs; an error when the producer has several
+    /// instances (there is no one input order to keep). `None` for other heads.
+    pub(super) order_input: Option<OrderInput>,
+}
+
+/// See [`HeadSpec::order_input`].
+pub(super) type OrderInput = Box<dyn FnOnce() -> Result<(), String>>;
+
+/// What makes the edge `e` feed an ordered stage (see [`HeadSpec::order_input`]).
+pub(super) fn order_input<T: 'static>(e: &Edge<T>) -> OrderInput {
+    let e = Rc::clone(e);
+    Box::new(move || {
+        let mut e = e.borrow_mut();
+        if e.from_parallelism > 1 {
+            return Err(format!(
+                "`{}` runs {} instances, so its output has no one order to keep: merge it first \
+                 (`.new_stage()`, itself ordered if need be)",
+                e.from_name, e.from_parallelism
+            ));
+        }
+        e.partition = Partition::RoundRobin;
+        Ok(())
+    })
 }
 
 /// Builds the per-instance tail maker for an edge, at run time (phase 2).
@@ -185,7 +218,8 @@ pub(super) fn channel_tail<T: Send + 'static>(
     instance: usize,
 ) -> Result<MakeTail<ChannelTail<T>>, Error> {
     let e = edge.borrow();
-    let senders = e.senders.clone().ok_or_else(|| {
+    let turn_senders = e.turn_senders.as_ref().map(|t| t[instance].clone());
+    let senders = turn_senders.or_else(|| e.senders.clone()).ok_or_else(|| {
         Error::Build(format!(
             "the output of stage `{}` is never consumed: end the stream in a sink",
             e.from_name
@@ -194,10 +228,9 @@ pub(super) fn channel_tail<T: Send + 'static>(
     let partition = e.partition.clone();
     let recycle = e.recycle.clone();
     let slot = e.slot_base + instance;
+    let ordered = e.ordered;
     Ok(Box::new(move |cx: &Cx| {
-        Ok(ChannelTail::new(
-            cx, instance, slot, senders, partition, recycle,
-        ))
+        Ok(ChannelTail::new(cx, instance, slot, senders, partition, recycle).ordered(ordered))
     }))
 }
 
@@ -216,8 +249,24 @@ where
         shape: None,
         steps: Vec::new(),
         inputs,
+        order_input: None,
         make: Box::new(move |name, parallelism, opts| {
             let ends: usize = edges.iter().map(|e| e.borrow().from_parallelism).sum();
+            if edges.len() > 1 {
+                if let Some(e) = edges.iter().find(|e| e.borrow().ordered) {
+                    return Err(Error::Build(format!(
+                        "stage `{}` is ordered, but a union merges it with another stream \
+                         into `{name}`, which loses its order: merge streams before the \
+                         ordered stage",
+                        e.borrow().from_name
+                    )));
+                }
+            }
+            if let [e] = &edges[..] {
+                if e.borrow().ordered {
+                    return Ok(in_turns(e, name, parallelism, opts, &mut wrap));
+                }
+            }
             let (txs, rxs): (Vec<_>, Vec<_>) = (0..parallelism)
                 .map(|_| bounded(opts.channel_capacity))
                 .unzip();
@@ -239,6 +288,43 @@ where
                 .collect())
         }),
     }
+}
+
+/// The heads of the consumer of an ordered edge: one channel per (producer, consumer) pair,
+/// each consumer instance reading its producers' channels in turn.
+fn in_turns<X, I, W>(
+    e: &Edge<X>,
+    name: &Arc<str>,
+    parallelism: usize,
+    opts: &Options,
+    wrap: &mut W,
+) -> Vec<Box<dyn Head<I>>>
+where
+    X: Send + 'static,
+    W: FnMut(&Arc<str>, InputHead<X>) -> Box<dyn Head<I>>,
+{
+    let mut e = e.borrow_mut();
+    let producers = e.from_parallelism;
+    let mut by_producer: Vec<Vec<Sender<Message<X>>>> = vec![Vec::new(); producers];
+    let mut by_consumer = Vec::with_capacity(parallelism);
+    for _ in 0..parallelism {
+        let mut rxs = Vec::with_capacity(producers);
+        for senders in &mut by_producer {
+            let (tx, rx) = bounded(opts.channel_capacity);
+            senders.push(tx);
+            rxs.push(rx);
+        }
+        by_consumer.push(rxs);
+    }
+    let (back_tx, back_rx) = bounded(parallelism * producers * (opts.channel_capacity + 2));
+    e.turn_senders = Some(by_producer);
+    e.recycle = Some(back_rx);
+    e.slot_base = 0;
+    let idle = opts.idle_timeout;
+    by_consumer
+        .into_iter()
+        .map(|rxs| wrap(name, InputHead::in_turns(rxs, back_tx.clone(), idle)))
+        .collect()
 }
 
 /// A plain channel input as a head.

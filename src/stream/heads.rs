@@ -80,6 +80,13 @@ impl<X: Send, L: Send, R: Send> Tail<X> for RouteTail<X, L, R> {
     fn flush(&mut self, cx: &Cx) -> Result<(), Halt> {
         self.each(cx, |t, cx| t.flush(cx), |t, cx| t.flush(cx))
     }
+    fn end_input_batch(&mut self, cx: &Cx) -> Result<(), Halt> {
+        self.each(
+            cx,
+            |t, cx| t.end_input_batch(cx),
+            |t, cx| t.end_input_batch(cx),
+        )
+    }
     fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
         self.left.finish(cx)?;
         self.right.finish(cx)

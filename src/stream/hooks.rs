@@ -84,6 +84,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             head,
             chain,
             parallelism,
+            ordered,
         } = self;
         let HeadSpec {
             name: inner_name,
@@ -93,6 +94,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             mut steps,
             inputs,
             make,
+            order_input,
         } = head;
         if let (Some(n), Some(shape)) = (&inner_name, shape) {
             steps.push(crate::metrics::StepEntry::Head(Arc::clone(n), shape));
@@ -109,6 +111,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             shape: None,
             steps,
             inputs,
+            order_input,
             make: Box::new(move |name, p, opts| {
                 // The inner head keeps its own name (a window's errors name the window).
                 let heads = make(inner_name.as_ref().unwrap_or(name), p, opts)?;
@@ -124,7 +127,9 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                     .collect())
             }),
         };
-        Stream::open(&b, head, parallelism)
+        let mut s = Stream::open(&b, head, parallelism);
+        s.ordered = ordered;
+        s
     }
 
     /// The number of instances this open stage will run.

@@ -43,7 +43,7 @@ mod replayable;
 mod sinks;
 
 use graph::{channel_tail, edge, input_head, plain, Builder, Edge, HeadSpec, Names, Phase1};
-use graph::{Phase2, StageSlot, TailFactory};
+use graph::{order_input, Phase2, StageSlot, TailFactory};
 
 pub use keyed::{CheckpointedKeyed, KeyedStream, Windowed};
 pub use pipeline::Pipeline;
@@ -93,6 +93,8 @@ pub struct Stream<I, C> {
     head: HeadSpec<I>,
     chain: C,
     parallelism: usize,
+    /// Whether the stage keeps input order across its instances ([`Stream::ordered`]).
+    ordered: bool,
 }
 
 impl<I, C> fmt::Debug for Stream<I, C> {
@@ -101,6 +103,7 @@ impl<I, C> fmt::Debug for Stream<I, C> {
             .field("head", &self.head.name)
             .field("source", &self.head.source)
             .field("parallelism", &self.parallelism)
+            .field("ordered", &self.ordered)
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +116,7 @@ impl<I: Send + 'static> Fresh<I> {
             head,
             chain: Identity::new(),
             parallelism,
+            ordered: false,
         }
     }
 }
@@ -125,6 +129,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             head: self.head,
             chain,
             parallelism: self.parallelism,
+            ordered: self.ordered,
         }
     }
 
@@ -143,16 +148,33 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Closes the stage: registers it with a tail per instance, made on the worker thread by
     /// what `tails` returns; `sink` names the sink the stage ends in, if any. Returns the
     /// stage's id.
-    fn close<T>(self, sink: Option<Arc<str>>, mut tails: TailFactory<T>) -> usize
+    fn close<T>(mut self, sink: Option<Arc<str>>, mut tails: TailFactory<T>) -> usize
     where
         T: Tail<Out<I, C>> + 'static,
     {
         let chain_name = self.stage_name();
+        if self.keeps_order() && !self.head.source {
+            let why = match self.head.order_input.take() {
+                Some(order) => order().err(),
+                None => Some(
+                    "only a stage fed by a partitioning step (`.rebalance(n)`) or a parallel \
+                     source can keep order"
+                        .to_string(),
+                ),
+            };
+            if let Some(why) = why {
+                self.b
+                    .borrow_mut()
+                    .errors
+                    .push(format!("stage `{chain_name}` is ordered, but {why}"));
+            }
+        }
         let Stream {
             b,
             head,
             chain,
             parallelism,
+            ordered: _,
         } = self;
         let source = head.source;
         let dead_letter = head.dead_letter;
@@ -213,6 +235,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// Closes the stage into an edge with the given partitioning; returns the edge.
     fn connect(self, partition: Partition<Out<I, C>>) -> Edge<Out<I, C>> {
         let edge = edge(partition, self.stage_name(), self.parallelism);
+        edge.borrow_mut().ordered = self.keeps_order();
         let out = Rc::clone(&edge);
         let id = self.close(None, Box::new(move |_, i| channel_tail(&out, i)));
         edge.borrow_mut().from_stage = id;
@@ -224,7 +247,14 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     fn hop(self, partition: Partition<Out<I, C>>, parallelism: usize) -> Fresh<Out<I, C>> {
         let b = Rc::clone(&self.b);
         let edge = self.connect(partition);
-        Stream::open(&b, input_head(vec![edge], plain), parallelism)
+        let mut head = input_head(vec![edge.clone()], plain);
+        head.order_input = Some(order_input(&edge));
+        Stream::open(&b, head, parallelism)
+    }
+
+    /// Whether the stage's instances must keep input order: asked for, with more than one.
+    fn keeps_order(&self) -> bool {
+        self.ordered && self.parallelism > 1
     }
 }
 

@@ -301,6 +301,54 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         self
     }
 
+    /// Keeps input order across this stage's instances: what the next stage reads is in the
+    /// order this stage's input came in, as with one instance, instead of the order the
+    /// instances finish in (like `jq` or `parallel --keep-order`).
+    ///
+    /// For a stage fed by [`rebalance(n)`](Stream::rebalance) (or a fresh stage given
+    /// [`parallelism(n)`](Stream::parallelism)): batches are dealt strictly round-robin, each
+    /// instance marks the end of what it made of a batch (nothing, for a filter that dropped
+    /// it all; several batches, for a flat_map), and the next stage reads the instances in the
+    /// same turn. The feeding stage must have one instance. For a parallel source
+    /// ([`source_split`](crate::Pipeline::source_split),
+    /// [`parallel_source`](crate::Pipeline::parallel_source)): the parts' batches are read in
+    /// turn, part 0's first batch, part 1's first, ..., part 0's second, ... — for
+    /// `source_split` that is the data's order (its stripes are dealt the same way); for
+    /// `parallel_source`, whose parts are independent iterators, batches of
+    /// [`batch_size`](crate::Options::batch_size) records from each part in turn (a part that
+    /// ends leaves the turn; a slow iterator's partial batches, sent after
+    /// [`linger`](crate::Options::linger), make the interleaving depend on timing).
+    ///
+    /// Memory stays bounded: each (instance, consumer) pair has its own bounded channel and an
+    /// instance that runs ahead blocks on it, so the slowest instance sets the pace. A sink
+    /// after an ordered stage of several instances runs on one instance, in order.
+    /// At parallelism 1 this does nothing (order is kept anyway). An ordered stage cannot be
+    /// [`union`](Stream::union)ed with another stream (that would lose the order). With
+    /// exactly-once checkpoints, a barrier that reaches the parts of an ordered parallel
+    /// source at different batches is declined (the checkpoint fails, order is kept); after
+    /// `rebalance(n)` barriers stay aligned. `docs/semantics.md` says what the order means.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let p = millrace::Pipeline::new();
+    /// let out = p
+    ///     .source("n", 0..10_000u64)
+    ///     .rebalance(4)
+    ///     .ordered()
+    ///     .filter(|x| x % 3 != 0)
+    ///     .map(|x| x * 2)
+    ///     .collect();
+    /// p.run()?;
+    /// let want: Vec<u64> = (0..10_000u64).filter(|x| x % 3 != 0).map(|x| x * 2).collect();
+    /// assert_eq!(out.take(), want);
+    /// # Ok::<(), millrace::Error>(())
+    /// ```
+    pub fn ordered(mut self) -> Self {
+        self.ordered = true;
+        self
+    }
+
     /// Ends the fused chain here: what follows runs in a new single-instance stage on its own
     /// thread, fed through a channel.
     ///
@@ -316,7 +364,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 
     /// What follows runs in a new stage of `n` instances; whole batches are dealt round-robin,
-    /// preferring an instance with room in its channel.
+    /// preferring an instance with room in its channel. The instances' outputs merge in the
+    /// order they are made; add [`ordered`](Stream::ordered) to keep the input's.
     ///
     /// # Examples
     ///
@@ -387,10 +436,13 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         Out<I, C>: Clone,
     {
         let b = Rc::clone(&self.b);
-        let (p, name) = (self.parallelism, self.stage_name());
+        let (p, name, ordered) = (self.parallelism, self.stage_name(), self.keeps_order());
         let edges: Vec<Edge<Out<I, C>>> = (0..n)
             .map(|_| edge(Partition::Forward, name.clone(), p))
             .collect();
+        for e in &edges {
+            e.borrow_mut().ordered = ordered;
+        }
         let outs = edges.clone();
         let id = self.close(
             None,

@@ -120,6 +120,7 @@ impl Pipeline {
             shape: Some(crate::metrics::Shape::Source),
             steps: Vec::new(),
             inputs: Vec::new(),
+            order_input: None,
             make: Box::new(move |name, n, _| (0..n).map(|part| make(name, part, n)).collect()),
         };
         Stream::open(&self.b, head, parts)
@@ -232,6 +233,7 @@ impl Pipeline {
             shape: Some(crate::metrics::Shape::Source),
             steps: Vec::new(),
             inputs: Vec::new(),
+            order_input: None,
             make: Box::new(move |_, _, _| {
                 Ok(vec![Box::new(crate::dead_letter::DeadLetterHead::new(
                     rx,

@@ -303,6 +303,10 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     where
         T: crate::runtime::Tail<Out<I, C>> + 'static,
     {
+        if self.ordered && self.parallelism > 1 {
+            // The order exists only where the instances' outputs merge.
+            return self.new_stage().sink(name, tails);
+        }
         let b = Rc::clone(&self.b);
         let stage = self.close(Some(name), tails);
         Sink { b, stage }
