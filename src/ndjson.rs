@@ -102,12 +102,41 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// What a caller of [`classify_with`] learns of a line besides its verdict. Every method is
+/// called only while the line is being recognised: a line that ends as [`Line::Doubt`] may
+/// have reported some fields first.
+pub(crate) trait Visit {
+    /// Whether [`long_integer`](Visit::long_integer) is wanted (checked at compile time).
+    const LONG_INTEGERS: bool = false;
+    /// A field of the top-level object: the bytes of its key inside the quotes (escapes not
+    /// decoded) and of its value, as ranges of the line.
+    #[inline(always)]
+    fn field(&mut self, _key: (usize, usize), _value: (usize, usize)) {}
+    /// An integer (no fraction) of 19 digits or more, which may be outside 64 bits.
+    #[inline(always)]
+    fn long_integer(&mut self) {}
+}
+
+/// No visit: [`classify`].
+struct NoVisit;
+
+impl Visit for NoVisit {}
+
 /// Classifies one line (UTF-8 is the caller's to check).
+pub(crate) fn classify(s: &[u8]) -> Line {
+    classify_with(s, &mut NoVisit)
+}
+
+/// [`classify`], telling `v` the top-level fields it finds (see [`Visit`]).
 ///
 /// An iterative recogniser with the nesting kept in a bit stack (1 = object, 0 = array), so the
 /// position stays in a register; every "not sure" returns [`Line::Doubt`], never "valid".
-pub(crate) fn classify(s: &[u8]) -> Line {
+#[inline]
+pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
     let n = s.len();
+    // The key of the top-level field being read, and where its value starts.
+    let mut key_span = (0, 0);
+    let mut value_start = 0;
     let mut i = skip_ws(s, 0);
     if i == n {
         return Line::Blank;
@@ -137,12 +166,18 @@ pub(crate) fn classify(s: &[u8]) -> Line {
                     i += 1;
                     depth -= 1;
                     stack >>= 1;
+                    if depth == 1 {
+                        v.field(key_span, (value_start, i));
+                    }
                     at = At::AfterValue;
                 } else {
-                    let Some(k) = key(s, i) else {
+                    let Some((k, after)) = key(s, i) else {
                         return Line::Doubt;
                     };
-                    i = k;
+                    if depth == 1 {
+                        key_span = (i + 1, k - 1);
+                    }
+                    i = after;
                     at = At::Value;
                 }
             }
@@ -151,6 +186,9 @@ pub(crate) fn classify(s: &[u8]) -> Line {
                     i += 1;
                     depth -= 1;
                     stack >>= 1;
+                    if depth == 1 {
+                        v.field(key_span, (value_start, i));
+                    }
                     at = At::AfterValue;
                 } else {
                     at = At::Value;
@@ -160,6 +198,9 @@ pub(crate) fn classify(s: &[u8]) -> Line {
                 let Some(&b) = s.get(i) else {
                     return Line::Doubt;
                 };
+                if depth == 1 {
+                    value_start = i;
+                }
                 match b {
                     b'{' | b'[' => {
                         if depth == MAX_DEPTH {
@@ -191,10 +232,22 @@ pub(crate) fn classify(s: &[u8]) -> Line {
                         i += word.len();
                     }
                     b'-' | b'0'..=b'9' => match number(s, i) {
-                        Some(e) => i = e,
+                        Some(e) => {
+                            if V::LONG_INTEGERS
+                                && e - i >= 19
+                                && !s[i..e].contains(&b'.')
+                                && s[i..e].iter().filter(|b| b.is_ascii_digit()).count() >= 19
+                            {
+                                v.long_integer();
+                            }
+                            i = e;
+                        }
                         None => return Line::Doubt,
                     },
                     _ => return Line::Doubt,
+                }
+                if depth == 1 {
+                    v.field(key_span, (value_start, i));
                 }
                 at = At::AfterValue;
             }
@@ -204,13 +257,19 @@ pub(crate) fn classify(s: &[u8]) -> Line {
                 }
                 let in_object = stack & 1 == 1;
                 match (s.get(i), in_object) {
-                    (Some(b','), true) => match key(s, skip_ws(s, i + 1)) {
-                        Some(k) => {
-                            i = k;
-                            at = At::Value;
+                    (Some(b','), true) => {
+                        let start = skip_ws(s, i + 1);
+                        match key(s, start) {
+                            Some((k, after)) => {
+                                if depth == 1 {
+                                    key_span = (start + 1, k - 1);
+                                }
+                                i = after;
+                                at = At::Value;
+                            }
+                            None => return Line::Doubt,
                         }
-                        None => return Line::Doubt,
-                    },
+                    }
                     (Some(b','), false) => {
                         i += 1;
                         at = At::Value;
@@ -219,6 +278,9 @@ pub(crate) fn classify(s: &[u8]) -> Line {
                         i += 1;
                         depth -= 1;
                         stack >>= 1;
+                        if depth == 1 {
+                            v.field(key_span, (value_start, i));
+                        }
                     }
                     _ => return Line::Doubt,
                 }
@@ -235,19 +297,20 @@ fn skip_ws(s: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// `"key"` then `:` from `i`; the position after the colon.
+/// `"key"` then `:` from `i`; the positions after the key's closing quote and after the colon.
 #[inline]
-fn key(s: &[u8], i: usize) -> Option<usize> {
+fn key(s: &[u8], i: usize) -> Option<(usize, usize)> {
     if s.get(i) != Some(&b'"') {
         return None;
     }
-    let i = skip_ws(s, string(s, i)?);
-    (s.get(i) == Some(&b':')).then_some(i + 1)
+    let end = string(s, i)?;
+    let i = skip_ws(s, end);
+    (s.get(i) == Some(&b':')).then_some((end, i + 1))
 }
 
 /// A string starting at the `"` at `i`; the position after its closing quote.
 #[inline]
-pub(crate) fn string(s: &[u8], mut i: usize) -> Option<usize> {
+fn string(s: &[u8], mut i: usize) -> Option<usize> {
     i += 1;
     loop {
         i += plain_run(&s[i..]);

@@ -626,14 +626,11 @@ impl ChunkHead {
         parts: usize,
     ) -> Result<Self, Error> {
         let shown = path.display().to_string();
-        let reader =
-            ranges::RangeReader::open(path.to_path_buf(), part, parts).map_err(|source| {
-                Error::Io {
-                    stage: name.to_string(),
-                    path: shown.clone(),
-                    source,
-                }
-            })?;
+        let reader = ranges::RangeReader::open(path, part, parts).map_err(|source| Error::Io {
+            stage: name.to_string(),
+            path: shown.clone(),
+            source,
+        })?;
         let start = reader.start();
         let input = Input {
             reader: Box::new(reader),
@@ -952,9 +949,9 @@ impl NdjsonBlockHead {
         Ok(())
     }
 
-    /// The lines rejected so far (skipped or dead-lettered).
-    pub(crate) fn rejected(&self) -> u64 {
-        self.skipped + self.dead_lettered
+    /// The longest line accepted (`max_line_bytes`).
+    pub(crate) fn max_line(&self) -> usize {
+        self.inner.max_line
     }
 
     /// The blocks of the file, unchecked (for a head that checks them itself).
