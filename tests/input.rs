@@ -1,8 +1,9 @@
 //! Input hardening of the file sources (issue 14, item 3): what `lines.read` and `ndjson.read`
 //! do with bad or unusual input, on every path a line can take — the value path (`ndjson.read`
 //! at parallelism 1), the parallel parse path (parallelism 2), the byte path (`ndjson.read →
-//! exec → ndjson.write`) and `lines.read` — run through `millrace run`, and a file that grows or
-//! is truncated while read, through the typed API.
+//! exec → ndjson.write`), the projected byte path (`ndjson.read → ndjson.write`, two readers)
+//! and `lines.read` — run through `millrace run`, and a file that grows or is truncated while
+//! read, through the typed API.
 // A test drives the engine from outside with std's threads: the `crate::sync` rule (clippy.toml)
 // is for the engine's own code.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
@@ -22,11 +23,17 @@ enum Via {
     Parallel,
     /// `ndjson.read → exec cat → ndjson.write`: blocks of checked bytes.
     Bytes,
+    /// `ndjson.read → ndjson.write` at parallelism 2 on the projected byte path: two readers
+    /// over the two halves of the file (their lines interleave), printing what the value path
+    /// prints.
+    Projected,
 }
 
-const ALL: [Via; 3] = [Via::Value, Via::Parallel, Via::Bytes];
+const ALL: [Via; 4] = [Via::Value, Via::Parallel, Via::Bytes, Via::Projected];
 
 struct Run {
+    /// Output lines interleave (two readers): `ok` sorts them.
+    unordered: bool,
     code: i32,
     out: String,
     err: String,
@@ -38,7 +45,11 @@ impl Run {
     /// The run succeeded: its output lines.
     fn ok(&self) -> Vec<&str> {
         assert_eq!(self.code, 0, "stderr: {}", self.err);
-        self.out.lines().collect()
+        let mut lines: Vec<&str> = self.out.lines().collect();
+        if self.unordered {
+            lines.sort_unstable();
+        }
+        lines
     }
 
     /// The run failed with exit code 1, naming the stage, the file and the line.
@@ -70,6 +81,7 @@ fn write_pipeline(via: Option<Via>, inp: &Path, params: &str, dir: &Path) -> Pat
         None => ("lines.read", 1, "", "read"),
         Some(Via::Value) => ("ndjson.read", 1, "", "read"),
         Some(Via::Parallel) => ("ndjson.read", 2, "", "read"),
+        Some(Via::Projected) => ("ndjson.read", 2, "", "read"),
         Some(Via::Bytes) => (
             "ndjson.read",
             1,
@@ -77,9 +89,15 @@ fn write_pipeline(via: Option<Via>, inp: &Path, params: &str, dir: &Path) -> Pat
             "cat",
         ),
     };
+    // The value path's vias keep off the projected byte path.
+    let options = if matches!(via, Some(Via::Value | Via::Parallel)) {
+        "\n[options]\nbyte_path = false\n"
+    } else {
+        ""
+    };
     let toml = format!(
         "[stages.read]\nkind = \"{kind}\"\npath = \"{}\"\nparallelism = {par}\n{params}\n\n\
-         {middle}[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"{}\"\n",
+         {middle}[stages.out]\nkind = \"ndjson.write\"\ninput = \"{last}\"\npath = \"{}\"\n{options}",
         inp.display(),
         out.display()
     );
@@ -93,6 +111,7 @@ fn run_on(via: Option<Via>, inp: &Path, params: &str, dir: tempfile::TempDir) ->
     let out = dir.path().join("out.ndjson");
     let o = Command::new(BIN).arg("run").arg(&p).output().unwrap();
     Run {
+        unordered: via == Some(Via::Projected),
         code: o.status.code().unwrap_or(-1),
         out: std::fs::read_to_string(&out).unwrap_or_default(),
         err: String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -283,7 +302,7 @@ fn nesting_deeper_than_the_parser_allows_fails_on_every_path() {
 fn integers_outside_64_bits_are_refused_as_values_and_kept_as_bytes() {
     let input =
         b"{\"n\":18446744073709551615,\"m\":-9223372036854775808}\n{\"n\":18446744073709551616}\n";
-    for via in [Via::Value, Via::Parallel] {
+    for via in [Via::Value, Via::Parallel, Via::Projected] {
         run(Some(via), input, "").fails_at(
             2,
             "integer 18446744073709551616 is out of the 64-bit range (it would lose digits)",
@@ -305,7 +324,7 @@ fn integers_outside_64_bits_are_refused_as_values_and_kept_as_bytes() {
 
 #[test]
 fn with_duplicate_keys_the_last_wins_as_a_value_and_bytes_are_kept() {
-    for via in [Via::Value, Via::Parallel] {
+    for via in [Via::Value, Via::Parallel, Via::Projected] {
         assert_eq!(
             run(Some(via), b"{\"a\":1,\"b\":0,\"a\":2}\n", "").ok(),
             [r#"{"a":2,"b":0}"#]
@@ -550,7 +569,7 @@ fn every_bad_input_meets_every_policy() {
             b"{\"a\":\"\xff\"}".to_vec(),
             "",
             "invalid",
-            vec![Some(Via::Value), Some(Via::Parallel), Some(Via::Bytes)],
+            ALL.map(Some).to_vec(),
         ),
         (
             "invalid UTF-8 (lines)",
@@ -599,7 +618,7 @@ fn every_bad_input_meets_every_policy() {
             b"{\"n\":18446744073709551616}".to_vec(),
             "",
             "out of the 64-bit range",
-            vec![Some(Via::Value), Some(Via::Parallel)],
+            vec![Some(Via::Value), Some(Via::Parallel), Some(Via::Projected)],
         ),
         (
             "a number beyond f64",

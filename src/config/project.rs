@@ -202,6 +202,7 @@ impl ProjectHead {
             };
             if let Some(message) = bad {
                 self.inner.reject(cx, message, line, c.line_number(rel))?;
+                n.rejected += 1;
                 continue;
             }
             let mark = out.len();
@@ -219,7 +220,8 @@ impl ProjectHead {
                 }
                 Fast::Dropped => n.records += 1,
                 Fast::Blank => n.blank += 1,
-                Fast::Rejected | Fast::Unsure => {}
+                Fast::Rejected => n.rejected += 1,
+                Fast::Unsure => unreachable!("the value path decides"),
             }
         }
         Ok(())
@@ -249,6 +251,8 @@ struct Lines {
     /// Records written.
     out: u64,
     blank: u64,
+    /// Lines the source refused (by its policy): not records read.
+    rejected: u64,
 }
 
 /// The top-level fields of a line, gathered while it is checked (see `ndjson::Visit`).
@@ -534,17 +538,17 @@ impl Head<Chunk> for ProjectHead {
                 });
             }
         }
-        let (checked, out_records, blank) = (n.records, n.out, n.blank);
+        let (checked, out_records, not_read) = (n.records, n.out, n.blank + n.rejected);
         self.pulled = pulled;
         self.flush_counts();
         // The chain after this head counts one record per block pushed, the channel one per
         // block sent: both count records (see `Chunk::records`).
         InstanceMetrics::add(&cx.metrics.chain_in, checked - made);
         InstanceMetrics::add(&cx.metrics.records_out, out_records - made);
-        // Blank lines are not records (as on the value path, which skips them).
+        // Blank and refused lines are not records read (as on the value path).
         cx.metrics
             .records_in
-            .fetch_sub(blank, crate::sync::Ordering::Relaxed);
+            .fetch_sub(not_read, crate::sync::Ordering::Relaxed);
         result
     }
 
