@@ -70,10 +70,14 @@ impl LineNode for UpperLines {
     }
 }
 
-/// Just enough JSON to find one top-level member of an object without parsing the rest.
+/// Just enough JSON to find one top-level member of an object without parsing the rest (the
+/// host hands over only valid JSON objects; anything unexpected is an error, not a guess).
 mod json {
     use millrace_plugin::serde_json;
 
+    type Scan<T> = Result<T, &'static str>;
+
+    #[inline]
     fn ws(s: &[u8], mut i: usize) -> usize {
         while i < s.len() && matches!(s[i], b' ' | b'\t' | b'\n' | b'\r') {
             i += 1;
@@ -82,7 +86,8 @@ mod json {
     }
 
     /// The end of the string starting at `s[i] == '"'` (after its closing quote).
-    fn string_end(s: &[u8], mut i: usize) -> Result<usize, String> {
+    #[inline]
+    fn string_end(s: &[u8], mut i: usize) -> Scan<usize> {
         i += 1;
         while i < s.len() {
             match s[i] {
@@ -91,11 +96,12 @@ mod json {
                 _ => i += 1,
             }
         }
-        Err("unterminated string".into())
+        Err("unterminated string")
     }
 
     /// The end of the value starting at `s[i]`.
-    fn value_end(s: &[u8], i: usize) -> Result<usize, String> {
+    #[inline]
+    fn value_end(s: &[u8], i: usize) -> Scan<usize> {
         match s.get(i) {
             Some(b'"') => string_end(s, i),
             Some(b'{' | b'[') => {
@@ -118,29 +124,35 @@ mod json {
                     }
                     j += 1;
                 }
-                Err("unterminated value".into())
+                Err("unterminated value")
             }
             Some(_) => {
-                let mut j = i;
+                let mut j = i + 1;
                 while j < s.len() && !matches!(s[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\r') {
                     j += 1;
                 }
                 Ok(j)
             }
-            None => Err("missing value".into()),
+            None => Err("missing value"),
         }
+    }
+
+    /// Whether the key `k` (JSON text, with its quotes) is `field`, whose JSON text is `key`.
+    #[inline]
+    fn is_key(k: &[u8], key: &[u8], field: &str) -> bool {
+        if k.len() == key.len() && k.iter().zip(key).all(|(a, b)| a == b) {
+            return true;
+        }
+        // A key with escapes is compared decoded.
+        k.contains(&b'\\') && serde_json::from_slice::<String>(k).is_ok_and(|k| k == field)
     }
 
     /// The byte range of the string value (with its quotes) of the last top-level member
     /// named `field` (`key` is its JSON text, `"field"`), if it is a string.
-    pub(super) fn string_member(
-        s: &[u8],
-        key: &[u8],
-        field: &str,
-    ) -> Result<Option<(usize, usize)>, String> {
+    pub(super) fn string_member(s: &[u8], key: &[u8], field: &str) -> Scan<Option<(usize, usize)>> {
         let mut i = ws(s, 0);
         if s.get(i) != Some(&b'{') {
-            return Err("not a JSON object".into());
+            return Err("not a JSON object");
         }
         let mut found = None;
         i = ws(s, i + 1);
@@ -149,17 +161,13 @@ mod json {
         }
         loop {
             if s.get(i) != Some(&b'"') {
-                return Err("expected a key".into());
+                return Err("expected a key");
             }
             let k_end = string_end(s, i)?;
-            let k = &s[i..k_end];
-            // A key with escapes is compared decoded.
-            let is_field = k == key
-                || (k.contains(&b'\\')
-                    && serde_json::from_slice::<String>(k).is_ok_and(|k| k == field));
+            let is_field = is_key(&s[i..k_end], key, field);
             i = ws(s, k_end);
             if s.get(i) != Some(&b':') {
-                return Err("expected `:`".into());
+                return Err("expected `:`");
             }
             i = ws(s, i + 1);
             let v_end = value_end(s, i)?;
@@ -170,18 +178,19 @@ mod json {
             match s.get(i) {
                 Some(b',') => i = ws(s, i + 1),
                 Some(b'}') => return Ok(found),
-                _ => return Err("expected `,` or `}`".into()),
+                _ => return Err("expected `,` or `}`"),
             }
         }
     }
 
     /// Appends the JSON string `quoted` upper-cased (as `str::to_uppercase` does).
+    #[inline]
     pub(super) fn upper_string(quoted: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         let inner = &quoted[1..quoted.len() - 1];
-        if inner.iter().all(|b| b.is_ascii() && *b != b'\\') {
-            out.push(b'"');
-            out.extend(inner.iter().map(u8::to_ascii_uppercase));
-            out.push(b'"');
+        if inner.is_ascii() && !inner.contains(&b'\\') {
+            let start = out.len();
+            out.extend_from_slice(quoted);
+            out[start..].make_ascii_uppercase();
             return Ok(());
         }
         let s: String = serde_json::from_slice(quoted).map_err(|e| e.to_string())?;

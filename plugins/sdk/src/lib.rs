@@ -181,8 +181,12 @@ impl<'a> Lines<'a> {
     }
 
     /// The records in order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a [u8]> + '_ {
-        (0..self.len()).map(|i| self.get(i).expect("in range"))
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a [u8]> + 'a {
+        let data = self.data;
+        self.offsets.windows(2).map(move |w| {
+            let line = &data[w[0]..w[1]];
+            line.strip_suffix(b"\n").unwrap_or(line)
+        })
     }
 
     /// Every record's bytes, back to back with their newlines: `data[offsets[0]..offsets[n]]`.
