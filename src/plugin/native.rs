@@ -712,6 +712,8 @@ impl NativeNode {
                 self.offsets.push(block.len());
             }
         }
+        // The output goes on in a block of its own: room for about as much as came in.
+        self.output = Vec::with_capacity(block.len() + block.len() / 4);
         self.call(block)?;
         self.block_output()
     }
