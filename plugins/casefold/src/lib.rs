@@ -59,6 +59,16 @@ impl LineNode for UpperLines {
             match span {
                 None => out.push(record),
                 Some((start, end)) => out.push_with(|buf| {
+                    // The record copied at once, then the string upper-cased in place when it
+                    // is plain ASCII (the usual case); otherwise copied in three pieces.
+                    let base = buf.len();
+                    buf.extend_from_slice(record);
+                    let inner = &mut buf[base + start + 1..base + end - 1];
+                    if inner.iter().all(|b| b.is_ascii() && *b != b'\\') {
+                        inner.make_ascii_uppercase();
+                        return Ok(());
+                    }
+                    buf.truncate(base);
                     buf.extend_from_slice(&record[..start]);
                     json::upper_string(&record[start..end], buf)?;
                     buf.extend_from_slice(&record[end..]);
