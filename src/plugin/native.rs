@@ -19,7 +19,7 @@
 //! the same bytes plus the offset of every record, which it reads in place. Either way the
 //! output is NDJSON lines in a host buffer. On the value path ([`NativeNode::process`]) the host
 //! serialises its records and parses what comes back; on the byte path
-//! ([`NativeNode::process_block`], a TOML pipeline `ndjson.read → native … → ndjson.write`)
+//! (`NativeNode::process_block`, a TOML pipeline `ndjson.read → native … → ndjson.write`)
 //! it hands over the checked lines it read and checks the lines that come back
 //! (`ndjson::check_block`: UTF-8, one JSON object per line) without building a value. Every
 //! length and offset the host hands over is its own; the plugin hands back only bytes through
