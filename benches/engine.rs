@@ -17,6 +17,12 @@
 //! - `ordered`: the same ~1 µs map at parallelism 2, unordered (`rebalance(2)`) against ordered
 //!   (`rebalance(2).ordered()`, issue item 5: ≥ 0.9× the unordered throughput), next to a hand
 //!   loop; both runs end in a one-instance sink, so both pay the merge into it.
+//! - `native_map`: a trivial map (upper-case one string field) over 2 million small NDJSON
+//!   records, file to `/dev/null`: as a built-in stage (`read_ndjson → map → write_ndjson`),
+//!   and as the native `casefold.upper` node through the NDJSON path (`abi = "values"`, the
+//!   ABI 1 way) and the line path (`abi = "lines"`), each with the pipeline on the value path
+//!   and on the byte path; and a line node that only copies its batch, for the boundary's own
+//!   cost (issue: performance, item 6).
 //!
 //! Run: `cargo bench --bench engine` (or name one group: `cargo bench --bench engine -- wordcount`).
 //! Results and their ratios are recorded in docs/performance.md.
@@ -640,6 +646,123 @@ fn exec_cat(c: &mut Criterion) {
     g.finish();
 }
 
+/// The casefold plugin and the line-path test plugin, built for this profile (as `tests/common`
+/// builds the plugins), and a plugin directory holding their manifests with `entry` pointing at
+/// them.
+fn native_plugins(dir: &Path) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let target = profile_dir.parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["build", "--quiet", "--release"])
+        .args(["-p", "millrace-casefold", "-p", "millrace-test-linetest"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let plugins = dir.join("plugins");
+    for (name, manifest, lib) in [
+        (
+            "casefold",
+            "plugins/casefold/plugin.toml",
+            "millrace_casefold",
+        ),
+        (
+            "linetest",
+            "tests/native/linetest/plugin.toml",
+            "millrace_test_linetest",
+        ),
+    ] {
+        let lib = target.join(format!("release/lib{lib}.so"));
+        std::fs::create_dir_all(plugins.join(name)).unwrap();
+        let manifest =
+            std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(manifest))
+                .unwrap();
+        let manifest: String = manifest
+            .lines()
+            .map(|l| {
+                if l.starts_with("entry = ") {
+                    format!("entry = {:?}\n", lib.display().to_string())
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(plugins.join(format!("{name}/plugin.toml")), manifest).unwrap();
+    }
+    plugins
+}
+
+/// Upper-cases the string field `s` (what `casefold.upper` does).
+fn upper_s(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(serde_json::Value::String(s)) = v.get_mut("s") {
+        *s = s.to_uppercase();
+    }
+    v
+}
+
+fn native_map(c: &mut Criterion) {
+    if !selected("native_map") {
+        return; // Do not build the plugin and write the data for nothing.
+    }
+    const N: u64 = 2_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = native_plugins(dir.path());
+    let data = dir.path().join("in.ndjson");
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&data).unwrap());
+    for i in 0..N {
+        writeln!(w, "{{\"n\":{i},\"s\":\"record {i}\"}}").unwrap();
+    }
+    w.flush().unwrap();
+    drop(w);
+    let mut g = c.benchmark_group("native_map");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(10));
+    g.bench_function("builtin", |b| {
+        b.iter(|| {
+            let p = Pipeline::new();
+            p.read_ndjson::<serde_json::Value>(&data)
+                .map(upper_s)
+                .write_ndjson("/dev/null");
+            p.run().unwrap();
+        })
+    });
+    let upper = |abi| format!("kind = \"casefold.upper\"\nfield = \"s\"\nabi = \"{abi}\"");
+    for (id, stage, byte_path) in [
+        ("native_ndjson_value_path", upper("values"), false),
+        ("native_ndjson_byte_path", upper("values"), true),
+        ("native_lines_value_path", upper("lines"), false),
+        ("native_lines_byte_path", upper("lines"), true),
+        // The boundary alone: a line node that copies its batch (no map at all).
+        (
+            "native_echo_byte_path",
+            "kind = \"linetest.echo\"".into(),
+            true,
+        ),
+    ] {
+        let text = format!(
+            "plugin_dirs = [{:?}]\n[options]\nbyte_path = {byte_path}\n\
+             [stages.read]\nkind = \"ndjson.read\"\npath = {:?}\n\
+             [stages.up]\ninput = \"read\"\n{stage}\n\
+             [stages.out]\nkind = \"ndjson.write\"\ninput = \"up\"\npath = \"/dev/null\"\n",
+            plugins.display().to_string(),
+            data.display().to_string()
+        );
+        let spec =
+            millrace::config::PipelineSpec::from_str(&text, dir.path().join("p.toml")).unwrap();
+        g.bench_function(id, |b| {
+            b.iter(|| {
+                let report = spec.build().unwrap().run().unwrap();
+                assert_eq!(report.stage("out").unwrap().records_out, N);
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     fused_chain,
@@ -649,6 +772,7 @@ criterion_group!(
     wordcount,
     ndjson_cli,
     ndjson_policy,
-    exec_cat
+    exec_cat,
+    native_map
 );
 criterion_main!(benches);

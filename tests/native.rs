@@ -170,8 +170,8 @@ fn a_plugin_built_for_another_abi_version_is_refused() {
         matches!(
             e.kind(),
             LoadErrorKind::Abi {
-                found: 1001,
-                expected: 1
+                found: 1002,
+                expected: 2
             }
         ),
         "{e:?}"
@@ -180,8 +180,8 @@ fn a_plugin_built_for_another_abi_version_is_refused() {
     assert_eq!(
         e.to_string(),
         format!(
-            "native plugin `bad_abi` ({}): it was built for plugin ABI version 1001, and this \
-             millrace speaks ABI version 1: rebuild it against millrace-plugin {}",
+            "native plugin `bad_abi` ({}): it was built for plugin ABI version 1002, and this \
+             millrace speaks ABI versions 1 to 2: rebuild it against millrace-plugin {}",
             path.display(),
             millrace_plugin::SDK_VERSION
         )
@@ -477,4 +477,249 @@ fn a_native_stage_refuses_an_error_policy() {
             .contains("takes no `on_error`: a native plugin node reports errors per batch"),
         "{err}"
     );
+}
+
+// ---- The line path (ABI 2) ----
+
+/// Runs `ndjson.read (in) -> p -> ndjson.write (out)` over `input` with the plugins of a
+/// [`Setup`] plus the line-path test plugin and the ABI 1 one, on the byte path or forced onto
+/// the value path; returns the output's raw text and the report.
+fn run_on(
+    input: &str,
+    stage: &str,
+    byte_path: bool,
+) -> Result<(String, millrace::RunReport), Error> {
+    let s = Setup::new();
+    for (name, lib_name) in [
+        ("linetest", "millrace_test_linetest"),
+        ("abi_v1", "millrace_test_abi_v1"),
+    ] {
+        let manifest =
+            std::fs::read_to_string(repo(&format!("tests/native/{name}/plugin.toml"))).unwrap();
+        install(s.dir.path(), name, &manifest, lib_name);
+    }
+    std::fs::write(s.path("in.ndjson"), input).unwrap();
+    let text = pipeline(
+        s.dir.path(),
+        &s.path("in.ndjson"),
+        &s.path("out.ndjson"),
+        stage,
+    )
+    .replacen(
+        "\n\n[stages.read]",
+        &format!("\n\n[options]\nbyte_path = {byte_path}\n\n[stages.read]"),
+        1,
+    );
+    let spec = PipelineSpec::from_str(&text, s.path("p.toml")).unwrap();
+    let report = spec.build().unwrap().run()?;
+    Ok((
+        std::fs::read_to_string(s.path("out.ndjson")).unwrap(),
+        report,
+    ))
+}
+
+fn parsed(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Records with unicode, escapes, the field missing or not a string, nested values, odd
+/// spacing, blank lines and a CRLF ending.
+fn awkward_input() -> String {
+    let mut text = String::new();
+    for i in 0..3000 {
+        let line = match i % 8 {
+            0 => format!("{{\"n\":{i},\"s\":\"plain ascii {i}\"}}"),
+            1 => format!("{{\"s\":\"caf\u{e9} \u{df} \u{3c3}\u{3c2} \u{1f600} {i}\",\"n\":{i}}}"),
+            2 => format!("{{\"n\":{i},\"s\":\"esc \\\"q\\\" \\\\ \\n \\t \\u00e9 \\ud83d\\ude00\"}}"),
+            3 => format!("{{\"n\":{i}}}"),
+            4 => format!("{{\"n\":{i},\"s\":42,\"t\":\"lower\"}}"),
+            5 => format!("{{ \"n\" : {i} ,  \"s\" : \"spaced\" , \"o\":{{\"s\":\"inner\",\"a\":[\"}}\",{{}}]}} }}"),
+            6 => format!("{{\"n\":{i},\"\\u0073\":\"escaped key\"}}\r"),
+            _ => format!("\n{{\"n\":{i},\"s\":\"\"}}"),
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+/// What `casefold.upper` must make of a record.
+fn upper(mut v: Value) -> Value {
+    if let Some(Value::String(s)) = v.get_mut("s") {
+        *s = s.to_uppercase();
+    }
+    v
+}
+
+#[test]
+fn the_line_path_gives_the_records_of_the_value_path() {
+    let input = awkward_input();
+    let expected: Vec<Value> = parsed(&input.replace('\r', ""))
+        .into_iter()
+        .map(upper)
+        .collect();
+    assert_eq!(expected.len(), 3000);
+    for byte_path in [true, false] {
+        for abi in ["lines", "values"] {
+            let stage = format!("kind = \"casefold.upper\"\nfield = \"s\"\nabi = \"{abi}\"");
+            let (out, report) = run_on(&input, &stage, byte_path).unwrap();
+            assert_eq!(parsed(&out), expected, "abi {abi}, byte path {byte_path}");
+            let p = report.stage("p").unwrap();
+            assert_eq!(
+                (p.records_in, p.records_out),
+                (3000, 3000),
+                "{abi} {byte_path}"
+            );
+            assert_eq!(report.stage("out").unwrap().records_out, 3000);
+            // On the byte path the records are the node's bytes (spacing kept); on the
+            // value path they are re-serialised.
+            assert_eq!(
+                out.contains("\"s\" : \"SPACED\" ,"),
+                byte_path && abi == "lines",
+                "abi {abi}, byte path {byte_path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn empty_input_and_empty_batches_give_nothing_on_either_path() {
+    for byte_path in [true, false] {
+        for (input, kind, param) in [
+            ("", "casefold.upper", "field = \"s\""),
+            ("\n\n  \n", "casefold.upper", "field = \"s\""),
+            ("", "linetest.echo", ""),
+            ("{\"a\":1}\n{\"a\":2}\n", "linetest.drop", "every = 1000"),
+        ] {
+            let stage = format!("kind = \"{kind}\"\n{param}");
+            let (out, report) = run_on(input, &stage, byte_path).unwrap();
+            let kept = usize::from(input.starts_with('{'));
+            assert_eq!(out.lines().count(), kept, "{kind:?} on {input:?}");
+            assert_eq!(report.stage("p").unwrap().records_out, kept as u64);
+        }
+    }
+}
+
+#[test]
+fn line_nodes_that_drop_or_add_records_match_their_value_twins() {
+    let input: String = (0..5000)
+        .map(|i| format!("{{\"n\":{i},\"u\":\"\u{e9}\\n{i}\"}}\n"))
+        .collect();
+    for byte_path in [true, false] {
+        for (node, param, records) in [
+            ("drop", "every = 3", 1667),
+            ("dup", "times = 3", 15001),
+            ("dup", "times = 0", 1),
+        ] {
+            let run = |kind: String| {
+                let stage = format!("kind = \"{kind}\"\n{param}");
+                run_on(&input, &stage, byte_path).unwrap()
+            };
+            let (lines, report) = run(format!("linetest.{node}"));
+            let (values, _) = run(format!("linetest.{node}_values"));
+            assert_eq!(
+                parsed(&lines),
+                parsed(&values),
+                "{node} {param} {byte_path}"
+            );
+            let p = report.stage("p").unwrap();
+            assert_eq!(
+                (p.records_in, p.records_out),
+                (5000, records),
+                "{node} {param}"
+            );
+            assert_eq!(report.stage("out").unwrap().records_out, records);
+            if node == "dup" {
+                assert_eq!(parsed(&lines).last().unwrap(), &json!({"seen": 5000}));
+            }
+        }
+    }
+}
+
+/// A line node that writes a bad line fails the run with an error naming the stage, the plugin
+/// and the node; on the byte path the line's check says what is wrong with it.
+#[test]
+fn a_line_node_writing_garbage_fails_its_stage() {
+    let input: String = (0..3000).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    for byte_path in [true, false] {
+        for (mode, byte_message) in [
+            ("not_json", "EOF while parsing"),
+            ("not_utf8", "invalid unicode code point"),
+            ("not_object", "expected a JSON object, found an array"),
+            ("two_lines", "EOF while parsing"),
+        ] {
+            let stage = format!("kind = \"linetest.garbage\"\nmode = \"{mode}\"\nat = 2500");
+            let err = match run_on(&input, &stage, byte_path) {
+                // The value path takes any JSON value, as it always has.
+                Ok((out, _)) if !byte_path && mode == "not_object" => {
+                    assert!(out.contains("\n[1,2]\n"), "{mode}");
+                    continue;
+                }
+                Ok(_) => panic!("{mode} on the byte path {byte_path} did not fail"),
+                Err(e) => e,
+            };
+            let Error::Operator { stage, source } = &err else {
+                panic!("expected a stage failure, got {err:?}");
+            };
+            assert_eq!(stage, "p", "{err}");
+            let e = source.downcast_ref::<NodeError>().unwrap();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(
+                    "stage `p` failed: plugin `linetest` (node `garbage`): output record "
+                ),
+                "{text}"
+            );
+            if byte_path {
+                assert!(
+                    matches!(e, NodeError::BadLine { plugin, node, message, record: 2500 }
+                        if plugin == "linetest" && node == "garbage" && message.contains(byte_message)),
+                    "{mode}: {e:?}"
+                );
+            } else {
+                assert!(matches!(e, NodeError::BadOutput { .. }), "{mode}: {e:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_abi_1_plugin_still_loads_and_runs_on_the_ndjson_path() {
+    let v1 = NativeLibrary::load("abi_v1", &lib("millrace_test_abi_v1")).unwrap();
+    assert_eq!(v1.abi_version(), 1);
+    let mut node = v1.node("echo", &json!({}), "s", LevelFilter::Off).unwrap();
+    assert!(!node.takes_lines());
+    let mut out = Vec::new();
+    node.process(&[json!({"a": "\u{e9}"})], &mut out).unwrap();
+    assert_eq!(out, vec![json!({"a": "\u{e9}", "v1": true})]);
+    let input: String = (0..2000).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    for byte_path in [true, false] {
+        let (out, report) = run_on(&input, "kind = \"abi_v1.echo\"", byte_path).unwrap();
+        let out = parsed(&out);
+        assert_eq!(out.len(), 2000);
+        assert!(out
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r == &json!({"n": i, "v1": true})));
+        assert_eq!(report.stage("p").unwrap().records_out, 2000);
+    }
+    // The SDK's own plugins speak ABI 2; an instance takes the line path when it is a
+    // `LineNode`.
+    let casefold = NativeLibrary::load("casefold", &lib("millrace_casefold")).unwrap();
+    assert_eq!(casefold.abi_version(), millrace_plugin::ABI_VERSION);
+    let lines = casefold
+        .node("upper", &json!({"field": "s"}), "s", LevelFilter::Off)
+        .unwrap();
+    let values = casefold
+        .node(
+            "upper",
+            &json!({"field": "s", "abi": "values"}),
+            "s",
+            LevelFilter::Off,
+        )
+        .unwrap();
+    assert!(lines.takes_lines() && !values.takes_lines());
 }

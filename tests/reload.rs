@@ -841,3 +841,96 @@ fn a_process_plugin_copy_is_private_and_follows_no_link() {
         "{e}"
     );
 }
+
+fn casefold_config(plugins: &Path, abi: &str, byte_path: bool) -> String {
+    format!(
+        r#"plugin_dirs = [{plugins:?}]
+
+[options]
+byte_path = {byte_path}
+
+[stages.read]
+kind = "ndjson.read"
+path = "in.fifo"
+
+[stages.up]
+kind = "casefold.upper"
+input = "read"
+field = "s"
+abi = "{abi}"
+
+[stages.out]
+kind = "ndjson.write"
+input = "up"
+path = "out.ndjson"
+"#
+    )
+}
+
+/// Item 6 of the performance issue: a native stage reloaded back and forth between the line
+/// path (`abi = "lines"`, a `LineNode`) and the NDJSON path (`abi = "values"`, a `Node`) while
+/// records flow, every fifth reload also replacing the library, on the byte path and on the
+/// value path: every record comes out exactly once, processed, and the per-version counts add
+/// up to the input.
+#[test]
+fn a_native_stage_reloads_between_the_line_path_and_the_ndjson_path() {
+    const RELOADS: u64 = 20;
+    let per: u64 = if cfg!(debug_assertions) {
+        5_000
+    } else {
+        50_000
+    };
+    for byte_path in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (built, library) = own_library(dir.path(), "casefold", "millrace_casefold");
+        let plugins = dir.path().join("plugins");
+        let p = dir.path().join("p.toml");
+        let abi = |r: u64| if r % 2 == 0 { "lines" } else { "values" };
+        let (report, total, handle) = run_with(
+            dir.path(),
+            &casefold_config(&plugins, abi(0), byte_path),
+            |h, input| {
+                let mut sent = 0;
+                for r in 1..=RELOADS {
+                    let text: String = (sent..sent + per)
+                        .map(|i| format!("{{\"seq\":{i},\"s\":\"r\u{e9}{i}\"}}\n"))
+                        .collect();
+                    input.write_all(text.as_bytes()).unwrap();
+                    sent += per;
+                    write_atomically(&p, &casefold_config(&plugins, abi(r), byte_path));
+                    if r % 5 == 0 {
+                        let tmp = library.with_extension("new");
+                        std::fs::copy(&built, &tmp).unwrap();
+                        std::fs::rename(&tmp, &library).unwrap();
+                    }
+                    let e = h.reload().unwrap();
+                    assert!(e.error.is_none(), "{e}");
+                    assert!(e.changed.iter().any(|c| c.contains("stage `up`")), "{e}");
+                }
+                write_records(input, sent, sent + per);
+                sent + per
+            },
+        );
+        let report = report.unwrap();
+        let mut seen = vec![false; total as usize];
+        for line in std::fs::read_to_string(dir.path().join("out.ndjson"))
+            .unwrap()
+            .lines()
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let s = v["seq"].as_u64().unwrap() as usize;
+            assert!(!seen[s], "seq {s} came out twice (byte path {byte_path})");
+            seen[s] = true;
+            if s < (total - per) as usize {
+                assert_eq!(v["s"], format!("R\u{c9}{s}"), "byte path {byte_path}");
+            }
+        }
+        let missing = seen.iter().filter(|s| !**s).count();
+        assert_eq!(missing, 0, "{missing} records lost (byte path {byte_path})");
+        let counts = &handle.records_per_version()["up"];
+        assert_eq!(counts.values().sum::<u64>(), total, "{counts:?}");
+        assert!(counts.len() > 2, "{counts:?}");
+        assert_eq!(report.stage("out").unwrap().records_out, total);
+        assert_eq!(report.stage("up").unwrap().records_in, total);
+    }
+}

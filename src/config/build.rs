@@ -149,9 +149,10 @@ impl PipelineSpec {
 }
 
 impl PipelineSpec {
-    /// The byte path: a pipeline that is exactly `ndjson.read → exec → … → exec → ndjson.write`,
-    /// every stage on one instance, moves blocks of checked NDJSON lines and never builds values.
-    /// Output lines are the child's bytes (blank lines and `\r` dropped), not re-serialised.
+    /// The byte path: a pipeline that is exactly `ndjson.read → m → … → m → ndjson.write`, each
+    /// `m` an `exec` stage or a native plugin node, every stage on one instance, moves blocks of
+    /// checked NDJSON lines and never builds values. Output lines are the child's or the node's
+    /// bytes (blank lines and `\r` dropped, every line checked), not re-serialised.
     fn build_byte_path(&self, live: Option<&mut LiveStages>) -> Option<Pipeline> {
         // Dead-letter stages are outside the line: each must be an `ndjson.write`, and only
         // the source may have a policy (its bad lines are cut out of the blocks); exec stages
@@ -199,7 +200,7 @@ impl PipelineSpec {
             return None;
         };
         let middle = &st[1..st.len() - 1];
-        if !linear || !read_once || !middle.iter().all(|s| matches!(s.params, Kind::Exec(_))) {
+        if !linear || !read_once || !middle.iter().all(|s| byte_path_stage(&s.params)) {
             return None;
         }
         let p = Pipeline::with_options(self.options.clone());
@@ -226,21 +227,39 @@ impl PipelineSpec {
             stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, *max_line_bytes, policy)
                 .boxed();
         let mut live = live;
+        #[cfg(feature = "plugin")]
+        let live_set = live.is_some();
         for m in middle {
-            let Kind::Exec(spec) = &m.params else {
-                unreachable!("checked above")
-            };
-            s = match live.as_deref_mut() {
-                None => stages::exec(s, &m.name, (**spec).clone(), 1).boxed(),
-                Some(l) => {
+            s = match (&m.params, live.as_deref_mut()) {
+                (Kind::Exec(spec), None) => stages::exec(s, &m.name, (**spec).clone(), 1).boxed(),
+                (Kind::Exec(spec), Some(l)) => {
                     let v = Versioned::new((**spec).clone());
                     l.insert(m.name.clone(), LiveStage::Exec(Arc::clone(&v)));
                     stages::exec_live(s, &m.name, v, 1).boxed()
                 }
+                #[cfg(feature = "plugin")]
+                (Kind::Native(spec), live) => {
+                    let v = Versioned::new((**spec).clone());
+                    if let Some(l) = live {
+                        l.insert(m.name.clone(), LiveStage::Native(Arc::clone(&v)));
+                    }
+                    stages::native(s, &m.name, v, live_set, 1).boxed()
+                }
+                _ => unreachable!("checked above"),
             };
         }
         stages::write_blocks(s, &st[st.len() - 1].name, out);
         Some(p)
+    }
+}
+
+/// Whether a stage between `ndjson.read` and `ndjson.write` can take the byte path's blocks.
+fn byte_path_stage(kind: &Kind) -> bool {
+    match kind {
+        Kind::Exec(_) => true,
+        #[cfg(feature = "plugin")]
+        Kind::Native(_) => true,
+        _ => false,
     }
 }
 

@@ -14,7 +14,7 @@ use crate::exec::live::ReloadExecHead;
 use crate::exec::{ExecHead, ExecSpec};
 use crate::operator::Chain;
 #[cfg(feature = "plugin")]
-use crate::plugin::native::{NativeHead, NativeSpec};
+use crate::plugin::native::{NativeHead, NativeItem, NativeSpec};
 use crate::runtime::Head;
 use crate::source::{parse_text, BlockInput, Chunk, ChunkHead, Input, NdjsonBlockHead};
 use crate::stream::Fresh;
@@ -182,19 +182,21 @@ where
     .name(name)
 }
 
-/// A stage running a native plugin's node (one node instance per stage instance); `live`: the
-/// spec may be replaced between batches (hot reload).
+/// A stage running a native plugin's node (one node instance per stage instance), on records or
+/// (parallelism 1) on the byte path's blocks; `live`: the spec may be replaced between batches
+/// (hot reload).
 #[cfg(feature = "plugin")]
-pub(super) fn native<I, C>(
+pub(super) fn native<I, C, T>(
     s: Stream<I, C>,
     name: &str,
     spec: Arc<Versioned<NativeSpec>>,
     live: bool,
     parallelism: usize,
-) -> Fresh<Value>
+) -> Fresh<T>
 where
     I: Send + 'static,
-    C: Chain<I, Out = Value>,
+    C: Chain<I, Out = T>,
+    T: NativeItem,
 {
     s.head_stage(Some("native"), parallelism, move |op, input| {
         Box::new(NativeHead::new(
@@ -202,7 +204,7 @@ where
             input,
             Arc::clone(&spec),
             live,
-        )) as Box<dyn Head<Value>>
+        )) as Box<dyn Head<T>>
     })
     .name(name)
 }

@@ -13,6 +13,19 @@
 //! it. A panic inside a plugin is caught on its side and becomes a stage error naming the
 //! plugin; the node instance is then poisoned.
 //!
+//! **Two paths.** An ABI 1 plugin, and an ABI 2 instance that does not say
+//! [`CAP_LINES`], gets each batch through `process` as NDJSON text, which the SDK parses into
+//! values. An ABI 2 instance with `CAP_LINES` (a `LineNode`) gets it through `process_lines`:
+//! the same bytes plus the offset of every record, which it reads in place. Either way the
+//! output is NDJSON lines in a host buffer. On the value path ([`NativeNode::process`]) the host
+//! serialises its records and parses what comes back; on the byte path
+//! (`NativeNode::process_block`, a TOML pipeline `ndjson.read → native … → ndjson.write`)
+//! it hands over the checked lines it read and checks the lines that come back
+//! (`ndjson::check_block`: UTF-8, one JSON object per line) without building a value. Every
+//! length and offset the host hands over is its own; the plugin hands back only bytes through
+//! the sink, so a bad answer is a bad line, refused with an error naming the plugin, never
+//! a read outside a buffer.
+//!
 //! **Lifetime and unload policy.** Every [`NativeNode`] holds an `Arc` of its
 //! [`NativeLibrary`], so the code stays loaded while any node made from it exists. When the
 //! last one goes, the plugin is *unloaded*: its `unload` hook detaches its log sink, and the
@@ -34,16 +47,38 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::LevelFilter;
-use millrace_plugin::abi::{HostLog, PluginDecl, Sink, Str, ERROR, OK, PANIC};
+use millrace_plugin::abi::{
+    HostLog, LineBatch, PluginDecl, PluginDeclV1, Sink, Str, CAP_LINES, ERROR, OK, PANIC,
+};
 use serde_json::Value;
+
+use crate::source::Chunk;
+
+/// The ABI 2 entry points of a library's declaration (the line path).
+#[derive(Clone, Copy)]
+struct LineEntries {
+    caps: unsafe extern "C" fn(inst: *mut c_void) -> u32,
+    process_lines: unsafe extern "C" fn(
+        inst: *mut c_void,
+        batch: *const LineBatch,
+        log: *const HostLog,
+        out: *const Sink,
+        err: *const Sink,
+    ) -> i32,
+}
 
 /// A loaded, checked native plugin library. Shared by the nodes made from it.
 pub struct NativeLibrary {
     name: String,
     version: String,
     path: PathBuf,
-    /// Points into the mapped image, which is never unmapped (see the module docs).
-    decl: *const PluginDecl,
+    /// Points into the mapped image, which is never unmapped (see the module docs): the
+    /// version 1 fields, which every ABI version starts with.
+    decl: *const PluginDeclV1,
+    /// The ABI version the library declares.
+    abi: u32,
+    /// Its line-path entry points (ABI 2 and later).
+    lines: Option<LineEntries>,
     /// Kept so the handle is never closed; never dropped (the unload policy).
     _lib: std::mem::ManuallyDrop<libloading::Library>,
     /// The plugin-wide log sink (boxed: the plugin holds its address until `unload`).
@@ -231,16 +266,18 @@ pub enum LoadErrorKind {
     /// The library's declaration is a null pointer.
     #[error("its `MILLRACE_PLUGIN` is null")]
     NullDeclaration,
-    /// It was built for another plugin ABI version.
+    /// It was built for a plugin ABI version this millrace does not speak.
     #[error(
-        "it was built for plugin ABI version {found}, and this millrace speaks ABI version \
-         {expected}: rebuild it against millrace-plugin {}",
+        "it was built for plugin ABI version {found}, and this millrace speaks ABI versions \
+         {} to {expected}: rebuild it against millrace-plugin {}",
+        millrace_plugin::ABI_VERSION_MIN,
         millrace_plugin::SDK_VERSION
     )]
     Abi {
         /// The library's ABI version.
         found: u32,
-        /// This millrace's.
+        /// The newest this millrace speaks (it speaks every one from
+        /// `millrace_plugin::ABI_VERSION_MIN` on).
         expected: u32,
     },
     /// It was built by another compiler.
@@ -330,8 +367,17 @@ impl NativeLibrary {
         // before knowing the layout of the rest.
         let abi = unsafe { std::ptr::addr_of!((*decl).abi_version).read() };
         check_abi(abi).map_err(fail)?;
-        // SAFETY: the ABI version matched: the declaration has this layout.
-        let d = unsafe { &*decl };
+        // SAFETY: the ABI version is one we speak: every one of them starts with version 1's
+        // layout (the SDK asserts the offsets).
+        let d = unsafe { &*decl.cast::<PluginDeclV1>() };
+        let lines = (abi >= 2).then(|| {
+            // SAFETY: an ABI 2 declaration has the whole `PluginDecl` layout.
+            let d2 = unsafe { &*decl };
+            LineEntries {
+                caps: d2.caps,
+                process_lines: d2.process_lines,
+            }
+        });
         let rustc = text(d.rustc, "compiler version").map_err(fail)?;
         check_rustc(&rustc).map_err(fail)?;
         let declared = text(d.name, "name").map_err(fail)?;
@@ -360,7 +406,9 @@ impl NativeLibrary {
             name: name.to_string(),
             version,
             path: path.to_path_buf(),
-            decl,
+            decl: decl.cast::<PluginDeclV1>(),
+            abi,
+            lines,
             _lib: std::mem::ManuallyDrop::new(lib),
             log,
         }))
@@ -415,7 +463,12 @@ impl NativeLibrary {
         &self.path
     }
 
-    fn decl(&self) -> &PluginDecl {
+    /// The ABI version the library declares.
+    pub fn abi_version(&self) -> u32 {
+        self.abi
+    }
+
+    fn decl(&self) -> &PluginDeclV1 {
         // SAFETY: checked at load; the image is never unmapped.
         unsafe { &*self.decl }
     }
@@ -449,12 +502,18 @@ impl NativeLibrary {
                 message: String::from_utf8_lossy(&err).into_owned(),
             });
         }
+        // SAFETY: `inst` is a live instance just made by this library's `create`.
+        let lines = self
+            .lines
+            .filter(|l| unsafe { (l.caps)(inst) } & CAP_LINES != 0);
         Ok(NativeNode {
             lib: Arc::clone(self),
             node: node.to_string(),
             inst,
             log,
+            lines,
             input: Vec::new(),
+            offsets: Vec::new(),
             output: Vec::new(),
         })
     }
@@ -472,7 +531,7 @@ impl Drop for NativeLibrary {
 
 fn check_abi(found: u32) -> Result<(), LoadErrorKind> {
     let expected = millrace_plugin::ABI_VERSION;
-    if found != expected {
+    if !(millrace_plugin::ABI_VERSION_MIN..=expected).contains(&found) {
         return Err(LoadErrorKind::Abi { found, expected });
     }
     Ok(())
@@ -562,6 +621,18 @@ pub enum NodeError {
         #[source]
         source: serde_json::Error,
     },
+    /// A line the node wrote on the byte path is not one JSON object (or not UTF-8).
+    #[error("plugin `{plugin}` (node `{node}`): output record {record}: {message}")]
+    BadLine {
+        /// The plugin.
+        plugin: String,
+        /// The node.
+        node: String,
+        /// The line's 1-based position in the node's output for the call.
+        record: u64,
+        /// What is wrong with it.
+        message: String,
+    },
     /// An input record could not be serialised for the node.
     #[error("plugin `{plugin}` (node `{node}`): cannot serialise an input record: {source}")]
     Input {
@@ -581,7 +652,11 @@ pub struct NativeNode {
     node: String,
     inst: *mut c_void,
     log: Box<LogSink>,
+    /// The line path's entry points, when this instance takes it (`CAP_LINES`).
+    lines: Option<LineEntries>,
     input: Vec<u8>,
+    /// Record offsets into `input` (or a block) for the line path.
+    offsets: Vec<usize>,
     output: Vec<u8>,
 }
 
@@ -596,9 +671,17 @@ impl fmt::Debug for NativeNode {
 }
 
 impl NativeNode {
+    /// Whether this instance takes its batches on the line path (a `LineNode` of an ABI 2
+    /// plugin) rather than as NDJSON text for the SDK to parse.
+    pub fn takes_lines(&self) -> bool {
+        self.lines.is_some()
+    }
+
     /// Processes one batch, appending the node's records to `out`.
     pub fn process(&mut self, batch: &[Value], out: &mut Vec<Value>) -> Result<(), NodeError> {
         self.input.clear();
+        self.offsets.clear();
+        self.offsets.push(0);
         for v in batch {
             serde_json::to_writer(&mut self.input, v).map_err(|source| NodeError::Input {
                 plugin: self.lib.name.clone(),
@@ -606,30 +689,87 @@ impl NativeNode {
                 source,
             })?;
             self.input.push(b'\n');
+            self.offsets.push(self.input.len());
         }
-        self.output.clear();
-        let mut err = Vec::new();
-        let d = self.lib.decl();
-        // SAFETY: a live instance of this library, used by one thread; every buffer lives for
-        // the call.
-        let status = unsafe {
-            (d.process)(
-                self.inst,
-                Str::from_bytes(&self.input),
-                &self.log.abi,
-                &sink(&mut self.output),
-                &sink(&mut err),
-            )
-        };
-        self.collect(status, &err, out)
+        let input = std::mem::take(&mut self.input);
+        let called = self.call(&input);
+        self.input = input;
+        called?;
+        self.collect(out)
     }
 
-    /// The input ended: appends what the node still holds to `out`.
-    pub fn finish(&mut self, out: &mut Vec<Value>) -> Result<(), NodeError> {
+    /// Processes one block of checked NDJSON lines (each one JSON object ending in `\n`, as
+    /// `ndjson::check_block` leaves them) and returns the node's output, every line checked
+    /// the same way, and how many records it holds. The bytes are the node's own: nothing is
+    /// parsed into values.
+    pub(crate) fn process_block(&mut self, block: &[u8]) -> Result<(Vec<u8>, u64), NodeError> {
+        self.offsets.clear();
+        if self.lines.is_some() {
+            self.offsets.push(0);
+            self.offsets
+                .extend(memchr::memchr_iter(b'\n', block).map(|i| i + 1));
+            if block.last().is_some_and(|b| *b != b'\n') {
+                self.offsets.push(block.len());
+            }
+        }
+        // The output goes on in a block of its own: room for about as much as came in.
+        self.output = Vec::with_capacity(block.len() + block.len() / 4);
+        self.call(block)?;
+        self.block_output()
+    }
+
+    /// The input ended: the node's last records as a block (see [`Self::process_block`]).
+    pub(crate) fn finish_block(&mut self) -> Result<(Vec<u8>, u64), NodeError> {
+        self.call_finish()?;
+        self.block_output()
+    }
+
+    /// Calls the node on `data` (its records at `self.offsets` when on the line path), the
+    /// output in `self.output`; the status is checked.
+    fn call(&mut self, data: &[u8]) -> Result<(), NodeError> {
+        self.output.clear();
+        let mut err = Vec::new();
+        let status = match self.lines {
+            Some(l) => {
+                let batch = LineBatch {
+                    data: data.as_ptr(),
+                    len: data.len(),
+                    offsets: self.offsets.as_ptr(),
+                    count: self.offsets.len() - 1,
+                };
+                // SAFETY: a live instance of this library that said `CAP_LINES`, used by one
+                // thread; `data` has `len` bytes and `offsets` `count + 1` entries, the last
+                // `len`, all alive (and unchanged) for the call, as are the sinks.
+                unsafe {
+                    (l.process_lines)(
+                        self.inst,
+                        &batch,
+                        &self.log.abi,
+                        &sink(&mut self.output),
+                        &sink(&mut err),
+                    )
+                }
+            }
+            // SAFETY: a live instance of this library, used by one thread; every buffer lives
+            // for the call.
+            None => unsafe {
+                (self.lib.decl().process)(
+                    self.inst,
+                    Str::from_bytes(data),
+                    &self.log.abi,
+                    &sink(&mut self.output),
+                    &sink(&mut err),
+                )
+            },
+        };
+        self.status(status, &err)
+    }
+
+    fn call_finish(&mut self) -> Result<(), NodeError> {
         self.output.clear();
         let mut err = Vec::new();
         let d = self.lib.decl();
-        // SAFETY: as in `process`.
+        // SAFETY: as in `call`.
         let status = unsafe {
             (d.finish)(
                 self.inst,
@@ -638,43 +778,61 @@ impl NativeNode {
                 &sink(&mut err),
             )
         };
-        self.collect(status, &err, out)
+        self.status(status, &err)
     }
 
-    fn collect(&self, status: i32, err: &[u8], out: &mut Vec<Value>) -> Result<(), NodeError> {
+    /// The input ended: appends what the node still holds to `out`.
+    pub fn finish(&mut self, out: &mut Vec<Value>) -> Result<(), NodeError> {
+        self.call_finish()?;
+        self.collect(out)
+    }
+
+    fn status(&self, status: i32, err: &[u8]) -> Result<(), NodeError> {
         let (plugin, node) = (self.lib.name.clone(), self.node.clone());
         let message = String::from_utf8_lossy(err).into_owned();
         match status {
-            OK => {}
-            ERROR => {
-                return Err(NodeError::Failed {
-                    plugin,
-                    node,
-                    message,
-                })
-            }
-            PANIC => {
-                return Err(NodeError::Panicked {
-                    plugin,
-                    node,
-                    message,
-                })
-            }
-            status => {
-                return Err(NodeError::UnknownStatus {
-                    plugin,
-                    node,
-                    status,
-                })
-            }
+            OK => Ok(()),
+            ERROR => Err(NodeError::Failed {
+                plugin,
+                node,
+                message,
+            }),
+            PANIC => Err(NodeError::Panicked {
+                plugin,
+                node,
+                message,
+            }),
+            status => Err(NodeError::UnknownStatus {
+                plugin,
+                node,
+                status,
+            }),
         }
+    }
+
+    /// The output of a call on the byte path, checked: every line one JSON object (blank lines
+    /// and `\r` dropped), UTF-8, within the line cap.
+    fn block_output(&mut self) -> Result<(Vec<u8>, u64), NodeError> {
+        let mut data = std::mem::take(&mut self.output);
+        match crate::ndjson::check_block(&mut data, 1, crate::source::MAX_LINE_BYTES) {
+            Ok(records) => Ok((data, records)),
+            Err(bad) => Err(NodeError::BadLine {
+                plugin: self.lib.name.clone(),
+                node: self.node.clone(),
+                record: bad.line,
+                message: bad.message,
+            }),
+        }
+    }
+
+    fn collect(&self, out: &mut Vec<Value>) -> Result<(), NodeError> {
         for (i, line) in self.output.split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
             let v = serde_json::from_slice(line).map_err(|source| NodeError::BadOutput {
-                plugin: plugin.clone(),
-                node: node.clone(),
+                plugin: self.lib.name.clone(),
+                node: self.node.clone(),
                 record: i + 1,
                 source,
             })?;
@@ -706,12 +864,14 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "it was built for plugin ABI version 2, and this millrace speaks ABI version 1: \
-                 rebuild it against millrace-plugin {}",
+                "it was built for plugin ABI version 3, and this millrace speaks ABI versions 1 \
+                 to 2: rebuild it against millrace-plugin {}",
                 millrace_plugin::SDK_VERSION
             )
         );
         assert!(check_abi(ours).is_ok());
+        assert!(check_abi(millrace_plugin::ABI_VERSION_MIN).is_ok());
+        assert!(check_abi(0).is_err());
 
         let e = check_rustc("rustc 1.0.0 (a28077b28 2015-05-13)").unwrap_err();
         assert!(
@@ -759,30 +919,123 @@ pub(crate) struct NativeSpec {
     pub checkpoint_refusal: Option<String>,
 }
 
+/// What a native stage moves: records as values, or (the byte path) blocks of checked lines.
+pub(crate) trait NativeItem: Send + Sized + 'static {
+    /// How many records a batch holds.
+    fn records(batch: &[Self]) -> u64;
+    /// Has `node` process `batch`, appending what it emits to `out` (counted in `cx`).
+    fn process(
+        node: &mut NativeNode,
+        batch: &[Self],
+        out: &mut Vec<Self>,
+        cx: &crate::runtime::Cx,
+    ) -> Result<(), NodeError>;
+    /// The input of `node` ended: appends what it still holds to `out`.
+    fn finish(
+        node: &mut NativeNode,
+        out: &mut Vec<Self>,
+        cx: &crate::runtime::Cx,
+    ) -> Result<(), NodeError>;
+    /// How a pull that produced output ends: blocks are sent one by one (a batch of them could
+    /// hold `batch_size` blocks of 256 KiB).
+    fn produced(pulled: crate::runtime::Pull) -> crate::runtime::Pull;
+}
+
+impl NativeItem for Value {
+    fn records(batch: &[Self]) -> u64 {
+        batch.len() as u64
+    }
+    fn process(
+        node: &mut NativeNode,
+        batch: &[Self],
+        out: &mut Vec<Self>,
+        _: &crate::runtime::Cx,
+    ) -> Result<(), NodeError> {
+        node.process(batch, out)
+    }
+    fn finish(
+        node: &mut NativeNode,
+        out: &mut Vec<Self>,
+        _: &crate::runtime::Cx,
+    ) -> Result<(), NodeError> {
+        node.finish(out)
+    }
+    fn produced(pulled: crate::runtime::Pull) -> crate::runtime::Pull {
+        pulled
+    }
+}
+
+/// Appends a block the node emitted, if it holds records: the channel and the chain after the
+/// head count a block as one record, so the rest are added (see [`Chunk::records`]).
+fn push_block((data, records): (Vec<u8>, u64), out: &mut Vec<Chunk>, cx: &crate::runtime::Cx) {
+    if records == 0 {
+        return;
+    }
+    crate::metrics::InstanceMetrics::add(&cx.metrics.records_out, records - 1);
+    crate::metrics::InstanceMetrics::add(&cx.metrics.chain_in, records - 1);
+    out.push(Chunk {
+        first_line: 1,
+        data,
+        records,
+        origin: None,
+    });
+}
+
+impl NativeItem for Chunk {
+    fn records(batch: &[Self]) -> u64 {
+        batch.iter().map(|c| c.records).sum()
+    }
+    fn process(
+        node: &mut NativeNode,
+        batch: &[Self],
+        out: &mut Vec<Self>,
+        cx: &crate::runtime::Cx,
+    ) -> Result<(), NodeError> {
+        for c in batch {
+            push_block(node.process_block(&c.data)?, out, cx);
+        }
+        Ok(())
+    }
+    fn finish(
+        node: &mut NativeNode,
+        out: &mut Vec<Self>,
+        cx: &crate::runtime::Cx,
+    ) -> Result<(), NodeError> {
+        push_block(node.finish_block()?, out, cx);
+        Ok(())
+    }
+    fn produced(pulled: crate::runtime::Pull) -> crate::runtime::Pull {
+        match pulled {
+            crate::runtime::Pull::Data => crate::runtime::Pull::Idle,
+            other => other,
+        }
+    }
+}
+
 /// The head of a native node stage instance: pulls a batch, has the node process it.
 ///
 /// A reloadable stage (`live`) loads its spec once per batch and recreates its node when the
 /// version changed, before processing the batch; otherwise the spec is read once. The old
 /// version's node is finished first and its last records are emitted before the new node sees
 /// a record (see [`NativeHead::node_for_batch`]).
-pub(crate) struct NativeHead {
+pub(crate) struct NativeHead<T> {
     name: Arc<str>,
     spec: Arc<crate::versioned::Versioned<NativeSpec>>,
     live: bool,
-    input: crate::channel::InputHead<Value>,
+    input: crate::channel::InputHead<T>,
     /// The node and the version it was made from.
     node: Option<(u64, NativeNode)>,
-    batch: Vec<Value>,
+    batch: Vec<T>,
     /// An input batch held back for the next pull, and how the pull that got it ended: after a
     /// reload the old node's last records go out first, in a batch of their own.
     held: Option<crate::runtime::Pull>,
     ended: bool,
 }
 
-impl NativeHead {
+impl<T: NativeItem> NativeHead<T> {
     pub(crate) fn new(
         name: Arc<str>,
-        input: crate::channel::InputHead<Value>,
+        input: crate::channel::InputHead<T>,
         spec: Arc<crate::versioned::Versioned<NativeSpec>>,
         live: bool,
     ) -> Self {
@@ -810,14 +1063,18 @@ impl NativeHead {
     /// node sees the end of its input and appends what it still holds to `buf` (a stateful
     /// node's counts or buffered records), then it, and the library it holds, go, before the
     /// new version's node is made.
-    fn node_for_batch(&mut self, buf: &mut Vec<Value>) -> Result<u64, crate::operator::Halt> {
+    fn node_for_batch(
+        &mut self,
+        buf: &mut Vec<T>,
+        cx: &crate::runtime::Cx,
+    ) -> Result<u64, crate::operator::Halt> {
         if let (Some((version, _)), false) = (&self.node, self.live) {
             return Ok(*version);
         }
         let (version, s) = self.spec.load();
         if self.node.as_ref().map(|n| n.0) != Some(version) {
             if let Some((_, mut old)) = self.node.take() {
-                old.finish(buf).map_err(|e| self.error(e))?;
+                T::finish(&mut old, buf, cx).map_err(|e| self.error(e))?;
             }
             let node = s
                 .lib
@@ -829,7 +1086,7 @@ impl NativeHead {
     }
 }
 
-impl crate::runtime::Head<Value> for NativeHead {
+impl<T: NativeItem> crate::runtime::Head<T> for NativeHead<T> {
     fn counts_input(&self) -> bool {
         true // a node's output is not its input
     }
@@ -846,7 +1103,7 @@ impl crate::runtime::Head<Value> for NativeHead {
     fn pull(
         &mut self,
         cx: &crate::runtime::Cx,
-        buf: &mut Vec<Value>,
+        buf: &mut Vec<T>,
         flush_at: Option<u64>,
     ) -> Result<crate::runtime::Pull, crate::operator::Halt> {
         use crate::metrics::InstanceMetrics;
@@ -855,7 +1112,7 @@ impl crate::runtime::Head<Value> for NativeHead {
             return Ok(Pull::End);
         }
         if self.node.is_none() {
-            self.node_for_batch(buf)?; // the first node: nothing to hand over
+            self.node_for_batch(buf, cx)?; // the first node: nothing to hand over
         }
         loop {
             let pulled = match self.held.take() {
@@ -864,7 +1121,7 @@ impl crate::runtime::Head<Value> for NativeHead {
                     self.batch.clear();
                     let pulled = self.input.pull(cx, &mut self.batch, flush_at)?;
                     if !self.batch.is_empty() {
-                        let n = self.batch.len() as u64;
+                        let n = T::records(&self.batch);
                         InstanceMetrics::add(&cx.metrics.records_in, n);
                         InstanceMetrics::add(&cx.metrics.batches_in, 1);
                     }
@@ -872,7 +1129,7 @@ impl crate::runtime::Head<Value> for NativeHead {
                 }
             };
             if !self.batch.is_empty() {
-                let version = self.node_for_batch(buf)?;
+                let version = self.node_for_batch(buf, cx)?;
                 if !buf.is_empty() {
                     // A reload: the old node's last records go out now, flushed as a batch of
                     // their own; this batch goes to the new node at the next pull.
@@ -880,23 +1137,26 @@ impl crate::runtime::Head<Value> for NativeHead {
                     return Ok(Pull::Idle);
                 }
                 if self.live {
-                    self.spec.count(version, self.batch.len() as u64);
+                    self.spec.count(version, T::records(&self.batch));
                 }
                 let node = &mut self.node.as_mut().expect("made above").1;
-                if let Err(e) = node.process(&self.batch, buf) {
+                if let Err(e) = T::process(node, &self.batch, buf, cx) {
                     return Err(self.error(e));
                 }
             }
             if pulled == Pull::End {
                 self.ended = true;
                 let node = &mut self.node.as_mut().expect("made above").1;
-                if let Err(e) = node.finish(buf) {
+                if let Err(e) = T::finish(node, buf, cx) {
                     return Err(self.error(e));
                 }
                 return Ok(Pull::End);
             }
-            if pulled != Pull::Data || !buf.is_empty() {
+            if pulled != Pull::Data {
                 return Ok(pulled);
+            }
+            if !buf.is_empty() {
+                return Ok(T::produced(pulled));
             }
         }
     }

@@ -41,6 +41,8 @@ pub(crate) fn built() -> &'static Path {
             "millrace-counter",
             "millrace-test-bad_abi",
             "millrace-test-bad_engine",
+            "millrace-test-linetest",
+            "millrace-test-abi_v1",
             "millrace-test-faulty",
         ] {
             cmd.args(["-p", p]);

@@ -10,6 +10,19 @@
 //! type, an allocator or a `serde_json` version. No panic crosses it: every entry point catches
 //! unwinding and reports it as an error naming the plugin.
 //!
+//! A node is written one of two ways:
+//!
+//! - [`Node`]: it gets each batch as `serde_json::Value`s and pushes `Value`s. Simple; the SDK
+//!   parses every input line and serialises every output record (about 1 µs a record).
+//! - [`LineNode`] (ABI 2, the *line path*): it gets the batch's records as the NDJSON lines the
+//!   host already has ([`Lines`], one borrowed byte slice each, no allocation) and writes output
+//!   lines into a [`LineWriter`]. Nothing is parsed unless the node parses it, so a map that
+//!   touches a few bytes runs at memory speed. The host checks every line it gets back (UTF-8,
+//!   one JSON object per line) and fails the stage, naming it and the plugin, on the first bad
+//!   one.
+//!
+//! A plugin's `create` returns either (anything `Into<`[`AnyNode`]`>`), node by node.
+//!
 //! Logging: the `log` macros inside a plugin go to a sink the host hands over, under the target
 //! `plugin::<name>` and at the level the pipeline sets for the stage (`log_level`). The plugin's
 //! `log` crate is its own copy (a `cdylib` links its dependencies statically), so its logger
@@ -47,8 +60,16 @@ pub use serde_json;
 pub use serde_json::Value;
 
 /// The version of the boundary between host and plugin. It changes whenever anything in
-/// [`abi`] changes; a host refuses a plugin whose number differs.
-pub const ABI_VERSION: u32 = 1;
+/// [`abi`] changes; a host refuses a plugin whose number it does not speak.
+///
+/// - 1: NDJSON batches in and out ([`abi::PluginDeclV1`]).
+/// - 2: adds the line path ([`abi::PluginDecl::caps`], [`abi::PluginDecl::process_lines`]): a
+///   batch is the host's bytes plus the offsets of its records. The declaration starts with
+///   version 1's fields, so a version 2 host still loads a version 1 plugin.
+pub const ABI_VERSION: u32 = 2;
+
+/// The oldest ABI version a host built with this SDK still loads.
+pub const ABI_VERSION_MIN: u32 = 1;
 
 /// The compiler that built this SDK (`rustc --version`). A plugin carries the one it was built
 /// with, and the host refuses a plugin built by another.
@@ -74,8 +95,147 @@ pub trait Node: Send {
     }
 }
 
+/// A node on the line path: it sees each record as the bytes of one NDJSON line (a JSON object,
+/// UTF-8, without its newline) and writes the lines it emits. See the crate docs.
+///
+/// One instance is created per stage instance and is only ever called from one thread at a
+/// time. Neither [`Lines`] nor [`LineWriter`] can be kept past the call (they borrow host
+/// memory for its duration only).
+pub trait LineNode: Send {
+    /// Processes one batch; lines written to `out` go downstream in order.
+    fn process(&mut self, batch: &Lines<'_>, out: &mut LineWriter<'_>) -> Result<(), String>;
+
+    /// The input ended: emit whatever is still held.
+    fn finish(&mut self, _out: &mut LineWriter<'_>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A node of either kind, as a plugin's constructor returns it.
+pub enum AnyNode {
+    /// A [`Node`]: records as `Value`s.
+    Values(Box<dyn Node>),
+    /// A [`LineNode`]: records as NDJSON lines.
+    Lines(Box<dyn LineNode>),
+}
+
+impl AnyNode {
+    /// A [`Node`].
+    pub fn values(node: impl Node + 'static) -> AnyNode {
+        AnyNode::Values(Box::new(node))
+    }
+
+    /// A [`LineNode`].
+    pub fn lines(node: impl LineNode + 'static) -> AnyNode {
+        AnyNode::Lines(Box::new(node))
+    }
+}
+
+impl From<Box<dyn Node>> for AnyNode {
+    fn from(n: Box<dyn Node>) -> AnyNode {
+        AnyNode::Values(n)
+    }
+}
+
+impl From<Box<dyn LineNode>> for AnyNode {
+    fn from(n: Box<dyn LineNode>) -> AnyNode {
+        AnyNode::Lines(n)
+    }
+}
+
+/// One batch on the line path: record `i` is the `i`-th NDJSON line, without its newline.
+/// Borrowed from the host for one call.
+#[derive(Clone, Copy, Debug)]
+pub struct Lines<'a> {
+    data: &'a [u8],
+    /// `len() + 1` entries, non-decreasing, the last at most `data.len()` (checked when made).
+    offsets: &'a [usize],
+}
+
+impl<'a> Lines<'a> {
+    /// The records of `data` delimited by `offsets` (`n + 1` entries for `n` records: record `i`
+    /// is `data[offsets[i]..offsets[i + 1]]` less one final `\n`). `None` when the offsets do
+    /// not fit: fewer than one, decreasing, or past the data.
+    pub fn new(data: &'a [u8], offsets: &'a [usize]) -> Option<Lines<'a>> {
+        let ok = !offsets.is_empty()
+            && offsets.windows(2).all(|w| w[0] <= w[1])
+            && offsets[offsets.len() - 1] <= data.len();
+        ok.then_some(Lines { data, offsets })
+    }
+
+    /// How many records.
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Record `i` (the bytes of one JSON object), or `None` past the end.
+    pub fn get(&self, i: usize) -> Option<&'a [u8]> {
+        let (start, end) = (*self.offsets.get(i)?, *self.offsets.get(i + 1)?);
+        let line = &self.data[start..end];
+        Some(line.strip_suffix(b"\n").unwrap_or(line))
+    }
+
+    /// The records in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a [u8]> + 'a {
+        let data = self.data;
+        self.offsets.windows(2).map(move |w| {
+            let line = &data[w[0]..w[1]];
+            line.strip_suffix(b"\n").unwrap_or(line)
+        })
+    }
+
+    /// Every record's bytes, back to back with their newlines: `data[offsets[0]..offsets[n]]`.
+    /// A node that passes most records through unchanged can copy runs of them at once.
+    pub fn bytes(&self) -> &'a [u8] {
+        &self.data[self.offsets[0]..self.offsets[self.len()]]
+    }
+}
+
+/// Where a [`LineNode`] writes its records: one NDJSON line each (a JSON object, UTF-8, no
+/// newline inside; the writer adds the newline). The host checks every line.
+#[derive(Debug)]
+pub struct LineWriter<'a> {
+    buf: &'a mut Vec<u8>,
+}
+
+impl<'a> LineWriter<'a> {
+    /// A writer appending to `buf` (the SDK's buffer; public for tests of a node).
+    pub fn new(buf: &'a mut Vec<u8>) -> LineWriter<'a> {
+        LineWriter { buf }
+    }
+
+    /// Emits one record: `line` and a newline.
+    pub fn push(&mut self, line: &[u8]) {
+        self.buf.reserve(line.len() + 1);
+        self.buf.extend_from_slice(line);
+        self.buf.push(b'\n');
+    }
+
+    /// Emits one record written piece by piece by `f` into the buffer (which holds the lines
+    /// before it: `f` only appends), then a newline.
+    pub fn push_with<R>(&mut self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        let r = f(self.buf);
+        self.buf.push(b'\n');
+        r
+    }
+
+    /// Emits records already framed as NDJSON (each ending in `\n`), as [`Lines::bytes`] gives.
+    pub fn push_lines(&mut self, ndjson: &[u8]) {
+        self.buf.extend_from_slice(ndjson);
+        if !ndjson.is_empty() && !ndjson.ends_with(b"\n") {
+            self.buf.push(b'\n');
+        }
+    }
+}
+
 /// The signature of a plugin's constructor: the node's name and its parameters (a JSON object,
-/// already checked against the manifest by the host).
+/// already checked against the manifest by the host). The constructor [`export_plugin!`] takes
+/// may return any `Into<AnyNode>` (this `Box<dyn Node>`, an [`AnyNode`], ...).
 pub type CreateFn = fn(node: &str, params: &Value) -> Result<Box<dyn Node>, String>;
 
 /// The C boundary. Changing anything here means raising [`ABI_VERSION`].
@@ -152,12 +312,95 @@ pub mod abi {
     /// instance is poisoned.
     pub const PANIC: i32 = 2;
 
+    /// [`PluginDecl::caps`]: the instance takes its batches through `process_lines` (it is a
+    /// [`LineNode`](crate::LineNode)); otherwise the host calls `process`.
+    pub const CAP_LINES: u32 = 1;
+
+    /// A batch on the line path: `count` records in the `len` bytes at `data`, record `i` being
+    /// `data[offsets[i]..offsets[i + 1]]` less its final `\n`. `offsets` points to `count + 1`
+    /// non-decreasing offsets, the last at most `len`. Each record is one JSON object, UTF-8,
+    /// with no newline inside.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct LineBatch {
+        /// The records' bytes.
+        pub data: *const u8,
+        /// How many bytes.
+        pub len: usize,
+        /// `count + 1` offsets into `data`.
+        pub offsets: *const usize,
+        /// How many records.
+        pub count: usize,
+    }
+
     /// The plugin's declaration, exported as `MILLRACE_PLUGIN`.
     ///
     /// `abi_version` comes first and stays first in every ABI version: the host reads it
-    /// before anything else and reads nothing more if it differs.
+    /// before anything else and reads nothing more if it differs. Version 2 appends its
+    /// fields after version 1's ([`PluginDeclV1`]), which keep their places.
     #[repr(C)]
     pub struct PluginDecl {
+        /// [`ABI_VERSION`](crate::ABI_VERSION) of the SDK the plugin was built with.
+        pub abi_version: u32,
+        /// `rustc --version` of the compiler that built it.
+        pub rustc: Str,
+        /// The SDK's version.
+        pub sdk_version: Str,
+        /// The plugin's name; it must match its manifest.
+        pub name: Str,
+        /// The plugin's version.
+        pub version: Str,
+        /// The millrace versions it works with (a semver requirement).
+        pub engine: Str,
+        /// Called once after loading, with the plugin-wide log sink (used by threads of the
+        /// plugin's own, outside calls from the host).
+        pub init: unsafe extern "C" fn(log: *const HostLog, err: *const Sink) -> i32,
+        /// Creates an instance of a node from its JSON parameters; null on failure (the
+        /// reason in `err`).
+        pub create: unsafe extern "C" fn(
+            node: Str,
+            params: Str,
+            log: *const HostLog,
+            err: *const Sink,
+        ) -> *mut c_void,
+        /// Processes one NDJSON batch, writing NDJSON records to `out`.
+        pub process: unsafe extern "C" fn(
+            inst: *mut c_void,
+            batch: Str,
+            log: *const HostLog,
+            out: *const Sink,
+            err: *const Sink,
+        ) -> i32,
+        /// End of input: writes what the instance still holds to `out`.
+        pub finish: unsafe extern "C" fn(
+            inst: *mut c_void,
+            log: *const HostLog,
+            out: *const Sink,
+            err: *const Sink,
+        ) -> i32,
+        /// Drops an instance.
+        pub destroy: unsafe extern "C" fn(inst: *mut c_void, log: *const HostLog),
+        /// The host is done with the plugin: detach the plugin-wide sink if it is `log`.
+        pub unload: unsafe extern "C" fn(log: *const HostLog),
+        /// ABI 2: what an instance made by `create` can do ([`CAP_LINES`]: take batches
+        /// through `process_lines`). Asked once per instance.
+        pub caps: unsafe extern "C" fn(inst: *mut c_void) -> u32,
+        /// ABI 2: processes one batch given as the host's bytes and the offsets of its records
+        /// (see [`LineBatch`]), writing NDJSON records to `out` as `process` does. The batch,
+        /// its offsets and the sinks are the host's for the duration of the call only.
+        pub process_lines: unsafe extern "C" fn(
+            inst: *mut c_void,
+            batch: *const LineBatch,
+            log: *const HostLog,
+            out: *const Sink,
+            err: *const Sink,
+        ) -> i32,
+    }
+
+    /// The declaration of an ABI version 1 plugin: the first fields of [`PluginDecl`], in the
+    /// same order (a host reads a version 1 plugin's declaration as this).
+    #[repr(C)]
+    pub struct PluginDeclV1 {
         /// [`ABI_VERSION`](crate::ABI_VERSION) of the SDK the plugin was built with.
         pub abi_version: u32,
         /// `rustc --version` of the compiler that built it.
@@ -205,6 +448,24 @@ pub mod abi {
     // SAFETY: a declaration is immutable static data: pointers to `'static` strings and
     // functions. Sharing it between threads shares nothing mutable.
     unsafe impl Sync for PluginDecl {}
+    // SAFETY: as above.
+    unsafe impl Sync for PluginDeclV1 {}
+
+    // Version 2 keeps version 1's fields where they were: a host reads either through them.
+    const _: () = {
+        use std::mem::offset_of;
+        assert!(offset_of!(PluginDecl, abi_version) == offset_of!(PluginDeclV1, abi_version));
+        assert!(offset_of!(PluginDecl, rustc) == offset_of!(PluginDeclV1, rustc));
+        assert!(offset_of!(PluginDecl, name) == offset_of!(PluginDeclV1, name));
+        assert!(offset_of!(PluginDecl, engine) == offset_of!(PluginDeclV1, engine));
+        assert!(offset_of!(PluginDecl, init) == offset_of!(PluginDeclV1, init));
+        assert!(offset_of!(PluginDecl, create) == offset_of!(PluginDeclV1, create));
+        assert!(offset_of!(PluginDecl, process) == offset_of!(PluginDeclV1, process));
+        assert!(offset_of!(PluginDecl, finish) == offset_of!(PluginDeclV1, finish));
+        assert!(offset_of!(PluginDecl, destroy) == offset_of!(PluginDeclV1, destroy));
+        assert!(offset_of!(PluginDecl, unload) == offset_of!(PluginDeclV1, unload));
+        assert!(std::mem::size_of::<PluginDeclV1>() <= offset_of!(PluginDecl, caps));
+    };
 }
 
 /// Exports the plugin's declaration. `name` must match the manifest's `name`; `engine` is the
@@ -243,6 +504,8 @@ macro_rules! export_plugin {
             finish: $crate::rt::finish,
             destroy: $crate::rt::destroy,
             unload: $crate::rt::unload,
+            caps: $crate::rt::caps,
+            process_lines: $crate::rt::process_lines,
         };
     };
 }
@@ -260,8 +523,8 @@ pub mod rt {
 
     use log::{Level, LevelFilter, Log, Metadata, Record};
 
-    use crate::abi::{HostLog, Sink, Str, ERROR, OK, PANIC};
-    use crate::{CreateFn, Node, Value};
+    use crate::abi::{HostLog, LineBatch, Sink, Str, CAP_LINES, ERROR, OK, PANIC};
+    use crate::{AnyNode, LineNode, LineWriter, Lines, Node, Value};
 
     struct SinkPtr(*const HostLog);
     // SAFETY: the host keeps the plugin-wide sink alive and its `write` callable from any
@@ -371,8 +634,12 @@ pub mod rt {
     }
 
     struct Instance {
-        node: Box<dyn Node>,
+        node: AnyNode,
         poisoned: bool,
+        /// The output of the call in progress, handed to the host in one piece (reused).
+        out: Vec<u8>,
+        /// Record offsets of an NDJSON batch given to a line node through `process` (reused).
+        offsets: Vec<usize>,
     }
 
     /// See [`PluginDecl::init`](crate::abi::PluginDecl::init).
@@ -406,12 +673,12 @@ pub mod rt {
     ///
     /// # Safety
     /// `node` and `params` must be live UTF-8 bytes, `log` and `err` live for the call.
-    pub unsafe fn create(
+    pub unsafe fn create<N: Into<AnyNode>>(
         node: Str,
         params: Str,
         log: *const HostLog,
         err: *const Sink,
-        create: CreateFn,
+        create: fn(&str, &Value) -> Result<N, String>,
     ) -> *mut c_void {
         let _scope = Scope::enter(log);
         let mut made = None;
@@ -424,27 +691,31 @@ pub mod rt {
             } else {
                 serde_json::from_slice(params).map_err(|e| format!("parameters: {e}"))?
             };
-            made = Some(create(node, &params)?);
+            made = Some(create(node, &params)?.into());
             Ok(())
         });
         match (status, made) {
             (OK, Some(node)) => Box::into_raw(Box::new(Instance {
                 node,
                 poisoned: false,
+                out: Vec::new(),
+                offsets: Vec::new(),
             }))
             .cast(),
             _ => std::ptr::null_mut(),
         }
     }
 
-    /// Runs `f` on a live, unpoisoned instance; a panic poisons it.
+    /// Runs `f` on a live, unpoisoned instance; a panic poisons it. What `f` left in the
+    /// instance's output buffer goes to `out` (in one call), even after an error.
     ///
     /// # Safety
-    /// `inst` must come from `create` and not be destroyed.
+    /// `inst` must come from `create` and not be destroyed; `out` live for the call.
     unsafe fn on_instance(
         inst: *mut c_void,
+        out: *const Sink,
         err: *const Sink,
-        f: impl FnOnce(&mut dyn Node) -> Result<(), String>,
+        f: impl FnOnce(&mut Instance) -> Result<(), String>,
     ) -> i32 {
         // SAFETY: the caller guarantees `inst` is a live instance, used by one thread at a time.
         let inst = unsafe { &mut *inst.cast::<Instance>() };
@@ -452,21 +723,40 @@ pub mod rt {
             write(err, b"the node panicked earlier and cannot be used again");
             return ERROR;
         }
-        let status = guarded(err, || f(&mut *inst.node));
+        inst.out.clear();
+        let status = guarded(err, || f(inst));
         if status == PANIC {
             inst.poisoned = true;
+        } else if status == OK {
+            write(out, &inst.out);
         }
+        inst.out.clear();
         status
     }
 
-    fn emit(out: *const Sink, records: &[Value]) -> Result<(), String> {
-        let mut bytes = Vec::with_capacity(records.len() * 64);
+    fn emit(out: &mut Vec<u8>, records: &[Value]) -> Result<(), String> {
         for r in records {
-            serde_json::to_writer(&mut bytes, r).map_err(|e| format!("output record: {e}"))?;
-            bytes.push(b'\n');
+            serde_json::to_writer(&mut *out, r).map_err(|e| format!("output record: {e}"))?;
+            out.push(b'\n');
         }
-        write(out, &bytes);
         Ok(())
+    }
+
+    /// Parses a batch's lines for a [`Node`] and runs it.
+    fn values_batch<'a>(
+        node: &mut dyn Node,
+        lines: impl Iterator<Item = &'a [u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let mut records = Vec::new();
+        for (i, line) in lines.enumerate() {
+            let v =
+                serde_json::from_slice(line).map_err(|e| format!("input record {}: {e}", i + 1))?;
+            records.push(v);
+        }
+        let mut output = Vec::with_capacity(records.len());
+        node.process(records, &mut output)?;
+        emit(out, &output)
     }
 
     /// See [`PluginDecl::process`](crate::abi::PluginDecl::process).
@@ -483,20 +773,124 @@ pub mod rt {
         let _scope = Scope::enter(log);
         // SAFETY: forwarded from the host under the same contract.
         unsafe {
-            on_instance(inst, err, |node| {
+            on_instance(inst, out, err, |inst| {
                 // SAFETY: the host passes live bytes for the duration of the call.
                 let bytes = batch.as_bytes();
-                let mut records = Vec::new();
-                for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
-                    if !line.is_empty() {
-                        let v = serde_json::from_slice(line)
-                            .map_err(|e| format!("input record {}: {e}", i + 1))?;
-                        records.push(v);
+                match &mut inst.node {
+                    AnyNode::Values(node) => values_batch(
+                        &mut **node,
+                        bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()),
+                        &mut inst.out,
+                    ),
+                    AnyNode::Lines(node) => {
+                        if line_offsets(bytes, &mut inst.offsets) {
+                            return lines_batch(&mut **node, bytes, &inst.offsets, &mut inst.out);
+                        }
+                        // Blank lines: the non-blank ones, each ending in a newline.
+                        let mut compact = Vec::with_capacity(bytes.len() + 1);
+                        for l in bytes.split(|b| *b == b'\n') {
+                            if !l.iter().all(u8::is_ascii_whitespace) {
+                                compact.extend_from_slice(l);
+                                compact.push(b'\n');
+                            }
+                        }
+                        line_offsets(&compact, &mut inst.offsets);
+                        lines_batch(&mut **node, &compact, &inst.offsets, &mut inst.out)
                     }
                 }
-                let mut output = Vec::with_capacity(records.len());
-                node.process(records, &mut output)?;
-                emit(out, &output)
+            })
+        }
+    }
+
+    /// The record offsets of NDJSON text (each line with its newline) into `offsets`; false if
+    /// a line is blank (then the offsets are not the records').
+    fn line_offsets(bytes: &[u8], offsets: &mut Vec<usize>) -> bool {
+        offsets.clear();
+        offsets.push(0);
+        let mut start = 0;
+        while start < bytes.len() {
+            let end = bytes[start..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bytes.len(), |i| start + i + 1);
+            if bytes[start..end].iter().all(u8::is_ascii_whitespace) {
+                return false;
+            }
+            offsets.push(end);
+            start = end;
+        }
+        true
+    }
+
+    /// Runs a [`LineNode`] on a batch (its offsets checked first).
+    fn lines_batch(
+        node: &mut dyn LineNode,
+        data: &[u8],
+        offsets: &[usize],
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let lines = Lines::new(data, offsets)
+            .ok_or("the host passed record offsets outside its batch (an ABI violation)")?;
+        node.process(&lines, &mut LineWriter::new(out))
+    }
+
+    /// See [`PluginDecl::caps`](crate::abi::PluginDecl::caps).
+    ///
+    /// # Safety
+    /// `inst` must come from `create` and not be destroyed.
+    pub unsafe extern "C" fn caps(inst: *mut c_void) -> u32 {
+        // SAFETY: the caller guarantees `inst` is a live instance; only its kind is read.
+        let inst = unsafe { &*inst.cast::<Instance>() };
+        match inst.node {
+            AnyNode::Lines(_) => CAP_LINES,
+            AnyNode::Values(_) => 0,
+        }
+    }
+
+    /// See [`PluginDecl::process_lines`](crate::abi::PluginDecl::process_lines). A [`Node`]
+    /// instance takes it too (its lines parsed as `process` parses them).
+    ///
+    /// # Safety
+    /// As the ABI describes: a live instance; a batch whose pointers are live for the call.
+    pub unsafe extern "C" fn process_lines(
+        inst: *mut c_void,
+        batch: *const LineBatch,
+        log: *const HostLog,
+        out: *const Sink,
+        err: *const Sink,
+    ) -> i32 {
+        let _scope = Scope::enter(log);
+        // SAFETY: forwarded from the host under the same contract.
+        unsafe {
+            on_instance(inst, out, err, |inst| {
+                if batch.is_null() {
+                    return Err("the host passed no batch (an ABI violation)".into());
+                }
+                // SAFETY: the host passes a live batch whose `data` has `len` bytes and whose
+                // `offsets` has `count + 1` entries for the duration of the call.
+                let (data, offsets) = {
+                    let b = &*batch;
+                    let data = Str {
+                        ptr: b.data,
+                        len: b.len,
+                    }
+                    .as_bytes();
+                    let offsets: &[usize] = if b.offsets.is_null() {
+                        &[]
+                    } else {
+                        std::slice::from_raw_parts(b.offsets, b.count.saturating_add(1))
+                    };
+                    (data, offsets)
+                };
+                match &mut inst.node {
+                    AnyNode::Lines(node) => lines_batch(&mut **node, data, offsets, &mut inst.out),
+                    AnyNode::Values(node) => {
+                        let lines = Lines::new(data, offsets).ok_or(
+                            "the host passed record offsets outside its batch (an ABI violation)",
+                        )?;
+                        values_batch(&mut **node, lines.iter(), &mut inst.out)
+                    }
+                }
             })
         }
     }
@@ -514,10 +908,13 @@ pub mod rt {
         let _scope = Scope::enter(log);
         // SAFETY: forwarded from the host under the same contract.
         unsafe {
-            on_instance(inst, err, |node| {
-                let mut output = Vec::new();
-                node.finish(&mut output)?;
-                emit(out, &output)
+            on_instance(inst, out, err, |inst| match &mut inst.node {
+                AnyNode::Values(node) => {
+                    let mut output = Vec::new();
+                    node.finish(&mut output)?;
+                    emit(&mut inst.out, &output)
+                }
+                AnyNode::Lines(node) => node.finish(&mut LineWriter::new(&mut inst.out)),
             })
         }
     }
@@ -535,5 +932,98 @@ pub mod rt {
         let boxed = unsafe { Box::from_raw(inst.cast::<Instance>()) };
         // A node whose drop panics is leaked rather than unwinding into the host.
         let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::abi::{LineBatch, Sink, Str, CAP_LINES, ERROR, OK};
+    use super::*;
+
+    struct Echo;
+    impl LineNode for Echo {
+        fn process(&mut self, b: &Lines<'_>, out: &mut LineWriter<'_>) -> Result<(), String> {
+            for r in b.iter() {
+                out.push(r);
+            }
+            Ok(())
+        }
+    }
+
+    fn create(_: &str, _: &Value) -> Result<AnyNode, String> {
+        Ok(AnyNode::lines(Echo))
+    }
+
+    unsafe extern "C" fn append(ctx: *mut std::ffi::c_void, ptr: *const u8, len: usize) {
+        // SAFETY: `ctx` is the test's `Vec<u8>`; `ptr` has `len` bytes.
+        unsafe { (*ctx.cast::<Vec<u8>>()).extend_from_slice(std::slice::from_raw_parts(ptr, len)) }
+    }
+
+    fn sink(v: &mut Vec<u8>) -> Sink {
+        Sink {
+            ctx: (v as *mut Vec<u8>).cast(),
+            write: append,
+        }
+    }
+
+    /// Offsets that do not fit the batch are refused with an error, never read past it.
+    #[test]
+    fn line_batches_are_checked_before_use() {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        // SAFETY: the ABI's calls, made as a host makes them: live buffers for each call.
+        unsafe {
+            let inst = rt::create(
+                Str::new("echo"),
+                Str::new(""),
+                std::ptr::null(),
+                &sink(&mut err),
+                create,
+            );
+            assert!(!inst.is_null());
+            assert_eq!(rt::caps(inst), CAP_LINES);
+            let data = b"{\"a\":1}\n{\"b\":2}\n";
+            let mut call = |offsets: &[usize], count: usize| {
+                out.clear();
+                err.clear();
+                let batch = LineBatch {
+                    data: data.as_ptr(),
+                    len: data.len(),
+                    offsets: offsets.as_ptr(),
+                    count,
+                };
+                let st = rt::process_lines(
+                    inst,
+                    &batch,
+                    std::ptr::null(),
+                    &sink(&mut out),
+                    &sink(&mut err),
+                );
+                (st, out.clone(), String::from_utf8_lossy(&err).into_owned())
+            };
+            assert_eq!(call(&[0, 8, 16], 2), (OK, data.to_vec(), String::new()));
+            assert_eq!(call(&[0], 0), (OK, Vec::new(), String::new()));
+            for (offsets, count) in [(&[0usize, 8, 99][..], 2), (&[0, 9, 8][..], 2)] {
+                let (st, out, err) = call(offsets, count);
+                assert_eq!((st, out), (ERROR, Vec::new()), "{offsets:?}");
+                assert!(err.contains("record offsets outside its batch"), "{err}");
+            }
+            rt::destroy(inst, std::ptr::null());
+        }
+    }
+
+    #[test]
+    fn lines_give_each_record_without_its_newline() {
+        let data = b"{}\n{\"a\":1}\n";
+        let l = Lines::new(data, &[0, 3, 11]).unwrap();
+        assert_eq!(l.iter().collect::<Vec<_>>(), [&b"{}"[..], b"{\"a\":1}"]);
+        assert_eq!((l.len(), l.get(2), l.bytes()), (2, None, &data[..]));
+        assert!(Lines::new(data, &[]).is_none());
+        assert!(Lines::new(data, &[0, 12]).is_none());
+        let mut buf = Vec::new();
+        let mut w = LineWriter::new(&mut buf);
+        w.push(b"{}");
+        w.push_with(|b| b.extend_from_slice(b"{\"x\":1}"));
+        w.push_lines(b"{\"y\":2}");
+        assert_eq!(buf, b"{}\n{\"x\":1}\n{\"y\":2}\n");
     }
 }

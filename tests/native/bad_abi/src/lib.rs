@@ -37,4 +37,6 @@ pub static MILLRACE_PLUGIN: PluginDecl = PluginDecl {
     finish: rt::finish,
     destroy: rt::destroy,
     unload: rt::unload,
+    caps: rt::caps,
+    process_lines: rt::process_lines,
 };
