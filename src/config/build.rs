@@ -112,16 +112,7 @@ impl PipelineSpec {
                 )
             };
             let mut late = None;
-            let policy = match &st.on_error {
-                PolicySpec::Fail => crate::OnError::Fail,
-                PolicySpec::Skip => crate::OnError::Skip,
-                PolicySpec::DeadLetter(t) => crate::OnError::DeadLetter(
-                    handles
-                        .get(t.as_str())
-                        .cloned()
-                        .expect("validation checks every dead_letter names a stage"),
-                ),
-            };
+            let policy = policy_of(st, &handles);
             let out = build_stage(&p, st, input, &mut late, live.as_deref_mut(), policy)?;
             if let Some(l) = late {
                 lates.insert(&st.name, l);
@@ -154,75 +145,20 @@ impl PipelineSpec {
     /// checked NDJSON lines and never builds values. Output lines are the child's or the node's
     /// bytes (blank lines and `\r` dropped, every line checked), not re-serialised.
     fn build_byte_path(&self, live: Option<&mut LiveStages>) -> Option<Pipeline> {
-        // Dead-letter stages are outside the line: each must be an `ndjson.write`, and only
-        // the source may have a policy (its bad lines are cut out of the blocks); exec stages
-        // with a policy run on records.
-        let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =
-            self.stages.iter().partition(|s| s.dead_letter_target);
-        if !self.byte_path || st.len() < 3 {
-            return None;
-        }
-        if st[1..].iter().any(|s| s.on_error != PolicySpec::Fail)
-            || targets
-                .iter()
-                .any(|t| !matches!(t.params, Kind::NdjsonWrite { dir: false, .. }))
-            || self
-                .stages
-                .iter()
-                .any(|s| targets.iter().any(|t| s.inputs.contains(&t.name)))
+        // Only the source may have a policy (its bad lines are cut out of the blocks); exec
+        // stages with a policy run on records.
+        let line = StraightLine::of(self, |_| 1)?;
+        let (st, middle) = (&line.stages, line.middle());
+        if middle.is_empty()
+            || st[1..].iter().any(|s| s.on_error != PolicySpec::Fail)
+            || !middle.iter().all(|s| byte_path_stage(&s.params))
         {
             return None;
         }
-        let linear = st.iter().enumerate().all(|(i, s)| {
-            s.parallelism == 1
-                && s.late_of.is_none()
-                && if i == 0 {
-                    s.inputs.is_empty()
-                } else {
-                    s.inputs.len() == 1 && s.inputs[0] == st[i - 1].name
-                }
-        });
-        // Each stage read by the next only.
-        let read_once = st
-            .iter()
-            .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
-        let (
-            Kind::NdjsonRead {
-                path,
-                max_line_bytes,
-            },
-            Kind::NdjsonWrite {
-                path: out,
-                dir: false,
-            },
-        ) = (&st[0].params, &st[st.len() - 1].params)
-        else {
-            return None;
-        };
-        let middle = &st[1..st.len() - 1];
-        if !linear || !read_once || !middle.iter().all(|s| byte_path_stage(&s.params)) {
-            return None;
-        }
+        let (path, max_line_bytes, out) = (line.input, &line.max_line, line.output);
         let p = Pipeline::with_options(self.options.clone());
-        let mut policy = crate::OnError::Fail;
-        for t in &targets {
-            let Kind::NdjsonWrite { path, .. } = &t.params else {
-                unreachable!("checked above")
-            };
-            let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
-            letters
-                .map(|l: crate::DeadLetter| l.to_json())
-                .name(&format!("{}.letters.json", t.name))
-                .write_ndjson(path)
-                .name(&t.name);
-            policy = match &st[0].on_error {
-                PolicySpec::DeadLetter(n) if n == &t.name => crate::OnError::DeadLetter(h),
-                _ => policy,
-            };
-        }
-        if st[0].on_error == PolicySpec::Skip {
-            policy = crate::OnError::Skip;
-        }
+        let handles = line.dead_letters(&p);
+        let policy = policy_of(st[0], &handles);
         let mut s =
             stages::ndjson_blocks(&p, &st[0].name, path, BLOCK_BYTES, *max_line_bytes, policy)
                 .boxed();
@@ -250,6 +186,121 @@ impl PipelineSpec {
         }
         stages::write_blocks(s, &st[st.len() - 1].name, out);
         Some(p)
+    }
+}
+
+/// A pipeline that is a straight line `ndjson.read → … → ndjson.write` (to a file or stdout),
+/// each stage read by the next only, with dead-letter stages beside it that are each an
+/// `ndjson.write` to a file read by no stage: the shape of both byte paths.
+pub(super) struct StraightLine<'a> {
+    /// The line's stages, source first.
+    pub stages: Vec<&'a StageSpec>,
+    pub targets: Vec<&'a StageSpec>,
+    pub input: &'a std::path::Path,
+    pub max_line: usize,
+    pub output: &'a std::path::Path,
+}
+
+impl<'a> StraightLine<'a> {
+    /// The line of `spec` (`None`: it is not one, or `byte_path = false`), where every stage
+    /// after the source runs `parallelism(source)` instances (a stage that does not declare
+    /// its parallelism takes its input's).
+    pub(super) fn of(
+        spec: &'a PipelineSpec,
+        parallelism: impl Fn(&StageSpec) -> usize,
+    ) -> Option<Self> {
+        let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =
+            spec.stages.iter().partition(|s| s.dead_letter_target);
+        if !spec.byte_path
+            || st.len() < 2
+            || targets
+                .iter()
+                .any(|t| !matches!(t.params, Kind::NdjsonWrite { dir: false, .. }))
+            || spec
+                .stages
+                .iter()
+                .any(|s| targets.iter().any(|t| s.inputs.contains(&t.name)))
+        {
+            return None;
+        }
+        let (
+            Kind::NdjsonRead {
+                path,
+                max_line_bytes,
+            },
+            Kind::NdjsonWrite {
+                path: out,
+                dir: false,
+            },
+        ) = (&st[0].params, &st[st.len() - 1].params)
+        else {
+            return None;
+        };
+        let n = parallelism(st[0]);
+        let last = st.len() - 1;
+        let linear = st.iter().enumerate().all(|(i, s)| {
+            s.late_of.is_none()
+                && if i == 0 {
+                    s.inputs.is_empty() && s.parallelism == n
+                } else {
+                    // The sink is one writer whatever its input's parallelism.
+                    s.inputs.len() == 1
+                        && s.inputs[0] == st[i - 1].name
+                        && (!s.explicit_parallelism
+                            || s.parallelism == if i == last { 1 } else { n })
+                }
+        });
+        let read_once = st
+            .iter()
+            .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
+        (linear && read_once).then_some(StraightLine {
+            stages: st,
+            targets,
+            input: path,
+            max_line: *max_line_bytes,
+            output: out,
+        })
+    }
+
+    /// The stages between the source and the sink.
+    pub(super) fn middle(&self) -> &[&'a StageSpec] {
+        &self.stages[1..self.stages.len() - 1]
+    }
+
+    /// Adds each dead-letter stage to `p` (its letters written as JSON objects): their handles
+    /// by stage name.
+    pub(super) fn dead_letters(&self, p: &Pipeline) -> HashMap<&'a str, crate::DeadLetters> {
+        let mut handles = HashMap::new();
+        for t in &self.targets {
+            let Kind::NdjsonWrite { path, .. } = &t.params else {
+                unreachable!("checked by StraightLine::of")
+            };
+            let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
+            letters
+                .map(|l: crate::DeadLetter| l.to_json())
+                .name(&format!("{}.letters.json", t.name))
+                .write_ndjson(path)
+                .name(&t.name);
+            handles.insert(t.name.as_str(), h);
+        }
+        handles
+    }
+}
+
+/// A stage's error policy, its dead letters going to the stage `handles` names.
+pub(super) fn policy_of(
+    st: &StageSpec,
+    handles: &HashMap<&str, crate::DeadLetters>,
+) -> crate::OnError {
+    match &st.on_error {
+        PolicySpec::Fail => crate::OnError::Fail,
+        PolicySpec::Skip => crate::OnError::Skip,
+        PolicySpec::DeadLetter(t) => crate::OnError::DeadLetter(
+            handles
+                .get(t.as_str())
+                .cloned()
+                .expect("validation checks every dead_letter names a stage"),
+        ),
     }
 }
 

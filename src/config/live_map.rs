@@ -137,6 +137,26 @@ struct LiveEmit<'a, E> {
     out: &'a mut E,
 }
 
+/// Applies the stage `name`'s `logic` to `rec` with its policy, as a step of the value path
+/// does: what passes is emitted to `out`; a dropped or bad record is counted into `acc`.
+pub(super) fn apply<E: Emit<Value>>(
+    logic: &MapLogic,
+    name: &Arc<str>,
+    policy: &OnError,
+    acc: &mut Local,
+    rec: Value,
+    out: &mut E,
+) -> Result<(), Halt> {
+    LiveEmit {
+        logic,
+        name,
+        policy,
+        acc,
+        out,
+    }
+    .emit(rec)
+}
+
 impl<E> LiveEmit<'_, E> {
     /// Applies the policy to a bad record.
     #[cold]

@@ -43,41 +43,29 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::kinds::{self, FilterOp, SelectMissing};
-use crate::dead_letter::{Bad, OnError};
-use crate::error::Error;
+use super::live_map::MapLogic;
+use crate::dead_letter::OnError;
 use crate::metrics::{InstanceMetrics, Shape};
-use crate::operator::{Acc, Chain, Emit, Halt, Local, StepCounts, StepInfo};
+use crate::operator::{Chain, Emit, Halt, Local, StepCounts, StepInfo};
 use crate::runtime::{Cx, Head, Pull};
 use crate::source::{Chunk, NdjsonBlockHead};
 
-/// One stage of the projected path, as the builder gives it.
-#[derive(Debug, Clone)]
-pub(crate) enum ProjectOp {
-    Filter {
-        field: String,
-        op: FilterOp,
-        value: Value,
-    },
-    Select {
-        fields: Vec<String>,
-        missing: SelectMissing,
-    },
-}
+/// One stage of the projected path: the logic of a `filter` or `select` (never `words`).
+pub(crate) type ProjectOp = MapLogic;
 
-impl ProjectOp {
-    /// Whether this path can run the stage exactly as the value path does: a `select` that
-    /// names a field twice with `missing = "null"` sets it to null the second time (an oddity
-    /// left to the value path).
-    pub(crate) fn supported(&self) -> bool {
-        match self {
-            ProjectOp::Filter { .. } => true,
-            ProjectOp::Select { fields, missing } => {
-                let mut sorted = fields.clone();
-                sorted.sort();
-                sorted.dedup();
-                sorted.len() == fields.len() || *missing != SelectMissing::Null
-            }
+/// Whether this path can run the stage exactly as the value path does: `filter` and `select`,
+/// but not a `select` that names a field twice with `missing = "null"`, which sets it to null
+/// the second time (an oddity left to the value path), nor `words`.
+pub(crate) fn projectable(op: &ProjectOp) -> bool {
+    match op {
+        MapLogic::Filter { .. } => true,
+        MapLogic::Select { fields, missing } => {
+            let mut sorted = fields.clone();
+            sorted.sort();
+            sorted.dedup();
+            sorted.len() == fields.len() || *missing != SelectMissing::Null
         }
+        MapLogic::Words { .. } => false,
     }
 }
 
@@ -87,22 +75,10 @@ struct Op {
     policy: Arc<OnError>,
     counts: Arc<StepCounts>,
     local: Local,
-    kind: OpKind,
-}
-
-enum OpKind {
-    Filter {
-        field: String,
-        op: FilterOp,
-        value: Value,
-    },
-    Select {
-        /// The original list (for the value path).
-        fields: Vec<String>,
-        missing: SelectMissing,
-        /// The fields sorted and deduplicated, each with `"name":` as `serde_json` prints it.
-        sorted: Vec<(String, Vec<u8>)>,
-    },
+    logic: ProjectOp,
+    /// A `select`'s fields sorted and deduplicated, each with `"name":` as `serde_json` prints
+    /// it (empty for a `filter`).
+    sorted: Vec<(String, Vec<u8>)>,
 }
 
 /// A field of the record being projected: its key and value, as spans of the line or as names
@@ -228,6 +204,16 @@ impl ProjectHead {
     }
 }
 
+/// Keeps the one record a step emitted.
+struct One(Option<Value>);
+
+impl Emit<Value> for One {
+    fn emit(&mut self, rec: Value) -> Result<(), Halt> {
+        self.0 = Some(rec);
+        Ok(())
+    }
+}
+
 /// What became of one line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fast {
@@ -290,29 +276,22 @@ impl Projector {
                 policy: Arc::clone(&o.policy),
                 counts: Arc::clone(&o.counts),
                 local: Local::default(),
-                kind: match &o.op {
-                    ProjectOp::Filter { field, op, value } => OpKind::Filter {
-                        field: field.clone(),
-                        op: *op,
-                        value: value.clone(),
-                    },
-                    ProjectOp::Select { fields, missing } => {
+                logic: o.op.clone(),
+                sorted: match &o.op {
+                    MapLogic::Select { fields, .. } => {
                         let mut sorted: Vec<String> = fields.clone();
                         sorted.sort();
                         sorted.dedup();
-                        OpKind::Select {
-                            fields: fields.clone(),
-                            missing: *missing,
-                            sorted: sorted
-                                .into_iter()
-                                .map(|f| {
-                                    let mut k = serde_json::to_vec(&f).expect("a string prints");
-                                    k.push(b':');
-                                    (f, k)
-                                })
-                                .collect(),
-                        }
+                        sorted
+                            .into_iter()
+                            .map(|f| {
+                                let mut k = serde_json::to_vec(&f).expect("a string prints");
+                                k.push(b':');
+                                (f, k)
+                            })
+                            .collect()
                     }
+                    _ => Vec::new(),
                 },
             })
             .collect();
@@ -348,19 +327,17 @@ impl Projector {
     fn project_fields(&mut self, line: &[u8], out: &mut Vec<u8>) -> Option<Fast> {
         let mut selected = false;
         for i in 0..self.ops.len() {
-            match &self.ops[i].kind {
-                OpKind::Filter { field, op, value } => {
+            match &self.ops[i].logic {
+                MapLogic::Filter { field, op, value } => {
                     let got = lookup(line, &self.ops, &self.fields, field.as_bytes());
                     if !filter_raw(line, got, field, *op, value)? {
                         self.ops[i].local.filtered += 1;
                         return Some(Fast::Dropped);
                     }
                 }
-                OpKind::Select {
-                    missing, sorted, ..
-                } => {
+                MapLogic::Select { missing, .. } => {
                     self.scratch.clear();
-                    for (f, (name, _)) in sorted.iter().enumerate() {
+                    for (f, (name, _)) in self.ops[i].sorted.iter().enumerate() {
                         let val = match lookup(line, &self.ops, &self.fields, name.as_bytes()) {
                             Some(v) => v,
                             None => match missing {
@@ -378,6 +355,7 @@ impl Projector {
                     std::mem::swap(&mut self.fields, &mut self.scratch);
                     selected = true;
                 }
+                MapLogic::Words { .. } => unreachable!("not projectable"),
             }
         }
         if !selected {
@@ -412,12 +390,7 @@ impl Projector {
                     out.extend_from_slice(&line[a..b]);
                     out.extend_from_slice(b"\":");
                 }
-                Key::Named(op, i) => {
-                    let OpKind::Select { sorted, .. } = &self.ops[op].kind else {
-                        unreachable!("named keys come from a select")
-                    };
-                    out.extend_from_slice(&sorted[i].1);
-                }
+                Key::Named(op, i) => out.extend_from_slice(&self.ops[op].sorted[i].1),
             }
             match f.val {
                 Val::Null => out.extend_from_slice(b"null"),
@@ -450,46 +423,20 @@ impl ProjectHead {
             }
         };
         for op in &mut self.proj.ops {
-            let failed = match &op.kind {
-                OpKind::Filter {
-                    field,
-                    op: f,
-                    value,
-                } => match kinds::filter(&rec, field, *f, value) {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        op.local.filtered += 1;
-                        return Ok(Fast::Dropped);
-                    }
-                    Err(m) => format!("{m}: {rec}"),
-                },
-                OpKind::Select {
-                    fields, missing, ..
-                } => match kinds::select(rec, fields, *missing) {
-                    Ok(v) => {
-                        rec = v;
-                        continue;
-                    }
-                    Err((back, m)) => {
-                        rec = back;
-                        format!("{m}: {rec}")
-                    }
-                },
-            };
-            let name = &op.name;
-            let r = op.policy.reject(
-                name,
-                failed,
-                || Bad::Record(rec),
-                None,
-                None,
-                |m| Error::Operator {
-                    stage: name.to_string(),
-                    source: m.into(),
-                },
+            // The value path's own step: what passes comes back in `one`.
+            let mut one = One(None);
+            super::live_map::apply(
+                &op.logic,
+                &op.name,
+                &op.policy,
+                &mut op.local,
+                rec,
+                &mut one,
             )?;
-            Acc::count(&mut op.local, r);
-            return Ok(Fast::Dropped);
+            match one.0 {
+                Some(v) => rec = v,
+                None => return Ok(Fast::Dropped),
+            }
         }
         serde_json::to_writer(&mut *out, &rec).expect("a Value prints to a Vec");
         out.push(b'\n');
@@ -576,10 +523,7 @@ impl Head<Chunk> for ProjectHead {
 fn key_bytes<'a>(line: &'a [u8], ops: &'a [Op], key: Key) -> &'a [u8] {
     match key {
         Key::Raw(a, b) => &line[a..b],
-        Key::Named(op, i) => match &ops[op].kind {
-            OpKind::Select { sorted, .. } => sorted[i].0.as_bytes(),
-            OpKind::Filter { .. } => unreachable!("named keys come from a select"),
-        },
+        Key::Named(op, i) => ops[op].sorted[i].0.as_bytes(),
     }
 }
 
@@ -730,98 +674,20 @@ pub(super) fn build(
     spec: &super::parse::PipelineSpec,
     reloadable: bool,
 ) -> Option<crate::Pipeline> {
-    use super::kinds::Kind;
-    use super::parse::{PolicySpec, StageSpec};
     // Order across readers is the value path's (`ordered = true`, `Stream::ordered`).
-    if !spec.byte_path || reloadable || spec.stages.iter().any(|s| s.ordered) {
+    if reloadable || spec.stages.iter().any(|s| s.ordered) {
         return None;
     }
-    let (targets, st): (Vec<&StageSpec>, Vec<&StageSpec>) =
-        spec.stages.iter().partition(|s| s.dead_letter_target);
-    if st.len() < 2
-        || targets
-            .iter()
-            .any(|t| !matches!(t.params, Kind::NdjsonWrite { dir: false, .. }))
-        || spec
-            .stages
-            .iter()
-            .any(|s| targets.iter().any(|t| s.inputs.contains(&t.name)))
-    {
-        return None;
-    }
-    let (
-        Kind::NdjsonRead {
-            path,
-            max_line_bytes,
-        },
-        Kind::NdjsonWrite {
-            path: out,
-            dir: false,
-        },
-    ) = (&st[0].params, &st[st.len() - 1].params)
-    else {
-        return None;
-    };
-    let parallelism = st[0].parallelism;
-    let linear = st.iter().enumerate().all(|(i, s)| {
-        s.late_of.is_none()
-            && if i == 0 {
-                s.inputs.is_empty()
-            } else {
-                s.inputs.len() == 1 && s.inputs[0] == st[i - 1].name
-            }
-    });
-    let read_once = st
-        .iter()
-        .all(|s| st.iter().filter(|t| t.inputs.contains(&s.name)).count() <= 1);
-    let last = st[st.len() - 1];
-    if !linear || !read_once || (last.explicit_parallelism && last.parallelism != 1) {
-        return None;
-    }
-    let middle = &st[1..st.len() - 1];
-    let mut ops = Vec::with_capacity(middle.len());
-    for m in middle {
-        let op = match &m.params {
-            Kind::Filter { field, op, value } => ProjectOp::Filter {
-                field: field.clone(),
-                op: *op,
-                value: value.clone(),
-            },
-            Kind::Select { fields, missing } => ProjectOp::Select {
-                fields: fields.clone(),
-                missing: *missing,
-            },
-            _ => return None,
-        };
-        if !op.supported() || (m.explicit_parallelism && m.parallelism != parallelism) {
-            return None;
-        }
+    let line = super::build::StraightLine::of(spec, |source| source.parallelism)?;
+    let parallelism = line.stages[0].parallelism;
+    let mut ops = Vec::new();
+    for m in line.middle() {
+        let op = MapLogic::of(&m.params).filter(projectable)?;
         ops.push((m, op));
     }
     let p = crate::Pipeline::with_options(spec.options.clone());
-    let mut handles = std::collections::HashMap::new();
-    for t in &targets {
-        let Kind::NdjsonWrite { path, .. } = &t.params else {
-            unreachable!("checked above")
-        };
-        let (h, letters) = p.dead_letters(&format!("{}.letters", t.name));
-        letters
-            .map(|l: crate::DeadLetter| l.to_json())
-            .name(&format!("{}.letters.json", t.name))
-            .write_ndjson(path)
-            .name(&t.name);
-        handles.insert(t.name.as_str(), h);
-    }
-    let policy = |s: &StageSpec| match &s.on_error {
-        PolicySpec::Fail => OnError::Fail,
-        PolicySpec::Skip => OnError::Skip,
-        PolicySpec::DeadLetter(t) => OnError::DeadLetter(
-            handles
-                .get(t.as_str())
-                .cloned()
-                .expect("validation checks every dead_letter names a stage"),
-        ),
-    };
+    let handles = line.dead_letters(&p);
+    let policy = |s| super::build::policy_of(s, &handles);
     let counts: Arc<Vec<OpCounts>> = Arc::new(
         ops.iter()
             .map(|(m, op)| OpCounts {
@@ -832,16 +698,16 @@ pub(super) fn build(
             })
             .collect(),
     );
-    let source_policy = policy(st[0]);
+    let source_policy = policy(line.stages[0]);
     // N readers over byte ranges of a regular file; one reader for stdin, a pipe, or a run
     // with checkpoints (a part cannot be replayed).
-    let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    let regular = std::fs::metadata(line.input).is_ok_and(|m| m.is_file());
     let parts = if regular && spec.checkpoint.is_none() {
         parallelism
     } else {
         1
     };
-    let (path, max_line) = (path.clone(), *max_line_bytes);
+    let (path, max_line) = (line.input.to_path_buf(), line.max_line);
     let heads = Arc::clone(&counts);
     let mut s = p
         .source_stage_parts("blocks.read", parts, move |stage, part, parts| {
@@ -861,12 +727,12 @@ pub(super) fn build(
             let inner = NdjsonBlockHead::new(reader).with_policy(source_policy.clone());
             Ok(Box::new(ProjectHead::new(inner, &heads)) as Box<dyn Head<Chunk>>)
         })
-        .name(&st[0].name)
+        .name(&line.stages[0].name)
         .boxed();
     for c in counts.iter() {
         let shape = match c.op {
-            ProjectOp::Filter { .. } => Shape::Filtering,
-            ProjectOp::Select { .. } => Shape::OneToOne,
+            MapLogic::Filter { .. } => Shape::Filtering,
+            _ => Shape::OneToOne,
         };
         let shared = Arc::clone(&c.counts);
         s = s
@@ -876,7 +742,7 @@ pub(super) fn build(
             .name(&c.name)
             .boxed();
     }
-    super::stages::write_blocks(s, &last.name, out);
+    super::stages::write_blocks(s, &line.stages[line.stages.len() - 1].name, line.output);
     Some(p)
 }
 
@@ -899,6 +765,7 @@ mod tests {
                 ProjectOp::Select { fields, missing } => {
                     rec = kinds::select(rec, fields, *missing).map_err(|_| ())?;
                 }
+                ProjectOp::Words { .. } => unreachable!("not projectable"),
             }
         }
         let mut out = serde_json::to_vec(&rec).unwrap();
@@ -1101,7 +968,7 @@ mod tests {
             ]),
         )
             .prop_map(|(fields, missing)| ProjectOp::Select { fields, missing })
-            .prop_filter("supported", ProjectOp::supported);
+            .prop_filter("supported", projectable);
         prop_oneof![filter, select]
     }
 
