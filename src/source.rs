@@ -299,6 +299,10 @@ impl Input {
 /// Why stdin cannot be checkpointed.
 pub(crate) const STDIN: &str = "stdin cannot be replayed: set spool_stdin = true in [checkpoint] (stdin is then logged in the checkpoint directory and read back from there), or read the input from a file";
 
+/// Why one of several readers of a file cannot be checkpointed.
+const PARTS: &str = "a file read by several readers (parallelism > 1) cannot be replayed: \
+                     checkpointed runs read it with one reader";
+
 /// Why a reader given by the caller cannot be checkpointed.
 pub(crate) const READER: &str =
     "a reader cannot be replayed: read a file, or use Pipeline::replayable_source";
@@ -638,10 +642,7 @@ impl ChunkHead {
             poll_fd: None,
             path: shown,
             max_line,
-            replay: Replay::No(
-                "a file read by several readers (parallelism > 1) cannot be replayed: \
-                 checkpointed runs read it with one reader",
-            ),
+            replay: Replay::No(PARTS),
         };
         let mut head = ChunkHead::new(name, input, chunk_size);
         // Only the file's start can hold a byte-order mark.
@@ -1087,6 +1088,9 @@ pub(crate) struct LineHead<T, P> {
     spooled: Option<Spooled>,
     /// The spool was looked for (at the first pull, or by a restore).
     attached: bool,
+    /// The part of the file this head reads, when several read it (see [`ranges`]): its line
+    /// numbers then count from the part's start.
+    origin: Option<std::sync::Arc<ranges::LineBase>>,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -1116,8 +1120,40 @@ where
             replay: input.replay,
             spooled: None,
             attached: false,
+            origin: None,
             _t: std::marker::PhantomData,
         }
+    }
+
+    /// A head reading the lines that start in part `part` of `parts` of the regular file at
+    /// `path` (see [`ranges`]); it cannot be checkpointed.
+    pub(crate) fn part(
+        name: std::sync::Arc<str>,
+        path: &Path,
+        max_line: usize,
+        parse: P,
+        part: usize,
+        parts: usize,
+    ) -> Result<Self, Error> {
+        let shown = path.display().to_string();
+        let reader = ranges::RangeReader::open(path, part, parts).map_err(|source| Error::Io {
+            stage: name.to_string(),
+            path: shown.clone(),
+            source,
+        })?;
+        let start = reader.start();
+        let input = Input {
+            reader: Box::new(reader),
+            #[cfg(unix)]
+            poll_fd: None,
+            path: shown,
+            max_line,
+            replay: Replay::No(PARTS),
+        };
+        let mut head = LineHead::new(name, input, parse);
+        head.origin = (start > 0)
+            .then(|| std::sync::Arc::new(ranges::LineBase::new(path.to_path_buf(), start)));
+        Ok(head)
     }
 
     /// The same head with an error policy for lines that do not parse.
@@ -1225,7 +1261,8 @@ where
                 self.skip_rest = !whole;
                 Err(crate::ndjson::line_too_long(self.max_line))
             } else {
-                if self.line == 1 {
+                // Only the file's start can hold a byte-order mark.
+                if self.line == 1 && self.origin.is_none() {
                     line = line.strip_prefix(BOM).unwrap_or(line);
                 }
                 (self.parse)(line, self.line)
@@ -1234,7 +1271,11 @@ where
                 Ok(Some(x)) => buf.push(x),
                 Ok(None) => {}
                 Err(message) => {
-                    let (name, path, at) = (&self.name, &self.path, self.line);
+                    let at = match &self.origin {
+                        Some(o) => o.lines_before() + self.line,
+                        None => self.line,
+                    };
+                    let (name, path) = (&self.name, &self.path);
                     let r = self.on_error.reject(
                         name,
                         message,

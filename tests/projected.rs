@@ -1,6 +1,7 @@
 //! The projected byte path (`ndjson.read → filter / select → ndjson.write` on raw bytes, N
 //! range readers at parallelism N) against the value path (`[options] byte_path = false`):
-//! the same output, the same accounts, the same errors naming the same file lines.
+//! the same output, the same accounts, the same errors naming the same file lines; and
+//! `lines.read` with N readers against one.
 
 use millrace::config::PipelineSpec;
 use serde_json::Value;
@@ -265,4 +266,51 @@ fn ordered_reads_keep_input_order() {
         String::from_utf8_lossy(&ordered),
         String::from_utf8_lossy(&sequential)
     );
+}
+
+/// `lines.read` with parallelism N reads with N readers: every line once, a byte-order mark
+/// kept where it is data (a later part may start at it), a bad line named by its number in the
+/// file.
+#[test]
+fn lines_read_with_several_readers_reads_every_line_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = "\u{feff}first\n".to_string();
+    for i in 0..50_000 {
+        data.push_str(&format!("line {i} {}\n", "x".repeat(i % 50)));
+        if i == 25_000 {
+            data.push_str("\u{feff}mark inside\n");
+        }
+    }
+    let stages = |par: usize| {
+        format!(
+            "[stages.read]\nkind = \"lines.read\"\npath = IN\nparallelism = {par}\n\
+             [stages.out]\nkind = \"ndjson.write\"\ninput = \"read\"\npath = OUT\n"
+        )
+    };
+    let (one, _) = run(dir.path(), data.as_bytes(), &stages(1), true).unwrap();
+    assert!(String::from_utf8_lossy(&one).starts_with("{\"line\":\"first\"}\n"));
+    for par in [2, 3] {
+        let (many, report) = run(dir.path(), data.as_bytes(), &stages(par), true).unwrap();
+        assert_eq!(sorted_lines(&many), sorted_lines(&one), "parallelism {par}");
+        assert_eq!(report.records_read(), 50_002, "parallelism {par}");
+        assert_eq!(
+            report
+                .stages
+                .iter()
+                .filter(|s| s.stage.starts_with("read"))
+                .count(),
+            par
+        );
+    }
+    let mut bad = data.into_bytes();
+    let at = bad.len() - 10;
+    bad[at] = 0xff;
+    let lines_before = bad[..at].iter().filter(|&&b| b == b'\n').count() as u64;
+    for par in [1, 3] {
+        let e = run(dir.path(), &bad, &stages(par), true).unwrap_err();
+        assert!(
+            matches!(&e, millrace::Error::Record { location, .. } if location.line == lines_before + 1),
+            "parallelism {par}: {e:?}"
+        );
+    }
 }

@@ -113,7 +113,16 @@ impl PipelineSpec {
             };
             let mut late = None;
             let policy = policy_of(st, &handles);
-            let out = build_stage(&p, st, input, &mut late, live.as_deref_mut(), policy)?;
+            let readers = self.checkpoint.is_none();
+            let out = build_stage(
+                &p,
+                st,
+                input,
+                &mut late,
+                live.as_deref_mut(),
+                policy,
+                readers,
+            )?;
             if let Some(l) = late {
                 lates.insert(&st.name, l);
             }
@@ -401,6 +410,8 @@ fn build_live_stage(
     }))
 }
 
+/// Builds one stage on `input`. `readers`: a file source with parallelism N may run N readers
+/// over parts of its file (false when the run is checkpointed).
 fn build_stage(
     p: &Pipeline,
     st: &StageSpec,
@@ -408,6 +419,7 @@ fn build_stage(
     late: &mut Option<JsonStream>,
     live: Option<&mut LiveStages>,
     policy: crate::OnError,
+    readers: bool,
 ) -> Result<Option<JsonStream>, ConfigError> {
     let name = st.name.as_str();
     let mut live = live;
@@ -426,7 +438,15 @@ fn build_stage(
             },
             None,
         ) => {
-            let s = stages::lines(p, name, path, *max_line_bytes, policy);
+            // N readers over parts of a regular file (each line whole in one part); one
+            // reader dealing to N instances for stdin, a pipe, input order (`ordered`) or a
+            // checkpointed run (a part cannot be replayed).
+            let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+            if st.parallelism > 1 && regular && readers && !st.ordered {
+                let s = stages::lines(p, name, path, *max_line_bytes, policy, st.parallelism);
+                return Ok(Some(s.boxed()));
+            }
+            let s = stages::lines(p, name, path, *max_line_bytes, policy, 1);
             Some(if st.parallelism > 1 {
                 with_order(s.rebalance(st.parallelism).boxed(), st)
             } else {

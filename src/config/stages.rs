@@ -21,30 +21,32 @@ use crate::stream::Fresh;
 use crate::versioned::Versioned;
 use crate::{OnError, Pipeline, Sink, Stream};
 
-/// `lines.read`: each line as `{"line": ...}`; a line that is not UTF-8 meets `on_error`.
+/// `lines.read`: each line as `{"line": ...}`; a line that is not UTF-8 meets `on_error`. With
+/// `parts > 1`, that many readers each read their part of the (regular) file.
 pub(super) fn lines(
     p: &Pipeline,
     name: &str,
     path: &Path,
     max_line: usize,
     on_error: OnError,
+    parts: usize,
 ) -> Fresh<Value> {
-    p.line_source_with(
-        "lines.read",
-        path,
-        max_line,
-        move |l, _| {
-            parse_text(l).map(|o| {
-                o.map(|line| {
-                    let mut m = Map::with_capacity(1);
-                    m.insert("line".into(), Value::String(line));
-                    Value::Object(m)
-                })
+    let parse = |l: &[u8], _| {
+        parse_text(l).map(|o| {
+            o.map(|line| {
+                let mut m = Map::with_capacity(1);
+                m.insert("line".into(), Value::String(line));
+                Value::Object(m)
             })
-        },
-        on_error,
-    )
-    .name(name)
+        })
+    };
+    if parts > 1 {
+        p.line_source_parts("lines.read", path, max_line, parse, on_error, parts)
+            .name(name)
+    } else {
+        p.line_source_with("lines.read", path, max_line, parse, on_error)
+            .name(name)
+    }
 }
 
 /// `ndjson.read`: one JSON object per non-blank line; a line that is not one meets `on_error`.

@@ -326,6 +326,36 @@ impl Pipeline {
         })
     }
 
+    /// [`line_source_with`](Self::line_source_with) over `parts` readers of the regular file
+    /// at `path`, each reading the lines that start in its part of the file (see
+    /// `source::ranges`); the parts' records interleave.
+    pub(crate) fn line_source_parts<T, P>(
+        &self,
+        kind: &str,
+        path: &Path,
+        max_line: usize,
+        parse: P,
+        on_error: crate::OnError,
+        parts: usize,
+    ) -> Fresh<T>
+    where
+        T: Send + 'static,
+        P: FnMut(&[u8], u64) -> crate::source::ParseResult<T> + Clone + Send + 'static,
+    {
+        let path = path.to_path_buf();
+        self.source_stage_parts(kind, parts, move |stage, part, parts| {
+            let head = LineHead::part(
+                Arc::clone(stage),
+                &path,
+                max_line,
+                parse.clone(),
+                part,
+                parts,
+            )?;
+            Ok(Box::new(head.with_policy(on_error.clone())) as Box<dyn Head<T>>)
+        })
+    }
+
     /// A source stage (`lines.read`) yielding the lines of a file (`-` for stdin), without line
     /// endings (`\n`, `\r\n`, or a `\r` ending the last line) and without a byte-order mark at
     /// the start of the file. Invalid UTF-8, or a line over 16 MiB, fails the run naming the
