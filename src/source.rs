@@ -149,6 +149,10 @@ pub(crate) struct Input {
     pub max_line: usize,
     /// Whether (and how) the input can be read again from a position.
     pub replay: Replay,
+    /// Set when the input is one part of a file read by several readers (see [`ranges`]):
+    /// a head's line numbers then count from the part's start, and only the first part can
+    /// begin with a byte-order mark.
+    pub origin: Option<std::sync::Arc<ranges::LineBase>>,
 }
 
 /// Whether an input can be replayed from a byte offset after a resume.
@@ -249,6 +253,7 @@ impl Input {
                     path: shown,
                     max_line: MAX_LINE_BYTES,
                     replay: Replay::No(STDIN),
+                    origin: None,
                 });
             }
         } else {
@@ -286,6 +291,35 @@ impl Input {
             path: shown,
             max_line: MAX_LINE_BYTES,
             replay,
+            origin: None,
+        })
+    }
+
+    /// Opens part `part` of `parts` of the regular file at `path`: the lines that start in its
+    /// byte range (see [`ranges`]). It cannot be replayed.
+    pub(crate) fn part(
+        stage: &str,
+        path: &Path,
+        max_line: usize,
+        part: usize,
+        parts: usize,
+    ) -> Result<Input, Error> {
+        let shown = path.display().to_string();
+        let reader = ranges::RangeReader::open(path, part, parts).map_err(|source| Error::Io {
+            stage: stage.to_string(),
+            path: shown.clone(),
+            source,
+        })?;
+        let start = reader.start();
+        Ok(Input {
+            reader: Box::new(reader),
+            #[cfg(unix)]
+            poll_fd: None,
+            path: shown,
+            max_line,
+            replay: Replay::No(PARTS),
+            origin: (start > 0)
+                .then(|| std::sync::Arc::new(ranges::LineBase::new(path.to_path_buf(), start))),
         })
     }
 
@@ -608,48 +642,15 @@ impl ChunkHead {
             max_line: input.max_line,
             carry: Vec::new(),
             skipping: false,
-            bom_checked: false,
+            // Only the file's start can hold a byte-order mark.
+            bom_checked: input.origin.is_some(),
             eof: false,
             read: 0,
             replay: input.replay,
             spooled: None,
             attached: false,
-            origin: None,
+            origin: input.origin,
         }
-    }
-
-    /// A head reading part `part` of `parts` of the regular file at `path`: the lines that
-    /// start in its byte range (see [`ranges`]). Its line numbers count from the part's start
-    /// (its blocks' [`Chunk::line_number`] gives the file's); it cannot be checkpointed.
-    pub(crate) fn part(
-        name: std::sync::Arc<str>,
-        path: &Path,
-        max_line: usize,
-        chunk_size: usize,
-        part: usize,
-        parts: usize,
-    ) -> Result<Self, Error> {
-        let shown = path.display().to_string();
-        let reader = ranges::RangeReader::open(path, part, parts).map_err(|source| Error::Io {
-            stage: name.to_string(),
-            path: shown.clone(),
-            source,
-        })?;
-        let start = reader.start();
-        let input = Input {
-            reader: Box::new(reader),
-            #[cfg(unix)]
-            poll_fd: None,
-            path: shown,
-            max_line,
-            replay: Replay::No(PARTS),
-        };
-        let mut head = ChunkHead::new(name, input, chunk_size);
-        // Only the file's start can hold a byte-order mark.
-        head.bom_checked = start > 0;
-        head.origin = (start > 0)
-            .then(|| std::sync::Arc::new(ranges::LineBase::new(path.to_path_buf(), start)));
-        Ok(head)
     }
 
     /// Reads stdin through the spool from payload `offset` when the run spools it (see
@@ -1120,40 +1121,9 @@ where
             replay: input.replay,
             spooled: None,
             attached: false,
-            origin: None,
+            origin: input.origin,
             _t: std::marker::PhantomData,
         }
-    }
-
-    /// A head reading the lines that start in part `part` of `parts` of the regular file at
-    /// `path` (see [`ranges`]); it cannot be checkpointed.
-    pub(crate) fn part(
-        name: std::sync::Arc<str>,
-        path: &Path,
-        max_line: usize,
-        parse: P,
-        part: usize,
-        parts: usize,
-    ) -> Result<Self, Error> {
-        let shown = path.display().to_string();
-        let reader = ranges::RangeReader::open(path, part, parts).map_err(|source| Error::Io {
-            stage: name.to_string(),
-            path: shown.clone(),
-            source,
-        })?;
-        let start = reader.start();
-        let input = Input {
-            reader: Box::new(reader),
-            #[cfg(unix)]
-            poll_fd: None,
-            path: shown,
-            max_line,
-            replay: Replay::No(PARTS),
-        };
-        let mut head = LineHead::new(name, input, parse);
-        head.origin = (start > 0)
-            .then(|| std::sync::Arc::new(ranges::LineBase::new(path.to_path_buf(), start)));
-        Ok(head)
     }
 
     /// The same head with an error policy for lines that do not parse.
@@ -1680,6 +1650,7 @@ mod tests {
             path: "in".into(),
             max_line,
             replay: Replay::No(READER),
+            origin: None,
         }
     }
 

@@ -711,19 +711,12 @@ pub(super) fn build(
     let heads = Arc::clone(&counts);
     let mut s = p
         .source_stage_parts("blocks.read", parts, move |stage, part, parts| {
-            let reader = if parts == 1 {
-                let input = crate::source::Input::open(stage, &path)?.with_max_line(max_line);
-                crate::source::ChunkHead::new(Arc::clone(stage), input, BLOCK_BYTES)
+            let input = if parts == 1 {
+                crate::source::Input::open(stage, &path)?.with_max_line(max_line)
             } else {
-                crate::source::ChunkHead::part(
-                    Arc::clone(stage),
-                    &path,
-                    max_line,
-                    BLOCK_BYTES,
-                    part,
-                    parts,
-                )?
+                crate::source::Input::part(stage, &path, max_line, part, parts)?
             };
+            let reader = crate::source::ChunkHead::new(Arc::clone(stage), input, BLOCK_BYTES);
             let inner = NdjsonBlockHead::new(reader).with_policy(source_policy.clone());
             Ok(Box::new(ProjectHead::new(inner, &heads)) as Box<dyn Head<Chunk>>)
         })

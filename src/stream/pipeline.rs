@@ -344,14 +344,8 @@ impl Pipeline {
     {
         let path = path.to_path_buf();
         self.source_stage_parts(kind, parts, move |stage, part, parts| {
-            let head = LineHead::part(
-                Arc::clone(stage),
-                &path,
-                max_line,
-                parse.clone(),
-                part,
-                parts,
-            )?;
+            let input = Input::part(stage, &path, max_line, part, parts)?;
+            let head = LineHead::new(Arc::clone(stage), input, parse.clone());
             Ok(Box::new(head.with_policy(on_error.clone())) as Box<dyn Head<T>>)
         })
     }
@@ -619,6 +613,7 @@ impl Pipeline {
                 path: "<reader>".to_string(),
                 max_line: crate::source::MAX_LINE_BYTES,
                 replay: crate::source::Replay::No(crate::source::READER),
+                origin: None,
             };
             Ok(Box::new(LineHead::new(Arc::clone(stage), input, |l, _| {
                 parse_text(l)
