@@ -445,6 +445,29 @@ impl<T> TeeTail<T> {
         let live = vec![true; outs.len()];
         TeeTail { outs, live }
     }
+
+    /// Calls `f` on each output still live: one whose consumers all stopped (`Done`, not a
+    /// cancel) leaves the set; `Done` when none is left.
+    fn each_live(
+        &mut self,
+        cx: &Cx,
+        mut f: impl FnMut(&mut ChannelTail<T>) -> Result<(), Halt>,
+    ) -> Result<(), Halt> {
+        for (i, out) in self.outs.iter_mut().enumerate() {
+            if self.live[i] {
+                match f(out) {
+                    Ok(()) => {}
+                    Err(Halt::Done) if !cx.run.is_cancelled() => self.live[i] = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if self.live.iter().any(|l| *l) {
+            Ok(())
+        } else {
+            Err(Halt::Done)
+        }
+    }
 }
 
 impl<T: Clone + Send> Emit<T> for TeeTail<T> {
@@ -490,20 +513,7 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
         Ok(())
     }
     fn watermark(&mut self, cx: &Cx, at: Timestamp) -> Result<(), Halt> {
-        for (i, out) in self.outs.iter_mut().enumerate() {
-            if self.live[i] {
-                match out.watermark(cx, at) {
-                    Ok(()) => {}
-                    Err(Halt::Done) if !cx.run.is_cancelled() => self.live[i] = false,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        if self.live.iter().any(|l| *l) {
-            Ok(())
-        } else {
-            Err(Halt::Done)
-        }
+        self.each_live(cx, |out| out.watermark(cx, at))
     }
     fn finish(&mut self, cx: &Cx) -> Result<(), Halt> {
         for out in &mut self.outs {
@@ -512,20 +522,7 @@ impl<T: Clone + Send> Tail<T> for TeeTail<T> {
         Ok(())
     }
     fn end_input_batch(&mut self, cx: &Cx) -> Result<(), Halt> {
-        for (i, out) in self.outs.iter_mut().enumerate() {
-            if self.live[i] {
-                match out.end_input_batch(cx) {
-                    Ok(()) => {}
-                    Err(Halt::Done) if !cx.run.is_cancelled() => self.live[i] = false,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        if self.live.iter().any(|l| *l) {
-            Ok(())
-        } else {
-            Err(Halt::Done)
-        }
+        self.each_live(cx, |out| out.end_input_batch(cx))
     }
     fn barrier(
         &mut self,
