@@ -34,6 +34,7 @@ mod live_map;
 mod parse;
 mod project;
 mod reload;
+pub mod spark;
 mod stages;
 mod window_kind;
 

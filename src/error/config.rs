@@ -42,6 +42,9 @@ pub enum ConfigErrorKind {
     Plugin,
     /// A reload was refused: the change cannot be applied while the pipeline runs.
     RestartRequired,
+    /// The pipeline cannot run on Apache Spark as it is (`millrace spark`): a stage that needs
+    /// stdin or stdout, a late or dead-letter output, a shape other than one straight line.
+    NotOnSpark,
 }
 
 /// A pipeline file that cannot be loaded, validated or built.

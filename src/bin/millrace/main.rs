@@ -1,6 +1,8 @@
 //! The `millrace` command: run (and resume), validate and draw TOML pipelines, inspect
 //! checkpoint directories.
 
+mod spark;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -98,6 +100,50 @@ enum Command {
     },
     /// Lists the built-in stage kinds.
     Kinds,
+    /// Runs a pipeline on Apache Spark through spark-submit (docs/spark.md): stateless stages
+    /// as millrace inside each partition, keyed stages on Spark's shuffle.
+    Spark {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+        /// Spark's master URL: `local[N]` to try it on this machine, `spark://HOST:PORT` for a
+        /// standalone cluster, `yarn`, ...
+        #[arg(long, default_value = "local[2]")]
+        master: String,
+        /// The directory the job writes (one part file per partition); must not exist.
+        #[arg(long, value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// The fewest partitions the input is split into, and the partitions of each shuffle.
+        #[arg(long, value_name = "N", default_value_t = 4)]
+        partitions: usize,
+        /// A Spark property for spark-submit (`--conf k=v`); repeatable.
+        #[arg(long, value_name = "K=V")]
+        conf: Vec<String>,
+        /// Prints the plan (segments, shuffles, partition counts) and runs nothing.
+        #[arg(long)]
+        explain: bool,
+        /// The millrace binary at this path on every worker, instead of shipping this one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// The spark-submit to run (default: PATH, then SPARK_HOME, then pyspark's).
+        #[arg(long, value_name = "PATH")]
+        spark_submit: Option<PathBuf>,
+    },
+    /// Runs a range of a pipeline's stages between stdin and stdout (what each Spark partition
+    /// runs): the first reads `--input` on stdin, the last writes NDJSON to stdout.
+    Segment {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+        /// The stages, in order, comma-separated (empty: records in, records out).
+        #[arg(long, value_name = "A,B,..", default_value = "")]
+        stages: String,
+        /// What stdin holds: `lines` (as lines.read reads them) or `ndjson`.
+        #[arg(long, value_name = "FORMAT", default_value = "ndjson")]
+        input: String,
+        /// Relative paths in the pipeline resolve against this directory (default: the
+        /// file's), when it exists.
+        #[arg(long, value_name = "DIR")]
+        base: Option<PathBuf>,
+    },
     /// Inspects a checkpoint directory (the [checkpoint] table's dir).
     Checkpoint {
         #[command(subcommand)]
@@ -236,6 +282,31 @@ fn main() -> ExitCode {
             Err(e) => fail(&Error::from(e)),
         },
         Command::Plugins { command } => plugins(command),
+        Command::Spark {
+            pipeline,
+            master,
+            output,
+            partitions,
+            conf,
+            explain,
+            binary,
+            spark_submit,
+        } => spark::spark(spark::SparkArgs {
+            pipeline,
+            master,
+            output,
+            partitions,
+            conf,
+            explain,
+            binary,
+            spark_submit,
+        }),
+        Command::Segment {
+            pipeline,
+            stages,
+            input,
+            base,
+        } => spark::segment(&pipeline, &stages, &input, base.as_deref()),
         Command::Checkpoint { command } => checkpoint(command),
         Command::Kinds => {
             use std::io::Write as _;
