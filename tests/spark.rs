@@ -355,10 +355,17 @@ impl Cluster {
     }
 
     /// Runs `millrace spark` on the cluster; `during` runs while it does (given its pid).
-    fn run(&self, pipeline: &Path, output: &Path, during: impl FnOnce(u32)) -> Output {
+    fn run(
+        &self,
+        pipeline: &Path,
+        output: &Path,
+        extra: &[&str],
+        during: impl FnOnce(u32),
+    ) -> Output {
         let child = Command::new(BIN)
             .arg("spark")
             .arg(pipeline)
+            .args(extra)
             .args(["--master", &self.url, "--partitions", "4"])
             .arg("--output")
             .arg(output)
@@ -582,7 +589,7 @@ fn on_a_standalone_cluster_the_outputs_equal_a_single_machine_run() {
         &wordcount_toml(&d.join("text.txt"), &d.join("wc.ndjson"), None),
     );
     single_run(&wc);
-    let out = cluster.run(&wc, &d.join("wc-spark"), |_| {});
+    let out = cluster.run(&wc, &d.join("wc-spark"), &[], |_| {});
     assert_ran(&out);
     let (mut one, mut many) = (
         sorted_lines(&d.join("wc.ndjson")),
@@ -640,7 +647,8 @@ path = "{}"
         ),
     );
     single_run(&win);
-    let out = cluster.run(&win, &d.join("win-spark"), |_| {});
+    // With a binary every worker has, instead of the shipped one.
+    let out = cluster.run(&win, &d.join("win-spark"), &["--binary", BIN], |_| {});
     assert_ran(&out);
     let (mut one, mut many) = (
         sorted_lines(&d.join("win.ndjson")),
@@ -666,7 +674,7 @@ path = "{}"
     );
     single_run(&top);
     let mut killed = None;
-    let out = cluster.run(&top, &d.join("top-spark"), |job| {
+    let out = cluster.run(&top, &d.join("top-spark"), &[], |job| {
         let deadline = Instant::now() + Duration::from_secs(300);
         let running = || Path::new(&format!("/proc/{job}")).exists();
         while killed.is_none() && Instant::now() < deadline && running() {
@@ -732,7 +740,7 @@ path = "{}"
             &bad_input.display().to_string(),
         ),
     );
-    let out = cluster.run(&bad, &d.join("bad-spark"), |_| {});
+    let out = cluster.run(&bad, &d.join("bad-spark"), &[], |_| {});
     assert_eq!(
         out.status.code(),
         Some(1),
