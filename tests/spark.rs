@@ -137,6 +137,23 @@ fn what_cannot_run_on_spark_is_refused_naming_the_stage_and_line() {
         &wordcount_toml(&text, &dir.path().join("o.ndjson"), None),
     );
     std::fs::create_dir(dir.path().join("exists")).unwrap();
+    // A directory is Spark's to read: a run on one machine refuses it, naming the stage.
+    let on_dir = write(
+        dir.path(),
+        "dir.toml",
+        &wordcount_toml(
+            &dir.path().join("exists"),
+            &dir.path().join("o.ndjson"),
+            None,
+        ),
+    );
+    let out = Command::new(BIN).arg("run").arg(&on_dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dir.toml:2: stage `read`:") && err.contains("is a directory or a glob"),
+        "{err}"
+    );
     let out = Command::new(BIN)
         .args(["spark", "--output"])
         .arg(dir.path().join("exists"))
@@ -673,6 +690,23 @@ path = "{}"
         &wordcount_toml(&d.join("text.txt"), &d.join("top.ndjson"), Some(20)),
     );
     single_run(&top);
+    // Spark reads the text from three files matched by a glob.
+    let parts = d.join("parts");
+    std::fs::create_dir(&parts).unwrap();
+    let all = std::fs::read_to_string(d.join("text.txt")).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    for (i, chunk) in lines.chunks(lines.len().div_ceil(3)).enumerate() {
+        std::fs::write(parts.join(format!("part{i}.txt")), chunk.join("\n") + "\n").unwrap();
+    }
+    let top = write(
+        d,
+        "top-glob.toml",
+        &wordcount_toml(
+            &parts.join("part[0-9].txt"),
+            &d.join("unused.ndjson"),
+            Some(20),
+        ),
+    );
     let mut killed = None;
     let out = cluster.run(&top, &d.join("top-spark"), &[], |job| {
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -724,8 +758,10 @@ path = "{}"
     );
     eprintln!("kill done at {:?}", started.elapsed());
 
-    // A bad record under on_error = "fail": the job fails with millrace's message.
-    let bad_input = d.join("bad.ndjson");
+    // A bad record under on_error = "fail" (in a directory Spark reads): the job fails with
+    // millrace's message.
+    std::fs::create_dir(d.join("bad")).unwrap();
+    let bad_input = d.join("bad/events.ndjson");
     let mut good = std::fs::read_to_string(d.join("events.ndjson")).unwrap();
     good.truncate(good.len() / 2);
     let cut = good.rfind('\n').unwrap() + 1;
@@ -737,7 +773,7 @@ path = "{}"
         "bad.toml",
         &std::fs::read_to_string(&win).unwrap().replace(
             &d.join("events.ndjson").display().to_string(),
-            &bad_input.display().to_string(),
+            &d.join("bad").display().to_string(),
         ),
     );
     let out = cluster.run(&bad, &d.join("bad-spark"), &[], |_| {});

@@ -38,6 +38,22 @@ impl PipelineSpec {
     }
 
     fn build_with(&self, live: Option<&mut LiveStages>) -> Result<Pipeline, ConfigError> {
+        for st in &self.stages {
+            if let Kind::LinesRead { path, .. } | Kind::NdjsonRead { path, .. } = &st.params {
+                if kinds::many_files(path) {
+                    return Err(ConfigError::new(
+                        &self.file,
+                        Some(st.line),
+                        Some(&st.name),
+                        ConfigErrorKind::BadValue,
+                        format!(
+                            "`path` {} is a directory or a glob: a run on one machine reads one file (or stdin); `millrace spark` reads directories and globs (docs/spark.md)",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
         let p = self.build_stages(live)?;
         if let Some(opts) = &self.checkpoint {
             // Every stage of the file, by its name: a resume matches stages by name and

@@ -107,11 +107,11 @@ impl Kind {
     pub(crate) fn parse(kind: &str, p: &mut Params<'_>) -> Result<Kind, ConfigError> {
         Ok(match kind {
             "lines.read" => Kind::LinesRead {
-                path: p.input_path("path")?,
+                path: p.source_path("path")?,
                 max_line_bytes: source_max_line(p)?,
             },
             "ndjson.read" => Kind::NdjsonRead {
-                path: p.input_path("path")?,
+                path: p.source_path("path")?,
                 max_line_bytes: source_max_line(p)?,
             },
             "words" => Kind::Words {
@@ -232,6 +232,17 @@ impl Kind {
             },
         }
     }
+}
+
+/// Whether a source path is a pattern (Spark's glob syntax: `*`, `?`, `[..]`, `{a,b}`).
+pub(crate) fn is_glob(path: &str) -> bool {
+    path.contains(['*', '?', '[', '{'])
+}
+
+/// Whether a source path names several files: a directory or a glob. `millrace run` reads one
+/// file or stdin; `millrace spark` hands these to Spark (docs/spark.md).
+pub(crate) fn many_files(path: &std::path::Path) -> bool {
+    is_glob(&path.to_string_lossy()) || path.is_dir()
 }
 
 /// A source's `max_line_bytes`: 1 to 1 GiB, 16 MiB when not given.
@@ -457,6 +468,33 @@ impl<'a> Params<'a> {
                     format!("cannot open input file {}: {e}", path.display()),
                 ));
             }
+        }
+        Ok(path)
+    }
+
+    /// A source's file (`-` is stdin), or a directory or a glob (`*`, `?`, `[`, `{`), which
+    /// only `millrace spark` reads ([`many_files`]; `build` refuses them): a directory must
+    /// exist, and so must a glob's directory before its first pattern.
+    pub(crate) fn source_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
+        let raw = self.required_str(key)?;
+        if !is_glob(&raw) {
+            return self.input_path(key);
+        }
+        let path = self.resolve(&raw);
+        let fixed: PathBuf = path
+            .components()
+            .take_while(|c| !is_glob(&c.as_os_str().to_string_lossy()))
+            .collect();
+        if !fixed.is_dir() {
+            return Err(self.error_at(
+                key,
+                ConfigErrorKind::Io,
+                format!(
+                    "the glob {}: no directory {}",
+                    path.display(),
+                    fixed.display()
+                ),
+            ));
         }
         Ok(path)
     }

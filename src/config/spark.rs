@@ -279,6 +279,8 @@ fn plan(spec: &PipelineSpec) -> Result<SparkPlan, ConfigError> {
                 "dead letters cannot run on Spark yet: use on_error = \"fail\" or \"skip\"",
             ));
         }
+    }
+    for st in &spec.stages {
         if st.inputs.len() > 1 {
             return Err(refuse(
                 spec,
@@ -615,7 +617,7 @@ path = "out.ndjson"
         assert_eq!(e.kind, ConfigErrorKind::NotOnSpark);
         assert_eq!(e.stage_name.as_deref(), Some("out"));
         assert!(e.message.contains("writes stdout"), "{e}");
-        assert_eq!(e.line, Some(19));
+        assert_eq!(e.line, Some(17));
 
         let stdin = WORDS.replace("path = \"Cargo.toml\"", "path = \"-\"");
         let e = SparkPlan::new(&spec(&stdin)).unwrap_err();
@@ -643,11 +645,39 @@ path = "late.ndjson"
 "#;
         let e = SparkPlan::new(&spec(late)).unwrap_err();
         assert_eq!(e.kind, ConfigErrorKind::NotOnSpark);
-        assert!(e.message.contains("late"), "{e}");
+        assert_eq!(e.stage_name.as_deref(), Some("late"));
+        assert!(e.message.contains("receives a window's late records"), "{e}");
 
         let cp = format!("{WORDS}\n[checkpoint]\ndir = \"cp\"\n");
         let e = SparkPlan::new(&spec(&cp)).unwrap_err();
         assert!(e.message.contains("[checkpoint]"), "{e}");
+    }
+
+    #[test]
+    fn directories_and_globs_are_for_spark_only() {
+        let dir = std::env::temp_dir().join(format!("millrace-spark-glob-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (path, shown) in [
+            (dir.display().to_string(), dir.display().to_string()),
+            (
+                format!("{}/part-*.txt", dir.display()),
+                format!("{}/part-*.txt", dir.display()),
+            ),
+        ] {
+            let text = WORDS.replace("path = \"Cargo.toml\"", &format!("path = {path:?}"));
+            let s = spec(&text);
+            let p = SparkPlan::new(&s).unwrap();
+            assert_eq!(p.input_path, PathBuf::from(&shown));
+            let e = s.build().err().expect("a run on one machine refuses it");
+            assert_eq!(e.kind, ConfigErrorKind::BadValue);
+            assert_eq!((e.stage_name.as_deref(), e.line), (Some("read"), Some(3)));
+            assert!(e.message.contains("is a directory or a glob"), "{e}");
+        }
+        let text = WORDS.replace("path = \"Cargo.toml\"", "path = \"/no/such/dir/*.txt\"");
+        let e = PipelineSpec::from_str(&text, Path::new("Cargo.toml")).unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::Io);
+        assert!(e.message.contains("no directory /no/such/dir"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
