@@ -668,7 +668,9 @@ path = "late.ndjson"
             let s = spec(&text);
             let p = SparkPlan::new(&s).unwrap();
             assert_eq!(p.input_path, PathBuf::from(&shown));
-            let e = s.build().err().expect("a run on one machine refuses it");
+            let Err(e) = s.build() else {
+                panic!("a run on one machine refuses {path}")
+            };
             assert_eq!(e.kind, ConfigErrorKind::BadValue);
             assert_eq!((e.stage_name.as_deref(), e.line), (Some("read"), Some(3)));
             assert!(e.message.contains("is a directory or a glob"), "{e}");
