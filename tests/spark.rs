@@ -474,7 +474,7 @@ fn kill_tree(pid: u32) {
     }
 }
 
-fn sorted_lines(dir_or_file: &Path) -> Vec<String> {
+fn lines_of(dir_or_file: &Path) -> Vec<String> {
     let mut v = Vec::new();
     if dir_or_file.is_dir() {
         let mut parts: Vec<PathBuf> = std::fs::read_dir(dir_or_file)
@@ -588,6 +588,42 @@ fn events(path: &Path, n: u64) {
     }
 }
 
+/// Waits (while the job `job` runs) for a `millrace segment` process and SIGKILLs the executor
+/// JVM it descends from; the executor's pid, or `None` if the job ended first.
+fn kill_an_executor_running_a_segment(job: u32) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let running = || Path::new(&format!("/proc/{job}")).exists();
+    while Instant::now() < deadline && running() {
+        let procs = processes();
+        let executor = procs
+            .iter()
+            .filter(|p| p.2.contains(" segment ") && p.2.contains(" --stages "))
+            .find_map(|seg| {
+                let mut at = seg.1;
+                for _ in 0..10 {
+                    let p = procs.iter().find(|p| p.0 == at)?;
+                    if p.2.contains("CoarseGrainedExecutorBackend") {
+                        return Some(p.0);
+                    }
+                    at = p.1;
+                }
+                None
+            });
+        match executor {
+            Some(pid) => {
+                let k = Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(k.success());
+                return Some(pid);
+            }
+            None => std::thread::sleep(Duration::from_millis(50)), // polling /proc: no event to wait on
+        }
+    }
+    None
+}
+
 #[test]
 fn on_a_standalone_cluster_the_outputs_equal_a_single_machine_run() {
     let Some(home) = pyspark_home() else { return };
@@ -609,8 +645,8 @@ fn on_a_standalone_cluster_the_outputs_equal_a_single_machine_run() {
     let out = cluster.run(&wc, &d.join("wc-spark"), &[], |_| {});
     assert_ran(&out);
     let (mut one, mut many) = (
-        sorted_lines(&d.join("wc.ndjson")),
-        sorted_lines(&d.join("wc-spark")),
+        lines_of(&d.join("wc.ndjson")),
+        lines_of(&d.join("wc-spark")),
     );
     assert!(one.len() > 10_000, "{} words", one.len());
     one.sort();
@@ -623,7 +659,8 @@ fn on_a_standalone_cluster_the_outputs_equal_a_single_machine_run() {
     );
     eprintln!("word count done at {:?}", started.elapsed());
 
-    // A keyed tumbling window over 1 M events, after an exec stage (a child of the segment).
+    // A keyed tumbling window over 1 M events, after an exec stage (a child of the segment),
+    // with an executor killed mid-job.
     let win = write(
         d,
         "win.toml",
@@ -665,11 +702,21 @@ path = "{}"
     );
     single_run(&win);
     // With a binary every worker has, instead of the shipped one.
-    let out = cluster.run(&win, &d.join("win-spark"), &["--binary", BIN], |_| {});
+    // An executor is killed while the job runs: after the shuffle's map side has written, its
+    // lost map outputs are computed again.
+    let mut killed = None;
+    let out = cluster.run(&win, &d.join("win-spark"), &["--binary", BIN], |job| {
+        killed = kill_an_executor_running_a_segment(job)
+    });
+    assert!(
+        killed.is_some(),
+        "no executor running a segment was found to kill"
+    );
     assert_ran(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Lost executor"));
     let (mut one, mut many) = (
-        sorted_lines(&d.join("win.ndjson")),
-        sorted_lines(&d.join("win-spark")),
+        lines_of(&d.join("win.ndjson")),
+        lines_of(&d.join("win-spark")),
     );
     assert!(one.len() >= 5_000, "{} windows", one.len());
     one.sort();
@@ -709,37 +756,7 @@ path = "{}"
     );
     let mut killed = None;
     let out = cluster.run(&top, &d.join("top-spark"), &[], |job| {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let running = || Path::new(&format!("/proc/{job}")).exists();
-        while killed.is_none() && Instant::now() < deadline && running() {
-            let procs = processes();
-            // A running segment, and the executor JVM it descends from.
-            let executor = procs
-                .iter()
-                .filter(|p| p.2.contains(" segment ") && p.2.contains(" --stages "))
-                .find_map(|seg| {
-                    let mut at = seg.1;
-                    for _ in 0..10 {
-                        let p = procs.iter().find(|p| p.0 == at)?;
-                        if p.2.contains("CoarseGrainedExecutorBackend") {
-                            return Some(p.0);
-                        }
-                        at = p.1;
-                    }
-                    None
-                });
-            match executor {
-                Some(pid) => {
-                    let k = Command::new("kill")
-                        .args(["-9", &pid.to_string()])
-                        .status()
-                        .unwrap();
-                    assert!(k.success());
-                    killed = Some(pid);
-                }
-                None => std::thread::sleep(Duration::from_millis(50)), // polling /proc: no event to wait on
-            }
-        }
+        killed = kill_an_executor_running_a_segment(job)
     });
     assert!(
         killed.is_some(),
@@ -752,11 +769,56 @@ path = "{}"
         "Spark did not notice the kill:\n{stderr}"
     );
     assert_eq!(
-        sorted_lines(&d.join("top-spark")),
-        sorted_lines(&d.join("top.ndjson")),
+        lines_of(&d.join("top-spark")),
+        lines_of(&d.join("top.ndjson")),
         "top 20 after a lost executor"
     );
     eprintln!("kill done at {:?}", started.elapsed());
+
+    // Process plugins run on the executors (found through the pipeline's plugin_dirs).
+    let plug = write(
+        d,
+        "plugin.toml",
+        &format!(
+            r#"plugin_dirs = ["{}"]
+[stages.read]
+kind = "lines.read"
+path = "{}"
+[stages.long]
+kind = "textops.length"
+input = "read"
+field = "line"
+min = 40
+[stages.loud]
+kind = "textops.case"
+input = "long"
+field = "line"
+mode = "upper"
+[stages.out]
+kind = "ndjson.write"
+input = "loud"
+path = "{}"
+"#,
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("plugins")
+                .display(),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/data/millrace.txt")
+                .display(),
+            d.join("plugin.ndjson").display()
+        ),
+    );
+    single_run(&plug);
+    let out = cluster.run(&plug, &d.join("plugin-spark"), &[], |_| {});
+    assert_ran(&out);
+    let one = lines_of(&d.join("plugin.ndjson"));
+    assert!(one.len() > 20 && one[0].contains("\"line\":\""), "{one:?}");
+    assert_eq!(
+        lines_of(&d.join("plugin-spark")),
+        one,
+        "a plugin's output, in input order"
+    );
+    eprintln!("plugins done at {:?}", started.elapsed());
 
     // A bad record under on_error = "fail" (in a directory Spark reads): the job fails with
     // millrace's message.

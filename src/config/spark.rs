@@ -646,7 +646,10 @@ path = "late.ndjson"
         let e = SparkPlan::new(&spec(late)).unwrap_err();
         assert_eq!(e.kind, ConfigErrorKind::NotOnSpark);
         assert_eq!(e.stage_name.as_deref(), Some("late"));
-        assert!(e.message.contains("receives a window's late records"), "{e}");
+        assert!(
+            e.message.contains("receives a window's late records"),
+            "{e}"
+        );
 
         let cp = format!("{WORDS}\n[checkpoint]\ndir = \"cp\"\n");
         let e = SparkPlan::new(&spec(&cp)).unwrap_err();
