@@ -132,7 +132,8 @@ class Segment:
         def feed():
             try:
                 for line in lines:
-                    child.stdin.write(line.encode("utf-8"))
+                    # Bytes as Spark read them, or text a step of this program wrote.
+                    child.stdin.write(line if isinstance(line, bytes) else line.encode("utf-8"))
                     child.stdin.write(b"\n")
             except BrokenPipeError:
                 pass  # the segment stopped reading: its exit status says why
@@ -160,8 +161,9 @@ class Segment:
         reader.start()
         finished = False
         try:
+            # Bytes on: json.loads and saveAsTextFile take them as they are.
             for out in child.stdout:
-                yield out.rstrip(b"\n").decode("utf-8")
+                yield out[:-1] if out.endswith(b"\n") else out
             finished = True
         finally:
             if not finished:
@@ -257,7 +259,10 @@ def main(argv):
         flush=True,
     )
     try:
-        rdd = sc.textFile(plan["input_path"], minPartitions=args.partitions)
+        # As bytes, not decoded in Python only to be encoded again for the first segment (the
+        # first step always). The JVM has decoded them already: invalid UTF-8 arrives as U+FFFD
+        # (docs/spark.md).
+        rdd = sc.textFile(plan["input_path"], minPartitions=args.partitions, use_unicode=False)
         for i, step in enumerate(plan["steps"]):
             op = step["op"]
             if op == "segment":

@@ -388,13 +388,6 @@ fn plan(spec: &PipelineSpec) -> Result<SparkPlan, ConfigError> {
                     ));
                 }
                 close(&mut segment, &mut steps, seg_input);
-                if steps.is_empty() && seg_input == SegmentInput::Lines {
-                    // The shuffle reads JSON objects: lines become `{"line": ..}` first.
-                    steps.push(Step::Segment {
-                        stages: Vec::new(),
-                        input: SegmentInput::Lines,
-                    });
-                }
                 steps.push(Step::WindowSort {
                     stage: st.name.clone(),
                     key_field: w.key_field.clone(),
@@ -405,12 +398,6 @@ fn plan(spec: &PipelineSpec) -> Result<SparkPlan, ConfigError> {
             }
             Kind::Limit { n } => {
                 close(&mut segment, &mut steps, seg_input);
-                if steps.is_empty() && seg_input == SegmentInput::Lines {
-                    steps.push(Step::Segment {
-                        stages: Vec::new(),
-                        input: SegmentInput::Lines,
-                    });
-                }
                 steps.push(Step::Limit {
                     stage: st.name.clone(),
                     n: *n,
@@ -424,6 +411,18 @@ fn plan(spec: &PipelineSpec) -> Result<SparkPlan, ConfigError> {
             _ => segment.push(st.name.clone()),
         }
     };
+    // The input is read by millrace first, always: a bad line fails (or is skipped) as the
+    // source's `on_error` says, with its message, and the steps in between read what millrace
+    // wrote (JSON objects, UTF-8).
+    if !matches!(steps.first(), Some(Step::Segment { .. })) {
+        steps.insert(
+            0,
+            Step::Segment {
+                stages: Vec::new(),
+                input,
+            },
+        );
+    }
     Ok(SparkPlan {
         name: spec.name.clone(),
         file: spec.file.clone(),
@@ -605,6 +604,40 @@ path = "out.ndjson"
                 Step::Segment {
                     stages: vec!["w".into(), "keep".into()],
                     input: SegmentInput::Ndjson
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_source_is_read_by_millrace_first() {
+        let text = r#"
+[stages.read]
+kind = "ndjson.read"
+path = "Cargo.toml"
+[stages.w]
+kind = "window"
+input = "read"
+time_field = "ts"
+tumbling = "10s"
+aggregate = { n = "count" }
+[stages.out]
+kind = "ndjson.write"
+input = "w"
+path = "out.ndjson"
+"#;
+        let p = SparkPlan::new(&spec(text)).unwrap();
+        assert_eq!(
+            p.steps[..2],
+            [
+                Step::Segment {
+                    stages: vec![],
+                    input: SegmentInput::Ndjson
+                },
+                Step::WindowSort {
+                    stage: "w".into(),
+                    key_field: None,
+                    time_field: "ts".into()
                 },
             ]
         );
