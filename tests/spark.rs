@@ -12,6 +12,7 @@
 // (clippy.toml) is for the engine's own code.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+mod common;
 #[path = "common/rng.rs"]
 mod rng;
 
@@ -151,7 +152,8 @@ fn what_cannot_run_on_spark_is_refused_naming_the_stage_and_line() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("dir.toml:2: stage `read`:") && err.contains("is a directory or a glob"),
+        err.contains("dir.toml:2: stage `read`:")
+            && err.contains("is a directory, a glob or a URL"),
         "{err}"
     );
     let out = Command::new(BIN)
@@ -775,7 +777,8 @@ path = "{}"
     );
     eprintln!("kill done at {:?}", started.elapsed());
 
-    // Process plugins run on the executors (found through the pipeline's plugin_dirs), over a
+    // A process plugin and a native one run on the executors (found through the pipeline's
+    // plugin_dirs; the native library at its path on every worker), over a
     // text with a line of invalid UTF-8: the source skips it on one machine (on_error =
     // "skip"); on Spark it arrives decoded by the JVM, with U+FFFD for the bad bytes
     // (docs/spark.md, "Invalid UTF-8"). Every other line is the same, in input order.
@@ -789,7 +792,7 @@ path = "{}"
         d,
         "plugin.toml",
         &format!(
-            r#"plugin_dirs = ["{}"]
+            r#"plugin_dirs = ["{}", "{}"]
 [stages.read]
 kind = "lines.read"
 path = "{}"
@@ -800,10 +803,9 @@ input = "read"
 field = "line"
 min = 40
 [stages.loud]
-kind = "textops.case"
+kind = "casefold.upper"
 input = "long"
 field = "line"
-mode = "upper"
 [stages.out]
 kind = "ndjson.write"
 input = "loud"
@@ -812,9 +814,16 @@ path = "{}"
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("plugins")
                 .display(),
+            d.join("native").display(),
             d.join("plugin.txt").display(),
             d.join("plugin.ndjson").display()
         ),
+    );
+    common::install(
+        &d.join("native"),
+        "casefold",
+        &common::bundled("casefold"),
+        "millrace_casefold",
     );
     single_run(&plug);
     let out = cluster.run(&plug, &d.join("plugin-spark"), &[], |_| {});

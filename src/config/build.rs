@@ -47,7 +47,7 @@ impl PipelineSpec {
                         Some(&st.name),
                         ConfigErrorKind::BadValue,
                         format!(
-                            "`path` {} is a directory or a glob: a run on one machine reads one file (or stdin); `millrace spark` reads directories and globs (docs/spark.md)",
+                            "`path` {} is a directory, a glob or a URL: a run on one machine reads one local file (or stdin); `millrace spark` reads these (docs/spark.md)",
                             path.display()
                         ),
                     ));

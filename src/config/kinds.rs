@@ -239,10 +239,21 @@ pub(crate) fn is_glob(path: &str) -> bool {
     path.contains(['*', '?', '[', '{'])
 }
 
-/// Whether a source path names several files: a directory or a glob. `millrace run` reads one
-/// file or stdin; `millrace spark` hands these to Spark (docs/spark.md).
+/// Whether a source path is a URL of a file system Spark reads (`hdfs://`, `s3a://`, ...).
+pub(crate) fn is_url(path: &str) -> bool {
+    path.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    })
+}
+
+/// Whether a source path is Spark's to read: a directory, a glob or a URL. `millrace run`
+/// reads one local file or stdin; `millrace spark` hands these to Spark (docs/spark.md).
 pub(crate) fn many_files(path: &std::path::Path) -> bool {
-    is_glob(&path.to_string_lossy()) || path.is_dir()
+    let text = path.to_string_lossy();
+    is_glob(&text) || is_url(&text) || path.is_dir()
 }
 
 /// A source's `max_line_bytes`: 1 to 1 GiB, 16 MiB when not given.
@@ -472,11 +483,16 @@ impl<'a> Params<'a> {
         Ok(path)
     }
 
-    /// A source's file (`-` is stdin), or a directory or a glob (`*`, `?`, `[`, `{`), which
-    /// only `millrace spark` reads ([`many_files`]; `build` refuses them): a directory must
-    /// exist, and so must a glob's directory before its first pattern.
+    /// A source's file (`-` is stdin), or a directory, a glob (`*`, `?`, `[`, `{`) or a URL
+    /// (`hdfs://..`), which only `millrace spark` reads ([`many_files`]; `build` refuses them):
+    /// a directory must exist, and so must a glob's directory before its first pattern; a URL
+    /// is not looked at.
     pub(crate) fn source_path(&mut self, key: &'static str) -> Result<PathBuf, ConfigError> {
         let raw = self.required_str(key)?;
+        if is_url(&raw) {
+            // `hdfs://..`, `s3a://..`: Spark's to open, as written.
+            return Ok(PathBuf::from(raw));
+        }
         if !is_glob(&raw) {
             return self.input_path(key);
         }

@@ -690,7 +690,7 @@ path = "late.ndjson"
     }
 
     #[test]
-    fn directories_and_globs_are_for_spark_only() {
+    fn directories_globs_and_urls_are_for_spark_only() {
         let dir = std::env::temp_dir().join(format!("millrace-spark-glob-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for (path, shown) in [
@@ -709,8 +709,18 @@ path = "late.ndjson"
             };
             assert_eq!(e.kind, ConfigErrorKind::BadValue);
             assert_eq!((e.stage_name.as_deref(), e.line), (Some("read"), Some(3)));
-            assert!(e.message.contains("is a directory or a glob"), "{e}");
+            assert!(e.message.contains("is a directory, a glob or a URL"), "{e}");
         }
+        let text = WORDS.replace(
+            "path = \"Cargo.toml\"",
+            "path = \"hdfs://nn:8020/logs/day=1/\"",
+        );
+        let s = spec(&text);
+        assert_eq!(
+            SparkPlan::new(&s).unwrap().input_path,
+            PathBuf::from("hdfs://nn:8020/logs/day=1/")
+        );
+        assert!(s.build().is_err());
         let text = WORDS.replace("path = \"Cargo.toml\"", "path = \"/no/such/dir/*.txt\"");
         let e = PipelineSpec::from_str(&text, Path::new("Cargo.toml")).unwrap_err();
         assert_eq!(e.kind, ConfigErrorKind::Io);
