@@ -28,6 +28,7 @@
 //! dead-letter outputs, and a `[checkpoint]` table (Spark re-runs lost tasks instead).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -236,6 +237,53 @@ impl SparkPlan {
             self.sink
         );
         s
+    }
+}
+
+/// The driver program, built into the library so that the binary is all a user installs.
+pub const DRIVER: &str = include_str!("../../integrations/spark/millrace_spark.py");
+
+/// What `spark-submit` is given for one job: the plan as JSON and the [`DRIVER`], in a
+/// directory of this process's own (mode 0700, an unpredictable name under the temporary
+/// directory: see `private_dir.rs` for why), removed when this is dropped.
+#[derive(Debug)]
+pub struct JobFiles {
+    dir: crate::private_dir::PrivateDir,
+    plan: PathBuf,
+    driver: PathBuf,
+}
+
+impl JobFiles {
+    /// Writes `plan` and the driver.
+    pub fn write(plan: &SparkPlan) -> std::io::Result<JobFiles> {
+        let dir = crate::private_dir::PrivateDir::new("millrace-spark-")?;
+        let put = |name: &str, text: &str| -> std::io::Result<PathBuf> {
+            let path = dir.path().join(name);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            f.write_all(text.as_bytes())?;
+            Ok(path)
+        };
+        let plan = put("plan.json", &plan.to_json().to_string())?;
+        let driver = put("millrace_spark.py", DRIVER)?;
+        Ok(JobFiles { dir, plan, driver })
+    }
+
+    /// The plan's file.
+    pub fn plan(&self) -> &Path {
+        &self.plan
+    }
+
+    /// The driver program's file.
+    pub fn driver(&self) -> &Path {
+        &self.driver
+    }
+
+    /// The directory holding both.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 

@@ -9,12 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use millrace::config::spark::{segment_toml, SegmentInput, SparkPlan};
+use millrace::config::spark::{segment_toml, JobFiles, SegmentInput, SparkPlan};
 use millrace::config::PipelineSpec;
 use millrace::Error;
-
-/// The driver program, built in so that the binary is all a user needs.
-const DRIVER: &str = include_str!("../../../integrations/spark/millrace_spark.py");
 
 /// `millrace spark`'s arguments.
 pub(crate) struct SparkArgs {
@@ -115,21 +112,13 @@ pub(crate) fn spark(a: SparkArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tmp = match TempDir::new() {
-        Ok(t) => t,
+    let job = match JobFiles::write(&plan) {
+        Ok(f) => f,
         Err(e) => {
-            eprintln!("error: cannot make a temporary directory: {e}");
+            eprintln!("error: cannot write the plan and the driver program: {e}");
             return ExitCode::from(1);
         }
     };
-    let plan_file = tmp.0.join("plan.json");
-    let driver = tmp.0.join("millrace_spark.py");
-    let written = std::fs::write(&plan_file, plan.to_json().to_string())
-        .and_then(|()| std::fs::write(&driver, DRIVER));
-    if let Err(e) = written {
-        eprintln!("error: cannot write the plan into {}: {e}", tmp.0.display());
-        return ExitCode::from(1);
-    }
     let base = pipeline.parent().unwrap_or(Path::new("/"));
     let mut cmd = Command::new(&submit);
     cmd.arg("--master").arg(&a.master);
@@ -147,8 +136,8 @@ pub(crate) fn spark(a: SparkArgs) -> ExitCode {
         files.push(exe.display().to_string());
     }
     cmd.arg("--files").arg(files.join(","));
-    cmd.arg(&driver);
-    cmd.arg("--plan").arg(&plan_file);
+    cmd.arg(job.driver());
+    cmd.arg("--plan").arg(job.plan());
     cmd.arg("--output").arg(&output);
     cmd.arg("--partitions").arg(partitions.to_string());
     cmd.arg("--pipeline").arg(file_name(&pipeline));
@@ -167,7 +156,7 @@ pub(crate) fn spark(a: SparkArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    drop(tmp);
+    drop(job);
     if status.success() {
         ExitCode::SUCCESS
     } else {
@@ -232,28 +221,4 @@ fn find_spark_submit(given: Option<&Path>) -> Result<PathBuf, String> {
         }
     }
     Err("no spark-submit: not on PATH, not under SPARK_HOME, and no pyspark for python3 (`pip install pyspark`, or --spark-submit PATH)".into())
-}
-
-/// A private temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
-        let base = std::env::temp_dir();
-        for i in 0..100u32 {
-            let p = base.join(format!("millrace-spark-{}-{i}", std::process::id()));
-            match std::fs::create_dir(&p) {
-                Ok(()) => return Ok(TempDir(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(std::io::Error::other("no free temporary directory name"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
