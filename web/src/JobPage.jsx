@@ -178,7 +178,10 @@ export default function JobPage({ id, guard }) {
     };
   }, [id, guard]);
 
-  const graph = job?.graph;
+  // The graph does not change while a job lives: keep the first one seen (a later fetch of
+  // the job would otherwise lay it out again).
+  const graphKey = job?.graph ? JSON.stringify(job.graph) : null;
+  const graph = useMemo(() => (graphKey ? JSON.parse(graphKey) : null), [graphKey]);
   const positioned = useMemo(() => {
     if (!graph) return [];
     const nodes = graph.stages.map((s) => ({ id: s.name, type: 'stage', data: { stage: s } }));
@@ -195,7 +198,16 @@ export default function JobPage({ id, guard }) {
   // React Flow's state of the nodes (their measured sizes among it), kept as it asks of a
   // controlled flow; the live figures are merged in at each render.
   const [rfNodes, setRfNodes] = useState([]);
-  useEffect(() => setRfNodes(positioned), [positioned]);
+  // A node React Flow has measured keeps its measurement: a node handed back without one is
+  // hidden until its size changes, which for the same node never happens.
+  useEffect(
+    () =>
+      setRfNodes((old) => {
+        const measured = Object.fromEntries(old.map((n) => [n.id, n.measured]));
+        return positioned.map((n) => (measured[n.id] ? { ...n, measured: measured[n.id] } : n));
+      }),
+    [positioned],
+  );
   const onNodesChange = useCallback((changes) => setRfNodes((ns) => applyNodeChanges(changes, ns)), []);
   const nodes = rfNodes.map((n) => ({
     ...n,
