@@ -48,6 +48,14 @@ function StageNode({ data }) {
             busy {fmtPct(f.busy)} · backpressure <span className="bp">{fmtPct(f.backpressure)}</span> · idle{' '}
             {fmtPct(f.idle)}
           </div>
+          {f.skipped + f.deadLettered + f.late + f.filtered > 0 && (
+            <div className="lost" data-testid={`lost-${stage.name}`}>
+              {f.filtered > 0 && <span>filtered {f.filtered.toLocaleString('en')} </span>}
+              {f.skipped > 0 && <span>skipped {f.skipped.toLocaleString('en')} </span>}
+              {f.deadLettered > 0 && <span className="dead">dead letters {f.deadLettered.toLocaleString('en')} </span>}
+              {f.late > 0 && <span className="late">late {f.late.toLocaleString('en')}</span>}
+            </div>
+          )}
           {f.fusedWith !== stage.name && (
             <div className="fused" title="stages fused into one thread share its time and queue">
               thread {f.fusedWith}
@@ -189,10 +197,14 @@ export default function JobPage({ id, guard }) {
     return layout(nodes, edges);
   }, [graph]);
 
+  // Live: rates and shares over the interval between the last two reports; once the job has
+  // ended, over the whole run.
+  const running = !final && job?.status === 'running';
   const figures = useMemo(() => {
     if (!graph || !reports.now) return {};
-    return Object.fromEntries(graph.stages.map((s) => [s.name, stageFigures(s.name, reports.now, reports.before)]));
-  }, [graph, reports]);
+    const before = running ? reports.before : null;
+    return Object.fromEntries(graph.stages.map((s) => [s.name, stageFigures(s.name, reports.now, before)]));
+  }, [graph, reports, running]);
   const neck = job?.status === 'running' && graph ? bottleneck(figures, graph) : null;
 
   // React Flow's state of the nodes (their measured sizes among it), kept as it asks of a

@@ -162,6 +162,51 @@ test('cancel_a_job_from_the_page', async ({ page, base }) => {
   assert(job.status === 'cancelled', job.status);
 });
 
+test('a_failed_job_names_its_stage_and_dead_letters_show', async ({ page, base }) => {
+  // `cmp` compares a string field with a number: every record is a record error, and the
+  // default policy fails the run naming the stage.
+  const failing = `name = "failing"
+[stages.read]
+kind = "lines.read"
+path = "examples/data/millrace.txt"
+
+[stages.cmp]
+kind = "filter"
+input = "read"
+field = "line"
+op = "lt"
+value = 3
+
+[stages.out]
+kind = "ndjson.write"
+input = "cmp"
+path = "/dev/null"
+`;
+  const { id } = await api(base, 'POST', '/jobs?name=failing', failing);
+  await page.goto(`${base}/#/jobs/${id}`);
+  const err = page.locator('[data-testid="job-error"]');
+  await err.waitFor({ timeout: 10000 });
+  const text = await err.innerText();
+  assert(text.startsWith('Failed in stage cmp:'), text);
+  assert(text.includes('not a number like 3'), text);
+  await page.screenshot({ path: join(shots, 'a_failed_job_names_its_stage.png') });
+  // The same with a dead-letter stage: the run succeeds, the letters are counted on the node
+  // and in the report, and the dead-letter edge is drawn as such.
+  const dead = failing
+    .replace('name = "failing"', 'name = "dead-letters"')
+    .replace('value = 3\n', 'value = 3\non_error = "dead_letter"\ndead_letter = "bad"\n')
+    .concat('\n[stages.bad]\nkind = "ndjson.write"\npath = "/dev/null"\n');
+  const d = (await api(base, 'POST', '/jobs?name=dead-letters', dead)).id;
+  await page.goto(`${base}/#/jobs/${d}`);
+  await page.waitForSelector('[data-testid="job-page"][data-status="succeeded"]', { timeout: 10000 });
+  await page.waitForSelector('[data-testid="final-report"]', { timeout: 5000 });
+  const letters = Number(await page.locator('tr[data-account="cmp"] td:nth-child(7)').innerText());
+  assert(letters === 38, `${letters} dead letters of cmp`);
+  const lost = await page.locator('[data-testid="lost-cmp"]').innerText();
+  assert(lost.includes('dead letters 38'), lost);
+  assert((await page.locator('.react-flow__edge.edge-dead_letter').count()) === 1, 'no dead-letter edge');
+});
+
 async function dragKind(page, kind, x, y) {
   const canvas = await page.locator('[data-testid="canvas"]').boundingBox();
   await page.locator(`.palette-item[data-kind="${kind}"]`).dragTo(page.locator('[data-testid="canvas"]'), {
