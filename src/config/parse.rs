@@ -160,6 +160,15 @@ impl PipelineSpec {
         .map_err(first)
     }
 
+    /// [`validate_str`](Self::validate_str) on a pipeline file: every error, not only the
+    /// first (`millrace validate`).
+    pub fn validate_file(path: impl AsRef<Path>) -> Result<Self, Vec<ConfigError>> {
+        let path = path.as_ref();
+        let read_at = std::time::SystemTime::now();
+        let text = read_pipeline(path).map_err(|e| vec![e])?;
+        Self::parse(&text, path, None, read_at, true)
+    }
+
     /// [`from_str`](Self::from_str) that reports every error, not only the first: each
     /// stage's (a stage is read again without each parameter found wrong, so that one stage
     /// can report several; an error behind a missing or wrong required parameter stays
