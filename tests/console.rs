@@ -524,5 +524,13 @@ path = "/dev/null"
     );
     engine.cancel(millrace::job::JobId(id));
     let end = engine.wait(millrace::job::JobId(id)).unwrap();
-    assert!(end.status.is_final());
+    assert_eq!(end.status, millrace::job::JobStatus::Cancelled);
+    // A cancelled job keeps what it did: the snapshot taken as it ended.
+    let job = json_of(&get(addr, &format!("/jobs/{id}")));
+    assert_eq!(job["status"], json!("cancelled"));
+    let read = job["report"]["records_read"].as_u64().expect("a report");
+    assert!(
+        read >= *seen.last().unwrap(),
+        "{read} records read, {seen:?} out of `slow`"
+    );
 }

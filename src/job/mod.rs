@@ -260,7 +260,8 @@ pub struct JobInfo {
     pub status: JobStatus,
     /// Time since it was submitted, or its run time once ended.
     pub elapsed: Duration,
-    /// The final report (succeeded jobs) or the last live snapshot (running ones).
+    /// The final report (succeeded jobs), the last live snapshot (running ones), or the
+    /// snapshot taken as it ended (failed and cancelled ones that had started running).
     pub report: Option<RunReport>,
     /// The error of a failed job.
     pub error: Option<String>,

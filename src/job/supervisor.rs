@@ -470,6 +470,13 @@ where
             message,
         })
     });
+    // What a failed or cancelled job did before it ended (its run has joined its threads, so
+    // this is its last word), taken outside the job's lock: the console shows it.
+    let handle = job.slot.lock().cancel.clone();
+    let last = match &outcome {
+        Ok(_) => None,
+        Err(_) => handle.map(|h| h.snapshot()),
+    };
     {
         // Status and final event change together (lock order: slot, then hub; nothing takes
         // them the other way round), so a `wait` that returns finds the stream closed.
@@ -488,10 +495,12 @@ where
             }
             Err(Error::Cancelled) => {
                 s.status = JobStatus::Cancelled;
+                s.report = last;
                 Event::Cancelled { job: job.id }
             }
             Err(e) => {
                 s.status = JobStatus::Failed;
+                s.report = last;
                 s.error = Some(e.to_string());
                 Event::Failed {
                     job: job.id,

@@ -82,11 +82,11 @@ function edgeStyle(type) {
   return { style: { stroke: '#556' } };
 }
 
-function ReportTables({ report }) {
+function ReportTables({ report, ended }) {
   if (!report) return null;
   return (
     <section className="report" data-testid="final-report">
-      <h3>Report</h3>
+      <h3>{ended === 'succeeded' ? 'Report' : `Report (as the job ended: ${ended})`}</h3>
       <p>
         {report.records_read.toLocaleString('en')} records read in {fmtSecs(report.elapsed_s)}
       </p>
@@ -297,7 +297,7 @@ export default function JobPage({ id, guard }) {
         busy <span className="key back" /> backpressure <span className="key idle" /> idle, over the last interval.
         Dashed edges: <span className="late-key">late records</span>, <span className="dead-key">dead letters</span>.
       </p>
-      <ReportTables report={finalReport} />
+      <ReportTables report={finalReport} ended={status} />
     </main>
   );
 }
