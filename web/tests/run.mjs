@@ -277,6 +277,55 @@ test('build_validate_fix_run', async ({ page, base }) => {
   assert(JSON.parse(written[0]).word === written[0].match(/"word":"([^"]*)"/)[1], written[0]);
 });
 
+test('parameter_controls_follow_the_spec_and_late_edges_export', async ({ page, base }) => {
+  await page.goto(`${base}/#/editor`);
+  await page.waitForSelector('.palette-item[data-kind="window"]', { timeout: 5000 });
+  await dragKind(page, 'ndjson.read', 60, 80);
+  await dragKind(page, 'window', 320, 80);
+  await dragKind(page, 'select', 580, 80);
+  await dragKind(page, 'ndjson.write', 320, 330);
+  await page.waitForSelector('[data-testid="node-write"]', { timeout: 5000 });
+  await connect(page, 'read', 'window');
+  await connect(page, 'window', 'select');
+  // The window's late records go to the sink below it (its lower-left handle).
+  await connect(page, 'window', 'write', 'late');
+  await page.waitForFunction(() => document.querySelectorAll('.react-flow__edge').length === 3, null, { timeout: 5000 });
+
+  await selectNode(page, 'select');
+  // A choice is a select, a list of strings a list editor, an integer with a range a slider.
+  const missingOptions = await page.locator('[data-param="missing"] select option').allInnerTexts();
+  assert(missingOptions.join() === '(default),omit,null,error', missingOptions.join());
+  assert((await page.locator('[data-param="parallelism"] input[type=range]').count()) === 1, 'no slider');
+  await page.click('[data-param="fields"] button.add');
+  await page.fill('[data-param="fields"] .list-row input', 'n');
+  await page.selectOption('[data-param="missing"] select', 'null');
+  await selectNode(page, 'window');
+  assert((await page.locator('[data-param="ordered"]').count()) === 0, 'a window takes no `ordered`');
+  await page.fill('[data-param="time_field"] input', 'ts');
+  await page.fill('[data-param="tumbling"] input', '10s');
+  await page.fill('[data-param="aggregate"] input', '{ n = "count" }');
+  await page.press('[data-param="aggregate"] input', 'Enter');
+  await selectNode(page, 'read');
+  await page.fill('[data-param="path"] input', 'examples/data/millrace.txt');
+  await selectNode(page, 'write');
+  await page.fill('[data-param="path"] input', '/dev/null');
+  const text = await exportText(page);
+  const doc = parse(text);
+  assert(doc.stages.window.late === 'write', text);
+  assert(doc.stages.write.input === undefined, text);
+  assert(doc.stages.select.input === 'window' && doc.stages.select.missing === 'null', text);
+  assert(JSON.stringify(doc.stages.select.fields) === '["n"]', text);
+  assert(JSON.stringify(doc.stages.window.aggregate) === '{"n":"count"}', text);
+  // `select` has no sink after it: the server says so (a wiring error found when the
+  // pipeline is built), on its node.
+  await page.click('[data-testid="validate"]');
+  const err = page.locator('[data-testid="node-select"] .node-error');
+  await err.waitFor({ timeout: 5000 });
+  const message = await err.innerText();
+  assert(message.includes('the output of this `select` stage is not used'), message);
+  assert((await page.locator('.node-error').count()) === 1, 'errors on other nodes');
+});
+
 async function importText(page, text) {
   await page.click('[data-testid="import-open"]');
   await page.fill('[data-testid="import-text"]', text);
