@@ -144,7 +144,7 @@ impl PipelineSpec {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let read_at = std::time::SystemTime::now();
-        Self::parse(&read_pipeline(path)?, path, None, read_at, true).map_err(first)
+        Self::parse(&read_pipeline(path)?, path, None, read_at, true, false).map_err(first)
     }
 
     /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
@@ -156,6 +156,7 @@ impl PipelineSpec {
             None,
             std::time::SystemTime::now(),
             true,
+            false,
         )
         .map_err(first)
     }
@@ -166,7 +167,7 @@ impl PipelineSpec {
         let path = path.as_ref();
         let read_at = std::time::SystemTime::now();
         let text = read_pipeline(path).map_err(|e| vec![e])?;
-        Self::parse(&text, path, None, read_at, true)
+        Self::parse(&text, path, None, read_at, true, true)
     }
 
     /// [`from_str`](Self::from_str) that reports every error, not only the first: each
@@ -181,6 +182,7 @@ impl PipelineSpec {
             path.as_ref(),
             None,
             std::time::SystemTime::now(),
+            true,
             true,
         )
     }
@@ -199,6 +201,7 @@ impl PipelineSpec {
             None,
             std::time::SystemTime::now(),
             false,
+            false,
         )
         .map_err(first)
     }
@@ -210,7 +213,15 @@ impl PipelineSpec {
     /// `reuse`: libraries already loaded whose files did not change, by plugin name.
     pub(crate) fn from_file_for_reload(path: &Path, reuse: Natives) -> Result<Self, ConfigError> {
         let read_at = std::time::SystemTime::now();
-        Self::parse(&read_pipeline(path)?, path, Some(reuse), read_at, true).map_err(first)
+        Self::parse(
+            &read_pipeline(path)?,
+            path,
+            Some(reuse),
+            read_at,
+            true,
+            false,
+        )
+        .map_err(first)
     }
 
     /// Parses; with `reload`, native libraries come from `reload` or fresh copies; without
@@ -221,6 +232,7 @@ impl PipelineSpec {
         reload: Option<Natives>,
         read_at: std::time::SystemTime,
         discover: bool,
+        all: bool,
     ) -> Result<Self, Vec<ConfigError>> {
         #[cfg(not(feature = "plugin"))]
         let _ = discover;
@@ -255,9 +267,17 @@ impl PipelineSpec {
             plugin_files: Default::default(),
         };
 
-        // Every error is collected, in the order the checks run, so that the first one is what
-        // a caller who wants one reports (`parse`) and `validate_str` has them all.
+        // With `all`, every error is collected, in the order the checks run; without it the
+        // first one ends the parse, as it always did (nothing more is read or loaded), and it
+        // is the first that `all` would have collected.
         let mut errors = Vec::new();
+        macro_rules! stop_unless_all {
+            () => {
+                if !all && !errors.is_empty() {
+                    return Err(errors);
+                }
+            };
+        }
         let (options, byte_path) = match &raw.options {
             None => (Options::default(), true),
             Some(t) => parse_options(&ctx, t).unwrap_or_else(|e| {
@@ -276,6 +296,7 @@ impl PipelineSpec {
             },
         };
 
+        stop_unless_all!();
         if raw.stages.is_empty() {
             errors.push(ConfigError::new(
                 file,
@@ -294,6 +315,7 @@ impl PipelineSpec {
             errors.push(e);
             HashMap::new()
         });
+        stop_unless_all!();
         let mut stages = Vec::new();
         let mut failed = Vec::new();
         for (name, table) in &raw.stages {
@@ -306,12 +328,14 @@ impl PipelineSpec {
                     .get(name.get_ref().as_str())
                     .map(String::as_str),
                 dl_targets.get(name.get_ref().as_str()).map(String::as_str),
+                all,
                 &mut errors,
             );
             match parsed {
                 Some(s) => stages.push(s),
                 None => failed.push(name.get_ref().as_str()),
             }
+            stop_unless_all!();
         }
         let before = errors.len();
         let stages = check_graph(file, stages, &failed, &mut errors);
@@ -881,10 +905,11 @@ fn parse_stage(
     })
 }
 
-/// A stage's errors, all of them that can be told apart: after each error about a parameter,
-/// the stage is read again without that parameter (an optional one then takes its default), until
-/// it reads, an error names no parameter (or `kind`), or the next error is the removed parameter's
-/// own absence (a required one: its error is already there). At most one retry per parameter.
+/// A stage's errors: only the first unless `all`; with it, all that can be told apart. After
+/// each error about a parameter, the stage is read again without that parameter (an optional
+/// one then takes its default), until it reads, an error names no parameter (or `kind`), or
+/// the next error is the removed parameter's own absence (a required one: its error is
+/// already there). At most one retry per parameter.
 #[allow(clippy::too_many_arguments)]
 fn parse_stage_all(
     ctx: &Ctx<'_>,
@@ -893,12 +918,17 @@ fn parse_stage_all(
     table: &RawTable,
     late_of: Option<&str>,
     dead_letters_of: Option<&str>,
+    all: bool,
     errors: &mut Vec<ConfigError>,
 ) -> Option<StageSpec> {
     let mut e = match parse_stage(ctx, name, line, table, late_of, dead_letters_of) {
         Ok(s) => return Some(s),
         Err(e) => e,
     };
+    if !all {
+        errors.push(e);
+        return None;
+    }
     let mut table = table.clone();
     loop {
         let param = e.param.clone();

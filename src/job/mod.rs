@@ -267,7 +267,7 @@ pub struct JobInfo {
     pub error: Option<String>,
     /// The stage graph of a TOML pipeline's job ([`PipelineSpec::graph_json`](crate::config::PipelineSpec::graph_json));
     /// `None` for a pipeline built in code.
-    pub graph: Option<std::sync::Arc<Value>>,
+    pub graph: Option<crate::sync::Arc<Value>>,
 }
 
 impl JobInfo {
@@ -386,7 +386,7 @@ impl Engine {
     fn start<F>(
         &self,
         name: &str,
-        graph: Option<std::sync::Arc<Value>>,
+        graph: Option<crate::sync::Arc<Value>>,
         build: F,
         watch: bool,
     ) -> Result<(JobId, Option<Subscription<Event>>), Error>
@@ -404,7 +404,7 @@ impl Engine {
     /// Submits a TOML pipeline (already parsed and validated).
     pub fn submit_toml(&self, spec: crate::config::PipelineSpec) -> Result<JobId, Error> {
         let name = spec.name.clone();
-        let graph = Some(std::sync::Arc::new(spec.graph_json()));
+        let graph = Some(crate::sync::Arc::new(spec.graph_json()));
         self.start(
             &name,
             graph,
@@ -420,7 +420,7 @@ impl Engine {
         spec: crate::config::PipelineSpec,
     ) -> Result<(JobId, Subscription<Event>), Error> {
         let name = spec.name.clone();
-        let graph = Some(std::sync::Arc::new(spec.graph_json()));
+        let graph = Some(crate::sync::Arc::new(spec.graph_json()));
         self.start(
             &name,
             graph,
