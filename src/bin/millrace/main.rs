@@ -228,11 +228,13 @@ fn main() -> ExitCode {
                     println!("{}: ok ({} stages)", pipeline.display(), spec.stages.len());
                     ExitCode::SUCCESS
                 }
-                Err(errors) => errors
-                    .into_iter()
-                    .map(|e| fail(&Error::from(e)))
-                    .last()
-                    .unwrap_or(ExitCode::FAILURE),
+                Err(errors) => {
+                    let mut code = ExitCode::FAILURE;
+                    for e in errors {
+                        code = fail(&Error::from(e));
+                    }
+                    code
+                }
             }
         }
         Command::Graph { pipeline } => match PipelineSpec::from_file(&pipeline) {
