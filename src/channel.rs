@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError, TrySendError};
 
-use crate::metrics::InstanceMetrics;
+use crate::metrics::{InstanceMetrics, Parked};
 use crate::operator::{Emit, Halt};
 use crate::runtime::{Cx, Head, Pull, RunShared, Tail};
 use crate::time::Timestamp;
@@ -100,10 +100,16 @@ fn send_blocking<T>(
             Err(TrySendError::Full(m)) => m,
         };
     }
+    // Parked: marked so that a snapshot sees the block while it lasts.
+    let parked = Parked::new(
+        &metrics.send_parked_since_ms,
+        run.clock_ms.load(crate::sync::Ordering::Relaxed),
+    );
     let result = select! {
         send(tx, msg) -> r => r.map_err(|_| Halt::Done),
         recv(run.cancel_rx) -> _ => Err(Halt::Done),
     };
+    drop(parked);
     InstanceMetrics::add(&metrics.send_wait_ns, t0.elapsed().as_nanos() as u64);
     result
 }
@@ -796,6 +802,12 @@ impl<T> InputHead<T> {
 
     fn recv_raw(&self, cx: &Cx, flush_at: Option<u64>) -> Result<Option<Message<T>>, Halt> {
         let rx = self.current();
+        // The input's fill, for reports and the console: two relaxed stores per message.
+        let relaxed = crate::sync::Ordering::Relaxed;
+        cx.metrics.queue_len.store(rx.len() as u64, relaxed);
+        cx.metrics
+            .queue_capacity
+            .store(rx.capacity().unwrap_or(0) as u64, relaxed);
         match rx.try_recv() {
             Ok(m) => return Ok(Some(m)),
             Err(TryRecvError::Disconnected) => return Err(self.disconnected(cx)),
@@ -826,6 +838,11 @@ impl<T> InputHead<T> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // Parked: marked so that a snapshot sees the idle time while it lasts.
+        let parked = Parked::new(
+            &cx.metrics.recv_parked_since_ms,
+            cx.run.clock_ms.load(relaxed),
+        );
         let result = match wake {
             Some(at) => {
                 let wait = std::time::Duration::from_millis(at.saturating_sub(cx.run.now_ms()));
@@ -840,6 +857,7 @@ impl<T> InputHead<T> {
                 recv(cx.run.cancel_rx) -> _ => return Err(Halt::Done),
             },
         };
+        drop(parked);
         InstanceMetrics::add(&cx.metrics.recv_wait_ns, t0.elapsed().as_nanos() as u64);
         result.map_err(|()| self.disconnected(cx))
     }

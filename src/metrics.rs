@@ -42,12 +42,41 @@ pub(crate) struct InstanceMetrics {
     pub align_ns: AtomicU64,
     /// The latest alignment's nanoseconds (what the instance's acknowledgement reports).
     pub last_align_ns: AtomicU64,
+    /// While the instance is parked sending (the channel full after its yields): 1 + the run's
+    /// `clock_ms` when it parked; 0 when it is not. A snapshot counts a block still under way
+    /// as blocked time, so a stage stuck behind a full channel shows as backpressured while it
+    /// is stuck, not only once the send returns.
+    pub send_parked_since_ms: AtomicU64,
+    /// The same for a receive parked on an empty input (idle).
+    pub recv_parked_since_ms: AtomicU64,
+    /// Messages waiting in the channel the instance reads, sampled at each receive (a gauge).
+    pub queue_len: AtomicU64,
+    /// That channel's capacity in messages (0 for a source, which reads none).
+    pub queue_capacity: AtomicU64,
 }
 
 impl InstanceMetrics {
     #[inline]
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+}
+
+/// Marks an instance parked on a channel (`send_parked_since_ms` or `recv_parked_since_ms`)
+/// from `clock_ms` on, until dropped: drop it before adding the block's time to its counter,
+/// so that a snapshot never counts a block twice (it may miss the last moments of one).
+pub(crate) struct Parked<'a>(&'a AtomicU64);
+
+impl<'a> Parked<'a> {
+    pub(crate) fn new(mark: &'a AtomicU64, clock_ms: u64) -> Self {
+        mark.store(clock_ms + 1, Relaxed);
+        Parked(mark)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Relaxed);
     }
 }
 
@@ -281,8 +310,16 @@ impl MetricsEntry {
             0 => elapsed,
             ns => Duration::from_nanos(ns),
         };
-        let send_blocked = Duration::from_nanos(m.send_wait_ns.load(Relaxed));
-        let recv_blocked = Duration::from_nanos(m.recv_wait_ns.load(Relaxed));
+        // A block under way counts up to now (see `send_parked_since_ms`); the thread clears
+        // the mark before it adds the block's time, so a block is never counted twice.
+        let ongoing = |since: &AtomicU64| match since.load(Relaxed) {
+            0 => Duration::ZERO,
+            s => elapsed.saturating_sub(Duration::from_millis(s - 1)),
+        };
+        let send_blocked =
+            Duration::from_nanos(m.send_wait_ns.load(Relaxed)) + ongoing(&m.send_parked_since_ms);
+        let recv_blocked =
+            Duration::from_nanos(m.recv_wait_ns.load(Relaxed)) + ongoing(&m.recv_parked_since_ms);
         StageMetrics {
             stage: self.stage.to_string(),
             source: self.source,
@@ -302,6 +339,8 @@ impl MetricsEntry {
             chain_in: m.chain_in.load(Relaxed),
             open_windows: m.open_windows.load(Relaxed),
             aligning: Duration::from_nanos(m.align_ns.load(Relaxed)),
+            queue_len: m.queue_len.load(Relaxed),
+            queue_capacity: m.queue_capacity.load(Relaxed),
         }
     }
 }
@@ -346,6 +385,12 @@ pub struct StageMetrics {
     /// to the last one's), summed over checkpoints: grows under backpressure, when a barrier
     /// waits behind queued batches.
     pub aligning: Duration,
+    /// Messages (batches, watermarks, markers) queued in the channel it reads, as last
+    /// sampled, when it received its latest message: with [`queue_capacity`](Self::queue_capacity),
+    /// how full its input is (a gauge; a full input is a stage that cannot keep up).
+    pub queue_len: u64,
+    /// The capacity of the channel it reads, in messages (0 for a source).
+    pub queue_capacity: u64,
 }
 
 /// The result of a successful run: elapsed time and per-instance metrics. `Display` prints it as
@@ -401,6 +446,8 @@ impl RunReport {
             total.chain_in += r.chain_in;
             total.open_windows += r.open_windows;
             total.aligning += r.aligning;
+            total.queue_len += r.queue_len;
+            total.queue_capacity += r.queue_capacity;
         }
         Some(total)
     }

@@ -185,6 +185,38 @@ fn config_errors_exit_2_naming_file_line_and_stage() {
     }
 }
 
+/// `validate` reports every error, one a line, in the order the checks run.
+#[test]
+fn validate_reports_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(
+        &p,
+        "[stages.read]\nkind=\"lines.read\"\npath=\"missing.txt\"\n[stages.top]\nkind=\"limit\"\ninput=\"read\"\nn=-1\n[stages.out]\nkind=\"ndjson.write\"\ninput=\"nowhere\"\npath=\"-\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", &p.display().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().collect();
+    let f = p.display();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "error: {f}:3: stage `read`: cannot open input file {}: No such file or directory (os error 2)",
+                dir.path().join("missing.txt").display()
+            ),
+            format!("error: {f}:7: stage `top`: parameter `n`: expected an integer of at least 0, found the integer -1"),
+            format!("error: {f}:10: stage `out`: unknown input `nowhere` (stages: out, read, top)"),
+        ],
+        "{err}"
+    );
+}
+
 #[test]
 fn runtime_errors_exit_1_naming_stage_file_and_line() {
     let dir = tempfile::tempdir().unwrap();

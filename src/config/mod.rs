@@ -31,6 +31,7 @@ mod checkpoint;
 pub(crate) mod kinds;
 mod limits;
 mod live_map;
+mod palette;
 mod parse;
 mod project;
 mod reload;
@@ -40,5 +41,6 @@ mod window_kind;
 
 pub use crate::error::{ConfigError, ConfigErrorKind};
 pub use kinds::KINDS;
+pub use palette::kinds_json;
 pub use parse::{PipelineSpec, StageSpec};
 pub use reload::{ReloadEvent, ReloadHandle, WatchError, Watcher};

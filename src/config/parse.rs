@@ -122,6 +122,11 @@ pub struct PipelineSpec {
     pub(crate) read_at: std::time::SystemTime,
 }
 
+/// The first of the errors `parse` collected (there is at least one).
+fn first(mut errors: Vec<ConfigError>) -> ConfigError {
+    errors.swap_remove(0)
+}
+
 fn read_pipeline(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(
@@ -139,7 +144,7 @@ impl PipelineSpec {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let read_at = std::time::SystemTime::now();
-        Self::parse(&read_pipeline(path)?, path, None, read_at, true)
+        Self::parse(&read_pipeline(path)?, path, None, read_at, true, false).map_err(first)
     }
 
     /// Parses and validates pipeline text; `path` names it in errors and anchors relative paths.
@@ -150,6 +155,34 @@ impl PipelineSpec {
             path.as_ref(),
             None,
             std::time::SystemTime::now(),
+            true,
+            false,
+        )
+        .map_err(first)
+    }
+
+    /// [`validate_str`](Self::validate_str) on a pipeline file: every error, not only the
+    /// first (`millrace validate`).
+    pub fn validate_file(path: impl AsRef<Path>) -> Result<Self, Vec<ConfigError>> {
+        let path = path.as_ref();
+        let read_at = std::time::SystemTime::now();
+        let text = read_pipeline(path).map_err(|e| vec![e])?;
+        Self::parse(&text, path, None, read_at, true, true)
+    }
+
+    /// [`from_str`](Self::from_str) that reports every error, not only the first: each
+    /// stage's (a stage is read again without each parameter found wrong, so that one stage
+    /// can report several; an error behind a missing or wrong required parameter stays
+    /// hidden until it is fixed), the `[options]` and `[checkpoint]` tables', and the graph's
+    /// (inputs, cycles, dead letters) among the stages that could be read. In the order the
+    /// checks run: the first is the error [`from_str`](Self::from_str) returns.
+    pub fn validate_str(text: &str, path: impl AsRef<Path>) -> Result<Self, Vec<ConfigError>> {
+        Self::parse(
+            text,
+            path.as_ref(),
+            None,
+            std::time::SystemTime::now(),
+            true,
             true,
         )
     }
@@ -168,7 +201,9 @@ impl PipelineSpec {
             None,
             std::time::SystemTime::now(),
             false,
+            false,
         )
+        .map_err(first)
     }
 
     /// Reads a pipeline file for a reload: as [`from_file`](Self::from_file), but native
@@ -178,7 +213,15 @@ impl PipelineSpec {
     /// `reuse`: libraries already loaded whose files did not change, by plugin name.
     pub(crate) fn from_file_for_reload(path: &Path, reuse: Natives) -> Result<Self, ConfigError> {
         let read_at = std::time::SystemTime::now();
-        Self::parse(&read_pipeline(path)?, path, Some(reuse), read_at, true)
+        Self::parse(
+            &read_pipeline(path)?,
+            path,
+            Some(reuse),
+            read_at,
+            true,
+            false,
+        )
+        .map_err(first)
     }
 
     /// Parses; with `reload`, native libraries come from `reload` or fresh copies; without
@@ -189,7 +232,8 @@ impl PipelineSpec {
         reload: Option<Natives>,
         read_at: std::time::SystemTime,
         discover: bool,
-    ) -> Result<Self, ConfigError> {
+        all: bool,
+    ) -> Result<Self, Vec<ConfigError>> {
         #[cfg(not(feature = "plugin"))]
         let _ = discover;
         let copy_natives = reload.is_some();
@@ -197,13 +241,13 @@ impl PipelineSpec {
         let raw: RawPipeline = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| lines.line(s.start));
             let stage = line.and_then(|l| stage_at_line(text, l));
-            ConfigError::new(
+            vec![ConfigError::new(
                 file,
                 line,
                 stage.as_deref(),
                 ConfigErrorKind::Syntax,
                 format!("invalid TOML: {}", e.message().trim_end()),
-            )
+            )]
         })?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let ctx = Ctx {
@@ -223,29 +267,59 @@ impl PipelineSpec {
             plugin_files: Default::default(),
         };
 
+        // With `all`, every error is collected, in the order the checks run; without it the
+        // first one ends the parse, as it always did (nothing more is read or loaded), and it
+        // is the first that `all` would have collected.
+        let mut errors = Vec::new();
+        macro_rules! stop_unless_all {
+            () => {
+                if !all && !errors.is_empty() {
+                    return Err(errors);
+                }
+            };
+        }
         let (options, byte_path) = match &raw.options {
             None => (Options::default(), true),
-            Some(t) => parse_options(&ctx, t)?,
+            Some(t) => parse_options(&ctx, t).unwrap_or_else(|e| {
+                errors.push(e);
+                (Options::default(), true)
+            }),
         };
         let checkpoint = match &raw.checkpoint {
             None => None,
-            Some(t) => Some(super::checkpoint::parse_checkpoint(&ctx, t)?),
+            Some(t) => match super::checkpoint::parse_checkpoint(&ctx, t) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
         };
 
+        stop_unless_all!();
         if raw.stages.is_empty() {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 file,
                 None,
                 None,
                 ConfigErrorKind::NoStages,
                 "no stages: add a [stages.<name>] table",
             ));
+            return Err(errors);
         }
-        let late_targets = late_targets(&ctx, &raw.stages)?;
-        let dl_targets = dead_letter_targets(&ctx, &raw.stages)?;
+        let late_targets = late_targets(&ctx, &raw.stages).unwrap_or_else(|e| {
+            errors.push(e);
+            HashMap::new()
+        });
+        let dl_targets = dead_letter_targets(&ctx, &raw.stages).unwrap_or_else(|e| {
+            errors.push(e);
+            HashMap::new()
+        });
+        stop_unless_all!();
         let mut stages = Vec::new();
+        let mut failed = Vec::new();
         for (name, table) in &raw.stages {
-            stages.push(parse_stage(
+            let parsed = parse_stage_all(
                 &ctx,
                 name.get_ref(),
                 lines.line(name.span().start),
@@ -254,10 +328,25 @@ impl PipelineSpec {
                     .get(name.get_ref().as_str())
                     .map(String::as_str),
                 dl_targets.get(name.get_ref().as_str()).map(String::as_str),
-            )?);
+                all,
+                &mut errors,
+            );
+            match parsed {
+                Some(s) => stages.push(s),
+                None => failed.push(name.get_ref().as_str()),
+            }
+            stop_unless_all!();
         }
-        let stages = check_graph(file, stages)?;
-        check_dead_letters(file, &stages)?;
+        let before = errors.len();
+        let stages = check_graph(file, stages, &failed, &mut errors);
+        if errors.len() == before && failed.is_empty() {
+            if let Err(e) = check_dead_letters(file, &stages) {
+                errors.push(e);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let name = raw.name.unwrap_or_else(|| {
             file.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -272,6 +361,51 @@ impl PipelineSpec {
             checkpoint,
             read_at,
         })
+    }
+
+    /// The stage graph as JSON, for the console: `{"stages": [{"name", "kind", "parallelism",
+    /// "inputs", "line", "source", "sink"}], "edges": [{"from", "to", "type"}]}` with stages in
+    /// topological order and `type` one of `data`, `late` (a window's late records) and
+    /// `dead_letter` (a stage's bad records). A stage's live metrics are those of the run-time
+    /// stage whose `+`-joined name includes it (stages fuse) and of its account.
+    pub fn graph_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let read: std::collections::HashSet<&str> = self
+            .stages
+            .iter()
+            .flat_map(|s| s.inputs.iter().map(String::as_str))
+            .collect();
+        let stages: Vec<serde_json::Value> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let info = s.params.info();
+                json!({
+                    "name": s.name,
+                    "kind": s.kind,
+                    "parallelism": s.parallelism,
+                    "inputs": s.inputs,
+                    "line": s.line,
+                    "source": info.source,
+                    "sink": !read.contains(s.name.as_str()),
+                })
+            })
+            .collect();
+        let mut edges = Vec::new();
+        for s in &self.stages {
+            for i in &s.inputs {
+                let ty = if s.late_of.as_deref() == Some(i.as_str()) {
+                    "late"
+                } else {
+                    "data"
+                };
+                edges.push(json!({"from": i, "to": s.name, "type": ty}));
+            }
+            if let PolicySpec::DeadLetter(t) = &s.on_error {
+                edges.push(json!({"from": s.name, "to": t, "type": "dead_letter"}));
+            }
+        }
+        json!({"name": self.name, "stages": stages, "edges": edges})
     }
 
     /// The stage graph as Graphviz DOT.
@@ -370,6 +504,7 @@ fn parse_options(ctx: &Ctx<'_>, t: &Spanned<RawTable>) -> Result<(Options, bool)
                 kind,
                 format!("[options] {}: {m}", k.get_ref()),
             )
+            .with_param(k.get_ref())
         };
         let err = |m: String| err_of(ConfigErrorKind::BadValue, m);
         let int = || match v.get_ref() {
@@ -462,6 +597,7 @@ fn late_targets(
                 kind,
                 m,
             )
+            .with_param("late")
         };
         if target == name.get_ref() {
             return Err(err(
@@ -516,7 +652,8 @@ fn dead_letter_targets(
                             "parameter `dead_letter`: no stage named {t:?} (stages: {})",
                             known.join(", ")
                         ),
-                    ));
+                    )
+                    .with_param("dead_letter"));
                 }
                 targets
                     .entry(t.clone())
@@ -545,6 +682,7 @@ fn check_dead_letters(file: &Path, stages: &[StageSpec]) -> Result<(), ConfigErr
         };
         let err = |kind, m: String| {
             ConfigError::new(file, Some(s.dead_letter_line), Some(&s.name), kind, m)
+                .with_param("dead_letter")
         };
         if !stages.iter().any(|o| &o.name == t) {
             let mut known: Vec<&str> = stages.iter().map(|o| o.name.as_str()).collect();
@@ -707,7 +845,8 @@ fn parse_stage(
             Some(name),
             ConfigErrorKind::Wiring,
             format!("a `{kind}` stage needs an `input`"),
-        ));
+        )
+        .with_param("input"));
     }
     if info.single && parallelism > 1 {
         return Err(params.error_at(
@@ -766,37 +905,156 @@ fn parse_stage(
     })
 }
 
+/// A stage's errors: only the first unless `all`; with it, all that can be told apart. After
+/// each error about a parameter, the stage is read again without that parameter (an optional
+/// one then takes its default), until it reads, an error names no parameter (or `kind`), or
+/// the next error is the removed parameter's own absence (a required one: its error is
+/// already there). At most one retry per parameter.
+#[allow(clippy::too_many_arguments)]
+fn parse_stage_all(
+    ctx: &Ctx<'_>,
+    name: &str,
+    line: usize,
+    table: &RawTable,
+    late_of: Option<&str>,
+    dead_letters_of: Option<&str>,
+    all: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Option<StageSpec> {
+    let mut e = match parse_stage(ctx, name, line, table, late_of, dead_letters_of) {
+        Ok(s) => return Some(s),
+        Err(e) => e,
+    };
+    if !all {
+        errors.push(e);
+        return None;
+    }
+    let mut table = table.clone();
+    loop {
+        let param = e.param.clone();
+        errors.push(e);
+        let param = param.filter(|p| p != "kind")?;
+        let before = table.len();
+        table.retain(|k, _| k.get_ref() != &param);
+        if table.len() == before {
+            return None;
+        }
+        match parse_stage(ctx, name, line, &table, late_of, dead_letters_of) {
+            Ok(_) => return None,
+            Err(next) if next.param.as_deref() == Some(param.as_str()) => return None,
+            Err(next) => e = next,
+        }
+    }
+}
+
 /// Checks inputs exist and the graph is acyclic; returns the stages in topological order.
-fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, ConfigError> {
+/// Errors go to `errors`: every unknown input (an input naming a stage in `failed`, which
+/// could not be read, is not one, and is left out of the order), then a cycle, looked for only
+/// when every input is known.
+fn check_graph(
+    file: &Path,
+    mut stages: Vec<StageSpec>,
+    failed: &[&str],
+    errors: &mut Vec<ConfigError>,
+) -> Vec<StageSpec> {
+    let mut unknown = false;
+    {
+        let index: HashMap<&str, usize> = stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        for s in &stages {
+            for i in &s.inputs {
+                if failed.contains(&i.as_str()) {
+                    continue;
+                }
+                if !index.contains_key(i.as_str()) {
+                    let mut known: Vec<&str> = index
+                        .keys()
+                        .copied()
+                        .chain(failed.iter().copied())
+                        .collect();
+                    known.sort_unstable();
+                    unknown = true;
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            Some(s.input_line),
+                            Some(&s.name),
+                            ConfigErrorKind::UnknownInput,
+                            format!("unknown input `{i}` (stages: {})", known.join(", ")),
+                        )
+                        .with_param("input"),
+                    );
+                } else if i == &s.name {
+                    unknown = true;
+                    errors.push(
+                        ConfigError::new(
+                            file,
+                            Some(s.input_line),
+                            Some(&s.name),
+                            ConfigErrorKind::Cycle,
+                            "a stage cannot read its own output",
+                        )
+                        .with_param("input"),
+                    );
+                }
+            }
+        }
+    }
+    if unknown {
+        return stages;
+    }
+    // The order is over the stages that could be read.
+    let edges: Vec<Vec<String>> = stages
+        .iter()
+        .map(|s| {
+            s.inputs
+                .iter()
+                .filter(|i| !failed.contains(&i.as_str()))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    match topological(&stages, &edges) {
+        Ok(order) => {
+            let mut slots: Vec<Option<StageSpec>> = stages.drain(..).map(Some).collect();
+            order
+                .into_iter()
+                .map(|i| slots[i].take().expect("each stage once"))
+                .collect()
+        }
+        Err(cycle) => {
+            let names: Vec<&str> = cycle
+                .iter()
+                .rev()
+                .map(|&c| stages[c].name.as_str())
+                .collect();
+            let first = &stages[cycle[0]];
+            errors.push(
+                ConfigError::new(
+                    file,
+                    Some(first.input_line),
+                    Some(&first.name),
+                    ConfigErrorKind::Cycle,
+                    format!("cycle in the stage graph: {}", names.join(" -> ")),
+                )
+                .with_param("input"),
+            );
+            stages
+        }
+    }
+}
+
+/// A topological order of `stages` whose inputs are `edges` (every name among the stages), or
+/// the first cycle found.
+fn topological(stages: &[StageSpec], edges: &[Vec<String>]) -> Result<Vec<usize>, Vec<usize>> {
     let index: HashMap<&str, usize> = stages
         .iter()
         .enumerate()
         .map(|(i, s)| (s.name.as_str(), i))
         .collect();
-    for s in &stages {
-        for i in &s.inputs {
-            if !index.contains_key(i.as_str()) {
-                let mut known: Vec<&str> = index.keys().copied().collect();
-                known.sort_unstable();
-                return Err(ConfigError::new(
-                    file,
-                    Some(s.input_line),
-                    Some(&s.name),
-                    ConfigErrorKind::UnknownInput,
-                    format!("unknown input `{i}` (stages: {})", known.join(", ")),
-                ));
-            }
-            if i == &s.name {
-                return Err(ConfigError::new(
-                    file,
-                    Some(s.input_line),
-                    Some(&s.name),
-                    ConfigErrorKind::Cycle,
-                    "a stage cannot read its own output",
-                ));
-            }
-        }
-    }
     // Depth-first topological sort with cycle reporting.
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -806,7 +1064,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
     }
     fn visit(
         i: usize,
-        stages: &[StageSpec],
+        edges: &[Vec<String>],
         index: &HashMap<&str, usize>,
         marks: &mut [Mark],
         path: &mut Vec<usize>,
@@ -824,8 +1082,8 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
         }
         marks[i] = Mark::Active;
         path.push(i);
-        for input in &stages[i].inputs {
-            visit(index[input.as_str()], stages, index, marks, path, order)?;
+        for input in &edges[i] {
+            visit(index[input.as_str()], edges, index, marks, path, order)?;
         }
         path.pop();
         marks[i] = Mark::Done;
@@ -836,25 +1094,7 @@ fn check_graph(file: &Path, stages: Vec<StageSpec>) -> Result<Vec<StageSpec>, Co
     let mut order = Vec::with_capacity(stages.len());
     for i in 0..stages.len() {
         let mut path = Vec::new();
-        if let Err(cycle) = visit(i, &stages, &index, &mut marks, &mut path, &mut order) {
-            let names: Vec<&str> = cycle
-                .iter()
-                .rev()
-                .map(|&c| stages[c].name.as_str())
-                .collect();
-            let first = &stages[cycle[0]];
-            return Err(ConfigError::new(
-                file,
-                Some(first.input_line),
-                Some(&first.name),
-                ConfigErrorKind::Cycle,
-                format!("cycle in the stage graph: {}", names.join(" -> ")),
-            ));
-        }
+        visit(i, edges, &index, &mut marks, &mut path, &mut order)?;
     }
-    let mut slots: Vec<Option<StageSpec>> = stages.into_iter().map(Some).collect();
-    Ok(order
-        .into_iter()
-        .map(|i| slots[i].take().expect("each stage once"))
-        .collect())
+    Ok(order)
 }

@@ -61,6 +61,9 @@ pub struct ConfigError {
     pub line: Option<usize>,
     /// The stage the error is about, when there is one.
     pub stage_name: Option<String>,
+    /// The stage's parameter the error is about, when there is one (`input` for wiring
+    /// errors of an input, `kind` for an unknown kind).
+    pub param: Option<String>,
     /// What is wrong.
     pub message: String,
 }
@@ -78,8 +81,20 @@ impl ConfigError {
             file: file.to_path_buf(),
             line,
             stage_name: stage.map(str::to_string),
+            param: None,
             message: message.into(),
         }
+    }
+
+    /// The same error, about the stage's parameter `param`.
+    pub(crate) fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    /// The parameter the error is about, when there is one.
+    pub fn param(&self) -> Option<&str> {
+        self.param.as_deref()
     }
 
     /// What kind of mistake it is.

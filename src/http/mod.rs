@@ -3,21 +3,25 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /` | a small HTML page listing the endpoints |
+//! | `GET /` | the web console (`console`: `web/dist/` embedded); without the token, `401` and a page that asks for it |
+//! | `GET /assets/{file}` | the console's script and style sheet |
 //! | `GET /health` | `{"status": "ok"}` (the only request that needs no token) |
-//! | `GET /jobs` | every job as JSON |
+//! | `GET /jobs` | every job as JSON (with its stage graph, when it is a TOML pipeline's) |
 //! | `GET /jobs/{id}` | one job as JSON |
 //! | `GET /jobs/{id}/events` | its progress stream as Server-Sent Events, ending with the final event |
 //! | `POST /jobs` | submit a pipeline (the body, `application/toml` or `application/json`; `?name=` optional): `201 {"id": n}` |
+//! | `POST /validate` | check a pipeline without running it: `{"ok", "errors": [{"stage", "param", "line", "kind", "message"}], "graph"}`, every error |
 //! | `DELETE /jobs/{id}` | cancel it: `202`; `409` if it had ended; `404` unknown |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /kinds` | the built-in kinds with their parameter specs (the editor's palette) |
 //! | `GET /plugins/nodes` | the plugin node palette: every node type with its parameter specs |
 //!
 //! Errors are 4xx/5xx with `{"error": "..."}`. Every response closes its connection (no
 //! keep-alive), so an event stream ends, for any client, when the job's final event has been
 //! sent.
 //!
-//! This module owns the connection handling and the routes; `auth` (private) owns who
+//! This module owns the connection handling and the routes; `console` (private) owns the
+//! console's embedded files and the token page; `auth` (private) owns who
 //! may ask: the token (`Authorization: Bearer`, or a cookie set after a one-time `?token=`),
 //! the `Host` and `Origin` checks and the accepted body types; `limits` (private) owns what no
 //! client can exceed: the connection cap, the request and write deadlines, and ending every
@@ -31,6 +35,7 @@
 //! stream could not close its connection.
 
 mod auth;
+mod console;
 mod limits;
 
 use std::io::Read;
@@ -311,7 +316,8 @@ struct Reply {
     status: u16,
     content_type: &'static str,
     headers: Vec<(&'static str, String)>,
-    body: String,
+    /// Text made for the request, or an embedded asset (not copied).
+    body: std::borrow::Cow<'static, [u8]>,
 }
 
 impl Reply {
@@ -320,8 +326,29 @@ impl Reply {
             status,
             content_type,
             headers: Vec::new(),
-            body,
+            body: body.into_bytes().into(),
         }
+    }
+
+    /// A page or asset of the console: no caching (the file names are fixed), no sniffing,
+    /// and the console's content security policy.
+    fn page(status: u16, content_type: &'static str, body: &'static [u8]) -> Self {
+        Reply {
+            status,
+            content_type,
+            headers: vec![
+                ("Cache-Control", "no-cache".into()),
+                ("X-Content-Type-Options", "nosniff".into()),
+                ("Content-Security-Policy", console::CSP.into()),
+            ],
+            body: body.into(),
+        }
+    }
+
+    /// The body as text (lossy), for messages and tests.
+    #[cfg(test)]
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
     }
 
     fn with(mut self, name: &'static str, value: String) -> Self {
@@ -343,7 +370,7 @@ impl Reply {
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
-        out.extend_from_slice(self.body.as_bytes());
+        out.extend_from_slice(&self.body);
         out
     }
 }
@@ -578,7 +605,7 @@ pub(crate) fn parse_request_for_fuzzing(
         header_bytes = head.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
         admit(head, p, q)
     })
-    .map_err(|e| e.map(|r| (r.status, r.body)))?;
+    .map_err(|e| e.map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned())))?;
     Ok(ParsedRequest {
         method: req.method,
         path: req.path,
@@ -721,6 +748,16 @@ impl Ctx {
             };
             match auth::authenticate(&self.token, &creds) {
                 Some(p) => Some(p),
+                // A browser opening the console without its token: a page that asks for it
+                // (and shows nothing else).
+                None if get && path == "/" => {
+                    return Err(Reply::page(
+                        401,
+                        "text/html; charset=utf-8",
+                        console::TOKEN_PAGE.as_bytes(),
+                    )
+                    .with("WWW-Authenticate", "Bearer realm=\"millrace\"".into()))
+                }
                 None => {
                     return Err(error(
                         401,
@@ -752,7 +789,19 @@ impl Ctx {
                 .map_err(|_| error(400, &format!("not a job id: {id:?}")))
         };
         match (req.method.as_str(), parts) {
-            ("GET", [""]) => Reply::new(200, "text/html; charset=utf-8", INDEX.to_string()),
+            ("GET", [""]) => match console::file("index.html") {
+                Some(page) => Reply::page(200, "text/html; charset=utf-8", page),
+                None => error(500, "the console's page is not in this build"),
+            },
+            ("GET", ["assets", name]) => {
+                let path = format!("assets/{name}");
+                match console::file(&path) {
+                    Some(body) => Reply::page(200, console::content_type(&path), body),
+                    None => error(404, &format!("no such asset: {name}")),
+                }
+            }
+            ("GET", ["kinds"]) => json_reply(200, &crate::config::kinds_json()),
+            ("POST", ["validate"]) => self.validate(req),
             ("GET", ["health"]) => json_reply(200, &json!({ "status": "ok" })),
             ("GET", ["jobs"]) => {
                 let jobs: Vec<Value> = self.engine.list().iter().map(|j| j.to_json()).collect();
@@ -786,6 +835,9 @@ impl Ctx {
                 | ["jobs", _]
                 | ["jobs", _, "events"]
                 | ["metrics"]
+                | ["kinds"]
+                | ["validate"]
+                | ["assets", _]
                 | ["plugins", "nodes"],
             ) => error(
                 405,
@@ -795,26 +847,24 @@ impl Ctx {
         }
     }
 
-    fn submit(&self, req: &Request) -> Reply {
+    /// A submitted pipeline's text: the body, or (`application/json`) its TOML rendering.
+    fn pipeline_text(req: &Request) -> Result<std::borrow::Cow<'_, str>, Reply> {
         let Ok(text) = std::str::from_utf8(&req.body) else {
-            return error(400, "the body is not UTF-8");
+            return Err(error(400, "the body is not UTF-8"));
         };
-        let converted;
-        let text = match req.body_type {
-            Some(BodyType::Json) => {
-                let doc = serde_json::from_str::<toml::Value>(text)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| toml::to_string(&v).map_err(|e| e.to_string()));
-                match doc {
-                    Ok(t) => {
-                        converted = t;
-                        converted.as_str()
-                    }
-                    Err(e) => return error(400, &format!("not a pipeline document: {e}")),
-                }
-            }
-            _ => text,
-        };
+        match req.body_type {
+            Some(BodyType::Json) => serde_json::from_str::<toml::Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| toml::to_string(&v).map_err(|e| e.to_string()))
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| error(400, &format!("not a pipeline document: {e}"))),
+            _ => Ok(std::borrow::Cow::Borrowed(text)),
+        }
+    }
+
+    /// The file a submitted pipeline is named as (`?name=`, else `submitted`), in the base
+    /// directory its relative paths resolve against.
+    fn submitted_file(&self, req: &Request) -> std::path::PathBuf {
         let name = req
             .query
             .split('&')
@@ -825,8 +875,52 @@ impl Ctx {
                         .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             })
             .unwrap_or("submitted");
-        let file = self.opts.base_dir.join(format!("{name}.toml"));
-        let spec = match crate::config::PipelineSpec::from_str(text, &file) {
+        self.opts.base_dir.join(format!("{name}.toml"))
+    }
+
+    /// `POST /validate`: every error of the pipeline, each with its stage, parameter and line
+    /// (`200` either way; `400` only for a body that is no text). A pipeline that parses is
+    /// also built (as `POST /jobs` does before it runs one), so that its wiring is checked.
+    fn validate(&self, req: &Request) -> Reply {
+        let text = match Self::pipeline_text(req) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let file = self.submitted_file(req);
+        let errors = match crate::config::PipelineSpec::validate_str(&text, &file) {
+            Ok(spec) => match spec.build() {
+                Ok(_) => {
+                    return json_reply(
+                        200,
+                        &json!({ "ok": true, "errors": [], "graph": spec.graph_json() }),
+                    )
+                }
+                Err(e) => vec![e],
+            },
+            Err(errors) => errors,
+        };
+        let errors: Vec<Value> = errors
+            .iter()
+            .map(|e| {
+                json!({
+                    "stage": e.stage(),
+                    "param": e.param(),
+                    "line": e.line,
+                    "kind": format!("{:?}", e.kind()),
+                    "message": e.message,
+                })
+            })
+            .collect();
+        json_reply(200, &json!({ "ok": false, "errors": errors }))
+    }
+
+    fn submit(&self, req: &Request) -> Reply {
+        let text = match Self::pipeline_text(req) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let file = self.submitted_file(req);
+        let spec = match crate::config::PipelineSpec::from_str(&text, &file) {
             Ok(s) => s,
             Err(e) => return error(400, &e.to_string()),
         };
@@ -951,9 +1045,6 @@ impl Ctx {
     }
 }
 
-/// `GET /`: what a browser opening the printed URL sees (it now holds the token's cookie).
-const INDEX: &str = "<!doctype html>\n<meta charset=\"utf-8\">\n<title>millrace</title>\n<h1>millrace job server</h1>\n<ul>\n<li><a href=\"/jobs\">/jobs</a>: every job</li>\n<li><a href=\"/metrics\">/metrics</a>: Prometheus metrics</li>\n<li><a href=\"/plugins/nodes\">/plugins/nodes</a>: the plugin node palette</li>\n</ul>\n<p>POST a pipeline to /jobs (Content-Type: application/toml); follow one at /jobs/{id}/events.</p>\n";
-
 /// Parses a request head: the request line and the headers.
 fn parse_head(raw: &[u8]) -> Result<Head, Reply> {
     let text = std::str::from_utf8(raw).map_err(|_| error(400, "the request head is not UTF-8"))?;
@@ -994,7 +1085,7 @@ mod tests {
         assert_eq!(cancel_reply(id, CancelOutcome::Requested).status, 202);
         let ended = cancel_reply(id, CancelOutcome::Ended(JobStatus::Succeeded));
         assert_eq!(ended.status, 409);
-        assert!(ended.body.contains("succeeded"), "{}", ended.body);
+        assert!(ended.text().contains("succeeded"), "{}", ended.text());
         assert_eq!(cancel_reply(id, CancelOutcome::Unknown).status, 404);
     }
 

@@ -231,6 +231,9 @@ pub fn report_json(r: &RunReport) -> Value {
                 "open_windows": s.open_windows,
                 // Checkpoint barrier alignment, summed over checkpoints (0 without them).
                 "aligning_ms": s.aligning.as_secs_f64() * 1e3,
+                // The input channel's fill (messages queued, as last sampled, and capacity).
+                "queue_len": s.queue_len,
+                "queue_capacity": s.queue_capacity,
             })
         })
         .collect();
@@ -257,14 +260,18 @@ pub struct JobInfo {
     pub status: JobStatus,
     /// Time since it was submitted, or its run time once ended.
     pub elapsed: Duration,
-    /// The final report (succeeded jobs) or the last live snapshot (running ones).
+    /// The final report (succeeded jobs), the last live snapshot (running ones), or the
+    /// snapshot taken as it ended (failed and cancelled ones that had started running).
     pub report: Option<RunReport>,
     /// The error of a failed job.
     pub error: Option<String>,
+    /// The stage graph of a TOML pipeline's job ([`PipelineSpec::graph_json`](crate::config::PipelineSpec::graph_json));
+    /// `None` for a pipeline built in code.
+    pub graph: Option<crate::sync::Arc<Value>>,
 }
 
 impl JobInfo {
-    /// As JSON: `{"id", "name", "status", "elapsed_s", "error", "report"}`.
+    /// As JSON: `{"id", "name", "status", "elapsed_s", "error", "report", "graph"}`.
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id.0,
@@ -273,6 +280,7 @@ impl JobInfo {
             "elapsed_s": self.elapsed.as_secs_f64(),
             "error": self.error,
             "report": self.report.as_ref().map(report_json),
+            "graph": self.graph.as_deref(),
         })
     }
 }
@@ -358,7 +366,7 @@ impl Engine {
     where
         F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
     {
-        self.start(name, build, false).map(|(id, _)| id)
+        self.start(name, None, build, false).map(|(id, _)| id)
     }
 
     /// Like [`submit`](Engine::submit), with a progress stream subscribed before the job
@@ -371,30 +379,39 @@ impl Engine {
     where
         F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
     {
-        self.start(name, build, true)
+        self.start(name, None, build, true)
             .map(|(id, sub)| (id, sub.expect("subscribed before the start")))
     }
 
     fn start<F>(
         &self,
         name: &str,
+        graph: Option<crate::sync::Arc<Value>>,
         build: F,
         watch: bool,
     ) -> Result<(JobId, Option<Subscription<Event>>), Error>
     where
         F: FnOnce() -> Result<Pipeline, Error> + Send + 'static,
     {
-        self.jobs.start(name, watch, move |control| {
-            let p = build()?;
-            control.running(p.cancel_handle())?;
-            p.run()
-        })
+        self.jobs
+            .start_with_graph(name, graph, watch, move |control| {
+                let p = build()?;
+                control.running(p.cancel_handle())?;
+                p.run()
+            })
     }
 
     /// Submits a TOML pipeline (already parsed and validated).
     pub fn submit_toml(&self, spec: crate::config::PipelineSpec) -> Result<JobId, Error> {
         let name = spec.name.clone();
-        self.submit(&name, move || spec.build().map_err(Error::from))
+        let graph = Some(crate::sync::Arc::new(spec.graph_json()));
+        self.start(
+            &name,
+            graph,
+            move || spec.build().map_err(Error::from),
+            false,
+        )
+        .map(|(id, _)| id)
     }
 
     /// [`submit_toml`](Engine::submit_toml) with a progress stream from the start.
@@ -403,7 +420,14 @@ impl Engine {
         spec: crate::config::PipelineSpec,
     ) -> Result<(JobId, Subscription<Event>), Error> {
         let name = spec.name.clone();
-        self.submit_watched(&name, move || spec.build().map_err(Error::from))
+        let graph = Some(crate::sync::Arc::new(spec.graph_json()));
+        self.start(
+            &name,
+            graph,
+            move || spec.build().map_err(Error::from),
+            true,
+        )
+        .map(|(id, sub)| (id, sub.expect("subscribed before the start")))
     }
 
     /// The job's current state; `None` for an unknown (or forgotten) job.

@@ -99,6 +99,8 @@ struct JobThread {
 struct Job<H> {
     id: JobId,
     name: String,
+    /// The pipeline's stage graph, when it came from a TOML pipeline (for the console).
+    graph: Option<Arc<serde_json::Value>>,
     submitted: Instant,
     hub: ProgressHub<Event>,
     slot: Mutex<Slot<H>>,
@@ -128,6 +130,7 @@ impl<H: Handle> Job<H> {
         JobInfo {
             id: self.id,
             name: self.name.clone(),
+            graph: self.graph.clone(),
             status: s.status,
             elapsed: s.run_time.unwrap_or_else(|| self.submitted.elapsed()),
             report,
@@ -214,9 +217,24 @@ impl<H: Handle> Supervisor<H> {
     /// Starts a job running `body` on a thread of its own; returns at once. With `watch`, a
     /// progress stream subscribed before the job starts, so that it sees every event from
     /// `Started` on.
+    #[cfg_attr(not(loom), allow(dead_code))]
     pub fn start<F>(
         &self,
         name: &str,
+        watch: bool,
+        body: F,
+    ) -> Result<(JobId, Option<Subscription<Event>>), Error>
+    where
+        F: FnOnce(&Control<'_, H>) -> Result<RunReport, Error> + Send + 'static,
+    {
+        self.start_with_graph(name, None, watch, body)
+    }
+
+    /// [`start`](Self::start) for a job whose stage graph is known (a TOML pipeline's).
+    pub fn start_with_graph<F>(
+        &self,
+        name: &str,
+        graph: Option<Arc<serde_json::Value>>,
         watch: bool,
         body: F,
     ) -> Result<(JobId, Option<Subscription<Event>>), Error>
@@ -240,6 +258,7 @@ impl<H: Handle> Supervisor<H> {
         let job = Arc::new(Job {
             id,
             name: name.to_string(),
+            graph,
             submitted: Instant::now(),
             hub: ProgressHub::new(self.shared.subscriber_capacity),
             slot: Mutex::new(Slot {
@@ -451,6 +470,13 @@ where
             message,
         })
     });
+    // What a failed or cancelled job did before it ended (its run has joined its threads, so
+    // this is its last word), taken outside the job's lock: the console shows it.
+    let handle = job.slot.lock().cancel.clone();
+    let last = match &outcome {
+        Ok(_) => None,
+        Err(_) => handle.map(|h| h.snapshot()),
+    };
     {
         // Status and final event change together (lock order: slot, then hub; nothing takes
         // them the other way round), so a `wait` that returns finds the stream closed.
@@ -469,10 +495,12 @@ where
             }
             Err(Error::Cancelled) => {
                 s.status = JobStatus::Cancelled;
+                s.report = last;
                 Event::Cancelled { job: job.id }
             }
             Err(e) => {
                 s.status = JobStatus::Failed;
+                s.report = last;
                 s.error = Some(e.to_string());
                 Event::Failed {
                     job: job.id,

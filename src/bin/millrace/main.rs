@@ -265,13 +265,22 @@ fn main() -> ExitCode {
             max_body,
             max_connections,
         } => serve(listen, access, max_body, max_connections),
+        // Every error of the file, one a line (as `POST /validate` answers them).
         Command::Validate { pipeline } => {
-            match PipelineSpec::from_file(&pipeline).and_then(|s| s.build().map(|_| s)) {
+            match PipelineSpec::validate_file(&pipeline)
+                .and_then(|s| s.build().map(|_| s).map_err(|e| vec![e]))
+            {
                 Ok(spec) => {
                     println!("{}: ok ({} stages)", pipeline.display(), spec.stages.len());
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(&Error::from(e)),
+                Err(errors) => {
+                    let mut code = ExitCode::FAILURE;
+                    for e in errors {
+                        code = fail(&Error::from(e));
+                    }
+                    code
+                }
             }
         }
         Command::Graph { pipeline } => match PipelineSpec::from_file(&pipeline) {
