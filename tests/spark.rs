@@ -510,6 +510,20 @@ fn lines_of(dir_or_file: &Path) -> Vec<String> {
     v
 }
 
+/// The single run's output and Spark's are the same multiset of lines, of `at_least` lines.
+fn assert_same_multiset(single: &Path, spark: &Path, what: &str, at_least: usize) {
+    let (mut one, mut many) = (lines_of(single), lines_of(spark));
+    assert!(one.len() >= at_least, "{what}: {} lines", one.len());
+    one.sort();
+    many.sort();
+    assert!(
+        one == many,
+        "{what} differ: {} against {} lines",
+        one.len(),
+        many.len()
+    );
+}
+
 fn single_run(pipeline: &Path) {
     let out = Command::new(BIN)
         .args(["run", "--quiet"])
@@ -646,18 +660,11 @@ fn on_a_standalone_cluster_the_outputs_equal_a_single_machine_run() {
     single_run(&wc);
     let out = cluster.run(&wc, &d.join("wc-spark"), &[], |_| {});
     assert_ran(&out);
-    let (mut one, mut many) = (
-        lines_of(&d.join("wc.ndjson")),
-        lines_of(&d.join("wc-spark")),
-    );
-    assert!(one.len() > 10_000, "{} words", one.len());
-    one.sort();
-    many.sort();
-    assert!(
-        one == many,
-        "word counts differ: {} against {} records",
-        one.len(),
-        many.len()
+    assert_same_multiset(
+        &d.join("wc.ndjson"),
+        &d.join("wc-spark"),
+        "word counts",
+        10_000,
     );
     eprintln!("word count done at {:?}", started.elapsed());
 
@@ -703,9 +710,9 @@ path = "{}"
         ),
     );
     single_run(&win);
-    // With a binary every worker has, instead of the shipped one.
-    // An executor is killed while the job runs: after the shuffle's map side has written, its
-    // lost map outputs are computed again.
+    // With a binary every worker has, instead of the shipped one; an executor is killed while
+    // the job runs (after the shuffle's map side has written, its lost outputs are computed
+    // again).
     let mut killed = None;
     let out = cluster.run(&win, &d.join("win-spark"), &["--binary", BIN], |job| {
         killed = kill_an_executor_running_a_segment(job)
@@ -716,18 +723,11 @@ path = "{}"
     );
     assert_ran(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("Lost executor"));
-    let (mut one, mut many) = (
-        lines_of(&d.join("win.ndjson")),
-        lines_of(&d.join("win-spark")),
-    );
-    assert!(one.len() >= 5_000, "{} windows", one.len());
-    one.sort();
-    many.sort();
-    assert!(
-        one == many,
-        "window results differ: {} against {} records",
-        one.len(),
-        many.len()
+    assert_same_multiset(
+        &d.join("win.ndjson"),
+        &d.join("win-spark"),
+        "window results",
+        5_000,
     );
     eprintln!("window done at {:?}", started.elapsed());
 

@@ -149,7 +149,7 @@ pub(crate) const SPECS: &[KindSpec] = &[
         ordered: true,
         late_output: false,
         params: &[
-            p("path", Ty::String, "the file to read (`-` is stdin)", "\"Cargo.toml\"").required(),
+            p("path", Ty::String, "the file to read (`-` is stdin); on Spark also a directory, a glob or a URL", "\"Cargo.toml\"").required(),
             MAX_LINE,
         ],
         minimal: &[],
@@ -167,7 +167,7 @@ pub(crate) const SPECS: &[KindSpec] = &[
             p(
                 "path",
                 Ty::String,
-                "the NDJSON file to read (`-` is stdin)",
+                "the NDJSON file to read (`-` is stdin); on Spark also a directory, a glob or a URL",
                 "\"Cargo.toml\"",
             )
             .required(),

@@ -102,32 +102,7 @@ enum Command {
     Kinds,
     /// Runs a pipeline on Apache Spark through spark-submit (docs/spark.md): stateless stages
     /// as millrace inside each partition, keyed stages on Spark's shuffle.
-    Spark {
-        /// The pipeline file (TOML).
-        pipeline: PathBuf,
-        /// Spark's master URL: `local[N]` to try it on this machine, `spark://HOST:PORT` for a
-        /// standalone cluster, `yarn`, ...
-        #[arg(long, default_value = "local[2]")]
-        master: String,
-        /// The directory the job writes (one part file per partition); must not exist.
-        #[arg(long, value_name = "DIR")]
-        output: Option<PathBuf>,
-        /// The fewest partitions the input is split into, and the partitions of each shuffle.
-        #[arg(long, value_name = "N", default_value_t = 4)]
-        partitions: usize,
-        /// A Spark property for spark-submit (`--conf k=v`); repeatable.
-        #[arg(long, value_name = "K=V")]
-        conf: Vec<String>,
-        /// Prints the plan (segments, shuffles, partition counts) and runs nothing.
-        #[arg(long)]
-        explain: bool,
-        /// The millrace binary at this path on every worker, instead of shipping this one.
-        #[arg(long, value_name = "PATH")]
-        binary: Option<PathBuf>,
-        /// The spark-submit to run (default: PATH, then SPARK_HOME, then pyspark's).
-        #[arg(long, value_name = "PATH")]
-        spark_submit: Option<PathBuf>,
-    },
+    Spark(spark::SparkArgs),
     /// Runs a range of a pipeline's stages between stdin and stdout (what each Spark partition
     /// runs): the first reads `--input` on stdin, the last writes NDJSON to stdout.
     Segment {
@@ -291,25 +266,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&Error::from(e)),
         },
         Command::Plugins { command } => plugins(command),
-        Command::Spark {
-            pipeline,
-            master,
-            output,
-            partitions,
-            conf,
-            explain,
-            binary,
-            spark_submit,
-        } => spark::spark(spark::SparkArgs {
-            pipeline,
-            master,
-            output,
-            partitions,
-            conf,
-            explain,
-            binary,
-            spark_submit,
-        }),
+        Command::Spark(args) => spark::spark(args),
         Command::Segment {
             pipeline,
             stages,

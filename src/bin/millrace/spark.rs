@@ -13,15 +13,32 @@ use millrace::config::spark::{segment_toml, JobFiles, SegmentInput, SparkPlan};
 use millrace::config::PipelineSpec;
 use millrace::Error;
 
-/// `millrace spark`'s arguments.
+/// `millrace spark`'s arguments: the plan's pipeline and what spark-submit is told.
+#[derive(clap::Args)]
 pub(crate) struct SparkArgs {
+    /// The pipeline file (TOML).
     pub(crate) pipeline: PathBuf,
+    /// Spark's master URL: `local[N]` to try it on this machine, `spark://HOST:PORT` for a
+    /// standalone cluster, `yarn`, ...
+    #[arg(long, default_value = "local[2]")]
     pub(crate) master: String,
+    /// The directory the job writes (one part file per partition); must not exist.
+    #[arg(long, value_name = "DIR")]
     pub(crate) output: Option<PathBuf>,
+    /// The fewest partitions the input is split into, and the partitions of each shuffle.
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub(crate) partitions: usize,
+    /// A Spark property for spark-submit (`--conf k=v`); repeatable.
+    #[arg(long, value_name = "K=V")]
     pub(crate) conf: Vec<String>,
+    /// Prints the plan (segments, shuffles, partition counts) and runs nothing.
+    #[arg(long)]
     pub(crate) explain: bool,
+    /// The millrace binary at this path on every worker, instead of shipping this one.
+    #[arg(long, value_name = "PATH")]
     pub(crate) binary: Option<PathBuf>,
+    /// The spark-submit to run (default: PATH, then SPARK_HOME, then pyspark's).
+    #[arg(long, value_name = "PATH")]
     pub(crate) spark_submit: Option<PathBuf>,
 }
 
