@@ -13,24 +13,17 @@
 // /usr/bin/firefox-esr), ONLY (a test name, to run one).
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import { parse } from 'smol-toml';
+import { api as commonApi, assert, bin, root, shots, slowPipeline as commonSlowPipeline } from './common.mjs';
 
-const here = dirname(fileURLToPath(import.meta.url));
-const root = resolve(here, '../..');
-const bin = process.env.MILLRACE_BIN || join(root, 'target/release/millrace');
 const localDriver = join(root, 'target/geckodriver/bin/geckodriver');
 const geckodriver = process.env.GECKODRIVER || (existsSync(localDriver) ? localDriver : 'geckodriver');
 const firefox = process.env.FIREFOX || '/usr/bin/firefox-esr';
-const shots = join(root, 'target/console-screenshots');
 const TOKEN = `firefox-test-${process.pid}-token`;
 mkdirSync(shots, { recursive: true });
 
-function assert(cond, message) {
-  if (!cond) throw new Error(`assertion failed: ${message}`);
-}
 
 // A child process that prints a line matching `re` on stderr (or stdout) when it is ready.
 // After that, its output is kept in `child.later` (a string) when `keep` is set, else drained.
@@ -66,14 +59,7 @@ function startUntil(cmd, args, re, what, { keep = false, ...opts } = {}) {
   });
 }
 
-async function api(base, method, path, body) {
-  const headers = { Authorization: `Bearer ${TOKEN}` };
-  if (body !== undefined) headers['Content-Type'] = 'application/toml';
-  const r = await fetch(base + path, { method, headers, body });
-  const json = await r.json();
-  if (!r.ok) throw new Error(`${method} ${path}: ${r.status} ${JSON.stringify(json)}`);
-  return json;
-}
+const api = (base, method, path, body) => commonApi(TOKEN, base, method, path, body);
 
 // A minimal W3C WebDriver client: the few commands the tests use.
 const ELEMENT = 'element-6066-11e4-a52e-4f735466cecf';
@@ -240,29 +226,7 @@ async function call(driver, method, path, body) {
   return json.value;
 }
 
-// A pipeline that runs for a while: a slow `exec` stage, one record a batch (as in run.mjs).
-function slowPipeline(name, lines) {
-  const input = join(root, 'target', `console-firefox-${name}.txt`);
-  writeFileSync(input, 'a line\n'.repeat(lines));
-  return `name = "${name}"
-[options]
-batch_size = 1
-
-[stages.read]
-kind = "lines.read"
-path = ${JSON.stringify(input)}
-
-[stages.slow]
-kind = "exec"
-input = "read"
-command = ["sh", "-c", "while read -r l; do sleep 0.01; echo '{}'; done"]
-
-[stages.out]
-kind = "ndjson.write"
-input = "slow"
-path = "/dev/null"
-`;
-}
+const slowPipeline = (name, lines) => commonSlowPipeline(name, lines, `console-firefox-${name}`);
 
 const wordcount = readFileSync(join(root, 'examples/wordcount.toml'), 'utf8');
 

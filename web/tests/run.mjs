@@ -8,18 +8,14 @@
 // Environment: MILLRACE_BIN (default ../target/release/millrace), CHROMIUM (default
 // /usr/bin/chromium), ONLY (a test name, to run one).
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import { chromium } from 'playwright-core';
 import { parse } from 'smol-toml';
+import { api as commonApi, assert, bin, root, shots, slowPipeline } from './common.mjs';
 
-const here = dirname(fileURLToPath(import.meta.url));
-const root = resolve(here, '../..');
-const bin = process.env.MILLRACE_BIN || join(root, 'target/release/millrace');
-const shots = join(root, 'target/console-screenshots');
 const TOKEN = `browser-test-${process.pid}-token`;
 mkdirSync(shots, { recursive: true });
 
@@ -45,42 +41,9 @@ function startServer() {
   });
 }
 
-async function api(base, method, path, body) {
-  const headers = { Authorization: `Bearer ${TOKEN}` };
-  if (body !== undefined) headers['Content-Type'] = 'application/toml';
-  const r = await fetch(base + path, { method, headers, body });
-  const json = await r.json();
-  if (!r.ok) throw new Error(`${method} ${path}: ${r.status} ${JSON.stringify(json)}`);
-  return json;
-}
+const api = (base, method, path, body) => commonApi(TOKEN, base, method, path, body);
 
-function assert(cond, message) {
-  if (!cond) throw new Error(`assertion failed: ${message}`);
-}
 
-// A pipeline that runs for a while: a slow `exec` stage, one record a batch.
-function slowPipeline(name, lines) {
-  const input = join(root, 'target', `console-${name}.txt`);
-  writeFileSync(input, 'a line\n'.repeat(lines));
-  return `name = "${name}"
-[options]
-batch_size = 1
-
-[stages.read]
-kind = "lines.read"
-path = ${JSON.stringify(input)}
-
-[stages.slow]
-kind = "exec"
-input = "read"
-command = ["sh", "-c", "while read -r l; do sleep 0.01; echo '{}'; done"]
-
-[stages.out]
-kind = "ndjson.write"
-input = "slow"
-path = "/dev/null"
-`;
-}
 
 // A generated pipeline of `n` stages: a source, n - 2 filters in a chain, a sink.
 function longPipeline(n) {
