@@ -412,6 +412,27 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// [`run`](Self::run) with an executor JVM killed while it runs a segment: the job must
+    /// succeed, and Spark must have noticed the loss.
+    fn run_losing_an_executor(&self, pipeline: &Path, output: &Path, extra: &[&str]) {
+        let mut killed = None;
+        let out = self.run(pipeline, output, extra, |job| {
+            killed = kill_an_executor_running_a_segment(job)
+        });
+        assert!(
+            killed.is_some(),
+            "no executor running a segment was found to kill"
+        );
+        assert_ran(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("Lost executor"),
+            "Spark did not notice the kill:\n{stderr}"
+        );
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for w in &mut self.workers {
@@ -713,16 +734,7 @@ path = "{}"
     // With a binary every worker has, instead of the shipped one; an executor is killed while
     // the job runs (after the shuffle's map side has written, its lost outputs are computed
     // again).
-    let mut killed = None;
-    let out = cluster.run(&win, &d.join("win-spark"), &["--binary", BIN], |job| {
-        killed = kill_an_executor_running_a_segment(job)
-    });
-    assert!(
-        killed.is_some(),
-        "no executor running a segment was found to kill"
-    );
-    assert_ran(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Lost executor"));
+    cluster.run_losing_an_executor(&win, &d.join("win-spark"), &["--binary", BIN]);
     assert_same_multiset(
         &d.join("win.ndjson"),
         &d.join("win-spark"),
@@ -756,20 +768,7 @@ path = "{}"
             Some(20),
         ),
     );
-    let mut killed = None;
-    let out = cluster.run(&top, &d.join("top-spark"), &[], |job| {
-        killed = kill_an_executor_running_a_segment(job)
-    });
-    assert!(
-        killed.is_some(),
-        "no executor running a segment was found to kill"
-    );
-    assert_ran(&out);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("Lost executor"),
-        "Spark did not notice the kill:\n{stderr}"
-    );
+    cluster.run_losing_an_executor(&top, &d.join("top-spark"), &[]);
     assert_eq!(
         lines_of(&d.join("top-spark")),
         lines_of(&d.join("top.ndjson")),

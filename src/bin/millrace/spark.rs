@@ -121,7 +121,13 @@ pub(crate) fn spark(a: SparkArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let output = absolute(&output);
+    let output = match std::path::absolute(&output) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: --output {}: {e}", output.display());
+            return ExitCode::from(2);
+        }
+    };
     let exe = match a.binary.clone().map_or_else(std::env::current_exe, Ok) {
         Ok(p) => p,
         Err(e) => {
@@ -189,16 +195,6 @@ fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    }
 }
 
 /// `spark-submit`: the one given, on `PATH`, under `SPARK_HOME`, or in an installed pyspark.
