@@ -150,8 +150,9 @@ impl Drop for Published {
 fn window(c: &mut Criterion) {
     let data = events();
     let expect = hand_loop(&data);
-    const RUNS: [(usize, Feed); 4] = [
+    const RUNS: [(usize, Feed); 5] = [
         (1, Feed::Source),
+        (1, Feed::Split),
         (2, Feed::Source),
         (2, Feed::Rebalanced),
         (2, Feed::Split),

@@ -87,7 +87,7 @@ pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use snapshot::Snapshot;
 pub use source::{ReplayVec, Replayable};
-pub use stream::{CheckpointedKeyed, KeyedStream, Pipeline, Sink, Stream, Windowed};
+pub use stream::{BoxedKeyed, CheckpointedKeyed, KeyedStream, Pipeline, Sink, Stream, Windowed};
 pub use time::{
     parse_duration_ms, parse_rfc3339_ms, ParseDurationError, ParseTimeError, ParseTimeErrorKind,
     Timestamp, Window,

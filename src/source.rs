@@ -109,27 +109,41 @@ impl<S, T> StripeHead<S, T> {
     }
 }
 
-impl<S, T> Head<T> for StripeHead<S, T>
+impl<S, T> Head<crate::operator::Stripe<S>> for StripeHead<S, T>
 where
     S: AsRef<[T]> + Send + Sync,
     T: Clone + Send,
 {
+    fn counts_input(&self) -> bool {
+        // A message is a stripe; the records read are counted here, and those handed on by
+        // the chain's first step (`operator::Stripes`).
+        true
+    }
     fn state_support(&self) -> StateSupport {
         StateSupport::Unsupported(
             "a split source is not checkpointed: use Pipeline::replayable_source".into(),
         )
     }
-    fn pull(&mut self, cx: &Cx, buf: &mut Vec<T>, _flush_at: Option<u64>) -> Result<Pull, Halt> {
-        let data = (*self.data).as_ref();
+    fn pull(
+        &mut self,
+        cx: &Cx,
+        buf: &mut Vec<crate::operator::Stripe<S>>,
+        _flush_at: Option<u64>,
+    ) -> Result<Pull, Halt> {
+        let len = (*self.data).as_ref().len();
         let size = cx.batch_size().max(1);
         let start = self.stripe.saturating_mul(size);
-        if start >= data.len() {
+        if start >= len {
             return Ok(Pull::End);
         }
-        let end = start.saturating_add(size).min(data.len());
-        // The batch comes in empty or partly filled (after an early flush); a stripe goes in
-        // whole, so a batch may briefly hold more than `batch_size` records.
-        buf.extend_from_slice(&data[start..end]);
+        let end = start.saturating_add(size).min(len);
+        buf.push(crate::operator::Stripe::new(
+            std::sync::Arc::clone(&self.data),
+            start,
+            end,
+        ));
+        crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, (end - start) as u64);
+        crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
         self.stripe += self.parts;
         Ok(Pull::Data)
     }

@@ -110,10 +110,11 @@ fn run_window(
         .max_out_of_orderness(Duration::from_millis(bound_ms))
         .allowed_lateness(Duration::from_millis(lateness_ms));
     let src = p.source("events", events);
+    // Two ways of building the keyed stream: `boxed` gives them one type.
     let keyed = if parallelism > 1 {
-        src.rebalance(parallelism).key_by(|e: &Ev| e.0)
+        src.rebalance(parallelism).key_by(|e: &Ev| e.0).boxed()
     } else {
-        src.key_by(|e: &Ev| e.0)
+        src.key_by(|e: &Ev| e.0).boxed()
     };
     let (results, late) = keyed
         .parallelism(parallelism)

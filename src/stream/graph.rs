@@ -184,6 +184,10 @@ pub(super) struct HeadSpec<I> {
     pub(super) shape: Option<crate::metrics::Shape>,
     /// Counted steps moved into the head (by `into_head`), before its own.
     pub(super) steps: Vec<crate::metrics::StepEntry>,
+    /// Counts the records pushed into the chain where a head's message stands for several
+    /// (a split source's stripes: see [`Stripes`](crate::operator::Stripes)); `None`: the
+    /// stage's `chain_in` metrics count them.
+    pub(super) input: Option<Arc<crate::sync::AtomicU64>>,
     pub(super) inputs: Vec<usize>,
     pub(super) make: MakeHeads<I>,
     /// For a stage fed by one edge out of a partitioning step: makes that edge deal strictly
@@ -250,6 +254,7 @@ where
         steps: Vec::new(),
         inputs,
         order_input: None,
+        input: None,
         make: Box::new(move |name, parallelism, opts| {
             let ends: usize = edges.iter().map(|e| e.borrow().from_parallelism).sum();
             if edges.len() > 1 {

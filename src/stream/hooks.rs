@@ -95,11 +95,17 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             inputs,
             make,
             order_input,
+            input,
         } = head;
         if let (Some(n), Some(shape)) = (&inner_name, shape) {
             steps.push(crate::metrics::StepEntry::Head(Arc::clone(n), shape));
         }
-        let pushed = Arc::new(crate::sync::AtomicU64::new(0));
+        // The chain's input is counted by the chain itself where the head's messages stand for
+        // several records (a split source's stripes), and here by the new head otherwise.
+        let (pushed, own) = match input {
+            Some(c) => (c, false),
+            None => (Arc::new(crate::sync::AtomicU64::new(0)), true),
+        };
         steps.push(crate::metrics::StepEntry::Input(Some(Arc::clone(&pushed))));
         let mut ops = Vec::new();
         chain.steps(&mut ops);
@@ -112,6 +118,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             steps,
             inputs,
             order_input,
+            input: None,
             make: Box::new(move |name, p, opts| {
                 // The inner head keeps its own name (a window's errors name the window).
                 let heads = make(inner_name.as_ref().unwrap_or(name), p, opts)?;
@@ -121,7 +128,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
                         wrap(Box::new(ChainedHead::new(
                             inner,
                             chain.clone(),
-                            Some(Arc::clone(&pushed)),
+                            own.then(|| Arc::clone(&pushed)),
                         )))
                     })
                     .collect())

@@ -1,15 +1,13 @@
 //! Keyed streams and their aggregations (fold, count, reduce, windows), the [`Windowed`] stage,
 //! and `sort_by`: the stages that hold state across batches.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::hash::Hash;
+use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::graph::{
-    channel_tail, edge, input_head, partition_hash, Builder, Edge, MakeTail, TailFactory,
-};
+use super::graph::{channel_tail, edge, input_head, partition_hash, Edge, MakeTail, TailFactory};
 use super::heads::{CountTail, KeyedCodec, KeyedHead, RouteTail, SortCodec, SortHead};
 use super::{Fresh, Out, Stream};
 use crate::channel::Partition;
@@ -34,31 +32,22 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// v.sort();
     /// assert_eq!(v, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
     /// ```
-    pub fn key_by<K, KF>(self, key: KF) -> KeyedStream<K, Out<I, C>>
+    #[allow(clippy::type_complexity)]
+    pub fn key_by<K, KF>(
+        self,
+        key: KF,
+    ) -> KeyedStream<K, Out<I, C>, I, impl Chain<I, Out = (K, Out<I, C>)>>
     where
         K: Hash + Eq + Send + 'static,
         KF: Fn(&Out<I, C>) -> K + Send + Sync + 'static,
     {
-        let b = Rc::clone(&self.b);
         let name = self.default_name("key_by");
+        let chain = Map::new(self.chain.clone(), move |x| (key(&x), x), Arc::clone(&name));
         KeyedStream {
-            b,
             key_name: name,
-            connect: Box::new(move |name, end| {
-                let chain = Map::new(self.chain.clone(), move |x| (key(&x), x), name);
-                let keyed = self.with(chain);
-                match end {
-                    KeyedEnd::Channel => {
-                        let hash = Partition::Hash(Arc::new(|(k, _): &(K, _)| partition_hash(k)));
-                        Connected::Edge(keyed.connect(hash))
-                    }
-                    KeyedEnd::Tail(make) => {
-                        let tails = make(keyed.stage_name(), keyed.parallelism);
-                        Connected::Stage(keyed.close(None, tails))
-                    }
-                }
-            }),
+            stream: self.with(chain),
             parallelism: 1,
+            _kt: PhantomData,
         }
     }
 
@@ -143,91 +132,56 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     }
 }
 
-/// How the stage feeding a keyed stream ends.
-enum KeyedEnd<K, T> {
-    /// In a channel partitioned by the key.
-    Channel,
-    /// In a tail of its own (a combiner before its own channel): the function gets the stage's
-    /// name and parallelism and returns the factory of its instances' tails.
-    Tail(MakeKeyedTails<K, T>),
-}
-
-/// Makes the tails of the stage feeding a keyed stream, given its name and parallelism.
-type MakeKeyedTails<K, T> = Box<dyn FnOnce(String, usize) -> TailFactory<Box<dyn Tail<(K, T)>>>>;
-
-/// Closes the stage feeding a keyed stream (`connect`, with the `key_by` step's name) with a
-/// tail of its own: each instance's tail is `wrap(cx, channel)` around its channel into a new
-/// edge partitioned by `partition`, which is returned.
-fn connect_tail<K, T, X, W>(
-    connect: ConnectKeyed<K, T>,
-    key_name: Arc<str>,
+/// Closes `stream`, the stage feeding a keyed stream, with a tail of its own: each instance's
+/// tail is `wrap(cx, channel)` around its channel into a new edge partitioned by `partition`,
+/// which is returned. The tail's type is concrete, so the stage's chain and its tail (a
+/// combiner, say) are compiled into one loop: no dynamic call per record.
+fn connect_tail<K, T, I, C, X, Tl, W>(
+    stream: Stream<I, C>,
     partition: Partition<X>,
     wrap: W,
 ) -> Edge<X>
 where
-    K: 'static,
-    T: 'static,
+    I: Send + 'static,
+    C: Chain<I, Out = (K, T)>,
     X: Send + 'static,
-    W: Fn(&Cx, crate::channel::ChannelTail<X>) -> Box<dyn Tail<(K, T)>> + Clone + Send + 'static,
+    Tl: Tail<(K, T)> + 'static,
+    W: Fn(&Cx, crate::channel::ChannelTail<X>) -> Tl + Clone + Send + 'static,
 {
-    let slot: Rc<RefCell<Option<Edge<X>>>> = Rc::default();
-    let make: MakeKeyedTails<K, T> = {
-        let slot = Rc::clone(&slot);
-        Box::new(move |stage, parallelism| {
-            let out = edge(partition, stage, parallelism);
-            *slot.borrow_mut() = Some(Rc::clone(&out));
-            Box::new(move |_, i| {
-                let make = channel_tail(&out, i)?;
-                let wrap = wrap.clone();
-                Ok(Box::new(move |cx: &Cx| Ok(wrap(cx, make(cx)?))) as MakeTail<_>)
-            })
+    let out = edge(partition, stream.stage_name(), stream.parallelism);
+    let tails: TailFactory<Tl> = {
+        let out = Rc::clone(&out);
+        Box::new(move |_, i| {
+            let make = channel_tail(&out, i)?;
+            let wrap = wrap.clone();
+            Ok(Box::new(move |cx: &Cx| Ok(wrap(cx, make(cx)?))) as MakeTail<_>)
         })
     };
-    let id = connect(key_name, KeyedEnd::Tail(make)).stage();
-    let edge = slot.borrow_mut().take().expect("the tail made its edge");
-    edge.borrow_mut().from_stage = id;
-    edge
+    let id = stream.close(None, tails);
+    out.borrow_mut().from_stage = id;
+    out
 }
-
-/// What closing the stage feeding a keyed stream gave.
-enum Connected<K, T> {
-    /// The keyed channel ([`KeyedEnd::Channel`]).
-    Edge(Edge<(K, T)>),
-    /// The stage's id ([`KeyedEnd::Tail`]: the tail made its own edge).
-    Stage(usize),
-}
-
-impl<K, T> Connected<K, T> {
-    fn edge(self) -> Edge<(K, T)> {
-        match self {
-            Connected::Edge(e) => e,
-            Connected::Stage(_) => unreachable!("asked for a channel"),
-        }
-    }
-    fn stage(self) -> usize {
-        match self {
-            Connected::Stage(id) => id,
-            Connected::Edge(_) => unreachable!("asked for a tail"),
-        }
-    }
-}
-
-/// Closes the stage feeding a keyed stream (given the `key_by` step's final name).
-type ConnectKeyed<K, T> = Box<dyn FnOnce(Arc<str>, KeyedEnd<K, T>) -> Connected<K, T>>;
 
 /// Records partitioned by key, ready for a per-key aggregation emitted at end of input.
 #[must_use = "a keyed stream does nothing until it is aggregated"]
-pub struct KeyedStream<K, T> {
-    b: Rc<RefCell<Builder>>,
-    /// The name of the `key_by` step (in the producing stage).
+///
+/// It carries the stage that computes the keys — a [`Stream`] whose chain ends in the
+/// `key_by` step and emits `(key, record)` — so that the aggregation's side of that stage (a
+/// combiner, a local count) is compiled into the same loop as its operators. To return one from
+/// a function, write `KeyedStream<K, T, I, impl Chain<I, Out = (K, T)>>`.
+pub struct KeyedStream<K, T, I, C> {
+    /// The name of the `key_by` step (the last of `stream`'s chain).
     key_name: Arc<str>,
-    /// Closes the producing stage into the keyed edge, with a watermark generator at its end
-    /// when a window consumes it.
-    connect: ConnectKeyed<K, T>,
+    /// The producing stage, open: closed by the aggregation.
+    stream: Stream<I, C>,
     parallelism: usize,
+    _kt: PhantomData<fn() -> (K, T)>,
 }
 
-impl<K, T> fmt::Debug for KeyedStream<K, T> {
+/// A [`KeyedStream`] whose producing stage's type is erased ([`KeyedStream::boxed`]).
+pub type BoxedKeyed<K, T> = KeyedStream<K, T, (K, T), Identity<(K, T)>>;
+
+impl<K, T, I, C> fmt::Debug for KeyedStream<K, T, I, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedStream")
             .field("key_by", &self.key_name)
@@ -236,10 +190,12 @@ impl<K, T> fmt::Debug for KeyedStream<K, T> {
     }
 }
 
-impl<K, T> KeyedStream<K, T>
+impl<K, T, I, C> KeyedStream<K, T, I, C>
 where
     K: Hash + Eq + Send + 'static,
     T: Send + 'static,
+    I: Send + 'static,
+    C: Chain<I, Out = (K, T)>,
 {
     /// Renames the `key_by` step (part of the stage that computes the keys).
     ///
@@ -251,8 +207,43 @@ where
     /// assert_eq!(p.stage_names()[0], "n+parity");
     /// ```
     pub fn name(mut self, name: &str) -> Self {
-        self.key_name = self.b.borrow_mut().rename(Some(&self.key_name), name);
+        self.stream = self.stream.name(name);
+        let mut names = Vec::new();
+        self.stream.chain.names(&mut names);
+        self.key_name = names.pop().expect("the chain ends in the key_by step");
         self
+    }
+
+    /// The same keyed stream with its producing stage's type erased, so that keyed streams
+    /// built in different ways have one type (the two arms of an `if`, a value returned from
+    /// a function: [`BoxedKeyed`]). The stage's operators run as before, in one stage; the
+    /// cost is one move of each record through a batch between them and the aggregation's
+    /// side of the stage, where an unerased stream compiles both into one loop.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use millrace::{BoxedKeyed, Pipeline};
+    /// // Known only at run time: whether to spread the keying over two threads.
+    /// let spread = std::env::var_os("SPREAD").is_some();
+    /// let p = Pipeline::new();
+    /// let src = p.source("n", 0..100u32);
+    /// let keyed: BoxedKeyed<u32, u32> = if spread {
+    ///     src.rebalance(2).key_by(|x| x % 10).boxed()
+    /// } else {
+    ///     src.key_by(|x| x % 10).boxed()
+    /// };
+    /// let out = keyed.count().collect();
+    /// p.run().unwrap();
+    /// assert_eq!(out.take().len(), 10);
+    /// ```
+    pub fn boxed(self) -> BoxedKeyed<K, T> {
+        KeyedStream {
+            key_name: self.key_name,
+            stream: self.stream.into_head(),
+            parallelism: self.parallelism,
+            _kt: PhantomData,
+        }
     }
 
     /// Sets how many instances run the aggregation; each key is owned by exactly one.
@@ -316,10 +307,11 @@ where
     where
         K: Clone,
     {
-        let name = self.b.borrow_mut().default_name("count");
+        let b = Rc::clone(&self.stream.b);
+        let name = b.borrow_mut().default_name("count");
         let hash = Partition::Hash(Arc::new(|(k, _): &(K, u64)| partition_hash(k)));
-        let edge = connect_tail(self.connect, self.key_name, hash, |cx, inner| {
-            Box::new(CountTail::<K, T>::new(cx, inner))
+        let edge = connect_tail(self.stream, hash, |cx, inner| {
+            CountTail::<K, T>::new(cx, inner)
         });
         let groups = KeyGroups {
             hash: partition_hash::<K>,
@@ -346,7 +338,7 @@ where
         });
         head.name = Some(name);
         head.shape = Some(crate::metrics::Shape::Aggregate);
-        Stream::open(&self.b, head, self.parallelism)
+        Stream::open(&b, head, self.parallelism)
     }
 
     /// Combines each key's records pairwise with `f`; emits `(key, result)` at end of input.
@@ -397,7 +389,7 @@ where
     /// v.sort();
     /// assert_eq!(v, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
     /// ```
-    pub fn checkpointed(self) -> CheckpointedKeyed<K, T>
+    pub fn checkpointed(self) -> CheckpointedKeyed<K, T, I, C>
     where
         K: serde::Serialize + serde::de::DeserializeOwned,
     {
@@ -438,9 +430,11 @@ where
         F: Fn(&mut A, T) + Send + Sync + 'static,
         G: Fn(A) -> O + Send + Sync + 'static,
     {
-        let name = self.b.borrow_mut().default_name(kind);
+        let b = Rc::clone(&self.stream.b);
+        let name = b.borrow_mut().default_name(kind);
         let (fold, init, finish) = (Arc::new(fold), Arc::new(init), Arc::new(finish));
-        let edge = (self.connect)(self.key_name, KeyedEnd::Channel).edge();
+        let hash = Partition::Hash(Arc::new(|(k, _): &(K, T)| partition_hash(k)));
+        let edge = self.stream.connect(hash);
         let groups = KeyGroups {
             hash: partition_hash::<K>,
             parallelism: self.parallelism,
@@ -458,7 +452,7 @@ where
         });
         head.name = Some(name);
         head.shape = Some(crate::metrics::Shape::Aggregate);
-        Stream::open(&self.b, head, self.parallelism)
+        Stream::open(&b, head, self.parallelism)
     }
 
     /// Windows each key's records by event time and aggregates every window with `agg`.
@@ -521,7 +515,8 @@ where
             hash: partition_hash::<K>,
             parallelism: self.parallelism,
         };
-        let name = self.b.borrow_mut().default_name("window");
+        let b = Rc::clone(&self.stream.b);
+        let name = b.borrow_mut().default_name("window");
         let agg = Arc::new(agg);
         // Checkpointed windows are not combined: a combiner sends what it holds at each
         // barrier, and a float sum's grouping (so its rounding) would then depend on when
@@ -533,12 +528,10 @@ where
         let edge = {
             let (agg, time) = (Arc::clone(&agg), spec.time.clone());
             let (assigner, bound) = (spec.assigner, spec.max_out_of_orderness);
-            connect_tail(self.connect, self.key_name, hash, move |cx, inner| {
+            connect_tail(self.stream, hash, move |cx, inner| {
                 let (time, agg) = (time.clone(), Arc::clone(&agg));
                 let hash = partition_hash::<K>;
-                Box::new(CombineTail::new(
-                    cx, inner, time, agg, assigner, combine, hash, bound,
-                ))
+                CombineTail::new(cx, inner, time, agg, assigner, combine, hash, bound)
             })
         };
         let mut head = input_head(vec![edge], move |op: &Arc<str>, input| {
@@ -554,7 +547,7 @@ where
         head.name = Some(name);
         head.shape = Some(crate::metrics::Shape::Window);
         Windowed {
-            stream: Stream::open(&self.b, head, self.parallelism),
+            stream: Stream::open(&b, head, self.parallelism),
         }
     }
 }
@@ -563,11 +556,11 @@ where
 /// [`KeyedStream::checkpointed`]. Its aggregations are those of [`KeyedStream`], with serde
 /// key and state types.
 #[must_use = "a keyed stream does nothing until it is aggregated"]
-pub struct CheckpointedKeyed<K, T> {
-    keyed: KeyedStream<K, T>,
+pub struct CheckpointedKeyed<K, T, I, C> {
+    keyed: KeyedStream<K, T, I, C>,
 }
 
-impl<K, T> fmt::Debug for CheckpointedKeyed<K, T> {
+impl<K, T, I, C> fmt::Debug for CheckpointedKeyed<K, T, I, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("CheckpointedKeyed")
             .field(&self.keyed)
@@ -575,10 +568,12 @@ impl<K, T> fmt::Debug for CheckpointedKeyed<K, T> {
     }
 }
 
-impl<K, T> CheckpointedKeyed<K, T>
+impl<K, T, I, C> CheckpointedKeyed<K, T, I, C>
 where
     K: Hash + Eq + Send + serde::Serialize + serde::de::DeserializeOwned + 'static,
     T: Send + 'static,
+    I: Send + 'static,
+    C: Chain<I, Out = (K, T)>,
 {
     /// As [`KeyedStream::name`].
     pub fn name(self, name: &str) -> Self {

@@ -45,7 +45,7 @@ mod sinks;
 use graph::{channel_tail, edge, input_head, plain, Builder, Edge, HeadSpec, Names, Phase1};
 use graph::{order_input, Phase2, StageSlot, TailFactory};
 
-pub use keyed::{CheckpointedKeyed, KeyedStream, Windowed};
+pub use keyed::{BoxedKeyed, CheckpointedKeyed, KeyedStream, Windowed};
 pub use pipeline::Pipeline;
 pub use sinks::Sink;
 
@@ -182,7 +182,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         if let (Some(n), Some(shape)) = (&head.name, head.shape) {
             steps.push(crate::metrics::StepEntry::Head(Arc::clone(n), shape));
         }
-        steps.push(crate::metrics::StepEntry::Input(None));
+        steps.push(crate::metrics::StepEntry::Input(head.input.clone()));
         let mut ops = Vec::new();
         chain.steps(&mut ops);
         steps.extend(ops.into_iter().map(crate::metrics::StepEntry::Op));

@@ -10,6 +10,7 @@ use super::graph::{Builder, HeadSpec};
 use super::{build_and_run, Fresh, Stream};
 use crate::error::Error;
 use crate::metrics::RunReport;
+use crate::operator::{Stripe, Stripes};
 use crate::runtime::{CancelHandle, Head, Options, RunShared};
 use crate::source::{
     parse_json, parse_text, ChannelSourceHead, Input, IterHead, LineHead, MAX_LINE_BYTES,
@@ -121,6 +122,7 @@ impl Pipeline {
             steps: Vec::new(),
             inputs: Vec::new(),
             order_input: None,
+            input: None,
             make: Box::new(move |name, n, _| (0..n).map(|part| make(name, part, n)).collect()),
         };
         Stream::open(&self.b, head, parts)
@@ -178,19 +180,27 @@ impl Pipeline {
     /// evens.sort_unstable();
     /// assert_eq!(evens, (0..10_000).step_by(2).collect::<Vec<u32>>());
     /// ```
-    pub fn source_split<S, T>(&self, name: &str, data: S, parts: usize) -> Fresh<T>
+    pub fn source_split<S, T>(
+        &self,
+        name: &str,
+        data: S,
+        parts: usize,
+    ) -> Stream<Stripe<S>, Stripes<S, T>>
     where
         S: AsRef<[T]> + Send + Sync + 'static,
         T: Clone + Send + 'static,
     {
         let data = Arc::new(data);
-        self.source_stage_parts(name, parts, move |_, part, parts| {
+        let mut s = self.source_stage_parts(name, parts, move |_, part, parts| {
             Ok(Box::new(crate::source::StripeHead::new(
                 Arc::clone(&data),
                 part,
                 parts,
-            )) as Box<dyn Head<T>>)
-        })
+            )) as Box<dyn Head<Stripe<S>>>)
+        });
+        let pushed = Arc::new(crate::sync::AtomicU64::new(0));
+        s.head.input = Some(Arc::clone(&pushed));
+        s.with(Stripes::new(pushed))
     }
 
     /// A dead-letter stream named `name`: a handle to give to [`OnError::DeadLetter`] (clone it
@@ -234,6 +244,7 @@ impl Pipeline {
             steps: Vec::new(),
             inputs: Vec::new(),
             order_input: None,
+            input: None,
             make: Box::new(move |_, _, _| {
                 Ok(vec![Box::new(crate::dead_letter::DeadLetterHead::new(
                     rx,

@@ -251,12 +251,17 @@ where
             return self.raw(key, record);
         };
         self.gen.observe(t);
-        // The common case, kept small so that it stays fast: the record falls in the newest
-        // open window. (Every open window is on time: it is dropped from `open` when the
-        // watermark sent passes its end.)
-        match self.open.len().checked_sub(1) {
-            Some(i) if self.combine && self.open[i].0.contains(t) => self.add(i, &key, &record),
-            _ => self.emit_other(key, record, t)?,
+        // The common cases, kept small so that they stay fast: the record falls in the newest
+        // open window, or (it is out of order by less than a window) in the one before it.
+        // (Every open window is on time: it is dropped from `open` when the watermark sent
+        // passes its end.)
+        let n = self.open.len();
+        if self.combine && n > 0 && self.open[n - 1].0.contains(t) {
+            self.add(n - 1, &key, &record);
+        } else if self.combine && n > 1 && self.open[n - 2].0.contains(t) {
+            self.add(n - 2, &key, &record);
+        } else {
+            self.emit_other(key, record, t)?;
         }
         self.since += 1;
         if self.since >= self.every || self.entries > MAX_ENTRIES || self.must_send {
@@ -273,22 +278,16 @@ where
     A: Aggregate<T>,
     E: EventTime<T>,
 {
-    /// A record outside the newest open window: combined into an older or a new window, or
+    /// A record outside the newest two open windows: combined into an older or a new window, or
     /// (not combined, or late for this combiner) sent as it is.
     #[inline(never)]
     fn emit_other(&mut self, key: K, record: T, t: Timestamp) -> Result<(), Halt> {
         let combined = self.combine
             && match self.assigner {
                 Assigner::Tumbling(a) => {
-                    // Most records outside the newest window are in the one before it (the
-                    // disorder is shorter than a window): no division for those.
-                    let i = match self.open.len().checked_sub(2) {
-                        Some(i) if self.open[i].0.contains(t) => Some(i),
-                        _ => {
-                            let w = a.assign(t);
-                            (w.end > self.sent).then(|| self.index(w))
-                        }
-                    };
+                    // Not in the newest two windows (`emit` looked): an older or a new one.
+                    let w = a.assign(t);
+                    let i = (w.end > self.sent).then(|| self.index(w));
                     if let Some(i) = i {
                         self.add(i, &key, &record);
                     }
