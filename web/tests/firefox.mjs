@@ -274,7 +274,8 @@ test('a_running_jobs_graph_updates', async ({ s, base }) => {
   await s.waitForSelector('[data-stage="slow"] .rate-out');
   await s.waitForSelector('[data-stage="read"]');
   await s.waitForSelector('[data-stage="out"]');
-  const edges = await s.exec(() => document.querySelectorAll('.react-flow__edge').length);
+  // Edges are drawn once React Flow has measured the nodes: wait for them (with a deadline).
+  const edges = await s.waitFor(() => document.querySelectorAll('.react-flow__edge').length === 2 && 2, [], 5000, '2 edges');
   assert(edges === 2, `${edges} edges`);
   const kind = await s.text('[data-stage="slow"]');
   assert(kind.includes('exec'), kind);

@@ -167,7 +167,10 @@ path = "/dev/null"
   assert(letters === 38, `${letters} dead letters of cmp`);
   const lost = await page.locator('[data-testid="lost-cmp"]').innerText();
   assert(lost.includes('dead letters 38'), lost);
-  assert((await page.locator('.react-flow__edge.edge-dead_letter').count()) === 1, 'no dead-letter edge');
+  // React Flow draws edges only once it has measured the nodes, which can be after the final
+  // report shows: wait for the edge (with a deadline) before counting.
+  await page.waitForSelector('.react-flow__edge.edge-dead_letter', { timeout: 5000 });
+  assert((await page.locator('.react-flow__edge.edge-dead_letter').count()) === 1, 'not one dead-letter edge');
 });
 
 async function dragKind(page, kind, x, y) {
