@@ -174,3 +174,45 @@ fn a_combined_count_over_a_parallel_source_sums_every_part() {
     assert_eq!(report.stage("count").unwrap().records_in, 30_000);
     report.check_accounting().unwrap();
 }
+
+/// More distinct keys in one window than a combiner may hold (`MAX_ENTRIES`, 2^18): it sends
+/// what it holds when it passes the bound and goes on. The results are those of the uncombined
+/// window, in the same order; what crossed the channel shows the sends at the bound.
+#[test]
+fn a_combiner_over_its_bound_sends_what_it_holds_and_loses_nothing() {
+    const KEYS: u32 = 300_000;
+    // Every key twice, all in the window [0, 1 s), values exact in any order.
+    let events: Vec<Ev> = (0..2 * KEYS)
+        .map(|i| (i % KEYS, i64::from(i % 1_000), f64::from(i % 8) / 8.0))
+        .collect();
+    let run = |checkpointed: bool| {
+        // No watermark until the end: only the bound makes the combiner send early.
+        let mut opts = millrace::Options::default();
+        opts.watermark_every = 1 << 30;
+        let p = Pipeline::with_options(opts);
+        let keyed = p.source("events", events.clone()).key_by(|e: &Ev| e.0);
+        let agg = Sum.on(|e: &Ev| e.2);
+        let results = if checkpointed {
+            keyed.checkpointed().window(spec(), agg).results()
+        } else {
+            keyed.window(spec(), agg).results()
+        };
+        let out = results.map(|r| (r.key, r.value)).collect();
+        let report = p.run().unwrap();
+        report.check_accounting().unwrap();
+        (out.take(), report)
+    };
+    let (plain, _) = run(true);
+    let (combined, report) = run(false);
+    assert_eq!(plain.len(), KEYS as usize);
+    assert_eq!(combined, plain);
+    let w = report.stage("window").unwrap();
+    assert_eq!(w.records_in, 2 * u64::from(KEYS));
+    // Held until the end, 300,000 partials would cross in about 293 batches; sent at the
+    // bound, about one partial per record does (the keys are dropped when they are sent).
+    assert!(
+        w.batches_in > 450,
+        "{} batches: nothing sent at the bound",
+        w.batches_in
+    );
+}

@@ -166,8 +166,12 @@ impl Pipeline {
     /// ([`Options::batch_size`] records): stripe `k` goes to part `k % parts`. So every part
     /// advances through the data at the same pace — event-time watermarks of the parts stay
     /// close together (a window stage after them keeps few windows open), which N contiguous
-    /// ranges would not do — and the records are cloned out of the shared data one stripe at a
-    /// time, never copied up front.
+    /// ranges would not do — and each record is cloned out of the shared data where the first
+    /// operator takes it, never copied up front or into a batch. With `parts = 1` it is the
+    /// fastest way to feed a pipeline from a slice.
+    ///
+    /// The stream's head type is [`Stripe`] and its chain starts with [`Stripes`] (which hands
+    /// a stripe's records on one by one); write `Stream<I, impl Chain<I, Out = T>>` to name it.
     ///
     /// # Examples
     ///

@@ -85,8 +85,14 @@ pub(crate) struct CombineTail<K, T, A: Aggregate<T>, E> {
     gen: BoundedOutOfOrderness,
     /// The last watermark sent.
     sent: Timestamp,
-    /// Records emitted since the last watermark check.
+    /// Records emitted since the last watermark check, up to the last time `countdown` was
+    /// armed (see [`since`](Self::since)).
     since: usize,
+    /// Records left until `tick` must run: the watermark's turn, or sooner when a partial is
+    /// due to be sent (`force`). One decrement and one test per record.
+    countdown: usize,
+    /// What `countdown` was armed with.
+    armed: usize,
     every: usize,
     /// Open windows, ascending, each with its keys' partials (accumulator, records).
     open: VecDeque<(Window, Partials<K, A::Acc>)>,
@@ -138,6 +144,8 @@ where
             gen: BoundedOutOfOrderness::new(bound_ms),
             sent: Timestamp::MIN,
             since: 0,
+            countdown: cx.run.opts.watermark_every.max(1),
+            armed: cx.run.opts.watermark_every.max(1),
             every: cx.run.opts.watermark_every.max(1),
             open: VecDeque::new(),
             spare: Vec::new(),
@@ -151,7 +159,30 @@ where
     #[cfg(test)]
     pub(crate) fn every(mut self, n: usize) -> Self {
         self.every = n.max(1);
+        self.set_since(0);
         self
+    }
+
+    /// Records emitted since the last watermark check.
+    fn since(&self) -> usize {
+        self.since + (self.armed - self.countdown)
+    }
+
+    /// Sets the records since the last watermark check, and arms `countdown` for the rest.
+    fn set_since(&mut self, since: usize) {
+        self.since = since;
+        self.armed = self.every.saturating_sub(since).max(1);
+        self.countdown = self.armed;
+    }
+
+    /// Makes `tick` run after the current record.
+    #[cold]
+    fn force(&mut self) {
+        let since = self.since();
+        self.since = since;
+        // `emit` counts the current record down after this: `tick` runs then, and counts it.
+        self.armed = 1;
+        self.countdown = 1;
     }
 
     #[inline]
@@ -173,9 +204,17 @@ where
                 (new, *n >= u32::MAX / 2)
             },
         );
-        self.entries += usize::from(new);
+        if new {
+            self.entries += 1;
+            if self.entries > MAX_ENTRIES {
+                self.force();
+            }
+        }
         // A record count near its limit: send everything after this record.
-        self.must_send |= full;
+        if full {
+            self.must_send = true;
+            self.force();
+        }
     }
 
     /// The position of open window `w`, inserted if absent.
@@ -223,7 +262,7 @@ where
     /// and it did not rise, sends the last one again, so the window stage keeps hearing from
     /// this input.
     fn send_watermark(&mut self) -> Result<(), Halt> {
-        self.since = 0;
+        self.set_since(0);
         let wm = self.gen.current();
         if wm > self.sent {
             self.send_partials(wm)?;
@@ -263,8 +302,8 @@ where
         } else {
             self.emit_other(key, record, t)?;
         }
-        self.since += 1;
-        if self.since >= self.every || self.entries > MAX_ENTRIES || self.must_send {
+        self.countdown -= 1;
+        if self.countdown == 0 {
             self.tick()?;
         }
         Ok(())
@@ -307,8 +346,11 @@ where
     /// Every `every` records: the watermark; at the cap: every partial.
     #[inline(never)]
     fn tick(&mut self) -> Result<(), Halt> {
-        if self.since >= self.every {
+        let since = self.since();
+        if since >= self.every {
             self.send_watermark()?;
+        } else {
+            self.set_since(since);
         }
         if self.entries > MAX_ENTRIES || self.must_send {
             self.must_send = false;
@@ -354,7 +396,7 @@ where
             &GeneratorState {
                 gen: self.gen.save(),
                 sent: self.sent.0,
-                since: self.since,
+                since: self.since(),
             },
         )?;
         Ok(())
@@ -364,7 +406,7 @@ where
         if let Some(g) = state.get::<GeneratorState>("tail.watermark")? {
             self.gen.load(g.gen);
             self.sent = Timestamp(g.sent);
-            self.since = g.since;
+            self.set_since(g.since);
         }
         Ok(())
     }
