@@ -129,14 +129,14 @@ pub(crate) fn classify(s: &[u8]) -> Line {
 
 /// [`classify`], telling `v` the top-level fields it finds (see [`Visit`]).
 ///
-/// An iterative recogniser with the nesting kept in a bit stack (1 = object, 0 = array), so the
-/// position stays in a register; every "not sure" returns [`Line::Doubt`], never "valid".
+/// The top-level object is read by straight-line code — a key, a colon, a value, then a comma
+/// or the end — because nearly every line is a flat object of strings and numbers, and a state
+/// machine's dispatch per token was most of the check's time (an indirect jump, mispredicted
+/// as the token kinds alternate). Nested values go to [`nested`]. Every "not sure" returns
+/// [`Line::Doubt`], never "valid".
 #[inline]
 pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
     let n = s.len();
-    // The key of the top-level field being read, and where its value starts.
-    let mut key_span = (0, 0);
-    let mut value_start = 0;
     let mut i = skip_ws(s, 0);
     if i == n {
         return Line::Blank;
@@ -144,8 +144,80 @@ pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
     if s[i] != b'{' {
         return Line::Doubt; // not an object, or blank by a wider notion of whitespace
     }
-    let mut stack: u128 = 0;
-    let mut depth = 0usize;
+    i = skip_ws(s, i + 1);
+    if s.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            let Some((key_end, after)) = key(s, i) else {
+                return Line::Doubt;
+            };
+            let value_start = skip_ws(s, after);
+            let Some(value_end) = value(s, value_start, v) else {
+                return Line::Doubt;
+            };
+            v.field((i + 1, key_end - 1), (value_start, value_end));
+            i = skip_ws(s, value_end);
+            match s.get(i) {
+                Some(b',') => i = skip_ws(s, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Line::Doubt,
+            }
+        }
+    }
+    if skip_ws(s, i) == n {
+        Line::Object
+    } else {
+        Line::Doubt
+    }
+}
+
+/// One value of the top-level object, starting at `i`; the position after it.
+#[inline(always)]
+fn value<V: Visit>(s: &[u8], i: usize, v: &mut V) -> Option<usize> {
+    match *s.get(i)? {
+        b'"' => string(s, i),
+        b'-' | b'0'..=b'9' => {
+            let e = number(s, i)?;
+            if V::LONG_INTEGERS && e - i >= 19 {
+                long_integer(&s[i..e], v);
+            }
+            Some(e)
+        }
+        b't' => literal(s, i, b"true"),
+        b'f' => literal(s, i, b"false"),
+        b'n' => literal(s, i, b"null"),
+        b'{' | b'[' => nested(s, i, v),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn literal(s: &[u8], i: usize, word: &[u8]) -> Option<usize> {
+    s[i..].starts_with(word).then_some(i + word.len())
+}
+
+/// Tells `v` of an integer of 19 digits or more (`number` is a number's bytes).
+#[cold]
+fn long_integer<V: Visit>(number: &[u8], v: &mut V) {
+    if !number.contains(&b'.') && number.iter().filter(|b| b.is_ascii_digit()).count() >= 19 {
+        v.long_integer();
+    }
+}
+
+/// A nested object or array, starting at the `{` or `[` at `i` inside the top-level object;
+/// the position after its closing bracket.
+///
+/// An iterative recogniser with the nesting kept in a bit stack (1 = object, 0 = array), so the
+/// position stays in a register. Depth counts the top-level object: at most [`MAX_DEPTH`]
+/// brackets are open at once.
+#[inline(never)]
+fn nested<V: Visit>(s: &[u8], mut i: usize, v: &mut V) -> Option<usize> {
+    let mut stack: u128 = 1;
+    let mut depth = 1usize;
     // States: where the next token starts.
     enum At {
         /// After `{`: a key or `}`.
@@ -154,57 +226,36 @@ pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
         ArrayStart,
         /// A value is due.
         Value,
-        /// After a value: `,` or the closing bracket, or the end.
+        /// After a value: `,` or the closing bracket.
         AfterValue,
     }
     let mut at = At::Value;
     loop {
         i = skip_ws(s, i);
         match at {
-            At::ObjectStart => {
-                if s.get(i) == Some(&b'}') {
-                    i += 1;
-                    depth -= 1;
-                    stack >>= 1;
-                    if depth == 1 {
-                        v.field(key_span, (value_start, i));
-                    }
-                    at = At::AfterValue;
+            At::ObjectStart | At::ArrayStart => {
+                let close = if matches!(at, At::ObjectStart) {
+                    b'}'
                 } else {
-                    let Some((k, after)) = key(s, i) else {
-                        return Line::Doubt;
-                    };
-                    if depth == 1 {
-                        key_span = (i + 1, k - 1);
-                    }
-                    i = after;
-                    at = At::Value;
-                }
-            }
-            At::ArrayStart => {
-                if s.get(i) == Some(&b']') {
+                    b']'
+                };
+                if s.get(i) == Some(&close) {
                     i += 1;
                     depth -= 1;
                     stack >>= 1;
-                    if depth == 1 {
-                        v.field(key_span, (value_start, i));
-                    }
                     at = At::AfterValue;
+                } else if matches!(at, At::ObjectStart) {
+                    i = key(s, i)?.1;
+                    at = At::Value;
                 } else {
                     at = At::Value;
                 }
             }
             At::Value => {
-                let Some(&b) = s.get(i) else {
-                    return Line::Doubt;
-                };
-                if depth == 1 {
-                    value_start = i;
-                }
-                match b {
-                    b'{' | b'[' => {
+                match *s.get(i)? {
+                    b @ (b'{' | b'[') => {
                         if depth == MAX_DEPTH {
-                            return Line::Doubt;
+                            return None;
                         }
                         depth += 1;
                         stack = (stack << 1) | u128::from(b == b'{');
@@ -216,59 +267,30 @@ pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
                         };
                         continue;
                     }
-                    b'"' => match string(s, i) {
-                        Some(e) => i = e,
-                        None => return Line::Doubt,
-                    },
-                    b't' | b'f' | b'n' => {
-                        let word: &[u8] = match b {
-                            b't' => b"true",
-                            b'f' => b"false",
-                            _ => b"null",
-                        };
-                        if !s[i..].starts_with(word) {
-                            return Line::Doubt;
+                    b'"' => i = string(s, i)?,
+                    b't' => i = literal(s, i, b"true")?,
+                    b'f' => i = literal(s, i, b"false")?,
+                    b'n' => i = literal(s, i, b"null")?,
+                    b'-' | b'0'..=b'9' => {
+                        let e = number(s, i)?;
+                        if V::LONG_INTEGERS && e - i >= 19 {
+                            long_integer(&s[i..e], v);
                         }
-                        i += word.len();
+                        i = e;
                     }
-                    b'-' | b'0'..=b'9' => match number(s, i) {
-                        Some(e) => {
-                            if V::LONG_INTEGERS
-                                && e - i >= 19
-                                && !s[i..e].contains(&b'.')
-                                && s[i..e].iter().filter(|b| b.is_ascii_digit()).count() >= 19
-                            {
-                                v.long_integer();
-                            }
-                            i = e;
-                        }
-                        None => return Line::Doubt,
-                    },
-                    _ => return Line::Doubt,
-                }
-                if depth == 1 {
-                    v.field(key_span, (value_start, i));
+                    _ => return None,
                 }
                 at = At::AfterValue;
             }
             At::AfterValue => {
-                if depth == 0 {
-                    return if i == n { Line::Object } else { Line::Doubt };
+                if depth == 1 {
+                    return Some(i);
                 }
                 let in_object = stack & 1 == 1;
                 match (s.get(i), in_object) {
                     (Some(b','), true) => {
-                        let start = skip_ws(s, i + 1);
-                        match key(s, start) {
-                            Some((k, after)) => {
-                                if depth == 1 {
-                                    key_span = (start + 1, k - 1);
-                                }
-                                i = after;
-                                at = At::Value;
-                            }
-                            None => return Line::Doubt,
-                        }
+                        i = key(s, skip_ws(s, i + 1))?.1;
+                        at = At::Value;
                     }
                     (Some(b','), false) => {
                         i += 1;
@@ -278,11 +300,8 @@ pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
                         i += 1;
                         depth -= 1;
                         stack >>= 1;
-                        if depth == 1 {
-                            v.field(key_span, (value_start, i));
-                        }
                     }
-                    _ => return Line::Doubt,
+                    _ => return None,
                 }
             }
         }
@@ -309,8 +328,60 @@ fn key(s: &[u8], i: usize) -> Option<(usize, usize)> {
 }
 
 /// A string starting at the `"` at `i`; the position after its closing quote.
-#[inline]
-fn string(s: &[u8], mut i: usize) -> Option<usize> {
+///
+/// Inlined for the common string (no escape, its closing quote among the next sixteen bytes:
+/// one vector compare); anything else is [`string_rest`]'s.
+#[inline(always)]
+fn string(s: &[u8], i: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some((special, quote)) = specials16(s, i + 1) {
+        let first = special & special.wrapping_neg();
+        if quote & first != 0 {
+            return Some(i + 2 + first.trailing_zeros() as usize);
+        }
+    }
+    string_rest(s, i)
+}
+
+/// The sixteen bytes of `s` from `at` as two bit masks (bit `k` for byte `at + k`): the bytes
+/// that are not plain string content (see [`STRING_PLAIN`]), and the quotes. When fewer than
+/// sixteen bytes are left, the line's last sixteen are read and shifted, so that bits past the
+/// end are zero; `None` for a line shorter than sixteen bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn specials16(s: &[u8], at: usize) -> Option<(u32, u32)> {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let n = s.len();
+    let (load, shift) = if at + 16 <= n {
+        (at, 0)
+    } else if n >= 16 && at <= n {
+        (n - 16, at - (n - 16))
+    } else {
+        return None;
+    };
+    // SAFETY: SSE2 is in the x86_64 baseline, so the intrinsics are available; the unaligned
+    // load reads the 16 bytes s[load..load + 16], which are in bounds (load + 16 <= n).
+    let (special, quote) = unsafe {
+        let v = _mm_loadu_si128(s.as_ptr().add(load).cast::<__m128i>());
+        let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        // v <= 0x1f (unsigned) exactly when min(v, 0x1f) == v.
+        let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+        let special = _mm_or_si128(_mm_or_si128(quote, backslash), control);
+        (
+            _mm_movemask_epi8(special) as u32,
+            _mm_movemask_epi8(quote) as u32,
+        )
+    };
+    Some((special >> shift, quote >> shift))
+}
+
+/// [`string`] for any string: runs of plain bytes, escapes, the closing quote.
+#[inline(never)]
+fn string_rest(s: &[u8], mut i: usize) -> Option<usize> {
     i += 1;
     loop {
         i += plain_run(&s[i..]);
@@ -339,17 +410,36 @@ fn string(s: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
+/// The position after the ASCII digits from `i`: eight bytes at a time, then one at a time. A
+/// digit loop byte by byte mispredicts its exit on every number of a new length.
 #[inline]
 fn digits(s: &[u8], mut i: usize) -> usize {
+    while let Some(word) = s.get(i..i + 8) {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let not_digit = non_digits(x);
+        if not_digit != 0 {
+            return i + (not_digit.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
     while i < s.len() && s[i].is_ascii_digit() {
         i += 1;
     }
     i
 }
 
+/// The high bit of each byte of `x` that is not an ASCII digit, exactly (no borrow or carry
+/// crosses a byte): `y = x ^ '0'` is below 10 exactly for a digit; the low seven bits of `y`
+/// plus 0x76 set the high bit when they are 10 or more, and cannot carry out of the byte.
+#[inline]
+fn non_digits(x: u64) -> u64 {
+    let y = x ^ (ONES * u64::from(b'0'));
+    (((y & !HIGHS).wrapping_add(ONES * 0x76)) | y) & HIGHS
+}
+
 /// A number starting at `i`; the position after it. Exponents and very long numbers are left
 /// to serde_json (they can be out of range).
-#[inline]
+#[inline(always)]
 fn number(s: &[u8], mut i: usize) -> Option<usize> {
     if s[i] == b'-' {
         i += 1;
@@ -376,6 +466,85 @@ fn number(s: &[u8], mut i: usize) -> Option<usize> {
         return None;
     }
     Some(i)
+}
+
+/// The positions of the `\n`s in a block, in order: sixty-four bytes a step with SSE2 into one
+/// bit mask, then one bit per newline. Records are often shorter than the setup of a
+/// `memchr` call per line, which this replaces where a block is split into lines.
+pub(crate) struct Newlines<'a> {
+    data: &'a [u8],
+    /// Where the bytes not yet in `mask` start.
+    next: usize,
+    /// Newlines found and not yet returned, bit `k` for byte `base + k`.
+    mask: u64,
+    base: usize,
+}
+
+impl<'a> Newlines<'a> {
+    pub(crate) fn new(data: &'a [u8]) -> Newlines<'a> {
+        Newlines {
+            data,
+            next: 0,
+            mask: 0,
+            base: 0,
+        }
+    }
+
+    /// The newlines of the 64 bytes from `at` (`at + 64` is in bounds).
+    #[inline]
+    fn mask64(&self, at: usize) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{
+                __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+            };
+            let mut m = 0u64;
+            for k in 0..4 {
+                // SAFETY: SSE2 is in the x86_64 baseline; the unaligned load reads the 16
+                // bytes data[at + 16k..at + 16k + 16], in bounds as at + 64 <= data.len().
+                let bits = unsafe {
+                    let v = _mm_loadu_si128(self.data.as_ptr().add(at + 16 * k).cast::<__m128i>());
+                    _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8))) as u16
+                };
+                m |= u64::from(bits) << (16 * k);
+            }
+            m
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self.data[at..at + 64]
+                .iter()
+                .enumerate()
+                .fold(0, |m, (k, &b)| m | (u64::from(b == b'\n') << k))
+        }
+    }
+}
+
+impl Iterator for Newlines<'_> {
+    type Item = usize;
+
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        while self.mask == 0 {
+            let at = self.next;
+            if at + 64 <= self.data.len() {
+                self.mask = self.mask64(at);
+                self.next = at + 64;
+            } else if at < self.data.len() {
+                self.mask = self.data[at..]
+                    .iter()
+                    .enumerate()
+                    .fold(0, |m, (k, &b)| m | (u64::from(b == b'\n') << k));
+                self.next = self.data.len();
+            } else {
+                return None;
+            }
+            self.base = at;
+        }
+        let k = self.mask.trailing_zeros() as usize;
+        self.mask &= self.mask - 1;
+        Some(self.base + k)
+    }
 }
 
 /// A line that failed the check: its number and what is wrong with it.
@@ -418,11 +587,12 @@ pub(crate) fn check_block(
     let mut compact = false;
     let mut line_no = first_line;
     let mut start = 0;
+    let mut newlines = Newlines::new(data);
     while start < data.len() {
         if not_utf8.as_ref().is_some_and(|(at, _)| *at == start) {
             return Err(not_utf8.take().expect("checked").1);
         }
-        let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+        let end = newlines.next().unwrap_or(data.len());
         let line = &data[start..end];
         if line.strip_suffix(b"\r").unwrap_or(line).len() > max_line {
             return Err(BadLine {
@@ -784,6 +954,95 @@ mod tests {
                 }
                 b
             })
+    }
+
+    proptest! {
+        #[test]
+        fn newlines_are_where_memchr_finds_them(
+            data in prop::collection::vec(prop_oneof![Just(b'\n'), Just(b'a'), any::<u8>()], 0..300),
+        ) {
+            let ours: Vec<usize> = Newlines::new(&data).collect();
+            let theirs: Vec<usize> = memchr::memchr_iter(b'\n', &data).collect();
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    /// Records the top-level fields a line reports.
+    #[derive(Default)]
+    struct Fields(Vec<((usize, usize), (usize, usize))>);
+
+    impl Visit for Fields {
+        fn field(&mut self, key: (usize, usize), value: (usize, usize)) {
+            self.0.push((key, value));
+        }
+    }
+
+    /// The inline string check reads sixteen bytes, or the line's last sixteen shifted: a
+    /// string's end is found, with its field's span, at every distance from the line's end and
+    /// for lines shorter than sixteen bytes; a special byte anywhere in it is never missed.
+    #[test]
+    fn strings_are_found_at_every_distance_from_the_end_of_the_line() {
+        for pad in 0..20 {
+            for len in 0..40 {
+                let text = "x".repeat(len);
+                let line = format!("{{\"{}\":\"{text}\"}}", "k".repeat(pad + 1));
+                let mut f = Fields::default();
+                assert_eq!(
+                    classify_with(line.as_bytes(), &mut f),
+                    Line::Object,
+                    "{line}"
+                );
+                let value = (pad + 5, line.len() - 1);
+                assert_eq!(f.0, vec![((2, pad + 3), value)], "{line}");
+                assert_eq!(&line[value.0..value.1], format!("\"{text}\""));
+                for at in 0..len {
+                    for special in [b'"', b'\\', 0x01, b'\n'] {
+                        let mut bad = line.clone().into_bytes();
+                        bad[value.0 + 1 + at] = special;
+                        agrees(&bad);
+                        if special != b'\\' {
+                            assert_eq!(classify(&bad), Line::Doubt, "{:?}", bad);
+                        }
+                    }
+                }
+                // An escape in the string goes the long way and still ends where it should.
+                if len >= 2 {
+                    let mut esc = line.clone().into_bytes();
+                    esc[value.0 + 1 + len - 2] = b'\\';
+                    esc[value.0 + 1 + len - 1] = b'n';
+                    let mut f = Fields::default();
+                    assert_eq!(classify_with(&esc, &mut f), Line::Object);
+                    assert_eq!(f.0, vec![((2, pad + 3), value)]);
+                }
+            }
+        }
+    }
+
+    /// Numbers of every length at every distance from the end, and the SWAR digit test on
+    /// every byte value.
+    #[test]
+    fn numbers_end_at_their_last_digit() {
+        for b in 0..=255u8 {
+            let x = u64::from_le_bytes([b'5', b'5', b, b'5', b'5', b'5', b'5', b'5']);
+            let want = if b.is_ascii_digit() { 0 } else { 0x80 << 16 };
+            assert_eq!(non_digits(x), want, "byte {b:#x}");
+        }
+        for pad in 0..12 {
+            for len in 1..30 {
+                let digits: String = (0..len).map(|k| char::from(b'1' + (k % 9) as u8)).collect();
+                for number in [digits.clone(), format!("-{digits}"), format!("{digits}.25")] {
+                    let line = format!("{{\"{}\":{number},\"b\":1}}", "k".repeat(pad + 1));
+                    let mut f = Fields::default();
+                    assert_eq!(
+                        classify_with(line.as_bytes(), &mut f),
+                        Line::Object,
+                        "{line}"
+                    );
+                    let (v0, v1) = f.0[0].1;
+                    assert_eq!(&line[v0..v1], number, "{line}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -707,7 +707,7 @@ impl NativeNode {
         if self.lines.is_some() {
             self.offsets.push(0);
             self.offsets
-                .extend(memchr::memchr_iter(b'\n', block).map(|i| i + 1));
+                .extend(crate::ndjson::Newlines::new(block).map(|i| i + 1));
             if block.last().is_some_and(|b| *b != b'\n') {
                 self.offsets.push(block.len());
             }

@@ -60,15 +60,16 @@ impl LineNode for UpperLines {
                 None => out.push(record),
                 Some((start, end)) => out.push_with(|buf| {
                     // The record copied at once, then the string upper-cased in place when it
-                    // is plain ASCII (the usual case); otherwise copied in three pieces.
-                    let base = buf.len();
-                    buf.extend_from_slice(record);
-                    let inner = &mut buf[base + start + 1..base + end - 1];
-                    if inner.iter().all(|b| b.is_ascii() && *b != b'\\') {
-                        inner.make_ascii_uppercase();
+                    // is plain ASCII (the usual case); otherwise copied in three pieces. The
+                    // string is tested in the input, not in the copy: reading bytes just
+                    // written stalls on store forwarding.
+                    let inner = &record[start + 1..end - 1];
+                    if inner.is_ascii() && !inner.contains(&b'\\') {
+                        let base = buf.len();
+                        buf.extend_from_slice(record);
+                        buf[base + start + 1..base + end - 1].make_ascii_uppercase();
                         return Ok(());
                     }
-                    buf.truncate(base);
                     buf.extend_from_slice(&record[..start]);
                     json::upper_string(&record[start..end], buf)?;
                     buf.extend_from_slice(&record[end..]);
@@ -95,18 +96,35 @@ mod json {
         i
     }
 
-    /// The end of the string starting at `s[i] == '"'` (after its closing quote).
+    /// The end of the string starting at `s[i] == '"'` (after its closing quote): eight bytes
+    /// at a time to the next quote or backslash, then byte by byte.
     #[inline]
     fn string_end(s: &[u8], mut i: usize) -> Scan<usize> {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGHS: u64 = 0x8080_8080_8080_8080;
+        // The high bit of each byte of `x` equal to `b`; the lowest one is exact.
+        let equal = |x: u64, b: u8| {
+            let v = x ^ (ONES * u64::from(b));
+            v.wrapping_sub(ONES) & !v & HIGHS
+        };
         i += 1;
-        while i < s.len() {
-            match s[i] {
-                b'"' => return Ok(i + 1),
-                b'\\' => i += 2,
-                _ => i += 1,
+        loop {
+            while let Some(word) = s.get(i..i + 8) {
+                let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+                let special = equal(x, b'"') | equal(x, b'\\');
+                if special != 0 {
+                    i += (special.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                i += 8;
+            }
+            match s.get(i) {
+                Some(b'"') => return Ok(i + 1),
+                Some(b'\\') => i += 2,
+                Some(_) => i += 1,
+                None => return Err("unterminated string"),
             }
         }
-        Err("unterminated string")
     }
 
     /// The end of the value starting at `s[i]`.
@@ -150,7 +168,7 @@ mod json {
     /// Whether the key `k` (JSON text, with its quotes) is `field`, whose JSON text is `key`.
     #[inline]
     fn is_key(k: &[u8], key: &[u8], field: &str) -> bool {
-        if k.len() == key.len() && k.iter().zip(key).all(|(a, b)| a == b) {
+        if k == key {
             return true;
         }
         // A key with escapes is compared decoded.
