@@ -121,6 +121,25 @@ impl<T> Collected<T> {
     }
 }
 
+/// The buffer a `collect` sink starts with, allocated where `collect()` is called: on the
+/// caller's thread, not the sink's worker.
+///
+/// Why it matters (glibc): `realloc` keeps a block in the arena it came from, and each thread
+/// allocates from an arena of its own. A result grown from nothing on a worker thread lives in
+/// that worker's arena; freed by the caller after the run, it stays there, and the next run's
+/// threads need not be given that arena again, so a process that runs pipelines one after
+/// another held about 23 MB more after each run of the peers' W2 (1 M results). Grown from a
+/// block of the caller's, the result is the caller's memory, as a hand-written loop's would be
+/// (`docs/performance.md`, "W2 memory, 2026-12-07"; `tests/collect_memory.rs`). With other
+/// allocators it is one small allocation made early.
+pub(crate) fn first_buffer<T>() -> Vec<T> {
+    const BYTES: usize = 4096;
+    match std::mem::size_of::<T>() {
+        0 => Vec::new(),
+        n => Vec::with_capacity((BYTES / n).max(1)),
+    }
+}
+
 /// Gathers records locally and hands them over at the end of the instance's input.
 pub(crate) struct CollectTail<T> {
     local: Vec<T>,
@@ -129,9 +148,12 @@ pub(crate) struct CollectTail<T> {
 }
 
 impl<T> CollectTail<T> {
+    /// The first instance made takes the handle's buffer (see [`first_buffer`]); any other
+    /// starts empty.
     pub(crate) fn new(cx: &Cx, out: Arc<Mutex<Vec<T>>>) -> Self {
+        let local = std::mem::take(&mut *out.lock());
         CollectTail {
-            local: Vec::new(),
+            local,
             out,
             count: Counter::new(cx),
         }
@@ -155,7 +177,14 @@ impl<T: Send> Tail<T> for CollectTail<T> {
     }
     fn finish(&mut self, _: &Cx) -> Result<(), Halt> {
         self.count.publish();
-        self.out.lock().append(&mut self.local);
+        let mut out = self.out.lock();
+        if out.is_empty() {
+            // The first to finish hands over its buffer: no copy, no second allocation the
+            // size of the result.
+            std::mem::swap(&mut *out, &mut self.local);
+        } else {
+            out.append(&mut self.local);
+        }
         Ok(())
     }
 }

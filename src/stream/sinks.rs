@@ -121,7 +121,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
     /// assert_eq!(out.take(), vec![1, 2, 3]);
     /// ```
     pub fn collect(self) -> Collected<Out<I, C>> {
-        let items = Arc::new(Mutex::new(Vec::new()));
+        let items = Arc::new(Mutex::new(crate::sink::first_buffer()));
         let handle = Collected {
             items: Arc::clone(&items),
         };
