@@ -132,8 +132,8 @@ pub(crate) fn classify(s: &[u8]) -> Line {
 /// The top-level object is read by straight-line code — a key, a colon, a value, then a comma
 /// or the end — because nearly every line is a flat object of strings and numbers, and a state
 /// machine's dispatch per token was most of the check's time (an indirect jump, mispredicted
-/// as the token kinds alternate). Nested values go to [`nested`]. Every "not sure" returns
-/// [`Line::Doubt`], never "valid".
+/// as the token kinds alternate). Nested values are read the same way ([`nested`]). Every
+/// "not sure" returns [`Line::Doubt`], never "valid".
 #[inline]
 pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
     let n = s.len();
@@ -153,7 +153,7 @@ pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
                 return Line::Doubt;
             };
             let value_start = skip_ws(s, after);
-            let Some(value_end) = value(s, value_start, v) else {
+            let Some(value_end) = value(s, value_start, 1, v) else {
                 return Line::Doubt;
             };
             v.field((i + 1, key_end - 1), (value_start, value_end));
@@ -175,9 +175,9 @@ pub(crate) fn classify_with<V: Visit>(s: &[u8], v: &mut V) -> Line {
     }
 }
 
-/// One value of the top-level object, starting at `i`; the position after it.
+/// One value starting at `i`, inside `depth` open brackets; the position after it.
 #[inline(always)]
-fn value<V: Visit>(s: &[u8], i: usize, v: &mut V) -> Option<usize> {
+fn value<V: Visit>(s: &[u8], i: usize, depth: usize, v: &mut V) -> Option<usize> {
     match *s.get(i)? {
         b'"' => string(s, i),
         b'-' | b'0'..=b'9' => {
@@ -190,7 +190,7 @@ fn value<V: Visit>(s: &[u8], i: usize, v: &mut V) -> Option<usize> {
         b't' => literal(s, i, b"true"),
         b'f' => literal(s, i, b"false"),
         b'n' => literal(s, i, b"null"),
-        b'{' | b'[' => nested(s, i, v),
+        b'{' | b'[' => nested(s, i, depth, v),
         _ => None,
     }
 }
@@ -208,102 +208,30 @@ fn long_integer<V: Visit>(number: &[u8], v: &mut V) {
     }
 }
 
-/// A nested object or array, starting at the `{` or `[` at `i` inside the top-level object;
-/// the position after its closing bracket.
+/// A nested object or array, starting at the `{` or `[` at `i`, with `depth` brackets around
+/// it already open (the top-level object's is one); the position after its closing bracket.
 ///
-/// An iterative recogniser with the nesting kept in a bit stack (1 = object, 0 = array), so the
-/// position stays in a register. Depth counts the top-level object: at most [`MAX_DEPTH`]
-/// brackets are open at once.
+/// The same straight-line reading as the top level's, by recursion: at most [`MAX_DEPTH`]
+/// brackets are open at once (deeper is left to `serde_json`), so the stack stays small.
 #[inline(never)]
-fn nested<V: Visit>(s: &[u8], mut i: usize, v: &mut V) -> Option<usize> {
-    let mut stack: u128 = 1;
-    let mut depth = 1usize;
-    // States: where the next token starts.
-    enum At {
-        /// After `{`: a key or `}`.
-        ObjectStart,
-        /// After `[`: a value or `]`.
-        ArrayStart,
-        /// A value is due.
-        Value,
-        /// After a value: `,` or the closing bracket.
-        AfterValue,
+fn nested<V: Visit>(s: &[u8], i: usize, depth: usize, v: &mut V) -> Option<usize> {
+    if depth == MAX_DEPTH {
+        return None;
     }
-    let mut at = At::Value;
+    let close = if s[i] == b'{' { b'}' } else { b']' };
+    let mut i = skip_ws(s, i + 1);
+    if s.get(i) == Some(&close) {
+        return Some(i + 1);
+    }
     loop {
-        i = skip_ws(s, i);
-        match at {
-            At::ObjectStart | At::ArrayStart => {
-                let close = if matches!(at, At::ObjectStart) {
-                    b'}'
-                } else {
-                    b']'
-                };
-                if s.get(i) == Some(&close) {
-                    i += 1;
-                    depth -= 1;
-                    stack >>= 1;
-                    at = At::AfterValue;
-                } else if matches!(at, At::ObjectStart) {
-                    i = key(s, i)?.1;
-                    at = At::Value;
-                } else {
-                    at = At::Value;
-                }
-            }
-            At::Value => {
-                match *s.get(i)? {
-                    b @ (b'{' | b'[') => {
-                        if depth == MAX_DEPTH {
-                            return None;
-                        }
-                        depth += 1;
-                        stack = (stack << 1) | u128::from(b == b'{');
-                        i += 1;
-                        at = if b == b'{' {
-                            At::ObjectStart
-                        } else {
-                            At::ArrayStart
-                        };
-                        continue;
-                    }
-                    b'"' => i = string(s, i)?,
-                    b't' => i = literal(s, i, b"true")?,
-                    b'f' => i = literal(s, i, b"false")?,
-                    b'n' => i = literal(s, i, b"null")?,
-                    b'-' | b'0'..=b'9' => {
-                        let e = number(s, i)?;
-                        if V::LONG_INTEGERS && e - i >= 19 {
-                            long_integer(&s[i..e], v);
-                        }
-                        i = e;
-                    }
-                    _ => return None,
-                }
-                at = At::AfterValue;
-            }
-            At::AfterValue => {
-                if depth == 1 {
-                    return Some(i);
-                }
-                let in_object = stack & 1 == 1;
-                match (s.get(i), in_object) {
-                    (Some(b','), true) => {
-                        i = key(s, skip_ws(s, i + 1))?.1;
-                        at = At::Value;
-                    }
-                    (Some(b','), false) => {
-                        i += 1;
-                        at = At::Value;
-                    }
-                    (Some(b'}'), true) | (Some(b']'), false) => {
-                        i += 1;
-                        depth -= 1;
-                        stack >>= 1;
-                    }
-                    _ => return None,
-                }
-            }
+        if close == b'}' {
+            i = skip_ws(s, key(s, i)?.1);
+        }
+        i = skip_ws(s, value(s, i, depth + 1, v)?);
+        match *s.get(i)? {
+            b',' => i = skip_ws(s, i + 1),
+            b if b == close => return Some(i + 1),
+            _ => return None,
         }
     }
 }
@@ -1015,6 +943,48 @@ mod tests {
                     assert_eq!(f.0, vec![((2, pad + 3), value)]);
                 }
             }
+        }
+    }
+
+    /// Nested values are read to their closing bracket, whatever they hold; only top-level
+    /// fields are reported; nesting is recognised up to [`MAX_DEPTH`] open brackets.
+    #[test]
+    fn nested_values_are_read_to_their_closing_bracket() {
+        let line = r#"{"a":[],"b":{},"c":[{}],"d":{"a":{"a":[1,"x",true,null,-0.5]}}, "e" : [ 1 , { "k" : "v" } ] ,"f":"}"}"#;
+        let mut f = Fields::default();
+        assert_eq!(classify_with(line.as_bytes(), &mut f), Line::Object);
+        let fields: Vec<(&str, &str)> =
+            f.0.iter()
+                .map(|&((k0, k1), (v0, v1))| (&line[k0..k1], &line[v0..v1]))
+                .collect();
+        assert_eq!(
+            fields,
+            [
+                ("a", "[]"),
+                ("b", "{}"),
+                ("c", "[{}]"),
+                ("d", r#"{"a":{"a":[1,"x",true,null,-0.5]}}"#),
+                ("e", r#"[ 1 , { "k" : "v" } ]"#),
+                ("f", r#""}""#),
+            ]
+        );
+        for bad in [
+            r#"{"a":[1,]}"#,
+            r#"{"a":{"b":1,}}"#,
+            r#"{"a":{"b"}}"#,
+            r#"{"a":[1}"#,
+            r#"{"a":{"b":1]}"#,
+            r#"{"a":[[1]}"#,
+            r#"{"a":{1:2}}"#,
+        ] {
+            assert_eq!(classify(bad.as_bytes()), Line::Doubt, "{bad}");
+            agrees(bad.as_bytes());
+        }
+        // The top-level object is one of the open brackets.
+        for (inner, want) in [(MAX_DEPTH - 1, Line::Object), (MAX_DEPTH, Line::Doubt)] {
+            let line = format!("{{\"a\":{}{}}}", "[".repeat(inner), "]".repeat(inner));
+            assert_eq!(classify(line.as_bytes()), want, "{inner} arrays inside");
+            agrees(line.as_bytes());
         }
     }
 
