@@ -30,8 +30,10 @@ pub struct Options {
     /// A watermark generator sends its watermark downstream (when it has risen) after every
     /// this many records it emits (default 8,192), and whenever its input goes idle. Counting
     /// records rather than time makes replaying a file deterministic: with one producing
-    /// instance, which records are late depends on the data alone. Each send flushes the
-    /// batches being filled, so much smaller values cost throughput.
+    /// instance, which records are late depends on the data alone, unless the input goes idle,
+    /// which a partial batch waiting [`linger`](Options::linger) counts as (see
+    /// `docs/semantics.md`, "When they are sent"). Each send flushes the batches being filled,
+    /// so much smaller values cost throughput.
     pub watermark_every: usize,
     /// How long an input of a stage may stay silent before it stops holding the stage's
     /// watermark back (default `None`: an input holds it back until it ends).
