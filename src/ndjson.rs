@@ -60,27 +60,12 @@ fn bytes_below(x: u64, n: u8) -> u64 {
 fn plain_run(s: &[u8]) -> usize {
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
-            _mm_or_si128, _mm_set1_epi8,
-        };
-        while i + 16 <= s.len() {
-            // SAFETY: SSE2 is in the x86_64 baseline, so the intrinsics are available; the
-            // unaligned load reads the 16 bytes s[i..i + 16], which are in bounds.
-            let special = unsafe {
-                let v = _mm_loadu_si128(s.as_ptr().add(i).cast::<__m128i>());
-                let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
-                let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
-                // v <= 0x1f (unsigned) exactly when min(v, 0x1f) == v.
-                let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
-                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
-            };
-            if special != 0 {
-                return i + special.trailing_zeros() as usize;
-            }
-            i += 16;
+    while i + 16 <= s.len() {
+        let (special, _) = masks16(s, i);
+        if special != 0 {
+            return i + special.trailing_zeros() as usize;
         }
+        i += 16;
     }
     while let Some(word) = s.get(i..i + 8) {
         let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
@@ -271,29 +256,21 @@ fn string(s: &[u8], i: usize) -> Option<usize> {
     string_rest(s, i)
 }
 
-/// The sixteen bytes of `s` from `at` as two bit masks (bit `k` for byte `at + k`): the bytes
-/// that are not plain string content (see [`STRING_PLAIN`]), and the quotes. When fewer than
-/// sixteen bytes are left, the line's last sixteen are read and shifted, so that bits past the
-/// end are zero; `None` for a line shorter than sixteen bytes.
+/// The sixteen bytes `s[at..at + 16]` (in bounds) as two bit masks, bit `k` for byte
+/// `at + k`: the bytes that are not plain string content (see [`STRING_PLAIN`]), and the
+/// quotes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn specials16(s: &[u8], at: usize) -> Option<(u32, u32)> {
+fn masks16(s: &[u8], at: usize) -> (u32, u32) {
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
         _mm_set1_epi8,
     };
-    let n = s.len();
-    let (load, shift) = if at + 16 <= n {
-        (at, 0)
-    } else if n >= 16 && at <= n {
-        (n - 16, at - (n - 16))
-    } else {
-        return None;
-    };
+    assert!(at + 16 <= s.len());
     // SAFETY: SSE2 is in the x86_64 baseline, so the intrinsics are available; the unaligned
-    // load reads the 16 bytes s[load..load + 16], which are in bounds (load + 16 <= n).
-    let (special, quote) = unsafe {
-        let v = _mm_loadu_si128(s.as_ptr().add(load).cast::<__m128i>());
+    // load reads the 16 bytes s[at..at + 16], in bounds (asserted).
+    unsafe {
+        let v = _mm_loadu_si128(s.as_ptr().add(at).cast::<__m128i>());
         let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
         let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
         // v <= 0x1f (unsigned) exactly when min(v, 0x1f) == v.
@@ -303,7 +280,24 @@ fn specials16(s: &[u8], at: usize) -> Option<(u32, u32)> {
             _mm_movemask_epi8(special) as u32,
             _mm_movemask_epi8(quote) as u32,
         )
+    }
+}
+
+/// [`masks16`] from `at`; when fewer than sixteen bytes are left, the line's last sixteen read
+/// and shifted, so that bits past the end are zero. `None` for a line shorter than sixteen
+/// bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn specials16(s: &[u8], at: usize) -> Option<(u32, u32)> {
+    let n = s.len();
+    let (load, shift) = if at + 16 <= n {
+        (at, 0)
+    } else if n >= 16 && at <= n {
+        (n - 16, at - (n - 16))
+    } else {
+        return None;
     };
+    let (special, quote) = masks16(s, load);
     Some((special >> shift, quote >> shift))
 }
 
@@ -440,12 +434,17 @@ impl<'a> Newlines<'a> {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            self.data[at..at + 64]
-                .iter()
-                .enumerate()
-                .fold(0, |m, (k, &b)| m | (u64::from(b == b'\n') << k))
+            newline_bits(&self.data[at..at + 64])
         }
     }
+}
+
+/// The newlines of up to 64 bytes, bit `k` for byte `k`, one byte at a time.
+fn newline_bits(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .enumerate()
+        .fold(0, |m, (k, &b)| m | (u64::from(b == b'\n') << k))
 }
 
 impl Iterator for Newlines<'_> {
@@ -459,10 +458,7 @@ impl Iterator for Newlines<'_> {
                 self.mask = self.mask64(at);
                 self.next = at + 64;
             } else if at < self.data.len() {
-                self.mask = self.data[at..]
-                    .iter()
-                    .enumerate()
-                    .fold(0, |m, (k, &b)| m | (u64::from(b == b'\n') << k));
+                self.mask = newline_bits(&self.data[at..]);
                 self.next = self.data.len();
             } else {
                 return None;
@@ -905,6 +901,19 @@ mod tests {
         }
     }
 
+    /// The (key, value) spans of the top-level fields of `line`, which must be recognised as
+    /// an object.
+    fn fields_of(line: &[u8]) -> Vec<((usize, usize), (usize, usize))> {
+        let mut f = Fields::default();
+        assert_eq!(
+            classify_with(line, &mut f),
+            Line::Object,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+        f.0
+    }
+
     /// The inline string check reads sixteen bytes, or the line's last sixteen shifted: a
     /// string's end is found, with its field's span, at every distance from the line's end and
     /// for lines shorter than sixteen bytes; a special byte anywhere in it is never missed.
@@ -914,14 +923,12 @@ mod tests {
             for len in 0..40 {
                 let text = "x".repeat(len);
                 let line = format!("{{\"{}\":\"{text}\"}}", "k".repeat(pad + 1));
-                let mut f = Fields::default();
+                let value = (pad + 5, line.len() - 1);
                 assert_eq!(
-                    classify_with(line.as_bytes(), &mut f),
-                    Line::Object,
+                    fields_of(line.as_bytes()),
+                    vec![((2, pad + 3), value)],
                     "{line}"
                 );
-                let value = (pad + 5, line.len() - 1);
-                assert_eq!(f.0, vec![((2, pad + 3), value)], "{line}");
                 assert_eq!(&line[value.0..value.1], format!("\"{text}\""));
                 for at in 0..len {
                     for special in [b'"', b'\\', 0x01, b'\n'] {
@@ -938,9 +945,7 @@ mod tests {
                     let mut esc = line.clone().into_bytes();
                     esc[value.0 + 1 + len - 2] = b'\\';
                     esc[value.0 + 1 + len - 1] = b'n';
-                    let mut f = Fields::default();
-                    assert_eq!(classify_with(&esc, &mut f), Line::Object);
-                    assert_eq!(f.0, vec![((2, pad + 3), value)]);
+                    assert_eq!(fields_of(&esc), vec![((2, pad + 3), value)]);
                 }
             }
         }
@@ -951,12 +956,10 @@ mod tests {
     #[test]
     fn nested_values_are_read_to_their_closing_bracket() {
         let line = r#"{"a":[],"b":{},"c":[{}],"d":{"a":{"a":[1,"x",true,null,-0.5]}}, "e" : [ 1 , { "k" : "v" } ] ,"f":"}"}"#;
-        let mut f = Fields::default();
-        assert_eq!(classify_with(line.as_bytes(), &mut f), Line::Object);
-        let fields: Vec<(&str, &str)> =
-            f.0.iter()
-                .map(|&((k0, k1), (v0, v1))| (&line[k0..k1], &line[v0..v1]))
-                .collect();
+        let fields: Vec<(&str, &str)> = fields_of(line.as_bytes())
+            .into_iter()
+            .map(|((k0, k1), (v0, v1))| (&line[k0..k1], &line[v0..v1]))
+            .collect();
         assert_eq!(
             fields,
             [
@@ -1002,13 +1005,7 @@ mod tests {
                 let digits: String = (0..len).map(|k| char::from(b'1' + (k % 9) as u8)).collect();
                 for number in [digits.clone(), format!("-{digits}"), format!("{digits}.25")] {
                     let line = format!("{{\"{}\":{number},\"b\":1}}", "k".repeat(pad + 1));
-                    let mut f = Fields::default();
-                    assert_eq!(
-                        classify_with(line.as_bytes(), &mut f),
-                        Line::Object,
-                        "{line}"
-                    );
-                    let (v0, v1) = f.0[0].1;
+                    let (v0, v1) = fields_of(line.as_bytes())[0].1;
                     assert_eq!(&line[v0..v1], number, "{line}");
                 }
             }
