@@ -66,7 +66,7 @@ impl<K, T, Acc> WindowIn<K, T, Acc> {
 pub(crate) const MAX_ENTRIES: usize = 1 << 18;
 
 /// One open window's partials: per key, the accumulator and how many records it holds.
-type Partials<K, Acc> = FixedKeys<K, (Acc, u32)>;
+type Partials<K, Acc> = FixedKeys<K, Acc, u32>;
 
 /// How many emptied key maps a combiner keeps for reuse.
 const SPARE_MAPS: usize = 2;
@@ -195,10 +195,10 @@ where
     #[inline(always)]
     fn add(&mut self, i: usize, key: &K, record: &T) {
         let agg = &*self.agg;
-        let (new, full) = self.open[i].1.update(
+        let (new, full) = self.open[i].1.update_with(
             key,
             || (agg.create(), 0),
-            |(acc, n), new| {
+            |acc, n, new| {
                 agg.add(acc, record);
                 *n += 1;
                 (new, *n >= u32::MAX / 2)
@@ -235,7 +235,7 @@ where
             let (window, mut keys) = self.open.pop_front().expect("front exists");
             self.entries -= keys.len();
             let (hash, inner, metrics) = (self.hash, &mut self.inner, &self.metrics);
-            let result = keys.drain_ordered(|key, (acc, records)| {
+            let result = keys.drain_ordered_with(|key, acc, records| {
                 // The channel counts one record per message: the partial stands for
                 // `records`.
                 InstanceMetrics::add(&metrics.records_out, u64::from(records) - 1);

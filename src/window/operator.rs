@@ -13,8 +13,9 @@
 //!   missed is counted in [`WindowState::missed_windows`].)
 
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 
+use hashbrown::HashTable;
 use rustc_hash::FxHashMap;
 
 use super::{Aggregate, Session, Sliding, Tumbling};
@@ -118,75 +119,96 @@ pub(crate) struct WindowMeta {
     pub outside: u64,
 }
 
-/// One fixed window's keys: their accumulators in a hash map (one probe per record, as a hand
-/// loop's map) and, beside it, the keys in first-seen order (the order results are emitted and
-/// checkpoints record). An `IndexMap` keeps the same order but costs two dependent memory
+/// One fixed window's keys: their accumulators in a hash table (one probe per record, as a
+/// hand loop's map) and, beside it, the keys in first-seen order (the order results are emitted
+/// and checkpoints record). An `IndexMap` keeps the same order but costs two dependent memory
 /// accesses per lookup (its index table, then the entry); the order vector is only appended
 /// to when a key is new and read once per firing.
-pub(crate) struct FixedKeys<K, Acc> {
-    accs: FxHashMap<K, Acc>,
+///
+/// `C` is a small value kept per key beside the accumulator: the window combiner's record count
+/// (`u32`), nothing (`()`) elsewhere. The entry is one flat `(K, Acc, C)` tuple in a
+/// `hashbrown::HashTable` rather than a `HashMap<K, (Acc, C)>`, whose entry nests the count in
+/// the value and pads to the value's alignment: a `u32` key, an `f64` sum and a `u32` count
+/// take 16 bytes flat and 24 nested. These loops are bound by the table's memory (the probe's
+/// load of the bucket is most of their time); with 10,000 keys the table's 16,384 entries are
+/// 256 KiB instead of 384, half of a 512 KiB L2 cache instead of three quarters. (A stand-alone
+/// model of the combiner's loop over the peers' W2 input, 24 rounds on a noisy machine: the
+/// `FxHashMap<u32, (f64, u32)>` at 224 ms (minimum) and 249 ms (first quartile), the same
+/// nested entry in a `HashTable` at 210 and 228, the flat entry at 190 and 214.)
+pub(crate) struct FixedKeys<K, Acc, C = ()> {
+    table: HashTable<(K, Acc, C)>,
     order: Vec<K>,
 }
 
-impl<K, Acc> Default for FixedKeys<K, Acc> {
+impl<K, Acc, C> Default for FixedKeys<K, Acc, C> {
     fn default() -> Self {
         FixedKeys {
-            accs: FxHashMap::default(),
+            table: HashTable::new(),
             order: Vec::new(),
         }
     }
 }
 
-impl<K: Hash + Eq + Clone, Acc> FixedKeys<K, Acc> {
+/// The hash the table is probed with (rustc-hash's `FxHasher`, as `FxHashMap` uses).
+#[inline(always)]
+fn fx<K: Hash>(key: &K) -> u64 {
+    rustc_hash::FxBuildHasher.hash_one(key)
+}
+
+impl<K, Acc, C> FixedKeys<K, Acc, C> {
+    /// The bytes one key's entry takes in the table (besides its control byte).
+    #[cfg(test)]
+    pub(crate) const ENTRY_BYTES: usize = std::mem::size_of::<(K, Acc, C)>();
+}
+
+impl<K: Hash + Eq + Clone, Acc, C> FixedKeys<K, Acc, C> {
     pub(crate) fn len(&self) -> usize {
         self.order.len()
     }
 
     pub(crate) fn clear(&mut self) {
-        self.accs.clear();
+        self.table.clear();
         self.order.clear();
     }
 
-    /// Runs `f` on the key's accumulator, made with `create` (and the key appended to the
-    /// order) if the key is new, telling it whether it was. One probe when the key is there
-    /// (most records); a new key probes again to insert. Always inlined: it is the per-record
-    /// work of the window stage and of the combiners, and a call per record showed in profiles.
+    /// Runs `f` on the key's accumulator and extra value, made with `create` (and the key
+    /// appended to the order) if the key is new, telling it whether it was. One probe when the
+    /// key is there (most records). Always inlined: it is the per-record work of the window
+    /// stage and of the combiners, and a call per record showed in profiles.
     #[inline(always)]
-    pub(crate) fn update<R>(
+    pub(crate) fn update_with<R>(
         &mut self,
         key: &K,
-        create: impl FnOnce() -> Acc,
-        f: impl FnOnce(&mut Acc, bool) -> R,
+        create: impl FnOnce() -> (Acc, C),
+        f: impl FnOnce(&mut Acc, &mut C, bool) -> R,
     ) -> R {
-        if let Some(acc) = self.accs.get_mut(key) {
-            return f(acc, false);
+        let h = fx(key);
+        if let Some((_, acc, c)) = self.table.find_mut(h, |e| e.0 == *key) {
+            return f(acc, c, false);
         }
         self.order.push(key.clone());
-        f(self.accs.entry(key.clone()).or_insert_with(create), true)
+        let (acc, c) = create();
+        let (_, acc, c) = self
+            .table
+            .insert_unique(h, (key.clone(), acc, c), |e| fx(&e.0))
+            .into_mut();
+        f(acc, c, true)
     }
 
-    /// Inserts a key that is not there yet (a restore); false if it was.
-    pub(crate) fn insert(&mut self, key: K, acc: Acc) -> bool {
-        match self.accs.entry(key) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                self.order.push(v.key().clone());
-                v.insert(acc);
-                true
-            }
-        }
-    }
-
-    /// Takes every key and accumulator out, in first-seen order, handing each to `f` until it
-    /// fails; the rest are dropped. Either way the map is left empty (with its capacity).
-    pub(crate) fn drain_ordered<E>(
+    /// Takes every key, accumulator and extra value out, in first-seen order, handing each to
+    /// `f` until it fails; the rest are dropped. Either way the map is left empty (with its
+    /// capacity).
+    pub(crate) fn drain_ordered_with<E>(
         &mut self,
-        mut f: impl FnMut(K, Acc) -> Result<(), E>,
+        mut f: impl FnMut(K, Acc, C) -> Result<(), E>,
     ) -> Result<(), E> {
         for k in self.order.drain(..) {
-            let acc = self.accs.remove(&k).expect("every ordered key has a value");
-            if let Err(e) = f(k, acc) {
-                self.accs.clear();
+            let Ok(entry) = self.table.find_entry(fx(&k), |e| e.0 == k) else {
+                unreachable!("every ordered key has a value");
+            };
+            let ((key, acc, c), _) = entry.remove();
+            if let Err(e) = f(key, acc, c) {
+                self.table.clear();
                 return Err(e);
             }
         }
@@ -195,9 +217,44 @@ impl<K: Hash + Eq + Clone, Acc> FixedKeys<K, Acc> {
 
     /// Keys and accumulators in first-seen order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &Acc)> {
-        self.order
-            .iter()
-            .map(|k| (k, self.accs.get(k).expect("every ordered key has a value")))
+        self.order.iter().map(|k| {
+            let Some((_, acc, _)) = self.table.find(fx(k), |e| e.0 == *k) else {
+                unreachable!("every ordered key has a value");
+            };
+            (k, acc)
+        })
+    }
+}
+
+impl<K: Hash + Eq + Clone, Acc> FixedKeys<K, Acc> {
+    /// [`update_with`](Self::update_with) without an extra value.
+    #[inline(always)]
+    pub(crate) fn update<R>(
+        &mut self,
+        key: &K,
+        create: impl FnOnce() -> Acc,
+        f: impl FnOnce(&mut Acc, bool) -> R,
+    ) -> R {
+        self.update_with(key, || (create(), ()), |acc, _, new| f(acc, new))
+    }
+
+    /// Inserts a key that is not there yet (a restore); false if it was.
+    pub(crate) fn insert(&mut self, key: K, acc: Acc) -> bool {
+        let h = fx(&key);
+        if self.table.find(h, |e| e.0 == key).is_some() {
+            return false;
+        }
+        self.order.push(key.clone());
+        self.table.insert_unique(h, (key, acc, ()), |e| fx(&e.0));
+        true
+    }
+
+    /// [`drain_ordered_with`](Self::drain_ordered_with) without an extra value.
+    pub(crate) fn drain_ordered<E>(
+        &mut self,
+        mut f: impl FnMut(K, Acc) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.drain_ordered_with(|k, acc, ()| f(k, acc))
     }
 }
 
@@ -720,5 +777,98 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FixedKeys;
+
+    /// A `u32` key, an `f64` sum and a `u32` record count (the window combiner's partial) take a
+    /// hand loop's 16 bytes, not the 24 a `HashMap<u32, (f64, u32)>` entry pads to (see
+    /// [`FixedKeys`]).
+    #[test]
+    fn a_partial_of_a_u32_key_an_f64_sum_and_a_count_takes_16_bytes() {
+        assert_eq!(FixedKeys::<u32, f64, u32>::ENTRY_BYTES, 16);
+        assert_eq!(FixedKeys::<u32, f64>::ENTRY_BYTES, 16);
+        // What a `HashMap<u32, (f64, u32)>` entry takes.
+        assert_eq!(std::mem::size_of::<(u32, (f64, u32))>(), 24);
+    }
+
+    /// Sums, counts and first-seen order survive the table's growth, and a drained map is empty
+    /// and is filled again the same way.
+    #[test]
+    fn keys_add_up_count_and_drain_in_first_seen_order() {
+        let mut p: FixedKeys<u32, f64, u32> = FixedKeys::default();
+        for round in 0..2 {
+            // 5,000 keys in a scrambled order (7,919 is prime to 5,000); key k is seen
+            // (k % 7) + 1 times, each time adding k.
+            let keys: Vec<u32> = (0..5_000u32).map(|i| (i * 7_919 + 13) % 5_000).collect();
+            let mut new = 0;
+            for pass in 0..7 {
+                for &k in &keys {
+                    if pass <= k % 7 {
+                        let is_new = p.update_with(
+                            &k,
+                            || (0.0, 0),
+                            |acc, n, is_new| {
+                                *acc += f64::from(k);
+                                *n += 1;
+                                is_new
+                            },
+                        );
+                        new += usize::from(is_new);
+                        assert_eq!(is_new, pass == 0, "round {round}, key {k}, pass {pass}");
+                    }
+                }
+            }
+            assert_eq!((new, p.len()), (5_000, 5_000));
+            let listed: Vec<(u32, f64)> = p.iter().map(|(k, acc)| (*k, *acc)).collect();
+            let mut out = Vec::new();
+            p.drain_ordered_with::<()>(|k, acc, n| {
+                out.push((k, acc, n));
+                Ok(())
+            })
+            .unwrap();
+            let want: Vec<(u32, f64, u32)> = keys
+                .iter()
+                .map(|&k| (k, f64::from(k) * f64::from(k % 7 + 1), k % 7 + 1))
+                .collect();
+            assert_eq!(out, want, "round {round}");
+            let want: Vec<(u32, f64)> = want.iter().map(|&(k, acc, _)| (k, acc)).collect();
+            assert_eq!(listed, want, "round {round}");
+            assert_eq!(p.len(), 0);
+        }
+    }
+
+    /// A failing consumer stops the drain, and the map is left empty either way; a restored key
+    /// is inserted once.
+    #[test]
+    fn a_failed_drain_leaves_the_keys_empty() {
+        let mut p: FixedKeys<u32, u64> = FixedKeys::default();
+        for k in 0..100u32 {
+            p.update(&k, || 0, |acc, _| *acc += 1);
+        }
+        let mut taken = 0;
+        let r = p.drain_ordered(|k, _| {
+            taken += 1;
+            if k == 41 {
+                Err(k)
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!((r, taken), (Err(41), 42));
+        assert_eq!((p.len(), p.iter().count()), (0, 0));
+        assert!(p.insert(7, 5));
+        assert!(!p.insert(7, 6));
+        p.update(&3, || 0, |acc, _| *acc += 2);
+        let mut out = Vec::new();
+        p.drain_ordered::<()>(|k, acc| {
+            out.push((k, acc));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(out, vec![(7, 5), (3, 2)]);
     }
 }
