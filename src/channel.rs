@@ -293,7 +293,7 @@ impl<T: Send> ChannelTail<T> {
 
     /// `emit` with the record's partition hash computed by the caller (a tail that knows the
     /// key's type, instead of the edge's boxed hash function).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn emit_hashed_by(&mut self, hash: u64, item: T) -> Result<(), Halt> {
         if self.bufs.is_empty() {
             return self.emit(item);
@@ -313,7 +313,7 @@ impl<T: Send> ChannelTail<T> {
     }
 
     /// Buffers `item` for consumer instance `b`, sending the batch when it is full.
-    #[inline]
+    #[inline(always)]
     fn push_to(&mut self, b: usize, item: T) -> Result<(), Halt> {
         let buf = &mut self.bufs[b];
         buf.push(item);

@@ -185,7 +185,7 @@ where
         self.countdown = 1;
     }
 
-    #[inline]
+    #[inline(always)]
     fn raw(&mut self, key: K, record: T) -> Result<(), Halt> {
         let h = (self.hash)(&key);
         self.inner.emit_hashed_by(h, WindowIn::Record(key, record))
@@ -290,17 +290,12 @@ where
             return self.raw(key, record);
         };
         self.gen.observe(t);
-        // The common cases, kept small so that they stay fast: the record falls in the newest
-        // open window, or (it is out of order by less than a window) in the one before it.
-        // (Every open window is on time: it is dropped from `open` when the watermark sent
-        // passes its end.)
-        let n = self.open.len();
-        if self.combine && n > 0 && self.open[n - 1].0.contains(t) {
-            self.add(n - 1, &key, &record);
-        } else if self.combine && n > 1 && self.open[n - 2].0.contains(t) {
-            self.add(n - 2, &key, &record);
+        // Not combined (sliding windows, sessions, checkpointed windows): every record goes on
+        // as it is, inline, to the window stage.
+        if !self.combine {
+            self.raw(key, record)?;
         } else {
-            self.emit_other(key, record, t)?;
+            self.emit_combined(key, record, t)?;
         }
         self.countdown -= 1;
         if self.countdown == 0 {
@@ -317,8 +312,26 @@ where
     A: Aggregate<T>,
     E: EventTime<T>,
 {
-    /// A record outside the newest two open windows: combined into an older or a new window, or
-    /// (not combined, or late for this combiner) sent as it is.
+    /// `emit` of a record with time `t` while records are combined.
+    #[inline(always)]
+    fn emit_combined(&mut self, key: K, record: T, t: Timestamp) -> Result<(), Halt> {
+        // The common cases, kept small so that they stay fast: the record falls in the newest
+        // open window, or (it is out of order by less than a window) in the one before it.
+        // (Every open window is on time: it is dropped from `open` when the watermark sent
+        // passes its end.)
+        let n = self.open.len();
+        if n > 0 && self.open[n - 1].0.contains(t) {
+            self.add(n - 1, &key, &record);
+        } else if n > 1 && self.open[n - 2].0.contains(t) {
+            self.add(n - 2, &key, &record);
+        } else {
+            self.emit_other(key, record, t)?;
+        }
+        Ok(())
+    }
+
+    /// A record outside the newest two open windows while combining: combined into an older or
+    /// a new window, or (late for this combiner) sent as it is.
     #[inline(never)]
     fn emit_other(&mut self, key: K, record: T, t: Timestamp) -> Result<(), Halt> {
         let combined = self.combine

@@ -415,6 +415,7 @@ where
 
     /// Adds one record at event time `t`; appends any result it changes (and the record itself
     /// when it is late) to `out`.
+    #[inline]
     pub fn on_record(
         &mut self,
         key: K,
@@ -429,6 +430,25 @@ where
                     self.last_tumbling = a.assign(t);
                 }
                 let w = self.last_tumbling;
+                // The common case, inline: the record's window has not fired (so it is not
+                // freed and emits nothing now) and is the newest one held. `add_fixed` does
+                // the same in this case, after the checks for the others.
+                let n = self.fixed.len();
+                if w.end > self.watermark && n > 0 && self.fixed[n - 1].0 == w {
+                    let agg = &self.agg;
+                    let new = self.fixed[n - 1].1.update(
+                        &key,
+                        || agg.create(),
+                        |acc, new| {
+                            agg.add(acc, &record);
+                            new
+                        },
+                    );
+                    if new {
+                        self.live += 1;
+                    }
+                    return;
+                }
                 self.add_fixed(key, t, record, &[w], out)
             }
             Assigner::Sliding(a) => self.add_fixed(key, t, record, &a.assign(t), out),
@@ -436,6 +456,7 @@ where
         }
     }
 
+    #[inline(never)]
     fn add_fixed(
         &mut self,
         key: K,
