@@ -212,6 +212,9 @@ impl<K: Hash + Eq + Clone, Acc, C> FixedKeys<K, Acc, C> {
                 return Err(e);
             }
         }
+        // Empty now, but removals can leave tombstones, which a refilled table would have to
+        // rehash away; clearing resets its control bytes (a memset of one byte per bucket).
+        self.table.clear();
         Ok(())
     }
 
