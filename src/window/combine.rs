@@ -334,21 +334,21 @@ where
     /// a new window, or (late for this combiner) sent as it is.
     #[inline(never)]
     fn emit_other(&mut self, key: K, record: T, t: Timestamp) -> Result<(), Halt> {
-        let combined = self.combine
-            && match self.assigner {
-                Assigner::Tumbling(a) => {
-                    // Not in the newest two windows (`emit` looked): an older or a new one.
-                    let w = a.assign(t);
-                    let i = (w.end > self.sent).then(|| self.index(w));
-                    if let Some(i) = i {
-                        self.add(i, &key, &record);
-                    }
-                    i.is_some()
+        let combined = match self.assigner {
+            Assigner::Tumbling(a) => {
+                // Not in the newest two windows (`emit` looked): an older or a new one.
+                let w = a.assign(t);
+                let i = (w.end > self.sent).then(|| self.index(w));
+                if let Some(i) = i {
+                    self.add(i, &key, &record);
                 }
-                // A sliding record is in several windows: its partials would count it once
-                // each, and the accounts count records.
-                Assigner::Sliding(_) | Assigner::Session(_) => false,
-            };
+                i.is_some()
+            }
+            // Never combined (`new` turns `combine` off for them): a sliding record is in
+            // several windows, and its partials would count it once each where the accounts
+            // count records.
+            Assigner::Sliding(_) | Assigner::Session(_) => false,
+        };
         if combined {
             Ok(())
         } else {

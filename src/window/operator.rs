@@ -433,24 +433,10 @@ where
                     self.last_tumbling = a.assign(t);
                 }
                 let w = self.last_tumbling;
-                // The common case, inline: the record's window has not fired (so it is not
-                // freed and emits nothing now) and is the newest one held. `add_fixed` does
-                // the same in this case, after the checks for the others.
-                let n = self.fixed.len();
-                if w.end > self.watermark && n > 0 && self.fixed[n - 1].0 == w {
-                    let agg = &self.agg;
-                    let new = self.fixed[n - 1].1.update(
-                        &key,
-                        || agg.create(),
-                        |acc, new| {
-                            agg.add(acc, &record);
-                            new
-                        },
-                    );
-                    if new {
-                        self.live += 1;
-                    }
-                    return;
+                // The common case, inline: the record's window has not fired, so it is not
+                // freed or missed, and `add_fixed` would only fold the record into it.
+                if w.end > self.watermark {
+                    return self.fold_fixed(&key, w, |agg, acc| agg.add(acc, &record), out);
                 }
                 self.add_fixed(key, t, record, &[w], out)
             }
