@@ -1,8 +1,11 @@
 //! Engine benchmarks, each next to a hand-written loop over the same data in the same group.
 //!
-//! - `fused_chain`: four maps over u64, fused on one thread and forced onto four threads.
+//! - `fused_chain`: four maps over u64, fused on one thread and forced onto four threads (at
+//!   the default batch size and at 1,024 records a batch), beside a hand-written pipeline of
+//!   four threads and crossbeam channels of batches.
 //! - `wordcount`: Zipf-like text of 10 million words, parallelism 1 and 2.
-//! - `channel_hop`: one record per message against batches of 1,024.
+//! - `channel_hop`: one record per message against batches of 1,024 and the default (4,096
+//!   `u64` a batch).
 //! - `ndjson_cli`: `millrace run` over 1 GiB of NDJSON (read → filter → select → write), on the
 //!   projected byte path and on the value path, beside DuckDB (and jq) when installed.
 //! - `ndjson_policy`: the same pipeline on clean input with `on_error = "fail"` against
@@ -115,7 +118,87 @@ fn fused_chain(c: &mut Criterion) {
             p.run().unwrap()
         })
     });
+    // The same four threads with every link at the batch size all links had before
+    // 2026-12-07 (1,024 records; the default now sizes a `u64` link's batches at 4,096).
+    g.bench_function("engine_4_threads_batch_1024", |b| {
+        b.iter(|| {
+            let mut o = Options::default();
+            o.batch_size = 1024;
+            let p = Pipeline::with_options(o);
+            p.source("n", 0..black_box(N))
+                .map(f1)
+                .new_stage()
+                .map(f2)
+                .new_stage()
+                .map(f3)
+                .new_stage()
+                .map(f4)
+                .for_each(|x| {
+                    black_box(x);
+                });
+            p.run().unwrap()
+        })
+    });
+    // A naive pipeline written by hand (the peers harness's "crossbeam batched"): the same
+    // four threads, each map in its own, linked by crossbeam channels of `Vec` batches of
+    // 1,024 records, 8 batches deep.
+    g.bench_function("crossbeam_batched_4_threads", |b| {
+        b.iter(|| crossbeam_batched(black_box(N)))
+    });
     g.finish();
+}
+
+/// `0..n` through `f1`..`f4` on four threads linked by bounded crossbeam channels of batches;
+/// returns how many records reached the end.
+fn crossbeam_batched(n: u64) -> u64 {
+    use crossbeam_channel::{bounded, Receiver};
+    const BATCH: usize = 1024;
+    fn stage<'scope>(
+        s: &'scope std::thread::Scope<'scope, '_>,
+        rx: Receiver<Vec<u64>>,
+        f: fn(u64) -> u64,
+    ) -> Receiver<Vec<u64>> {
+        let (tx, out) = bounded::<Vec<u64>>(8);
+        s.spawn(move || {
+            for mut batch in rx {
+                for x in &mut batch {
+                    *x = f(*x);
+                }
+                if tx.send(batch).is_err() {
+                    return;
+                }
+            }
+        });
+        out
+    }
+    std::thread::scope(|s| {
+        let (tx, rx) = bounded::<Vec<u64>>(8);
+        s.spawn(move || {
+            let mut buf = Vec::with_capacity(BATCH);
+            for x in 0..n {
+                buf.push(f1(x));
+                if buf.len() == BATCH {
+                    let full = std::mem::replace(&mut buf, Vec::with_capacity(BATCH));
+                    if tx.send(full).is_err() {
+                        return;
+                    }
+                }
+            }
+            if !buf.is_empty() {
+                let _ = tx.send(buf);
+            }
+        });
+        let rx = stage(s, stage(s, rx, f2), f3);
+        let mut seen = 0;
+        for batch in rx {
+            for x in batch {
+                black_box(f4(x));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, n);
+        seen
+    })
 }
 
 /// About a microsecond of integer mixing on this machine: 768 dependent rounds of
@@ -401,7 +484,8 @@ fn channel_hop(c: &mut Criterion) {
             }
         })
     });
-    for batch in [1usize, 1024] {
+    // 0: the default, sized by the record type (4,096 `u64` a batch).
+    for batch in [1usize, 1024, 0] {
         g.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, &batch| {
             b.iter(|| {
                 let mut o = Options::default();

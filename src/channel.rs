@@ -173,7 +173,7 @@ impl<T: Send> ChannelTail<T> {
             bufs,
             recycle,
             next: instance % n.max(1),
-            batch_size: cx.batch_size(),
+            batch_size: cx.batch_size_for::<T>(),
             started: 0,
             stopped: n == 0,
             key_groups: cx

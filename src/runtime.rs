@@ -21,7 +21,11 @@ use crate::sync::{thread, AtomicBool, AtomicU64, Mutex, Ordering};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Options {
-    /// Records per batch (default 1,024).
+    /// Records per batch on every link, or `0` (the default) to size each link's batches by
+    /// its record type: as many records as fill 32 KiB, at least 1,024 and at most 8,192
+    /// (see [`batch_size_for`](Options::batch_size_for)). A batch costs about the same to
+    /// send whatever it holds, so small records (a `u64`, a pair of numbers) ride in bigger
+    /// batches, while a batch of records of 32 bytes or more keeps 1,024 of them.
     pub batch_size: usize,
     /// Batches each stage instance's input channel holds (default 4).
     pub channel_capacity: usize,
@@ -52,13 +56,50 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            batch_size: 1024,
+            batch_size: 0,
             channel_capacity: 4,
             linger: Duration::from_millis(10),
             watermark_every: 8192,
             idle_timeout: None,
             max_dead_letters: None,
             par_threads: None,
+        }
+    }
+}
+
+/// With [`Options::batch_size`] `0`: the bytes of records a batch is sized to hold (Flink's
+/// network buffers are 32 KiB too), and the fewest and most records it may then hold.
+const AUTO_BATCH_BYTES: usize = 32 * 1024;
+const AUTO_BATCH_MIN: usize = 1024;
+const AUTO_BATCH_MAX: usize = 8192;
+
+impl Options {
+    /// Records per batch on a link that carries `T`: [`batch_size`](Options::batch_size) when
+    /// it is set, otherwise as many `T` as fill 32 KiB, clamped to 1,024..=8,192.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut opts = millrace::Options::default();
+    /// assert_eq!(opts.batch_size_for::<u64>(), 4096);
+    /// assert_eq!(opts.batch_size_for::<(String, u64)>(), 1024);
+    /// opts.batch_size = 64;
+    /// assert_eq!(opts.batch_size_for::<u64>(), 64);
+    /// ```
+    pub fn batch_size_for<T>(&self) -> usize {
+        match self.batch_size {
+            0 => (AUTO_BATCH_BYTES / std::mem::size_of::<T>().max(1))
+                .clamp(AUTO_BATCH_MIN, AUTO_BATCH_MAX),
+            n => n,
+        }
+    }
+
+    /// Records per batch where no record type decides it (how many records a source pulls at
+    /// a time, a `source_split` stripe): `batch_size`, or 1,024 when it is `0`.
+    pub(crate) fn batch_records(&self) -> usize {
+        match self.batch_size {
+            0 => AUTO_BATCH_MIN,
+            n => n,
         }
     }
 }
@@ -347,7 +388,12 @@ impl Cx {
 
     #[inline]
     pub(crate) fn batch_size(&self) -> usize {
-        self.run.opts.batch_size
+        self.run.opts.batch_records()
+    }
+    /// Records per batch on an output link carrying `T`.
+    #[inline]
+    pub(crate) fn batch_size_for<T>(&self) -> usize {
+        self.run.opts.batch_size_for::<T>()
     }
     #[inline]
     pub(crate) fn clock_ms(&self) -> u64 {

@@ -501,3 +501,37 @@ fn a_failing_instance_is_reported_not_the_disconnect_it_causes() {
         }
     }
 }
+
+/// By default a link's batches are sized by its record type: 32 KiB of records, at least
+/// 1,024 and at most 8,192 of them; a `batch_size` that is set is kept on every link. (Before
+/// 2026-12-07 every link carried 1,024 records a batch: the `u64` case saw 40 batches.)
+#[test]
+fn default_batches_are_sized_by_the_record_type() {
+    fn batches_in<T: Clone + Send + 'static>(batch_size: usize, make: fn(u64) -> T) -> u64 {
+        let mut o = Options::default();
+        o.batch_size = batch_size;
+        // No partial batch goes out early, however slowly the test runs.
+        o.linger = Duration::from_secs(3600);
+        let p = Pipeline::with_options(o);
+        let out = p
+            .source("nums", 0..40_960u64)
+            .map(make)
+            .new_stage()
+            .name("hop")
+            .map(|x| x)
+            .collect();
+        let report = p.run().unwrap();
+        assert_eq!(out.take().len(), 40_960);
+        report.stage("hop").unwrap().batches_in
+    }
+    assert_eq!(Options::default().batch_size, 0);
+    // 8 bytes: 4,096 a batch.
+    assert_eq!(batches_in(0, |x| x), 10);
+    // 4 bytes: at most 8,192.
+    assert_eq!(batches_in(0, |x| x as u32), 5);
+    // 40 bytes: at least 1,024.
+    assert_eq!(batches_in(0, |x| [x; 5]), 40);
+    // Set: kept, whatever the type.
+    assert_eq!(batches_in(1000, |x| x), 41);
+    assert_eq!(batches_in(4096, |x| [x; 5]), 10);
+}

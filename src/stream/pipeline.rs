@@ -65,7 +65,8 @@ impl Pipeline {
     /// ```
     pub fn with_options(opts: Options) -> Self {
         let opts = Options {
-            batch_size: opts.batch_size.max(1),
+            // 0: sized per link by the record type.
+            batch_size: opts.batch_size,
             channel_capacity: opts.channel_capacity.max(1),
             ..opts
         };
@@ -163,12 +164,12 @@ impl Pipeline {
 
     /// A parallel source stage named `name` over a slice, a `Vec`, or anything that derefs to
     /// one, read by `parts` instances. The data is dealt in *stripes* of one batch
-    /// ([`Options::batch_size`] records): stripe `k` goes to part `k % parts`. So every part
-    /// advances through the data at the same pace — event-time watermarks of the parts stay
-    /// close together (a window stage after them keeps few windows open), which N contiguous
-    /// ranges would not do — and each record is cloned out of the shared data where the first
-    /// operator takes it, never copied up front or into a batch. With `parts = 1` it is the
-    /// fastest way to feed a pipeline from a slice.
+    /// ([`Options::batch_size`] records, 1,024 when it is 0): stripe `k` goes to part
+    /// `k % parts`. So every part advances through the data at the same pace — event-time
+    /// watermarks of the parts stay close together (a window stage after them keeps few
+    /// windows open), which N contiguous ranges would not do — and each record is cloned out
+    /// of the shared data where the first operator takes it, never copied up front or into a
+    /// batch. With `parts = 1` it is the fastest way to feed a pipeline from a slice.
     ///
     /// The stream's head type is [`Stripe`] and its chain starts with [`Stripes`] (which hands
     /// a stripe's records on one by one); write `Stream<I, impl Chain<I, Out = T>>` to name it.
