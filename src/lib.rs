@@ -86,6 +86,8 @@ pub use pool::{
 pub use runtime::{CancelHandle, Options};
 pub use sink::Collected;
 pub use snapshot::Snapshot;
+#[doc(hidden)]
+pub use source::{Deal, PartDeal};
 pub use source::{ReplayVec, Replayable};
 pub use stream::{BoxedKeyed, CheckpointedKeyed, KeyedStream, Pipeline, Sink, Stream, Windowed};
 pub use time::{

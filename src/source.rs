@@ -87,23 +87,112 @@ where
     }
 }
 
-/// A head reading part `part` of `parts` of shared data, in stripes of one batch: stripe `k`
-/// (records `k * batch .. (k + 1) * batch`) belongs to part `k % parts`. Each pull clones one
-/// stripe (or what is left of it) into the batch with `extend_from_slice`.
+/// How a split source's stripes are dealt to its parts.
+///
+/// **Unordered** (the default): from one shared counter. Each part takes the next stripe when
+/// it is ready for one, with a `fetch_add`, so every stripe goes to exactly one part. A part
+/// that runs slower (its thread preempted, its records costlier) takes fewer stripes instead of
+/// falling behind, so the parts stay within a stripe or so of each other in the data — which is
+/// what keeps their event-time watermarks together. Dealt by `k % parts`, a part that lost its
+/// core fell behind by as much as the other ran ahead: on the peers' W2 at parallelism 2 a
+/// window stage behind two parts held up to 25 windows open instead of 1–2 (the laggard's
+/// watermark held them all), +15–27 MB and merges into tables that no longer fit the cache.
+///
+/// **Ordered** (`.ordered()` with more than one part): stripe `k` to part `k % parts`, the
+/// order an ordered consumer reads the parts' batches in (`docs/semantics.md`).
+///
+/// Public (hidden) for `tests/loom_split.rs`, which runs the parts' takes under loom.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Deal {
+    parts: usize,
+    shared: Option<std::sync::Arc<crate::sync::AtomicUsize>>,
+    /// The seeded bug of `tests/loom_split.rs`: the counter read and written back apart.
+    split: bool,
+}
+
+impl Deal {
+    /// The deal of a split source of `parts` parts.
+    pub fn new(parts: usize, ordered: bool) -> Self {
+        Deal {
+            parts: parts.max(1),
+            shared: (!ordered).then(|| std::sync::Arc::new(crate::sync::AtomicUsize::new(0))),
+            split: false,
+        }
+    }
+
+    /// An unordered deal whose parts load the counter and store it incremented instead of
+    /// one `fetch_add`: the bug the loom model must catch (two parts take the same stripe).
+    pub fn with_split_take(parts: usize) -> Self {
+        Deal {
+            split: true,
+            ..Deal::new(parts, false)
+        }
+    }
+
+    /// Part `part`'s share of the deal.
+    pub fn part(&self, part: usize) -> PartDeal {
+        match &self.shared {
+            Some(next) if self.split => PartDeal::SplitTake(std::sync::Arc::clone(next)),
+            Some(next) => PartDeal::Shared(std::sync::Arc::clone(next)),
+            None => PartDeal::Fixed {
+                next: part,
+                step: self.parts,
+            },
+        }
+    }
+}
+
+/// One part's way to its next stripe (see [`Deal`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum PartDeal {
+    /// Stripes `next`, `next + step`, ...
+    Fixed { next: usize, step: usize },
+    /// The next stripe no part has taken.
+    Shared(std::sync::Arc<crate::sync::AtomicUsize>),
+    /// [`Deal::with_split_take`]'s seeded bug.
+    SplitTake(std::sync::Arc<crate::sync::AtomicUsize>),
+}
+
+impl PartDeal {
+    /// The index of the stripe this part reads next. Past the end of the data, every call
+    /// answers past the end again.
+    #[inline]
+    pub fn take(&mut self) -> usize {
+        use crate::sync::Ordering::Relaxed;
+        match self {
+            PartDeal::Fixed { next, step } => {
+                let k = *next;
+                *next = next.saturating_add(*step);
+                k
+            }
+            // Relaxed: the count is the only thing shared (the data is immutable behind its
+            // `Arc`), and a read-modify-write hands each value out once in any ordering.
+            PartDeal::Shared(next) => next.fetch_add(1, Relaxed),
+            PartDeal::SplitTake(next) => {
+                let k = next.load(Relaxed);
+                next.store(k + 1, Relaxed);
+                k
+            }
+        }
+    }
+}
+
+/// A head reading its part of shared data in stripes of one batch: stripe `k` is records
+/// `k * batch .. (k + 1) * batch`, and which stripes are this part's is the [`Deal`]'s. Each pull
+/// clones one stripe (or what is left of it) into the batch with `extend_from_slice`.
 pub(crate) struct StripeHead<S, T> {
     data: std::sync::Arc<S>,
-    parts: usize,
-    /// The next stripe of this part to read.
-    stripe: usize,
+    deal: PartDeal,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
 impl<S, T> StripeHead<S, T> {
-    pub(crate) fn new(data: std::sync::Arc<S>, part: usize, parts: usize) -> Self {
+    pub(crate) fn new(data: std::sync::Arc<S>, deal: PartDeal) -> Self {
         StripeHead {
             data,
-            parts: parts.max(1),
-            stripe: part,
+            deal,
             _t: std::marker::PhantomData,
         }
     }
@@ -132,7 +221,7 @@ where
     ) -> Result<Pull, Halt> {
         let len = (*self.data).as_ref().len();
         let size = cx.batch_size().max(1);
-        let start = self.stripe.saturating_mul(size);
+        let start = self.deal.take().saturating_mul(size);
         if start >= len {
             return Ok(Pull::End);
         }
@@ -144,7 +233,6 @@ where
         ));
         crate::metrics::InstanceMetrics::add(&cx.metrics.records_in, (end - start) as u64);
         crate::metrics::InstanceMetrics::add(&cx.metrics.batches_in, 1);
-        self.stripe += self.parts;
         Ok(Pull::Data)
     }
 }

@@ -146,3 +146,51 @@ fn a_window_over_a_split_source_gives_what_one_over_a_plain_source_gives() {
         assert_eq!(split, plain, "parts = {parts}");
     }
 }
+
+/// Parts take stripes as they are ready for them, so a part that stalls does not keep half of
+/// the data behind it: here the part that reads record 0 waits (with a deadline) until the
+/// other part has handed on every record outside that first stripe. Dealt by `k % parts` (the
+/// old way), the other part could only ever read its own half, so the wait ran out with 5,000
+/// of 9,900 records done and a window stage downstream held every window of the stalled half.
+/// With `.ordered()` the parts keep the fixed deal, which the order needs.
+#[test]
+#[allow(clippy::disallowed_types, clippy::disallowed_methods)]
+fn a_stalled_part_does_not_hold_back_the_stripes_of_the_others() {
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    const N: u32 = 10_000;
+    // Records handed on by every thread but the stalled one; the stalled thread.
+    let state = Arc::new((Mutex::new((0u32, None)), Condvar::new()));
+    let s = Arc::clone(&state);
+    let p = Pipeline::with_options(small_batches());
+    let out = p
+        .source_split("data", (0..N).collect::<Vec<u32>>(), 2)
+        .map(move |x| {
+            let (lock, cv) = &*s;
+            let me = std::thread::current().id();
+            let mut g = lock.lock().unwrap();
+            if x == 0 {
+                g.1 = Some(me);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while g.0 < N - 100 && Instant::now() < deadline {
+                    g = cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+                }
+            } else if g.1 != Some(me) {
+                g.0 += 1;
+                cv.notify_all();
+            }
+            x
+        })
+        .collect();
+    let report = p.run().unwrap();
+    let mut out = out.take();
+    out.sort_unstable();
+    assert_eq!(out, (0..N).collect::<Vec<u32>>());
+    report.check_accounting().unwrap();
+    let others = state.0.lock().unwrap().0;
+    assert_eq!(
+        others,
+        N - 100,
+        "the other part read every stripe but the stalled one"
+    );
+}

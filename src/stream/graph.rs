@@ -161,8 +161,10 @@ pub(super) fn edge<T>(
 
 /// Makes a stage's heads (one per instance) when the run starts, given the head's final name
 /// and the stage's parallelism.
+/// Makes a stage's heads: given the head's name, the stage's parallelism, the run's options and
+/// whether the stage keeps input order (`.ordered()` with more than one instance).
 pub(super) type MakeHeads<I> =
-    Box<dyn FnOnce(&Arc<str>, usize, &Options) -> Result<Vec<Box<dyn Head<I>>>, Error>>;
+    Box<dyn FnOnce(&Arc<str>, usize, &Options, bool) -> Result<Vec<Box<dyn Head<I>>>, Error>>;
 
 /// Makes the tail maker of one instance (`usize`), given the stage's final names.
 pub(super) type TailFactory<T> = Box<dyn FnMut(&Names, usize) -> Result<MakeTail<T>, Error>>;
@@ -255,7 +257,7 @@ where
         inputs,
         order_input: None,
         input: None,
-        make: Box::new(move |name, parallelism, opts| {
+        make: Box::new(move |name, parallelism, opts, _| {
             let ends: usize = edges.iter().map(|e| e.borrow().from_parallelism).sum();
             if edges.len() > 1 {
                 if let Some(e) = edges.iter().find(|e| e.borrow().ordered) {

@@ -119,9 +119,9 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
             inputs,
             order_input,
             input: None,
-            make: Box::new(move |name, p, opts| {
+            make: Box::new(move |name, p, opts, ordered| {
                 // The inner head keeps its own name (a window's errors name the window).
-                let heads = make(inner_name.as_ref().unwrap_or(name), p, opts)?;
+                let heads = make(inner_name.as_ref().unwrap_or(name), p, opts, ordered)?;
                 Ok(heads
                     .into_iter()
                     .map(|inner| {

@@ -153,7 +153,8 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         T: Tail<Out<I, C>> + 'static,
     {
         let chain_name = self.stage_name();
-        if self.keeps_order() && !self.head.source {
+        let ordered = self.keeps_order();
+        if ordered && !self.head.source {
             let why = match self.head.order_input.take() {
                 Some(order) => order().err(),
                 None => Some(
@@ -190,7 +191,7 @@ impl<I: Send + 'static, C: Chain<I>> Stream<I, C> {
         let head_name = head.name;
         let build: Phase1 = Box::new(move |names: &Names, opts| {
             let head_name = head_name.unwrap_or_else(|| Arc::clone(&names.stage));
-            let heads = make_head(&head_name, parallelism, opts)?;
+            let heads = make_head(&head_name, parallelism, opts, ordered)?;
             let names = names.clone();
             // Tails are made in phase 2: an output channel exists only once its consumer's
             // phase 1 has run, and consumers are registered after their producers.

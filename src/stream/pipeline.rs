@@ -113,6 +113,19 @@ impl Pipeline {
         parts: usize,
         mut make: impl FnMut(&Arc<str>, usize, usize) -> Result<Box<dyn Head<T>>, Error> + 'static,
     ) -> Fresh<T> {
+        self.source_stage_heads(kind, parts, move |name, n, _| {
+            (0..n).map(|part| make(name, part, n)).collect()
+        })
+    }
+
+    /// A source stage of `parts` instances whose heads `make` builds together, given the head's
+    /// name, the instance count and whether the stage keeps order.
+    fn source_stage_heads<T: Send + 'static>(
+        &self,
+        kind: &str,
+        parts: usize,
+        make: impl FnOnce(&Arc<str>, usize, bool) -> Result<Vec<Box<dyn Head<T>>>, Error> + 'static,
+    ) -> Fresh<T> {
         let parts = parts.max(1);
         let name = self.b.borrow_mut().default_name(kind);
         let head = HeadSpec {
@@ -124,7 +137,7 @@ impl Pipeline {
             inputs: Vec::new(),
             order_input: None,
             input: None,
-            make: Box::new(move |name, n, _| (0..n).map(|part| make(name, part, n)).collect()),
+            make: Box::new(move |name, n, _, ordered| make(name, n, ordered)),
         };
         Stream::open(&self.b, head, parts)
     }
@@ -164,12 +177,16 @@ impl Pipeline {
 
     /// A parallel source stage named `name` over a slice, a `Vec`, or anything that derefs to
     /// one, read by `parts` instances. The data is dealt in *stripes* of one batch
-    /// ([`Options::batch_size`] records, 1,024 when it is 0): stripe `k` goes to part
-    /// `k % parts`. So every part advances through the data at the same pace — event-time
-    /// watermarks of the parts stay close together (a window stage after them keeps few
-    /// windows open), which N contiguous ranges would not do — and each record is cloned out
-    /// of the shared data where the first operator takes it, never copied up front or into a
-    /// batch. With `parts = 1` it is the fastest way to feed a pipeline from a slice.
+    /// ([`Options::batch_size`] records, 1,024 when it is 0), each part taking the next stripe
+    /// no part has taken when it is ready for one. So the parts advance through the data
+    /// together, however their threads are scheduled (a part that is slowed down takes fewer
+    /// stripes) — event-time watermarks of the parts stay close together and a window stage
+    /// after them keeps few windows open, which N contiguous ranges, or stripes dealt in
+    /// turn, would not ensure. Each record is cloned out of the shared data where the first
+    /// operator takes it, never copied up front or into a batch. With `parts = 1` it is the
+    /// fastest way to feed a pipeline from a slice. With [`ordered`](Stream::ordered), stripe
+    /// `k` goes to part `k % parts` instead, and the consumer reads the parts' batches in
+    /// turn: the slice's order.
     ///
     /// The stream's head type is [`Stripe`] and its chain starts with [`Stripes`] (which hands
     /// a stripe's records on one by one); write `Stream<I, impl Chain<I, Out = T>>` to name it.
@@ -196,12 +213,16 @@ impl Pipeline {
         T: Clone + Send + 'static,
     {
         let data = Arc::new(data);
-        let mut s = self.source_stage_parts(name, parts, move |_, part, parts| {
-            Ok(Box::new(crate::source::StripeHead::new(
-                Arc::clone(&data),
-                part,
-                parts,
-            )) as Box<dyn Head<Stripe<S>>>)
+        let mut s = self.source_stage_heads(name, parts, move |_, parts, ordered| {
+            let deal = crate::source::Deal::new(parts, ordered);
+            Ok((0..parts)
+                .map(|part| {
+                    Box::new(crate::source::StripeHead::new(
+                        Arc::clone(&data),
+                        deal.part(part),
+                    )) as Box<dyn Head<Stripe<S>>>
+                })
+                .collect())
         });
         let pushed = Arc::new(crate::sync::AtomicU64::new(0));
         s.head.input = Some(Arc::clone(&pushed));
@@ -250,7 +271,7 @@ impl Pipeline {
             inputs: Vec::new(),
             order_input: None,
             input: None,
-            make: Box::new(move |_, _, _| {
+            make: Box::new(move |_, _, _, _| {
                 Ok(vec![Box::new(crate::dead_letter::DeadLetterHead::new(
                     rx,
                     shared.main_alive_rx.clone(),
