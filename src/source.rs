@@ -96,7 +96,8 @@ where
 /// what keeps their event-time watermarks together. Dealt by `k % parts`, a part that lost its
 /// core fell behind by as much as the other ran ahead: on the peers' W2 at parallelism 2 a
 /// window stage behind two parts held up to 25 windows open instead of 1–2 (the laggard's
-/// watermark held them all), +15–27 MB and merges into tables that no longer fit the cache.
+/// watermark held them all): 3–6 MB more memory, and merges into tables that no longer fit
+/// the cache.
 ///
 /// **Ordered** (`.ordered()` with more than one part): stripe `k` to part `k % parts`, the
 /// order an ordered consumer reads the parts' batches in (`docs/semantics.md`).

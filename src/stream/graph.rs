@@ -159,10 +159,9 @@ pub(super) fn edge<T>(
     }))
 }
 
-/// Makes a stage's heads (one per instance) when the run starts, given the head's final name
-/// and the stage's parallelism.
-/// Makes a stage's heads: given the head's name, the stage's parallelism, the run's options and
-/// whether the stage keeps input order (`.ordered()` with more than one instance).
+/// Makes a stage's heads (one per instance) when the run starts, given the head's final name,
+/// the stage's parallelism, the run's options and whether the stage keeps input order
+/// (`.ordered()` with more than one instance).
 pub(super) type MakeHeads<I> =
     Box<dyn FnOnce(&Arc<str>, usize, &Options, bool) -> Result<Vec<Box<dyn Head<I>>>, Error>>;
 
