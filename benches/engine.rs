@@ -102,21 +102,7 @@ fn fused_chain(c: &mut Criterion) {
         })
     });
     g.bench_function("engine_4_threads", |b| {
-        b.iter(|| {
-            let p = Pipeline::new();
-            p.source("n", 0..black_box(N))
-                .map(f1)
-                .new_stage()
-                .map(f2)
-                .new_stage()
-                .map(f3)
-                .new_stage()
-                .map(f4)
-                .for_each(|x| {
-                    black_box(x);
-                });
-            p.run().unwrap()
-        })
+        b.iter(|| four_threads(Pipeline::new(), N))
     });
     // The same four threads with every link at the batch size all links had before
     // 2026-12-07 (1,024 records; the default now sizes a `u64` link's batches at 4,096).
@@ -124,19 +110,7 @@ fn fused_chain(c: &mut Criterion) {
         b.iter(|| {
             let mut o = Options::default();
             o.batch_size = 1024;
-            let p = Pipeline::with_options(o);
-            p.source("n", 0..black_box(N))
-                .map(f1)
-                .new_stage()
-                .map(f2)
-                .new_stage()
-                .map(f3)
-                .new_stage()
-                .map(f4)
-                .for_each(|x| {
-                    black_box(x);
-                });
-            p.run().unwrap()
+            four_threads(Pipeline::with_options(o), N)
         })
     });
     // A naive pipeline written by hand (the peers harness's "crossbeam batched"): the same
@@ -146,6 +120,22 @@ fn fused_chain(c: &mut Criterion) {
         b.iter(|| crossbeam_batched(black_box(N)))
     });
     g.finish();
+}
+
+/// `0..n` through `f1`..`f4` in `p`, a new stage (thread) before each of `f2`, `f3` and `f4`.
+fn four_threads(p: Pipeline, n: u64) -> millrace::RunReport {
+    p.source("n", 0..black_box(n))
+        .map(f1)
+        .new_stage()
+        .map(f2)
+        .new_stage()
+        .map(f3)
+        .new_stage()
+        .map(f4)
+        .for_each(|x| {
+            black_box(x);
+        });
+    p.run().unwrap()
 }
 
 /// `0..n` through `f1`..`f4` on four threads linked by bounded crossbeam channels of batches;
